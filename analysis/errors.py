@@ -1,0 +1,31 @@
+"""Errors the engine raises for bad input.
+
+Every problem a user can cause (a missing file, a corrupt safetensors header, an
+adapter that does not fit its base, an unsupported ``peft_type`` ...) is raised as
+:class:`InputError`, which names the offending file or source and says what is
+wrong in one plain sentence. The command line prints ``str(error)`` and exits 2;
+the dashboard shows it in the page. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """A problem with user-supplied input.
+
+    Parameters
+    ----------
+    source:
+        The file, folder or hub id the problem is in, as the user would recognise it.
+    problem:
+        One plain sentence saying what is wrong (no traceback, no repr soup).
+    """
+
+    def __init__(self, source: object, problem: str) -> None:
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
+
+
+class AnalysisCancelled(Exception):
+    """Raised inside the pipeline when the caller asked it to stop."""

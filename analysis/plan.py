@@ -1,0 +1,103 @@
+"""What will be compared: the contract between loading and the maths.
+
+Loading (``sources``, ``adapters``, ``pairing``) turns "a base and a fine-tune" into a
+:class:`ComparisonPlan`: the list of matrices to analyse, each able to produce its
+base and tuned weight as float32 ``out x in`` tensors on demand, plus everything that
+could *not* be paired. The pipeline only ever iterates ``plan.matrices``; it never
+needs to know about file formats, adapters or architectures.
+
+Orientation: every tensor handed out here is ``out x in`` the way ``torch.nn.Linear``
+stores it; GPT-2 ``Conv1D`` weights are transposed by the loader, never by callers.
+Dtype: float32 (bf16/fp16 are upcast by the loader).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A rank-``r`` update ``dW = scale * B @ A`` in ``out x in`` orientation.
+
+    ``B`` is ``out x r`` and ``A`` is ``r x in`` (float32). PEFT's
+    ``LoraLayer.get_delta_weight`` is the reference for this rule.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """The ``out x in`` update as a dense matrix (for tests and small matrices)."""
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass(frozen=True)
+class TunedMatrix:
+    """The fine-tuned weight of one matrix.
+
+    ``weight`` is the tuned ``out x in`` float32 weight. ``low_rank`` is set when the
+    update ``weight - W_base`` is known exactly in factored form (a plain or rsLoRA
+    adapter, not DoRA or a full replacement), so its spectrum can be computed from the
+    factors without the dense product.
+    """
+
+    weight: torch.Tensor
+    low_rank: LowRankDelta | None = None
+
+
+@dataclass(frozen=True)
+class MatrixPlan:
+    """One base/tuned matrix pair to analyse.
+
+    ``name`` is the tensor name in the *base* checkpoint; ``layer`` the block index
+    (``None`` for matrices outside numbered blocks, only present when non-block
+    matrices were requested); ``module`` the kind: ``query``, ``key``, ``value``,
+    ``qkv`` (fused), ``attn_out``, ``gate``, ``up``, ``gate_up`` (fused), ``down``,
+    ``mlp_in``, ``mlp_out``, or the last name component when unknown. ``shape`` is
+    ``(out, in)`` after any transposition.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    load_base: Callable[[], torch.Tensor]
+    load_tuned: Callable[[], TunedMatrix]
+    adapter_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    name: str
+    base_shape: tuple[int, ...]
+    tuned_shape: tuple[int, ...]
+
+
+@dataclass
+class ComparisonPlan:
+    """Everything the loader understood about one base/fine-tune pair.
+
+    ``summary`` is shown to the user *before* any heavy work runs: for example
+    ``{"architecture": "BertModel", "model_type": "bert", "adapter": {"peft_type":
+    "LORA", "r": 8, "lora_alpha": 16, "use_rslora": False, "use_dora": False,
+    "target_modules": [...]}}``. ``unmatched`` lists tensor names present in only one
+    of the two (prefixed neither way: the name as it appears where it exists), and
+    ``shape_mismatches`` the names whose shapes disagree. Neither is ever analysed.
+    """
+
+    base_label: str
+    tuned_label: str
+    kind: Literal["full", "adapter"]
+    matrices: list[MatrixPlan]
+    unmatched: list[str] = field(default_factory=list)
+    shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)

@@ -1,0 +1,90 @@
+"""Results of a comparison: plain data, no torch, cheap to keep in a session.
+
+Everything here is numpy arrays and Python scalars so that the dashboard can hold
+results in ``st.session_state``, the report writer can serialise them, and figure
+builders can plot them without touching the engine's devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from analysis import metrics
+
+DEFAULT_TOP_K = 10
+DEFAULT_EPSILON = 0.5
+#: The eps grid of the intruder sweep (DESIGN.md): 0.10, 0.15, ..., 0.90.
+DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.10 + 0.05 * i, 2) for i in range(17))
+
+
+@dataclass
+class MatrixResult:
+    """Every metric of DESIGN.md for one base/tuned matrix pair.
+
+    Vectors are stored only as far as the views need them: ``intruder_scores`` for the
+    top ``len(intruder_scores)`` tuned singular vectors (so counts for any ``k`` up to
+    that and any eps are exact and cheap), ``similarity`` for the top-N by top-N block,
+    and the top left singular vectors of the update for subspace similarity.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    base_singular_values: np.ndarray
+    tuned_singular_values: np.ndarray
+    delta_singular_values: np.ndarray
+    #: score_j = max_i |<Ut[:, j], U0[:, i]>| over all base vectors, j = 0..K-1.
+    intruder_scores: np.ndarray
+    #: argmax_i of the same, the base vector each tuned vector is closest to.
+    best_match: np.ndarray
+    #: |Ut[:, :N]^T U0[:, :N]|, rows tuned rank, columns base rank.
+    similarity: np.ndarray
+    #: Top left singular vectors of dW, ``out x R`` (float16 is enough for phi).
+    delta_left_vectors: np.ndarray
+    effective_rank: float
+    rank90: int
+    stable_rank: float
+    delta_fro: float
+    amplification_factor: float
+    amplification_rank: int
+    adapter_rank: int | None = None
+
+    def intruder_counts(self, k: int, epsilons: tuple[float, ...] | list[float]) -> list[int]:
+        """Intruder counts among the top ``k`` tuned vectors at each eps (Def. 3.1)."""
+        if k > len(self.intruder_scores):
+            raise ValueError(
+                f"k={k} exceeds the {len(self.intruder_scores)} tuned vectors scored for {self.name}"
+            )
+        return [metrics.count_intruders(self.intruder_scores[:k], eps) for eps in epsilons]
+
+
+@dataclass
+class ModelResult:
+    """One fine-tune compared against the base."""
+
+    source: str
+    kind: Literal["full", "adapter"]
+    matrices: list[MatrixResult] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    shape_mismatches: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.summary.get("label", self.source)
+
+    def total_intruders(self, k: int, eps: float) -> int:
+        """Per-model total: the sum over analysed matrices (DESIGN.md)."""
+        return sum(m.intruder_counts(k, [eps])[0] for m in self.matrices)
+
+
+@dataclass
+class ComparisonResult:
+    base: str
+    top_k: int
+    epsilons: list[float]
+    models: list[ModelResult] = field(default_factory=list)
