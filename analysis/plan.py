@@ -13,8 +13,9 @@ Dtype: float32 (bf16/fp16 are upcast by the loader).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

@@ -54,11 +54,10 @@ class MatrixResult:
     adapter_rank: int | None = None
 
     def intruder_counts(self, k: int, epsilons: tuple[float, ...] | list[float]) -> list[int]:
-        """Intruder counts among the top ``k`` tuned vectors at each eps (Def. 3.1)."""
-        if k > len(self.intruder_scores):
-            raise ValueError(
-                f"k={k} exceeds the {len(self.intruder_scores)} tuned vectors scored for {self.name}"
-            )
+        """Intruder counts among the top ``k`` tuned vectors at each eps (Def. 3.1).
+
+        A matrix with fewer than ``k`` singular vectors counts among all it has.
+        """
         return [metrics.count_intruders(self.intruder_scores[:k], eps) for eps in epsilons]
 
 

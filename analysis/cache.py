@@ -1,0 +1,245 @@
+"""Persistent, content-addressed cache of spectra and per-matrix results.
+
+Design (DESIGN.md, "Architecture"):
+
+- **Content-addressed.** Keys are hashes of tensor bytes (:func:`tensor_digest`) plus
+  :data:`analysis.ALGORITHM_VERSION`, so a base model's SVDs are computed once and then
+  reused by every fine-tune, session, process and user, whatever the file is called.
+- **No pickle.** Entries are safetensors files: tensors plus a JSON string in the
+  safetensors metadata. A payload checksum in the metadata catches bit rot and
+  truncation that the safetensors header alone would not.
+- **Atomic and concurrent.** An entry is written to a temporary file in the same folder
+  and moved into place with ``os.replace``; readers see either nothing or a whole entry.
+  A per-key file lock makes a second process wait for, then reuse, the first one's
+  result instead of computing it again; if the lock cannot be had in time it computes
+  anyway (both results are identical, the last rename wins).
+- **Self-healing.** A truncated or corrupt entry is deleted and recomputed, never
+  returned.
+- **Bounded.** A size budget with least-recently-used eviction (a hit touches the
+  entry's mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from analysis import ALGORITHM_VERSION
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUDGET_BYTES = 20 * 1024**3
+_CHECKSUM_KEY = "wse_checksum"
+_META_KEY = "wse_meta"
+
+Entry = tuple[dict[str, torch.Tensor], dict]
+
+
+def default_cache_dir() -> Path:
+    """``$WSE_CACHE_DIR`` if set, else ``cache/`` in the repository."""
+    env = os.environ.get("WSE_CACHE_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT / "cache"
+
+
+def default_budget_bytes() -> int:
+    """``$WSE_CACHE_BUDGET_GB`` (a float, in GiB) if set, else 20 GiB."""
+    env = os.environ.get("WSE_CACHE_BUDGET_GB")
+    return int(float(env) * 1024**3) if env else DEFAULT_BUDGET_BYTES
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (hex).
+
+    Two tensors get the same digest iff they hold bit-identical values of the same
+    dtype and shape, which is what makes the cache content-addressed.
+    """
+    t = tensor.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensor_digest(tensors[name]).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    """Counters a test or benchmark can read (counted, not timed)."""
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    evicted: int = 0
+    computed: dict[str, int] = field(default_factory=dict)
+
+
+class SpectrumCache:
+    """A folder of content-addressed safetensors entries.
+
+    Parameters
+    ----------
+    root:
+        Folder to keep entries in (created on first write). Default:
+        :func:`default_cache_dir` ``/ "spectra"``.
+    budget_bytes:
+        Total size above which least-recently-used entries are evicted after a write.
+        Default: :func:`default_budget_bytes`.
+    lock_timeout_s:
+        How long to wait for another process computing the same entry before
+        computing it here too.
+    """
+
+    def __init__(
+        self, root: Path | str | None = None, budget_bytes: int | None = None, lock_timeout_s: float = 600.0
+    ) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir() / "spectra"
+        self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes()
+        self.lock_timeout_s = lock_timeout_s
+        self.stats = CacheStats()
+        self._stats_lock = threading.Lock()
+
+    # -- paths -------------------------------------------------------------------------
+    def path_for(self, kind: str, key: str) -> Path:
+        """Where the entry ``kind/key`` lives. ``key`` must be a hex digest."""
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"cache keys are hex digests, got {key!r}")
+        if not kind.replace("-", "").isalnum():
+            raise ValueError(f"cache kinds are alphanumeric, got {kind!r}")
+        return self.root / f"v{ALGORITHM_VERSION}" / kind / key[:2] / f"{key}.safetensors"
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        """Combine digests and parameters into one entry key."""
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    # -- reading and writing -------------------------------------------------------------
+    def get(self, kind: str, key: str) -> Entry | None:
+        """The entry's tensors and metadata, or ``None`` if absent or corrupt."""
+        path = self.path_for(kind, key)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if meta.get(_CHECKSUM_KEY) != _payload_checksum(tensors):
+                raise ValueError("checksum mismatch")
+            info = json.loads(meta.get(_META_KEY, "{}"))
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            log.warning("discarding corrupt cache entry %s: %s", path, exc)
+            self._count("corrupt")
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)  # least-recently-used bookkeeping
+        except OSError:
+            pass
+        return tensors, info
+
+    def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], info: dict | None = None) -> None:
+        """Write an entry atomically, then evict old entries beyond the budget."""
+        path = self.path_for(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        metadata = {_CHECKSUM_KEY: _payload_checksum(tensors), _META_KEY: json.dumps(info or {})}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.evict()
+
+    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Entry]) -> Entry:
+        """Return the cached entry, or compute, store and return it.
+
+        While one process computes an entry, others asking for the same key wait on a
+        file lock and then read its result (counted as a hit).
+        """
+        entry = self.get(kind, key)
+        if entry is not None:
+            self._count("hits")
+            return entry
+        lock_path = self.path_for(kind, key).with_suffix(".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), timeout=self.lock_timeout_s)
+        try:
+            with lock:
+                entry = self.get(kind, key)
+                if entry is not None:
+                    self._count("hits")
+                    return entry
+                return self._compute_and_store(kind, key, compute)
+        except Timeout:
+            log.warning("timed out waiting for %s/%s; computing it here as well", kind, key)
+            return self._compute_and_store(kind, key, compute)
+
+    def _compute_and_store(self, kind: str, key: str, compute: Callable[[], Entry]) -> Entry:
+        self._count("misses")
+        with self._stats_lock:
+            self.stats.computed[kind] = self.stats.computed.get(kind, 0) + 1
+        tensors, info = compute()
+        self.put(kind, key, tensors, info)
+        return {n: t.detach().to("cpu") for n, t in tensors.items()}, info
+
+    # -- housekeeping -------------------------------------------------------------------
+    def entries(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return [p for p in self.root.rglob("*.safetensors") if not p.name.startswith(".tmp-")]
+
+    def size_bytes(self) -> int:
+        return sum(_size(p) for p in self.entries())
+
+    def evict(self) -> int:
+        """Delete least-recently-used entries until the cache fits its budget."""
+        files = [(p, p.stat()) for p in self.entries() if p.exists()]
+        total = sum(st.st_size for _, st in files)
+        if total <= self.budget_bytes:
+            return 0
+        removed = 0
+        for path, st in sorted(files, key=lambda item: item[1].st_mtime_ns):
+            if total <= self.budget_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= st.st_size
+            removed += 1
+        self._count("evicted", removed)
+        return removed
+
+    def clear(self) -> None:
+        for path in self.entries():
+            path.unlink(missing_ok=True)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,77 @@
+"""The JSON report of the command line (DESIGN.md, "Command line and report contract")."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from analysis.results import ComparisonResult, MatrixResult, ModelResult
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no inf/nan; an undefined number is reported as null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dict:
+    """One matrix of the report. Fields of DESIGN.md first, additions after."""
+    return {
+        "name": matrix.name,
+        "layer": matrix.layer,
+        "module": matrix.module,
+        "shape": list(matrix.shape),
+        "intruders": matrix.intruder_counts(top_k, epsilons),
+        "effective_rank": float(matrix.effective_rank),
+        "rank90": int(matrix.rank90),
+        "stable_rank": float(matrix.stable_rank),
+        "delta_fro": float(matrix.delta_fro),
+        "amplification_factor": _finite(matrix.amplification_factor),
+        "amplification_rank": int(matrix.amplification_rank),
+        "adapter_rank": matrix.adapter_rank,
+        "intruder_scores": [round(float(s), 6) for s in matrix.intruder_scores[:top_k]],
+    }
+
+
+def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
+    per_matrix = [m.intruder_counts(top_k, epsilons) for m in model.matrices]
+    totals = [sum(m[i] for m in per_matrix) for i in range(len(epsilons))]
+    mean_erank = sum(m.effective_rank for m in model.matrices) / len(model.matrices) if model.matrices else 0.0
+    return {
+        "source": model.source,
+        "kind": model.kind,
+        "matrices": [matrix_entry(m, top_k, epsilons) for m in model.matrices],
+        "unmatched": list(model.unmatched),
+        "shape_mismatches": list(model.shape_mismatches),
+        "totals": {"intruders": totals, "mean_effective_rank": mean_erank},
+        "summary": model.summary,
+    }
+
+
+def to_report(result: ComparisonResult) -> dict:
+    """The report as a JSON-ready dict; ``intruders[i]`` is the count at ``epsilons[i]``."""
+    return {
+        "base": result.base,
+        "top_k": result.top_k,
+        "epsilons": list(result.epsilons),
+        "models": [model_entry(m, result.top_k, result.epsilons) for m in result.models],
+        "schema_version": REPORT_SCHEMA_VERSION,
+    }
+
+
+def write_report(report: dict, path: Path | str) -> None:
+    """Write atomically, so an interrupted run never leaves half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, allow_nan=False, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
