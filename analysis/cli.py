@@ -30,6 +30,16 @@ def _epsilons(text: str) -> list[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m analysis",
@@ -56,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, type=Path, help="where to write the JSON report")
     report.add_argument(
         "--top-k",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_TOP_K,
         help=f"intruders are sought among the top-k tuned singular vectors (default {DEFAULT_TOP_K})",
     )

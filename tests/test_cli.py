@@ -1,0 +1,136 @@
+"""``python -m analysis report``: the DESIGN.md contract, caching, and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.cache import SpectrumCache
+from analysis.cli import main
+from analysis.pipeline import compare
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "analysis", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_report_end_to_end_in_a_real_process(tmp_path, tiny_bert, tiny_bert_full_ft, tiny_bert_lora):
+    out = tmp_path / "report.json"
+    proc = run_cli(
+        "report", str(tiny_bert), str(tiny_bert_full_ft), str(tiny_bert_lora),
+        "--out", str(out), "--epsilons", "0.1,0.5,0.9", "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "matrix" in proc.stderr  # the progress bar went to stderr
+    report = json.loads(out.read_text())
+    assert report["base"] == str(tiny_bert)
+    assert report["top_k"] == 10 and report["epsilons"] == [0.1, 0.5, 0.9]
+    full, adapter = report["models"]
+    assert (full["source"], full["kind"]) == (str(tiny_bert_full_ft), "full")
+    assert (adapter["source"], adapter["kind"]) == (str(tiny_bert_lora), "adapter")
+    layers = {m["layer"] for m in full["matrices"]}
+    assert layers == {0, 1}
+    modules = {m["module"] for m in full["matrices"]}
+    assert {"query", "key", "value"} <= modules
+    for m in full["matrices"] + adapter["matrices"]:
+        assert len(m["intruders"]) == 3 and m["intruders"] == sorted(m["intruders"])
+        assert len(m["shape"]) == 2 and m["rank90"] >= 0 and m["delta_fro"] >= 0
+        assert m["name"] in {x["name"] for x in full["matrices"]}
+    # the adapter only touches the modules it targets: its other matrices are absent or zero updates
+    adapted = [m for m in adapter["matrices"] if m["delta_fro"] > 0]
+    assert adapted and all(m["rank90"] <= m["adapter_rank"] for m in adapted)
+
+
+def test_second_run_and_second_fine_tune_reuse_cached_spectra(tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora):
+    cache = SpectrumCache(tmp_path)
+    first = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=cache, device="cpu")
+    n = len(first.models[0].matrices)
+    assert cache.stats.computed == {"pair": n, "base": n}
+
+    other = SpectrumCache(tmp_path)
+    compare(str(tiny_llama), [str(tiny_llama_lora)], cache=other, device="cpu")
+    assert other.stats.computed.get("base", 0) == 0  # the base SVDs came from the cache
+
+    again = SpectrumCache(tmp_path)
+    second = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=again, device="cpu")
+    assert again.stats.computed == {}
+    assert [m.intruder_scores.tolist() for m in second.models[0].matrices] == [
+        m.intruder_scores.tolist() for m in first.models[0].matrices
+    ]
+
+
+def test_no_cache_switch_writes_nothing(tmp_path, tiny_bert, tiny_bert_full_ft, capsys):
+    cache_dir = tmp_path / "cache"
+    code = main(
+        ["report", str(tiny_bert), str(tiny_bert_full_ft), "--out", str(tmp_path / "r.json"),
+         "--no-cache", "--cache-dir", str(cache_dir), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*.safetensors"))
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--top-k", "--epsilons", "--device", "--no-cache", "--cache-dir", "--side"):
+        assert option in text
+
+
+def _bad_inputs(tmp_path: Path, tiny_bert: Path, tiny_llama_lora: Path) -> list[tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json" + os.urandom(64))
+    truncated = tmp_path / "truncated" / "model.safetensors"
+    truncated.parent.mkdir()
+    data = (tiny_bert / "model.safetensors").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello")
+    return [
+        ([str(tmp_path / "missing-model")], "missing-model"),
+        ([str(corrupt)], "corrupt.safetensors"),
+        ([str(truncated.parent)], "model.safetensors"),
+        ([str(not_a_model)], "notes.txt"),
+        ([str(tiny_llama_lora)], str(tiny_llama_lora.name)),  # an adapter for another base
+    ]
+
+
+def test_bad_input_exits_2_with_one_plain_line(tmp_path, tiny_bert, tiny_llama_lora, capsys):
+    for tuned, named in _bad_inputs(tmp_path, tiny_bert, tiny_llama_lora):
+        code = main(["report", str(tiny_bert), *tuned, "--out", str(tmp_path / "r.json"), "--quiet", "--no-cache"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (tuned, err)
+        assert len(err.splitlines()) == 1, err
+        assert named in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_options_exit_2(tmp_path, tiny_bert, tiny_bert_full_ft, capsys):
+    base, tuned, out = str(tiny_bert), str(tiny_bert_full_ft), str(tmp_path / "r.json")
+    for extra in (["--top-k", "0"], ["--epsilons", "0.5,abc"], ["--epsilons", "1.5"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["report", base, tuned, "--out", out, *extra])
+        assert exc.value.code == 2
+    if not __import__("torch").cuda.is_available():
+        assert main(["report", base, tuned, "--out", out, "--device", "cuda", "--no-cache"]) == 2
+        assert "CUDA" in capsys.readouterr().err
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, tiny_bert):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(os.urandom(100))
+    proc = run_cli("report", str(tiny_bert), str(bad), "--out", str(tmp_path / "r.json"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "bad.safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
