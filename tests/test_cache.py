@@ -103,7 +103,7 @@ def test_concurrent_processes_get_correct_results(tmp_path):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     key = "ef" * 32
-    procs = [ctx.Process(target=_worker, args=(str(tmp_path), key, 7, out)) for _ in range(3)]
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), key, 7, out)) for _ in range(2)]
     for p in procs:
         p.start()
     results = [out.get(timeout=60) for _ in procs]
