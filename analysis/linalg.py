@@ -1,16 +1,55 @@
 """Linear algebra on the best available device.
 
-Thin SVDs (``full_matrices=False``), singular values in descending order, computed in
-float32 or better (DESIGN.md). Callers pass float32 ``out x in`` CPU tensors; results
-come back on the device they were computed on so follow-up products stay there.
+Every decomposition here is a thin SVD (``full_matrices=False``) with singular values in
+descending order, computed in float32 or better (DESIGN.md). Callers pass ``out x in``
+tensors; results stay on the device they were computed on, so follow-up products stay
+there too.
+
+A :class:`Spectrum` holds *all* singular values and hands out singular vectors on
+demand, because the metrics need different amounts of each: the base weight needs every
+left vector (intruder scores maximise over all of them), the tuned weight only its top
+``max_top_k``, the update only its top few (subspace similarity, amplification).
+:func:`decompose` computes one by one of these methods (:data:`METHODS`):
+
+``gram`` (the CPU default)
+    The eigendecomposition of the smaller Gram matrix (``W W^T`` when ``m <= n``, else
+    ``W^T W``), formed and diagonalised in float64. Its eigenvalues are ``s_i^2`` and its
+    eigenvectors the singular vectors of that side; the other side's top ``k`` vectors
+    are ``W^T U_k / s_k`` (or ``W V_k / s_k``), derived only for the ``k`` asked for.
+    Squaring costs nothing that matters in float64: singular values are resolved down to
+    about ``1e-8 s_1`` (a float32 SVD: about ``6e-8 s_1``) and vectors to
+    ``eps64 s_1^2 / gap(s^2)`` (a float32 SVD: ``eps32 s_1 / gap(s)``), i.e. better than
+    the float32 SVD the papers use. Faster on CPU because ``syevd`` on an
+    ``min(m, n)``-square matrix beats ``gesdd``, most of all for wide matrices
+    (``benchmarks/README.md``).
+``gesvda`` (the CUDA default)
+    cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
+    in float32, batched over same-shaped matrices; wide matrices are transposed first
+    (the routine wants ``m >= n``). ``tests/test_cuda.py`` holds it to a float64
+    reference.
+``svd``
+    ``torch.linalg.svd`` with the default driver, in float32: what the papers' released
+    code calls; the reference the benchmark compares against.
+
+``WSE_SVD_METHOD`` overrides the default (for benchmarks and for debugging a device).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
 
 import torch
 
 from analysis.errors import InputError
 from analysis.plan import LowRankDelta
+
+METHODS = ("gram", "gesvda", "svd")
+
+#: Singular values below ``s_1`` times this are round-off for the ``gram`` method (it
+#: resolves about ``1e-8 s_1``); their derived singular vectors would be noise divided by
+#: noise, so they are completed to an orthonormal set instead (see :meth:`Spectrum.left`).
+NULL_SPACE_RELATIVE = 1e-6
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -26,16 +65,158 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def thin_svd(weight: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, S, V`` with ``weight = U diag(S) V^T`` (thin, descending, float32 or better).
+def default_method(device: torch.device) -> str:
+    """``$WSE_SVD_METHOD`` if set, else ``gesvda`` on CUDA and ``gram`` elsewhere."""
+    method = os.environ.get("WSE_SVD_METHOD", "").strip()
+    if method:
+        if method not in METHODS:
+            raise InputError("WSE_SVD_METHOD", f"unknown SVD method {method!r}; use one of {', '.join(METHODS)}")
+        return method
+    return "gesvda" if device.type == "cuda" else "gram"
 
+
+class Spectrum:
+    """A thin SVD ``W = U diag(S) V^T``: every singular value, vectors on demand.
+
+    ``values`` are all ``min(m, n)`` singular values, descending. :meth:`left` and
+    :meth:`right` return the top ``k`` singular vectors of either side as columns. A side
+    not given is derived from ``weight`` for only the columns asked for (so a spectrum
+    stored without its weight, like a cached base spectrum, offers only the side it has).
+    Build one with :func:`decompose`, :func:`low_rank_spectrum` or from stored parts.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        *,
+        left: torch.Tensor | None = None,
+        right: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        ascending: bool = False,
+    ) -> None:
+        if left is None and right is None:
+            raise ValueError("a Spectrum needs the singular vectors of at least one side")
+        self.values = values
+        self._left = left
+        self._right = right
+        self._weight = weight
+        # eigh returns eigenvectors in ascending order; they are reversed only for the
+        # columns asked for (the top 100 of 4096, say), not copied whole.
+        self._ascending = ascending
+        self._derived: dict[str, torch.Tensor] = {}
+
+    @property
+    def rank_bound(self) -> int:
+        """``min(m, n)``: how many singular values and vectors there are."""
+        return int(self.values.shape[0])
+
+    def left(self, k: int | None = None) -> torch.Tensor:
+        """The top ``k`` left singular vectors (``m x k``; every one for ``None``)."""
+        return self._side("left", k)
+
+    def right(self, k: int | None = None) -> torch.Tensor:
+        """The top ``k`` right singular vectors (``n x k``; every one for ``None``)."""
+        return self._side("right", k)
+
+    def _side(self, side: str, k: int | None) -> torch.Tensor:
+        k = self.rank_bound if k is None else min(k, self.rank_bound)
+        known = self._left if side == "left" else self._right
+        if known is not None:
+            return known[:, known.shape[1] - k :].flip(1) if self._ascending else known[:, :k]
+        derived = self._derived.get(side)
+        if derived is None or derived.shape[1] < k:
+            derived = self._derive(side, k)
+            self._derived[side] = derived
+        return derived[:, :k]
+
+    def _derive(self, side: str, k: int) -> torch.Tensor:
+        """``W V_k / s_k`` (left) or ``W^T U_k / s_k`` (right), unit columns.
+
+        In float32 for the top vectors (the error grows like ``eps s_1 / s_i``, harmless
+        while ``s_i`` is large), in float64 when *every* vector is asked for, as for the
+        base spectrum, whose smallest ones count too. Columns whose singular value is
+        round-off (below ``s_1`` times :data:`NULL_SPACE_RELATIVE`) have no direction of
+        their own: they are completed to an orthonormal set by a QR factorisation, as any
+        SVD fills a null space.
+        """
+        if self._weight is None:
+            raise ValueError(f"this spectrum keeps no weight, so its {side} singular vectors cannot be derived")
+        dtype = torch.float64 if k == self.rank_bound else torch.float32
+        w = self._weight.to(dtype)
+        other = self._side("right" if side == "left" else "left", k).to(dtype)
+        product = (w @ other) if side == "left" else (w.transpose(0, 1) @ other)
+        values = self.values[:k].to(product.dtype)
+        floor = float(self.values[0]) * NULL_SPACE_RELATIVE if self.rank_bound else 0.0
+        resolved = values > floor
+        vectors = product / torch.where(resolved, values, torch.ones_like(values))
+        if not bool(resolved.all()):
+            q, r = torch.linalg.qr(product)
+            q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+            vectors[:, ~resolved] = q[:, ~resolved]
+        return vectors
+
+
+def decompose(weight: torch.Tensor, device: torch.device, method: str | None = None) -> Spectrum:
+    """The thin SVD of one ``out x in`` matrix as a :class:`Spectrum` (see the module docs)."""
+    return decompose_many([weight], device, method)[0]
+
+
+def decompose_many(weights: Sequence[torch.Tensor], device: torch.device, method: str | None = None) -> list[Spectrum]:
+    """:func:`decompose` for several matrices; ``gesvda`` runs same-shaped ones as one batch."""
+    method = method or default_method(device)
+    if method == "gram":
+        return [_gram_spectrum(w.to(device)) for w in weights]
+    if method == "svd":
+        return [_svd_spectrum(w.to(device)) for w in weights]
+    if method == "gesvda":
+        if device.type != "cuda":
+            raise ValueError("the gesvda SVD driver exists only on CUDA devices")
+        shapes = {tuple(w.shape) for w in weights}
+        if len(shapes) != 1:
+            return [s for w in weights for s in decompose_many([w], device, method)]
+        return _gesvda_spectra(weights, device)
+    raise ValueError(f"unknown SVD method {method!r}; use one of {METHODS}")
+
+
+def _gram_spectrum(weight: torch.Tensor) -> Spectrum:
+    w = weight.to(torch.float64)
+    m, n = w.shape
+    wide = m <= n
+    gram = w @ w.transpose(0, 1) if wide else w.transpose(0, 1) @ w
+    del w
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    del gram
+    values = eigenvalues.flip(0).clamp_min(0).sqrt()
+    side = {"left" if wide else "right": eigenvectors}
+    return Spectrum(values, **side, weight=weight, ascending=True)
+
+
+def _svd_spectrum(weight: torch.Tensor) -> Spectrum:
+    w = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    return Spectrum(S, left=U, right=Vh.transpose(-2, -1))
+
+
+def _gesvda_spectra(weights: Sequence[torch.Tensor], device: torch.device) -> list[Spectrum]:
+    batch = torch.stack([w.to(device=device, dtype=torch.float32) for w in weights])
+    m, n = batch.shape[-2:]
+    wide = m < n
+    U, S, Vh = torch.linalg.svd(batch.transpose(-2, -1) if wide else batch, full_matrices=False, driver="gesvda")
+    del batch
+    V = Vh.transpose(-2, -1)
+    if wide:  # svd(W^T) = V S U^T
+        U, V = V, U
+    return [Spectrum(S[i], left=U[i], right=V[i]) for i in range(len(weights))]
+
+
+def thin_svd(weight: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, V`` with ``weight = U diag(S) V^T`` from ``torch.linalg.svd`` (default driver).
+
+    The papers' call, kept as the plain reference; the pipeline uses :func:`decompose`.
     ``V`` is returned un-transposed (``in x r``) so that ``U`` and ``V`` read alike.
     """
-    w = weight.to(device=device)
-    if w.dtype not in (torch.float32, torch.float64):
-        w = w.float()
-    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-    return U, S, Vh.transpose(0, 1)
+    spectrum = _svd_spectrum(weight.to(device=device))
+    return spectrum.left(), spectrum.values, spectrum.right()
 
 
 def low_rank_svd(delta: LowRankDelta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,3 +233,9 @@ def low_rank_svd(delta: LowRankDelta, device: torch.device) -> tuple[torch.Tenso
     Qa, Ra = torch.linalg.qr(A.transpose(0, 1), mode="reduced")
     Um, S, Vmh = torch.linalg.svd(delta.scale * (Rb @ Ra.transpose(0, 1)), full_matrices=False)
     return Qb @ Um, S, Qa @ Vmh.transpose(0, 1)
+
+
+def low_rank_spectrum(delta: LowRankDelta, device: torch.device) -> Spectrum:
+    """:func:`low_rank_svd` as a :class:`Spectrum` (``r`` singular values and vectors)."""
+    U, S, V = low_rank_svd(delta, device)
+    return Spectrum(S, left=U, right=V)

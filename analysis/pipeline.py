@@ -11,10 +11,13 @@ factors.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ import torch
 from analysis import metrics
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.linalg import low_rank_svd, resolve_device, thin_svd
+from analysis.linalg import Spectrum, decompose_many, default_method, low_rank_spectrum, resolve_device
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import (
     DEFAULT_EPSILONS,
@@ -33,6 +36,8 @@ from analysis.results import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -75,48 +80,160 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 _DEFAULT_CACHE = object()
 
-
-def _cached(cache: SpectrumCache | None, kind: str, key: str, compute: Callable[[], Entry]) -> Entry:
-    return compute() if cache is None else cache.get_or_compute(kind, key, compute)
-
-
-def base_left_spectrum(
-    weight: torch.Tensor, device: torch.device, cache: SpectrumCache | None, digest: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All left singular vectors and values of a base weight, cached by content."""
-
-    def compute() -> Entry:
-        U, S, _ = thin_svd(weight, device)
-        return {"U": U, "S": S}, {}
-
-    key = SpectrumCache.key("base-left", digest or tensor_digest(weight))
-    tensors, _ = _cached(cache, "base", key, compute)
-    return tensors["U"].to(device), tensors["S"].to(device)
+#: Matrices analysed at once (threads): one reads its weights while another's SVDs run,
+#: and LAPACK on the small matrices of most models uses one core far better than two.
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1) or 1
+#: Estimated working memory (:func:`working_bytes`) that matrices analysed at once may
+#: use together; a matrix larger than this still runs, alone.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
-def analyse_matrix(
-    plan: MatrixPlan,
-    *,
-    settings: AnalysisSettings = AnalysisSettings(),
-    device: torch.device | str = "auto",
-    cache: SpectrumCache | None = None,
-) -> MatrixResult:
-    """Every metric of DESIGN.md for one base/tuned matrix pair."""
-    device = resolve_device(device)
-    base = plan.load_base()
-    tuned = plan.load_tuned()
+@dataclass
+class _Pair:
+    """One matrix pair on its way through the pipeline: keys first, weights if needed."""
+
+    plan: MatrixPlan
+    pair_key: str
+    base_key: str
+    result: MatrixResult | None = None  # found in the pair cache: nothing to load or compute
+    base: torch.Tensor | None = None  # oriented for ``settings.side``
+    tuned: TunedMatrix | None = None
+    base_spectrum: Spectrum | None = None  # found in the base cache
+
+
+def stored_base_spectrum(spectrum: Spectrum) -> Spectrum:
+    """A base spectrum as it is cached: all left singular vectors and values, nothing else.
+
+    The vectors are kept in float16 (2 bytes per element; an intruder score moves by at
+    most ``2^-11``, inside the 1e-3 that counts are checked at), the values in float32.
+    A freshly computed base spectrum is rounded the same way before use, so a result does
+    not depend on whether its base came from the cache.
+    """
+    return Spectrum(spectrum.values.float(), left=spectrum.left().to(torch.float16))
+
+
+def _base_entry(spectrum: Spectrum) -> dict[str, torch.Tensor]:
+    return {"U": spectrum.left(), "S": spectrum.values}
+
+
+def _base_from_entry(tensors: dict[str, torch.Tensor], device: torch.device) -> Spectrum:
+    return Spectrum(tensors["S"].to(device), left=tensors["U"].to(device))
+
+
+def _prepare(plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache | None) -> _Pair:
+    """Keys of a pair, then the cached result, or else the weights and cached base spectrum."""
+    base = tuned = None
+    digests = plan.digests(cache.fingerprints.digest) if plan.digests is not None and cache is not None else None
+    if digests is None:
+        base, tuned = plan.load_base(), plan.load_tuned()
+        digests = (tensor_digest(base), tensor_digest(tuned.weight))
+    base_digest, tuned_digest = digests
+    pair = _Pair(
+        plan,
+        pair_key=SpectrumCache.key(
+            "pair", base_digest, tuned_digest, settings.signature(), f"adapter_rank={plan.adapter_rank}"
+        ),
+        base_key=SpectrumCache.key("base-left", base_digest, f"side={settings.side}"),
+    )
+    if cache is not None:
+        entry = cache.lookup("pair", pair.pair_key)
+        if entry is not None:
+            pair.result = _result(plan, *entry)
+            return pair
+    if base is None or tuned is None:
+        base, tuned = plan.load_base(), plan.load_tuned()
     if settings.side == "right":
         base, tuned = base.transpose(0, 1), _transposed(tuned)
-    base_digest = tensor_digest(base)
-    tuned_digest = tensor_digest(tuned.weight)
-    pair_key = SpectrumCache.key(
-        "pair", base_digest, tuned_digest, settings.signature(), f"adapter_rank={plan.adapter_rank}"
+    pair.base, pair.tuned = base, tuned
+    if cache is not None:
+        entry = cache.lookup("base", pair.base_key)
+        if entry is not None:
+            pair.base_spectrum = _base_from_entry(entry[0], torch.device("cpu"))
+    return pair
+
+
+def _transposed(tuned: TunedMatrix) -> TunedMatrix:
+    lr = tuned.low_rank
+    flipped = None if lr is None else LowRankDelta(lr.A.transpose(0, 1), lr.B.transpose(0, 1), lr.scale)
+    return TunedMatrix(tuned.weight.transpose(0, 1), flipped)
+
+
+def _compute(
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+) -> MatrixResult:
+    def compute() -> Entry:
+        return _pair_metrics(pair, settings, device, method, cache)
+
+    assert pair.base is not None and pair.tuned is not None
+    tensors, info = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute)
+    return _result(pair.plan, tensors, info)
+
+
+def _pair_metrics(
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+) -> Entry:
+    """Every metric of one pair, from the SVDs of the base, the tuned weight and the update.
+
+    On CUDA the matrices that need an SVD (the base unless cached, the tuned weight, the
+    update unless low-rank) have one shape and go to the solver as one batch.
+    """
+    base, tuned = pair.base.to(device), pair.tuned
+    precision = torch.float64 if method == "gram" else torch.float32
+    todo = {} if pair.base_spectrum is not None else {"base": base}
+    todo["tuned"] = tuned.weight.to(device)
+    if tuned.low_rank is None:
+        todo["delta"] = tuned.weight.to(device, precision) - base.to(precision)
+    spectra = dict(zip(todo, decompose_many(list(todo.values()), device, method), strict=True))
+    del todo
+
+    if pair.base_spectrum is not None:
+        base_spectrum = _base_from_entry(_base_entry(pair.base_spectrum), device)
+    else:
+        base_spectrum = stored_base_spectrum(spectra["base"])
+        if cache is not None:
+            cache.store("base", pair.base_key, _base_entry(base_spectrum))
+    tuned_spectrum = spectra["tuned"]
+    delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
+
+    # Shuttleworth et al. 2024, Def. 3.1: top-k tuned left vectors against every base one.
+    U0 = base_spectrum.left().float()
+    k = min(settings.max_top_k, tuned_spectrum.rank_bound)
+    Ut = tuned_spectrum.left(max(k, settings.similarity_size)).float()
+    scores, best_match = metrics.intruder_scores(Ut[:, :k], U0)
+    similarity = metrics.similarity_matrix(Ut, U0, settings.similarity_size)
+    del U0, Ut
+
+    Sd = delta.values
+    delta_fro = metrics.frobenius_norm(Sd)
+    rank90 = metrics.rank90(Sd)
+    # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
+    # rank that explains 90% of its update (Biderman et al.).
+    amp_rank = min(pair.plan.adapter_rank or rank90, int(torch.count_nonzero(Sd)))
+    amplification = metrics.amplification_factor(
+        delta_fro, delta.left(amp_rank).float(), delta.right(amp_rank).float(), base
     )
 
-    def compute() -> Entry:
-        return _pair_metrics(base, tuned, base_digest, plan.adapter_rank, settings, device, cache)
+    tensors = {
+        "base_s": base_spectrum.values,
+        "tuned_s": tuned_spectrum.values.float(),
+        "delta_s": Sd.float(),
+        "scores": torch.from_numpy(scores.astype(np.float32)),
+        "best_match": torch.from_numpy(best_match),
+        "similarity": torch.from_numpy(similarity),
+        "delta_u": delta.left(settings.delta_vectors).to(torch.float16),
+    }
+    info = {
+        "effective_rank": metrics.effective_rank(Sd),
+        "rank90": rank90,
+        "stable_rank": metrics.stable_rank(Sd),
+        "delta_fro": delta_fro,
+        "amplification_factor": amplification,
+        "amplification_rank": amp_rank,
+    }
+    return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
 
-    tensors, info = _cached(cache, "pair", pair_key, compute)
+
+def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
     arrays = {name: t.numpy() for name, t in tensors.items()}
     return MatrixResult(
         name=plan.name,
@@ -135,56 +252,26 @@ def analyse_matrix(
     )
 
 
-def _transposed(tuned: TunedMatrix) -> TunedMatrix:
-    lr = tuned.low_rank
-    flipped = None if lr is None else LowRankDelta(lr.A.transpose(0, 1), lr.B.transpose(0, 1), lr.scale)
-    return TunedMatrix(tuned.weight.transpose(0, 1), flipped)
+def analyse_matrix(
+    plan: MatrixPlan,
+    *,
+    settings: AnalysisSettings = AnalysisSettings(),
+    device: torch.device | str = "auto",
+    cache: SpectrumCache | None = None,
+) -> MatrixResult:
+    """Every metric of DESIGN.md for one base/tuned matrix pair.
 
-
-def _pair_metrics(
-    base: torch.Tensor,
-    tuned: TunedMatrix,
-    base_digest: str,
-    adapter_rank: int | None,
-    settings: AnalysisSettings,
-    device: torch.device,
-    cache: SpectrumCache | None,
-) -> Entry:
-    U0, S0 = base_left_spectrum(base, device, cache, base_digest)
-    Ut, St, _ = thin_svd(tuned.weight, device)
-    k = min(settings.max_top_k, Ut.shape[1])
-    scores, best_match = metrics.intruder_scores(Ut[:, :k], U0)
-    similarity = metrics.similarity_matrix(Ut, U0, settings.similarity_size)
-
-    if tuned.low_rank is not None:
-        Ud, Sd, Vd = low_rank_svd(tuned.low_rank, device)
-    else:
-        Ud, Sd, Vd = thin_svd(tuned.weight.to(device) - base.to(device), device)
-    delta_fro = metrics.frobenius_norm(Sd)
-    rank90 = metrics.rank90(Sd)
-    # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
-    # rank that explains 90% of its update (Biderman et al.).
-    amp_rank = min(adapter_rank or rank90, int(torch.count_nonzero(Sd)))
-    amplification = metrics.amplification_factor(delta_fro, Ud[:, :amp_rank], Vd[:, :amp_rank], base.to(device))
-
-    tensors = {
-        "base_s": S0,
-        "tuned_s": St,
-        "delta_s": Sd,
-        "scores": torch.from_numpy(scores.astype(np.float32)),
-        "best_match": torch.from_numpy(best_match),
-        "similarity": torch.from_numpy(similarity),
-        "delta_u": Ud[:, : settings.delta_vectors].to(torch.float16),
-    }
-    info = {
-        "effective_rank": metrics.effective_rank(Sd),
-        "rank90": rank90,
-        "stable_rank": metrics.stable_rank(Sd),
-        "delta_fro": delta_fro,
-        "amplification_factor": amplification,
-        "amplification_rank": amp_rank,
-    }
-    return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
+    The base weight ``W0 = U0 S0 V0^T`` and the tuned weight ``Wt = Ut St Vt^T`` are
+    decomposed; the top ``max_top_k`` columns of ``Ut`` are scored against every column
+    of ``U0`` (Shuttleworth et al. 2024, Def. 3.1); the update ``dW = Wt - W0`` gives the
+    effective rank, rank90, stable rank, norm and amplification factor. The base
+    spectrum and the whole result are cached by content.
+    """
+    device = resolve_device(device)
+    pair = _prepare(plan, settings, cache)
+    if pair.result is not None:
+        return pair.result
+    return _compute(pair, settings, device, default_method(device), cache)
 
 
 def analyse_plan(
@@ -195,23 +282,101 @@ def analyse_plan(
     cache: SpectrumCache | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    workers: int | None = None,
+    memory_budget: int | None = None,
 ) -> Iterator[MatrixResult]:
-    """Analyse a plan's matrices one at a time, yielding each result when it is ready.
+    """Analyse a plan's matrices, yielding each result in plan order as soon as it is ready.
 
-    Only one matrix pair is held in memory at a time. ``progress`` is called after each
-    matrix; ``should_stop`` is polled before each one and raises
-    :class:`~analysis.errors.AnalysisCancelled` when it returns true.
+    ``workers`` threads (default :data:`DEFAULT_WORKERS`) each take a whole matrix --
+    digests, cache lookups, loading, SVDs, metrics -- so reading one matrix overlaps the
+    SVDs of another and independent SVDs use separate cores; ``workers=1`` runs everything
+    in turn in the calling thread. A matrix starts only while the estimated working
+    memory of those running fits ``memory_budget`` bytes (default
+    :data:`DEFAULT_MEMORY_BUDGET`; one always may), so host memory stays bounded however
+    large the model. ``progress`` is called after each matrix; ``should_stop`` is polled
+    before each one starts and raises :class:`~analysis.errors.AnalysisCancelled` when it
+    returns true.
     """
     device = resolve_device(device)
+    method = default_method(device)
+    workers = DEFAULT_WORKERS if workers is None else max(1, workers)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
-    for done, matrix in enumerate(plan.matrices, start=1):
+
+    def analyse(matrix: MatrixPlan) -> MatrixResult:
+        pair = _prepare(matrix, settings, cache)
+        return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)
+
+    def stop(done: int) -> None:
         if should_stop is not None and should_stop():
-            raise AnalysisCancelled(f"cancelled after {done - 1} of {total} matrices")
-        result = analyse_matrix(matrix, settings=settings, device=device, cache=cache)
+            raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
+
+    results = _in_order(
+        plan.matrices, analyse, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
+    )
+    for done, (matrix, result) in enumerate(results, start=1):
         if progress is not None:
             progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, time.perf_counter() - start))
         yield result
+
+
+def working_bytes(shape: tuple[int, int], method: str) -> int:
+    """Host memory one matrix pair needs while it is analysed (an estimate, for scheduling).
+
+    Base and tuned weight in float32, the update and a float64 copy of whichever matrix
+    is being decomposed, its Gram matrix and eigenvectors, derived vectors.
+    """
+    m, n = shape
+    if method != "gram":  # the decompositions run on the GPU; the host holds the weights
+        return 12 * m * n
+    return 32 * m * n + 24 * min(m, n) ** 2
+
+
+def _in_order(
+    items: Sequence[T],
+    run: Callable[[T], R],
+    workers: int,
+    budget: int,
+    cost: Callable[[T], int],
+    before_each: Callable[[int], None],
+) -> Generator[tuple[T, R], None, None]:
+    """``(item, run(item))`` in the order of ``items``, computed by ``workers`` threads.
+
+    ``before_each(number_yielded)`` is called before an item is started (and may raise to
+    stop). At most ``workers`` items are started and not yet yielded, and an item starts
+    only while the ``cost`` of those still running plus its own fits ``budget`` (or none
+    runs). An exception from ``run`` is raised when its item's turn comes; leaving early
+    cancels what has not started and waits for what has.
+    """
+    if workers <= 1:
+        for done, item in enumerate(items):
+            before_each(done)
+            yield item, run(item)
+        return
+    pending: deque[tuple[T, Future, int]] = deque()
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wse-matrix")
+    upcoming = iter(items)
+    following = next(upcoming, _END)
+    done = 0
+    try:
+        while pending or following is not _END:
+            while following is not _END and len(pending) < workers:
+                running = sum(c for _, f, c in pending if not f.done())
+                if pending and running + cost(following) > budget:
+                    break
+                before_each(done)
+                pending.append((following, executor.submit(run, following), cost(following)))
+                following = next(upcoming, _END)
+            item, future, _ = pending.popleft()
+            result = future.result()
+            done += 1
+            yield item, result
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
 
 
 def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelResult:

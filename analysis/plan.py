@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -55,6 +56,12 @@ class TunedMatrix:
     low_rank: LowRankDelta | None = None
 
 
+#: ``stored_digest(file, tensor_name, load) -> str``: the content digest
+#: (:func:`analysis.cache.tensor_digest`) of a tensor as stored in ``file``, looked up in
+#: the pipeline's fingerprint index; ``load()`` reads the stored tensor when it is unknown.
+StoredDigest = Callable[[Path, str, Callable[[], torch.Tensor]], str]
+
+
 @dataclass(frozen=True)
 class MatrixPlan:
     """One base/tuned matrix pair to analyse.
@@ -65,6 +72,13 @@ class MatrixPlan:
     ``qkv`` (fused), ``attn_out``, ``gate``, ``up``, ``gate_up`` (fused), ``down``,
     ``mlp_in``, ``mlp_out``, or the last name component when unknown. ``shape`` is
     ``(out, in)`` after any transposition.
+
+    ``digests`` (optional) names the content of the pair without loading it: called with
+    a :data:`StoredDigest`, it returns digests of the base and the tuned matrix *as
+    ``load_base``/``load_tuned`` hand them out* (equal digests must mean equal matrices),
+    built from the digests of the stored tensors they are made of (for an adapter: the
+    base's plus the factors'). The pipeline then finds a cached result without reading a
+    single weight. ``None``: the pipeline loads both matrices and hashes them.
     """
 
     name: str
@@ -74,6 +88,7 @@ class MatrixPlan:
     load_base: Callable[[], torch.Tensor]
     load_tuned: Callable[[], TunedMatrix]
     adapter_rank: int | None = None
+    digests: Callable[[StoredDigest], tuple[str, str]] | None = None
 
 
 @dataclass(frozen=True)

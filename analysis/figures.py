@@ -1,0 +1,561 @@
+"""Plotly figure builders for the dashboard: results in, figure out.
+
+Pure functions (no Streamlit, no I/O), so the same charts can be drawn in a notebook.
+Each figure is drawn from the matching table of :mod:`analysis.tables`, which is also
+what the page offers as CSV. Large heatmaps are reduced here, on the server, before
+anything reaches a browser (:func:`reduce_heatmap`).
+
+References: intruder dimensions and the similarity matrix, Shuttleworth et al. 2024
+(arXiv:2410.21228, Def. 3.1, Fig. 1/3); effective rank, Roy & Vetterli 2007; rank90,
+Biderman et al. 2024 (arXiv:2405.09673); subspace similarity and amplification factor,
+Hu et al. 2021 (arXiv:2106.09685, sec. 7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from analysis import tables
+from analysis.results import MatrixResult, ModelResult
+
+#: Largest heatmap side sent to a browser; bigger ones are reduced by block maximum.
+MAX_HEATMAP_SIDE = 128
+#: Largest number of points per spectrum line; longer spectra are sampled log-evenly.
+MAX_SPECTRUM_POINTS = 1500
+
+PALETTE = qualitative.D3
+INTRUDER_COLOR = "#d62728"
+OVERVIEW_METRICS = {
+    "intruders": "Intruder dimensions",
+    "effective_rank": "Effective rank of ΔW",
+    "rank90": "rank90 of ΔW",
+}
+
+
+def chart_config(filename: str) -> dict:
+    """Plotly config for ``st.plotly_chart``: a toolbar PNG download named ``filename``."""
+    return {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": "png", "filename": filename, "scale": 2},
+    }
+
+
+def reduce_heatmap(z: np.ndarray, max_side: int = MAX_HEATMAP_SIDE) -> tuple[np.ndarray, int]:
+    """Shrink a heatmap to at most ``max_side`` cells a side by taking block maxima.
+
+    Block maxima keep every strong entry visible (an intruder's missing match or a
+    single strong alignment never averages away). Returns the reduced array and the
+    block size (1 when nothing was reduced); NaN-only blocks stay NaN.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    block = max(1, math.ceil(max(z.shape) / max_side)) if z.size else 1
+    if block == 1:
+        return z, 1
+    rows, cols = math.ceil(z.shape[0] / block), math.ceil(z.shape[1] / block)
+    padded = np.full((rows * block, cols * block), np.nan)
+    padded[: z.shape[0], : z.shape[1]] = z
+    blocks = padded.reshape(rows, block, cols, block).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
+    with np.errstate(all="ignore"):
+        reduced = np.where(np.isnan(blocks).all(axis=2), np.nan, np.nanmax(np.nan_to_num(blocks, nan=-np.inf), axis=2))
+    return reduced, block
+
+
+def _model_style(index: int, model: ModelResult) -> dict:
+    """Colour per fine-tune; LoRA dashed with diamonds, full fine-tuning solid circles."""
+    lora = tables.is_lora(model)
+    return {
+        "color": PALETTE[index % len(PALETTE)],
+        "dash": "dash" if lora else "solid",
+        "symbol": "diamond" if lora else "circle",
+    }
+
+
+def _legend_name(label: str, model: ModelResult) -> str:
+    return f"{label} ({tables.training_method(model)})"
+
+
+def _empty(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, height=300)
+    return fig
+
+
+def overview_heatmaps(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> go.Figure:
+    """Layer-by-module grid of ``metric`` for every fine-tune, side by side.
+
+    ``metric`` is ``intruders`` (count among the top ``k`` tuned vectors at ``eps``,
+    Shuttleworth et al. Def. 3.1), ``effective_rank`` or ``rank90`` of the update. All
+    panels share one colour scale. Each panel's scatter trace has a selectable point per
+    cell whose ``customdata`` is ``[model index, tensor name]``, so a click can open
+    that matrix.
+    """
+    if metric not in OVERVIEW_METRICS:
+        raise ValueError(f"metric must be one of {sorted(OVERVIEW_METRICS)}, got {metric!r}")
+    title = OVERVIEW_METRICS[metric] + (f" (top {k}, ε = {eps:g})" if metric == "intruders" else "")
+    table = tables.matrix_table(models, k, eps)
+    if table.empty:
+        return _empty(title, "No matrices analysed yet")
+    labels = tables.model_labels(models)
+    modules = tables.module_order(table["module"])
+    layers = sorted(table["layer"].unique(), key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
+    fig = make_subplots(
+        rows=1,
+        cols=len(models),
+        shared_yaxes=True,
+        horizontal_spacing=0.03,
+        subplot_titles=[_legend_name(label, m) for label, m in zip(labels, models, strict=True)],
+    )
+    zmax = float(table[metric].max()) if len(table) else 1.0
+    for col, (index, label) in enumerate(enumerate(labels), start=1):
+        rows = table[table["model"] == label].set_index(["layer", "module"])
+        z = np.full((len(layers), len(modules)), np.nan)
+        names = np.full((len(layers), len(modules)), "", dtype=object)
+        for (layer, module), row in rows.iterrows():
+            i, j = layers.index(layer), modules.index(module)
+            z[i, j] = row[metric]
+            names[i, j] = row["matrix"]
+        text = [
+            ["" if np.isnan(v) else (f"{v:.0f}" if metric != "effective_rank" else f"{v:.1f}") for v in r] for r in z
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=modules,
+                y=layers,
+                text=text,
+                texttemplate="%{text}",
+                coloraxis="coloraxis",
+                xgap=1,
+                ygap=1,
+                name=label,
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=col,
+        )
+        # Heatmap cells cannot be selected in Plotly, so each cell carries an invisible
+        # marker that can: clicking a cell selects it (and shows its hover text).
+        i, j = np.nonzero(~np.isnan(z))
+        fig.add_trace(
+            go.Scatter(
+                x=[modules[c] for c in j],
+                y=[layers[r] for r in i],
+                mode="markers",
+                marker={"symbol": "square", "size": 30, "opacity": 0},
+                customdata=[[index, names[r, c]] for r, c in zip(i, j, strict=True)],
+                text=[text[r][c] for r, c in zip(i, j, strict=True)],
+                name=label,
+                showlegend=False,
+                hovertemplate="%{customdata[1]}<br>layer %{y}, %{x}<br>"
+                + OVERVIEW_METRICS[metric]
+                + ": %{text}<extra>"
+                + label
+                + "</extra>",
+            ),
+            row=1,
+            col=col,
+        )
+    fig.update_yaxes(autorange="reversed", type="category", title_text="layer", col=1)
+    fig.update_xaxes(type="category", tickangle=-30)
+    fig.update_layout(
+        title=title,
+        coloraxis={"colorscale": "Reds" if metric == "intruders" else "Viridis", "cmin": 0, "cmax": max(zmax, 1)},
+        height=max(320, 40 + 26 * len(layers) + 120),
+        margin={"t": 90},
+        hovermode="closest",
+        hoverdistance=-1,
+        clickmode="event+select",
+    )
+    return fig
+
+
+def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figure:
+    """Per-model total intruder dimensions at (k, eps), coloured by fine-tune."""
+    table = tables.totals_table(models, k, eps)
+    title = f"Total intruder dimensions per fine-tune (top {k}, ε = {eps:g})"
+    if table.empty:
+        return _empty(title, "No fine-tunes analysed yet")
+    fig = go.Figure()
+    for index, (model, row) in enumerate(zip(models, table.itertuples(), strict=True)):
+        fig.add_trace(
+            go.Bar(
+                x=[row.model],
+                y=[row.intruders],
+                name=_legend_name(row.model, model),
+                text=[row.intruders],
+                textposition="outside",
+                marker_color=_model_style(index, model)["color"],
+                marker_pattern_shape="/" if tables.is_lora(model) else "",
+                hovertemplate=f"{row.model}<br>{row.method}<br>{row.intruders} intruders over "
+                f"{row.matrices} matrices<extra></extra>",
+            )
+        )
+    fig.update_layout(title=title, yaxis_title="intruder dimensions", showlegend=True, height=360)
+    return fig
+
+
+def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -> go.Figure:
+    """``|Ut^T U0|`` heatmap for one matrix, with each tuned vector's best match beside it.
+
+    Left: the top-N by top-N similarity block (Shuttleworth et al. Fig. 1/3; rows tuned
+    rank, columns base rank), reduced to :data:`MAX_HEATMAP_SIDE` by block maxima.
+    Right: ``score_j = max_i |<Ut[:, j], U0[:, i]>|`` over **all** base vectors for the
+    top ``k`` tuned vectors, with the ``eps`` line; intruders (``score_j < eps``) are red
+    in both panels.
+    """
+    sim = np.asarray(matrix.similarity, dtype=np.float64)
+    z, block = reduce_heatmap(sim)
+    intr = tables.intruder_table(matrix, k, eps)
+    n_rows = max(sim.shape[0], len(intr))
+    reduced = f" (max over {block}×{block} blocks)" if block > 1 else ""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        column_widths=[0.72, 0.28],
+        horizontal_spacing=0.04,
+        subplot_titles=[
+            f"|Uₜᵀ U₀|, top {sim.shape[0]} × {sim.shape[1]}{reduced}",
+            f"best match, top {len(intr)}",
+        ],
+    )
+    center = (block + 1) / 2
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x0=center,
+            dx=block,
+            y0=center,
+            dy=block,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            colorbar={"title": "|cos|", "x": 1.02, "len": 0.7},
+            hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    is_intruder = intr["intruder"].to_numpy()
+    rows_intr = intr[is_intruder]
+    if len(rows_intr):
+        fig.add_trace(
+            go.Scatter(
+                x=np.full(len(rows_intr), 0.0),
+                y=rows_intr["tuned_rank"],
+                mode="markers",
+                marker={"symbol": "triangle-right", "size": 12, "color": INTRUDER_COLOR},
+                name="intruder",
+                hovertemplate="tuned rank %{y}: intruder<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
+    fig.add_trace(
+        go.Bar(
+            x=intr["best_match_score"],
+            y=intr["tuned_rank"],
+            orientation="h",
+            name="best match",
+            marker_color=np.where(is_intruder, INTRUDER_COLOR, "#4c78a8").tolist(),
+            customdata=intr["best_match_base_rank"],
+            showlegend=False,
+            hovertemplate="tuned rank %{y}<br>best match %{x:.3f} (base rank %{customdata})<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.add_vline(
+        x=eps,
+        line_dash="dash",
+        line_color=INTRUDER_COLOR,
+        row=1,
+        col=2,
+        annotation_text=f"ε = {eps:g}",
+        annotation_position="bottom right",
+    )
+    fig.update_yaxes(range=[n_rows + 0.5, 0.5], title_text="tuned singular vector (rank)", row=1, col=1)
+    fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
+    fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
+    n_intr = int(is_intruder.sum())
+    fig.update_layout(
+        title=f"{label + ': ' if label else ''}{matrix.name} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
+        f"in the top {len(intr)} at ε = {eps:g}",
+        height=max(420, min(900, 12 * n_rows + 160)),
+        showlegend=False,
+    )
+    return fig
+
+
+def sweep_figure(
+    models: Sequence[ModelResult],
+    k: int,
+    epsilons: Sequence[float],
+    eps: float | None = None,
+    matrices: Collection[str] | None = None,
+) -> go.Figure:
+    """Intruder dimensions against eps, one curve per fine-tune (summed over matrices).
+
+    Counts among the top ``k`` tuned vectors (Shuttleworth et al. Def. 3.1) summed over
+    ``matrices`` (all analysed when ``None``); the current ``eps`` is marked.
+    """
+    table = tables.sweep_table(models, k, epsilons, matrices)
+    title = f"Intruder dimensions vs ε (top {k})"
+    if table.empty:
+        return _empty(title, "No fine-tunes analysed yet")
+    fig = go.Figure()
+    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
+        rows = table[table["model"] == label]
+        style = _model_style(index, model)
+        fig.add_trace(
+            go.Scatter(
+                x=rows["epsilon"],
+                y=rows["intruders"],
+                mode="lines+markers",
+                name=_legend_name(label, model),
+                line={"color": style["color"], "dash": style["dash"]},
+                marker={"symbol": style["symbol"]},
+                hovertemplate=f"{label}<br>ε = %{{x:.2f}}: %{{y}} intruders<extra></extra>",
+            )
+        )
+    if eps is not None:
+        fig.add_vline(x=eps, line_dash="dot", line_color="grey", annotation_text=f"ε = {eps:g}")
+    n = int(table["matrices"].max())
+    fig.update_layout(
+        title=f"{title}, summed over {n} matrices",
+        xaxis_title="ε (a tuned vector is an intruder if its best |cos| with any base vector is below ε)",
+        yaxis_title="intruder dimensions",
+        height=420,
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def breakdown_figure(
+    models: Sequence[ModelResult], k: int, eps: float, by: str, matrices: Collection[str] | None = None
+) -> go.Figure:
+    """Intruder counts at (k, eps) per layer or per module, grouped bars per fine-tune."""
+    table = tables.breakdown_table(models, k, eps, by, matrices)
+    title = f"Intruder dimensions by {by} (top {k}, ε = {eps:g})"
+    if table.empty:
+        return _empty(title, "No matrices analysed yet")
+    order = (
+        tables.module_order(table["module"])
+        if by == "module"
+        else sorted(table["layer"].unique(), key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
+    )
+    fig = go.Figure()
+    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
+        rows = table[table["model"] == label].set_index(by).reindex(order)
+        fig.add_trace(
+            go.Bar(
+                x=order,
+                y=rows["intruders"].fillna(0),
+                name=_legend_name(label, model),
+                marker_color=_model_style(index, model)["color"],
+                marker_pattern_shape="/" if tables.is_lora(model) else "",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        barmode="group",
+        xaxis={"title": by, "type": "category"},
+        yaxis_title="intruder dimensions",
+        height=380,
+    )
+    return fig
+
+
+def effective_rank_figure(models: Sequence[ModelResult], metric: str = "effective_rank") -> go.Figure:
+    """Effective rank or rank90 of every update by layer, one panel per module.
+
+    All fine-tunes side by side: full fine-tunes solid with circles, LoRA dashed with
+    diamonds, LoRA rank in the legend and as a dotted line at ``r`` (the most a LoRA
+    update's rank can be). Effective rank: Roy & Vetterli 2007 on ``dW`` as in
+    Shuttleworth et al.; rank90: Biderman et al. 2024.
+    """
+    if metric not in ("effective_rank", "rank90"):
+        raise ValueError(f"metric must be 'effective_rank' or 'rank90', got {metric!r}")
+    name = OVERVIEW_METRICS[metric]
+    table = tables.matrix_table(models)
+    if table.empty:
+        return _empty(name, "No matrices analysed yet")
+    modules = tables.module_order(table["module"])
+    fig = make_subplots(rows=1, cols=len(modules), shared_yaxes=True, subplot_titles=modules, horizontal_spacing=0.02)
+    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
+        style = _model_style(index, model)
+        rows = table[table["model"] == label]
+        for col, module in enumerate(modules, start=1):
+            sub = rows[rows["module"] == module]
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["layer"],
+                    y=sub[metric],
+                    mode="lines+markers",
+                    name=_legend_name(label, model),
+                    legendgroup=label,
+                    showlegend=col == 1,
+                    customdata=sub["matrix"],
+                    line={"color": style["color"], "dash": style["dash"]},
+                    marker={"symbol": style["symbol"], "size": 8},
+                    hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.2f}}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        rank = tables.adapter_rank(model)
+        if rank is not None:
+            for col in range(1, len(modules) + 1):
+                fig.add_hline(y=rank, line_dash="dot", line_color=style["color"], opacity=0.6, row=1, col=col)
+    fig.update_xaxes(type="category", title_text="layer")
+    fig.update_yaxes(title_text=name, col=1, rangemode="tozero")
+    fig.update_layout(
+        title=f"{name} by layer and module (dotted: LoRA rank r)", height=440, legend={"orientation": "h", "y": -0.25}
+    )
+    return fig
+
+
+_LOG_TICKS = [m * 10**e for e in range(7) for m in (1, 2, 5)]
+
+
+def _log_sample(n: int, keep: Sequence[int], max_points: int = MAX_SPECTRUM_POINTS) -> np.ndarray:
+    """Indices ``0..n-1`` thinned log-evenly to about ``max_points``, ``keep`` always in."""
+    if n <= max_points:
+        return np.arange(n)
+    idx = np.unique(np.round(np.geomspace(1, n, max_points)).astype(np.int64) - 1)
+    return np.union1d(idx, np.asarray(list(keep), dtype=np.int64))
+
+
+def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -> go.Figure:
+    """Singular values of base, tuned and update for one matrix on a log scale.
+
+    Intruder dimensions among the top ``k`` tuned vectors (Shuttleworth et al. Def.
+    3.1) are marked on the tuned spectrum at the rank where they sit.
+    """
+    spectrum = tables.spectrum_table(matrix)
+    intr = tables.intruder_table(matrix, k, eps)
+    intruder_ranks = intr.loc[intr["intruder"], "tuned_rank"].to_numpy()
+    fig = go.Figure()
+    lines = (
+        ("base", "W₀ (base)", "#7f7f7f", "solid"),
+        ("tuned", "Wₜ (tuned)", "#1f77b4", "solid"),
+        ("update", "ΔW (update)", "#ff7f0e", "dash"),
+    )
+    for column, name, color, dash in lines:
+        values = spectrum[column].to_numpy()
+        n = int(np.count_nonzero(~np.isnan(values)))
+        idx = _log_sample(n, intruder_ranks - 1 if column == "tuned" else [])
+        values = values[idx]
+        positive = values > 0
+        fig.add_trace(
+            go.Scatter(
+                x=idx[positive] + 1,
+                y=values[positive],
+                mode="lines",
+                name=name,
+                line={"color": color, "dash": dash},
+                hovertemplate=f"{name}<br>rank %{{x}}: σ = %{{y:.4g}}<extra></extra>",
+            )
+        )
+    if len(intruder_ranks):
+        rows = intr[intr["intruder"]]
+        fig.add_trace(
+            go.Scatter(
+                x=rows["tuned_rank"],
+                y=rows["singular_value"],
+                mode="markers+text",
+                name=f"intruder (ε = {eps:g})",
+                marker={"symbol": "x", "size": 13, "color": INTRUDER_COLOR, "line": {"width": 2}},
+                text=[f"#{r}" for r in rows["tuned_rank"]],
+                textposition="top right",
+                customdata=np.stack([rows["best_match_score"], rows["best_match_base_rank"]], axis=1),
+                hovertemplate="intruder at tuned rank %{x}<br>σ = %{y:.4g}<br>best match %{customdata[0]:.3f} "
+                "(base rank %{customdata[1]})<extra></extra>",
+            )
+        )
+    n_intr = len(intruder_ranks)
+    n_max = max(len(spectrum), 1)
+    ticks = [t for t in _LOG_TICKS if t <= n_max]
+    fig.update_layout(
+        title=f"{label + ': ' if label else ''}{matrix.name} — singular values ({n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g})",
+        xaxis={"title": "rank", "type": "log", "tickvals": ticks, "range": [-0.05, math.log10(n_max * 1.1)]},
+        yaxis={"title": "singular value", "type": "log"},
+        height=460,
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def _integer_ticks(n: int, most: int = 10) -> list[int]:
+    """Ticks 1, step+1, ... up to ``n`` (no fractional ranks on short axes)."""
+    step = max(1, math.ceil(n / most))
+    return list(range(1, n + 1, step))
+
+
+def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: str) -> go.Figure:
+    """Heatmap of ``phi(i, j)`` (Hu et al. 2021, eq. 4) between two updates of a matrix.
+
+    ``phi(i, j) = ||P_i^T Q_j||_F^2 / min(i, j)`` over the left singular vectors of each
+    update ``dW`` (rows: the first update's top ``i``; columns: the second's top ``j``).
+    """
+    title = f"Subspace similarity φ(i, j) of ΔW, {matrix_name}"
+    if phi.size == 0:
+        return _empty(title, "One of the two updates is zero: no subspace to compare")
+    z, block = reduce_heatmap(phi)
+    center = (block + 1) / 2
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x0=center,
+            dx=block,
+            y0=center,
+            dy=block,
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            colorbar={"title": "φ"},
+            hovertemplate=f"i = %{{y}} ({label_a})<br>j = %{{x}} ({label_b})<br>φ = %{{z:.3f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title + " (left singular vectors of ΔW)",
+        xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": _integer_ticks(phi.shape[1])},
+        yaxis={
+            "title": f"i: top-i directions of {label_a}",
+            "autorange": "reversed",
+            "tickvals": _integer_ticks(phi.shape[0]),
+        },
+        height=max(380, min(720, 14 * phi.shape[0] + 160)),
+    )
+    return fig
+
+
+def amplification_figure(models: Sequence[ModelResult], matrices: Collection[str] | None = None) -> go.Figure:
+    """Amplification factor per matrix (Hu et al. 2021, sec. 7.3), bars per fine-tune."""
+    table = tables.amplification_table(models, matrices)
+    title = "Amplification factor ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F"
+    if table.empty:
+        return _empty(title, "No matrices analysed yet")
+    fig = go.Figure()
+    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
+        rows = table[table["model"] == label]
+        fig.add_trace(
+            go.Bar(
+                x=rows["matrix"],
+                y=rows["amplification_factor"],
+                name=_legend_name(label, model),
+                marker_color=_model_style(index, model)["color"],
+                customdata=rows["r"],
+                hovertemplate="%{x}<br>factor %{y:.3g} (r = %{customdata})<extra>" + label + "</extra>",
+            )
+        )
+    fig.update_layout(title=title, barmode="group", yaxis={"title": "amplification factor", "type": "log"}, height=400)
+    return fig

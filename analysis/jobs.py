@@ -1,0 +1,265 @@
+"""Background jobs: heavy analyses run outside the page script, shared between visitors.
+
+The dashboard never runs an SVD inside a Streamlit script run. It asks a process-wide
+:class:`JobManager` for a job keyed by what is being computed (for a comparison: base,
+fine-tune and settings); the manager runs it on a worker thread (torch releases the GIL
+in its kernels, so pages stay responsive) and every session asking for the same key
+joins the same job instead of starting another. Pages poll :class:`Job` for progress
+and for results that arrive one by one.
+
+Cancelling is shared-safe: each session *watches* the jobs it asked for, and a Cancel
+button only withdraws that session's interest; the job stops when nobody watches it any
+more (another visitor's run of the same comparison is never cut short).
+
+Nothing here imports Streamlit; the dashboard keeps one manager per server process
+(``st.cache_resource``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from analysis.errors import AnalysisCancelled, InputError
+
+log = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a job is: ``done`` of ``total`` steps, the last one's name, time so far."""
+
+    done: int
+    total: int
+    step: str = ""
+    elapsed_s: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the average pace so far (``None`` before the first step)."""
+        if self.done == 0 or self.total == 0:
+            return None
+        return self.elapsed_s / self.done * (self.total - self.done)
+
+
+class Job:
+    """One unit of background work and everything a page needs to show about it.
+
+    Read ``state``, ``progress``, ``items()`` (results published so far), ``result``
+    and ``error`` from any thread; only the worker writes them.
+    """
+
+    def __init__(self, key: Hashable, label: str = "") -> None:
+        self.key = key
+        self.label = label
+        self.state = JobState.QUEUED
+        self.progress: Progress | None = None
+        self.result: Any = None
+        #: The user-facing problem (an ``InputError``'s text) or an internal error's summary.
+        self.error: str | None = None
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        #: Whatever the job function wants pages to see while it runs (e.g. its plan).
+        self.plan: Any = None
+        self._items: list[Any] = []
+        self._watchers: set[str] = set()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- reading (any thread) -------------------------------------------------------------
+    def items(self) -> list[Any]:
+        """A copy of the results published so far, in order."""
+        with self._lock:
+            return list(self._items)
+
+    @property
+    def watchers(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._watchers)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has finished (for tests and scripts); ``False`` on timeout."""
+        return self._done.wait(timeout)
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    # -- interest and cancelling ----------------------------------------------------------
+    def watch(self, watcher: str) -> None:
+        with self._lock:
+            self._watchers.add(watcher)
+
+    def unwatch(self, watcher: str) -> bool:
+        """Withdraw ``watcher``'s interest; stop the job if nobody else watches it.
+
+        Returns ``True`` when this stopped the job.
+        """
+        with self._lock:
+            self._watchers.discard(watcher)
+            stop = not self._watchers and not self.state.finished
+        if stop:
+            self._stop.set()
+        return stop
+
+    def cancel(self) -> None:
+        """Stop the job whoever watches it (for shutdown and tests)."""
+        self._stop.set()
+
+    # -- writing (the worker) -------------------------------------------------------------
+    def report(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def publish(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+
+    def _finish(self, state: JobState, result: Any = None, error: str | None = None) -> None:
+        self.result, self.error = result, error
+        self.finished_at = time.time()
+        self.state = state
+        self._done.set()
+
+
+JobFunction = Callable[[Job], Any]
+
+
+class JobManager:
+    """Runs jobs on a small thread pool; one job per key, joined by everyone asking.
+
+    Parameters
+    ----------
+    max_workers:
+        Jobs running at once; the rest wait in order. SVDs already use every core, so
+        more than one or two only helps with a GPU.
+    keep_finished:
+        Finished jobs kept (so a revisit or a second visitor gets the result at once);
+        older ones are forgotten, their spectra stay in the persistent cache.
+    """
+
+    def __init__(self, max_workers: int = 1, keep_finished: int = 32) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="wse-job")
+        self._jobs: dict[Hashable, Job] = {}
+        self._lock = threading.Lock()
+        self.keep_finished = keep_finished
+
+    def submit(self, key: Hashable, fn: JobFunction, *, label: str = "", watcher: str | None = None) -> Job:
+        """The job for ``key``: the existing one if queued, running or done, else a new one.
+
+        ``fn(job)`` does the work: it calls ``job.report(...)`` and ``job.publish(...)``
+        as it goes, polls ``job.should_stop()``, and returns the result. A failed or
+        cancelled job is replaced by a fresh run.
+        """
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.state in (JobState.FAILED, JobState.CANCELLED) or job.should_stop():
+                job = Job(key, label)
+                self._jobs[key] = job
+                if watcher is not None:
+                    job.watch(watcher)
+                self._pool.submit(self._run, job, fn)
+            elif watcher is not None:
+                job.watch(watcher)
+            self._prune()
+        return job
+
+    def get(self, key: Hashable) -> Job | None:
+        with self._lock:
+            return self._jobs.get(key)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def unwatch_all(self, watcher: str) -> None:
+        """A session went away or cancelled everything: withdraw it from every job."""
+        for job in self.jobs():
+            job.unwatch(watcher)
+
+    def shutdown(self) -> None:
+        for job in self.jobs():
+            job.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def _run(self, job: Job, fn: JobFunction) -> None:
+        if job.should_stop():
+            job._finish(JobState.CANCELLED, error="cancelled before it started")
+            return
+        job.state = JobState.RUNNING
+        try:
+            result = fn(job)
+        except AnalysisCancelled as exc:
+            job._finish(JobState.CANCELLED, error=str(exc) or "cancelled")
+        except InputError as exc:
+            job._finish(JobState.FAILED, error=str(exc))
+        except Exception as exc:  # a bug, not the user's fault: keep serving, say so, log it
+            log.exception("job %s failed", job.label or job.key)
+            job._finish(JobState.FAILED, error=f"internal error ({type(exc).__name__}: {exc})")
+        else:
+            job._finish(JobState.DONE, result=result)
+        finally:
+            log.info("job %s: %s in %.1f s", job.label or job.key, job.state.value, time.time() - job.created_at)
+
+    def _prune(self) -> None:
+        finished = sorted(
+            (j for j in self._jobs.values() if j.state.finished), key=lambda j: j.finished_at or j.created_at
+        )
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._jobs[job.key]
+
+
+def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:
+    """The job key of one base/fine-tune comparison (what makes two requests the same)."""
+    return ("compare", base, tuned, settings.signature(), device)
+
+
+def comparison_job(resolver, base: str, tuned: str, *, settings, device: str = "auto", cache=None) -> JobFunction:
+    """A job function comparing ``tuned`` with ``base`` (specs of :mod:`analysis.specs`).
+
+    It plans the pair, publishes each :class:`~analysis.results.MatrixResult` as soon as
+    :func:`~analysis.pipeline.analyse_plan` yields it, reports per-matrix progress, stops
+    when asked, and returns the :class:`~analysis.results.ModelResult`. The plan is kept
+    in ``job.plan`` so a page can show partial results as a ``ModelResult`` too.
+    """
+    from analysis.pipeline import analyse_plan, model_result
+
+    def run(job: Job):
+        plan = resolver.plan(base, tuned)
+        job.plan = plan
+        job.report(Progress(0, len(plan.matrices), "", 0.0))
+        matrices = []
+        for result in analyse_plan(
+            plan,
+            settings=settings,
+            device=device,
+            cache=cache,
+            progress=lambda e: job.report(Progress(e.done, e.total, e.matrix, e.elapsed_s)),
+            should_stop=job.should_stop,
+        ):
+            matrices.append(result)
+            job.publish(result)
+        return model_result(plan, matrices)
+
+    return run

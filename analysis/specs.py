@@ -1,0 +1,133 @@
+"""What a model "spec" in the dashboard means, and opening it safely.
+
+A spec is the string that names a model in the dashboard's selection and in shared URLs:
+
+- ``demo:<name>``: a model of the offline demo (:mod:`analysis.demo`), e.g. ``demo:base``,
+  ``demo:lora-r8``;
+- ``upload:<sha256>``: files uploaded in the page (:mod:`analysis.uploads`);
+- anything else: a hub id, or a local folder or file when local paths are allowed.
+
+Demo and upload specs name files the *server* chose, so they open even where visitors may
+not name local paths (``WSE_ALLOW_LOCAL_PATHS=0``); uploads are read without pickle.
+Every problem is an :class:`~analysis.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analysis.errors import InputError
+from analysis.plan import ComparisonPlan
+from analysis.uploads import UploadStore, is_upload_spec
+
+DEMO_PREFIX = "demo:"
+
+
+def local_paths_allowed() -> bool:
+    """``WSE_ALLOW_LOCAL_PATHS`` is not ``0``/``false``/``no`` (hosted instances set ``0``)."""
+    return os.environ.get("WSE_ALLOW_LOCAL_PATHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A spec with its display label and, for server-chosen files, the path it names.
+
+    ``summary`` holds what the dashboard knows beyond the files (for demo models: how
+    they were trained and how well they do), merged into the comparison's summary.
+    """
+
+    spec: str
+    label: str
+    path: Path | None = None
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class SpecResolver:
+    """Turns specs into labels and opened sources.
+
+    Parameters
+    ----------
+    uploads:
+        Where uploads are stored.
+    demo_root:
+        Where the demo was built (``None``: its default, ``<cache dir>/demo``).
+    allow_local_paths:
+        Whether visitors may name server paths; default from ``WSE_ALLOW_LOCAL_PATHS``.
+    """
+
+    uploads: UploadStore = field(default_factory=UploadStore)
+    demo_root: Path | None = None
+    allow_local_paths: bool = field(default_factory=local_paths_allowed)
+
+    def demo(self):
+        """The built demo's manifest, or ``None`` when it has not been built yet."""
+        from analysis.demo import demo_manifest
+
+        return demo_manifest(self.demo_root)
+
+    def resolve(self, spec: str) -> ResolvedSpec:
+        spec = spec.strip()
+        if spec.startswith(DEMO_PREFIX):
+            manifest = self.demo()
+            if manifest is None:
+                raise InputError(spec, "the offline demo is not built on this server; run: python -m analysis demo")
+            try:
+                model = manifest.model(spec.removeprefix(DEMO_PREFIX))
+            except KeyError as exc:
+                raise InputError(spec, str(exc.args[0])) from None
+            measured = {name: value for name, value in model.metrics.items() if math.isfinite(value)}
+            summary = {"label": model.label, "demo": {"metrics": measured, "lr": model.lr, "steps": model.steps}}
+            if model.r:
+                summary["lora_rank"] = model.r
+            return ResolvedSpec(spec, model.label, Path(model.path), summary)
+        if is_upload_spec(spec):
+            stored = self.uploads.get(spec)
+            return ResolvedSpec(spec, f"upload {stored.label}", stored.path, {"label": f"upload {stored.label}"})
+        if not spec:
+            raise InputError("(empty)", "no model given: expected a hub model id, a folder or a .safetensors file")
+        looks_local = Path(spec).expanduser().exists() and self.allow_local_paths
+        label = Path(spec.rstrip("/")).name if looks_local else spec
+        return ResolvedSpec(spec, label, None, {"label": label})
+
+    def label(self, spec: str) -> str:
+        """A spec's display label, or the spec itself when it cannot be resolved."""
+        try:
+            return self.resolve(spec).label
+        except InputError:
+            return spec
+
+    def open(self, spec: str):
+        """Open ``spec`` as a :class:`~analysis.sources.WeightSource` or ``LoraAdapter``.
+
+        The source's label is the spec, so results and reports name models the way the
+        URL does (``demo:lora-r8``, ``upload:<sha256>``) and never a server path.
+        """
+        from analysis.sources import open_file, open_folder, open_source
+
+        resolved = self.resolve(spec)
+        if resolved.path is None:
+            return open_source(spec, allow_local_paths=self.allow_local_paths)
+        if resolved.path.is_dir():
+            return open_folder(spec, resolved.path, allow_pickle=False)
+        return open_file(spec, resolved.path)
+
+    def plan(self, base: str, tuned: str, *, include_non_block: bool = False) -> ComparisonPlan:
+        """Pair ``tuned`` with ``base`` (light: reads headers and adapter configs only).
+
+        The plan's ``summary`` gains the tuned model's display ``label`` and what the
+        server knows about it (:attr:`ResolvedSpec.summary`).
+        """
+        from analysis.adapters import LoraAdapter
+        from analysis.pairing import plan_comparison
+
+        base_source = self.open(base)
+        if isinstance(base_source, LoraAdapter):
+            raise InputError(base, "is a LoRA adapter; the base must be a full model (add adapters as fine-tunes)")
+        plan = plan_comparison(base_source, self.open(tuned), include_non_block=include_non_block)
+        plan.base_label, plan.tuned_label = base, tuned
+        plan.summary = {**plan.summary, **self.resolve(tuned).summary}
+        return plan

@@ -1,0 +1,324 @@
+"""Tidy tables of comparison results: the numbers behind every chart.
+
+Each dashboard chart is drawn from one of these tables (:mod:`analysis.figures`), and the
+same table is what its "Download CSV" button writes, so a downloaded file always holds
+exactly the numbers on screen. Pure functions: results in, :class:`pandas.DataFrame`
+out; nothing here loads weights or imports Streamlit.
+
+The metrics themselves live in :mod:`analysis.metrics` and :class:`MatrixResult`
+(intruder counts, Shuttleworth et al. 2024 Def. 3.1; effective rank, Roy & Vetterli
+2007; rank90, Biderman et al. 2024; subspace similarity and amplification factor, Hu et
+al. 2021 sec. 7); the functions here only gather them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis import metrics
+from analysis.results import MatrixResult, ModelResult
+
+#: The order modules are shown in: attention first, then MLP, as they run in a block.
+MODULE_ORDER: tuple[str, ...] = (
+    "query",
+    "key",
+    "value",
+    "qkv",
+    "attn_out",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+    "mlp_in",
+    "mlp_out",
+)
+
+
+def module_order(modules: Iterable[str]) -> list[str]:
+    """Distinct module kinds in block order (:data:`MODULE_ORDER`), unknown ones last."""
+    known = {m: i for i, m in enumerate(MODULE_ORDER)}
+    return sorted(set(modules), key=lambda m: (known.get(m, len(known)), m))
+
+
+def layer_label(layer: int | None) -> str:
+    """How a layer is named on an axis: its block index, or ``other`` outside blocks."""
+    return "other" if layer is None else str(layer)
+
+
+def model_labels(models: Sequence[ModelResult]) -> list[str]:
+    """One distinct display label per fine-tune (a numeric suffix breaks ties)."""
+    labels: list[str] = []
+    for model in models:
+        label = model.label
+        n = 2
+        while label in labels:
+            label = f"{model.label} ({n})"
+            n += 1
+        labels.append(label)
+    return labels
+
+
+def adapter_rank(model: ModelResult) -> int | None:
+    """The LoRA rank of a fine-tune, if it is known to be LoRA (else ``None``).
+
+    From the adapter config for PEFT adapters, from the per-matrix ranks otherwise
+    (largest wins when ``rank_pattern`` varies it), or from ``summary["lora_rank"]``
+    for merged LoRA checkpoints whose origin the caller knows (the offline demo).
+    """
+    adapter = model.summary.get("adapter") or {}
+    if adapter.get("r"):
+        return int(adapter["r"])
+    ranks = [m.adapter_rank for m in model.matrices if m.adapter_rank]
+    if ranks:
+        return max(ranks)
+    if model.summary.get("lora_rank"):
+        return int(model.summary["lora_rank"])
+    return None
+
+
+def is_lora(model: ModelResult) -> bool:
+    """Whether the fine-tune is a LoRA (adapter, or a merged LoRA known to be one)."""
+    return model.kind == "adapter" or adapter_rank(model) is not None
+
+
+def training_method(model: ModelResult) -> str:
+    """Short words for how the fine-tune was trained, e.g. ``LoRA r=8`` or ``full FT``."""
+    adapter = model.summary.get("adapter") or {}
+    rank = adapter_rank(model)
+    if rank is not None:
+        name = "DoRA" if adapter.get("use_dora") else "LoRA"
+        if adapter.get("use_rslora"):
+            name = "rsLoRA"
+        merged = "" if model.kind == "adapter" else ", merged"
+        return f"{name} r={rank}{merged}"
+    return "full FT"
+
+
+def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float | None = None) -> pd.DataFrame:
+    """One row per fine-tune and matrix: every scalar metric, and intruders at (k, eps).
+
+    The ``intruders`` column is left empty when ``k`` or ``eps`` is not given.
+    """
+    rows = []
+    for label, model in zip(model_labels(models), models, strict=True):
+        method = training_method(model)
+        for m in model.matrices:
+            rows.append(
+                {
+                    "model": label,
+                    "method": method,
+                    "matrix": m.name,
+                    "layer": layer_label(m.layer),
+                    "module": m.module,
+                    "shape": f"{m.shape[0]}x{m.shape[1]}",
+                    "intruders": m.intruder_counts(k, [eps])[0] if k is not None and eps is not None else None,
+                    "effective_rank": m.effective_rank,
+                    "rank90": m.rank90,
+                    "stable_rank": m.stable_rank,
+                    "delta_fro": m.delta_fro,
+                    "amplification_factor": m.amplification_factor,
+                    "adapter_rank": m.adapter_rank,
+                }
+            )
+    columns = [
+        "model",
+        "method",
+        "matrix",
+        "layer",
+        "module",
+        "shape",
+        "intruders",
+        "effective_rank",
+        "rank90",
+        "stable_rank",
+        "delta_fro",
+        "amplification_factor",
+        "adapter_rank",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def totals_table(models: Sequence[ModelResult], k: int, eps: float) -> pd.DataFrame:
+    """Per-model totals (DESIGN.md: sums over the analysed matrices) at (k, eps)."""
+    rows = [
+        {
+            "model": label,
+            "method": training_method(model),
+            "matrices": len(model.matrices),
+            "intruders": model.total_intruders(k, eps),
+            "mean_effective_rank": float(np.mean([m.effective_rank for m in model.matrices]))
+            if model.matrices
+            else float("nan"),
+            "mean_rank90": float(np.mean([m.rank90 for m in model.matrices])) if model.matrices else float("nan"),
+        }
+        for label, model in zip(model_labels(models), models, strict=True)
+    ]
+    return pd.DataFrame(
+        rows, columns=["model", "method", "matrices", "intruders", "mean_effective_rank", "mean_rank90"]
+    )
+
+
+def sweep_table(
+    models: Sequence[ModelResult],
+    k: int,
+    epsilons: Sequence[float],
+    matrices: Collection[str] | None = None,
+) -> pd.DataFrame:
+    """Intruder counts summed over the chosen matrices, one row per (model, eps).
+
+    ``matrices`` restricts the sum to those tensor names (``None``: all analysed).
+    """
+    rows = []
+    for label, model in zip(model_labels(models), models, strict=True):
+        chosen = [m for m in model.matrices if matrices is None or m.name in matrices]
+        totals = np.zeros(len(epsilons), dtype=np.int64)
+        for m in chosen:
+            totals += np.asarray(m.intruder_counts(k, list(epsilons)), dtype=np.int64)
+        for eps, count in zip(epsilons, totals, strict=True):
+            rows.append(
+                {
+                    "model": label,
+                    "method": training_method(model),
+                    "epsilon": float(eps),
+                    "intruders": int(count),
+                    "matrices": len(chosen),
+                }
+            )
+    return pd.DataFrame(rows, columns=["model", "method", "epsilon", "intruders", "matrices"])
+
+
+def breakdown_table(
+    models: Sequence[ModelResult],
+    k: int,
+    eps: float,
+    by: str,
+    matrices: Collection[str] | None = None,
+) -> pd.DataFrame:
+    """Intruder counts at (k, eps) summed per ``by`` (``"layer"`` or ``"module"``)."""
+    if by not in ("layer", "module"):
+        raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
+    table = matrix_table(models, k, eps)
+    if matrices is not None:
+        table = table[table["matrix"].isin(list(matrices))]
+    grouped = table.groupby(["model", by], sort=False, as_index=False)["intruders"].sum()
+    return grouped[["model", by, "intruders"]]
+
+
+def spectrum_table(matrix: MatrixResult) -> pd.DataFrame:
+    """Singular values of base, tuned and update by rank (1-based; blank past the end)."""
+    n = max(len(matrix.base_singular_values), len(matrix.tuned_singular_values), len(matrix.delta_singular_values))
+
+    def padded(values: np.ndarray) -> np.ndarray:
+        out = np.full(n, np.nan)
+        out[: len(values)] = values
+        return out
+
+    return pd.DataFrame(
+        {
+            "rank": np.arange(1, n + 1),
+            "base": padded(matrix.base_singular_values),
+            "tuned": padded(matrix.tuned_singular_values),
+            "update": padded(matrix.delta_singular_values),
+        }
+    )
+
+
+def intruder_table(matrix: MatrixResult, k: int, eps: float) -> pd.DataFrame:
+    """The top-``k`` tuned singular vectors: best-match score, base match, intruder flag.
+
+    Shuttleworth et al. 2024, Def. 3.1: ``score_j = max_i |<Ut[:, j], U0[:, i]>|`` over
+    all base vectors; ``Ut[:, j]`` is an intruder iff ``score_j < eps``.
+    """
+    k = min(k, len(matrix.intruder_scores))
+    scores = np.asarray(matrix.intruder_scores[:k], dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "tuned_rank": np.arange(1, k + 1),
+            "singular_value": np.asarray(matrix.tuned_singular_values[:k], dtype=np.float64),
+            "best_match_score": scores,
+            "best_match_base_rank": np.asarray(matrix.best_match[:k], dtype=np.int64) + 1,
+            "intruder": scores < eps,
+        }
+    )
+
+
+def similarity_table(matrix: MatrixResult) -> pd.DataFrame:
+    """``|Ut^T U0|`` as a table: rows tuned rank, columns base rank (both 1-based)."""
+    sim = np.asarray(matrix.similarity)
+    return pd.DataFrame(
+        sim,
+        index=pd.Index(np.arange(1, sim.shape[0] + 1), name="tuned_rank"),
+        columns=[f"base_{j}" for j in range(1, sim.shape[1] + 1)],
+    )
+
+
+def update_rank(matrix: MatrixResult, rtol: float = 1e-5) -> int:
+    """Numerical rank of ``dW``: singular values above ``rtol * s_1``.
+
+    Singular vectors past it span no part of the update (for a rank-``r`` LoRA they are
+    an arbitrary basis of the rest of the space), so subspace similarity stops there.
+    """
+    s = np.asarray(matrix.delta_singular_values, dtype=np.float64)
+    if s.size == 0 or s[0] <= 0:
+        return 0
+    return int(np.count_nonzero(s > rtol * s[0]))
+
+
+def subspace_similarity(a: MatrixResult, b: MatrixResult, max_dim: int = 64) -> np.ndarray:
+    """``phi(i, j)`` (Hu et al. 2021, eq. 4) between two updates of the same matrix.
+
+    Uses the left singular vectors of each ``dW`` (``delta_left_vectors``), the natural
+    choice for any two updates, full or LoRA (DESIGN.md), up to each update's numerical
+    rank (:func:`update_rank`) and at most ``max_dim``. Returns an ``(i_max, j_max)``
+    array with ``phi[i-1, j-1] = phi(i, j)``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"{a.name} has shape {a.shape} in one result and {b.shape} in the other")
+    ia = min(max_dim, a.delta_left_vectors.shape[1], update_rank(a))
+    jb = min(max_dim, b.delta_left_vectors.shape[1], update_rank(b))
+    if ia == 0 or jb == 0:
+        return np.zeros((ia, jb))
+    P = torch.from_numpy(np.asarray(a.delta_left_vectors[:, :ia], dtype=np.float32))
+    Q = torch.from_numpy(np.asarray(b.delta_left_vectors[:, :jb], dtype=np.float32))
+    return metrics.subspace_similarity(P, Q)
+
+
+def phi_table(phi: np.ndarray) -> pd.DataFrame:
+    """``phi(i, j)`` as a table: rows ``i`` (first update), columns ``j`` (second)."""
+    return pd.DataFrame(
+        phi,
+        index=pd.Index(np.arange(1, phi.shape[0] + 1), name="i"),
+        columns=[f"j_{j}" for j in range(1, phi.shape[1] + 1)],
+    )
+
+
+def amplification_table(models: Sequence[ModelResult], matrices: Collection[str] | None = None) -> pd.DataFrame:
+    """Amplification factor of each update (Hu et al. 2021, sec. 7.3), with its rank.
+
+    ``||dW||_F / ||U^T W_base V||_F`` with ``U``, ``V`` the top-``r`` singular vectors
+    of ``dW`` (``r`` = ``amplification_rank``).
+    """
+    rows = []
+    for label, model in zip(model_labels(models), models, strict=True):
+        for m in model.matrices:
+            if matrices is not None and m.name not in matrices:
+                continue
+            rows.append(
+                {
+                    "model": label,
+                    "method": training_method(model),
+                    "matrix": m.name,
+                    "layer": layer_label(m.layer),
+                    "module": m.module,
+                    "r": m.amplification_rank,
+                    "delta_fro": m.delta_fro,
+                    "amplification_factor": m.amplification_factor,
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["model", "method", "matrix", "layer", "module", "r", "delta_fro", "amplification_factor"]
+    )

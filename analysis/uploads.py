@@ -1,0 +1,390 @@
+"""Files uploaded in the dashboard, stored safely and named by their content.
+
+A visitor can upload a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+as the two files or a zip of the folder), a kohya-style LoRA ``.safetensors``, or a
+full model as ``.safetensors`` (optionally with its ``config.json``). Uploads are
+hostile input on a hosted instance, so:
+
+- **Never unpickled.** Only ``.json`` and ``.safetensors`` are kept; ``.bin``, ``.pt``
+  and other pickle-based checkpoints are refused with a message saying how to convert.
+- **Zips are unpacked by hand,** member by member: no absolute paths, no ``..``, no
+  symbolic links, no nested folders, at most :data:`MAX_FILES` files and
+  :data:`MAX_UNPACKED_BYTES` bytes (counted as they are read, not trusted from the
+  archive's header, so a zip bomb stops at the cap).
+- **Checked before stored:** every ``.safetensors`` header must parse and describe
+  exactly the bytes the file holds (a truncated download is caught here with a plain
+  message), every ``.json`` must be a JSON object.
+- **Content-addressed and atomic:** an upload lives in ``<cache dir>/uploads/<sha256>/``
+  and is referred to as ``upload:<sha256>`` (in URLs too, so a shared link works for
+  anyone on the same server). A single file's id is the ``sha256sum`` of its bytes; a
+  set of files' id is the hash of their names and hashes, so the same adapter gets the
+  same id whether zipped or not. Files are written into a staging folder and renamed
+  into place, so readers never see half an upload.
+
+Every problem is an :class:`~analysis.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from analysis.cache import default_cache_dir
+from analysis.errors import InputError
+
+UPLOAD_PREFIX = "upload:"
+#: Most files one upload (or one zip) may hold.
+MAX_FILES = 32
+#: Most bytes one upload may hold once unpacked.
+MAX_UNPACKED_BYTES = 2 * 1024**3
+#: Largest ``.json`` file accepted (configs are a few kB).
+MAX_JSON_BYTES = 4 * 1024**2
+#: Largest safetensors header accepted (the format's own readers cap it at 100 MB).
+MAX_SAFETENSORS_HEADER = 100 * 1024**2
+
+KEPT_SUFFIXES = (".json", ".safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1024 * 1024
+_META = "upload.json"
+_FILES = "files"
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """One stored upload. ``path`` is what :func:`analysis.sources.open_source` is given:
+    the folder for a set of files, the file itself for a single ``.safetensors``."""
+
+    digest: str
+    path: Path
+    files: tuple[str, ...]
+    size_bytes: int
+    uploaded_as: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> str:
+        """How the upload is named in the dashboard and in shared URLs."""
+        return UPLOAD_PREFIX + self.digest
+
+    @property
+    def is_adapter(self) -> bool:
+        return "adapter_config.json" in self.files
+
+    @property
+    def label(self) -> str:
+        """A short human name: what was uploaded, plus the start of the content hash."""
+        names = self.uploaded_as or self.files
+        if len(names) == 1:
+            shown = names[0]
+        else:
+            shown = "PEFT adapter" if self.is_adapter else "model files"
+        return f"{shown} [{self.digest[:8]}]"
+
+
+def is_upload_spec(spec: str) -> bool:
+    return spec.startswith(UPLOAD_PREFIX)
+
+
+def safe_name(name: str) -> str:
+    """The last path component of ``name`` with anything unusual replaced by ``_``."""
+    base = re.split(r"[\\/]", name)[-1].strip()
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return cleaned or "upload"
+
+
+def check_safetensors(path: Path, display_name: str) -> None:
+    """Raise :class:`InputError` unless ``path`` is a complete, well-formed safetensors file.
+
+    The format (github.com/huggingface/safetensors): an 8-byte little-endian header
+    length ``n``, ``n`` bytes of JSON mapping tensor names to ``dtype``, ``shape`` and
+    ``data_offsets``, then the tensor bytes. The file must end exactly where the last
+    tensor does.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(display_name, f"is not a safetensors file (only {size} bytes long)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise InputError(display_name, "is not a safetensors file, or is truncated (its header is cut off)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(display_name, "is not a safetensors file (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise InputError(display_name, "is not a safetensors file (its header is not a JSON object)")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise InputError(display_name, f"is not a valid safetensors file (tensor {name!r} has no data offsets)")
+        end = max(end, offsets[1])
+    held = size - 8 - n
+    if held < end:
+        raise InputError(
+            display_name, f"is truncated: its header describes {end} bytes of tensor data but the file holds {held}"
+        )
+    if held > end:
+        raise InputError(display_name, f"is not a valid safetensors file ({held - end} unexpected bytes at the end)")
+
+
+def _check_json(path: Path, display_name: str) -> None:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise InputError(display_name, f"is larger than {MAX_JSON_BYTES // 1024**2} MB; configs are a few kB")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(display_name, f"is not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise InputError(display_name, "is not a JSON object")
+
+
+def _refuse_suffix(name: str) -> None:
+    suffix = PurePosixPath(name.lower()).suffix
+    if suffix in PICKLE_SUFFIXES:
+        raise InputError(
+            name,
+            f"is a pickle-based checkpoint ({suffix}); uploads are never unpickled. Save it as .safetensors "
+            "(safetensors.torch.save_file, or save_pretrained(..., safe_serialization=True)) and upload that",
+        )
+    if suffix not in KEPT_SUFFIXES:
+        raise InputError(name, "is not a .safetensors, .json or .zip file")
+
+
+class UploadStore:
+    """Uploaded files kept by content hash under ``root`` (default ``<cache dir>/uploads``).
+
+    Parameters
+    ----------
+    root:
+        The folder holding one sub-folder per upload.
+    max_files, max_bytes:
+        Caps on one upload (files, and bytes once unpacked).
+    """
+
+    def __init__(
+        self, root: Path | str | None = None, *, max_files: int = MAX_FILES, max_bytes: int = MAX_UNPACKED_BYTES
+    ) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir() / "uploads"
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+
+    # -- storing ------------------------------------------------------------------------
+    def add(self, files: Iterable[tuple[str, bytes | BinaryIO]]) -> StoredUpload:
+        """Check and store one upload: a single zip, or one or more plain files.
+
+        ``files`` are ``(name as uploaded, bytes or binary file object)`` pairs.
+        Returns the stored upload (an existing one if the same content was stored
+        before). Raises :class:`InputError` for anything that is not a safe, well-formed
+        adapter or model upload; nothing is stored then.
+        """
+        files = list(files)
+        if not files:
+            raise InputError("upload", "no files were uploaded")
+        if len(files) > self.max_files:
+            raise InputError("upload", f"{len(files)} files uploaded; at most {self.max_files} are accepted")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+        try:
+            target = staging / _FILES
+            target.mkdir()
+            zips = [name for name, _ in files if name.lower().endswith(".zip")]
+            if zips:
+                if len(files) > 1:
+                    raise InputError(zips[0], "upload either one zip of the adapter folder or the files themselves")
+                name, data = files[0]
+                written = self._unzip(name, data, target)
+            else:
+                written = self._write_files(files, target)
+            digest = self._check_and_digest(written)
+            meta = {
+                "digest": digest,
+                "files": sorted(written),
+                "size_bytes": sum(p.stat().st_size for p in written.values()),
+                "uploaded_as": [safe_name(name) for name, _ in files],
+            }
+            (staging / _META).write_text(json.dumps(meta, indent=1))
+            final = self.root / digest
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not (final / _META).exists():
+                    raise
+                # Same content stored before (or concurrently): keep the existing copy.
+                shutil.rmtree(staging, ignore_errors=True)
+            return self.get(digest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _write_files(self, files: list[tuple[str, bytes | BinaryIO]], target: Path) -> dict[str, Path]:
+        written: dict[str, Path] = {}
+        total = 0
+        for name, data in files:
+            _refuse_suffix(name)
+            clean = safe_name(name)
+            if clean in written:
+                raise InputError(name, "was uploaded twice")
+            total += self._copy(name, data, target / clean, self.max_bytes - total)
+            written[clean] = target / clean
+        return written
+
+    def _copy(self, name: str, data: bytes | BinaryIO, dest: Path, budget: int) -> int:
+        """Stream ``data`` to ``dest``, stopping with an error past ``budget`` bytes."""
+        size = 0
+        with open(dest, "xb") as out:
+            if isinstance(data, bytes | bytearray | memoryview):
+                data_bytes = bytes(data)
+                if len(data_bytes) > budget:
+                    raise InputError(name, f"is larger than the {self.max_bytes // 1024**2} MB an upload may hold")
+                out.write(data_bytes)
+                return len(data_bytes)
+            if hasattr(data, "seek"):
+                data.seek(0)
+            while chunk := data.read(_CHUNK):
+                size += len(chunk)
+                if size > budget:
+                    raise InputError(name, f"is larger than the {self.max_bytes // 1024**2} MB an upload may hold")
+                out.write(chunk)
+        return size
+
+    def _unzip(self, zip_name: str, data: bytes | BinaryIO, target: Path) -> dict[str, Path]:
+        """Extract the ``.json``/``.safetensors`` members of a zip, refusing anything unsafe."""
+        import io
+
+        source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+        if hasattr(source, "seek"):
+            source.seek(0)
+        try:
+            archive = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError, ValueError):
+            raise InputError(zip_name, "is not a valid zip archive (corrupt or truncated)") from None
+        with archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if len(members) > self.max_files:
+                raise InputError(zip_name, f"holds {len(members)} files; at most {self.max_files} are accepted")
+            paths = {}
+            for member in members:
+                parts = _member_parts(zip_name, member)
+                if parts is not None:
+                    paths[member.filename] = parts
+            prefix = _common_folder(list(paths.values()))
+            written: dict[str, Path] = {}
+            skipped_pickles: list[str] = []
+            total = 0
+            for member in members:
+                parts = paths.get(member.filename)
+                if parts is None:
+                    continue
+                inner = parts[len(prefix) :]
+                if len(inner) != 1:
+                    raise InputError(
+                        zip_name, f"holds nested folders ({member.filename}); zip the adapter folder itself"
+                    )
+                name = inner[0]
+                suffix = PurePosixPath(name.lower()).suffix
+                if suffix in PICKLE_SUFFIXES:
+                    skipped_pickles.append(name)
+                    continue
+                if suffix not in KEPT_SUFFIXES:
+                    continue  # README.md and the like: harmless, not needed, not kept
+                clean = safe_name(name)
+                if clean in written:
+                    raise InputError(zip_name, f"holds {name} twice")
+                try:
+                    with archive.open(member) as stream:
+                        total += self._copy(f"{zip_name}:{name}", stream, target / clean, self.max_bytes - total)
+                except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as exc:
+                    raise InputError(zip_name, f"could not be unpacked ({name}: {exc})") from None
+                written[clean] = target / clean
+        if not any(n.endswith(".safetensors") for n in written):
+            if skipped_pickles:
+                _refuse_suffix(skipped_pickles[0])
+            raise InputError(zip_name, "holds no .safetensors file")
+        return written
+
+    def _check_and_digest(self, written: dict[str, Path]) -> str:
+        hashes = {}
+        for name, path in written.items():
+            if name.endswith(".safetensors"):
+                check_safetensors(path, name)
+            else:
+                _check_json(path, name)
+            hashes[name] = _sha256(path)
+        if "adapter_config.json" in written and not any(n.startswith("adapter_model") for n in written):
+            raise InputError("adapter_config.json", "was uploaded without adapter_model.safetensors")
+        if not any(n.endswith(".safetensors") for n in written):
+            raise InputError(", ".join(sorted(written)), "no .safetensors file was uploaded")
+        if len(hashes) == 1:
+            return next(iter(hashes.values()))
+        listing = "".join(f"{name}\0{hashes[name]}\n" for name in sorted(hashes))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    # -- reading ------------------------------------------------------------------------
+    def get(self, spec_or_digest: str) -> StoredUpload:
+        """The stored upload named ``upload:<sha256>`` (or just the digest)."""
+        digest = spec_or_digest.removeprefix(UPLOAD_PREFIX)
+        if not _DIGEST.match(digest):
+            raise InputError(spec_or_digest, "is not a valid upload id (expected upload:<64 hex digits>)")
+        folder = self.root / digest
+        try:
+            meta = json.loads((folder / _META).read_text())
+        except (OSError, json.JSONDecodeError):
+            raise InputError(
+                spec_or_digest, "is not stored on this server (uploads are kept per server; upload the files again)"
+            ) from None
+        names = tuple(meta["files"])
+        files = folder / _FILES
+        single = len(names) == 1 and names[0].endswith(".safetensors")
+        return StoredUpload(
+            digest,
+            files / names[0] if single else files,
+            names,
+            int(meta["size_bytes"]),
+            tuple(meta.get("uploaded_as", ())),
+        )
+
+
+def _member_parts(zip_name: str, member: zipfile.ZipInfo) -> tuple[str, ...] | None:
+    """The path components of a zip member, or ``None`` for OS clutter; unsafe ones raise."""
+    raw = member.filename.replace("\\", "/")
+    mode = member.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise InputError(zip_name, f"holds a symbolic link ({member.filename}); links are not accepted")
+    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
+        raise InputError(zip_name, f"holds an absolute path ({member.filename})")
+    parts = tuple(p for p in raw.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise InputError(zip_name, f"holds a path leaving the archive ({member.filename})")
+    if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+        return None
+    return parts
+
+
+def _common_folder(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The single top folder every member sits in (a zipped folder), else nothing."""
+    if paths and all(len(p) > 1 for p in paths) and len({p[0] for p in paths}) == 1:
+        return paths[0][:1]
+    return ()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

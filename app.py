@@ -1,0 +1,52 @@
+"""Weight-spectrum explorer: ``streamlit run app.py``.
+
+Declares the pages (``st.navigation``) and loads the shared selection (from the URL for a
+shared link, else the offline demo). Each page in ``pages/`` reads the selection, asks
+the engine (``analysis``) and draws; the analyses themselves run in a background job
+manager shared by every visitor (``ui.runtime``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui import runtime, state
+
+st.set_page_config(page_title="Weight-spectrum explorer", page_icon="📈", layout="wide")
+state.load(runtime.demo_defaults)
+
+PAGES = {
+    "Explore": [
+        st.Page("pages/overview.py", title="Overview", icon=":material/grid_view:", url_path="overview", default=True),
+        st.Page(
+            "pages/similarity.py", title="Singular-vector similarity", icon=":material/blur_on:", url_path="similarity"
+        ),
+        st.Page("pages/intruders.py", title="Intruders vs ε", icon=":material/show_chart:", url_path="intruders"),
+        st.Page(
+            "pages/effective_rank.py",
+            title="Effective rank",
+            icon=":material/signal_cellular_alt:",
+            url_path="effective_rank",
+        ),
+        st.Page("pages/spectrum.py", title="Spectrum", icon=":material/stacked_line_chart:", url_path="spectrum"),
+        st.Page("pages/subspace.py", title="Subspace similarity", icon=":material/join_inner:", url_path="subspace"),
+    ],
+    "Setup": [st.Page("pages/models.py", title="Models", icon=":material/folder_open:", url_path="models")],
+}
+
+page = st.navigation(PAGES)
+selection = state.current()
+# Written before the page runs: pages may st.stop(), and every change of the selection
+# happens in widget callbacks, which run before the script.
+state.to_url(selection)
+
+with st.sidebar:
+    if selection.complete:
+        resolver = runtime.resolver()
+        st.caption(
+            f"**Base:** {resolver.label(selection.base)}  \n**Fine-tunes:** "
+            + ", ".join(resolver.label(t) for t in selection.tuned)
+        )
+    st.caption("The address bar holds this exact view: copy it to share.")
+
+page.run()

@@ -1,0 +1,53 @@
+"""Effective rank and rank90 of every update, by layer and module, all fine-tunes side by side."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures, tables
+from ui import views
+
+selection, models = views.results()
+views.report_download(selection, models)
+
+st.title("Effective rank of the updates")
+st.caption(
+    "How many directions each update ΔW = W_tuned − W_base uses. **Effective rank** (Roy & Vetterli 2007): "
+    "exp of the entropy of the normalised singular values. **rank90** (Biderman et al. 2024): the fewest "
+    "singular directions holding 90% of ΔW's energy. Full fine-tuning (solid, circles) learns updates of far "
+    "higher rank than LoRA (dashed, diamonds), whose update can never exceed its rank r (dotted line)."
+)
+totals = tables.totals_table(models, selection.k, selection.eps)
+cols = st.columns(len(models))
+for col, row in zip(cols, totals.itertuples(), strict=True):
+    col.metric(
+        row.model,
+        f"{row.mean_effective_rank:.1f}",
+        help=f"{row.method}: mean effective rank over {row.matrices} matrices; mean rank90 {row.mean_rank90:.1f}",
+    )
+    col.caption(row.method)
+
+metric = st.radio(
+    "Measure",
+    ["effective_rank", "rank90"],
+    horizontal=True,
+    key="erank_metric",
+    format_func=figures.OVERVIEW_METRICS.get,
+)
+views.chart(figures.effective_rank_figure(models, metric), f"{metric}-by-layer")
+frame = tables.matrix_table(models)[
+    [
+        "model",
+        "method",
+        "matrix",
+        "layer",
+        "module",
+        "shape",
+        "effective_rank",
+        "rank90",
+        "stable_rank",
+        "delta_fro",
+        "adapter_rank",
+    ]
+]
+views.table(frame, "update-ranks")

@@ -1,0 +1,43 @@
+"""Intruders vs eps: one curve per fine-tune, summed over the chosen matrices."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures, tables
+from analysis.results import DEFAULT_EPSILONS
+from ui import views
+
+selection, models = views.results()
+k, eps = views.k_eps_controls(models)
+views.report_download(selection, models)
+
+st.title("Intruder dimensions vs ε")
+st.caption(
+    f"Number of the top {k} tuned singular vectors whose best |cosine| with every base singular vector is below "
+    "ε, summed over the chosen matrices (Shuttleworth et al. 2024, Fig. 4). LoRA typically has intruders at "
+    "small ε where full fine-tuning has none. Dashed lines are LoRA, solid full fine-tuning."
+)
+
+modules = tables.module_order(m.module for model in models for m in model.matrices)
+layers = sorted(
+    {tables.layer_label(m.layer) for model in models for m in model.matrices},
+    key=lambda s: (s == "other", int(s) if s.isdigit() else 0),
+)
+c1, c2 = st.columns(2)
+chosen_modules = c1.multiselect("Modules", modules, default=modules, key="sweep_modules")
+chosen_layers = c2.multiselect("Layers", layers, default=layers, key="sweep_layers")
+names = {
+    m.name
+    for model in models
+    for m in model.matrices
+    if m.module in chosen_modules and tables.layer_label(m.layer) in chosen_layers
+}
+epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
+views.chart(figures.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")
+views.table(tables.sweep_table(models, k, epsilons, names), "intruders-vs-eps")
+
+by = st.radio("Break down by", ["none", "layer", "module"], horizontal=True, key="sweep_breakdown")
+if by != "none":
+    views.chart(figures.breakdown_figure(models, k, eps, by, names), f"intruders-by-{by}")
+    views.table(tables.breakdown_table(models, k, eps, by, names), f"intruders-by-{by}")

@@ -1,0 +1,90 @@
+"""Overview: layer-by-module grids of intruder dimensions and update rank, per fine-tune."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures, tables
+from ui import state, views
+
+SIMILARITY_PAGE = "pages/similarity.py"
+
+state.ensure_app_navigation()
+goto = st.session_state.pop("wse_goto", None)
+if goto:
+    st.switch_page(goto)
+
+selection, models = views.results()
+k, eps = views.k_eps_controls(models)
+views.report_download(selection, models)
+
+st.title("Overview")
+st.caption(
+    "Each cell is one weight matrix of one fine-tune. **Intruder dimensions** (Shuttleworth et al. 2024): "
+    f"among the top {k} singular vectors of the tuned matrix, those whose best |cosine| with every base "
+    f"singular vector is below ε = {eps:g}. **Effective rank** (Roy & Vetterli 2007) and **rank90** "
+    "(Biderman et al. 2024) measure how many directions the update ΔW uses. Click a cell to open its matrix."
+)
+
+metric = st.segmented_control(
+    "Colour by",
+    list(figures.OVERVIEW_METRICS),
+    format_func=figures.OVERVIEW_METRICS.get,
+    default="intruders",
+    key="overview_metric",
+)
+metric = metric or "intruders"
+specs = [m.source for m in models]
+
+
+def open_cell() -> None:
+    """A click on a grid cell opens that matrix on the similarity page."""
+    points = st.session_state["overview_grid"].selection.points
+    if not points or "customdata" not in points[0]:
+        return
+    index, name = points[0]["customdata"][:2]
+    if name:
+        state.set("model", specs[int(index)])
+        state.set("matrix", name)
+        st.session_state.wse_goto = SIMILARITY_PAGE
+
+
+views.chart(
+    figures.overview_heatmaps(models, metric, k, eps),
+    f"overview-{metric}",
+    key="overview_grid",
+    on_select=open_cell,
+    selection_mode="points",
+)
+
+with st.expander("Open a matrix (without clicking the grid)"):
+    labels = dict(zip(specs, tables.model_labels(models), strict=True))
+    c1, c2, c3 = st.columns([2, 3, 1], vertical_alignment="bottom")
+    spec = c1.selectbox("Fine-tune", specs, format_func=labels.get, key="overview_open_model")
+    chosen = next(m for m in models if m.source == spec)
+    name = c2.selectbox(
+        "Matrix",
+        [m.name for m in chosen.matrices],
+        format_func=lambda n: f"{n}",
+        key="overview_open_matrix",
+    )
+
+    def open_selected() -> None:
+        state.set("model", st.session_state.overview_open_model)
+        state.set("matrix", st.session_state.overview_open_matrix)
+        st.session_state.wse_goto = SIMILARITY_PAGE
+
+    c3.button("Open", on_click=open_selected, key="overview_open")
+
+st.subheader("Per fine-tune totals")
+views.chart(figures.totals_figure(models, k, eps), "overview-totals")
+views.table(tables.totals_table(models, k, eps), "totals")
+
+with st.expander("Every matrix of every fine-tune"):
+    views.table(tables.matrix_table(models, k, eps), "matrices")
+    for model, label in zip(models, tables.model_labels(models), strict=True):
+        if model.unmatched or model.shape_mismatches:
+            st.caption(
+                f"{label}: {len(model.unmatched)} tensor(s) present on one side only and "
+                f"{len(model.shape_mismatches)} shape mismatch(es) were not analysed."
+            )

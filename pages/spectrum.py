@@ -1,0 +1,33 @@
+"""Spectrum: singular values of base, tuned and update for one matrix, intruders marked."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures, tables
+from ui import views
+
+selection, models = views.results()
+model = views.model_control(models)
+name = views.matrix_control(models)
+k, eps = views.k_eps_controls(models)
+views.report_download(selection, models)
+
+label = tables.model_labels(models)[models.index(model)]
+st.title("Spectrum")
+st.caption(
+    "Singular values of the base weight W₀, the tuned weight Wₜ and the update ΔW (log scales). Red crosses "
+    f"mark intruder dimensions among the top {k} tuned vectors at ε = {eps:g}, at the rank where they sit: "
+    "LoRA's intruders are typically among the largest singular values (Shuttleworth et al. 2024, Fig. 2)."
+)
+matrix = views.find_matrix(model, name)
+if matrix is None:
+    st.info(f"{name} was not analysed for {label} (an adapter only changes the modules it targets).")
+    st.stop()
+views.chart(figures.spectrum_figure(matrix, k, eps, label=label), f"spectrum-{matrix.name}")
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("‖ΔW‖_F", f"{matrix.delta_fro:.4g}")
+c2.metric("Stable rank of ΔW", f"{matrix.stable_rank:.2f}")
+c3.metric("Effective rank of ΔW", f"{matrix.effective_rank:.1f}")
+c4.metric("rank90 of ΔW", matrix.rank90)
+views.table(tables.spectrum_table(matrix), f"spectrum-{matrix.name}")

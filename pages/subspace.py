@@ -1,0 +1,50 @@
+"""Subspace similarity between two updates of the same matrix (Hu et al. 2021, sec. 7)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures, tables
+from ui import views
+
+selection, models = views.results()
+st.title("Subspace similarity")
+st.caption(
+    "φ(i, j) = ‖PᵢᵀQⱼ‖²_F / min(i, j) (Hu et al. 2021, eq. 4) between the top-i singular directions of one "
+    "update and the top-j of another, for the same matrix: 1 where one subspace contains the other, ≈ "
+    "i·j/(min(i, j)·d) for unrelated random ones. This chart uses the **left singular vectors of ΔW** of each "
+    "fine-tune (works for any pair, LoRA or full); the LoRA paper used the right singular vectors of the A "
+    "factors. Directions past an update's numerical rank are left out."
+)
+if len(models) < 2:
+    st.info("Subspace similarity compares two fine-tunes: add another one on the Models page.")
+    name = views.matrix_control(models)
+else:
+    first = views.model_control(models, "First fine-tune", "model")
+    second = views.model_control([m for m in models if m is not first], "Second fine-tune", "other")
+    name = views.matrix_control([first, second])
+    labels = dict(zip((m.source for m in models), tables.model_labels(models), strict=True))
+    a, b = views.find_matrix(first, name), views.find_matrix(second, name)
+    if a is None or b is None:
+        missing = labels[first.source] if a is None else labels[second.source]
+        st.info(f"{name} was not analysed for {missing}; choose a matrix both fine-tunes changed.")
+    else:
+        phi = tables.subspace_similarity(a, b)
+        views.chart(figures.subspace_figure(phi, labels[first.source], labels[second.source], name), f"subspace-{name}")
+        if phi.size:
+            c1, c2 = st.columns(2)
+            c1.metric("φ(1, 1): top directions", f"{phi[0, 0]:.3f}")
+            c2.metric(f"φ({phi.shape[0]}, {phi.shape[1]})", f"{phi[-1, -1]:.3f}")
+        with st.expander("φ(i, j) as numbers"):
+            views.table(tables.phi_table(phi), f"subspace-{name}", index=True)
+
+views.report_download(selection, models)
+
+st.subheader("Amplification factor")
+st.caption(
+    "‖ΔW‖_F / ‖Uᵀ W₀ V‖_F with U, V the top-r singular vectors of ΔW (Hu et al. 2021, sec. 7.3; r = the LoRA "
+    "rank, or rank90 for a full fine-tune): how strongly the update amplifies directions the base weight "
+    "barely uses."
+)
+views.chart(figures.amplification_figure(models), "amplification")
+views.table(tables.amplification_table(models), "amplification")

@@ -1,0 +1,353 @@
+"""Every dashboard page in Streamlit's AppTest, on tiny real models.
+
+The app runs its analyses in background jobs; a test opens a page (which starts or joins
+them), waits for the jobs, and runs the page again, as the page's own polling would.
+Numbers on screen are checked against the engine run directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.results import DEFAULT_EPSILONS
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGES = {
+    "similarity": "pages/similarity.py",
+    "intruders": "pages/intruders.py",
+    "effective_rank": "pages/effective_rank.py",
+    "spectrum": "pages/spectrum.py",
+    "subspace": "pages/subspace.py",
+    "models": "pages/models.py",
+}
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("WSE_ALLOW_LOCAL_PATHS", raising=False)
+    return tmp_path / "cache"
+
+
+def wait_for_jobs(timeout: float = 120) -> None:
+    from ui import runtime
+
+    for job in runtime.manager().jobs():
+        assert job.wait(timeout), f"job {job.label} did not finish"
+
+
+def open_app(base: Path | str, tuned: list[Path | str], page: str | None = None, **params: str) -> AppTest:
+    """Open the app on a URL naming ``base`` and ``tuned``; return it once results are in."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(base)
+    at.query_params["tuned"] = [str(t) for t in tuned]
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.run()
+    wait_for_jobs()
+    if page is not None:
+        at.switch_page(PAGES[page])
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _decode(value):
+    """Plotly's JSON packs numeric arrays as base64 ``{"dtype", "bdata", "shape"}``."""
+    if isinstance(value, dict) and "bdata" in value and "dtype" in value:
+        array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        return array.reshape([int(n) for n in str(shape).split(",")]) if shape else array
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def figures(at: AppTest) -> list[go.Figure]:
+    """The Plotly figures on the page, as the browser receives them."""
+    return [go.Figure(_decode(json.loads(chart.proto.spec))) for chart in at.get("plotly_chart")]
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+@pytest.fixture(scope="module")
+def engine_result(tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path):
+    """The same comparison through the engine's public API, for cross-checking."""
+    from analysis.pipeline import compare
+
+    return compare(str(tiny_bert), [str(tiny_bert_lora), str(tiny_bert_full_ft)], cache=None)
+
+
+def test_overview_shows_grids_and_totals_matching_the_engine(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path, engine_result
+) -> None:
+    at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft])
+    assert [t.value for t in at.title] == ["Overview"]
+    grid, totals = figures(at)
+    lora_grid, full_grid = [t for t in grid.data if t.type == "heatmap"]
+    lora, full = engine_result.models
+    # Both panels share the block's modules; the LoRA adapter targets query and value only,
+    # so its other cells are empty, and each of its cells is the engine's count.
+    modules = ["query", "key", "value", "attn_out", "mlp_in", "mlp_out"]
+    assert list(lora_grid.x) == list(full_grid.x) == modules and list(lora_grid.y) == ["0", "1"]
+    z = np.asarray(lora_grid.z, dtype=float)
+    expected = [[m.intruder_counts(10, [0.5])[0] for m in lora.matrices[i : i + 2]] for i in (0, 2)]
+    np.testing.assert_array_equal(z[:, [0, 2]], expected)
+    assert np.isnan(z[:, [1, 3, 4, 5]]).all()
+    assert not np.isnan(np.asarray(full_grid.z, dtype=float)).any()  # a full fine-tune changes every matrix
+    assert [list(t.y) for t in totals.data] == [[lora.total_intruders(10, 0.5)], [full.total_intruders(10, 0.5)]]
+    assert lora.total_intruders(10, 0.5) > 0 and full.total_intruders(10, 0.5) == 0
+    table = at.dataframe[0].value
+    assert list(table["intruders"]) == [lora.total_intruders(10, 0.5), 0]
+    assert list(table["method"]) == ["LoRA r=4", "full FT"]
+
+
+def test_every_page_renders_its_charts(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path, engine_result
+) -> None:
+    at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft])
+    lora = engine_result.models[0]
+    first = lora.matrices[0]
+    expected_titles = {
+        "similarity": "Singular-vector similarity",
+        "intruders": "Intruder dimensions vs ε",
+        "effective_rank": "Effective rank of the updates",
+        "spectrum": "Spectrum",
+        "subspace": "Subspace similarity",
+    }
+    for page, title in expected_titles.items():
+        at.switch_page(PAGES[page]).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert [t.value for t in at.title] == [title], page
+        figs = figures(at)
+        if page == "similarity":
+            (fig,) = figs
+            heat = next(t for t in fig.data if t.type == "heatmap")
+            np.testing.assert_allclose(np.asarray(heat.z), first.similarity, atol=1e-6)
+            assert metrics(at)["Intruder dimensions"] == str(first.intruder_counts(10, [0.5])[0])
+        elif page == "intruders":
+            (fig,) = figs
+            assert [t.name for t in fig.data] == [
+                f"{Path(tiny_bert_lora).name} (LoRA r=4)",
+                f"{Path(tiny_bert_full_ft).name} (full FT)",
+            ]
+            eps_index = list(fig.data[0].x).index(0.5)
+            assert fig.data[0].y[eps_index] == lora.total_intruders(10, 0.5)
+            assert list(fig.data[0].x) == list(DEFAULT_EPSILONS)
+        elif page == "effective_rank":
+            (fig,) = figs
+            assert metrics(at)[Path(tiny_bert_lora).name] == f"{np.mean([m.effective_rank for m in lora.matrices]):.1f}"
+        elif page == "spectrum":
+            (fig,) = figs
+            tuned = next(t for t in fig.data if t.name == "Wₜ (tuned)")
+            np.testing.assert_allclose(tuned.y, first.tuned_singular_values, rtol=1e-6)
+            assert metrics(at)["rank90 of ΔW"] == str(first.rank90)
+        elif page == "subspace":
+            phi_fig, amplification = figs
+            assert "left singular vectors of ΔW" in phi_fig.layout.title.text
+            assert np.asarray(phi_fig.data[0].z).shape[0] == first.rank90  # the LoRA update's rank, 4
+            assert len(amplification.data) == 2
+        # Each page's tables download as CSV, and the full result as the JSON report.
+        assert any(b.proto.label == "Download CSV" for b in at.get("download_button")), page
+        assert any(b.proto.label == "Download JSON report" for b in at.sidebar.get("download_button")), page
+
+
+def test_url_reproduces_the_view_and_follows_the_controls(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path
+) -> None:
+    name = "encoder.layer.1.attention.self.value.weight"
+    at = open_app(
+        tiny_bert,
+        [tiny_bert_lora, tiny_bert_full_ft],
+        page="similarity",
+        matrix=name,
+        k="7",
+        eps="0.35",
+        model=str(tiny_bert_full_ft),
+    )
+    assert at.sidebar.selectbox(key="w_matrix").value == name
+    assert at.sidebar.selectbox(key="w_model").value == str(tiny_bert_full_ft)
+    assert at.sidebar.slider(key="w_k").value == 7 and at.sidebar.slider(key="w_eps").value == 0.35
+    fig = figures(at)[0]
+    assert fig.layout.title.text.startswith(f"{Path(tiny_bert_full_ft).name}: {name}")
+    assert "top 7 at ε = 0.35" in fig.layout.title.text
+    at.sidebar.slider(key="w_k").set_value(4).run()
+    at.sidebar.selectbox(key="w_matrix").set_value("encoder.layer.0.attention.self.key.weight").run()
+    assert at.query_params["k"] == "4"
+    assert at.query_params["matrix"] == "encoder.layer.0.attention.self.key.weight"
+    assert at.query_params["tuned"] == [str(tiny_bert_lora), str(tiny_bert_full_ft)]
+    # The selection survives a page without these widgets and back.
+    at.switch_page(PAGES["effective_rank"]).run()
+    at.switch_page(PAGES["spectrum"]).run()
+    assert at.sidebar.slider(key="w_k").value == 4
+    assert at.sidebar.selectbox(key="w_matrix").value == "encoder.layer.0.attention.self.key.weight"
+
+
+def test_open_matrix_fallback_switches_to_its_detail(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path
+) -> None:
+    at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft])
+    at.selectbox(key="overview_open_model").set_value(str(tiny_bert_full_ft)).run()
+    at.selectbox(key="overview_open_matrix").set_value("encoder.layer.1.intermediate.dense.weight").run()
+    at.button(key="overview_open").click().run()
+    assert [t.value for t in at.title] == ["Singular-vector similarity"]
+    assert at.sidebar.selectbox(key="w_matrix").value == "encoder.layer.1.intermediate.dense.weight"
+    assert at.sidebar.selectbox(key="w_model").value == str(tiny_bert_full_ft)
+
+
+def test_models_page_says_what_was_understood(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_llama_lora: Path
+) -> None:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = [str(tiny_bert_lora), str(tiny_llama_lora)]
+    at.switch_page(PAGES["models"]).run()
+    assert not at.exception
+    understood = [e.label for e in at.expander]
+    assert any(
+        "BertModel (bert) · PEFT LoRA adapter, r = 4, α = 8 · 4 matrices matched · 0 unmatched" in label
+        for label in understood
+    ), understood
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith(f"**{Path(tiny_llama_lora).name}**: ")
+    assert at.button(key="analyse").disabled  # nothing runs while an input is wrong
+    # Nothing heavy ran: the page only planned.
+    from ui import runtime
+
+    assert all(str(tiny_llama_lora) not in job.key for job in runtime.manager().jobs())
+
+
+def test_models_page_without_demo_shows_the_command(cache_dir: Path) -> None:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGES["models"]).run()
+    assert not at.exception
+    assert any(c.value == "python -m analysis demo" for c in at.code)
+    assert at.button(key="build_demo")
+
+
+def test_overview_without_models_points_to_the_models_page(cache_dir: Path) -> None:
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    assert at.info[0].value == "Choose a base model and at least one fine-tune first."
+
+
+def _adapter_zip(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in folder.iterdir():
+            archive.write(path, f"{folder.name}/{path.name}")
+    return buffer.getvalue()
+
+
+def test_upload_an_adapter_then_a_corrupt_file(cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path) -> None:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.switch_page(PAGES["models"]).run()
+    at.file_uploader[0].set_value([("adapter.zip", _adapter_zip(tiny_bert_lora), "application/zip")])
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert not at.exception
+    tuned = at.query_params["tuned"]  # one value: a string
+    assert tuned.startswith("upload:") and len(tuned) == len("upload:") + 64
+    assert at.success[0].value.startswith("Added upload adapter.zip [")
+    assert any("PEFT LoRA adapter, r = 4" in e.label for e in at.expander)
+
+    weights = (tiny_bert_lora / "adapter_model.safetensors").read_bytes()
+    at.file_uploader[0].set_value([("adapter_model.safetensors", weights[: len(weights) // 2], "")])
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert error.startswith("Upload refused: adapter_model.safetensors: is truncated")
+    assert at.query_params["tuned"] == tuned  # the good upload is still selected
+
+    at.button(key="analyse").click().run()
+    wait_for_jobs()
+    at.switch_page(PAGES["similarity"]).run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Singular-vector similarity"]
+    assert "upload adapter.zip" in figures(at)[0].layout.title.text
+
+
+def test_pickles_are_refused_in_the_page(cache_dir: Path) -> None:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGES["models"]).run()
+    at.file_uploader[0].set_value([("pytorch_model.bin", b"\x80\x04junk", "")])
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert "uploads are never unpickled" in at.error[0].value
+
+
+def test_local_paths_can_be_turned_off(cache_dir: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSE_ALLOW_LOCAL_PATHS", "0")
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = ["tiny-org/not-in-cache"]
+    at.switch_page(PAGES["models"]).run()
+    assert not at.exception
+    assert any("local paths are disabled on this server" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_failed_analysis_shows_the_input_error(cache_dir: Path, tiny_bert: Path, tiny_llama_lora: Path) -> None:
+    at = open_app(tiny_bert, [tiny_llama_lora])
+    (error,) = at.error
+    assert error.value.startswith(f"**{Path(tiny_llama_lora).name}** could not be analysed: ")
+    assert "Traceback" not in error.value
+
+
+def test_json_report_matches_the_command_line_contract(tiny_bert: Path, tiny_bert_lora: Path, engine_result) -> None:
+    from ui.state import Selection
+    from ui.views import report_json
+
+    lora = engine_result.models[0]
+    selection = Selection(str(tiny_bert), (str(tiny_bert_lora),), str(tiny_bert_lora), None, None, k=7, eps=0.33)
+    report = json.loads(report_json(selection, [lora]))
+    assert report["base"] == str(tiny_bert) and report["top_k"] == 7
+    assert report["epsilons"] == sorted([*DEFAULT_EPSILONS, 0.33])
+    (model,) = report["models"]
+    assert model["source"] == str(tiny_bert_lora) and model["kind"] == "adapter"
+    first = model["matrices"][0]
+    assert first["name"] == lora.matrices[0].name
+    assert first["intruders"] == lora.matrices[0].intruder_counts(7, report["epsilons"])
+    assert set(first) >= {"name", "layer", "module", "shape", "intruders", "effective_rank", "rank90",
+                          "stable_rank", "delta_fro"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding a stand-in demo build (see tests/app_fixtures.py)."""
+    from tests.app_fixtures import make_standin_demo
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    make_standin_demo(cache / "demo")
+    return cache
+
+
+def test_app_opens_on_the_demo(demo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(demo_cache))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception
+    assert at.query_params["base"] == "demo:base"
+    assert at.query_params["tuned"] == ["demo:full-ft", "demo:lora-r1", "demo:lora-r8"]
+    totals = at.dataframe[0].value
+    assert list(totals["model"]) == ["Full FT (stand-in)", "LoRA r=1 (stand-in)", "LoRA r=8 (stand-in)"]
+    assert list(totals["method"]) == ["full FT", "LoRA r=1", "LoRA r=8"]
+    assert list(totals["matrices"]) == [36, 12, 12]  # 6 blocks x 6 matrices; LoRA on query and value
+    assert totals["intruders"].iloc[0] == 0 and totals["intruders"].iloc[2] > 0
+    at.switch_page(PAGES["models"]).run()
+    assert [c for c in at.dataframe[0].value["spec"]] == ["demo:base", "demo:full-ft", "demo:lora-r1", "demo:lora-r8"]

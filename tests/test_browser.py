@@ -1,0 +1,339 @@
+"""The dashboard in a real headless Chromium against a real ``streamlit run app.py``.
+
+One server for the module, with ``WSE_CACHE_DIR`` in a temporary folder holding a stand-in
+demo build (tests/app_fixtures.py: the real all-MiniLM-L6-v2 base, a full "fine-tune" and
+LoRA adapters of it). The tests open the app, visit every page, click a grid cell, upload a
+PEFT adapter through the file chooser, open a shared URL in a fresh browser context, upload
+a corrupt file, download the JSON report, and time cached re-renders. Screenshots go to
+``test-artifacts/browser/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+TIMEOUT_MS = 90_000
+
+if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A cache folder with the stand-in demo, and files for the upload tests."""
+    from analysis.demo import base_model_path
+    from tests import factories
+    from tests.app_fixtures import make_standin_demo
+
+    root = tmp_path_factory.mktemp("browser")
+    make_standin_demo(root / "cache" / "demo")
+    adapter = factories.make_lora_adapter(base_model_path(), root / "my-adapter", r=4, seed=11, factor_std=0.3)
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    corrupt = root / "corrupt" / "adapter_model.safetensors"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(weights[: len(weights) // 3])
+    return {"cache": root / "cache", "adapter": adapter, "corrupt": corrupt, "log": root / "streamlit.log"}
+
+
+@pytest.fixture(scope="module")
+def server(files: dict[str, Path]) -> Iterator[str]:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "WSE_CACHE_DIR": str(files["cache"]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
+    log = open(files["log"], "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read() == b"ok":
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            log.close()
+            raise RuntimeError(f"streamlit did not start:\n{files['log'].read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield url
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:  # pragma: no cover
+        process.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    with sync_api.sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
+        )
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator:
+    context = browser.new_context(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+IDLE = """() => !document.querySelector('[data-testid="stProgress"]')
+              && !document.querySelector('[data-testid="stStatusWidget"]')
+              && document.querySelectorAll('.js-plotly-plot .main-svg').length > 0"""
+
+
+def wait_idle(page) -> None:
+    """Until the script run is over, nothing is computing, and charts are drawn.
+
+    Checked twice 0.4 s apart: between two script runs the page can look idle for a moment.
+    """
+    while True:
+        page.wait_for_function(IDLE, timeout=TIMEOUT_MS)
+        page.wait_for_timeout(400)
+        if page.evaluate(IDLE):
+            return
+
+
+def wait_page(page, title: str, *, charts: bool = True) -> None:
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+    if charts:
+        wait_idle(page)
+    else:
+        page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+
+
+def go_to(page, link: str, title: str, *, charts: bool = True) -> float:
+    """Click a page in the sidebar navigation; return seconds until it is drawn."""
+    start = time.perf_counter()
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=link).click()
+    wait_page(page, title, charts=charts)
+    return time.perf_counter() - start
+
+
+def chart_titles(page) -> list[str]:
+    """The titles of the charts on the page, top to bottom (SVG text has no innerText)."""
+    return page.locator(".js-plotly-plot .gtitle").evaluate_all("els => els.map(e => e.textContent)")
+
+
+def chart_text(page, index: int = 0) -> str:
+    """All text drawn in one chart (titles, axes, legend)."""
+    return page.locator(".js-plotly-plot").nth(index).evaluate("e => e.textContent")
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the sidebar selectbox called ``label``."""
+    box = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text=label)
+    box.get_by_role("combobox").click()
+    page.keyboard.type(option)  # long lists are virtualised: filter down to the option
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+PAGES = [
+    ("Singular-vector similarity", "Singular-vector similarity"),
+    ("Intruders vs ε", "Intruder dimensions vs ε"),
+    ("Effective rank", "Effective rank of the updates"),
+    ("Spectrum", "Spectrum"),
+    ("Subspace similarity", "Subspace similarity"),
+    ("Overview", "Overview"),
+]
+
+
+def test_opens_on_the_demo_and_every_page_draws(server: str, page) -> None:
+    page.goto(server)
+    wait_page(page, "Overview")
+    titles = chart_titles(page)
+    assert titles[0].startswith("Intruder dimensions (top 10, ε = 0.5)")
+    body = page.locator("[data-testid='stMain']").inner_text()
+    for label in ("Full FT (stand-in) (full FT)", "LoRA r=1 (stand-in) (LoRA r=1)", "LoRA r=8 (stand-in) (LoRA r=8)"):
+        assert label in chart_text(page), label
+    assert "Per fine-tune totals" in body
+    shot(page, "01-overview-demo")
+    for number, (link, title) in enumerate(PAGES, start=2):
+        go_to(page, link, title)
+        assert page.locator(".js-plotly-plot").count() >= 1, link
+        assert not page.get_by_test_id("stException").count(), link
+        shot(page, f"{number:02d}-{title.lower().replace(' ', '-').replace('ε', 'eps')}")
+    go_to(page, "Models", "Models", charts=False)
+    assert page.get_by_text("Offline demo").count()
+    shot(page, "08-models")
+
+
+def test_clicking_a_grid_cell_opens_that_matrix(server: str, page) -> None:
+    page.goto(server)
+    wait_page(page, "Overview")
+    # Point at a cell of the third panel (LoRA r=8): its hover names the matrix; a click opens it.
+    panel = page.locator(".js-plotly-plot").first.locator(".nsewdrag").nth(2)
+    box = panel.bounding_box()
+    x, y = box["x"] + box["width"] / 12, box["y"] + box["height"] * 5 / 12
+    page.mouse.move(x, y)
+    hover = page.locator(".js-plotly-plot .hoverlayer .hovertext").first
+    hover.wait_for()
+    text = hover.evaluate("e => e.textContent")
+    name = re.search(r"encoder\.layer\.\d\.attention\.self\.query\.weight", text).group(0)
+    page.mouse.click(x, y)
+    wait_page(page, "Singular-vector similarity")
+    assert "model=demo%3Alora-r8" in page.url and f"matrix={name}" in page.url
+    assert chart_titles(page)[0].startswith(f"LoRA r=8 (stand-in): {name} — 8 intruders in the top 10")
+    shot(page, "09-clicked-cell-similarity")
+
+
+def test_shared_url_reproduces_the_view_in_a_fresh_browser(server: str, page, browser) -> None:
+    page.goto(server)
+    wait_page(page, "Overview")
+    go_to(page, "Spectrum", "Spectrum")
+    choose(page, "Fine-tune", "LoRA r=8 (stand-in)")
+    wait_idle(page)
+    choose(page, "Matrix", "layer 3 · value")
+    wait_idle(page)
+    thumb = page.get_by_test_id("stSidebar").get_by_role("slider").first
+    for k in (9, 8, 7):
+        thumb.focus()
+        thumb.press("ArrowLeft")
+        page.wait_for_function(f"() => window.location.search.includes('k={k}&')")
+        wait_idle(page)
+    wait_idle(page)
+    title = chart_titles(page)[0]
+    assert title.startswith("LoRA r=8 (stand-in): encoder.layer.3.attention.self.value.weight")
+    assert "in the top 7 at ε = 0.5" in title
+    shot(page, "10-shared-view-original")
+    shared = page.url
+    assert "/spectrum?" in shared
+
+    fresh = browser.new_context(viewport={"width": 1400, "height": 1000})
+    other = fresh.new_page()
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(shared)
+    wait_page(other, "Spectrum")
+    assert chart_titles(other)[0] == title
+    assert other.url == shared  # the new session's selection is the shared one, part for part
+    shot(other, "11-shared-view-fresh-browser")
+    fresh.close()
+
+
+def test_upload_an_adapter_then_a_corrupt_file(server: str, page, files: dict[str, Path]) -> None:
+    page.goto(server)
+    wait_page(page, "Overview")
+    go_to(page, "Models", "Models", charts=False)
+    adapter = files["adapter"]
+    chooser = page.get_by_test_id("stFileUploaderDropzoneInput")
+    chooser.set_input_files([str(adapter / "adapter_config.json"), str(adapter / "adapter_model.safetensors")])
+    page.get_by_text("adapter_model.safetensors").first.wait_for()
+    page.get_by_role("button", name="Add the upload as a fine-tune").click()
+    page.get_by_text("Added upload PEFT adapter [").wait_for()
+    understood = page.get_by_text("PEFT LoRA adapter, r = 4, α = 8 · 12 matrices matched")
+    understood.wait_for()
+    shot(page, "12-upload-understood")
+    page.get_by_role("button", name="Analyse").click()
+    page.get_by_text(re.compile(r"^upload PEFT adapter \[\w+\]: 12 matrices analysed")).wait_for()
+    go_to(page, "Overview", "Overview")
+    assert "upload PEFT adapter" in chart_text(page)
+    assert "tuned=upload:" in unquote(page.url)
+    shot(page, "13-upload-overview")
+    go_to(page, "Spectrum", "Spectrum")
+    choose(page, "Fine-tune", next(t for t in page_options(page, "Fine-tune") if t.startswith("upload ")))
+    wait_idle(page)
+    assert chart_titles(page)[0].startswith("upload PEFT adapter")
+    shot(page, "14-upload-spectrum")
+
+    go_to(page, "Models", "Models", charts=False)
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(files["corrupt"])])
+    page.get_by_text("adapter_model.safetensors").first.wait_for()
+    page.get_by_role("button", name="Add the upload as a fine-tune").click()
+    error = page.get_by_text("Upload refused: adapter_model.safetensors: is truncated")
+    error.wait_for()
+    shot(page, "15-corrupt-upload-refused")
+    # The app keeps working: every chosen model is still there and the charts draw.
+    go_to(page, "Intruders vs ε", "Intruder dimensions vs ε")
+    legend = chart_text(page)
+    assert "upload PEFT adapter" in legend and "LoRA r=8 (stand-in)" in legend
+    shot(page, "16-after-corrupt-upload")
+
+
+def page_options(page, label: str) -> list[str]:
+    box = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text=label)
+    box.get_by_role("combobox").click()
+    options = page.get_by_role("option").all_inner_texts()
+    page.keyboard.press("Escape")
+    return options
+
+
+def test_json_report_downloads(server: str, page) -> None:
+    page.goto(server)
+    wait_page(page, "Overview")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download JSON report").click()
+    report = json.loads(Path(download.value.path()).read_text())
+    assert report["base"] == "demo:base" and report["top_k"] == 10
+    assert [m["source"] for m in report["models"]] == ["demo:full-ft", "demo:lora-r1", "demo:lora-r8"]
+    assert [len(m["matrices"]) for m in report["models"]] == [36, 12, 12]
+    eps = report["epsilons"].index(0.5)
+    assert sum(m["intruders"][eps] for m in report["models"][2]["matrices"]) == 96  # r = 8 in each of 12
+
+
+def test_cached_views_redraw_in_about_a_second(server: str, page) -> None:
+    page.goto(server)
+    wait_page(page, "Overview")
+    timings: dict[str, list[float]] = {"switch page": [], "change eps": []}
+    for _ in range(3):
+        timings["switch page"].append(go_to(page, "Spectrum", "Spectrum"))
+        timings["switch page"].append(go_to(page, "Overview", "Overview"))
+    thumb = page.get_by_test_id("stSidebar").get_by_role("slider").nth(1)
+    for key in ("ArrowLeft", "ArrowRight", "ArrowLeft"):
+        before = chart_titles(page)[0]
+        start = time.perf_counter()
+        thumb.focus()
+        thumb.press(key)
+        page.wait_for_function(
+            "old => document.querySelector('.js-plotly-plot .gtitle')?.textContent !== old", arg=before
+        )
+        wait_idle(page)
+        timings["change eps"].append(time.perf_counter() - start)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "timings.json").write_text(json.dumps(timings, indent=1))
+    print("cached re-render timings (s):", json.dumps(timings))
+    assert max(timings["switch page"]) < 5 and max(timings["change eps"]) < 5

@@ -1,0 +1,190 @@
+"""The offline demo: a real build, the papers' findings on it, and its file contract.
+
+The session fixture builds the real demo once (:mod:`tests.demo_fixture`); the findings
+are measured by the engine itself (:func:`analysis.pipeline.compare`), exactly as the
+dashboard shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import demo
+from analysis.demo import DemoManifest, build_demo, demo_manifest
+from analysis.errors import InputError
+from analysis.results import ComparisonResult
+from tests.demo_fixture import demo_build  # noqa: F401  (pytest fixture)
+
+@pytest.fixture(scope="module")
+def demo_comparison(demo_build: DemoManifest) -> ComparisonResult:  # noqa: F811
+    from analysis.pipeline import compare
+
+    return compare(str(demo_build.base.path), demo_build.tuned_paths, epsilons=[0.5], device="cpu", cache=None)
+
+
+def _by_name(manifest: DemoManifest, result: ComparisonResult) -> dict:
+    assert [m.source for m in result.models] == manifest.tuned_paths
+    return {ft.name: model for ft, model in zip(manifest.fine_tunes, result.models)}
+
+
+def _mean_effective_rank(model) -> float:
+    return float(np.mean([m.effective_rank for m in model.matrices]))
+
+
+def test_the_demo_has_the_papers_models(demo_build: DemoManifest) -> None:  # noqa: F811
+    assert [m.name for m in demo_build.fine_tunes] == ["full-ft", "lora-r1", "lora-r8", "lora-r64", "rslora-r64"]
+    assert (demo_build.model("full-ft").path / "config.json").is_file()
+    assert (demo_build.model("full-ft").path / "model.safetensors").is_file()
+    for ft in demo_build.fine_tunes[1:]:
+        assert ft.kind == "adapter" and ft.lora_alpha == 2 * ft.r
+        assert (ft.path / "adapter_config.json").is_file()
+    # alpha * lr is the same at every rank (the papers' rank sweep).
+    products = {ft.lora_alpha * ft.lr for ft in demo_build.fine_tunes[1:]}
+    assert max(products) == pytest.approx(min(products))
+
+
+def test_lora_r1_has_more_intruders_than_full_fine_tuning(
+    demo_build: DemoManifest,  # noqa: F811
+    demo_comparison: ComparisonResult,
+) -> None:
+    """Shuttleworth et al. 2024: LoRA introduces intruder dimensions, full FT does not."""
+    models = _by_name(demo_build, demo_comparison)
+    assert len(models["full-ft"].matrices) == len(models["lora-r1"].matrices) == 36
+    full = models["full-ft"].total_intruders(k=10, eps=0.5)
+    lora_r1 = models["lora-r1"].total_intruders(k=10, eps=0.5)
+    assert lora_r1 > full
+    assert lora_r1 >= 5, f"LoRA r=1 should show several intruders, got {lora_r1}"
+
+
+def test_full_fine_tuning_learns_a_higher_rank_update_than_lora(
+    demo_build: DemoManifest,  # noqa: F811
+    demo_comparison: ComparisonResult,
+) -> None:
+    """Biderman et al. 2024 / Shuttleworth et al. 2024: full FT's update is high rank."""
+    models = _by_name(demo_build, demo_comparison)
+    full = _mean_effective_rank(models["full-ft"])
+    lora_r8 = _mean_effective_rank(models["lora-r8"])
+    assert full > lora_r8
+    assert lora_r8 <= 8 + 1e-6  # an r = 8 update cannot have more
+
+
+def test_every_fine_tune_beats_the_base_on_the_held_out_task(demo_build: DemoManifest) -> None:  # noqa: F811
+    base = demo_build.base.metrics
+    assert 0.05 < base["recall@1"] < 0.9 and base["recall@1"] <= base["mrr"] <= 1
+    for ft in demo_build.fine_tunes:
+        assert ft.metrics["recall@1"] > base["recall@1"] + 0.02, ft.name
+        assert ft.metrics["mrr"] > base["mrr"] + 0.02, ft.name
+
+
+def test_manifest_round_trips(demo_build: DemoManifest) -> None:  # noqa: F811
+    assert demo_manifest(demo_build.root) == demo_build
+    data = json.loads((demo_build.root / demo.MANIFEST_NAME).read_text())
+    assert DemoManifest.from_json(data, demo_build.root) == demo_build
+    # Fine-tunes are stored relative to the root, so the folder can be moved.
+    assert [m["path"] for m in data["fine_tunes"]] == [m.name for m in demo_build.fine_tunes]
+    assert demo_build.task["train_pairs"] > 1000 and demo_build.task["eval_pairs"] > 200
+    assert demo_build.steps == demo.DEFAULT_STEPS
+
+
+def test_a_second_call_finds_the_build_and_does_not_retrain(demo_build: DemoManifest) -> None:  # noqa: F811
+    before = {p: p.stat().st_mtime_ns for p in demo_build.root.rglob("*")}
+    start = time.perf_counter()
+    again = build_demo(demo_build.root, progress=False)
+    assert time.perf_counter() - start < 1.0
+    assert again == demo_build
+    assert {p: p.stat().st_mtime_ns for p in demo_build.root.rglob("*")} == before
+
+
+def test_adapters_load_with_peft_and_change_the_model(demo_build: DemoManifest) -> None:  # noqa: F811
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    reference = AutoModel.from_pretrained(demo_build.base.path).eval()(input_ids=ids).last_hidden_state
+    for ft in demo_build.fine_tunes:
+        if ft.kind == "full":
+            model = AutoModel.from_pretrained(ft.path)
+        else:
+            model = PeftModel.from_pretrained(AutoModel.from_pretrained(demo_build.base.path), ft.path)
+            assert model.peft_config["default"].r == ft.r
+            assert model.peft_config["default"].lora_alpha == ft.lora_alpha
+            assert model.peft_config["default"].use_rslora == ft.use_rslora
+        out = model.eval()(input_ids=ids).last_hidden_state
+        assert not torch.allclose(out, reference, atol=1e-3), ft.name
+
+
+@pytest.fixture
+def one_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-model, one-step demo: the file contract without the training time."""
+    monkeypatch.setattr(demo, "FINE_TUNES", (demo.FINE_TUNES[1],))
+
+
+def test_an_interrupted_rebuild_keeps_the_finished_build(tmp_path: Path, one_recipe, monkeypatch) -> None:
+    root = tmp_path / "demo"
+    first = build_demo(root, steps=1, progress=False)
+    assert [m.name for m in first.fine_tunes] == ["lora-r1"]
+    files = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_fine_tune", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo(root, steps=1, progress=False, force=True)
+    assert demo_manifest(root) == first
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]
+
+
+def test_an_interrupted_first_build_leaves_no_demo(tmp_path: Path, one_recipe, monkeypatch) -> None:
+    def crash(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(demo, "_fine_tune", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        build_demo(tmp_path / "demo", steps=1, progress=False)
+    assert demo_manifest(tmp_path / "demo") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock"]
+
+
+def test_other_steps_rebuild(tmp_path: Path, one_recipe) -> None:
+    first = build_demo(tmp_path, steps=1, progress=False)
+    second = build_demo(tmp_path, steps=2, progress=False)
+    assert (first.steps, second.steps) == (1, 2)
+    assert demo_manifest(tmp_path) == second
+
+
+def test_default_root_follows_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path))
+    assert demo.default_demo_root() == tmp_path / "demo"
+    assert demo_manifest() is None
+
+
+def test_a_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / demo.MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(InputError, match="manifest.json"):
+        demo_manifest(tmp_path)
+
+
+def test_the_task_is_deterministic_and_held_out_by_package() -> None:
+    pairs = demo.harvest_stdlib_pairs()
+    assert pairs == demo.harvest_stdlib_pairs()
+    train, held_out = demo.split_pairs(pairs)
+    assert {p.package for p in train}.isdisjoint({p.package for p in held_out})
+    assert len(held_out) > 200 and len(train) > 2000
+    assert len({p.document for p in pairs}) == len(pairs)
+    dumps = next(p for p in pairs if p.module == "json" and p.qualname == "dumps")
+    assert dumps.query.startswith("json.dumps(obj, *, skipkeys=False")
+    assert dumps.document.startswith("Serialize ``obj`` to a JSON formatted ``str``")
+
+
+def test_steps_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="at least 1"):
+        build_demo(tmp_path, steps=0)

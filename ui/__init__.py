@@ -1,0 +1,1 @@
+"""Streamlit-side glue for the dashboard (the engine, ``analysis``, never imports this)."""

@@ -1,0 +1,123 @@
+"""Server-wide resources and the jobs behind the current selection.
+
+One :class:`~analysis.jobs.JobManager`, one spectrum cache and one spec resolver per
+server process (``st.cache_resource``), shared by every session: a second visitor asking
+for a comparison that is running or done joins it. Analyses never run in a page script.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import streamlit as st
+
+from analysis.cache import SpectrumCache, default_cache_dir
+from analysis.errors import InputError
+from analysis.jobs import Job, JobManager, JobState, comparison_job, comparison_key
+from analysis.pipeline import AnalysisSettings, model_result
+from analysis.results import ModelResult
+from analysis.specs import DEMO_PREFIX, SpecResolver, local_paths_allowed
+from analysis.uploads import UploadStore
+
+SETTINGS = AnalysisSettings()
+DEVICE = os.environ.get("WSE_DEVICE", "auto")
+
+
+@st.cache_resource(show_spinner=False)
+def job_manager(max_workers: int = 1) -> JobManager:
+    return JobManager(max_workers=max_workers)
+
+
+@st.cache_resource(show_spinner=False)
+def _resolver(cache_dir: str, allow_local_paths: bool) -> SpecResolver:
+    return SpecResolver(uploads=UploadStore(os.path.join(cache_dir, "uploads")), allow_local_paths=allow_local_paths)
+
+
+@st.cache_resource(show_spinner=False)
+def _spectrum_cache(cache_dir: str) -> SpectrumCache:
+    return SpectrumCache(os.path.join(cache_dir, "spectra"))
+
+
+def resolver() -> SpecResolver:
+    """The spec resolver for this server's cache folder and ``WSE_ALLOW_LOCAL_PATHS``."""
+    return _resolver(str(default_cache_dir()), local_paths_allowed())
+
+
+def spectrum_cache() -> SpectrumCache:
+    return _spectrum_cache(str(default_cache_dir()))
+
+
+def manager() -> JobManager:
+    return job_manager(int(os.environ.get("WSE_MAX_JOBS", "1")))
+
+
+def session_id() -> str:
+    """A random id for this browser session (who is watching which job)."""
+    if "wse_session" not in st.session_state:
+        st.session_state.wse_session = uuid.uuid4().hex
+    return st.session_state.wse_session
+
+
+def friendly(error: str) -> str:
+    """An error message with server folders replaced by what the visitor knows them as."""
+    uploads = str(resolver().uploads.root)
+    return error.replace(uploads + os.sep, "upload ").replace(uploads, "uploads")
+
+
+def demo_defaults() -> tuple[str, list[str]]:
+    """The offline demo's base and fine-tunes as specs, or nothing if it is not built."""
+    try:
+        manifest = resolver().demo()
+    except InputError:
+        return "", []
+    if manifest is None:
+        return "", []
+    return DEMO_PREFIX + manifest.base.name, [DEMO_PREFIX + m.name for m in manifest.fine_tunes]
+
+
+@dataclass
+class Tracked:
+    """One fine-tune of the selection and its job (``None`` when not started)."""
+
+    spec: str
+    job: Job | None
+
+    @property
+    def state(self) -> JobState | None:
+        return None if self.job is None else self.job.state
+
+    def result(self) -> ModelResult | None:
+        """The finished result, or the matrices done so far while it runs."""
+        job = self.job
+        if job is None:
+            return None
+        if job.state is JobState.DONE:
+            return job.result
+        if job.plan is not None and job.state in (JobState.RUNNING, JobState.QUEUED):
+            return model_result(job.plan, job.items())
+        return None
+
+
+def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart: bool = False) -> list[Tracked]:
+    """The job of each fine-tune against ``base``.
+
+    ``start`` submits missing jobs (joining any that another session started);
+    ``restart`` also re-runs failed and cancelled ones (the user asked again). A failed
+    job is otherwise left as it is, so a bad input is shown, not retried on every rerun.
+    """
+    jobs = manager()
+    tracked = []
+    for spec in tuned:
+        # The cache folder is part of the key: it decides what demo:/upload: specs name.
+        key = (*comparison_key(base, spec, SETTINGS, DEVICE), str(default_cache_dir()))
+        job = jobs.get(key)
+        stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
+        if start and (job is None or (restart and stale)):
+            fn = comparison_job(resolver(), base, spec, settings=SETTINGS, device=DEVICE, cache=spectrum_cache())
+            job = jobs.submit(key, fn, label=resolver().label(spec), watcher=session_id())
+        elif start and job is not None:
+            job.watch(session_id())
+        tracked.append(Tracked(spec, job))
+    return tracked

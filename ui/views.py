@@ -1,0 +1,215 @@
+"""Streamlit glue shared by the pages: results of the selection, progress, charts, downloads.
+
+A page reads top to bottom as: ``selection, results = views.results()`` (starts or joins
+the analysis, shows progress and errors, stops the page until something is there to
+show), draw the selection controls it uses, then charts and tables from
+:mod:`analysis.figures` and :mod:`analysis.tables`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+import streamlit as st
+
+from analysis import figures, tables
+from analysis.jobs import JobState
+from analysis.report import to_report
+from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
+from ui import runtime, state
+from ui.state import Selection
+
+POLL_SECONDS = 1.0
+#: While results stream in, redraw the page with them at most this often.
+REDRAW_SECONDS = 2.5
+
+MODELS_PAGE = "pages/models.py"
+
+
+def progress(base: str, tracked: Sequence[runtime.Tracked]) -> None:
+    """Live progress of the running analyses (if any), polled without blocking the page."""
+    st.session_state.wse_drawn = _signature(tracked)
+    st.session_state.wse_drawn_at = time.time()
+    if any(t.job is not None and not t.job.state.finished for t in tracked):
+        _progress(base, tuple(t.spec for t in tracked))
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def _progress(base: str, specs: tuple[str, ...]) -> None:
+    """Progress bars and Cancel, refreshed every second without redrawing the page."""
+    tracked = runtime.track(base, specs, start=False)
+    running = [t for t in tracked if t.job is not None and not t.job.state.finished]
+    for t in running:
+        job = t.job
+        p = job.progress
+        label = runtime.resolver().label(t.spec)
+        if job.state is JobState.QUEUED or p is None:
+            st.progress(0.0, text=f"{label}: waiting for a free worker…")
+            continue
+        eta = f", about {p.eta_s:.0f} s left" if p.eta_s is not None and p.done < p.total else ""
+        st.progress(p.fraction, text=f"{label}: {p.done} of {p.total} matrices{eta}")
+    if running and st.button("Cancel", key="cancel_jobs", help="Stop the analyses this page started"):
+        runtime.manager().unwatch_all(runtime.session_id())
+        st.rerun()
+    signature = _signature(tracked)
+    last = st.session_state.get("wse_drawn")
+    drawn_at = st.session_state.get("wse_drawn_at", 0.0)
+    finished_changed = last is None or [s[1] for s in signature] != [s[1] for s in last]
+    if signature != last and (finished_changed or time.time() - drawn_at > REDRAW_SECONDS):
+        st.rerun()
+
+
+def _signature(tracked: Sequence[runtime.Tracked]) -> list[tuple[str, str | None, int]]:
+    return [(t.spec, t.state.value if t.state else None, len(t.job.items()) if t.job else 0) for t in tracked]
+
+
+def results(*, start: bool = True) -> tuple[Selection, list[ModelResult]]:
+    """The selection and the results there are for it, or stop the page with why not.
+
+    Starts (or joins) the analysis of every chosen fine-tune, shows live progress while
+    it runs, says plainly which inputs failed, and returns the results available so far
+    (finished ones, and the matrices done of running ones).
+    """
+    state.ensure_app_navigation()
+    selection = state.current()
+    if not selection.complete:
+        st.info("Choose a base model and at least one fine-tune first.")
+        st.page_link(MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
+        st.stop()
+    tracked = runtime.track(selection.base, selection.tuned, start=start)
+    for t in tracked:
+        if t.state is JobState.FAILED:
+            st.error(f"**{runtime.resolver().label(t.spec)}** could not be analysed: {runtime.friendly(t.job.error)}")
+        elif t.state is JobState.CANCELLED:
+            st.warning(f"The analysis of **{runtime.resolver().label(t.spec)}** was cancelled.")
+    progress(selection.base, tracked)
+    # Each result's ``source`` is its spec as in the URL (never a resolved server path).
+    models = [r for r in (t.result() for t in tracked) if r is not None]
+    if not any(m.matrices for m in models):
+        if any(t.state in (JobState.FAILED, JobState.CANCELLED) for t in tracked):
+            st.page_link(MODELS_PAGE, label="Check the models and run again", icon=":material/folder_open:")
+        else:
+            st.caption("The first results appear here as soon as they are computed.")
+        st.stop()
+    return selection, models
+
+
+def model_for(selection: Selection, models: Sequence[ModelResult], name: str = "model") -> ModelResult | None:
+    spec = getattr(selection, name)
+    return next((m for m in models if m.source == spec), None)
+
+
+def max_k(models: Sequence[ModelResult]) -> int:
+    """The largest ``k`` every analysed matrix has scores for."""
+    lengths = [len(m.intruder_scores) for model in models for m in model.matrices]
+    return max(1, min(lengths, default=state.MAX_K))
+
+
+def k_eps_controls(models: Sequence[ModelResult], *, eps: bool = True) -> tuple[int, float]:
+    """Sidebar sliders for ``k`` and ``eps`` (shared by every page)."""
+    top = min(state.MAX_K, max_k(models))
+    if state.get("k") > top:
+        state.set("k", top)
+    with st.sidebar:
+        k = state.widget(
+            st.slider,
+            "k: top tuned singular vectors checked",
+            "k",
+            min_value=1,
+            max_value=top,
+            help="Intruders are sought among the top-k singular vectors of each tuned matrix.",
+        )
+        e = (
+            state.widget(
+                st.slider,
+                "ε: similarity threshold",
+                "eps",
+                min_value=state.EPS_STEP,
+                max_value=0.95,
+                step=state.EPS_STEP,
+                format="%.2f",
+                help="A tuned singular vector whose best |cosine| with every base singular vector is "
+                "below ε is an intruder dimension (Shuttleworth et al. 2024, Def. 3.1).",
+            )
+            if eps
+            else state.get("eps")
+        )
+    return int(k), float(e)
+
+
+def model_control(models: Sequence[ModelResult], label: str = "Fine-tune", name: str = "model") -> ModelResult:
+    options = [m.source for m in models]
+    labels = dict(zip(options, tables.model_labels(models), strict=True))
+    with st.sidebar:
+        spec = state.widget(st.selectbox, label, name, options=options, format_func=lambda s: labels.get(s, s))
+    return next(m for m in models if m.source == spec)
+
+
+def matrix_control(models: Sequence[ModelResult]) -> str:
+    """Sidebar choice of one matrix (by layer and module), shared by the detail pages."""
+    seen: dict[str, MatrixResult] = {}
+    for model in models:
+        for m in model.matrices:
+            seen.setdefault(m.name, m)
+    order = tables.module_order(m.module for m in seen.values())
+    names = sorted(seen, key=lambda n: (seen[n].layer is None, seen[n].layer or 0, order.index(seen[n].module)))
+
+    def describe(name: str) -> str:
+        m = seen[name]
+        return f"layer {tables.layer_label(m.layer)} · {m.module}"
+
+    with st.sidebar:
+        return state.widget(
+            st.selectbox,
+            "Matrix",
+            "matrix",
+            options=names,
+            format_func=describe,
+            help="Layer and module of the weight matrix shown on this page.",
+        )
+
+
+def find_matrix(model: ModelResult, name: str) -> MatrixResult | None:
+    return next((m for m in model.matrices if m.name == name), None)
+
+
+def chart(fig, name: str, **kwargs) -> object:
+    """A Plotly chart with a PNG download in its toolbar, named after the view."""
+    return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
+
+
+def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
+    """A table and its CSV download (exactly the numbers shown; ``index`` for matrices)."""
+    st.dataframe(frame, hide_index=not index, **kwargs)
+    st.download_button(
+        label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
+    )
+
+
+def report_json(selection: Selection, models: Sequence[ModelResult]) -> str:
+    """The command line's JSON report (``analysis.report.to_report``) of what is shown.
+
+    Intruder counts among the selected top ``k``, at the default eps grid plus the
+    selected eps.
+    """
+    epsilons = sorted({*DEFAULT_EPSILONS, round(selection.eps, 2)})
+    result = ComparisonResult(base=selection.base, top_k=selection.k, epsilons=epsilons, models=list(models))
+    return json.dumps(to_report(result), indent=2, allow_nan=False, default=str)
+
+
+def report_download(selection: Selection, models: Sequence[ModelResult]) -> None:
+    """A sidebar button downloading :func:`report_json` (built only when clicked)."""
+    with st.sidebar:
+        st.download_button(
+            "Download JSON report",
+            lambda: report_json(selection, models),
+            file_name="weight-spectrum-report.json",
+            mime="application/json",
+            key="report_json",
+            on_click="ignore",
+            help=f"Every matrix of every fine-tune, intruder counts among the top {selection.k} at "
+            "ε = 0.10 … 0.90 (the format of python -m analysis report).",
+        )
