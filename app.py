@@ -35,6 +35,7 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
+st.session_state.wse_page = page.url_path
 selection = state.current()
 # Written before the page runs: pages may st.stop(), and every change of the selection
 # happens in widget callbacks, which run before the script.

@@ -45,6 +45,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -416,18 +417,28 @@ def split_pairs(pairs: Sequence[DocPair]) -> tuple[list[DocPair], list[DocPair]]
 
 
 @contextlib.contextmanager
-def _reproducible_cpu() -> Iterator[None]:
-    """Deterministic algorithms and every available core, restored afterwards."""
+def _training_environment() -> Iterator[None]:
+    """Deterministic algorithms on every available core, and no library chatter on
+    stderr beside the demo's own progress bar; everything is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
+    bars = transformers_logging.is_progress_bar_enabled()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(max(1, cores))
+    transformers_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            # PEFT probes a property that transformers 5 deprecates; nothing for a user to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            yield
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 class _Tokens:
@@ -570,7 +581,7 @@ def _build(
     batches = _batch_order(len(train), steps)
 
     fine_tunes = []
-    with _reproducible_cpu(), tqdm(
+    with _training_environment(), tqdm(
         total=steps * len(recipes), desc="demo", unit="step", disable=not progress, file=sys.stderr
     ) as bar:
         base = DemoModel(

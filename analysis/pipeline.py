@@ -25,7 +25,7 @@ import torch
 from analysis import metrics
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.linalg import Spectrum, decompose_many, default_method, low_rank_spectrum, resolve_device
+from analysis.linalg import Spectrum, decompose, decompose_many, default_method, low_rank_spectrum, resolve_device
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import (
     DEFAULT_EPSILONS,
@@ -120,6 +120,10 @@ def _base_from_entry(tensors: dict[str, torch.Tensor], device: torch.device) -> 
     return Spectrum(tensors["S"].to(device), left=tensors["U"].to(device))
 
 
+def _on(spectrum: Spectrum, device: torch.device) -> Spectrum:
+    return _base_from_entry(_base_entry(spectrum), device)
+
+
 def _prepare(plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache | None) -> _Pair:
     """Keys of a pair, then the cached result, or else the weights and cached base spectrum."""
     base = tuned = None
@@ -178,22 +182,43 @@ def _pair_metrics(
     update unless low-rank) have one shape and go to the solver as one batch.
     """
     base, tuned = pair.base.to(device), pair.tuned
-    precision = torch.float64 if method == "gram" else torch.float32
-    todo = {} if pair.base_spectrum is not None else {"base": base}
-    todo["tuned"] = tuned.weight.to(device)
-    if tuned.low_rank is None:
-        todo["delta"] = tuned.weight.to(device, precision) - base.to(precision)
-    spectra = dict(zip(todo, decompose_many(list(todo.values()), device, method), strict=True))
-    del todo
-
-    if pair.base_spectrum is not None:
-        base_spectrum = _base_from_entry(_base_entry(pair.base_spectrum), device)
-    else:
-        base_spectrum = stored_base_spectrum(spectra["base"])
-        if cache is not None:
-            cache.store("base", pair.base_key, _base_entry(base_spectrum))
-    tuned_spectrum = spectra["tuned"]
-    delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
+    wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
+    if method == "gram":  # one matrix at a time; each gets the precision its metrics need
+        if pair.base_spectrum is None:
+            base_spectrum = stored_base_spectrum(decompose(base, device, method))
+            if cache is not None:
+                cache.store("base", pair.base_key, _base_entry(base_spectrum))
+        else:
+            base_spectrum = _on(pair.base_spectrum, device)
+        # A fine-tune's top singular vectors lie near the base's (and, for an adapter, in
+        # the span of B): good seeds when only the top few of a large spectrum are needed.
+        seeds = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
+        if tuned.low_rank is not None:
+            seeds = torch.cat([tuned.low_rank.B.to(device, torch.float64), seeds], dim=1)
+        tuned_spectrum = decompose(tuned.weight, device, method, top=wanted, seeds=seeds)
+        del seeds
+        if tuned.low_rank is not None:
+            delta = low_rank_spectrum(tuned.low_rank, device)
+        else:
+            # A float64 difference (exact for float32 and bf16 weights) for float64 values;
+            # the update's vectors only feed spans (amplification, similarity): float32.
+            difference = tuned.weight.to(device, torch.float64) - base.double()
+            delta = decompose(difference, device, method, vectors=torch.float32)
+    else:  # on the GPU the matrices of a pair share a shape: one batched call
+        todo = {} if pair.base_spectrum is not None else {"base": base}
+        todo["tuned"] = tuned.weight.to(device)
+        if tuned.low_rank is None:
+            todo["delta"] = tuned.weight.to(device) - base
+        spectra = dict(zip(todo, decompose_many(list(todo.values()), device, method), strict=True))
+        del todo
+        if pair.base_spectrum is None:
+            base_spectrum = stored_base_spectrum(spectra["base"])
+            if cache is not None:
+                cache.store("base", pair.base_key, _base_entry(base_spectrum))
+        else:
+            base_spectrum = _on(pair.base_spectrum, device)
+        tuned_spectrum = spectra["tuned"]
+        delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
 
     # Shuttleworth et al. 2024, Def. 3.1: top-k tuned left vectors against every base one.
     U0 = base_spectrum.left().float()

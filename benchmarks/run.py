@@ -421,7 +421,10 @@ def _gib(n: int | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"### {report['workload']} on {report['device']}", ""]
+    threads = report["args"].get("threads")
+    default = threads in (None, "None")
+    setting = "torch's default threads" if default else f"torch.set_num_threads({threads}) on both sides"
+    lines = [f"### {report['workload']} on {report['device']}, {setting}", ""]
     m = report["machine"]
     lines.append(
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}"
@@ -532,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{report['workload']}-{device.type}"
+    if args.workload == "llama7b-shape":
+        stem += f"-{args.layers or (32 if device.type == 'cuda' else 1)}layers"
+    if args.threads:
+        stem += f"-threads{args.threads}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
     (args.out / f"{stem}.md").write_text(text)

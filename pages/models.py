@@ -36,7 +36,21 @@ def _demo_manifest():
 def _build_demo(job: Job):
     from analysis.demo import build_demo
 
-    return build_demo(progress=False)
+    return build_demo(progress=True)
+
+
+def _demo_steps() -> tuple[int, int]:
+    """Steps done and total of the demo build's progress bar (0, 0 before it shows).
+
+    ``build_demo`` reports progress only as a tqdm bar named "demo"; tqdm keeps its open
+    bars in ``tqdm._instances``, read here (a private attribute, hence the fallback).
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        if getattr(bar, "desc", "") == "demo" and bar.total:
+            return int(bar.n), int(bar.total)
+    return 0, 0
 
 
 def use_demo() -> None:
@@ -56,7 +70,13 @@ def _demo_build_progress() -> None:
         return
     if not job.state.finished:
         elapsed = time.time() - job.created_at
-        st.progress(0.0, text=f"Building the offline demo… {elapsed:.0f} s so far (a few minutes on CPU)")
+        done, total = _demo_steps()
+        st.progress(
+            done / total if total else 0.0,
+            text=f"Building the offline demo: {done} of {total} training steps, {elapsed:.0f} s so far"
+            if total
+            else f"Building the offline demo… {elapsed:.0f} s so far (a few minutes on CPU)",
+        )
         return
     st.rerun()
 

@@ -351,3 +351,36 @@ def test_app_opens_on_the_demo(demo_cache: Path, monkeypatch: pytest.MonkeyPatch
     assert totals["intruders"].iloc[0] == 0 and totals["intruders"].iloc[2] > 0
     at.switch_page(PAGES["models"]).run()
     assert [c for c in at.dataframe[0].value["spec"]] == ["demo:base", "demo:full-ft", "demo:lora-r1", "demo:lora-r8"]
+
+
+def test_progress_and_cancel_of_a_running_analysis(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_full_ft: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page joins a running job, shows its progress, and Cancel stops it (last watcher)."""
+    import threading
+
+    from analysis.errors import AnalysisCancelled
+    from analysis.jobs import JobState, Progress
+    from ui import runtime
+
+    release = threading.Event()
+
+    def slow(job):
+        job.report(Progress(3, 12, "encoder.layer.0.attention.self.key.weight", 6.0))
+        while not job.should_stop():
+            release.wait(0.05)
+        raise AnalysisCancelled("cancelled after 3 of 12 matrices")
+
+    key = runtime.job_key(str(tiny_bert), str(tiny_bert_full_ft))
+    job = runtime.manager().submit(key, slow, label="slow")
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = [str(tiny_bert_full_ft)]
+    at.run()
+    assert job.state is JobState.RUNNING and len(job.watchers) == 1  # the page joined, did not restart
+    (bar,) = at.get("progress")
+    assert bar.proto.value == 25 and bar.proto.text == f"{tiny_bert_full_ft.name}: 3 of 12 matrices, about 18 s left"
+    at.button(key="cancel_jobs").click().run()
+    assert job.wait(10) and job.state is JobState.CANCELLED
+    at.run()
+    assert at.warning[0].value == f"The analysis of **{tiny_bert_full_ft.name}** was cancelled."

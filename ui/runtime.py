@@ -100,6 +100,14 @@ class Tracked:
         return None
 
 
+def job_key(base: str, tuned: str) -> tuple:
+    """The job comparing ``tuned`` with ``base`` on this server.
+
+    The cache folder is part of it: it decides what ``demo:`` and ``upload:`` specs name.
+    """
+    return (*comparison_key(base, tuned, SETTINGS, DEVICE), str(default_cache_dir()))
+
+
 def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart: bool = False) -> list[Tracked]:
     """The job of each fine-tune against ``base``.
 
@@ -110,8 +118,7 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
     jobs = manager()
     tracked = []
     for spec in tuned:
-        # The cache folder is part of the key: it decides what demo:/upload: specs name.
-        key = (*comparison_key(base, spec, SETTINGS, DEVICE), str(default_cache_dir()))
+        key = job_key(base, spec)
         job = jobs.get(key)
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
         if start and (job is None or (restart and stale)):

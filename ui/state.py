@@ -146,10 +146,14 @@ def widget(factory: Callable[..., Any], label: str, name: str, **kwargs: Any) ->
     if options is not None and value not in list(options):
         value = next(iter(options), None) if not isinstance(value, list) else [v for v in value if v in options]
         st.session_state[_key(name)] = value
-    # Only when they differ: a value assigned through Session State is pushed to the browser
-    # and would override what the user is changing right now.
-    if widget_key not in st.session_state or st.session_state[widget_key] != value:
+    # A value assigned through Session State is pushed to the browser and would override
+    # what the user is changing right now, so assign only when needed: the value differs,
+    # or the widget is new on this page (widgets of another page do not carry over).
+    page = st.session_state.get("wse_page")
+    page_key = f"wse_widget_page_{name}"
+    if st.session_state.get(widget_key) != value or st.session_state.get(page_key) != page:
         st.session_state[widget_key] = value
+        st.session_state[page_key] = page
 
     def copy_back() -> None:
         st.session_state[_key(name)] = st.session_state[widget_key]

@@ -1,0 +1,109 @@
+"""The CUDA path against CPU float64 references. Skipped where no CUDA device exists.
+
+On CUDA the engine decomposes with cuSOLVER's gesvda (batched over the matrices of a
+pair, wide ones transposed) in float32; these tests hold it to the benchmark guard's
+tolerances: intruder counts equal to float64 at every eps of the grid except where a
+score lies within 1e-3 of eps, top-10 singular values within 1e-4 relative. They also
+check that a pair's analysis stays within a GPU memory bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.linalg import decompose, decompose_many
+from analysis.pipeline import analyse_matrix
+from analysis.plan import LowRankDelta, MatrixPlan, TunedMatrix
+from analysis.results import DEFAULT_EPSILONS
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+CUDA = torch.device("cuda")
+MARGIN = 1e-3
+
+
+def trained_like(m: int, n: int, seed: int) -> torch.Tensor:
+    """Power-law spikes plus a Gaussian bulk (as in benchmarks/workloads.py), float32."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n) // 4
+    s = 30 * torch.arange(1, k + 1, dtype=torch.float64) ** -0.6
+    left = torch.randn(m, k, generator=g, dtype=torch.float64) * s / m**0.5
+    right = torch.randn(n, k, generator=g, dtype=torch.float64) / n**0.5
+    bulk = torch.randn(m, n, generator=g, dtype=torch.float64) * 2 / (m**0.5 + n**0.5)
+    return (left @ right.T + bulk).float()
+
+
+def reference(w: torch.Tensor):
+    u, s, vt = np.linalg.svd(w.double().cpu().numpy(), full_matrices=False)
+    return u, s, vt.T
+
+
+@pytest.mark.parametrize("method", ["gesvda", "gram"])
+@pytest.mark.parametrize("shape", [(512, 512), (1024, 384), (384, 1024)], ids=["square", "tall", "wide"])
+def test_cuda_decomposition_matches_float64(method, shape):
+    w = trained_like(*shape, seed=1)
+    u, s, v = reference(w)
+    spectrum = decompose(w.to(CUDA), CUDA, method)
+    values = spectrum.values.double().cpu().numpy()
+    np.testing.assert_allclose(values[:10], s[:10], rtol=1e-4)
+    assert np.max(np.abs(values - s)) < 1e-3 * s[0]
+    for got, expected in ((spectrum.left(10), u[:, :10]), (spectrum.right(10), v[:, :10])):
+        cosines = np.abs(np.sum(got.double().cpu().numpy() * expected, axis=0))
+        assert cosines.min() > 1 - 1e-4
+
+
+def test_batched_gesvda_equals_one_by_one():
+    weights = [trained_like(256, 192, seed=i).to(CUDA) for i in range(3)]
+    batched = decompose_many(weights, CUDA, "gesvda")
+    for w, b in zip(weights, batched, strict=True):
+        single = decompose(w, CUDA, "gesvda")
+        torch.testing.assert_close(b.values, single.values, rtol=1e-5, atol=1e-6)
+        cosines = (b.left(10) * single.left(10)).sum(0).abs()
+        assert float(cosines.min()) > 1 - 1e-5
+
+
+def _plan(base: torch.Tensor, tuned: TunedMatrix, rank: int | None) -> MatrixPlan:
+    return MatrixPlan("m", 0, "q", tuple(base.shape), lambda: base.clone(), lambda: tuned, adapter_rank=rank)
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "adapter"])
+def test_cuda_pipeline_agrees_with_float64(adapter):
+    base = trained_like(768, 512, seed=3)
+    if adapter:
+        g = torch.Generator().manual_seed(4)
+        s1 = float(torch.linalg.matrix_norm(base.double(), ord=2))
+        delta = LowRankDelta(
+            torch.randn(768, 4, generator=g) * s1 / 768**0.5, torch.randn(4, 512, generator=g) / 512**0.5, 1.0
+        )
+        tuned = TunedMatrix(base + delta.dense(), delta)
+    else:
+        tuned = TunedMatrix(base + 0.05 * trained_like(768, 512, seed=5))
+    rank = 4 if adapter else None
+    gpu = analyse_matrix(_plan(base, tuned, rank), device="cuda")
+    u0, s0, _ = reference(base)
+    ut, st, _ = reference(tuned.weight)
+    expected = np.abs(ut[:, :10].T @ u0).max(axis=1)
+    for eps in DEFAULT_EPSILONS:
+        if np.all(np.abs(expected - eps) > MARGIN):
+            assert gpu.intruder_counts(10, [eps]) == [int(np.sum(expected < eps))]
+    np.testing.assert_allclose(gpu.tuned_singular_values[:10], st[:10], rtol=1e-4)
+    np.testing.assert_allclose(gpu.base_singular_values[:10], s0[:10], rtol=1e-4)
+    cpu = analyse_matrix(_plan(base, tuned, rank), device="cpu")
+    assert gpu.rank90 == cpu.rank90
+    assert gpu.effective_rank == pytest.approx(cpu.effective_rank, rel=1e-3)
+    assert gpu.amplification_factor == pytest.approx(cpu.amplification_factor, rel=1e-3)
+
+
+def test_gpu_memory_of_a_7b_sized_pair_is_bounded():
+    """One 4096 x 4096 pair, cold: the GPU holds a few copies of it, not a model."""
+    base = trained_like(4096, 4096, seed=6)
+    tuned = TunedMatrix(base + 0.02 * trained_like(4096, 4096, seed=7))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    analyse_matrix(_plan(base, tuned, None), device="cuda")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() < 3 * 1024**3
