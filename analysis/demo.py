@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import json
 import math
 import os
@@ -294,20 +295,31 @@ def build_demo(
         raise InputError("--steps", f"must be at least 1, got {steps}")
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
-        existing = demo_manifest(root)
-        if existing is not None and existing.steps == steps and not force:
+        existing = None if force else _finished_build(root)
+        if existing is not None and existing.steps == steps:
             return existing
+        if root.exists() and not (root / MANIFEST_NAME).is_file() and (not root.is_dir() or any(root.iterdir())):
+            raise InputError(root, "exists and is not a demo build; choose a new or empty folder for the demo")
+        # Left behind by a build that was killed outright; nobody else builds while we hold the lock.
+        for stale in (*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
-            manifest = _build(staging, steps=steps, progress=progress)
+            _build(staging, steps=steps, progress=progress)
             _replace_dir(staging, root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return replace(
-        manifest,
-        root=root,
-        fine_tunes=tuple(replace(m, path=root / m.path.relative_to(staging)) for m in manifest.fine_tunes),
-    )
+        built = demo_manifest(root)
+    assert built is not None, f"{root} was just built"
+    return built
+
+
+def _finished_build(root: Path) -> DemoManifest | None:
+    """:func:`demo_manifest`, treating an unreadable manifest as no build (it is rebuilt)."""
+    try:
+        return demo_manifest(root)
+    except InputError:
+        return None
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -372,13 +384,14 @@ def _signature(args: ast.arguments) -> str:
     return params
 
 
-def harvest_stdlib_pairs() -> list[DocPair]:
+@functools.cache
+def harvest_stdlib_pairs() -> tuple[DocPair, ...]:
     """Every public, documented function and method of the standard library sources.
 
     Deterministic for a given Python version: files are parsed with :mod:`ast` (never
     imported) in sorted order. Pairs whose docstring summary is shorter than 12
     characters or shared with another function are dropped, so every query has exactly
-    one right answer.
+    one right answer. Parsing takes a few seconds, so the result is kept per process.
     """
     pairs: list[DocPair] = []
 
@@ -403,7 +416,7 @@ def harvest_stdlib_pairs() -> list[DocPair]:
     counts: dict[str, int] = {}
     for pair in pairs:
         counts[pair.document] = counts.get(pair.document, 0) + 1
-    return [p for p in pairs if len(p.document) >= 12 and counts[p.document] == 1]
+    return tuple(p for p in pairs if len(p.document) >= 12 and counts[p.document] == 1)
 
 
 def split_pairs(pairs: Sequence[DocPair]) -> tuple[list[DocPair], list[DocPair]]:
@@ -497,9 +510,21 @@ def _lr_factor(step: int, steps: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def retrieval_metrics(similarity: torch.Tensor) -> dict[str, float]:
+    """Recall@1 and mean reciprocal rank when query ``i``'s right document is ``i``.
+
+    ``similarity[i, j]`` scores query ``i`` against document ``j``. The rank of the
+    right document is one plus the number of documents scored strictly higher (ties go
+    the query's way).
+    """
+    right = similarity.diagonal().unsqueeze(1)
+    ranks = (similarity > right).sum(dim=1).double() + 1
+    return {"recall@1": float((ranks == 1).double().mean()), "mrr": float((1.0 / ranks).mean())}
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, queries: _Tokens, documents: _Tokens) -> dict[str, float]:
-    """Recall@1 and mean reciprocal rank of query ``i``'s document ``i`` among all."""
+def _evaluate(model: torch.nn.Module, queries: _Tokens, documents: _Tokens) -> dict[str, float]:
+    """:func:`retrieval_metrics` of the held-out queries against all held-out documents."""
     model.eval()
 
     def encode(tokens: _Tokens) -> torch.Tensor:
@@ -511,10 +536,7 @@ def evaluate(model: torch.nn.Module, queries: _Tokens, documents: _Tokens) -> di
             out[chunk] = _embed(model, tokens.batch(chunk))
         return out
 
-    scores = encode(queries) @ encode(documents).transpose(0, 1)
-    right = scores.diagonal().unsqueeze(1)
-    ranks = (scores > right).sum(dim=1) + 1
-    return {"recall@1": float((ranks == 1).double().mean()), "mrr": float((1.0 / ranks.double()).mean())}
+    return retrieval_metrics(encode(queries) @ encode(documents).transpose(0, 1))
 
 
 def _trainable_model(recipe: FineTuneRecipe, base_path: Path) -> torch.nn.Module:
@@ -585,12 +607,12 @@ def _build(
         total=steps * len(recipes), desc="demo", unit="step", disable=not progress, file=sys.stderr
     ) as bar:
         base = DemoModel(
-            "base", "all-MiniLM-L6-v2 (base)", base_path, "full", evaluate(AutoModel.from_pretrained(base_path), eval_q, eval_d)
+            "base", "all-MiniLM-L6-v2 (base)", base_path, "full", _evaluate(AutoModel.from_pretrained(base_path), eval_q, eval_d)
         )
         for recipe in recipes:
             t0 = time.perf_counter()
             model = _fine_tune(recipe, base_path, train_q, train_d, batches, bar)
-            scores = evaluate(model, eval_q, eval_d)
+            scores = _evaluate(model, eval_q, eval_d)
             folder = staging / recipe.name
             model.save_pretrained(folder)
             if recipe.kind == "full":

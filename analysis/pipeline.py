@@ -37,6 +37,7 @@ from analysis.results import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = TypeVar("P")
 R = TypeVar("R")
 
 
@@ -80,9 +81,21 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 _DEFAULT_CACHE = object()
 
-#: Matrices analysed at once (threads): one reads its weights while another's SVDs run,
-#: and LAPACK on the small matrices of most models uses one core far better than two.
-DEFAULT_WORKERS = min(2, os.cpu_count() or 1) or 1
+
+def default_workers() -> int:
+    """Matrices analysed at once: as many as fit the cores beside torch's own threads.
+
+    ``workers x torch.get_num_threads()`` never exceeds the cores: an oversubscribed
+    OpenMP/MKL team spins at its barriers while its threads wait for a core, and LAPACK
+    then runs up to 100x slower (measured on the 2-core benchmark machine, see
+    benchmarks/README.md). With torch on every core (its default) that means one matrix
+    at a time, its weights read ahead by a reader thread; with single-threaded torch on a
+    multi-core machine, independent matrices on separate cores (at most 2, enough to
+    hide reading behind computing).
+    """
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
+
+
 #: Estimated working memory (:func:`working_bytes`) that matrices analysed at once may
 #: use together; a matrix larger than this still runs, alone.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -312,10 +325,11 @@ def analyse_plan(
 ) -> Iterator[MatrixResult]:
     """Analyse a plan's matrices, yielding each result in plan order as soon as it is ready.
 
-    ``workers`` threads (default :data:`DEFAULT_WORKERS`) each take a whole matrix --
-    digests, cache lookups, loading, SVDs, metrics -- so reading one matrix overlaps the
-    SVDs of another and independent SVDs use separate cores; ``workers=1`` runs everything
-    in turn in the calling thread. A matrix starts only while the estimated working
+    ``workers`` threads (default :func:`default_workers`) each take a whole matrix --
+    digests, cache lookups, loading, SVDs, metrics -- so independent SVDs use separate
+    cores; with ``workers=1`` a reader thread prepares the next matrix (digests, cache
+    lookups, loading) while the calling thread computes this one. A matrix starts only
+    while the estimated working
     memory of those running fits ``memory_budget`` bytes (default
     :data:`DEFAULT_MEMORY_BUDGET`; one always may), so host memory stays bounded however
     large the model. ``progress`` is called after each matrix; ``should_stop`` is polled
@@ -324,13 +338,15 @@ def analyse_plan(
     """
     device = resolve_device(device)
     method = default_method(device)
-    workers = DEFAULT_WORKERS if workers is None else max(1, workers)
+    workers = default_workers() if workers is None else max(1, workers)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
 
-    def analyse(matrix: MatrixPlan) -> MatrixResult:
-        pair = _prepare(matrix, settings, cache)
+    def prepare(matrix: MatrixPlan) -> _Pair:
+        return _prepare(matrix, settings, cache)
+
+    def finish(pair: _Pair) -> MatrixResult:
         return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)
 
     def stop(done: int) -> None:
@@ -338,7 +354,7 @@ def analyse_plan(
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
     results = _in_order(
-        plan.matrices, analyse, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
+        plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
     )
     for done, (matrix, result) in enumerate(results, start=1):
         if progress is not None:
@@ -360,41 +376,49 @@ def working_bytes(shape: tuple[int, int], method: str) -> int:
 
 def _in_order(
     items: Sequence[T],
-    run: Callable[[T], R],
+    prepare: Callable[[T], P],
+    finish: Callable[[P], R],
     workers: int,
     budget: int,
     cost: Callable[[T], int],
     before_each: Callable[[int], None],
 ) -> Generator[tuple[T, R], None, None]:
-    """``(item, run(item))`` in the order of ``items``, computed by ``workers`` threads.
+    """``(item, finish(prepare(item)))`` in the order of ``items``.
 
-    ``before_each(number_yielded)`` is called before an item is started (and may raise to
-    stop). At most ``workers`` items are started and not yet yielded, and an item starts
-    only while the ``cost`` of those still running plus its own fits ``budget`` (or none
-    runs). An exception from ``run`` is raised when its item's turn comes; leaving early
-    cancels what has not started and waits for what has.
+    With ``workers >= 2`` that many threads each do both steps for an item; with one, a
+    reader thread runs ``prepare`` one item ahead while the calling thread runs
+    ``finish``. ``before_each(number_yielded)`` is called before an item is started (it
+    may raise, to stop). An item starts only while the ``cost`` of the items holding
+    memory (running, or prepared and waiting) plus its own fits ``budget``, or when
+    nothing else holds any. An exception is raised when its item's turn comes; leaving
+    early cancels what has not started and waits for what has.
     """
-    if workers <= 1:
-        for done, item in enumerate(items):
-            before_each(done)
-            yield item, run(item)
-        return
+    combined = workers > 1
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wse-matrix" if combined else "wse-reader")
     pending: deque[tuple[T, Future, int]] = deque()
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wse-matrix")
     upcoming = iter(items)
     following = next(upcoming, _END)
     done = 0
+
+    def fill(finishing: int) -> None:
+        nonlocal following
+        while following is not _END and len(pending) < workers:
+            held = finishing + sum(c for _, f, c in pending if not combined or not f.done())
+            if (pending or finishing) and held + cost(following) > budget:
+                return
+            before_each(done)
+            task = (lambda item: finish(prepare(item))) if combined else prepare
+            pending.append((following, executor.submit(task, following), cost(following)))
+            following = next(upcoming, _END)
+
     try:
         while pending or following is not _END:
-            while following is not _END and len(pending) < workers:
-                running = sum(c for _, f, c in pending if not f.done())
-                if pending and running + cost(following) > budget:
-                    break
-                before_each(done)
-                pending.append((following, executor.submit(run, following), cost(following)))
-                following = next(upcoming, _END)
-            item, future, _ = pending.popleft()
-            result = future.result()
+            fill(0)
+            item, future, item_cost = pending.popleft()
+            value = future.result()
+            fill(0 if combined else item_cost)  # start the next item before finishing this one
+            result = value if combined else finish(value)
+            del value
             done += 1
             yield item, result
     finally:

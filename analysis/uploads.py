@@ -5,8 +5,9 @@ as the two files or a zip of the folder), a kohya-style LoRA ``.safetensors``, o
 full model as ``.safetensors`` (optionally with its ``config.json``). Uploads are
 hostile input on a hosted instance, so:
 
-- **Never unpickled.** Only ``.json`` and ``.safetensors`` are kept; ``.bin``, ``.pt``
-  and other pickle-based checkpoints are refused with a message saying how to convert.
+- **Never unpickled.** Only ``.json`` and ``.safetensors`` are kept (a ``README.md``
+  picked along with an adapter folder is skipped); ``.bin``, ``.pt`` and other
+  pickle-based checkpoints are refused with a message saying how to convert.
 - **Zips are unpacked by hand,** member by member: no absolute paths, no ``..``, no
   symbolic links, no nested folders, at most :data:`MAX_FILES` files and
   :data:`MAX_UNPACKED_BYTES` bytes (counted as they are read, not trusted from the
@@ -154,6 +155,7 @@ def _check_json(path: Path, display_name: str) -> None:
 
 
 def _refuse_suffix(name: str) -> None:
+    """Refuse pickle-based checkpoints loudly (other unknown files are merely skipped)."""
     suffix = PurePosixPath(name.lower()).suffix
     if suffix in PICKLE_SUFFIXES:
         raise InputError(
@@ -161,8 +163,6 @@ def _refuse_suffix(name: str) -> None:
             f"is a pickle-based checkpoint ({suffix}); uploads are never unpickled. Save it as .safetensors "
             "(safetensors.torch.save_file, or save_pretrained(..., safe_serialization=True)) and upload that",
         )
-    if suffix not in KEPT_SUFFIXES:
-        raise InputError(name, "is not a .safetensors, .json or .zip file")
 
 
 class UploadStore:
@@ -236,6 +236,8 @@ class UploadStore:
         total = 0
         for name, data in files:
             _refuse_suffix(name)
+            if PurePosixPath(name.lower()).suffix not in KEPT_SUFFIXES:
+                continue  # README.md and the like, picked with the rest of a folder: not needed
             clean = safe_name(name)
             if clean in written:
                 raise InputError(name, "was uploaded twice")
@@ -328,7 +330,7 @@ class UploadStore:
         if "adapter_config.json" in written and not any(n.startswith("adapter_model") for n in written):
             raise InputError("adapter_config.json", "was uploaded without adapter_model.safetensors")
         if not any(n.endswith(".safetensors") for n in written):
-            raise InputError(", ".join(sorted(written)), "no .safetensors file was uploaded")
+            raise InputError(", ".join(sorted(written)) or "upload", "no .safetensors file was uploaded")
         if len(hashes) == 1:
             return next(iter(hashes.values()))
         listing = "".join(f"{name}\0{hashes[name]}\n" for name in sorted(hashes))

@@ -29,6 +29,11 @@ from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K
 from benchmarks import baseline
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -99,7 +104,9 @@ def main(argv: list[str]) -> int:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = psutil.Process().memory_info().rss
+    cpu_before = _cpu_seconds()
     result = run_engine(spec) if spec["what"] == "engine" else run_baseline(spec)
+    result["cpu_seconds"] = _cpu_seconds() - cpu_before  # all threads, user + system
     result.update(
         {
             "what": spec["what"],

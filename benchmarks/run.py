@@ -241,7 +241,6 @@ def _run_workload(workload: Workload, args: argparse.Namespace, device: torch.de
         Scenario("cached base, pair not", "cached-base", full.name),
         Scenario("everything cached (2nd run)", "all-cached", full.name),
     ] + [Scenario(f"{a.name} against cached base", "adapter", a.name) for a in adapters]
-    baselines: dict[str, list[dict]] = {t.name: [] for t in workload.tuned}
 
     def spec(what: str, tuned: str, cache_dir: Path | None) -> dict:
         t = workload.fine_tune(tuned)
@@ -258,9 +257,13 @@ def _run_workload(workload: Workload, args: argparse.Namespace, device: torch.de
             "modules": args.modules,
         }
 
+    # Paired design: each engine run is followed by a baseline run on the same fine-tune,
+    # so a change in the machine's load between rounds hits both sides of a ratio alike.
+    # --shared-baseline measures each fine-tune's baseline once per round instead.
     for repeat in range(args.repeat):
         print(f"-- round {repeat + 1}/{args.repeat}", flush=True)
         cold_dir = workdir / f"cache-cold-{repeat}"
+        measured: dict[str, dict] = {}
         for scenario in scenarios:
             if scenario.kind == "cold":
                 cache_dir = cold_dir
@@ -271,19 +274,22 @@ def _run_workload(workload: Workload, args: argparse.Namespace, device: torch.de
                 seed_cache(cold_dir, cache_dir, base_files)
             result = measure(spec("engine", scenario.tuned, cache_dir), workdir)
             scenario.engine.append(result)
-            print(f"   engine   {scenario.label:<34} {result['seconds']:8.2f} s", flush=True)
-        for t in [full, *adapters]:
-            result = measure(spec("baseline", t.name, None), workdir)
-            baselines[t.name].append(result)
-            print(f"   baseline {t.name:<34} {result['seconds']:8.2f} s", flush=True)
+            if not args.shared_baseline or scenario.tuned not in measured:
+                measured[scenario.tuned] = measure(spec("baseline", scenario.tuned, None), workdir)
+            scenario.baseline.append(measured[scenario.tuned])
+            print(
+                f"   {scenario.label:<34} engine {result['seconds']:8.2f} s   "
+                f"baseline {scenario.baseline[-1]['seconds']:8.2f} s",
+                flush=True,
+            )
         if repeat + 1 < args.repeat:
             shutil.rmtree(cold_dir, ignore_errors=True)
-    for scenario in scenarios:
-        scenario.baseline = baselines[scenario.tuned]
 
     rows = []
     references: dict[str, dict] = {}
     for scenario in scenarios:
+        pairs = zip(scenario.engine, scenario.baseline, strict=True)
+        paired = float(np.median([e["seconds"] / b["seconds"] for e, b in pairs]))
         engine_best = min(scenario.engine, key=lambda r: r["seconds"])
         baseline_best = min(scenario.baseline, key=lambda r: r["seconds"])
         target = TARGETS.get((workload.name, scenario.kind, device.type))
@@ -300,6 +306,9 @@ def _run_workload(workload: Workload, args: argparse.Namespace, device: torch.de
             "meets_target": None if target is None else ratio <= target,
             "baseline_runs_s": [r["seconds"] for r in scenario.baseline],
             "engine_runs_s": [r["seconds"] for r in scenario.engine],
+            "paired_ratio_median": paired,
+            "baseline_cpu_s": min(r["cpu_seconds"] for r in scenario.baseline),
+            "engine_cpu_s": min(r["cpu_seconds"] for r in scenario.engine),
             "baseline_peak_rss": max(r["rss_peak_bytes"] for r in scenario.baseline),
             "engine_peak_rss": max(r["rss_peak_bytes"] for r in scenario.engine),
             "engine_rss_before": min(r["rss_before_bytes"] for r in scenario.engine),
@@ -449,9 +458,9 @@ def markdown(report: dict) -> str:
     lines.append(report["description"] + ".")
     lines += [
         "",
-        "| scenario | matrices | baseline s | engine s | ratio | target | peak host GiB (baseline / engine) "
-        "| peak GPU GiB | counts vs baseline | float64 guard |",
-        "|---|---:|---:|---:|---:|---:|---|---|---|---|",
+        "| scenario | matrices | baseline s | engine s | ratio | paired median | target | CPU s (baseline / engine) "
+        "| peak host GiB (baseline / engine) | peak GPU GiB | counts vs baseline | float64 guard |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         target = "-" if r["target"] is None else f"<= {r['target']}" + (" ok" if r["meets_target"] else " MISSED")
@@ -462,8 +471,8 @@ def markdown(report: dict) -> str:
         gpu = "-" if r["engine_gpu_peak"] is None else f"{_gib(r['baseline_gpu_peak'])} / {_gib(r['engine_gpu_peak'])}"
         lines.append(
             f"| {r['scenario']} | {r['matrices']} | {r['baseline_s']:.2f} | {r['engine_s']:.2f} | {r['ratio']:.3f} "
-            f"| {target} | {_gib(r['baseline_peak_rss'])} / {_gib(r['engine_peak_rss'])} | {gpu} | {agree_text} "
-            f"| {guard_text} |"
+            f"| {r['paired_ratio_median']:.3f} | {target} | {r['baseline_cpu_s']:.2f} / {r['engine_cpu_s']:.2f} "
+            f"| {_gib(r['baseline_peak_rss'])} / {_gib(r['engine_peak_rss'])} | {gpu} | {agree_text} | {guard_text} |"
         )
     lines.append("")
     for r in report["rows"]:
@@ -499,10 +508,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="rounds (default 3 demo/kernels, 1 llama7b-shape)")
     parser.add_argument("--workers", type=int, default=None, help="engine worker threads (default: the engine's)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for both sides (default 1 on CPU: see README; 0 keeps torch's default)",
     )
     parser.add_argument("--guard-matrices", type=int, default=None, help="float64-guard only the first N matrices")
     parser.add_argument("--no-guard", action="store_true", help="skip the float64 guard")
+    parser.add_argument(
+        "--shared-baseline",
+        action="store_true",
+        help="one baseline run per fine-tune and round instead of one per scenario (default for llama7b-shape)",
+    )
     parser.add_argument("--big", action="store_true", help="kernels: include the 7B shapes")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -513,6 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     if args.repeat is None:
         args.repeat = 1 if args.workload == "llama7b-shape" else 3
+    if args.workload == "llama7b-shape":
+        args.shared_baseline = True
+    if args.threads is None and device.type == "cpu":
+        # Multi-threaded MKL on a busy machine spins at its barriers and runs 10-100x slower
+        # (benchmarks/README.md); one thread per side keeps the comparison about the maths.
+        args.threads = 1
+    elif args.threads == 0:
+        args.threads = None
 
     info = machine()
     if args.workload == "kernels":

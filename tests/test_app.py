@@ -384,3 +384,24 @@ def test_progress_and_cancel_of_a_running_analysis(
     assert job.wait(10) and job.state is JobState.CANCELLED
     at.run()
     assert at.warning[0].value == f"The analysis of **{tiny_bert_full_ft.name}** was cancelled."
+
+
+def test_uploaded_adapter_of_an_unsupported_type_or_wrong_base_is_explained(
+    cache_dir: Path, tiny_bert: Path, peft_adapter
+) -> None:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.switch_page(PAGES["models"]).run()
+    for kind, variant in (("bert", "ia3"), ("llama", "lora")):
+        folder = peft_adapter(kind, variant)
+        at.file_uploader[0].set_value([(p.name, p.read_bytes(), "") for p in sorted(folder.iterdir())])
+        at.run()
+        at.button(key="add_upload").click().run()
+        assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 2, errors
+    assert all(e.startswith("**upload PEFT adapter [") for e in errors)
+    assert "IA3" in errors[0] or "ia3" in errors[0].lower()
+    assert "/uploads/" not in "".join(errors)  # no server folders in what a visitor reads
+    assert "] adapter_config.json: peft_type is IA3" in errors[0]
+    assert at.button(key="analyse").disabled

@@ -8,7 +8,6 @@ dashboard shows them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from analysis.errors import InputError
 from analysis.results import ComparisonResult
 from tests.demo_fixture import demo_build  # noqa: F401  (pytest fixture)
 
+
 @pytest.fixture(scope="module")
 def demo_comparison(demo_build: DemoManifest) -> ComparisonResult:  # noqa: F811
     from analysis.pipeline import compare
@@ -31,7 +31,7 @@ def demo_comparison(demo_build: DemoManifest) -> ComparisonResult:  # noqa: F811
 
 def _by_name(manifest: DemoManifest, result: ComparisonResult) -> dict:
     assert [m.source for m in result.models] == manifest.tuned_paths
-    return {ft.name: model for ft, model in zip(manifest.fine_tunes, result.models)}
+    return {ft.name: model for ft, model in zip(manifest.fine_tunes, result.models, strict=True)}
 
 
 def _mean_effective_rank(model) -> float:
@@ -175,7 +175,7 @@ def test_a_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_the_task_is_deterministic_and_held_out_by_package() -> None:
     pairs = demo.harvest_stdlib_pairs()
-    assert pairs == demo.harvest_stdlib_pairs()
+    assert pairs == demo.harvest_stdlib_pairs.__wrapped__()  # parsed again, same result
     train, held_out = demo.split_pairs(pairs)
     assert {p.package for p in train}.isdisjoint({p.package for p in held_out})
     assert len(held_out) > 200 and len(train) > 2000
@@ -188,3 +188,18 @@ def test_the_task_is_deterministic_and_held_out_by_package() -> None:
 def test_steps_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="at least 1"):
         build_demo(tmp_path, steps=0)
+
+
+def test_a_folder_that_is_not_a_demo_is_never_replaced(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a demo build"):
+        build_demo(tmp_path, steps=1, progress=False, force=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_retrieval_metrics_by_hand() -> None:
+    # Query 0 ranks its document first, query 1 second, query 2 third.
+    similarity = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.5, 0.6, 0.4]])
+    scores = demo.retrieval_metrics(similarity)
+    assert scores["recall@1"] == pytest.approx(1 / 3)
+    assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)

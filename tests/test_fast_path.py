@@ -308,16 +308,44 @@ def test_in_order_bounds_concurrency_by_memory_and_raises_in_order():
             raise ValueError("item 3")
         return item * 10
 
+    def keep(value):
+        return value
+
     def no_stop(done):
         return None
 
-    got = list(_in_order(list(range(3)), run, 2, budget=100, cost=lambda i: 60, before_each=no_stop))
+    got = list(_in_order(list(range(3)), run, keep, 2, budget=100, cost=lambda i: 60, before_each=no_stop))
     assert [r for _, r in got] == [0, 10, 20] and peak[0] == 1  # two would exceed the budget
     peak[0] = 0
-    results = _in_order(list(range(6)), run, 2, budget=100, cost=lambda i: 10, before_each=no_stop)
+    results = _in_order(list(range(6)), run, keep, 2, budget=100, cost=lambda i: 10, before_each=no_stop)
     assert [next(results)[1] for _ in range(3)] == [0, 10, 20] and peak[0] == 2
     with pytest.raises(ValueError, match="item 3"):
         next(results)
+
+
+def test_single_worker_reads_the_next_matrix_while_computing():
+    events: list[tuple[str, int, str]] = []
+
+    def prepare(item):
+        events.append(("prepare", item, threading.current_thread().name))
+        return item
+
+    def finish(item):
+        time.sleep(0.05)  # the reader has time to prepare the next item meanwhile
+        events.append(("finish", item, threading.current_thread().name))
+        return item
+
+    got = list(_in_order(list(range(3)), prepare, finish, 1, 10**9, lambda i: 1, lambda done: None))
+    assert [r for _, r in got] == [0, 1, 2]
+    order = [(kind, item) for kind, item, _ in events]
+    assert order.index(("prepare", 1)) < order.index(("finish", 0))
+    assert all(name.startswith("wse-reader") for kind, _, name in events if kind == "prepare")
+    assert all(name == threading.current_thread().name for kind, _, name in events if kind == "finish")
+    # ...but not when two prepared matrices would not fit the memory budget together
+    events.clear()
+    list(_in_order(list(range(3)), prepare, finish, 1, 100, lambda i: 60, lambda done: None))
+    order = [(kind, item) for kind, item, _ in events]
+    assert order.index(("prepare", 1)) > order.index(("finish", 0))
 
 
 def test_cache_stays_within_budget_without_scanning_every_put(tmp_path):
@@ -354,35 +382,13 @@ def test_svd_method_agrees_with_gram_in_the_pipeline(monkeypatch):
     assert gram.amplification_factor == pytest.approx(svd.amplification_factor, rel=1e-4)
 
 
-def test_cpu_count_is_respected():
-    from analysis.pipeline import DEFAULT_WORKERS
+def test_workers_never_oversubscribe_the_cores(monkeypatch):
+    from analysis.pipeline import default_workers
 
-    assert 1 <= DEFAULT_WORKERS <= max(1, os.cpu_count() or 1)
-
-
-def test_fully_cached_run_reads_no_weights(tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora, monkeypatch):
-    """Second identical run: digests come from the fingerprint index, results from the cache."""
-    from analysis import sources
-    from analysis.pipeline import plan_models
-
-    cache_dir = tmp_path / "cache"
-    for tuned in (tiny_llama_full_ft, tiny_llama_lora):
-        (plan,) = plan_models(str(tiny_llama), [str(tuned)])
-        if any(m.digests is None for m in plan.matrices):
-            pytest.skip("analysis.pairing does not fill MatrixPlan.digests yet")
-        first = list(analyse_plan(plan, device="cpu", cache=SpectrumCache(cache_dir)))
-        loads: list = []
-
-        def counted(*args, loads=loads, original=sources.load_safetensors_tensor):
-            loads.append(args)
-            return original(*args)
-
-        monkeypatch.setattr(sources, "load_safetensors_tensor", counted)
-        (plan,) = plan_models(str(tiny_llama), [str(tuned)])
-        cache = SpectrumCache(cache_dir)
-        second = list(analyse_plan(plan, device="cpu", cache=cache))
-        monkeypatch.undo()
-        assert loads == [] and cache.fingerprints.hashed == 0
-        assert cache.stats.hits == len(plan.matrices) and cache.stats.computed == {}
-        for a, b in zip(first, second, strict=True):
-            np.testing.assert_array_equal(a.intruder_scores, b.intruder_scores)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert default_workers() == 1  # torch already uses both cores: a reader thread, no second worker
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert default_workers() == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers() == 2

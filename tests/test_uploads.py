@@ -157,8 +157,11 @@ def test_adapter_config_without_weights_and_bad_json(store: UploadStore) -> None
 
 
 def test_other_file_types_and_two_zips(store: UploadStore) -> None:
-    with pytest.raises(InputError, match="not a .safetensors, .json or .zip"):
+    with pytest.raises(InputError, match="no .safetensors file was uploaded"):
         store.add([("notes.txt", b"hello")])
+    # Extra files picked along with an adapter folder are skipped, not refused.
+    stored = store.add([("README.md", b"# my adapter"), ("model.safetensors", _tensors_bytes())])
+    assert stored.files == ("model.safetensors",)
     with pytest.raises(InputError, match="either one zip"):
         store.add([("a.zip", b""), ("b.json", b"{}")])
 

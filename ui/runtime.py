@@ -8,6 +8,7 @@ for a comparison that is running or done joins it. Analyses never run in a page 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -61,9 +62,10 @@ def session_id() -> str:
 
 
 def friendly(error: str) -> str:
-    """An error message with server folders replaced by what the visitor knows them as."""
-    uploads = str(resolver().uploads.root)
-    return error.replace(uploads + os.sep, "upload ").replace(uploads, "uploads")
+    """An error message with upload folders on the server named as the visitor knows them."""
+    uploads = re.escape(str(resolver().uploads.root))
+    error = re.sub(uploads + r"[/\\]([0-9a-f]{64})[/\\]files[/\\]?", lambda m: f"upload [{m.group(1)[:8]}] ", error)
+    return re.sub(uploads, "uploads", error)
 
 
 def demo_defaults() -> tuple[str, list[str]]:
@@ -124,7 +126,7 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
         if start and (job is None or (restart and stale)):
             fn = comparison_job(resolver(), base, spec, settings=SETTINGS, device=DEVICE, cache=spectrum_cache())
             job = jobs.submit(key, fn, label=resolver().label(spec), watcher=session_id())
-        elif start and job is not None:
+        elif start and job is not None and not job.should_stop():
             job.watch(session_id())
         tracked.append(Tracked(spec, job))
     return tracked

@@ -57,7 +57,9 @@ def _parse_eps(text: str | None) -> float:
         value = float(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return DEFAULT_EPSILON
-    return round(min(0.95, max(EPS_STEP, value)), 2) if value == value else DEFAULT_EPSILON
+    if value != value:  # NaN
+        return DEFAULT_EPSILON
+    return round(min(0.95, max(EPS_STEP, round(value / EPS_STEP) * EPS_STEP)), 2)  # on the slider's grid
 
 
 def load(defaults: Callable[[], tuple[str, list[str]]]) -> None:

@@ -51,9 +51,8 @@ def _progress(base: str, specs: tuple[str, ...]) -> None:
             continue
         eta = f", about {p.eta_s:.0f} s left" if p.eta_s is not None and p.done < p.total else ""
         st.progress(p.fraction, text=f"{label}: {p.done} of {p.total} matrices{eta}")
-    if running and st.button("Cancel", key="cancel_jobs", help="Stop the analyses this page started"):
-        runtime.manager().unwatch_all(runtime.session_id())
-        st.rerun()
+    if running:
+        st.button("Cancel", key="cancel_jobs", on_click=_cancel, help="Stop the analyses this page started")
     signature = _signature(tracked)
     last = st.session_state.get("wse_drawn")
     drawn_at = st.session_state.get("wse_drawn_at", 0.0)
@@ -62,11 +61,16 @@ def _progress(base: str, specs: tuple[str, ...]) -> None:
         st.rerun()
 
 
+def _cancel() -> None:
+    """Withdraw this session from its jobs; a job stops when nobody else watches it."""
+    runtime.manager().unwatch_all(runtime.session_id())
+
+
 def _signature(tracked: Sequence[runtime.Tracked]) -> list[tuple[str, str | None, int]]:
     return [(t.spec, t.state.value if t.state else None, len(t.job.items()) if t.job else 0) for t in tracked]
 
 
-def results(*, start: bool = True) -> tuple[Selection, list[ModelResult]]:
+def results() -> tuple[Selection, list[ModelResult]]:
     """The selection and the results there are for it, or stop the page with why not.
 
     Starts (or joins) the analysis of every chosen fine-tune, shows live progress while
@@ -79,7 +83,7 @@ def results(*, start: bool = True) -> tuple[Selection, list[ModelResult]]:
         st.info("Choose a base model and at least one fine-tune first.")
         st.page_link(MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
         st.stop()
-    tracked = runtime.track(selection.base, selection.tuned, start=start)
+    tracked = runtime.track(selection.base, selection.tuned, start=True)
     for t in tracked:
         if t.state is JobState.FAILED:
             st.error(f"**{runtime.resolver().label(t.spec)}** could not be analysed: {runtime.friendly(t.job.error)}")
@@ -97,19 +101,14 @@ def results(*, start: bool = True) -> tuple[Selection, list[ModelResult]]:
     return selection, models
 
 
-def model_for(selection: Selection, models: Sequence[ModelResult], name: str = "model") -> ModelResult | None:
-    spec = getattr(selection, name)
-    return next((m for m in models if m.source == spec), None)
-
-
 def max_k(models: Sequence[ModelResult]) -> int:
     """The largest ``k`` every analysed matrix has scores for."""
     lengths = [len(m.intruder_scores) for model in models for m in model.matrices]
     return max(1, min(lengths, default=state.MAX_K))
 
 
-def k_eps_controls(models: Sequence[ModelResult], *, eps: bool = True) -> tuple[int, float]:
-    """Sidebar sliders for ``k`` and ``eps`` (shared by every page)."""
+def k_eps_controls(models: Sequence[ModelResult]) -> tuple[int, float]:
+    """Sidebar sliders for ``k`` and ``eps`` (shared by every page that counts intruders)."""
     top = min(state.MAX_K, max_k(models))
     if state.get("k") > top:
         state.set("k", top)
@@ -122,22 +121,18 @@ def k_eps_controls(models: Sequence[ModelResult], *, eps: bool = True) -> tuple[
             max_value=top,
             help="Intruders are sought among the top-k singular vectors of each tuned matrix.",
         )
-        e = (
-            state.widget(
-                st.slider,
-                "ε: similarity threshold",
-                "eps",
-                min_value=state.EPS_STEP,
-                max_value=0.95,
-                step=state.EPS_STEP,
-                format="%.2f",
-                help="A tuned singular vector whose best |cosine| with every base singular vector is "
-                "below ε is an intruder dimension (Shuttleworth et al. 2024, Def. 3.1).",
-            )
-            if eps
-            else state.get("eps")
+        eps = state.widget(
+            st.slider,
+            "ε: similarity threshold",
+            "eps",
+            min_value=state.EPS_STEP,
+            max_value=0.95,
+            step=state.EPS_STEP,
+            format="%.2f",
+            help="A tuned singular vector whose best |cosine| with every base singular vector is "
+            "below ε is an intruder dimension (Shuttleworth et al. 2024, Def. 3.1).",
         )
-    return int(k), float(e)
+    return int(k), float(eps)
 
 
 def model_control(models: Sequence[ModelResult], label: str = "Fine-tune", name: str = "model") -> ModelResult:
