@@ -110,8 +110,11 @@ def overview_heatmaps(models: Sequence[ModelResult], metric: str, k: int, eps: f
         cols=len(models),
         shared_yaxes=True,
         horizontal_spacing=0.03,
-        subplot_titles=[_legend_name(label, m) for label, m in zip(labels, models, strict=True)],
+        subplot_titles=[
+            f"{label}<br><sup>{tables.training_method(m)}</sup>" for label, m in zip(labels, models, strict=True)
+        ],
     )
+    fig.update_annotations(font_size=13)
     zmax = float(table[metric].max()) if len(table) else 1.0
     for col, (index, label) in enumerate(enumerate(labels), start=1):
         rows = table[table["model"] == label].set_index(["layer", "module"])

@@ -4,6 +4,10 @@ Import the fixture into a conftest (``from tests.demo_fixture import demo_build`
 test module. It trains the real demo (:func:`analysis.demo.build_demo`, default steps)
 into a folder shared by every pytest-xdist worker of the run: the first worker builds it
 under the demo's own file lock, the others wait and reuse it.
+
+The build takes about three minutes on two idle cores and can take several times that
+on a busy machine, more than the suite's default 600 s timeout: tests that use the
+fixture should carry ``pytest.mark.timeout(DEMO_BUILD_TIMEOUT_S)``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import pytest
 
 from analysis.demo import DemoManifest, build_demo
+
+DEMO_BUILD_TIMEOUT_S = 1800
 
 
 @pytest.fixture(scope="session")

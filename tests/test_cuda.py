@@ -56,6 +56,20 @@ def test_cuda_decomposition_matches_float64(method, shape):
         assert cosines.min() > 1 - 1e-4
 
 
+def test_seeded_top_vectors_on_cuda(monkeypatch):
+    from analysis import linalg
+
+    monkeypatch.setattr(linalg, "SUBSPACE_MIN_SIZE", 256)  # production: from 3072 on
+    base = trained_like(1024, 640, seed=2)
+    tuned = base + 0.02 * trained_like(1024, 640, seed=12)
+    u, s, _ = reference(tuned)
+    seeds = decompose(base.to(CUDA), CUDA, "gram").left(80)
+    spectrum = decompose(tuned.to(CUDA), CUDA, "gram", top=40, seeds=seeds)
+    np.testing.assert_allclose(spectrum.values.cpu().numpy(), s, rtol=1e-8, atol=1e-10 * s[0])
+    cosines = np.abs(np.sum(spectrum.left(40).double().cpu().numpy() * u[:, :40], axis=0))
+    assert cosines.min() > 1 - 1e-6
+
+
 def test_batched_gesvda_equals_one_by_one():
     weights = [trained_like(256, 192, seed=i).to(CUDA) for i in range(3)]
     batched = decompose_many(weights, CUDA, "gesvda")

@@ -124,8 +124,8 @@ def test_overview_grid_shows_counts_per_layer_and_module(lora_model: ModelResult
     assert list(lora_cells.customdata[3]) == [0, "encoder.layer.1.attention.self.value.weight"]
     assert list(full_cells.customdata[0]) == [1, "encoder.layer.0.attention.self.query.weight"]
     assert list(lora_cells.text) == ["2", "0", "0", "1"]
-    assert "LoRA run (LoRA r=4)" in [a.text for a in fig.layout.annotations]
-    assert "Full FT (full FT)" in [a.text for a in fig.layout.annotations]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["LoRA run<br><sup>LoRA r=4</sup>", "Full FT<br><sup>full FT</sup>"]
     assert fig.layout.coloraxis.cmax == 2
 
 
