@@ -51,7 +51,9 @@ def test_report_end_to_end_in_a_real_process(tmp_path, tiny_bert, tiny_bert_full
     assert adapted and all(m["rank90"] <= m["adapter_rank"] for m in adapted)
 
 
-def test_second_run_and_second_fine_tune_reuse_cached_spectra(tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora):
+def test_second_run_and_second_fine_tune_reuse_cached_spectra(
+    tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora
+):
     cache = SpectrumCache(tmp_path)
     first = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=cache, device="cpu")
     n = len(first.models[0].matrices)

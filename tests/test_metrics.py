@@ -30,7 +30,10 @@ def matrices():
     yield "gaussian", torch.randn(48, 32, generator=g, dtype=torch.float64)
     yield "wide", torch.randn(24, 40, generator=g, dtype=torch.float64)
     yield "decaying", spectrum_matrix(40, 40, decay=5.0, seed=1)
-    yield "rank3", torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 20, generator=g, dtype=torch.float64)
+    yield (
+        "rank3",
+        torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 20, generator=g, dtype=torch.float64),
+    )
 
 
 # -- slow float64 references, written as the definitions read ---------------------------
@@ -167,7 +170,11 @@ def test_subspace_similarity_matches_definition():
 def test_amplification_factor_matches_definition():
     g = torch.Generator().manual_seed(4)
     W = torch.randn(30, 20, generator=g, dtype=torch.float64)
-    dW = 0.1 * torch.randn(30, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 20, generator=g, dtype=torch.float64)
+    dW = (
+        0.1
+        * torch.randn(30, 2, generator=g, dtype=torch.float64)
+        @ torch.randn(2, 20, generator=g, dtype=torch.float64)
+    )
     U, s, V = ref_svd(dW)
     r = 2
     expected = np.linalg.norm(dW.numpy(), "fro") / np.linalg.norm(U[:, :r].T @ W.numpy() @ V[:, :r], "fro")

@@ -150,7 +150,17 @@ def test_report_contract_fields():
     (entry,) = report["models"]
     assert entry["source"] == "t" and entry["kind"] == "adapter" and entry["unmatched"] == ["x.w"]
     (m,) = entry["matrices"]
-    assert set(m) >= {"name", "layer", "module", "shape", "intruders", "effective_rank", "rank90", "stable_rank", "delta_fro"}
+    assert set(m) >= {
+        "name",
+        "layer",
+        "module",
+        "shape",
+        "intruders",
+        "effective_rank",
+        "rank90",
+        "stable_rank",
+        "delta_fro",
+    }
     assert m["shape"] == [48, 32] and m["layer"] == 0 and len(m["intruders"]) == 3
     assert m["intruders"] == sorted(m["intruders"])  # counts grow with eps
     assert m["rank90"] <= 2 and 1 <= m["effective_rank"] <= 2 and math.isfinite(m["delta_fro"])
