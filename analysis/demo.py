@@ -41,7 +41,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -450,17 +449,18 @@ def split_pairs(pairs: Sequence[DocPair]) -> tuple[list[DocPair], list[DocPair]]
 
 @contextlib.contextmanager
 def _training_environment() -> Iterator[None]:
-    """Deterministic algorithms on the available cores (at most 8), and no library
-    chatter on stderr beside the demo's own progress bar; all restored afterwards."""
+    """Deterministic algorithms on torch's threads (at most 8), and no library chatter
+    on stderr beside the demo's own progress bar; all restored afterwards."""
     from transformers.utils import logging as transformers_logging
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
     bars = transformers_logging.is_progress_bar_enabled()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True)
-    # A 384-wide model gains nothing from more than a handful of threads.
-    torch.set_num_threads(max(1, min(cores, 8)))
+    # torch's default is one thread per physical core (or $OMP_NUM_THREADS, the knob for
+    # a machine shared with other work, where busy-waiting threads can slow a build
+    # several-fold); a 384-wide model gains nothing from more than a handful.
+    torch.set_num_threads(max(1, min(threads, 8)))
     transformers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():

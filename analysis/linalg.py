@@ -19,9 +19,11 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
     Squaring costs nothing that matters in float64: singular values are resolved down to
     about ``1e-8 s_1`` (a float32 SVD: about ``6e-8 s_1``) and vectors to
     ``eps64 s_1^2 / gap(s^2)`` (a float32 SVD: ``eps32 s_1 / gap(s)``), i.e. better than
-    the float32 SVD the papers use. Faster on CPU because ``syevd`` on an
-    ``min(m, n)``-square matrix beats ``gesdd``, most of all for wide matrices
-    (``benchmarks/README.md``).
+    the float32 SVD the papers use. On the benchmark CPU it costs what ``gesdd`` costs for
+    a square matrix and 1.4-3.7x less for a rectangular one (``benchmarks/README.md``).
+    Options trade what is not needed: float32 vectors for the update (its values stay
+    float64), and for the top few vectors of a large spectrum a values-only solve plus
+    seeded subspace iteration (:func:`top_eigenvectors`).
 ``gesvda`` (the CUDA default)
     cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
     in float32, batched over same-shaped matrices; wide matrices are transposed first

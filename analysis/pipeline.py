@@ -133,8 +133,15 @@ def _base_from_entry(tensors: dict[str, torch.Tensor], device: torch.device) -> 
     return Spectrum(tensors["S"].to(device), left=tensors["U"].to(device))
 
 
-def _on(spectrum: Spectrum, device: torch.device) -> Spectrum:
-    return _base_from_entry(_base_entry(spectrum), device)
+def _base_spectrum(pair: _Pair, fresh: Spectrum | None, device: torch.device, cache: SpectrumCache | None) -> Spectrum:
+    """The pair's base spectrum as stored: the cached one, or ``fresh`` rounded and cached."""
+    if fresh is None:
+        assert pair.base_spectrum is not None
+        return _base_from_entry(_base_entry(pair.base_spectrum), device)
+    stored = stored_base_spectrum(fresh)
+    if cache is not None:
+        cache.store("base", pair.base_key, _base_entry(stored))
+    return stored
 
 
 def _prepare(plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache | None) -> _Pair:
@@ -197,12 +204,8 @@ def _pair_metrics(
     base, tuned = pair.base.to(device), pair.tuned
     wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
     if method == "gram":  # one matrix at a time; each gets the precision its metrics need
-        if pair.base_spectrum is None:
-            base_spectrum = stored_base_spectrum(decompose(base, device, method))
-            if cache is not None:
-                cache.store("base", pair.base_key, _base_entry(base_spectrum))
-        else:
-            base_spectrum = _on(pair.base_spectrum, device)
+        fresh = decompose(base, device, method) if pair.base_spectrum is None else None
+        base_spectrum = _base_spectrum(pair, fresh, device, cache)
         # A fine-tune's top singular vectors lie near the base's (and, for an adapter, in
         # the span of B): good seeds when only the top few of a large spectrum are needed.
         seeds = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
@@ -224,12 +227,7 @@ def _pair_metrics(
             todo["delta"] = tuned.weight.to(device) - base
         spectra = dict(zip(todo, decompose_many(list(todo.values()), device, method), strict=True))
         del todo
-        if pair.base_spectrum is None:
-            base_spectrum = stored_base_spectrum(spectra["base"])
-            if cache is not None:
-                cache.store("base", pair.base_key, _base_entry(base_spectrum))
-        else:
-            base_spectrum = _on(pair.base_spectrum, device)
+        base_spectrum = _base_spectrum(pair, spectra.get("base"), device, cache)
         tuned_spectrum = spectra["tuned"]
         delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
 

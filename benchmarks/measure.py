@@ -45,6 +45,8 @@ def run_engine(spec: dict) -> dict:
     start = time.perf_counter()
     # What `compare` does, with the analysis streamed so the timing is the same call path.
     (plan,) = plan_models(spec["base"], [spec["tuned"]])
+    wanted = set(spec["names"])  # the same matrices as the baseline (all of them unless --modules)
+    plan.matrices = [m for m in plan.matrices if m.name in wanted]
     results = list(analyse_plan(plan, device=device, cache=cache, workers=workers))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -118,6 +118,13 @@ def seed_cache(source: Path, target: Path, base_files: list[Path]) -> None:
             shutil.copy2(index, copy)
 
 
+def matrix_sizes(workload: Workload, tuned: str) -> dict[str, int]:
+    from analysis.pipeline import plan_models
+
+    (plan,) = plan_models(str(workload.base), [str(workload.fine_tune(tuned).path)])
+    return {m.name: m.shape[0] * m.shape[1] for m in plan.matrices}
+
+
 def matrix_names(workload: Workload, tuned: str) -> list[str]:
     from analysis.pipeline import plan_models
 
@@ -318,7 +325,10 @@ def _run_workload(workload: Workload, args: argparse.Namespace, device: torch.de
             "agreement": agreement(engine_best, baseline_best),
         }
         if scenario.kind in ("cold", "adapter") and not args.no_guard:
-            guarded = names[scenario.tuned][: args.guard_matrices] if args.guard_matrices else names[scenario.tuned]
+            guarded = names[scenario.tuned]
+            if args.guard_matrices:  # the smallest ones: float64 SVDs of the largest take many minutes on CPU
+                sizes = matrix_sizes(workload, scenario.tuned)
+                guarded = sorted(guarded, key=lambda n: (sizes[n], n))[: args.guard_matrices]
             if scenario.tuned not in references:
                 print(f"   float64 reference for {scenario.tuned} ({len(guarded)} matrices) ...", flush=True)
                 references[scenario.tuned] = float64_reference(workload, scenario.tuned, guarded, device)
@@ -513,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch.set_num_threads for both sides (default 1 on CPU: see README; 0 keeps torch's default)",
     )
-    parser.add_argument("--guard-matrices", type=int, default=None, help="float64-guard only the first N matrices")
+    parser.add_argument("--guard-matrices", type=int, default=None, help="float64-guard only the N smallest matrices")
     parser.add_argument("--no-guard", action="store_true", help="skip the float64 guard")
     parser.add_argument(
         "--shared-baseline",
