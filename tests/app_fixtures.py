@@ -1,6 +1,6 @@
 """A quick stand-in for the offline demo, for the dashboard's tests.
 
-The real demo (``python -m analysis demo``) trains five fine-tunes of all-MiniLM-L6-v2 and
+The real demo (``python -m analysis demo``) trains four fine-tunes of all-MiniLM-L6-v2 and
 takes minutes on a CPU; the dashboard tests only need *a* demo build in the same layout:
 the real base (the packaged all-MiniLM-L6-v2), a full "fine-tune" and LoRA adapters of it
 made in seconds by :mod:`tests.factories` (noise and random factors, not training), and a
