@@ -46,6 +46,16 @@ def chart_config(filename: str) -> dict:
     }
 
 
+def _rank_heatmap(z: np.ndarray, block: int, **style) -> go.Heatmap:
+    """A [0, 1] heatmap over 1-based ranks whose cells are ``block`` ranks wide.
+
+    ``z`` and ``block`` come from :func:`reduce_heatmap`; each cell is centred on the
+    middle of the ranks it summarises.
+    """
+    center = (block + 1) / 2
+    return go.Heatmap(z=z, x0=center, dx=block, y0=center, dy=block, zmin=0, zmax=1, **style)
+
+
 def reduce_heatmap(z: np.ndarray, max_side: int = MAX_HEATMAP_SIDE) -> tuple[np.ndarray, int]:
     """Shrink a heatmap to at most ``max_side`` cells a side by taking block maxima.
 
@@ -229,16 +239,10 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
             f"best match, top {len(intr)}",
         ],
     )
-    center = (block + 1) / 2
     fig.add_trace(
-        go.Heatmap(
-            z=z,
-            x0=center,
-            dx=block,
-            y0=center,
-            dy=block,
-            zmin=0,
-            zmax=1,
+        _rank_heatmap(
+            z,
+            block,
             colorscale="Blues",
             colorbar={"title": "|cos|", "x": 1.02, "len": 0.7},
             hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
@@ -513,16 +517,10 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
     if phi.size == 0:
         return _empty(title, "One of the two updates is zero: no subspace to compare")
     z, block = reduce_heatmap(phi)
-    center = (block + 1) / 2
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x0=center,
-            dx=block,
-            y0=center,
-            dy=block,
-            zmin=0,
-            zmax=1,
+        _rank_heatmap(
+            z,
+            block,
             colorscale="Viridis",
             colorbar={"title": "φ"},
             hovertemplate=f"i = %{{y}} ({label_a})<br>j = %{{x}} ({label_b})<br>φ = %{{z:.3f}}<extra></extra>",
