@@ -45,8 +45,9 @@ from typing import Literal
 
 import torch
 
+from analysis.cache import derived_digest
 from analysis.errors import InputError
-from analysis.plan import LowRankDelta, TunedMatrix
+from analysis.plan import LowRankDelta, StoredDigest, TunedMatrix
 from analysis.sources import (
     ADAPTER_CONFIG,
     TensorInfo,
@@ -281,6 +282,22 @@ class LoraAdapter:
         info = self._tensors[key]
         tensor = self._state[key] if self._state is not None else load_safetensors_tensor(info.file, key)
         return tensor.to(torch.float32)
+
+    def tuned_digest(
+        self, module: AdapterModule, base_digest: str, stored: StoredDigest, *, stored_transposed: bool = False
+    ) -> str:
+        """A digest of what :meth:`tuned` returns, from stored digests alone (no merge).
+
+        ``base_digest`` names the base weight as handed to :meth:`tuned`; the factors,
+        magnitude and replacement are named by the digests of their stored tensors
+        (``stored``: the pipeline's fingerprint index), the rule by its settings.
+        """
+        tensors = [
+            "-" if key is None else stored(self._tensors[key].file, key, lambda key=key: self.load(key))
+            for key in (module.A, module.B, module.magnitude, module.replacement)
+        ]
+        rule = f"{module.layer_type}|scale={module.scale!r}|stored_transposed={stored_transposed}"
+        return derived_digest("lora-merged", rule, base_digest, *tensors)
 
     def factor_shapes(self, module: AdapterModule) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of ``(B, A)`` as stored (``out x r``, ``r x in``)."""

@@ -74,6 +74,15 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def derived_digest(kind: str, *parts: str) -> str:
+    """A digest for a matrix made from stored tensors by a fixed rule (``kind``).
+
+    ``parts`` are the digests of those tensors and every setting of the rule, so equal
+    derived digests mean equal matrices (see :attr:`analysis.plan.MatrixPlan.digests`).
+    """
+    return hashlib.sha256("\x1f".join((kind, *parts)).encode()).hexdigest()
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)

@@ -31,8 +31,9 @@ from functools import partial
 import torch
 
 from analysis.adapters import AdapterModule, LoraAdapter
+from analysis.cache import derived_digest
 from analysis.errors import InputError
-from analysis.plan import ComparisonPlan, MatrixPlan, ShapeMismatch, TunedMatrix
+from analysis.plan import ComparisonPlan, MatrixPlan, ShapeMismatch, StoredDigest, TunedMatrix
 from analysis.sources import WeightSource
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -156,6 +157,25 @@ def _load_tuned_adapter(
     return adapter.tuned(module, _load_oriented(base, name, transpose), stored_transposed=transpose)
 
 
+def _oriented_digest(source: WeightSource, name: str, transpose: bool, stored: StoredDigest) -> str:
+    """A digest of what :func:`_load_oriented` returns, from the stored tensor's digest."""
+    digest = stored(source.file(name), name, partial(source.load, name))
+    return derived_digest("oriented-float32", f"transpose={transpose}", digest)
+
+
+def _full_digests(
+    base: WeightSource, name: str, tuned: WeightSource, tuned_name: str, transpose: bool, stored: StoredDigest
+) -> tuple[str, str]:
+    return _oriented_digest(base, name, transpose, stored), _oriented_digest(tuned, tuned_name, transpose, stored)
+
+
+def _adapter_digests(
+    adapter: LoraAdapter, module: AdapterModule, base: WeightSource, name: str, transpose: bool, stored: StoredDigest
+) -> tuple[str, str]:
+    base_digest = _oriented_digest(base, name, transpose, stored)
+    return base_digest, adapter.tuned_digest(module, base_digest, stored, stored_transposed=transpose)
+
+
 def _is_conv1d(source: WeightSource, names: list[str]) -> bool:
     model_type = source.config.get("model_type")
     if model_type is not None:
@@ -234,6 +254,7 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
                 shape=_oriented_shape(base_shape, conv),
                 load_base=partial(_load_oriented, base, name, conv),
                 load_tuned=partial(_load_tuned_full, tuned, tuned_name, conv),
+                digests=partial(_full_digests, base, name, tuned, tuned_name, conv),
             )
         )
     matched_tuned = set(pairs.values())
@@ -285,6 +306,7 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
                 load_base=partial(_load_oriented, base, name, conv),
                 load_tuned=partial(_load_tuned_adapter, adapter, module, base, name, conv),
                 adapter_rank=module.rank,
+                digests=partial(_adapter_digests, adapter, module, base, name, conv),
             )
         )
     matched = set(pairs.values())

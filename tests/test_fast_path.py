@@ -392,3 +392,55 @@ def test_workers_never_oversubscribe_the_cores(monkeypatch):
     assert default_workers() == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert default_workers() == 2
+
+
+@pytest.mark.parametrize(
+    ("base", "tuned"),
+    [("tiny_llama", "tiny_llama_full_ft"), ("tiny_gpt2", "tiny_gpt2_lora"), ("tiny_llama", "tiny_llama_kohya")],
+)
+def test_fully_cached_run_reads_no_weights(tmp_path, request, monkeypatch, base, tuned):
+    """Real files: the second run finds every pair through the fingerprint index alone."""
+    from analysis.adapters import LoraAdapter
+    from analysis.pipeline import plan_models
+    from analysis.sources import WeightSource
+
+    base_path, tuned_path = request.getfixturevalue(base), request.getfixturevalue(tuned)
+    first = list(analyse_plan(plan_models(str(base_path), [str(tuned_path)])[0], cache=SpectrumCache(tmp_path)))
+
+    (plan,) = plan_models(str(base_path), [str(tuned_path)])  # opening an adapter may read factors
+
+    def refuse(self, name):
+        raise AssertionError(f"read {name} although every result is cached")
+
+    monkeypatch.setattr(WeightSource, "load", refuse)
+    monkeypatch.setattr(LoraAdapter, "load", refuse)
+    cache = SpectrumCache(tmp_path)  # a new process: the index and entries on disk only
+    second = list(analyse_plan(plan, cache=cache))
+    assert cache.stats.hits == len(plan.matrices) > 0 and cache.fingerprints.hashed == 0
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.intruder_scores, b.intruder_scores)
+
+
+def test_plan_digests_tell_apart_what_differs(
+    tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora, peft_adapter
+):
+    """Equal digests only for equal matrices: same base, another fine-tune, another adapter."""
+    from analysis.cache import FingerprintIndex
+    from analysis.pipeline import plan_models
+
+    index = FingerprintIndex(tmp_path)
+    variants = [tiny_llama_full_ft, tiny_llama_lora, peft_adapter("llama", "rslora")]
+    plans = plan_models(str(tiny_llama), [str(v) for v in variants])
+    by_plan = [{m.name: m.digests(index.digest) for m in p.matrices} for p in plans]
+    shared = set(by_plan[0]) & set(by_plan[1]) & set(by_plan[2])
+    assert shared
+    for name in shared:
+        bases = {d[name][0] for d in by_plan}
+        tuned = {d[name][1] for d in by_plan}
+        assert len(bases) == 1  # one base matrix, one digest
+        assert len(tuned) == 3 and not tuned & bases
+    matrices = {m.name: m for m in plans[0].matrices}
+    for name, (base_digest, tuned_digest) in by_plan[0].items():  # the digests name what is loaded
+        assert (base_digest == tuned_digest) == torch.equal(
+            matrices[name].load_base(), matrices[name].load_tuned().weight
+        )
