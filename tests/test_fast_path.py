@@ -421,9 +421,7 @@ def test_fully_cached_run_reads_no_weights(tmp_path, request, monkeypatch, base,
         np.testing.assert_array_equal(a.intruder_scores, b.intruder_scores)
 
 
-def test_plan_digests_tell_apart_what_differs(
-    tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora, peft_adapter
-):
+def test_plan_digests_tell_apart_what_differs(tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora, peft_adapter):
     """Equal digests only for equal matrices: same base, another fine-tune, another adapter."""
     from analysis.cache import FingerprintIndex
     from analysis.pipeline import plan_models
