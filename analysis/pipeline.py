@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal, TypeVar
 
@@ -82,18 +84,70 @@ ProgressCallback = Callable[[ProgressEvent], None]
 _DEFAULT_CACHE = object()
 
 
-def default_workers() -> int:
-    """Matrices analysed at once: as many as fit the cores beside torch's own threads.
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
-    ``workers x torch.get_num_threads()`` never exceeds the cores: an oversubscribed
-    OpenMP/MKL team spins at its barriers while its threads wait for a core, and LAPACK
-    then runs up to 100x slower (measured on the 2-core benchmark machine, see
-    benchmarks/README.md). With torch on every core (its default) that means one matrix
-    at a time, its weights read ahead by a reader thread; with single-threaded torch on a
-    multi-core machine, independent matrices on separate cores (at most 2, enough to
-    hide reading behind computing).
+
+def default_workers() -> int:
+    """Matrices analysed at once on a GPU: one, its weights read ahead by a reader thread;
+    two when torch uses only part of the cores. (CPU: see :func:`cpu_parallelism`.)"""
+    return max(1, min(2, available_cores() // max(1, torch.get_num_threads())))
+
+
+def cpu_parallelism(largest_cost: int, budget: int, matrices: int, workers: int | None = None) -> tuple[int, int]:
+    """``(workers, threads)`` for a CPU analysis: matrices at once, BLAS threads each.
+
+    LAPACK's eigensolvers scale poorly across threads for the matrices of one layer (a
+    384 x 384 Gram matrix runs 1.4x faster on 2 threads, two of them side by side 2x), so
+    matrices are spread over the cores, one thread each, as many at once as the memory
+    budget allows; the threads left over go to each matrix (a 7B-sized matrix that only
+    fits alone gets every core). ``workers x threads`` never exceeds the cores: an
+    oversubscribed OpenMP team spins at its barriers while its threads wait for a core,
+    and LAPACK then runs up to 100x slower (measured on the 2-core benchmark machine).
+    Threads are also capped by ``torch.get_num_threads()``, so a caller's lower setting
+    holds.
     """
-    return max(1, min(2, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
+    cores = available_cores()
+    if workers is None:
+        workers = min(cores, max(1, budget // max(1, largest_cost)), max(1, matrices))
+    workers = max(1, workers)
+    threads = max(1, min(cores // workers, torch.get_num_threads()))
+    return workers, threads
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch/BLAS threads, restoring the caller's setting afterwards.
+
+    Overlapping analyses (two dashboard jobs) share the setting of the first one; the
+    last to finish restores what was there before.
+    """
+    global _threads_users, _threads_saved
+    if threads is None:
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            if threads != _threads_saved:
+                torch.set_num_threads(threads)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0 and torch.get_num_threads() != _threads_saved:
+                torch.set_num_threads(_threads_saved)
 
 
 #: Estimated working memory (:func:`working_bytes`) that matrices analysed at once may
@@ -323,7 +377,8 @@ def analyse_plan(
 ) -> Iterator[MatrixResult]:
     """Analyse a plan's matrices, yielding each result in plan order as soon as it is ready.
 
-    ``workers`` threads (default :func:`default_workers`) each take a whole matrix --
+    ``workers`` threads (default on CPU :func:`cpu_parallelism`, on a GPU
+    :func:`default_workers`) each take a whole matrix --
     digests, cache lookups, loading, SVDs, metrics -- so independent SVDs use separate
     cores; with ``workers=1`` a reader thread prepares the next matrix (digests, cache
     lookups, loading) while the calling thread computes this one. A matrix starts only
@@ -336,10 +391,15 @@ def analyse_plan(
     """
     device = resolve_device(device)
     method = default_method(device)
-    workers = default_workers() if workers is None else max(1, workers)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
+    threads = None
+    if device.type == "cpu":
+        largest = max((working_bytes(m.shape, method) for m in plan.matrices), default=1)
+        workers, threads = cpu_parallelism(largest, budget, total, workers)
+    else:
+        workers = default_workers() if workers is None else max(1, workers)
 
     def prepare(matrix: MatrixPlan) -> _Pair:
         return _prepare(matrix, settings, cache)
@@ -351,13 +411,14 @@ def analyse_plan(
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
-    results = _in_order(
-        plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
-    )
-    for done, (matrix, result) in enumerate(results, start=1):
-        if progress is not None:
-            progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, time.perf_counter() - start))
-        yield result
+    with _torch_threads(threads):
+        results = _in_order(
+            plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
+        )
+        for done, (matrix, result) in enumerate(results, start=1):
+            if progress is not None:
+                progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, time.perf_counter() - start))
+            yield result
 
 
 def working_bytes(shape: tuple[int, int], method: str) -> int:

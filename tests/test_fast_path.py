@@ -383,15 +383,39 @@ def test_svd_method_agrees_with_gram_in_the_pipeline(monkeypatch):
 
 
 def test_workers_never_oversubscribe_the_cores(monkeypatch):
-    from analysis.pipeline import default_workers
+    from analysis import pipeline
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert default_workers() == 1  # torch already uses both cores: a reader thread, no second worker
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert default_workers() == 2
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert default_workers() == 2
+    assert pipeline.default_workers() == 1  # GPU: torch already uses both cores, a reader thread
+    small, big, budget = 10**6, 3 * 10**9, 2 * 1024**3
+    assert pipeline.cpu_parallelism(small, budget, 36) == (2, 1)  # small matrices: side by side
+    assert pipeline.cpu_parallelism(big, budget, 36) == (1, 2)  # one that only fits alone: every core
+    assert pipeline.cpu_parallelism(small, budget, 1) == (1, 2)
+    assert pipeline.cpu_parallelism(small, budget, 36, workers=2) == (2, 1)
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
+    assert pipeline.cpu_parallelism(small, budget, 36) == (16, 1)
+    assert pipeline.cpu_parallelism(budget // 4, budget, 36) == (4, 2)  # memory bounds the workers
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a caller's lower setting holds
+    assert pipeline.cpu_parallelism(big, budget, 36) == (1, 1)
+
+
+def test_analysis_threads_are_restored_afterwards(monkeypatch):
+    from analysis import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        base, tuned = planted_pair(5)
+        plan = ComparisonPlan("b", "t", "adapter", [plan_of(f"m{i}", base, tuned) for i in range(6)])
+        results = analyse_plan(plan, device="cpu", workers=4)
+        next(results)
+        assert torch.get_num_threads() == 1  # four matrices at once on four cores: one thread each
+        list(results)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
