@@ -81,7 +81,9 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+def read_safetensors_header(
+    path: Path, *, display_name: str | None = None, exact_end: bool = False
+) -> dict[str, TensorInfo]:
     """Read and validate a ``.safetensors`` header; the tensors are not read.
 
     The format (https://github.com/huggingface/safetensors) is an 8-byte little-endian
@@ -90,58 +92,69 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     file size here lets a corrupt or truncated file be reported precisely instead of as
     a failure halfway through an analysis.
 
+    ``display_name`` names the file in errors (an upload's own name rather than the
+    server path it was stored under); ``exact_end`` also refuses bytes after the last
+    tensor, which a complete upload never has.
+
     Raises
     ------
     InputError
         The file is unreadable, not safetensors, truncated, or holds no tensors.
     """
+    label: Path | str = display_name or path
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise InputError(path, f"is not a safetensors file: it is only {size} bytes long")
+                raise InputError(label, f"is not a safetensors file: it is only {size} bytes long")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > _MAX_HEADER_BYTES or header_len > size - 8:
                 if header_len <= _MAX_HEADER_BYTES:
                     raise InputError(
-                        path,
+                        label,
                         f"is truncated: its header says {header_len} bytes of metadata follow but the file "
                         f"has only {size - 8}",
                     )
-                raise InputError(path, "is not a safetensors file (corrupt header: the header length is nonsense)")
+                raise InputError(label, "is not a safetensors file (corrupt header: the header length is nonsense)")
             raw = handle.read(header_len)
     except OSError as error:
-        raise InputError(path, f"cannot be read ({error.strerror or error})") from error
+        raise InputError(label, f"cannot be read ({error.strerror or error})") from error
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as error:
-        raise InputError(path, "is not a safetensors file (corrupt header: not valid JSON metadata)") from error
+        raise InputError(label, "is not a safetensors file (corrupt header: not valid JSON metadata)") from error
     data_len = size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
+    data_end = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype_name, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape = tuple(int(d) for d in shape)
-            if not 0 <= start <= end:
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
                 raise ValueError("bad data offsets")
         except (KeyError, TypeError, ValueError) as error:
-            raise InputError(path, f"is not a valid safetensors file (corrupt entry for tensor {name!r})") from error
+            raise InputError(label, f"is not a valid safetensors file (corrupt entry for tensor {name!r})") from error
         if end > data_len:
             raise InputError(
-                path,
+                label,
                 f"is truncated: tensor {name!r} needs bytes up to {end} of the data section but the file holds "
                 f"only {data_len}",
             )
         if dtype_name not in _SAFETENSORS_DTYPES:
-            raise InputError(path, f"tensor {name!r} has dtype {dtype_name}, which this tool cannot read")
+            raise InputError(label, f"tensor {name!r} has dtype {dtype_name}, which this tool cannot read")
         tensors[name] = TensorInfo(path, shape, _SAFETENSORS_DTYPES[dtype_name])
+        data_end = max(data_end, end)
     if not tensors:
-        raise InputError(path, "holds no tensors")
+        raise InputError(label, "holds no tensors")
+    if exact_end and data_len > data_end:
+        raise InputError(
+            label, f"is not a valid safetensors file ({data_len - data_end} unexpected bytes after the last tensor)"
+        )
     return tensors
 
 

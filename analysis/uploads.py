@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import stat
-import struct
 import tempfile
 import zipfile
 from collections.abc import Iterable
@@ -43,6 +42,7 @@ from typing import BinaryIO
 
 from analysis.cache import default_cache_dir
 from analysis.errors import InputError
+from analysis.sources import read_safetensors_header
 
 UPLOAD_PREFIX = "upload:"
 #: Most files one upload (or one zip) may hold.
@@ -52,7 +52,6 @@ MAX_UNPACKED_BYTES = 2 * 1024**3
 #: Largest ``.json`` file accepted (configs are a few kB).
 MAX_JSON_BYTES = 4 * 1024**2
 #: Largest safetensors header accepted (the format's own readers cap it at 100 MB).
-MAX_SAFETENSORS_HEADER = 100 * 1024**2
 
 KEPT_SUFFIXES = (".json", ".safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -105,42 +104,10 @@ def safe_name(name: str) -> str:
 
 
 def check_safetensors(path: Path, display_name: str) -> None:
-    """Raise :class:`InputError` unless ``path`` is a complete, well-formed safetensors file.
-
-    The format (github.com/huggingface/safetensors): an 8-byte little-endian header
-    length ``n``, ``n`` bytes of JSON mapping tensor names to ``dtype``, ``shape`` and
-    ``data_offsets``, then the tensor bytes. The file must end exactly where the last
-    tensor does.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise InputError(display_name, f"is not a safetensors file (only {size} bytes long)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise InputError(display_name, "is not a safetensors file, or is truncated (its header is cut off)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InputError(display_name, "is not a safetensors file (its header is not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise InputError(display_name, "is not a safetensors file (its header is not a JSON object)")
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise InputError(display_name, f"is not a valid safetensors file (tensor {name!r} has no data offsets)")
-        end = max(end, offsets[1])
-    held = size - 8 - n
-    if held < end:
-        raise InputError(
-            display_name, f"is truncated: its header describes {end} bytes of tensor data but the file holds {held}"
-        )
-    if held > end:
-        raise InputError(display_name, f"is not a valid safetensors file ({held - end} unexpected bytes at the end)")
+    """Raise :class:`InputError` unless ``path`` is a complete, well-formed safetensors file
+    (:func:`analysis.sources.read_safetensors_header`, which also checks dtypes and that
+    the file ends exactly where its last tensor does), naming it ``display_name``."""
+    read_safetensors_header(path, display_name=display_name, exact_end=True)
 
 
 def _check_json(path: Path, display_name: str) -> None:

@@ -10,7 +10,6 @@ within 1e-4 relative.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
