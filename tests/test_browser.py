@@ -140,15 +140,20 @@ def shot(page, name: str) -> Path:
     return path
 
 
-IDLE = """() => !document.querySelector('[data-testid="stProgress"]')
+#: The script run is over (the attribute Streamlit's own end-to-end tests wait on), no
+#: analysis is in progress and the charts are drawn.
+IDLE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+              && !document.querySelector('[data-testid="stProgress"]')
               && !document.querySelector('[data-testid="stStatusWidget"]')
               && document.querySelectorAll('.js-plotly-plot .main-svg').length > 0"""
+SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+                     && !document.querySelector('[data-testid="stStatusWidget"]')"""
 
 
 def wait_idle(page) -> None:
     """Until the script run is over, nothing is computing, and charts are drawn.
 
-    Checked twice 0.4 s apart: between two script runs the page can look idle for a moment.
+    Checked twice 0.4 s apart: a finished run may schedule another (the progress poll).
     """
     while True:
         page.wait_for_function(IDLE, timeout=TIMEOUT_MS)
@@ -162,7 +167,7 @@ def wait_page(page, title: str, *, charts: bool = True) -> None:
     if charts:
         wait_idle(page)
     else:
-        page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')")
+        page.wait_for_function(SCRIPT_DONE)
 
 
 def go_to(page, link: str, title: str, *, charts: bool = True) -> float:
