@@ -49,7 +49,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -58,7 +58,7 @@ import torch
 from filelock import FileLock
 from tqdm import tqdm
 
-from analysis.errors import InputError
+from analysis.errors import AnalysisCancelled, InputError
 
 #: Bump when the recipe or the manifest layout changes: older builds are then rebuilt.
 DEMO_VERSION = 1
@@ -285,8 +285,18 @@ def demo_manifest(root: Path | None = None) -> DemoManifest | None:
     return replace(manifest, base=replace(manifest.base, path=base_model_path()))
 
 
+#: ``on_step(done, total, what)`` after each training step of a demo build.
+StepCallback = Callable[[int, int, str], None]
+
+
 def build_demo(
-    root: Path | None = None, *, steps: int | None = None, progress: bool = True, force: bool = False
+    root: Path | None = None,
+    *,
+    steps: int | None = None,
+    progress: bool = True,
+    force: bool = False,
+    on_step: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DemoManifest:
     """Build the offline demo into ``root`` (default ``<cache dir>/demo``), once.
 
@@ -294,7 +304,10 @@ def build_demo(
     once (unless ``force``). Otherwise the corpus is harvested, the base evaluated and
     every recipe of :data:`FINE_TUNES` trained for ``steps`` steps (default
     :data:`DEFAULT_STEPS`) in a temporary folder beside ``root``, which replaces ``root``
-    only when everything is written. ``progress`` shows tqdm bars on stderr.
+    only when everything is written. ``progress`` shows tqdm bars on stderr;
+    ``on_step(done, total, what)`` is called after every training step (the dashboard's
+    progress bar), and ``should_stop()`` before each: when it returns true the build
+    raises :class:`~analysis.errors.AnalysisCancelled` and leaves nothing behind.
     """
     root = Path(root) if root is not None else default_demo_root()
     steps = DEFAULT_STEPS if steps is None else int(steps)
@@ -312,7 +325,7 @@ def build_demo(
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
-            _build(staging, steps=steps, progress=progress)
+            _build(staging, steps=steps, progress=progress, on_step=on_step, should_stop=should_stop)
             _replace_dir(staging, root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -584,7 +597,8 @@ def _fine_tune(
     queries: _Tokens,
     documents: _Tokens,
     batches: list[list[int]],
-    bar: tqdm,
+    step_done: Callable[[str], None],
+    stop_here: Callable[[], None],
 ) -> torch.nn.Module:
     torch.manual_seed(SEED + zlib.crc32(recipe.name.encode()))
     model = _trainable_model(recipe, base_path)
@@ -594,18 +608,24 @@ def _fine_tune(
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, len(batches)))
     for batch in batches:
+        stop_here()
         loss = contrastive_loss(_embed(model, queries.batch(batch)), _embed(model, documents.batch(batch)))
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix_str(f"{recipe.name} loss {loss.item():.3f}", refresh=False)
-        bar.update()
+        step_done(f"{recipe.name} loss {loss.item():.3f}")
     return model
 
 
 def _build(
-    staging: Path, *, steps: int, progress: bool, recipes: Sequence[FineTuneRecipe] | None = None
+    staging: Path,
+    *,
+    steps: int,
+    progress: bool,
+    recipes: Sequence[FineTuneRecipe] | None = None,
+    on_step: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DemoManifest:
     """Harvest the task, evaluate the base, train and save every recipe into ``staging``
     and write its ``manifest.json`` last."""
@@ -629,12 +649,26 @@ def _build(
         _training_environment(),
         tqdm(total=steps * len(recipes), desc="demo", unit="step", disable=not progress, file=sys.stderr) as bar,
     ):
+        total, done = steps * len(recipes), 0
+
+        def step_done(what: str) -> None:
+            nonlocal done
+            done += 1
+            bar.set_postfix_str(what, refresh=False)
+            bar.update()
+            if on_step is not None:
+                on_step(done, total, what)
+
+        def stop_here() -> None:
+            if should_stop is not None and should_stop():
+                raise AnalysisCancelled(f"the demo build was stopped after {done} of {total} training steps")
+
         threads = torch.get_num_threads()
         base_scores = _evaluate(AutoModel.from_pretrained(base_path), eval_q, eval_d)
         base = DemoModel("base", "all-MiniLM-L6-v2 (base)", base_path, "full", base_scores)
         for recipe in recipes:
             t0 = time.perf_counter()
-            model = _fine_tune(recipe, base_path, train_q, train_d, batches, bar)
+            model = _fine_tune(recipe, base_path, train_q, train_d, batches, step_done, stop_here)
             scores = _evaluate(model, eval_q, eval_d)
             folder = staging / recipe.name
             model.save_pretrained(folder)

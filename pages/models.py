@@ -9,7 +9,7 @@ import streamlit as st
 
 from analysis.demo import default_demo_root
 from analysis.errors import InputError
-from analysis.jobs import Job, JobState
+from analysis.jobs import Job, JobState, Progress
 from analysis.specs import DEMO_PREFIX
 from ui import runtime, state, views
 
@@ -36,21 +36,12 @@ def _demo_manifest():
 def _build_demo(job: Job):
     from analysis.demo import build_demo
 
-    return build_demo(progress=True)
+    started = time.time()
 
+    def on_step(done: int, total: int, what: str) -> None:
+        job.report(Progress(done, total, what, time.time() - started))
 
-def _demo_steps() -> tuple[int, int]:
-    """Steps done and total of the demo build's progress bar (0, 0 before it shows).
-
-    ``build_demo`` reports progress only as a tqdm bar named "demo"; tqdm keeps its open
-    bars in ``tqdm._instances``, read here (a private attribute, hence the fallback).
-    """
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        if getattr(bar, "desc", "") == "demo" and bar.total:
-            return int(bar.n), int(bar.total)
-    return 0, 0
+    return build_demo(progress=False, on_step=on_step, should_stop=job.should_stop)
 
 
 def use_demo() -> None:
@@ -69,14 +60,16 @@ def _demo_build_progress() -> None:
     if job is None:
         return
     if not job.state.finished:
+        progress = job.progress
         elapsed = time.time() - job.created_at
-        done, total = _demo_steps()
-        st.progress(
-            done / total if total else 0.0,
-            text=f"Building the offline demo: {done} of {total} training steps, {elapsed:.0f} s so far"
-            if total
-            else f"Building the offline demo… {elapsed:.0f} s so far (a few minutes on CPU)",
-        )
+        if progress is not None and progress.total:
+            eta = f", about {progress.eta_s:.0f} s left" if progress.eta_s is not None else ""
+            st.progress(
+                progress.fraction,
+                text=f"Building the offline demo: {progress.done} of {progress.total} training steps{eta}",
+            )
+        else:
+            st.progress(0.0, text=f"Building the offline demo… {elapsed:.0f} s so far (a few minutes on CPU)")
         return
     st.rerun()
 

@@ -405,3 +405,36 @@ def test_uploaded_adapter_of_an_unsupported_type_or_wrong_base_is_explained(
     assert "/uploads/" not in "".join(errors)  # no server folders in what a visitor reads
     assert "] adapter_config.json: peft_type is IA3" in errors[0]
     assert at.button(key="analyse").disabled
+
+
+def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Models page starts a demo build in the background and shows its step count."""
+    import threading
+
+    from analysis import demo
+    from analysis.errors import AnalysisCancelled
+    from analysis.jobs import JobState
+    from ui import runtime
+
+    stepped, calls = threading.Event(), []
+
+    def build_demo(**kwargs):  # the real one trains for minutes; its callbacks are tested in test_demo
+        calls.append(sorted(kwargs))
+        kwargs["on_step"](30, 240, "full-ft loss 0.512")
+        stepped.set()
+        while not kwargs["should_stop"]():
+            threading.Event().wait(0.05)
+        raise AnalysisCancelled("the demo build was stopped after 30 of 240 training steps")
+
+    monkeypatch.setattr(demo, "build_demo", build_demo)
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGES["models"]).run()
+    at.button(key="build_demo").click().run()
+    assert stepped.wait(10)
+    at.run()
+    (bar,) = at.get("progress")
+    assert bar.proto.value == 12 and bar.proto.text.startswith("Building the offline demo: 30 of 240 training steps")
+    assert calls == [["on_step", "progress", "should_stop"]]
+    (job,) = [j for j in runtime.manager().jobs() if j.label == "offline demo"]
+    job.cancel()
+    assert job.wait(10) and job.state is JobState.CANCELLED

@@ -18,7 +18,7 @@ import torch
 
 from analysis import demo
 from analysis.demo import DemoManifest, build_demo, demo_manifest
-from analysis.errors import InputError
+from analysis.errors import AnalysisCancelled, InputError
 from analysis.results import ComparisonResult
 from tests.demo_fixture import DEMO_BUILD_TIMEOUT_S, demo_build  # noqa: F401  (pytest fixture)
 
@@ -157,6 +157,19 @@ def test_an_interrupted_first_build_leaves_no_demo(tmp_path: Path, one_recipe, m
         build_demo(tmp_path / "demo", steps=1, progress=False)
     assert demo_manifest(tmp_path / "demo") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock"]
+
+
+def test_steps_are_reported_and_a_stopped_build_leaves_nothing(tmp_path: Path, one_recipe) -> None:
+    seen: list[tuple[int, int, str]] = []
+    build_demo(tmp_path / "demo", steps=2, progress=False, on_step=lambda *step: seen.append(step))
+    assert [(done, total) for done, total, _ in seen] == [(1, 2), (2, 2)]
+    assert all(what.startswith("lora-r1 loss ") for _, _, what in seen)
+
+    with pytest.raises(AnalysisCancelled, match="stopped after 1 of 2 training steps"):
+        build_demo(tmp_path / "other", steps=2, progress=False, should_stop=lambda: len(seen) >= 3,
+                   on_step=lambda *step: seen.append(step))  # fmt: skip
+    assert demo_manifest(tmp_path / "other") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", ".other.lock", "demo"]
 
 
 def test_other_steps_rebuild_and_builds_are_bit_identical(tmp_path: Path, one_recipe) -> None:
