@@ -27,6 +27,7 @@ Every problem is an :class:`~analysis.errors.InputError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,11 +35,14 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+from filelock import FileLock
 
 from analysis.cache import default_cache_dir
 from analysis.errors import InputError
@@ -51,7 +55,11 @@ MAX_FILES = 32
 MAX_UNPACKED_BYTES = 2 * 1024**3
 #: Largest ``.json`` file accepted (configs are a few kB).
 MAX_JSON_BYTES = 4 * 1024**2
-#: Largest safetensors header accepted (the format's own readers cap it at 100 MB).
+#: Bytes all stored uploads may take together (``$WSE_UPLOAD_BUDGET_GB``, default 20).
+DEFAULT_STORE_BUDGET_GB = 20.0
+#: An upload used (stored or opened) this recently is never evicted: a visitor's page or a
+#: running analysis may be reading it.
+RECENT_USE_S = 3600.0
 
 KEPT_SUFFIXES = (".json", ".safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -110,6 +118,15 @@ def check_safetensors(path: Path, display_name: str) -> None:
     read_safetensors_header(path, display_name=display_name, exact_end=True)
 
 
+def _budget_from_env() -> int:
+    raw = os.environ.get("WSE_UPLOAD_BUDGET_GB", "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_STORE_BUDGET_GB
+    except ValueError:
+        raise InputError("WSE_UPLOAD_BUDGET_GB", f"must be a number of gigabytes, got {raw!r}") from None
+    return int(gb * 1024**3)
+
+
 def _check_json(path: Path, display_name: str) -> None:
     if path.stat().st_size > MAX_JSON_BYTES:
         raise InputError(display_name, f"is larger than {MAX_JSON_BYTES // 1024**2} MB; configs are a few kB")
@@ -141,14 +158,25 @@ class UploadStore:
         The folder holding one sub-folder per upload.
     max_files, max_bytes:
         Caps on one upload (files, and bytes once unpacked).
+    budget_bytes:
+        Cap on all stored uploads together (default ``$WSE_UPLOAD_BUDGET_GB``, 20 GB).
+        Storing one past it first removes the least recently used uploads, never one used
+        in the last :data:`RECENT_USE_S` seconds; when that cannot make room the upload is
+        refused (a hosted instance's disk never fills up with uploads).
     """
 
     def __init__(
-        self, root: Path | str | None = None, *, max_files: int = MAX_FILES, max_bytes: int = MAX_UNPACKED_BYTES
+        self,
+        root: Path | str | None = None,
+        *,
+        max_files: int = MAX_FILES,
+        max_bytes: int = MAX_UNPACKED_BYTES,
+        budget_bytes: int | None = None,
     ) -> None:
         self.root = Path(root) if root is not None else default_cache_dir() / "uploads"
         self.max_files = max_files
         self.max_bytes = max_bytes
+        self.budget_bytes = budget_bytes if budget_bytes is not None else _budget_from_env()
 
     # -- storing ------------------------------------------------------------------------
     def add(self, files: Iterable[tuple[str, bytes | BinaryIO]]) -> StoredUpload:
@@ -186,13 +214,16 @@ class UploadStore:
             }
             (staging / _META).write_text(json.dumps(meta, indent=1))
             final = self.root / digest
-            try:
-                os.rename(staging, final)
-            except OSError:
+            with FileLock(str(self.root / ".store.lock")):
                 if not (final / _META).exists():
-                    raise
-                # Same content stored before (or concurrently): keep the existing copy.
-                shutil.rmtree(staging, ignore_errors=True)
+                    self._make_room(meta["size_bytes"], keep=digest)
+                try:
+                    os.rename(staging, final)
+                except OSError:
+                    if not (final / _META).exists():
+                        raise
+                    # Same content stored before (or concurrently): keep the existing copy.
+                    shutil.rmtree(staging, ignore_errors=True)
             return self.get(digest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -303,6 +334,56 @@ class UploadStore:
         listing = "".join(f"{name}\0{hashes[name]}\n" for name in sorted(hashes))
         return hashlib.sha256(listing.encode()).hexdigest()
 
+    def stored_bytes(self) -> int:
+        """Bytes all stored uploads take (as recorded when each was stored)."""
+        return sum(size for _, size, _ in self._stored())
+
+    def _stored(self) -> list[tuple[float, int, Path]]:
+        """``(last used, bytes, folder)`` of every stored upload, least recently used first."""
+        entries = []
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            if not _DIGEST.match(folder.name):
+                continue
+            try:
+                last_used = (folder / _META).stat().st_mtime
+                size = int(json.loads((folder / _META).read_text())["size_bytes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # half removed, or not ours: neither counted nor touched
+            entries.append((last_used, size, folder))
+        return sorted(entries, key=lambda entry: entry[0])
+
+    def _make_room(self, incoming: int, *, keep: str) -> None:
+        """Remove least recently used uploads until ``incoming`` more bytes fit the budget."""
+        gb = self.budget_bytes / 1024**3
+        if incoming > self.budget_bytes:
+            raise InputError("upload", f"is larger than the {gb:.3g} GB this server keeps for all uploads together")
+        now = time.time()
+        for leftover in (*self.root.glob(".staging-*"), *self.root.glob(".evicted-*")):
+            with contextlib.suppress(OSError):  # from a process killed mid-way, an hour ago or more
+                if now - leftover.stat().st_mtime > RECENT_USE_S:
+                    shutil.rmtree(leftover, ignore_errors=True)
+        entries = self._stored()
+        total = sum(size for _, size, _ in entries) + incoming
+        for last_used, size, folder in entries:
+            if total <= self.budget_bytes:
+                break
+            if folder.name == keep or now - last_used < RECENT_USE_S:
+                continue
+            # Renamed away first, so a reader sees the upload whole or not at all.
+            doomed = folder.with_name(f".evicted-{folder.name}-{os.getpid()}")
+            try:
+                os.rename(folder, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            total -= size
+        if total > self.budget_bytes:
+            raise InputError(
+                "upload",
+                f"does not fit: this server keeps at most {gb:.3g} GB of uploads and the rest were used within the "
+                "last hour; try again later or run the dashboard locally",
+            )
+
     # -- reading ------------------------------------------------------------------------
     def get(self, spec_or_digest: str) -> StoredUpload:
         """The stored upload named ``upload:<sha256>`` (or just the digest)."""
@@ -316,6 +397,8 @@ class UploadStore:
             raise InputError(
                 spec_or_digest, "is not stored on this server (uploads are kept per server; upload the files again)"
             ) from None
+        with contextlib.suppress(OSError):  # "last used", for eviction; a read-only store still works
+            os.utime(folder / _META)
         names = tuple(meta["files"])
         files = folder / _FILES
         single = len(names) == 1 and names[0].endswith(".safetensors")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def test_adapter_zip_and_loose_files_get_the_same_id(store: UploadStore, tiny_be
     assert zipped.is_adapter and zipped.path.is_dir()
     assert sorted(p.name for p in zipped.path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     # Only one copy on disk and no staging folders left behind.
-    assert sorted(p.name for p in store.root.iterdir()) == [loose.digest]
+    assert sorted(p.name for p in store.root.iterdir() if p.name != ".store.lock") == [loose.digest]
 
 
 def test_stored_adapter_opens_as_a_lora_adapter(store: UploadStore, tiny_bert_lora: Path) -> None:
@@ -200,4 +202,48 @@ def test_concurrent_identical_uploads_store_one_copy(store: UploadStore) -> None
         t.join()
     assert not errors
     assert set(results) == {hashlib.sha256(data).hexdigest()}
-    assert [p.name for p in store.root.iterdir()] == [results[0]]
+    assert [p.name for p in store.root.iterdir() if p.name != ".store.lock"] == [results[0]]
+
+
+def _age(store: UploadStore, digest: str, seconds: float) -> None:
+    """Pretend upload ``digest`` was last used ``seconds`` ago."""
+    meta = store.root / digest / "upload.json"
+    then = time.time() - seconds
+    os.utime(meta, (then, then))
+
+
+def test_store_budget_evicts_the_least_recently_used_and_never_a_recent_one(tmp_path: Path) -> None:
+    one = len(save({"w": torch.zeros(64)}))
+    store = UploadStore(tmp_path / "u", budget_bytes=int(2.5 * one))
+    first = store.add([("a.safetensors", save({"w": torch.zeros(64)}))])
+    second = store.add([("b.safetensors", save({"w": torch.ones(64)}))])
+    _age(store, first.digest, 7200)
+    _age(store, second.digest, 7300)
+    store.get(second.digest)  # opened again (a shared link): used just now
+    third = store.add([("c.safetensors", save({"w": torch.full((64,), 2.0)}))])
+    assert sorted(p.name for p in store.root.iterdir() if not p.name.startswith(".")) == sorted(
+        [second.digest, third.digest]
+    )
+    with pytest.raises(InputError, match="not stored on this server"):
+        store.get(first.digest)
+    assert store.stored_bytes() == 2 * one
+
+    # Everything left was used within the hour: a new upload is refused, nothing removed.
+    with pytest.raises(InputError, match="keeps at most .* GB of uploads and the rest were used within the last hour"):
+        store.add([("d.safetensors", save({"w": torch.full((64,), 3.0)}))])
+    assert store.stored_bytes() == 2 * one and not list(store.root.glob(".staging-*"))
+    assert store.get(second.digest) and store.get(third.digest)
+    # The same content again needs no room.
+    assert store.add([("c-again.safetensors", save({"w": torch.full((64,), 2.0)}))]).digest == third.digest
+
+
+def test_an_upload_larger_than_the_whole_budget_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WSE_UPLOAD_BUDGET_GB", str(100 / 1024**3))
+    store = UploadStore(tmp_path / "u")
+    assert store.budget_bytes == 100
+    with pytest.raises(InputError, match="larger than the .* GB this server keeps for all uploads together"):
+        store.add([("a.safetensors", _tensors_bytes())])
+    assert store.stored_bytes() == 0
+    monkeypatch.setenv("WSE_UPLOAD_BUDGET_GB", "lots")
+    with pytest.raises(InputError, match="WSE_UPLOAD_BUDGET_GB"):
+        UploadStore(tmp_path / "u")
