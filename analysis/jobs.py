@@ -235,13 +235,16 @@ def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:
     return ("compare", base, tuned, settings.signature(), device)
 
 
-def comparison_job(resolver, base: str, tuned: str, *, settings, device: str = "auto", cache=None) -> JobFunction:
+def comparison_job(
+    resolver, base: str, tuned: str, *, settings, device: str = "auto", cache=None, workers: int | None = None
+) -> JobFunction:
     """A job function comparing ``tuned`` with ``base`` (specs of :mod:`analysis.specs`).
 
     It plans the pair, publishes each :class:`~analysis.results.MatrixResult` as soon as
     :func:`~analysis.pipeline.analyse_plan` yields it, reports per-matrix progress, stops
     when asked, and returns the :class:`~analysis.results.ModelResult`. The plan is kept
     in ``job.plan`` so a page can show partial results as a ``ModelResult`` too.
+    ``workers`` is passed to ``analyse_plan`` (a share of the cores when several jobs run).
     """
     from analysis.pipeline import analyse_plan, model_result
 
@@ -257,6 +260,7 @@ def comparison_job(resolver, base: str, tuned: str, *, settings, device: str = "
             cache=cache,
             progress=lambda e: job.report(Progress(e.done, e.total, e.matrix, e.elapsed_s)),
             should_stop=job.should_stop,
+            workers=workers,
         ):
             matrices.append(result)
             job.publish(result)

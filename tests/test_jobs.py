@@ -142,3 +142,15 @@ def test_old_finished_jobs_are_forgotten() -> None:
     kept = {job.key for job in manager.jobs()}
     assert len(kept) <= 3 and 0 not in kept and "last" in kept
     manager.shutdown()
+
+
+def test_concurrent_dashboard_jobs_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ui import runtime
+
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    monkeypatch.delenv("WSE_MAX_JOBS", raising=False)
+    assert runtime._job_workers() is None  # one job at a time: the engine decides
+    monkeypatch.setenv("WSE_MAX_JOBS", "2")
+    assert runtime._job_workers() == 4
+    monkeypatch.setenv("WSE_MAX_JOBS", "16")
+    assert runtime._job_workers() == 1

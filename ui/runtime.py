@@ -17,7 +17,7 @@ import streamlit as st
 from analysis.cache import SpectrumCache, default_cache_dir
 from analysis.errors import InputError
 from analysis.jobs import Job, JobManager, JobState, comparison_job, comparison_key
-from analysis.pipeline import AnalysisSettings, model_result
+from analysis.pipeline import AnalysisSettings, available_cores, model_result
 from analysis.results import ModelResult
 from analysis.specs import DEMO_PREFIX, SpecResolver, local_paths_allowed
 from analysis.uploads import UploadStore
@@ -50,8 +50,19 @@ def spectrum_cache() -> SpectrumCache:
     return _spectrum_cache(str(default_cache_dir()))
 
 
+def _max_jobs() -> int:
+    return max(1, int(os.environ.get("WSE_MAX_JOBS", "1")))
+
+
 def manager() -> JobManager:
-    return job_manager(int(os.environ.get("WSE_MAX_JOBS", "1")))
+    return job_manager(_max_jobs())
+
+
+def _job_workers() -> int | None:
+    """Matrices one job analyses at once: the engine's choice, or a share of the cores when
+    ``WSE_MAX_JOBS`` jobs may run together (so they never oversubscribe the machine)."""
+    jobs = _max_jobs()
+    return None if jobs == 1 else max(1, available_cores() // jobs)
 
 
 def session_id() -> str:
@@ -124,7 +135,9 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
         job = jobs.get(key)
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
         if start and (job is None or (restart and stale)):
-            fn = comparison_job(resolver(), base, spec, settings=SETTINGS, device=DEVICE, cache=spectrum_cache())
+            fn = comparison_job(
+                resolver(), base, spec, settings=SETTINGS, device=DEVICE, cache=spectrum_cache(), workers=_job_workers()
+            )
             job = jobs.submit(key, fn, label=resolver().label(spec), watcher=session_id())
         elif start and job is not None and not job.should_stop():
             job.watch(session_id())
