@@ -14,6 +14,7 @@ Every problem is an :class:`~analysis.errors.InputError`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -92,6 +93,33 @@ class SpecResolver:
         looks_local = Path(spec).expanduser().exists() and self.allow_local_paths
         label = Path(spec.rstrip("/")).name if looks_local else spec
         return ResolvedSpec(spec, label, None, {"label": label})
+
+    def version(self, spec: str) -> str:
+        """A stamp of the files ``spec`` names now (sizes, times, inodes; nothing is read).
+
+        It changes when a local folder or file, or the demo, is rewritten in place, so a
+        finished dashboard job for the old files is not shown for the new ones. Uploads
+        are content-addressed and hub ids are re-resolved when a job starts: ``""``.
+        """
+        try:
+            resolved = self.resolve(spec)
+        except InputError:
+            return ""
+        path = resolved.path
+        if path is None and self.allow_local_paths and not is_upload_spec(spec):
+            local = Path(spec.strip()).expanduser()
+            path = local if local.exists() else None
+        if path is None or is_upload_spec(spec):
+            return ""
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        stamp = hashlib.sha256()
+        for file in files:
+            try:
+                st = file.stat()
+            except OSError:
+                continue
+            stamp.update(f"{file.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
+        return stamp.hexdigest()[:16]
 
     def label(self, spec: str) -> str:
         """A spec's display label, or the spec itself when it cannot be resolved."""

@@ -178,6 +178,24 @@ def go_to(page, link: str, title: str, *, charts: bool = True) -> float:
     return time.perf_counter() - start
 
 
+def upload(page, paths: list[Path]) -> None:
+    """Choose ``paths`` in the Models page's uploader and wait until the server has them.
+
+    The names must show inside the uploader itself (the page may name the same files
+    elsewhere), and the rerun that hands the files to the script must be over, before a
+    button may use them.
+    """
+    uploader = page.get_by_test_id("stFileUploader")
+    uploader.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(p) for p in paths])
+    for path in paths:
+        uploader.get_by_text(path.name).first.wait_for()
+    while True:
+        page.wait_for_function(SCRIPT_DONE)
+        page.wait_for_timeout(400)
+        if page.evaluate(SCRIPT_DONE):
+            return
+
+
 def chart_titles(page) -> list[str]:
     """The titles of the charts on the page, top to bottom (SVG text has no innerText)."""
     return page.locator(".js-plotly-plot .gtitle").evaluate_all("els => els.map(e => e.textContent)")
@@ -284,9 +302,7 @@ def test_upload_an_adapter_then_a_corrupt_file(server: str, page, files: dict[st
     wait_page(page, "Overview")
     go_to(page, "Models", "Models", charts=False)
     adapter = files["adapter"]
-    chooser = page.get_by_test_id("stFileUploaderDropzoneInput")
-    chooser.set_input_files([str(adapter / "adapter_config.json"), str(adapter / "adapter_model.safetensors")])
-    page.get_by_text("adapter_model.safetensors").first.wait_for()
+    upload(page, [adapter / "adapter_config.json", adapter / "adapter_model.safetensors"])
     page.get_by_role("button", name="Add the upload as a fine-tune").click()
     page.get_by_text("Added upload PEFT adapter [").wait_for()
     understood = page.get_by_text("PEFT LoRA adapter, r = 4, α = 8 · 12 matrices matched")
@@ -305,8 +321,7 @@ def test_upload_an_adapter_then_a_corrupt_file(server: str, page, files: dict[st
     shot(page, "14-upload-spectrum")
 
     go_to(page, "Models", "Models", charts=False)
-    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(files["corrupt"])])
-    page.get_by_text("adapter_model.safetensors").first.wait_for()
+    upload(page, [files["corrupt"]])
     page.get_by_role("button", name="Add the upload as a fine-tune").click()
     error = page.get_by_text("Upload refused: adapter_model.safetensors: is truncated")
     error.wait_for()

@@ -116,9 +116,12 @@ class Tracked:
 def job_key(base: str, tuned: str) -> tuple:
     """The job comparing ``tuned`` with ``base`` on this server.
 
-    The cache folder is part of it: it decides what ``demo:`` and ``upload:`` specs name.
+    The cache folder is part of it: it decides what ``demo:`` and ``upload:`` specs name;
+    so are the versions of local files (:meth:`SpecResolver.version`): a folder rewritten
+    in place is analysed again (cheaply: the spectrum cache is content-addressed).
     """
-    return (*comparison_key(base, tuned, SETTINGS, DEVICE), str(default_cache_dir()))
+    versions = (resolver().version(base), resolver().version(tuned))
+    return (*comparison_key(base, tuned, SETTINGS, DEVICE), str(default_cache_dir()), versions)
 
 
 def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart: bool = False) -> list[Tracked]:
