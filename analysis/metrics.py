@@ -162,6 +162,7 @@ def amplification_factor(
     """
     if delta_fro == 0:
         return 0.0
-    projected = delta_left.transpose(0, 1) @ base_weight.to(delta_left.dtype) @ delta_right
+    dtype = torch.promote_types(delta_left.dtype, delta_right.dtype)
+    projected = delta_left.to(dtype).transpose(0, 1) @ base_weight.to(dtype) @ delta_right.to(dtype)
     denominator = float(torch.linalg.matrix_norm(projected.to(torch.float64), ord="fro"))
     return float("inf") if denominator == 0 else float(delta_fro / denominator)

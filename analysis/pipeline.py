@@ -122,31 +122,50 @@ def cpu_parallelism(largest_cost: int, budget: int, matrices: int, workers: int 
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
+_blas_limits = None
+
+
+def _limit_blas(threads: int):
+    """Limit the BLAS libraries outside torch (SciPy's OpenBLAS, used through
+    :mod:`analysis.lapack`) to ``threads``; a handle that restores them, or ``None``."""
+    from analysis import lapack
+
+    lapack.available()  # loads SciPy's LAPACK, so that its OpenBLAS is among those limited
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is in requirements.txt
+        return None
+    return threadpool_limits(limits=threads, user_api="blas")
 
 
 @contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch/BLAS threads, restoring the caller's setting afterwards.
+def _compute_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch and BLAS threads, restoring the caller's settings afterwards.
 
     Overlapping analyses (two dashboard jobs) share the setting of the first one; the
     last to finish restores what was there before.
     """
-    global _threads_users, _threads_saved
+    global _threads_users, _threads_saved, _blas_limits
     if threads is None:
         yield
         return
     with _threads_lock:
         if _threads_users == 0:
+            # BLAS first, torch second (and the reverse when restoring): an OpenMP build of
+            # OpenBLAS sets the OpenMP thread count that torch reads too.
             _threads_saved = torch.get_num_threads()
-            if threads != _threads_saved:
-                torch.set_num_threads(threads)
+            _blas_limits = _limit_blas(threads)
+            torch.set_num_threads(threads)
         _threads_users += 1
     try:
         yield
     finally:
         with _threads_lock:
             _threads_users -= 1
-            if _threads_users == 0 and torch.get_num_threads() != _threads_saved:
+            if _threads_users == 0:
+                if _blas_limits is not None:
+                    _blas_limits.restore_original_limits()
+                    _blas_limits = None
                 torch.set_num_threads(_threads_saved)
 
 
@@ -411,7 +430,7 @@ def analyse_plan(
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
-    with _torch_threads(threads):
+    with _compute_threads(threads):
         results = _in_order(
             plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
         )

@@ -465,3 +465,77 @@ def test_plan_digests_tell_apart_what_differs(tmp_path, tiny_llama, tiny_llama_f
         assert (base_digest == tuned_digest) == torch.equal(
             matrices[name].load_base(), matrices[name].load_tuned().weight
         )
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (420, 260), (260, 420)], ids=["square", "tall", "wide"])
+def test_tridiagonal_top_vectors_match_float64_svd(shape):
+    """All values and only the top vectors (analysis.lapack), as the tuned weight gets them."""
+    from analysis import lapack
+
+    assert lapack.available()
+    m, n = shape
+    w = trained_like(m, n, seed=11)
+    u, s, v = reference(w)
+    spectrum = decompose(w, CPU, "gram", top=40)
+    assert spectrum._provider is not None  # the tridiagonal path was taken
+    np.testing.assert_allclose(spectrum.values.numpy(), s, rtol=1e-9, atol=1e-12 * s[0])
+    gram_side_left = m <= n  # that side's vectors come from LAPACK (float64), the other is derived (float32)
+    assert_same_vectors(spectrum.left(40), u[:, :40], 1e-9 if gram_side_left else 1e-5)
+    assert_same_vectors(spectrum.right(40), v[:, :40], 1e-5 if gram_side_left else 1e-9)
+
+
+def test_tridiagonal_vectors_on_demand_cover_any_number(monkeypatch):
+    """The update's spectrum: values now, 10, then 200, then every vector when asked."""
+    w = trained_like(260, 300, seed=12)
+    u, s, _ = reference(w)
+    lazy = decompose(w, CPU, "gram", vectors=torch.float32)
+    np.testing.assert_allclose(lazy.values.numpy(), s, rtol=1e-9, atol=1e-12 * s[0])
+    assert_same_vectors(lazy.left(10), u[:, :10], 1e-9)
+    assert_same_vectors(lazy.left(200), u[:, :200], 1e-7)
+    everything = lazy.left().double()
+    torch.testing.assert_close(everything.T @ everything, torch.eye(260, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_tridiagonal_failures_fall_back_to_a_full_decomposition(monkeypatch):
+    from analysis import lapack
+
+    w = trained_like(260, 300, seed=13)
+    u, s, _ = reference(w)
+    monkeypatch.setattr(lapack.Tridiagonal, "top", lambda self, k: None)  # LAPACK's checks failed
+    for spectrum in (decompose(w, CPU, "gram", top=40), decompose(w, CPU, "gram", vectors=torch.float32)):
+        np.testing.assert_allclose(spectrum.values.numpy(), s, rtol=1e-9, atol=1e-12 * s[0])
+        assert_same_vectors(spectrum.left(40), u[:, :40], 1e-6)
+
+
+def test_tridiagonal_refuses_what_inverse_iteration_cannot_do():
+    from analysis.lapack import Tridiagonal
+
+    assert Tridiagonal(np.zeros((10, 10))).top(3) is None  # splits everywhere
+    diagonal = Tridiagonal(np.diag(np.arange(10.0)))
+    np.testing.assert_allclose(diagonal.values, np.arange(10.0)[::-1])
+    assert diagonal.splits and diagonal.top(3) is None
+    g = np.random.default_rng(0).standard_normal((50, 50))
+    full = Tridiagonal(g @ g.T)
+    assert full.top(0).shape == (50, 0) and full.top(50).shape == (50, 50)
+
+
+def test_pipeline_on_tridiagonal_sized_matrices_matches_float64(tmp_path):
+    """A 256 x 320 pair (the tuned weight's top 100 of 256 via the tridiagonal path)."""
+    base = trained_like(256, 320, seed=14)
+    g = torch.Generator().manual_seed(15)
+    B, A = torch.randn(256, 4, generator=g), torch.randn(4, 320, generator=g) / 320**0.5
+    planted = LowRankDelta(B, A, 2.0)
+    tuned = TunedMatrix(base + planted.dense(), planted)
+    dense = TunedMatrix(base + planted.dense(), None)
+    for matrix in (tuned, dense):
+        result = analyse_matrix(plan_of("m", base, matrix), device="cpu")
+        u0, _, _ = reference(base)
+        ut, st, _ = reference(matrix.weight)
+        expected = np.abs(ut[:, :100].T @ u0).max(axis=1)
+        close = np.abs(expected[:, None] - np.asarray(DEFAULT_EPSILONS)[None, :]) <= MARGIN
+        for i, eps in enumerate(DEFAULT_EPSILONS):
+            if not close[:, i].any():
+                assert int((result.intruder_scores[:100] < eps).sum()) == int((expected < eps).sum())
+        np.testing.assert_allclose(result.tuned_singular_values, st, rtol=1e-5, atol=1e-6 * st[0])
+        sd = np.linalg.svd((matrix.weight.double() - base.double()).numpy(), compute_uv=False)
+        np.testing.assert_allclose(result.delta_singular_values[:4], sd[:4], rtol=1e-5)
