@@ -41,12 +41,16 @@ _SIGNATURES = {
 RESIDUAL_TOLERANCE = 1e-10
 
 
+try:  # imported with the engine (0.2 s), not in the middle of an analysis
+    from scipy.linalg import cython_lapack
+except ImportError:  # pragma: no cover - scipy is in requirements.txt; eigh is used instead
+    cython_lapack = None
+
+
 @functools.cache
 def _routine(name: str):
     """The LAPACK routine ``name`` as a ctypes function (which releases the GIL), or ``None``."""
-    try:
-        from scipy.linalg import cython_lapack
-    except ImportError:
+    if cython_lapack is None:
         return None
     capsule = cython_lapack.__pyx_capi__.get(name)
     if capsule is None:

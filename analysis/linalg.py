@@ -21,9 +21,13 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
     ``eps64 s_1^2 / gap(s^2)`` (a float32 SVD: ``eps32 s_1 / gap(s)``), i.e. better than
     the float32 SVD the papers use. On the benchmark CPU it costs what ``gesdd`` costs for
     a square matrix and 1.4-3.7x less for a rectangular one (``benchmarks/README.md``).
-    Options trade what is not needed: float32 vectors for the update (its values stay
-    float64), and for the top few vectors of a large spectrum a values-only solve plus
-    seeded subspace iteration (:func:`top_eigenvectors`).
+    Options trade what is not needed. On the CPU below :data:`SUBSPACE_MIN_SIZE`, when
+    only the top vectors will be asked for (the tuned weight's top 100, the update's top
+    few), every value and just those vectors come from LAPACK's tridiagonal routines
+    (:mod:`analysis.lapack`, float64, vectors computed when first asked for). From that
+    size up: float32 vectors for the update (its values stay float64), and for the top
+    few vectors of the tuned weight a values-only solve plus seeded subspace iteration
+    (:func:`top_eigenvectors`).
 ``gesvda`` (the CUDA default)
     cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
     in float32, batched over same-shaped matrices; wide matrices are transposed first
@@ -44,6 +48,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from analysis import lapack
 from analysis.errors import InputError
 from analysis.plan import LowRankDelta
 
@@ -182,16 +187,20 @@ def decompose(
 ) -> Spectrum:
     """The thin SVD of one ``out x in`` matrix as a :class:`Spectrum` (see the module docs).
 
-    ``vectors=torch.float32`` lets the ``gram`` method take the singular vectors from a
-    float32 eigendecomposition of the (float64) Gram matrix while the values still come
-    from a float64 one: half the cost for large matrices, vectors good to
-    ``eps32 s_1^2 / gap(s^2)``. Enough where only the span of the top vectors matters
-    (the update's amplification factor and subspace similarity), not for intruder
-    scores.
+    ``vectors=torch.float32`` says float32 precision is enough for the vectors (only the
+    span of the top vectors matters: the update's amplification factor and subspace
+    similarity, not intruder scores), and that typically only the top few will be asked
+    for. Below :data:`SUBSPACE_MIN_SIZE` on the CPU the ``gram`` method then computes
+    every value and, when asked, just the top vectors (float64, tridiagonal path); above
+    it, the vectors come from a float32 eigendecomposition of the (float64) Gram matrix
+    while the values still come from a float64 one: half the cost for large matrices,
+    vectors good to ``eps32 s_1^2 / gap(s^2)``.
 
-    ``top=k`` promises that only the top ``k`` vectors will be asked for. When ``k`` is a
-    small part of a large spectrum the ``gram`` method then computes every value with a
-    values-only float64 eigensolver and just those vectors by subspace iteration
+    ``top=k`` promises that only the top ``k`` vectors will be asked for. Below
+    :data:`SUBSPACE_MIN_SIZE` on the CPU (and ``k`` at most half the spectrum) they come
+    from the tridiagonal path at once. When ``k`` is a small part of a larger spectrum
+    the ``gram`` method computes every value with a values-only float64 eigensolver and
+    just those vectors by subspace iteration
     (:func:`top_eigenvectors`), started from ``seeds`` (left-side vectors expected to lie
     near the wanted ones, e.g. the base weight's top singular vectors for a fine-tune),
     and checked against the exact values; it falls back to the full decomposition when
@@ -253,8 +262,10 @@ def _gram_spectrum(
             side = {"left" if wide else "right": found}
             return Spectrum(values, **side, weight=weight)
     del w
-    if gram.device.type == "cpu" and size < SUBSPACE_MIN_SIZE and (
-        (top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size) or vectors != torch.float64
+    if (
+        gram.device.type == "cpu"
+        and size < SUBSPACE_MIN_SIZE
+        and ((top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size) or vectors != torch.float64)
     ):
         spectrum = _tridiagonal_spectrum(gram, weight, "left" if wide else "right", top)
         if spectrum is not None:
@@ -284,8 +295,6 @@ def _tridiagonal_spectrum(gram: torch.Tensor, weight: torch.Tensor, side: str, t
     the caller decomposes fully); more asked for later also come from the tridiagonal
     form, or from a full ``eigh`` should its checks fail then.
     """
-    from analysis import lapack
-
     if not lapack.available():
         return None
     try:
