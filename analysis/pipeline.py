@@ -239,6 +239,11 @@ def _prepare(plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache 
             return pair
     if base is None or tuned is None:
         base, tuned = plan.load_base(), plan.load_tuned()
+    for which, weight in (("base", base), ("fine-tuned", tuned.weight)):
+        if not bool(torch.isfinite(weight).all()):
+            raise InputError(
+                plan.name, f"the {which} weight holds NaN or infinite values (diverged training or a corrupt file?)"
+            )
     if settings.side == "right":
         base, tuned = base.transpose(0, 1), _transposed(tuned)
     pair.base, pair.tuned = base, tuned

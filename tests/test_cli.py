@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from analysis.cache import SpectrumCache
 from analysis.cli import main
@@ -99,7 +100,14 @@ def _bad_inputs(tmp_path: Path, tiny_bert: Path, tiny_llama_lora: Path) -> list[
     truncated.write_bytes(data[: len(data) // 2])
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello")
+    diverged = tmp_path / "diverged.safetensors"  # a fine-tune whose training blew up
+    weights = load_file(tiny_bert / "model.safetensors")
+    name = next(n for n in sorted(weights) if n.endswith("attention.self.query.weight"))
+    weights[name] = weights[name].clone()
+    weights[name][0, 0] = float("nan")
+    save_file(weights, diverged)
     return [
+        ([str(diverged)], "NaN or infinite values"),
         ([str(tmp_path / "missing-model")], "missing-model"),
         ([str(corrupt)], "corrupt.safetensors"),
         ([str(truncated.parent)], "model.safetensors"),

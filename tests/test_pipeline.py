@@ -10,7 +10,7 @@ import torch
 
 from analysis import metrics
 from analysis.cache import SpectrumCache
-from analysis.errors import AnalysisCancelled
+from analysis.errors import AnalysisCancelled, InputError
 from analysis.pipeline import AnalysisSettings, ProgressEvent, analyse_matrix, analyse_plan, model_result
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.report import to_report
@@ -164,3 +164,14 @@ def test_report_contract_fields():
     assert m["shape"] == [48, 32] and m["layer"] == 0 and len(m["intruders"]) == 3
     assert m["intruders"] == sorted(m["intruders"])  # counts grow with eps
     assert m["rank90"] <= 2 and 1 <= m["effective_rank"] <= 2 and math.isfinite(m["delta_fro"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_clear_error(bad):
+    base = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    tuned = base.clone()
+    tuned[2, 3] = bad
+    with pytest.raises(InputError, match="the fine-tuned weight holds NaN or infinite values"):
+        analyse_matrix(make_plan("layer.0.q.weight", base, TunedMatrix(tuned)), device="cpu")
+    with pytest.raises(InputError, match="the base weight holds NaN"):
+        analyse_matrix(make_plan("layer.0.q.weight", tuned, TunedMatrix(base)), device="cpu")
