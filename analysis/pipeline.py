@@ -426,7 +426,13 @@ def analyse_plan(
         workers = default_workers() if workers is None else max(1, workers)
 
     def prepare(matrix: MatrixPlan) -> _Pair:
-        return _prepare(matrix, settings, cache)
+        try:
+            return _prepare(matrix, settings, cache)
+        except InputError as error:
+            if error.source != matrix.name:
+                raise
+            # A problem with this matrix's values: name the fine-tune too, as given.
+            raise InputError(plan.tuned_label, f"{matrix.name}: {error.problem}") from None
 
     def finish(pair: _Pair) -> MatrixResult:
         return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)

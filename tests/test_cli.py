@@ -107,7 +107,7 @@ def _bad_inputs(tmp_path: Path, tiny_bert: Path, tiny_llama_lora: Path) -> list[
     weights[name][0, 0] = float("nan")
     save_file(weights, diverged)
     return [
-        ([str(diverged)], "NaN or infinite values"),
+        ([str(diverged)], "diverged.safetensors: encoder.layer.0.attention.self.query.weight: the fine-tuned weight"),
         ([str(tmp_path / "missing-model")], "missing-model"),
         ([str(corrupt)], "corrupt.safetensors"),
         ([str(truncated.parent)], "model.safetensors"),
