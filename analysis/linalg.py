@@ -250,6 +250,12 @@ def _gram_spectrum(
     wide = m <= n
     gram = w @ w.transpose(0, 1) if wide else w.transpose(0, 1) @ w
     size = gram.shape[0]
+    if gram.device.type == "cpu" and (
+        (top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size) or vectors != torch.float64
+    ):
+        spectrum = _tridiagonal_spectrum(gram, weight, "left" if wide else "right", top)
+        if spectrum is not None:
+            return spectrum
     if top is not None and size >= SUBSPACE_MIN_SIZE and top <= SUBSPACE_MAX_FRACTION * size:
         eigenvalues = torch.linalg.eigvalsh(gram).flip(0)
         start = None
@@ -262,14 +268,6 @@ def _gram_spectrum(
             side = {"left" if wide else "right": found}
             return Spectrum(values, **side, weight=weight)
     del w
-    if (
-        gram.device.type == "cpu"
-        and size < SUBSPACE_MIN_SIZE
-        and ((top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size) or vectors != torch.float64)
-    ):
-        spectrum = _tridiagonal_spectrum(gram, weight, "left" if wide else "right", top)
-        if spectrum is not None:
-            return spectrum
     if vectors == torch.float64:
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     else:
@@ -281,10 +279,11 @@ def _gram_spectrum(
     return Spectrum(values, **side, weight=weight, ascending=True)
 
 
-#: Below :data:`SUBSPACE_MIN_SIZE`, on the CPU, a Gram matrix of which at most this
-#: fraction of the vectors is wanted goes through :class:`analysis.lapack.Tridiagonal`
-#: (every value, only the top vectors): 1.3x faster than ``eigh`` at 384 for the top 100,
-#: 2.7x at 1024, 4x at 2048 (benchmarks/README.md).
+#: On the CPU, a Gram matrix of which at most this fraction of the vectors is wanted goes
+#: through :class:`analysis.lapack.Tridiagonal` (every value, only the top vectors): for
+#: the top 100, 1.5x faster than ``eigh`` at 384, 2.7x at 1024, 4x at 2048, and at 4096
+#: 2.5x faster than values plus seeded subspace iteration (benchmarks/README.md), which
+#: remains for CUDA tensors and when LAPACK's checks fail.
 TRIDIAGONAL_MAX_FRACTION = 0.5
 
 
@@ -305,8 +304,10 @@ def _tridiagonal_spectrum(gram: torch.Tensor, weight: torch.Tensor, side: str, t
         return None
 
     def provide(k: int) -> torch.Tensor:
-        found = reduced.top(k)
-        if found is None:  # a later request that fails LAPACK's checks: decompose fully
+        # Inverse iteration for most of a large spectrum (the update of a dense fine-tune,
+        # whose rank90 may be most of it) costs more than a full eigendecomposition.
+        found = reduced.top(k) if k <= TRIDIAGONAL_MAX_FRACTION * reduced.n else None
+        if found is None:  # or a request that fails LAPACK's checks: decompose fully
             return torch.linalg.eigh(gram).eigenvectors.flip(1)[:, :k]
         return torch.from_numpy(found)
 
