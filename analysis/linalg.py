@@ -21,12 +21,12 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
     ``eps64 s_1^2 / gap(s^2)`` (a float32 SVD: ``eps32 s_1 / gap(s)``), i.e. better than
     the float32 SVD the papers use. On the benchmark CPU it costs what ``gesdd`` costs for
     a square matrix and 1.4-3.7x less for a rectangular one (``benchmarks/README.md``).
-    Options trade what is not needed. On the CPU below :data:`SUBSPACE_MIN_SIZE`, when
-    only the top vectors will be asked for (the tuned weight's top 100, the update's top
-    few), every value and just those vectors come from LAPACK's tridiagonal routines
-    (:mod:`analysis.lapack`, float64, vectors computed when first asked for). From that
-    size up: float32 vectors for the update (its values stay float64), and for the top
-    few vectors of the tuned weight a values-only solve plus seeded subspace iteration
+    Options trade what is not needed. On the CPU, when only the top vectors will be asked
+    for (the tuned weight's top 100, the update's top few), every value and just those
+    vectors come from LAPACK's tridiagonal routines (:mod:`analysis.lapack`, float64,
+    vectors computed when first asked for). Where those are unavailable or their checks
+    fail: float32 vectors for the update (its values stay float64), and for the top few
+    vectors of a large tuned weight a values-only solve plus seeded subspace iteration
     (:func:`top_eigenvectors`).
 ``gesvda`` (the CUDA default)
     cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
@@ -190,17 +190,18 @@ def decompose(
     ``vectors=torch.float32`` says float32 precision is enough for the vectors (only the
     span of the top vectors matters: the update's amplification factor and subspace
     similarity, not intruder scores), and that typically only the top few will be asked
-    for. Below :data:`SUBSPACE_MIN_SIZE` on the CPU the ``gram`` method then computes
-    every value and, when asked, just the top vectors (float64, tridiagonal path); above
-    it, the vectors come from a float32 eigendecomposition of the (float64) Gram matrix
-    while the values still come from a float64 one: half the cost for large matrices,
-    vectors good to ``eps32 s_1^2 / gap(s^2)``.
+    for. On the CPU below :data:`SUBSPACE_MIN_SIZE` the ``gram`` method then computes every
+    value and, when asked, just the top vectors (float64, tridiagonal path); otherwise the
+    vectors come from a float32
+    eigendecomposition of the (float64) Gram matrix while the values still come from a
+    float64 one: half the cost for large matrices, vectors good to
+    ``eps32 s_1^2 / gap(s^2)``.
 
-    ``top=k`` promises that only the top ``k`` vectors will be asked for. Below
-    :data:`SUBSPACE_MIN_SIZE` on the CPU (and ``k`` at most half the spectrum) they come
-    from the tridiagonal path at once. When ``k`` is a small part of a larger spectrum
-    the ``gram`` method computes every value with a values-only float64 eigensolver and
-    just those vectors by subspace iteration
+    ``top=k`` promises that only the top ``k`` vectors will be asked for. On the CPU (and
+    ``k`` at most half the spectrum) they come from the tridiagonal path at once.
+    Otherwise, when ``k`` is a small part of a spectrum of :data:`SUBSPACE_MIN_SIZE` or
+    more, the ``gram`` method computes every value with a values-only float64 eigensolver
+    and just those vectors by subspace iteration
     (:func:`top_eigenvectors`), started from ``seeds`` (left-side vectors expected to lie
     near the wanted ones, e.g. the base weight's top singular vectors for a fine-tune),
     and checked against the exact values; it falls back to the full decomposition when
@@ -250,8 +251,12 @@ def _gram_spectrum(
     wide = m <= n
     gram = w @ w.transpose(0, 1) if wide else w.transpose(0, 1) @ w
     size = gram.shape[0]
+    # The update's vectors (vectors=float32, how many unknown: rank90 of a dense update may
+    # be most of a large spectrum) go this way only below SUBSPACE_MIN_SIZE; above, the
+    # float32 eigendecomposition below is cheaper (measured on the 7B slice).
     if gram.device.type == "cpu" and (
-        (top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size) or vectors != torch.float64
+        (top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size)
+        or (vectors != torch.float64 and size < SUBSPACE_MIN_SIZE)
     ):
         spectrum = _tridiagonal_spectrum(gram, weight, "left" if wide else "right", top)
         if spectrum is not None:
