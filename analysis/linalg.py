@@ -192,10 +192,9 @@ def decompose(
     similarity, not intruder scores), and that typically only the top few will be asked
     for. On the CPU below :data:`SUBSPACE_MIN_SIZE` the ``gram`` method then computes every
     value and, when asked, just the top vectors (float64, tridiagonal path); otherwise the
-    vectors come from a float32
-    eigendecomposition of the (float64) Gram matrix while the values still come from a
-    float64 one: half the cost for large matrices, vectors good to
-    ``eps32 s_1^2 / gap(s^2)``.
+    vectors come from a float32 eigendecomposition of the (float64) Gram matrix while the
+    values still come from a float64 one: half the cost for large matrices, vectors good
+    to ``eps32 s_1^2 / gap(s^2)``.
 
     ``top=k`` promises that only the top ``k`` vectors will be asked for. On the CPU (and
     ``k`` at most half the spectrum) they come from the tridiagonal path at once.
