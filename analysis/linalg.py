@@ -22,11 +22,12 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
     the float32 SVD the papers use. On the benchmark CPU it costs what ``gesdd`` costs for
     a square matrix and 1.4-3.7x less for a rectangular one (``benchmarks/README.md``).
     Options trade what is not needed. On the CPU, when only the top vectors will be asked
-    for (the tuned weight's top 100, the update's top few), every value and just those
-    vectors come from LAPACK's tridiagonal routines (:mod:`analysis.lapack`, float64,
-    vectors computed when first asked for). Where those are unavailable or their checks
-    fail: float32 vectors for the update (its values stay float64), and for the top few
-    vectors of a large tuned weight a values-only solve plus seeded subspace iteration
+    for (the tuned weight's top 100 at any size; the update's top few below
+    :data:`SUBSPACE_MIN_SIZE`), every value and just those vectors come from LAPACK's
+    tridiagonal routines (:mod:`analysis.lapack`, float64, vectors computed when first
+    asked for). Otherwise: float32 vectors for the update (its values stay float64), and,
+    where the tridiagonal routines are unavailable or their checks fail, the top vectors of
+    a large tuned weight from a values-only solve plus seeded subspace iteration
     (:func:`top_eigenvectors`).
 ``gesvda`` (the CUDA default)
     cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
@@ -109,7 +110,7 @@ class Spectrum:
         self._left = left
         self._right = right
         self._weight = weight
-        # (side, top_k): that side's top k vectors computed when first asked for (see
+        # (side, top_k(k)): that side's top k vectors computed when first asked for (see
         # _tridiagonal_spectrum), so a caller that needs 64 of 384 never pays for 384.
         self._provider = provider
         # eigh returns eigenvectors in ascending order; they are reversed only for the
