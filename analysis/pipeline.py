@@ -126,15 +126,13 @@ _blas_limits = None
 
 
 def _limit_blas(threads: int):
-    """Limit the BLAS libraries outside torch (SciPy's OpenBLAS, used through
-    :mod:`analysis.lapack`) to ``threads``; a handle that restores them, or ``None``."""
-    from analysis import lapack
+    """Limit the BLAS libraries outside torch to ``threads``; a handle that restores them.
 
-    lapack.available()  # loads SciPy's LAPACK, so that its OpenBLAS is among those limited
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is in requirements.txt
-        return None
+    SciPy's OpenBLAS (used through :mod:`analysis.lapack`) is among them: importing
+    :mod:`analysis.linalg` loaded it.
+    """
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=threads, user_api="blas")
 
 
@@ -163,9 +161,8 @@ def _compute_threads(threads: int | None) -> Iterator[None]:
         with _threads_lock:
             _threads_users -= 1
             if _threads_users == 0:
-                if _blas_limits is not None:
-                    _blas_limits.restore_original_limits()
-                    _blas_limits = None
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
                 torch.set_num_threads(_threads_saved)
 
 
@@ -217,8 +214,14 @@ def _base_spectrum(pair: _Pair, fresh: Spectrum | None, device: torch.device, ca
     return stored
 
 
-def _prepare(plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache | None) -> _Pair:
-    """Keys of a pair, then the cached result, or else the weights and cached base spectrum."""
+def _prepare(
+    plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache | None, source: str | None = None
+) -> _Pair:
+    """Keys of a pair, then the cached result, or else the weights and cached base spectrum.
+
+    ``source`` (the fine-tune as the user gave it) is named in errors about the weights'
+    values, beside the matrix; without it the matrix alone is named.
+    """
     base = tuned = None
     digests = plan.digests(cache.fingerprints.digest) if plan.digests is not None and cache is not None else None
     if digests is None:
@@ -241,9 +244,8 @@ def _prepare(plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache 
         base, tuned = plan.load_base(), plan.load_tuned()
     for which, weight in (("base", base), ("fine-tuned", tuned.weight)):
         if not bool(torch.isfinite(weight).all()):
-            raise InputError(
-                plan.name, f"the {which} weight holds NaN or infinite values (diverged training or a corrupt file?)"
-            )
+            problem = f"the {which} weight holds NaN or infinite values (diverged training or a corrupt file?)"
+            raise InputError(plan.name, problem) if source is None else InputError(source, f"{plan.name}: {problem}")
     if settings.side == "right":
         base, tuned = base.transpose(0, 1), _transposed(tuned)
     pair.base, pair.tuned = base, tuned
@@ -426,13 +428,7 @@ def analyse_plan(
         workers = default_workers() if workers is None else max(1, workers)
 
     def prepare(matrix: MatrixPlan) -> _Pair:
-        try:
-            return _prepare(matrix, settings, cache)
-        except InputError as error:
-            if error.source != matrix.name:
-                raise
-            # A problem with this matrix's values: name the fine-tune too, as given.
-            raise InputError(plan.tuned_label, f"{matrix.name}: {error.problem}") from None
+        return _prepare(matrix, settings, cache, source=plan.tuned_label)
 
     def finish(pair: _Pair) -> MatrixResult:
         return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)

@@ -101,15 +101,16 @@ class SpecResolver:
         finished dashboard job for the old files is not shown for the new ones. Uploads
         are content-addressed and hub ids are re-resolved when a job starts: ``""``.
         """
+        if is_upload_spec(spec):
+            return ""
         try:
-            resolved = self.resolve(spec)
+            path = self.resolve(spec).path
         except InputError:
             return ""
-        path = resolved.path
-        if path is None and self.allow_local_paths and not is_upload_spec(spec):
+        if path is None and self.allow_local_paths:
             local = Path(spec.strip()).expanduser()
             path = local if local.exists() else None
-        if path is None or is_upload_spec(spec):
+        if path is None:
             return ""
         files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
         stamp = hashlib.sha256()

@@ -485,7 +485,7 @@ def test_tridiagonal_top_vectors_match_float64_svd(shape):
     assert_same_vectors(spectrum.right(40), v[:, :40], 1e-5 if gram_side_left else 1e-9)
 
 
-def test_tridiagonal_vectors_on_demand_cover_any_number(monkeypatch):
+def test_tridiagonal_vectors_on_demand_cover_any_number():
     """The update's spectrum: values now, 10, then 200, then every vector when asked."""
     w = trained_like(260, 300, seed=12)
     u, s, _ = reference(w)
