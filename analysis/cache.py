@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +106,20 @@ class FingerprintIndex:
     a changed file never meets an old digest; at worst (a lost or unreadable index file)
     digests are computed again. One small JSON file per file version, replaced
     atomically and merged with what other processes wrote meanwhile.
+
+    New digests are written at most every :attr:`WRITE_INTERVAL_S` seconds and by
+    :meth:`flush` (the pipeline flushes when an analysis ends): writing the index after
+    each of an adapter's hundreds of small tensors made a first run quadratic in them. A
+    process killed in between loses only digests, which are computed again.
     """
+
+    WRITE_INTERVAL_S = 2.0
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self._known: dict[str, dict[str, str]] = {}
+        self._dirty: set[str] = set()  # versions with digests not yet written
+        self._last_write = -float("inf")
         self._lock = threading.Lock()
         self.hashed = 0  # digests computed (not found in the index) by this object
 
@@ -125,13 +135,25 @@ class FingerprintIndex:
         value = tensor_digest(load())
         with self._lock:
             self.hashed += 1
-            merged = self._read(version) | known | {name: value}
-            self._known[version] = merged
-            try:
-                _atomic_write_text(self._path(version), json.dumps(merged, sort_keys=True))
-            except OSError as exc:  # a read-only cache still works, it just re-hashes
-                log.warning("cannot write the fingerprint index %s: %s", self._path(version), exc)
+            self._known[version][name] = value
+            self._dirty.add(version)
+            due = time.monotonic() - self._last_write >= self.WRITE_INTERVAL_S
+        if due:
+            self.flush()
         return value
+
+    def flush(self) -> None:
+        """Write the digests found since the last write (merged with the files on disk)."""
+        with self._lock:
+            for version in sorted(self._dirty):
+                merged = self._read(version) | self._known[version]
+                self._known[version] = merged
+                try:
+                    _atomic_write_text(self._path(version), json.dumps(merged, sort_keys=True))
+                except OSError as exc:  # a read-only cache still works, it just re-hashes
+                    log.warning("cannot write the fingerprint index %s: %s", self._path(version), exc)
+            self._dirty.clear()
+            self._last_write = time.monotonic()
 
     def path_for(self, file: Path | str) -> Path:
         """The index file that holds the digests of the current version of ``file``."""

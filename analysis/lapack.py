@@ -5,9 +5,10 @@ eigenvalue of a Gram matrix but only its top ``k`` eigenvectors (the tuned weigh
 100, the update's top 64). LAPACK can do exactly that: reduce to tridiagonal form once
 (``dsytrd``), take all eigenvalues of the tridiagonal matrix (``dsterf``, ``O(n^2)``), the
 top ``k`` eigenvectors by inverse iteration (``dstein``, ``O(nk)``), and transform them back
-(``dormtr``). For the top 100 of a 384 x 384 Gram matrix that is 9.9 ms against 14.6 ms
-for ``eigh``, of a 2048 x 2048 one 0.39 s against 1.6 s (benchmarks/README.md): the saving
-grows with ``n / k``.
+(``dormtr``'s work, done by MKL's ``dormqr`` through ``torch.ormqr``, 3x faster here). For
+the top 100 of a 384 x 384 Gram matrix that is 9.9 ms against 14.6 ms for ``eigh``, of a
+2048 x 2048 one 0.39 s against 1.6 s (benchmarks/README.md): the saving grows with
+``n / k``.
 
 No Python binding offers that combination without holding the GIL (SciPy's ``lapack``
 wrappers hold it, which would serialise the pipeline's worker threads), so the routines
@@ -24,6 +25,7 @@ import ctypes
 import functools
 
 import numpy as np
+import torch
 
 _INT = ctypes.POINTER(ctypes.c_int)
 _DOUBLE = ctypes.POINTER(ctypes.c_double)
@@ -34,12 +36,23 @@ _SIGNATURES = {
     "dsytrd": (_CHAR, _INT, _DOUBLE, _INT, _DOUBLE, _DOUBLE, _DOUBLE, _DOUBLE, _INT, _INT),
     "dsterf": (_INT, _DOUBLE, _DOUBLE, _INT),
     "dstein": (_INT, _DOUBLE, _DOUBLE, _INT, _DOUBLE, _INT, _INT, _DOUBLE, _INT, _DOUBLE, _INT, _INT, _INT),
-    "dormtr": (_CHAR, _CHAR, _CHAR, _INT, _INT, _DOUBLE, _INT, _DOUBLE, _DOUBLE, _INT, _DOUBLE, _INT, _INT),
 }
 
 #: A residual ``max_j ||G z_j - lambda_j z_j|| / lambda_max`` above this rejects the result
 #: (inverse iteration on exact eigenvalues gives ~1e-15).
 RESIDUAL_TOLERANCE = 1e-10
+
+#: Gram matrices of a smaller order run these routines on one thread, whatever the caller
+#: allows. Below it the second OpenBLAS thread costs more than it gives: its workers spin
+#: between calls while torch's OpenMP team wants the same cores. Measured on the 2-core
+#: benchmark machine, top 100 vectors, torch on 2 threads, one BLAS thread against two:
+#: 12 vs 62 ms at 384, 108 vs 164 ms at 1024, 751 vs 655 ms at 2048, 7.4 vs 5.0 s at 4096.
+THREADED_MIN_ORDER = 2048
+
+
+def threads_for(order: int, threads: int) -> int:
+    """BLAS threads for these routines on an ``order x order`` Gram matrix, at most ``threads``."""
+    return threads if order >= THREADED_MIN_ORDER else 1
 
 
 try:  # imported with the engine (0.2 s), not in the middle of an analysis
@@ -118,12 +131,15 @@ class Tridiagonal:
         self.values = values[::-1].copy()
         self._vectors: np.ndarray | None = None  # top columns found so far, descending
 
-    @property
+    @functools.cached_property
+    def _scale(self) -> float:
+        return max(float(np.abs(self._ascending).max(initial=0.0)), np.finfo(np.float64).tiny)
+
+    @functools.cached_property
     def splits(self) -> bool:
         """Whether the tridiagonal matrix falls apart into blocks (inverse iteration as one
         block would then be wrong)."""
-        scale = max(float(np.abs(self._ascending).max(initial=0.0)), np.finfo(np.float64).tiny)
-        return bool(np.any(np.abs(self._e[: self.n - 1]) <= np.finfo(np.float64).eps * scale))
+        return bool(np.any(np.abs(self._e[: self.n - 1]) <= np.finfo(np.float64).eps * self._scale))
 
     def top(self, k: int) -> np.ndarray | None:
         """The top ``k`` eigenvectors as columns ``n x k``, descending, or ``None``."""
@@ -149,18 +165,17 @@ class Tridiagonal:
         )  # fmt: skip
         if info.value != 0:
             return None
-        query = np.empty(1)
-        args = (b"L", b"L", b"N", _i(n), _i(k), _p(self._a), _i(n), _p(self._tau), _p(z), _i(n))
-        _routine("dormtr")(*args, _p(query), _i(-1), ctypes.byref(info))
-        work = np.empty(max(int(query[0]), 1))
-        _routine("dormtr")(*args, _p(work), _i(work.size), ctypes.byref(info))
-        if info.value != 0:
+        # Back to the Gram matrix's basis: dsytrd("L") left Q = H(1) ... H(n-1) with the
+        # reflectors below the subdiagonal, so Q z (LAPACK's dormtr) is dormqr on rows 2..n.
+        # MKL's dormqr, through torch, takes 1.5 ms for 100 vectors at 384 where SciPy's
+        # OpenBLAS dormtr takes 4.7 ms; torch releases the GIL too.
+        z = torch.from_numpy(z).T  # n x k, column-major
+        reflectors = torch.from_numpy(self._a).T[1:, : n - 1]
+        z[1:] = torch.ormqr(reflectors, torch.from_numpy(self._tau[: n - 1]), z[1:])
+        z = z.numpy()
+        vectors = np.ascontiguousarray(z[:, ::-1])  # n x k, descending
+        residual = np.linalg.norm(self.gram @ vectors - vectors * wanted[::-1], axis=0)
+        if not np.all(np.isfinite(residual)) or float(residual.max(initial=0.0)) > RESIDUAL_TOLERANCE * self._scale:
             return None
-        vectors = z.T[:, ::-1]  # n x k, descending
-        lambdas = wanted[::-1]
-        residual = np.linalg.norm(self.gram @ vectors - vectors * lambdas, axis=0)
-        scale = max(float(np.abs(self._ascending).max(initial=0.0)), np.finfo(np.float64).tiny)
-        if not np.all(np.isfinite(residual)) or float(residual.max(initial=0.0)) > RESIDUAL_TOLERANCE * scale:
-            return None
-        self._vectors = np.ascontiguousarray(vectors)
-        return self._vectors
+        self._vectors = vectors
+        return vectors

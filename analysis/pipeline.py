@@ -24,7 +24,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 
-from analysis import metrics
+from analysis import lapack, metrics
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.linalg import Spectrum, decompose, decompose_many, default_method, low_rank_spectrum, resolve_device
@@ -137,8 +137,9 @@ def _limit_blas(threads: int):
 
 
 @contextmanager
-def _compute_threads(threads: int | None) -> Iterator[None]:
-    """Run with ``threads`` torch and BLAS threads, restoring the caller's settings afterwards.
+def _compute_threads(threads: int | None, blas_threads: int | None = None) -> Iterator[None]:
+    """Run with ``threads`` torch threads and ``blas_threads`` (default: the same) for the
+    BLAS libraries outside torch, restoring the caller's settings afterwards.
 
     Overlapping analyses (two dashboard jobs) share the setting of the first one; the
     last to finish restores what was there before.
@@ -152,7 +153,7 @@ def _compute_threads(threads: int | None) -> Iterator[None]:
             # BLAS first, torch second (and the reverse when restoring): an OpenMP build of
             # OpenBLAS sets the OpenMP thread count that torch reads too.
             _threads_saved = torch.get_num_threads()
-            _blas_limits = _limit_blas(threads)
+            _blas_limits = _limit_blas(threads if blas_threads is None else blas_threads)
             torch.set_num_threads(threads)
         _threads_users += 1
     try:
@@ -384,7 +385,11 @@ def analyse_matrix(
     spectrum and the whole result are cached by content.
     """
     device = resolve_device(device)
-    pair = _prepare(plan, settings, cache)
+    try:
+        pair = _prepare(plan, settings, cache)
+    finally:
+        if cache is not None:
+            cache.fingerprints.flush()
     if pair.result is not None:
         return pair.result
     return _compute(pair, settings, device, default_method(device), cache)
@@ -420,10 +425,12 @@ def analyse_plan(
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
-    threads = None
+    threads = blas_threads = None
     if device.type == "cpu":
         largest = max((working_bytes(m.shape, method) for m in plan.matrices), default=1)
         workers, threads = cpu_parallelism(largest, budget, total, workers)
+        # SciPy's OpenBLAS (the tridiagonal routines) gets a second thread only where it pays.
+        blas_threads = lapack.threads_for(max((min(m.shape) for m in plan.matrices), default=0), threads)
     else:
         workers = default_workers() if workers is None else max(1, workers)
 
@@ -437,14 +444,19 @@ def analyse_plan(
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
-    with _compute_threads(threads):
+    with _compute_threads(threads, blas_threads):
         results = _in_order(
             plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
         )
-        for done, (matrix, result) in enumerate(results, start=1):
-            if progress is not None:
-                progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, time.perf_counter() - start))
-            yield result
+        try:
+            for done, (matrix, result) in enumerate(results, start=1):
+                if progress is not None:
+                    progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, time.perf_counter() - start))
+                yield result
+        finally:
+            results.close()  # waits for the workers, so no digest comes after the flush
+            if cache is not None:
+                cache.fingerprints.flush()
 
 
 def working_bytes(shape: tuple[int, int], method: str) -> int:
@@ -487,7 +499,7 @@ def _in_order(
 
     def fill(finishing: int) -> None:
         nonlocal following
-        while following is not _END and len(pending) < workers:
+        while following is not _END and len(pending) < (4 * workers if combined else workers):
             held = finishing + sum(c for _, f, c in pending if not combined or not f.done())
             if (pending or finishing) and held + cost(following) > budget:
                 return

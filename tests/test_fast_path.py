@@ -10,6 +10,7 @@ within 1e-4 relative.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis import cache as cache_module
 from analysis import linalg, metrics
 from analysis.cache import SpectrumCache, tensor_digest
 from analysis.errors import InputError
@@ -275,10 +277,36 @@ def test_fingerprint_index_follows_file_changes(tmp_path):
     file.write_bytes(second.numpy().tobytes())  # same size, new content and ctime
     assert cache.fingerprints.digest(file, "w", lambda: load(second)) == tensor_digest(second)
     assert len(calls) == 2
+    cache.fingerprints.flush()
     cache.fingerprints.path_for(file).write_text("{not json")  # a damaged index is ignored
     fresh = SpectrumCache(tmp_path / "cache").fingerprints
     assert fresh.digest(file, "w", lambda: load(second)) == tensor_digest(second)
     assert len(calls) == 3
+
+
+def test_fingerprint_index_writes_in_batches(tmp_path, monkeypatch):
+    """Digests found in quick succession are written together (an adapter's hundreds of
+    tensors once, not once each), all of them by ``flush``, merged with other writers'."""
+    file = tmp_path / "adapter.bin"
+    file.write_bytes(b"0" * 64)
+    index = SpectrumCache(tmp_path / "cache").fingerprints
+    writes: list[str] = []
+    real_write = cache_module._atomic_write_text
+    monkeypatch.setattr(
+        cache_module, "_atomic_write_text", lambda path, text: writes.append(text) or real_write(path, text)
+    )
+    tensors = {f"t{i}": torch.full((3,), float(i)) for i in range(50)}
+    for name, tensor in tensors.items():
+        index.digest(file, name, lambda t=tensor: t)
+    assert len(writes) == 1  # the first one; the rest wait for the interval or a flush
+    other = SpectrumCache(tmp_path / "cache").fingerprints  # another process meanwhile
+    other.digest(file, "elsewhere", lambda: torch.zeros(2))
+    index.flush()
+    assert len(writes) == 3
+    on_disk = json.loads(index.path_for(file).read_text())
+    assert on_disk == {**{n: tensor_digest(t) for n, t in tensors.items()}, "elsewhere": tensor_digest(torch.zeros(2))}
+    index.flush()  # nothing new: nothing written
+    assert len(writes) == 3
 
 
 def test_workers_give_the_same_results_in_plan_order():
