@@ -316,13 +316,14 @@ class SpectrumCache:
             self.stats.computed[kind] = self.stats.computed.get(kind, 0) + 1
         self.put(kind, key, tensors, info)
 
-    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Entry]) -> Entry:
+    def get_or_compute(self, kind: str, key: str, compute: Callable[[], Entry], *, missed: bool = False) -> Entry:
         """Return the cached entry, or compute, store and return it.
 
         While one process computes an entry, others asking for the same key wait on a
-        file lock and then read its result (counted as a hit).
+        file lock and then read its result (counted as a hit). ``missed``: the caller has
+        just looked the entry up and not found it, so it is read again only under the lock.
         """
-        entry = self.get(kind, key)
+        entry = None if missed else self.get(kind, key)
         if entry is not None:
             self._count("hits")
             return entry

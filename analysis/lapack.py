@@ -15,8 +15,11 @@ wrappers hold it, which would serialise the pipeline's worker threads), so the r
 are called here through ``ctypes``, which releases the GIL, at the addresses SciPy
 publishes for compiled code in ``scipy.linalg.cython_lapack`` (its documented Cython
 API, the same pointers Numba calls). Every result is checked (LAPACK's ``info``, a split
-tridiagonal matrix, the residual ``||G z - lambda z||``); when a check fails the caller
-gets ``None`` and uses ``eigh`` instead.
+tridiagonal matrix, the residuals ``||T z - lambda z||`` and the orthonormality of the
+vectors, checked on the tridiagonal matrix ``T`` where they cost ``O(nk)`` and ``O(nk^2)``:
+the reduction and the back-transformation are orthogonal, backward-stable Householder
+products, so they carry over to the Gram matrix); when a check fails the caller gets
+``None`` and uses ``eigh`` instead.
 """
 
 from __future__ import annotations
@@ -27,20 +30,24 @@ import functools
 import numpy as np
 import torch
 
-_INT = ctypes.POINTER(ctypes.c_int)
-_DOUBLE = ctypes.POINTER(ctypes.c_double)
+_INT = ctypes.POINTER(ctypes.c_int)  # a scalar argument, passed by reference
+_ARRAY = ctypes.c_void_p  # an array's address (``ndarray.ctypes.data``: cheaper than ``data_as``)
 _CHAR = ctypes.c_char_p
 
 #: LAPACK signatures, as in ``scipy/linalg/cython_lapack_signatures.txt``.
 _SIGNATURES = {
-    "dsytrd": (_CHAR, _INT, _DOUBLE, _INT, _DOUBLE, _DOUBLE, _DOUBLE, _DOUBLE, _INT, _INT),
-    "dsterf": (_INT, _DOUBLE, _DOUBLE, _INT),
-    "dstein": (_INT, _DOUBLE, _DOUBLE, _INT, _DOUBLE, _INT, _INT, _DOUBLE, _INT, _DOUBLE, _INT, _INT, _INT),
+    "dsytrd": (_CHAR, _INT, _ARRAY, _INT, _ARRAY, _ARRAY, _ARRAY, _ARRAY, _INT, _INT),
+    "dsterf": (_INT, _ARRAY, _ARRAY, _INT),
+    "dstein": (_INT, _ARRAY, _ARRAY, _INT, _ARRAY, _ARRAY, _ARRAY, _ARRAY, _INT, _ARRAY, _ARRAY, _ARRAY, _INT),
 }
 
-#: A residual ``max_j ||G z_j - lambda_j z_j|| / lambda_max`` above this rejects the result
+#: A residual ``max_j ||T z_j - lambda_j z_j|| / lambda_max`` above this rejects the result
 #: (inverse iteration on exact eigenvalues gives ~1e-15).
 RESIDUAL_TOLERANCE = 1e-10
+
+#: A departure from orthonormality ``max |Z^T Z - I|`` above this rejects the result
+#: (dstein re-orthogonalises eigenvalues closer than 1e-3 ||T||; others are ~1e-13 apart).
+ORTHOGONALITY_TOLERANCE = 1e-8
 
 #: Gram matrices of a smaller order run these routines on one thread, whatever the caller
 #: allows. Below it the second OpenBLAS thread costs more than it gives: its workers spin
@@ -86,12 +93,9 @@ def _i(value: int) -> ctypes.c_int:
     return ctypes.c_int(value)
 
 
-def _p(array: np.ndarray):
-    return array.ctypes.data_as(_DOUBLE)
-
-
-def _ip(array: np.ndarray):
-    return array.ctypes.data_as(_INT)
+def _p(array: np.ndarray) -> int:
+    """The address of ``array``'s data (float64 or int32, contiguous; the caller keeps it alive)."""
+    return array.ctypes.data
 
 
 class Tridiagonal:
@@ -106,7 +110,6 @@ class Tridiagonal:
     def __init__(self, gram: np.ndarray) -> None:
         n = gram.shape[0]
         self.n = n
-        self.gram = gram
         # A symmetric matrix is its own transpose: the C-ordered buffer is a valid
         # Fortran-ordered one, and the reflectors dsytrd leaves in it are read back by
         # dormtr from the same buffer.
@@ -160,10 +163,10 @@ class Tridiagonal:
         failed = np.empty(k, dtype=np.intc)
         info = ctypes.c_int(0)
         _routine("dstein")(
-            _i(n), _p(self._d), _p(self._e), _i(k), _p(wanted), _ip(blocks), _ip(split_ends),
-            _p(z), _i(n), _p(work), _ip(iwork), _ip(failed), ctypes.byref(info),
+            _i(n), _p(self._d), _p(self._e), _i(k), _p(wanted), _p(blocks), _p(split_ends),
+            _p(z), _i(n), _p(work), _p(iwork), _p(failed), ctypes.byref(info),
         )  # fmt: skip
-        if info.value != 0:
+        if info.value != 0 or not self._accurate(z, wanted):
             return None
         # Back to the Gram matrix's basis: dsytrd("L") left Q = H(1) ... H(n-1) with the
         # reflectors below the subdiagonal, so Q z (LAPACK's dormtr) is dormqr on rows 2..n.
@@ -173,9 +176,18 @@ class Tridiagonal:
         reflectors = torch.from_numpy(self._a).T[1:, : n - 1]
         z[1:] = torch.ormqr(reflectors, torch.from_numpy(self._tau[: n - 1]), z[1:])
         z = z.numpy()
-        vectors = np.ascontiguousarray(z[:, ::-1])  # n x k, descending
-        residual = np.linalg.norm(self.gram @ vectors - vectors * wanted[::-1], axis=0)
-        if not np.all(np.isfinite(residual)) or float(residual.max(initial=0.0)) > RESIDUAL_TOLERANCE * self._scale:
-            return None
-        self._vectors = vectors
-        return vectors
+        self._vectors = np.ascontiguousarray(z[:, ::-1])  # n x k, descending
+        return self._vectors
+
+    def _accurate(self, z: np.ndarray, values: np.ndarray) -> bool:
+        """Whether the rows of ``z`` (``k x n``) are orthonormal eigenvectors of ``T`` for ``values``."""
+        d, e = self._d, self._e[: self.n - 1]
+        tz = z * d  # T z, row by row: d_i z_i + e_(i-1) z_(i-1) + e_i z_(i+1)
+        tz[:, 1:] += z[:, :-1] * e
+        tz[:, :-1] += z[:, 1:] * e
+        tz -= values[:, None] * z
+        residual = float(np.sqrt(np.max(np.einsum("ij,ij->i", tz, tz), initial=0.0)))
+        overlap = z @ z.T
+        overlap[np.diag_indices_from(overlap)] -= 1.0
+        departure = float(np.abs(overlap).max(initial=0.0))
+        return residual <= RESIDUAL_TOLERANCE * self._scale and departure <= ORTHOGONALITY_TOLERANCE

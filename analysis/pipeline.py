@@ -270,7 +270,8 @@ def _compute(
         return _pair_metrics(pair, settings, device, method, cache)
 
     assert pair.base is not None and pair.tuned is not None
-    tensors, info = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute)
+    # _prepare looked the pair up and missed: read again only under the entry's lock.
+    tensors, info = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
     return _result(pair.plan, tensors, info)
 
 
@@ -299,7 +300,7 @@ def _pair_metrics(
         else:
             # A float64 difference (exact for float32 and bf16 weights) for float64 values;
             # the update's vectors only feed spans (amplification, similarity): float32.
-            difference = tuned.weight.to(device, torch.float64) - base.double()
+            difference = tuned.weight.to(device, torch.float64) - base  # promoted: base read once
             delta = decompose(difference, device, method, vectors=torch.float32)
     else:  # on the GPU the matrices of a pair share a shape: one batched call
         todo = {} if pair.base_spectrum is not None else {"base": base}

@@ -548,6 +548,27 @@ def test_tridiagonal_refuses_what_inverse_iteration_cannot_do():
     assert full.top(0).shape == (50, 0) and full.top(50).shape == (50, 50)
 
 
+def test_tridiagonal_checks_reject_wrong_or_dependent_vectors():
+    """Inverse iteration's output is checked on the tridiagonal matrix: residuals and
+    orthonormality, each able to reject on its own."""
+    from analysis.lapack import Tridiagonal
+
+    g = np.random.default_rng(1).standard_normal((60, 80))
+    reduced = Tridiagonal(g @ g.T)
+    assert reduced.top(5) is not None
+    t = np.diag(reduced._d) + np.diag(reduced._e[:59], 1) + np.diag(reduced._e[:59], -1)
+    values, vectors = np.linalg.eigh(t)
+    z, lam = np.ascontiguousarray(vectors[:, -3:].T), values[-3:]
+    assert reduced._accurate(z.copy(), lam)
+    off = z.copy()  # still orthonormal, but turned 1e-4 towards an eigenvector not asked for
+    off[0] = np.cos(1e-4) * z[0] + np.sin(1e-4) * vectors[:, 0]
+    assert not reduced._accurate(off, lam)  # no longer an eigenvector
+    twice = z.copy()
+    twice[0], lam_twice = z[1], np.array([lam[1], lam[1], lam[2]])
+    assert not reduced._accurate(twice, lam_twice)  # eigenvectors, but the same one twice
+    assert not reduced._accurate(np.full_like(z, np.nan), lam)
+
+
 def test_pipeline_on_tridiagonal_sized_matrices_matches_float64(tmp_path):
     """A 256 x 320 pair (the tuned weight's top 100 of 256 via the tridiagonal path)."""
     base = trained_like(256, 320, seed=14)
