@@ -177,6 +177,10 @@ class Spectrum:
         return vectors
 
 
+#: Starting vectors for subspace iteration, or a function that makes them when needed.
+Seeds = torch.Tensor | Callable[[], torch.Tensor]
+
+
 def decompose(
     weight: torch.Tensor,
     device: torch.device,
@@ -184,7 +188,7 @@ def decompose(
     *,
     vectors: torch.dtype = torch.float64,
     top: int | None = None,
-    seeds: torch.Tensor | None = None,
+    seeds: Seeds | None = None,
 ) -> Spectrum:
     """The thin SVD of one ``out x in`` matrix as a :class:`Spectrum` (see the module docs).
 
@@ -201,11 +205,11 @@ def decompose(
     ``k`` at most half the spectrum) they come from the tridiagonal path at once.
     Otherwise, when ``k`` is a small part of a spectrum of :data:`SUBSPACE_MIN_SIZE` or
     more, the ``gram`` method computes every value with a values-only float64 eigensolver
-    and just those vectors by subspace iteration
-    (:func:`top_eigenvectors`), started from ``seeds`` (left-side vectors expected to lie
-    near the wanted ones, e.g. the base weight's top singular vectors for a fine-tune),
-    and checked against the exact values; it falls back to the full decomposition when
-    the check fails.
+    and just those vectors by subspace iteration (:func:`top_eigenvectors`), started from
+    ``seeds`` (left-side vectors expected to lie near the wanted ones, e.g. the base
+    weight's top singular vectors for a fine-tune; a function returning them is called
+    only if they are used), and checked against the exact values; it falls back to the
+    full decomposition when the check fails.
     """
     return decompose_many([weight], device, method, vectors=vectors, top=top, seeds=seeds)[0]
 
@@ -217,7 +221,7 @@ def decompose_many(
     *,
     vectors: torch.dtype = torch.float64,
     top: int | None = None,
-    seeds: torch.Tensor | None = None,
+    seeds: Seeds | None = None,
 ) -> list[Spectrum]:
     """:func:`decompose` for several matrices; ``gesvda`` runs same-shaped ones as one batch."""
     method = method or default_method(device)
@@ -244,7 +248,7 @@ SUBSPACE_MAX_FRACTION = 0.125
 
 
 def _gram_spectrum(
-    weight: torch.Tensor, vectors: torch.dtype, top: int | None = None, seeds: torch.Tensor | None = None
+    weight: torch.Tensor, vectors: torch.dtype, top: int | None = None, seeds: Seeds | None = None
 ) -> Spectrum:
     w = weight.to(torch.float64)
     m, n = w.shape
@@ -265,7 +269,7 @@ def _gram_spectrum(
         eigenvalues = torch.linalg.eigvalsh(gram).flip(0)
         start = None
         if seeds is not None:
-            start = seeds.to(gram.device, torch.float64)
+            start = (seeds() if callable(seeds) else seeds).to(gram.device, torch.float64)
             start = start if wide else w.transpose(0, 1) @ start
         found = top_eigenvectors(gram, eigenvalues, top, start)
         if found is not None:

@@ -288,13 +288,16 @@ def _pair_metrics(
     if method == "gram":  # one matrix at a time; each gets the precision its metrics need
         fresh = decompose(base, device, method) if pair.base_spectrum is None else None
         base_spectrum = _base_spectrum(pair, fresh, device, cache)
+
         # A fine-tune's top singular vectors lie near the base's (and, for an adapter, in
         # the span of B): good seeds when only the top few of a large spectrum are needed.
-        seeds = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
-        if tuned.low_rank is not None:
-            seeds = torch.cat([tuned.low_rank.B.to(device, torch.float64), seeds], dim=1)
+        def seeds() -> torch.Tensor:  # only the subspace iteration of large matrices uses them
+            start = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
+            if tuned.low_rank is None:
+                return start
+            return torch.cat([tuned.low_rank.B.to(device, torch.float64), start], dim=1)
+
         tuned_spectrum = decompose(tuned.weight, device, method, top=wanted, seeds=seeds)
-        del seeds
         if tuned.low_rank is not None:
             delta = low_rank_spectrum(tuned.low_rank, device)
         else:

@@ -147,7 +147,7 @@ def test_top_vectors_by_subspace_iteration_match_float64(monkeypatch, shape):
     u, s, v = reference(tuned)
     seeds = decompose(base, CPU, "gram").left(40)
     wide = shape[0] <= shape[1]
-    for start in (seeds, None):
+    for start in (seeds, lambda: seeds, None):  # the vectors, a function making them, none
         spectrum = decompose(tuned, CPU, "gram", top=20, seeds=start)
         known = spectrum._left if wide else spectrum._right
         assert known is not None and known.shape[1] == 20  # only what was asked for was computed
@@ -569,8 +569,21 @@ def test_tridiagonal_checks_reject_wrong_or_dependent_vectors():
     assert not reduced._accurate(np.full_like(z, np.nan), lam)
 
 
-def test_pipeline_on_tridiagonal_sized_matrices_matches_float64(tmp_path):
-    """A 256 x 320 pair (the tuned weight's top 100 of 256 via the tridiagonal path)."""
+@pytest.mark.parametrize("path", ["tridiagonal", "subspace"])
+def test_pipeline_on_tridiagonal_sized_matrices_matches_float64(monkeypatch, path):
+    """A 256 x 320 pair: the tuned weight's top 100 of 256 via the tridiagonal path, or via
+    seeded subspace iteration (the path of large matrices, and of any without SciPy)."""
+    started: list = []
+    if path == "subspace":
+        monkeypatch.setattr(linalg, "SUBSPACE_MIN_SIZE", 64)
+        monkeypatch.setattr(linalg, "SUBSPACE_MAX_FRACTION", 0.5)
+        monkeypatch.setattr(linalg.lapack, "available", lambda: False)
+        iterate = linalg.top_eigenvectors
+        monkeypatch.setattr(
+            linalg,
+            "top_eigenvectors",
+            lambda g, e, k, start=None, **kw: started.append(start) or iterate(g, e, k, start, **kw),
+        )
     base = trained_like(256, 320, seed=14)
     g = torch.Generator().manual_seed(15)
     B, A = torch.randn(256, 4, generator=g), torch.randn(4, 320, generator=g) / 320**0.5
@@ -589,3 +602,5 @@ def test_pipeline_on_tridiagonal_sized_matrices_matches_float64(tmp_path):
         np.testing.assert_allclose(result.tuned_singular_values, st, rtol=1e-5, atol=1e-6 * st[0])
         sd = np.linalg.svd((matrix.weight.double() - base.double()).numpy(), compute_uv=False)
         np.testing.assert_allclose(result.delta_singular_values[:4], sd[:4], rtol=1e-5)
+    if path == "subspace":  # seeded: the base's top vectors, and the adapter's B for the adapter
+        assert [None if s is None else s.shape[1] for s in started] == [4 + 200, 200]
