@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="torch.set_num_threads for both sides (default 1 on CPU: see README; 0 keeps torch's default)",
+        help="torch.set_num_threads for both sides (default: torch's own, what a user of either gets)",
     )
     parser.add_argument("--guard-matrices", type=int, default=None, help="float64-guard only the N smallest matrices")
     parser.add_argument("--no-guard", action="store_true", help="skip the float64 guard")
@@ -542,11 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeat = 1 if args.workload == "llama7b-shape" else 3
     if args.workload == "llama7b-shape":
         args.shared_baseline = True
-    if args.threads is None and device.type == "cpu":
-        # Multi-threaded MKL on a busy machine spins at its barriers and runs 10-100x slower
-        # (benchmarks/README.md); one thread per side keeps the comparison about the maths.
-        args.threads = 1
-    elif args.threads == 0:
+    if args.threads == 0:  # the former spelling of the default
         args.threads = None
 
     info = machine()
