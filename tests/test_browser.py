@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -331,6 +331,50 @@ def test_upload_an_adapter_then_a_corrupt_file(server: str, page, files: dict[st
     legend = chart_text(page)
     assert "upload PEFT adapter" in legend and "LoRA r=8 (stand-in)" in legend
     shot(page, "16-after-corrupt-upload")
+
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A Llama-shaped base (4 blocks of 1024-wide matrices) and a full fine-tune of it:
+    28 matrices that take the engine several seconds, time enough to press Cancel."""
+    from tests import factories
+
+    root = tmp_path_factory.mktemp("slow")
+    shape = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4}
+    heads = {"num_attention_heads": 16, "num_key_value_heads": 16}
+    base = factories.make_llama(root / "base-llama", seed=3, **shape, **heads)
+    return base, factories.make_full_finetune(base, root / "tuned-llama", seed=4)
+
+
+def test_cancel_stops_an_analysis_and_a_rerun_finishes_it(server: str, page, files, slow_pair) -> None:
+    """Cancel in the browser: the running analysis stops part way, says so, loses nothing
+    (the matrices done are cached, and pressing Analyse again computes only the rest)."""
+    base, tuned = slow_pair
+
+    def pair_entries() -> int:
+        return len(list((files["cache"] / "spectra").glob("v*/pair/*/*.safetensors")))
+
+    before = pair_entries()
+    page.goto(f"{server}/models?base={quote(str(base))}&tuned={quote(str(tuned))}")  # a shared link
+    wait_page(page, "Models", charts=False)
+    page.get_by_text(re.compile(r"28 matrices matched")).wait_for()
+    page.get_by_role("button", name="Analyse").click()
+    page.get_by_text(re.compile(r"tuned-llama: \d+ of 28 matrices")).wait_for()
+    shot(page, "17-analysis-running")
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_text(re.compile(r"tuned-llama: cancelled\.")).wait_for()
+    shot(page, "18-analysis-cancelled")
+    assert not page.get_by_test_id("stProgress").count()
+    assert not page.get_by_text(re.compile(r"28 matrices analysed")).count()
+    done = pair_entries() - before
+    assert 0 < done < 28  # stopped part way; what was finished is kept
+
+    page.get_by_role("button", name="Analyse").click()  # again: the cached matrices are not redone
+    page.get_by_text(re.compile(r"tuned-llama: 28 matrices analysed")).wait_for()
+    assert pair_entries() - before == 28
+    shot(page, "19-analysis-rerun-finished")
+    go_to(page, "Overview", "Overview")
+    assert "tuned-llama" in chart_text(page)
 
 
 def page_options(page, label: str) -> list[str]:
