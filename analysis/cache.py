@@ -100,9 +100,9 @@ class FingerprintIndex:
     """Content digests of stored tensors, remembered per version of each weight file.
 
     Content-addressing needs a digest of every matrix, and hashing a 7B checkpoint reads
-    all of its ~14 GB. This index maps a file *version* -- its real path, size, mtime,
-    ctime and inode -- to ``{tensor name: tensor_digest}``, so a later run only ``stat``s
-    the file. Any write to a file changes its ctime, which user tools cannot set back, so
+    all of its ~14 GB. This index maps a file *version* -- its device and inode (through
+    symlinks), size, mtime and ctime -- to ``{tensor name: tensor_digest}``, so a later
+    run only ``stat``s the file. Any write to a file changes its ctime, which user tools cannot set back, so
     a changed file never meets an old digest; at worst (a lost or unreadable index file)
     digests are computed again. One small JSON file per file version, replaced
     atomically and merged with what other processes wrote meanwhile.
@@ -161,9 +161,12 @@ class FingerprintIndex:
 
     @staticmethod
     def _version(file: Path) -> str:
-        real = os.path.realpath(file)
-        st = os.stat(real)
-        return hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}".encode()).hexdigest()
+        # The file itself (device and inode, through symlinks), not its path: os.stat is one
+        # system call where os.path.realpath walks every component in Python.
+        st = os.stat(file)
+        return hashlib.sha256(
+            f"{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode()
+        ).hexdigest()
 
     def _path(self, version: str) -> Path:
         return self.root / version[:2] / f"{version}.json"
