@@ -6,9 +6,9 @@ eigenvalue of a Gram matrix but only its top ``k`` eigenvectors (the tuned weigh
 (``dsytrd``), take all eigenvalues of the tridiagonal matrix (``dsterf``, ``O(n^2)``), the
 top ``k`` eigenvectors by inverse iteration (``dstein``, ``O(nk)``), and transform them back
 (``dormtr``'s work, done by MKL's ``dormqr`` through ``torch.ormqr``, 3x faster here). For
-the top 100 of a 384 x 384 Gram matrix that is 9.9 ms against 14.6 ms for ``eigh``, of a
-2048 x 2048 one 0.39 s against 1.6 s (benchmarks/README.md): the saving grows with
-``n / k``.
+the top 100 of a 384 x 384 Gram matrix that is 8.7 ms against 13.4 ms for ``eigh``, of a
+2048 x 2048 one 0.47 s against 1.5 s (one thread, benchmarks/README.md): the saving grows
+with ``n / k``.
 
 No Python binding offers that combination without holding the GIL (SciPy's ``lapack``
 wrappers hold it, which would serialise the pipeline's worker threads), so the routines
@@ -112,7 +112,7 @@ class Tridiagonal:
         self.n = n
         # A symmetric matrix is its own transpose: the C-ordered buffer is a valid
         # Fortran-ordered one, and the reflectors dsytrd leaves in it are read back by
-        # dormtr from the same buffer.
+        # ormqr (see top) from the same buffer.
         self._a = np.array(gram, dtype=np.float64, order="C", copy=True)
         self._d = np.empty(n)
         self._e = np.empty(max(n - 1, 1))

@@ -305,7 +305,7 @@ def gram_matrix(w: torch.Tensor) -> torch.Tensor:
 
 #: On the CPU, a Gram matrix of which at most this fraction of the vectors is wanted goes
 #: through :class:`analysis.lapack.Tridiagonal` (every value, only the top vectors): for
-#: the top 100, 1.5x faster than ``eigh`` at 384, 2.7x at 1024, 4x at 2048, and at 4096
+#: the top 100, 1.5x faster than ``eigh`` at 384, 2.9x at 1024, 3.2x at 2048, and at 4096
 #: 2.5x faster than values plus seeded subspace iteration (benchmarks/README.md), which
 #: remains for CUDA tensors and when LAPACK's checks fail.
 TRIDIAGONAL_MAX_FRACTION = 0.5

@@ -322,6 +322,28 @@ def test_workers_give_the_same_results_in_plan_order():
         assert a.effective_rank == b.effective_rank
 
 
+def test_lapack_threads_only_where_a_second_one_pays(monkeypatch):
+    """One matrix on two cores gets two torch threads, but SciPy's BLAS stays on one below
+    order 2048 (two spin against torch's OpenMP team: 5x slower at 384)."""
+    from analysis import lapack, pipeline
+
+    asked: list[int] = []
+    real, before = pipeline._limit_blas, torch.get_num_threads()
+    monkeypatch.setattr(pipeline, "_limit_blas", lambda threads: asked.append(threads) or real(threads))
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    base, tuned = planted_pair(30, m=64, n=48)
+    try:
+        list(
+            analyse_plan(ComparisonPlan("b", "t", "adapter", [plan_of("m", base, tuned, adapter_rank=2)]), device="cpu")
+        )
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(before)  # the pipeline restored the faked count
+    assert asked == [1]
+    assert lapack.threads_for(384, 2) == 1 and lapack.threads_for(4096, 2) == 2 and lapack.threads_for(4096, 1) == 1
+
+
 def test_in_order_bounds_concurrency_by_memory_and_raises_in_order():
     running, peak, lock = [0], [0], threading.Lock()
 
