@@ -102,10 +102,10 @@ class FingerprintIndex:
     Content-addressing needs a digest of every matrix, and hashing a 7B checkpoint reads
     all of its ~14 GB. This index maps a file *version* -- its device and inode (through
     symlinks), size, mtime and ctime -- to ``{tensor name: tensor_digest}``, so a later
-    run only ``stat``s the file. Any write to a file changes its ctime, which user tools cannot set back, so
-    a changed file never meets an old digest; at worst (a lost or unreadable index file)
-    digests are computed again. One small JSON file per file version, replaced
-    atomically and merged with what other processes wrote meanwhile.
+    run only ``stat``s the file. Any write to a file changes its ctime, which user tools
+    cannot set back, so a changed file never meets an old digest; at worst (a lost or
+    unreadable index file) digests are computed again. One small JSON file per file
+    version, replaced atomically and merged with what other processes wrote meanwhile.
 
     New digests are written at most every :attr:`WRITE_INTERVAL_S` seconds and by
     :meth:`flush` (the pipeline flushes when an analysis ends): writing the index after

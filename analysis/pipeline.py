@@ -128,8 +128,9 @@ _blas_limits = None
 def _limit_blas(threads: int):
     """Limit the BLAS libraries outside torch to ``threads``; a handle that restores them.
 
-    SciPy's OpenBLAS (used through :mod:`analysis.lapack`) is among them: importing
-    :mod:`analysis.linalg` loaded it.
+    SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
+    Gram products of :func:`analysis.linalg.gram_matrix`) are among them: importing
+    :mod:`analysis.linalg` loaded both.
     """
     from threadpoolctl import threadpool_limits
 
