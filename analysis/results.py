@@ -52,6 +52,27 @@ class MatrixResult:
     amplification_factor: float
     amplification_rank: int
     adapter_rank: int | None = None
+    #: Which stack of the model the matrix lives in (``encoder``, ``decoder``, ``vision``,
+    #: ``language``, ...), ``None`` for a one-stack model. (stack, layer, module, expert) is
+    #: unique within a model.
+    stack: str | None = None
+    #: The mixture-of-experts expert index, ``None`` outside expert weights.
+    expert: int | None = None
+
+    @property
+    def identity(self) -> tuple[str | None, int | None, str, int | None]:
+        """(stack, layer, module, expert): where the matrix lives, unique within a model."""
+        return (self.stack, self.layer, self.module, self.expert)
+
+    @property
+    def short_label(self) -> str:
+        """A compact label for chart axes: ``L3 mlp_in``, ``decoder L3 cross_attn_out``, ``L3 E17 down``."""
+        parts = [self.stack] if self.stack else []
+        parts.append(f"L{self.layer}" if self.layer is not None else "-")
+        if self.expert is not None:
+            parts.append(f"E{self.expert}")
+        parts.append(self.module)
+        return " ".join(parts)
 
     def intruder_counts(self, k: int, epsilons: tuple[float, ...] | list[float]) -> list[int]:
         """Intruder counts among the top ``k`` tuned vectors at each eps (Def. 3.1).
@@ -71,6 +92,10 @@ class ModelResult:
     unmatched: list[str] = field(default_factory=list)
     shape_mismatches: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    #: Every base tensor that was not analysed, as ``{"name": ..., "reason": ...}``.
+    skipped: list[dict] = field(default_factory=list)
+    #: The training step of a checkpoint in a series, ``None`` for a single fine-tune.
+    step: int | None = None
 
     @property
     def label(self) -> str:
