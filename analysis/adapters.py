@@ -48,7 +48,7 @@ import torch
 from analysis.cache import derived_digest
 from analysis.errors import InputError
 from analysis.plan import LowRankDelta, StoredDigest, TunedMatrix
-from analysis.sources import (
+from analysis.readers import (
     ADAPTER_CONFIG,
     TensorInfo,
     _read_json,
