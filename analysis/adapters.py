@@ -70,7 +70,6 @@ _UNSUPPORTED_VARIANTS = {
     "arrow_config": "Arrow routing between several LoRA experts",
     "kasa_config": "KaSA",
     "layer_replication": "layer replication (the adapted model has more layers than the base)",
-    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
 }
 
 
@@ -102,6 +101,10 @@ class LoraSettings:
     )
     alpha_pattern: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Per-module lora_alpha overrides, keyed by a regex on the module name."}
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Raw parameters (e.g. fused MoE experts) adapted by PEFT's ParamWrapper."},
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved as replacement weights."}
@@ -195,6 +198,9 @@ class AdapterModule:
     scale: float | None = None
     magnitude: str | None = None
     replacement: str | None = None
+    #: LoRA on a raw parameter (PEFT's ``ParamWrapper``, ``target_parameters``) whose
+    #: factors stack one rank-``r`` pair per expert; resolved against the base by pairing.
+    param_wrapper: bool = False
 
     @property
     def has_factors(self) -> bool:
@@ -345,6 +351,25 @@ class LoraAdapter:
             return TunedMatrix(tuned.weight, None)
         return tuned
 
+    def tuned_param(
+        self,
+        module: AdapterModule,
+        base: torch.Tensor,
+        *,
+        scale: float,
+        expert: int,
+        experts: int,
+        rows: tuple[int, int] | None = None,
+    ) -> TunedMatrix:
+        """One expert slice of a raw-parameter LoRA (:func:`merge_param_lora`) applied to ``base``."""
+        assert module.A is not None and module.B is not None
+        return merge_param_lora(base, self.load(module.A), self.load(module.B), scale, expert, experts, rows)
+
+    def param_digest(self, module: AdapterModule, base_digest: str, stored: StoredDigest, rule: str) -> str:
+        """A digest of what :meth:`tuned_param` returns (``rule`` names scale, expert, rows)."""
+        tensors = [stored(self._tensors[key].file, key, lambda key=key: self.load(key)) for key in (module.A, module.B)]
+        return derived_digest("lora-param-merged", rule, base_digest, *tensors)
+
     def _check_not_zero(self) -> None:
         """Refuse an adapter whose every update is exactly zero (saved before training)."""
         factored = [m for m in self.modules.values() if m.has_factors]
@@ -436,6 +461,38 @@ class LoraAdapter:
         return cls(label, path, settings, modules, tensors, format="kohya", ignored=ignored)
 
 
+def merge_param_lora(
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    expert: int,
+    experts: int,
+    rows: tuple[int, int] | None = None,
+) -> TunedMatrix:
+    """One expert of a LoRA on a raw parameter merged as PEFT's ``merge_and_unload()`` does.
+
+    PEFT 0.21's ``ParamWrapper`` (``peft/tuners/lora/layer.py``: ``update_layer``,
+    ``get_delta_weight``) keeps one ``lora_A`` of ``(r * E) x in`` and one ``lora_B`` of
+    ``out x (r * E)`` for a parameter of ``E`` experts; expert ``e``'s update is
+    ``scale * B_e @ A_e`` in the ``out x in`` orientation of the forward pass, with
+    ``A_e = A.reshape(E, r, in)[e]`` (rows ``e*r .. e*r+r-1``) and
+    ``B_e = B.reshape(out, r, E)[:, :, e]`` (columns ``e, e+E, e+2E, ...``); PEFT's
+    einsum writes it to ``[E, out, in]`` or, for ``is_transposed`` experts, ``[E, in, out]``.
+    A 2-D parameter is ``E = 1``: plain LoRA. ``rows`` selects the rows of the update
+    that belong to ``base`` when the base stores the expert split (Mixtral's ``w1``/``w3``
+    concatenated into ``gate_up_proj`` by transformers' conversion mapping).
+
+    ``base`` is the float32 ``out x in`` weight (or its ``rows``).
+    """
+    rank = A.shape[0] // experts
+    A_e = A.reshape(experts, rank, A.shape[-1])[expert]
+    B_e = B.reshape(B.shape[0], rank, experts)[:, :, expert]
+    if rows is not None:
+        B_e = B_e[rows[0] : rows[1]]
+    return merge_lora(base, B_e.contiguous(), A_e.contiguous(), scale)
+
+
 def _strip_kohya_prefix(name: str) -> str:
     for prefix in KOHYA_PREFIXES:
         if name.startswith(prefix):
@@ -483,6 +540,12 @@ def _peft_modules(
         if b_shape[1] != rank:
             raise InputError(weights, f"module {module!r}: lora_B is {b_shape} but lora_A is {a_shape}, ranks differ")
         r, alpha = settings.rank_and_alpha(module)
+        if settings.target_parameters and (module.endswith(".base_layer") or r != rank):
+            # A ParamWrapper: which parameter, how many experts and its r are known only
+            # with the base model (pairing.resolve_param_wrapper); PEFT nests one wrapper
+            # per parameter of a module, the first registered parameter innermost.
+            modules[module] = AdapterModule(module, A=a_key, B=b_key, rank=rank, param_wrapper=True)
+            continue
         if r != rank:
             raise InputError(
                 weights,

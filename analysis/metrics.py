@@ -47,11 +47,14 @@ def intruder_scores(tuned_left: torch.Tensor, base_left: torch.Tensor) -> tuple[
 
     Returns
     -------
-    scores : (k,) float64 array, the best |cosine| of each tuned vector.
+    scores : (k,) float64 array, the best |cosine| of each tuned vector, clipped to [0, 1].
     best_match : (k,) int64 array, the base index attaining it.
     """
     sims = (tuned_left.transpose(0, 1) @ base_left.to(tuned_left.dtype)).abs()
     best, idx = sims.max(dim=1)
+    # A cosine of unit vectors lies in [0, 1]; float round-off (and float16 base vectors)
+    # can push it a hair above 1.
+    best = best.clamp(max=1.0)
     return _as_numpy(best), idx.cpu().numpy().astype(np.int64)
 
 
@@ -151,17 +154,17 @@ def subspace_similarity(P: torch.Tensor, Q: torch.Tensor) -> np.ndarray:
 
 def amplification_factor(
     delta_fro: float, delta_left: torch.Tensor, delta_right: torch.Tensor, base_weight: torch.Tensor
-) -> float:
+) -> float | None:
     """Amplification factor of an update (Hu et al. 2021, section 7.3).
 
     ``||dW||_F / ||U^T W_base V||_F`` where ``U`` (``out x r``) and ``V`` (``in x r``)
     are the top-``r`` left and right singular vectors of ``dW``. Large values mean the
     update amplifies directions that the pre-trained weight barely uses. Returns
-    ``inf`` when ``W_base`` has no energy in those directions and ``dW != 0``, and 0
-    for a zero update.
+    ``inf`` when ``W_base`` has no energy in those directions and ``dW != 0``, and
+    ``None`` for a zero update, where it is undefined (0 / 0: there are no directions).
     """
     if delta_fro == 0:
-        return 0.0
+        return None
     dtype = torch.promote_types(delta_left.dtype, delta_right.dtype)
     projected = delta_left.to(dtype).transpose(0, 1) @ base_weight.to(dtype) @ delta_right.to(dtype)
     denominator = float(torch.linalg.matrix_norm(projected.to(torch.float64), ord="fro"))

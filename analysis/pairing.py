@@ -24,65 +24,125 @@ matrix is ``out x in``; embeddings are kept as stored (``vocab x dim``).
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
-from analysis.adapters import AdapterModule, LoraAdapter
+from analysis.adapters import AdapterModule, LoraAdapter, lora_scale
 from analysis.cache import derived_digest
 from analysis.errors import InputError
+from analysis.layouts import CONV1D_MODEL_TYPES, ModelLayout, block_index, expert_index, skip_reason, stack_label
+from analysis.layouts import module_label as module_kind
 from analysis.plan import ComparisonPlan, MatrixPlan, ShapeMismatch, StoredDigest, TunedMatrix
 from analysis.sources import WeightSource
 
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-# model_type values whose block weights are transformers' ``Conv1D`` (stored in x out).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-
-# (pattern on the module path, module kind); first match wins. The module path is the
-# tensor name without ".weight".
-_MODULE_KINDS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(p), kind)
-    for p, kind in [
-        (r"(^|\.)(query|q_proj|q|wq|q_lin)$", "query"),
-        (r"(^|\.)(key|k_proj|k|wk|k_lin)$", "key"),
-        (r"(^|\.)(value|v_proj|v|wv|v_lin)$", "value"),
-        (r"(^|\.)(c_attn|qkv_proj|query_key_value|Wqkv|qkv|in_proj)$", "qkv"),
-        (r"(^|\.)attention\.output\.dense$", "attn_out"),
-        (r"(^|\.)(attn|attention|self_attn|self_attention)\.(c_proj|o_proj|out_proj|dense|wo|out_lin|o)$", "attn_out"),
-        (r"(^|\.)o_proj$", "attn_out"),
-        (r"(^|\.)gate_up_proj$", "gate_up"),
-        (r"(^|\.)(gate_proj|w1)$", "gate"),
-        (r"(^|\.)(up_proj|w3)$", "up"),
-        (r"(^|\.)(down_proj|w2)$", "down"),
-        (r"(^|\.)(intermediate\.dense|c_fc|fc1|fc_in|dense_h_to_4h|lin1|wi)$", "mlp_in"),
-        (r"(^|\.)(output\.dense|mlp\.c_proj|fc2|fc_out|dense_4h_to_h|lin2|wo)$", "mlp_out"),
-    ]
-]
+__all__ = ["CONV1D_MODEL_TYPES", "block_index", "match_names", "module_kind", "plan_comparison"]
 
 
-def block_index(name: str) -> int | None:
-    """The transformer block number in a tensor name (``encoder.layer.3.`` -> 3), or ``None``."""
-    match = _BLOCK.search(name)
-    return int(match.group(1)) if match else None
+@dataclass(frozen=True)
+class Slot:
+    """One matrix of a checkpoint: a stored 2-D tensor, or one expert of a fused 3-D one.
+
+    ``name`` is the stored tensor, ``memory`` its parameter name in memory (transformers'
+    conversion mapping), ``index`` the expert slice of a 3-D tensor (``None``: the whole
+    2-D tensor), ``transpose`` whether the stored matrix is ``in x out`` (GPT-2 ``Conv1D``,
+    ``is_transposed`` experts), ``shape`` the ``out x in`` shape. ``part``/``parts``: a
+    per-expert tensor that transformers concatenates with others into ``memory``.
+    """
+
+    name: str
+    memory: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    transpose: bool
+    index: int | None = None
+    expert: int | None = None
+    part: int = 0
+    parts: int = 1
+    stack: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Names the same matrix across checkpoints of the same architecture and layout."""
+        where = "fused" if self.index is not None else f"{self.part}/{self.parts}"
+        return f"{self.memory}#{self.expert}#{where}"
+
+    @property
+    def identity(self) -> tuple:
+        return (self.stack, self.layer, self.module, self.expert)
 
 
-def module_kind(name: str) -> str:
-    """What a block weight does: ``query``, ``key``, ``value``, ``qkv``, ``attn_out``,
-    ``gate``, ``up``, ``gate_up``, ``down``, ``mlp_in``, ``mlp_out``, or the last name
-    component (without ``.weight``) when the layout is unknown."""
-    module = name.removesuffix(".weight")
-    for pattern, kind in _MODULE_KINDS:
-        if pattern.search(module):
-            return kind
-    return module.rsplit(".", 1)[-1]
+def catalogue(
+    source: WeightSource, include_non_block: bool = False, layout: ModelLayout | None = None
+) -> tuple[list[Slot], list[dict]]:
+    """Every matrix of ``source`` (:class:`Slot`), and every other tensor with its reason.
+
+    A fused ``[E, out, in]`` (or ``is_transposed`` ``[E, in, out]``) expert tensor gives one
+    slot per expert. Stacks are named only when the blocks lie in more than one stack;
+    identities that would still collide fall back to the module path inside the block.
+    """
+    layout = layout or ModelLayout(source.config)
+    slots: list[Slot] = []
+    skipped: list[dict] = []
+    for name in source.names():
+        shape = source.shape(name)
+        placement = layout.placement(name)
+        kind = layout.module_kind(placement.memory)
+        layer = block_index(name)
+        reason = skip_reason(
+            name, shape, source.dtype(name).is_floating_point, kind, layer is not None, include_non_block
+        )
+        if reason is not None:
+            skipped.append({"name": name, "reason": reason})
+            continue
+        module = module_kind(name)
+        stack = stack_label(placement.memory) if layer is not None else None
+        if len(shape) == 3:
+            transposed = layout.experts_transposed(placement.memory)
+            oriented = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
+            slots.extend(
+                Slot(name, placement.memory, layer, module, oriented, transposed, index=e, expert=e, stack=stack)
+                for e in range(shape[0])
+            )
+            continue
+        conv = (
+            layout.is_conv1d(placement.memory)
+            if layout.available
+            else (source.config.get("model_type") in CONV1D_MODEL_TYPES and layer is not None)
+        )
+        expert = placement.expert if placement.expert is not None else expert_index(name)
+        slots.append(
+            Slot(
+                name,
+                placement.memory,
+                layer,
+                module,
+                (shape[1], shape[0]) if conv else (shape[0], shape[1]),
+                conv,
+                expert=expert,
+                part=placement.part,
+                parts=placement.parts,
+                stack=stack,
+            )
+        )
+    stacks = {s.stack for s in slots if s.layer is not None}
+    if len(stacks) <= 1:
+        slots = [replace(s, stack=None) for s in slots]
+    counts = Counter(s.identity for s in slots)
+    if any(c > 1 for c in counts.values()):
+        slots = [replace(s, module=_module_path(s.name)) if counts[s.identity] > 1 else s for s in slots]
+    return slots, skipped
 
 
-def _is_analysable(source: WeightSource, name: str, include_non_block: bool) -> bool:
-    if not name.endswith(".weight") or len(source.shape(name)) != 2 or not source.dtype(name).is_floating_point:
-        return False
-    return include_non_block or block_index(name) is not None
+def _module_path(name: str) -> str:
+    """The module path inside its block (``attention.self.query``), to tell matrices apart."""
+    match = re.search(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.(.*)$", name)
+    path = match.group(1) if match else name
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.", path).removesuffix(".weight")
 
 
 def _candidate_prefixes(names: Iterable[str]) -> list[str]:
@@ -142,49 +202,45 @@ def _match_kohya(base_names: list[str], kohya_modules: Iterable[str]) -> dict[st
     return matches
 
 
-def _load_oriented(source: WeightSource, name: str, transpose: bool) -> torch.Tensor:
-    tensor = source.load(name).to(torch.float32)
-    return (tensor.T if transpose else tensor).contiguous()
+def _load_slot(source: WeightSource, slot: Slot) -> torch.Tensor:
+    """The slot's matrix as float32 ``out x in`` (one expert read alone from a fused tensor)."""
+    tensor = source.load(slot.name) if slot.index is None else source.load_slice(slot.name, slot.index)
+    tensor = tensor.to(torch.float32)
+    return (tensor.T if slot.transpose else tensor).contiguous()
 
 
-def _load_tuned_full(source: WeightSource, name: str, transpose: bool) -> TunedMatrix:
-    return TunedMatrix(_load_oriented(source, name, transpose), None)
+def _load_tuned_full(source: WeightSource, slot: Slot) -> TunedMatrix:
+    return TunedMatrix(_load_slot(source, slot), None)
 
 
-def _load_tuned_adapter(
-    adapter: LoraAdapter, module: AdapterModule, base: WeightSource, name: str, transpose: bool
-) -> TunedMatrix:
-    return adapter.tuned(module, _load_oriented(base, name, transpose), stored_transposed=transpose)
+def _load_tuned_adapter(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot) -> TunedMatrix:
+    return adapter.tuned(module, _load_slot(base, slot), stored_transposed=slot.transpose)
 
 
-def _oriented_digest(source: WeightSource, name: str, transpose: bool, stored: StoredDigest) -> str:
-    """A digest of what :func:`_load_oriented` returns, from the stored tensor's digest."""
-    digest = stored(source.file(name), name, partial(source.load, name))
-    return derived_digest("oriented-float32", f"transpose={transpose}", digest)
+def _load_tuned_param(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot, rule: dict):
+    return adapter.tuned_param(module, _load_slot(base, slot), **rule)
 
 
-def _full_digests(
-    base: WeightSource, name: str, tuned: WeightSource, tuned_name: str, transpose: bool, stored: StoredDigest
-) -> tuple[str, str]:
-    return _oriented_digest(base, name, transpose, stored), _oriented_digest(tuned, tuned_name, transpose, stored)
+def _slot_digest(source: WeightSource, slot: Slot, stored: StoredDigest) -> str:
+    """A digest of what :func:`_load_slot` returns, from the stored tensor's digest."""
+    digest = stored(source.file(slot.name), slot.name, partial(source.load, slot.name))
+    if slot.index is not None:
+        digest = derived_digest("expert-slice", f"index={slot.index}", digest)
+    return derived_digest("oriented-float32", f"transpose={slot.transpose}", digest)
 
 
-def _adapter_digests(
-    adapter: LoraAdapter, module: AdapterModule, base: WeightSource, name: str, transpose: bool, stored: StoredDigest
-) -> tuple[str, str]:
-    base_digest = _oriented_digest(base, name, transpose, stored)
-    return base_digest, adapter.tuned_digest(module, base_digest, stored, stored_transposed=transpose)
+def _full_digests(base: WeightSource, slot: Slot, tuned: WeightSource, tuned_slot: Slot, stored: StoredDigest):
+    return _slot_digest(base, slot, stored), _slot_digest(tuned, tuned_slot, stored)
 
 
-def _is_conv1d(source: WeightSource, names: list[str]) -> bool:
-    model_type = source.config.get("model_type")
-    if model_type is not None:
-        return model_type in CONV1D_MODEL_TYPES
-    return any(re.search(r"(^|\.)h\.\d+\.attn\.c_attn\.weight$", n) for n in names)
+def _adapter_digests(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot, stored):
+    base_digest = _slot_digest(base, slot, stored)
+    return base_digest, adapter.tuned_digest(module, base_digest, stored, stored_transposed=slot.transpose)
 
 
-def _oriented_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, int]:
-    return (shape[1], shape[0]) if transpose else (shape[0], shape[1])
+def _param_digests(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot, rule: dict, stored):
+    base_digest = _slot_digest(base, slot, stored)
+    return base_digest, adapter.param_digest(module, base_digest, stored, repr(sorted(rule.items())))
 
 
 def _base_summary(base: WeightSource) -> dict:
@@ -213,9 +269,11 @@ def plan_comparison(
     Returns
     -------
     ComparisonPlan
-        ``matrices`` in block order; names found on one side only in ``unmatched``;
-        pairs whose shapes disagree in ``shape_mismatches``; ``summary`` with the
-        architecture, the number of matched matrices and, for adapters, the settings.
+        ``matrices`` in block order, each with its identity (stack, layer, module,
+        expert); names found on one side only in ``unmatched``; pairs whose shapes
+        disagree in ``shape_mismatches``; every base tensor not analysed in ``skipped``
+        with its reason; ``summary`` with the architecture, the number of matched
+        matrices and, for adapters, the settings.
 
     Raises
     ------
@@ -230,91 +288,214 @@ def plan_comparison(
 
 
 def _sort_key(plan: MatrixPlan) -> tuple:
-    return (plan.layer is None, plan.layer if plan.layer is not None else 0, plan.name)
+    return (
+        plan.layer is None,
+        plan.stack or "",
+        plan.layer if plan.layer is not None else 0,
+        plan.name,
+        -1 if plan.expert is None else plan.expert,
+    )
+
+
+def _matrix(slot: Slot, **kwargs) -> MatrixPlan:
+    return MatrixPlan(
+        name=slot.name,
+        layer=slot.layer,
+        module=slot.module,
+        shape=slot.shape,
+        stack=slot.stack,
+        expert=slot.expert,
+        **kwargs,
+    )
+
+
+def _skipped_slots(skipped: list[dict], slots: Iterable[Slot], reason: str, analysed: set[str]) -> None:
+    """Add the stored tensors of ``slots`` none of whose matrices is analysed."""
+    names = sorted({s.name for s in slots} - analysed)
+    skipped.extend({"name": n, "reason": reason} for n in names)
 
 
 def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool) -> ComparisonPlan:
-    base_names = [n for n in base.names() if _is_analysable(base, n, include_non_block)]
-    tuned_names = [n for n in tuned.names() if _is_analysable(tuned, n, include_non_block)]
-    pairs = match_names(base_names, tuned_names)
-    transpose = _is_conv1d(base, base.names())
+    base_slots, skipped = catalogue(base, include_non_block)
+    tuned_slots, _ = catalogue(tuned, include_non_block)
+    base_by_key = {s.key: s for s in base_slots}
+    tuned_by_key = {s.key: s for s in tuned_slots}
+    pairs = match_names(list(base_by_key), list(tuned_by_key))
     matrices: list[MatrixPlan] = []
     mismatches: list[ShapeMismatch] = []
-    for name, tuned_name in pairs.items():
-        base_shape, tuned_shape = base.shape(name), tuned.shape(tuned_name)
-        if base_shape != tuned_shape:
-            mismatches.append(ShapeMismatch(name, base_shape, tuned_shape))
+    mismatched: set[str] = set()
+    for key, tuned_key in pairs.items():
+        slot, tuned_slot = base_by_key[key], tuned_by_key[tuned_key]
+        if slot.shape != tuned_slot.shape:
+            if slot.name not in mismatched:
+                mismatches.append(ShapeMismatch(slot.name, base.shape(slot.name), tuned.shape(tuned_slot.name)))
+                mismatched.add(slot.name)
             continue
-        conv = transpose and block_index(name) is not None
         matrices.append(
-            MatrixPlan(
-                name=name,
-                layer=block_index(name),
-                module=module_kind(name),
-                shape=_oriented_shape(base_shape, conv),
-                load_base=partial(_load_oriented, base, name, conv),
-                load_tuned=partial(_load_tuned_full, tuned, tuned_name, conv),
-                digests=partial(_full_digests, base, name, tuned, tuned_name, conv),
+            _matrix(
+                slot,
+                load_base=partial(_load_slot, base, slot),
+                load_tuned=partial(_load_tuned_full, tuned, tuned_slot),
+                digests=partial(_full_digests, base, slot, tuned, tuned_slot),
             )
         )
-    matched_tuned = set(pairs.values())
-    unmatched = sorted(set(base_names) - set(pairs)) + sorted(set(tuned_names) - matched_tuned)
+    matched_tuned = {tuned_by_key[k].name for k in pairs.values()}
+    analysed = {m.name for m in matrices}
+    base_unmatched = sorted({s.name for s in base_slots if s.key not in pairs} - analysed)
+    unmatched = base_unmatched + sorted({s.name for s in tuned_slots} - matched_tuned)
     if not matrices and not mismatches:
         raise InputError(
             tuned.label,
             f"shares no weight matrix with the base model {base.label} (different architecture or naming?)",
         )
+    _skipped_slots(
+        skipped, [s for s in base_slots if s.name in mismatched], "its shape differs in the fine-tune", analysed
+    )
+    skipped.extend({"name": n, "reason": "not in the fine-tune"} for n in base_unmatched if n not in mismatched)
     matrices.sort(key=_sort_key)
     summary = _base_summary(base) | {
         "tuned_architecture": (tuned.config.get("architectures") or [None])[0],
         "matched_matrices": len(matrices),
         "unmatched": len(unmatched),
         "shape_mismatches": len(mismatches),
+        "skipped": len(skipped),
     }
-    return ComparisonPlan(base.label, tuned.label, "full", matrices, unmatched, mismatches, summary)
+    plan = ComparisonPlan(base.label, tuned.label, "full", matrices, unmatched, mismatches, summary)
+    plan.skipped = skipped
+    return plan
+
+
+def _strip_base_layer(module: str) -> tuple[str, int]:
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module.removesuffix(".base_layer"), depth + 1
+    return module, depth
+
+
+def _targeted(key: str, targets: Iterable[str]) -> bool:
+    """PEFT's rule for ``target_parameters`` (``BaseTuner._inject_parameters``)."""
+    return any(key == t or key.endswith(f".{t}") for t in targets)
+
+
+def resolve_param_wrapper(
+    adapter: LoraAdapter, module: AdapterModule, layout: ModelLayout
+) -> tuple[str, int, float] | None:
+    """Which raw parameter a PEFT ``ParamWrapper`` adapts: ``(memory name, experts, scale)``.
+
+    PEFT wraps the targeted parameters of one module in nested wrappers, the first
+    registered parameter innermost (``...experts.base_layer`` adapts ``gate_up_proj``,
+    ``...experts`` ``down_proj``); the factor shapes must fit: ``lora_A`` is
+    ``(r * E) x in`` and ``lora_B`` ``out x (r * E)``. ``None``: no parameter fits.
+    """
+    path, depth = _strip_base_layer(module.module)
+    targets = adapter.settings.target_parameters or []
+    params = [p for p in layout.memory_params(path) if _targeted(p, targets)]
+    (b_out, b_rank), (a_rank, a_in) = adapter.factor_shapes(module)
+    order = [params[len(params) - 1 - depth]] if depth < len(params) else []
+    for param in order + [p for p in params if p not in order]:
+        shape = layout.memory_shape(param) or ()
+        if len(shape) == 3:
+            experts = shape[0]
+            out_dim, in_dim = (shape[2], shape[1]) if layout.experts_transposed(param) else (shape[1], shape[2])
+        elif len(shape) == 2:
+            experts, (out_dim, in_dim) = 1, shape
+        else:
+            continue
+        if (out_dim, in_dim) != (b_out, a_in) or a_rank != b_rank or a_rank % experts:
+            continue
+        r, alpha = adapter.settings.rank_and_alpha(param)
+        if r * experts != a_rank:
+            raise InputError(
+                adapter.label,
+                f"{module.module} adapts {param} with rank {a_rank // experts} per expert but adapter_config.json "
+                f"gives it r={r}; the config does not belong to these weights",
+            )
+        return param, experts, lora_scale(alpha, r, adapter.settings.use_rslora)
+    return None
 
 
 def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: bool) -> ComparisonPlan:
-    candidates = [n for n in base.names() if _is_analysable(base, n, include_non_block=True)]
+    layout = ModelLayout(base.config)
+    slots, skipped = catalogue(base, include_non_block=True, layout=layout)
+    whole = [s for s in slots if s.index is None]
+    regular = {m: mod for m, mod in adapter.modules.items() if not mod.param_wrapper}
     if adapter.format == "kohya":
-        pairs = _match_kohya(candidates, adapter.modules)
+        by_name = {s.name: s for s in whole}
+        pairs = _match_kohya(list(by_name), regular)
     else:
-        module_weights = {f"{m}.weight": m for m in adapter.modules}
-        pairs = {b: module_weights[t] for b, t in match_names(candidates, list(module_weights)).items()}
-    transpose = _is_conv1d(base, base.names())
+        # PEFT names modules as they are in memory; adapters saved before a layout change
+        # (transformers 4's per-expert Mixtral modules) as stored: the naming that
+        # explains more of the adapter wins.
+        module_weights = {f"{m}.weight": m for m in regular}
+        stored = {s.name: s for s in whole}
+        memory = {s.memory: s for s in whole if s.parts == 1 and s.memory.endswith(".weight")}
+        pairs, by_name = {}, stored
+        for names in (memory, stored):
+            found = match_names(list(names), list(module_weights))
+            if len(found) > len(pairs):
+                pairs, by_name = found, names
+        pairs = {b: module_weights[t] for b, t in pairs.items()}
     matrices: list[MatrixPlan] = []
     mismatches: list[ShapeMismatch] = []
+    matched: set[str] = set()
+    non_block: list[str] = []
     for name, module_name in pairs.items():
+        slot = by_name[name]
         module = adapter.modules[module_name]
-        layer = block_index(name)
-        conv = transpose and layer is not None
-        stored = base.shape(name)
-        shape = _oriented_shape(stored, conv)
+        matched.add(module_name)
         expected = adapter.delta_shape(module)
         replacement = adapter.replacement_shape(module)
-        if (expected is not None and expected != shape) or (replacement is not None and replacement != stored):
-            mismatches.append(ShapeMismatch(name, shape, expected or replacement))
+        stored = base.shape(slot.name)
+        if (expected is not None and expected != slot.shape) or (replacement is not None and replacement != stored):
+            mismatches.append(ShapeMismatch(slot.name, slot.shape, expected or replacement))
             continue
-        if layer is None and not include_non_block:
+        if slot.layer is None and not include_non_block:
+            non_block.append(slot.name)
             continue
         matrices.append(
-            MatrixPlan(
-                name=name,
-                layer=layer,
-                module=module_kind(name),
-                shape=shape,
-                load_base=partial(_load_oriented, base, name, conv),
-                load_tuned=partial(_load_tuned_adapter, adapter, module, base, name, conv),
+            _matrix(
+                slot,
+                load_base=partial(_load_slot, base, slot),
+                load_tuned=partial(_load_tuned_adapter, adapter, module, base, slot),
                 adapter_rank=module.rank,
-                digests=partial(_adapter_digests, adapter, module, base, name, conv),
+                digests=partial(_adapter_digests, adapter, module, base, slot),
             )
         )
-    matched = set(pairs.values())
+    by_memory: dict[str, list[Slot]] = defaultdict(list)
+    for slot in slots:
+        by_memory[slot.memory].append(slot)
+    for module_name, module in adapter.modules.items():
+        if module_name in matched or not (module.param_wrapper or adapter.settings.target_parameters):
+            continue
+        if not module.has_factors:
+            continue
+        resolved = resolve_param_wrapper(adapter, module, layout) if layout.available else None
+        if resolved is None:
+            continue
+        param, experts, scale = resolved
+        matched.add(module_name)
+        (out_dim, _), (a_rank, _) = adapter.factor_shapes(module)
+        for slot in by_memory.get(param, []):
+            rows = None
+            if slot.parts > 1:
+                if slot.shape[0] * slot.parts != out_dim:
+                    raise InputError(adapter.label, f"{param} does not split into the base's {slot.name}")
+                rows = (slot.part * slot.shape[0], (slot.part + 1) * slot.shape[0])
+            expert = slot.expert if experts > 1 else 0
+            rule = {"scale": scale, "expert": expert or 0, "experts": experts, "rows": rows}
+            matrices.append(
+                _matrix(
+                    slot,
+                    load_base=partial(_load_slot, base, slot),
+                    load_tuned=partial(_load_tuned_param, adapter, module, base, slot, rule),
+                    adapter_rank=a_rank // experts,
+                    digests=partial(_param_digests, adapter, module, base, slot, rule),
+                )
+            )
     missing = sorted(m for m in adapter.modules if m not in matched)
-    skipped_non_block = sorted(n for n, m in pairs.items() if block_index(n) is None and not include_non_block)
     trained_on = adapter.settings.base_model_name_or_path
     hint = f" (it was trained on {trained_on})" if trained_on else ""
-    if not pairs:
+    if not matched:
         example = missing[0] if missing else "?"
         raise InputError(
             adapter.label,
@@ -337,17 +518,33 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
             f"adapter{hint}",
         )
     matrices.sort(key=_sort_key)
+    analysed = {m.name for m in matrices}
+    mismatched = {m.name for m in mismatches}
+    outside = [s for s in slots if s.layer is None and not include_non_block]
+    _skipped_slots(
+        skipped, outside, "outside the numbered transformer blocks (embedding, head, pooler, projector)", analysed
+    )
+    _skipped_slots(skipped, [s for s in slots if s.name in mismatched], "its shape differs in the adapter", analysed)
+    _skipped_slots(
+        skipped,
+        [s for s in slots if s.layer is not None and s.name not in mismatched],
+        "not adapted (the adapter leaves it unchanged)",
+        analysed,
+    )
     unmatched = [m if adapter.format == "kohya" else f"{m}.weight" for m in missing]
     summary = _base_summary(base) | {
         "matched_matrices": len(matrices),
         "unmatched": len(unmatched),
         "shape_mismatches": len(mismatches),
+        "skipped": len(skipped),
         "adapter": _adapter_summary(adapter),
         # Adapted outside the blocks (embeddings, heads): shown with include_non_block=True.
-        "non_block_adapted": skipped_non_block,
+        "non_block_adapted": sorted(non_block),
         "ignored_adapter_tensors": list(adapter.ignored),
     }
-    return ComparisonPlan(base.label, adapter.label, "adapter", matrices, unmatched, mismatches, summary)
+    plan = ComparisonPlan(base.label, adapter.label, "adapter", matrices, unmatched, mismatches, summary)
+    plan.skipped = skipped
+    return plan
 
 
 def _adapter_summary(adapter: LoraAdapter) -> dict:
@@ -365,6 +562,7 @@ def _adapter_summary(adapter: LoraAdapter) -> dict:
         "rank_pattern": dict(s.rank_pattern),
         "alpha_pattern": dict(s.alpha_pattern),
         "modules_to_save": s.modules_to_save,
+        "target_parameters": sorted(s.target_parameters) if s.target_parameters else None,
         "modules": len(adapter.modules),
         "base_model_name_or_path": s.base_model_name_or_path,
     }

@@ -388,6 +388,8 @@ def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> M
         similarity=arrays["similarity"],
         delta_left_vectors=arrays["delta_u"],
         adapter_rank=plan.adapter_rank,
+        stack=plan.stack,
+        expert=plan.expert,
         **info,
     )
 
@@ -568,6 +570,7 @@ def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelRes
             for m in plan.shape_mismatches
         ],
         summary=dict(plan.summary),
+        skipped=list(plan.skipped),
     )
 
 

@@ -89,6 +89,11 @@ class MatrixPlan:
     load_tuned: Callable[[], TunedMatrix]
     adapter_rank: int | None = None
     digests: Callable[[StoredDigest], tuple[str, str]] | None = None
+    #: The stack (``encoder``, ``decoder``, ``vision``, ``language``, ...) or ``None`` for a
+    #: one-stack model; with ``layer``, ``module`` and ``expert`` unique within a plan.
+    stack: str | None = None
+    #: The mixture-of-experts expert index, ``None`` outside expert weights.
+    expert: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,3 +122,5 @@ class ComparisonPlan:
     unmatched: list[str] = field(default_factory=list)
     shape_mismatches: list[ShapeMismatch] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    #: Every base tensor that is not analysed, as ``{"name": ..., "reason": ...}``.
+    skipped: list[dict] = field(default_factory=list)

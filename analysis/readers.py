@@ -136,6 +136,18 @@ def load_safetensors_tensor(path: Path, name: str) -> torch.Tensor:
         raise InputError(path, f"cannot be read ({error.strerror or error})") from error
 
 
+def load_safetensors_slice(path: Path, name: str, index: int) -> torch.Tensor:
+    """``tensor[index]`` of a stored tensor (one expert of a fused ``[E, ...]`` tensor),
+    read through safetensors' ``get_slice`` so the other experts stay on disk."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return handle.get_slice(name)[index]
+    except SafetensorError as error:
+        raise InputError(path, f"cannot read tensor {name!r}: {error}") from error
+    except OSError as error:
+        raise InputError(path, f"cannot be read ({error.strerror or error})") from error
+
+
 def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A ``pytorch_model.bin`` state dict, loaded with ``weights_only=True``.
 

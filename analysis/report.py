@@ -13,9 +13,9 @@ from analysis.results import ComparisonResult, MatrixResult, ModelResult
 REPORT_SCHEMA_VERSION = 1
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no inf/nan; an undefined number is reported as null."""
-    return float(value) if math.isfinite(value) else None
+def _finite(value: float | None) -> float | None:
+    """JSON has no inf/nan; an undefined number (``None``, inf, nan) is reported as null."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dict:
@@ -34,6 +34,8 @@ def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dic
         "amplification_rank": int(matrix.amplification_rank),
         "adapter_rank": matrix.adapter_rank,
         "intruder_scores": [round(float(s), 6) for s in matrix.intruder_scores[:top_k]],
+        "stack": matrix.stack,
+        "expert": matrix.expert,
     }
 
 
@@ -47,6 +49,7 @@ def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
         "matrices": [matrix_entry(m, top_k, epsilons) for m in model.matrices],
         "unmatched": list(model.unmatched),
         "shape_mismatches": list(model.shape_mismatches),
+        "skipped": list(model.skipped),
         "totals": {"intruders": totals, "mean_effective_rank": mean_erank},
         "summary": model.summary,
     }

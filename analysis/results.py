@@ -49,7 +49,8 @@ class MatrixResult:
     rank90: int
     stable_rank: float
     delta_fro: float
-    amplification_factor: float
+    #: ``None`` for a zero update, where it is undefined.
+    amplification_factor: float | None
     amplification_rank: int
     adapter_rank: int | None = None
     #: Which stack of the model the matrix lives in (``encoder``, ``decoder``, ``vision``,

@@ -52,6 +52,7 @@ from analysis.readers import (  # noqa: F401
     SAFETENSORS_INDEX,
     TensorInfo,
     _read_json,
+    load_safetensors_slice,
     load_safetensors_tensor,
     load_torch_state_dict,
     read_safetensors_header,
@@ -82,6 +83,7 @@ class WeightSource:
         self.root = root
         self.config = config or {}
         self._tensors = tensors
+        self._sliced = loader is None  # safetensors files: one expert can be read alone
         self._loader = loader or (lambda info, name: load_safetensors_tensor(info.file, name))
 
     def __repr__(self) -> str:
@@ -116,6 +118,23 @@ class WeightSource:
         tensor = self._loader(info, name)
         if tuple(tensor.shape) != info.shape:
             problem = f"tensor {name!r} has shape {tuple(tensor.shape)}, its header says {info.shape}"
+            raise InputError(info.file, problem)
+        return tensor
+
+    def load_slice(self, name: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` (one expert of a fused ``[E, ...]`` tensor), as stored; from a
+        safetensors file only that slice is read."""
+        info = self._info(name)
+        if not 0 <= index < info.shape[0]:
+            raise IndexError(f"{name!r} has {info.shape[0]} slices, not {index + 1}")
+        if self._sliced:
+            tensor = load_safetensors_slice(info.file, name, index)
+        else:
+            tensor = self._loader(info, name)[index]
+        if tuple(tensor.shape) != info.shape[1:]:
+            problem = (
+                f"slice {index} of tensor {name!r} has shape {tuple(tensor.shape)}, its header says {info.shape[1:]}"
+            )
             raise InputError(info.file, problem)
         return tensor
 

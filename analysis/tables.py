@@ -114,6 +114,8 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
                     "matrix": m.name,
                     "layer": layer_label(m.layer),
                     "module": m.module,
+                    "stack": m.stack,
+                    "expert": m.expert,
                     "shape": f"{m.shape[0]}x{m.shape[1]}",
                     "intruders": m.intruder_counts(k, [eps])[0] if k is not None and eps is not None else None,
                     "effective_rank": m.effective_rank,
@@ -130,6 +132,8 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
         "matrix",
         "layer",
         "module",
+        "stack",
+        "expert",
         "shape",
         "intruders",
         "effective_rank",
@@ -314,11 +318,25 @@ def amplification_table(models: Sequence[ModelResult], matrices: Collection[str]
                     "matrix": m.name,
                     "layer": layer_label(m.layer),
                     "module": m.module,
+                    "stack": m.stack,
+                    "expert": m.expert,
                     "r": m.amplification_rank,
                     "delta_fro": m.delta_fro,
                     "amplification_factor": m.amplification_factor,
                 }
             )
     return pd.DataFrame(
-        rows, columns=["model", "method", "matrix", "layer", "module", "r", "delta_fro", "amplification_factor"]
+        rows,
+        columns=[
+            "model",
+            "method",
+            "matrix",
+            "layer",
+            "module",
+            "stack",
+            "expert",
+            "r",
+            "delta_fro",
+            "amplification_factor",
+        ],
     )

@@ -257,7 +257,7 @@ def test_matrix_table_is_what_the_csv_holds(lora_model: ModelResult) -> None:
     assert list(table["intruders"]) == [2, 0, 0, 1]
     assert set(table["method"]) == {"LoRA r=4"} and list(table["layer"]) == ["0", "0", "1", "1"]
     csv = table.to_csv(index=False)
-    assert csv.splitlines()[0].startswith("model,method,matrix,layer,module,shape,intruders,effective_rank")
+    assert csv.splitlines()[0].startswith("model,method,matrix,layer,module,stack,expert,shape,intruders,")
 
 
 def test_labels_and_methods() -> None:

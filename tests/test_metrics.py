@@ -182,7 +182,7 @@ def test_amplification_factor_matches_definition():
         float(np.linalg.norm(dW.numpy(), "fro")), torch.from_numpy(U[:, :r]), torch.from_numpy(V[:, :r]), W
     )
     assert got == pytest.approx(expected, rel=1e-10)
-    assert metrics.amplification_factor(0.0, torch.from_numpy(U[:, :r]), torch.from_numpy(V[:, :r]), W) == 0.0
+    assert metrics.amplification_factor(0.0, torch.from_numpy(U[:, :r]), torch.from_numpy(V[:, :r]), W) is None
 
 
 @pytest.mark.parametrize("shape,r", [((40, 30), 4), ((16, 64), 8), ((12, 10), 16)])

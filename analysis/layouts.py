@@ -1,0 +1,312 @@
+"""Where each stored tensor lives in the model: identity, layout, and why a tensor is skipped.
+
+Family knowledge lives here, so a new model family touches this one file:
+
+- **Names across layouts.** A checkpoint written by ``save_pretrained`` and the model in
+  memory (which PEFT adapters name) may differ: transformers 5 converts LLaVA's
+  ``language_model.model.layers...`` into ``model.language_model.layers...`` and stacks
+  Mixtral's per-expert ``block_sparse_moe.experts.3.w1.weight`` into the fused
+  ``mlp.experts.gate_up_proj`` ``[E, 2I, H]``. Rather than guessing prefixes, the layout
+  asks transformers itself: the model class of ``config.json``'s ``architectures`` is
+  built on the ``meta`` device (no memory, no weights) and every stored name is renamed
+  with the conversion mapping its model classes declare
+  (``transformers.conversion_mapping.get_model_conversion_mapping`` and
+  ``transformers.core_model_loading.rename_source_key``, the code ``from_pretrained``
+  runs). The meta model also says which modules are ``nn.Embedding``, GPT-2 ``Conv1D``
+  (stored ``in x out``), or fused experts stored ``[E, in, out]`` (``is_transposed``).
+  Without a config transformers knows, names are used as stored.
+- **Identity.** ``(stack, layer, module, expert)``: the stack (``encoder``/``decoder`` of
+  T5, ``vision``/``language`` of a VLM; ``None`` when a model has one), the block number,
+  a canonical module label (:func:`module_label`) and the MoE expert index (``None``
+  outside experts).
+- **Skipped tensors.** Every stored tensor that is not analysed gets a reason
+  (:func:`skip_reason`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+log = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+# model_type values whose block weights are transformers' ``Conv1D`` (stored in x out);
+# used only when the meta model cannot be built.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+# model_type values whose fused experts are stored [E, in, out] (``is_transposed``);
+# used only when the meta model cannot be built.
+TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss"})
+
+_CROSS = r"(^|\.)(EncDecAttention|encoder_attn|crossattention|cross_attn)"
+_ATTN = r"(^|\.)(attn|attention|self_attn|self_attention)"
+# (pattern on the module path, label); first match wins. The module path is the tensor
+# name without ``.weight``.
+_MODULE_LABELS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), label)
+    for p, label in [
+        # Cross-attention (T5's EncDecAttention, BART's encoder_attn, BERT's crossattention).
+        (
+            r"(^|\.)(EncDecAttention|encoder_attn|crossattention|cross_attn)\.(q|q_proj|query|self\.query)$",
+            "cross_query",
+        ),
+        (r"(^|\.)(EncDecAttention|encoder_attn|crossattention|cross_attn)\.(k|k_proj|key|self\.key)$", "cross_key"),
+        (
+            r"(^|\.)(EncDecAttention|encoder_attn|crossattention|cross_attn)\.(v|v_proj|value|self\.value)$",
+            "cross_value",
+        ),
+        (
+            r"(^|\.)(EncDecAttention|encoder_attn|crossattention|cross_attn)\.(o|out_proj|output\.dense)$",
+            "cross_attn_out",
+        ),
+        (r"(^|\.)SelfAttention\.o$", "self_attn_out"),
+        # Mixture-of-experts routers and shared experts.
+        (r"(^|\.)(mlp|block_sparse_moe|moe|feed_forward)\.(gate|router)$", "router"),
+        (r"(^|\.)router(\.(layer|linear|classifier|proj))?$", "router"),
+        (r"(^|\.)shared_experts?_gate$", "shared_router"),
+        (r"(^|\.)shared_experts?\.(gate_proj|w1)$", "shared_gate"),
+        (r"(^|\.)shared_experts?\.(up_proj|w3)$", "shared_up"),
+        (r"(^|\.)shared_experts?\.(down_proj|w2)$", "shared_down"),
+        (r"(^|\.)shared_experts?\.gate_up_proj$", "shared_gate_up"),
+        (r"(^|\.)(query|q_proj|q|wq|q_lin|query_proj)$", "query"),
+        (r"(^|\.)(key|k_proj|k|wk|k_lin|key_proj)$", "key"),
+        (r"(^|\.)(value|v_proj|v|wv|v_lin|value_proj)$", "value"),
+        (r"(^|\.)(c_attn|qkv_proj|query_key_value|Wqkv|qkv|in_proj)$", "qkv"),
+        (r"(^|\.)attention\.output\.dense$", "attn_out"),
+        (
+            r"(^|\.)(attn|attention|self_attn|self_attention)\.(c_proj|o_proj|out_proj|dense|wo|out_lin|o|proj)$",
+            "attn_out",
+        ),
+        (r"(^|\.)o_proj$", "attn_out"),
+        (r"(^|\.)gate_up_proj$", "gate_up"),
+        (r"(^|\.)(gate_proj|w1|wi_0)$", "gate"),
+        (r"(^|\.)(up_proj|w3|wi_1)$", "up"),
+        (r"(^|\.)(down_proj|w2)$", "down"),
+        (r"(^|\.)(intermediate\.dense|c_fc|fc1|fc_in|dense_h_to_4h|lin1|wi)$", "mlp_in"),
+        (r"(^|\.)(output\.dense|mlp\.c_proj|fc2|fc_out|dense_4h_to_h|lin2|wo)$", "mlp_out"),
+    ]
+]
+
+# Stack labels, first match on the part of the name before the block number.
+_STACKS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), label)
+    for p, label in [
+        (r"(^|\.)(vision_tower|vision_model|visual|vision|image_encoder|vit)(\.|$)", "vision"),
+        (r"(^|\.)(audio_tower|audio_model|audio|speech)(\.|$)", "audio"),
+        (r"(^|\.)(language_model|text_model|llm)(\.|$)", "language"),
+        (r"(^|\.)decoder(\.|$)", "decoder"),
+        (r"(^|\.)encoder(\.|$)", "encoder"),
+    ]
+]
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block number in a tensor name (``encoder.layer.3.`` -> 3), or ``None``."""
+    match = _BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def expert_index(name: str) -> int | None:
+    """The expert number of a per-expert tensor (``mlp.experts.17.w1.weight`` -> 17), or ``None``."""
+    match = _EXPERT.search(name)
+    return int(match.group(1)) if match else None
+
+
+def module_label(name: str) -> str:
+    """What a block weight does: ``query``, ``key``, ``value``, ``qkv``, ``attn_out``,
+    ``self_attn_out``/``cross_attn_out`` (T5), ``cross_query``..., ``gate``, ``up``,
+    ``gate_up``, ``down``, ``mlp_in``, ``mlp_out``, ``router``, ``shared_*``, or the last
+    name component (without ``.weight``) when the layout is unknown. Expert weights get
+    the label of their projection (the expert index is a separate part of the identity)."""
+    module = name.removesuffix(".weight")
+    for pattern, label in _MODULE_LABELS:
+        if pattern.search(module):
+            return label
+    return module.rsplit(".", 1)[-1]
+
+
+def stack_label(name: str) -> str | None:
+    """The stack a block tensor belongs to, from the name before its block number."""
+    match = _BLOCK.search(name)
+    head = name[: match.start()] if match else name
+    for pattern, label in _STACKS:
+        if pattern.search(head):
+            return label
+    head = head.strip(".")
+    return head.rsplit(".", 1)[-1] if head else None
+
+
+def is_expert_param(name: str) -> bool:
+    """A fused expert tensor (``...experts.gate_up_proj``, ``...experts.down_proj``)."""
+    return bool(re.search(r"(^|\.)experts\.[A-Za-z_]\w*$", name))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stored tensor lives in the model in memory.
+
+    ``memory`` is the parameter name in memory (after transformers' conversion mapping);
+    for a per-expert tensor stacked into a fused one, ``expert`` is its index, and
+    ``part``/``parts`` say which of the concatenated sources it is (Mixtral's ``w1`` is
+    part 0 of 2 of ``gate_up_proj``, ``w3`` part 1).
+    """
+
+    memory: str
+    expert: int | None = None
+    part: int = 0
+    parts: int = 1
+
+
+class ModelLayout:
+    """What transformers knows about a checkpoint's architecture (see the module docstring)."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.model_type = config.get("model_type")
+        info = _meta_info(json.dumps(config, sort_keys=True, default=str)) if config else None
+        self.available = info is not None
+        self._renamings, self._converters, self._prefix, self._meta, self._kinds, self._transposed = info or (
+            [],
+            [],
+            None,
+            {},
+            {},
+            {},
+        )
+        self._cache: dict[str, Placement] = {}
+
+    def placement(self, name: str) -> Placement:
+        """Where the stored tensor ``name`` lives in memory."""
+        found = self._cache.get(name)
+        if found is not None:
+            return found
+        placement = Placement(name)
+        if self.available:
+            try:
+                from transformers.core_model_loading import rename_source_key
+
+                renamed, pattern = rename_source_key(name, self._renamings, self._converters, self._prefix, self._meta)
+            except Exception:  # a mapping that cannot handle the name: keep it as stored
+                renamed, pattern = name, None
+            if pattern is None:
+                placement = Placement(renamed)
+            else:
+                converter = next(c for c in self._converters if pattern in c.source_patterns)
+                expert = expert_index(name)
+                placement = Placement(
+                    renamed, expert, converter.source_patterns.index(pattern), len(converter.source_patterns)
+                )
+        self._cache[name] = placement
+        return placement
+
+    def module_kind(self, memory: str) -> str | None:
+        """``embedding``, ``conv1d``, ``linear``, ``experts`` or ``None`` (unknown) for a
+        parameter in memory."""
+        if not self.available:
+            return None
+        module = memory.rsplit(".", 1)[0]
+        return self._kinds.get(module)
+
+    def is_conv1d(self, memory: str) -> bool:
+        kind = self.module_kind(memory)
+        if kind is not None:
+            return kind == "conv1d"
+        return self.model_type in CONV1D_MODEL_TYPES and block_index(memory) is not None
+
+    def experts_transposed(self, memory: str) -> bool:
+        """Fused experts stored ``[E, in, out]`` (the forward pass computes ``x @ W[e]``)."""
+        module = memory.rsplit(".", 1)[0]
+        if module in self._transposed:
+            return self._transposed[module]
+        return self.model_type in TRANSPOSED_EXPERT_MODEL_TYPES
+
+    def memory_params(self, module: str) -> list[str]:
+        """The parameter names directly under ``module`` in memory, in registration order."""
+        head = module + "."
+        return [n for n in self._meta if n.startswith(head) and "." not in n[len(head) :]]
+
+    def memory_shape(self, memory: str) -> tuple[int, ...] | None:
+        shape = self._meta.get(memory)
+        return None if shape is None else tuple(shape)
+
+
+@lru_cache(maxsize=16)
+def _meta_info(config_json: str):
+    """Build the architecture on the meta device; its conversion mapping and module kinds."""
+    config = json.loads(config_json)
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if not architectures or not model_type:
+        return None
+    try:
+        import torch
+        import transformers
+        from transformers import CONFIG_MAPPING
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from transformers.pytorch_utils import Conv1D
+
+        cls = getattr(transformers, architectures[0], None)
+        if cls is None or model_type not in CONFIG_MAPPING:
+            return None
+        cfg = CONFIG_MAPPING[model_type].from_dict(config)
+        previous = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(cfg)
+        finally:
+            logging.getLogger("transformers").setLevel(previous)
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        kinds: dict[str, str] = {}
+        transposed: dict[str, bool] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Embedding):
+                kinds[name] = "embedding"
+            elif isinstance(module, Conv1D):
+                kinds[name] = "conv1d"
+            elif isinstance(module, torch.nn.Linear):
+                kinds[name] = "linear"
+            elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
+                kinds[name] = "experts"
+                transposed[name] = bool(getattr(module, "is_transposed", False))
+        return renamings, converters, model.base_model_prefix, meta, kinds, transposed
+    except Exception as error:  # an unknown or custom architecture: names are used as stored
+        log.info("no transformers layout for %s: %s", architectures[0], error)
+        return None
+
+
+def skip_reason(
+    name: str, shape: tuple[int, ...], floating: bool, kind: str | None, in_block: bool, include_non_block: bool
+) -> str | None:
+    """Why a stored tensor is not analysed, or ``None`` when it is a matrix to analyse.
+
+    ``kind`` is the module kind from :meth:`ModelLayout.module_kind`; ``in_block`` says the
+    tensor lies inside a numbered block. Embeddings inside the blocks (T5's
+    ``relative_attention_bias``) are lookup tables and never analysed; outside the blocks
+    (word embeddings, heads) 2-D weights are analysed only with ``include_non_block``.
+    """
+    if not floating:
+        return "integer or boolean dtype (quantised or a buffer)"
+    if len(shape) <= 1:
+        return "1-D (norm, bias or scale)"
+    if len(shape) > 3:
+        return f"{len(shape)}-D tensor (a convolution kernel)"
+    if len(shape) == 3 and not is_expert_param(name):
+        return "3-D tensor whose layout is not understood (not fused MoE experts)"
+    if not name.endswith(".weight") and not is_expert_param(name):
+        return "not a weight (a buffer or a bias)"
+    if not in_block:
+        if include_non_block and len(shape) == 2:
+            return None
+        return "outside the numbered transformer blocks (embedding, head, pooler, projector)"
+    if kind == "embedding" or re.search(r"(embed|relative_attention_bias|position_bias|rel_embeddings)", name):
+        return "embedding inside a block (a lookup table, not a linear map)"
+    return None
