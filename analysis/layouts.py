@@ -142,7 +142,7 @@ def stack_label(name: str) -> str | None:
 
 def is_expert_param(name: str) -> bool:
     """A fused expert tensor (``...experts.gate_up_proj``, ``...experts.down_proj``)."""
-    return bool(re.search(r"(^|\.)experts\.[A-Za-z_]\w*$", name))
+    return bool(re.search(r"(^|\.)experts\.[A-Za-z_]\w*$", name)) and not name.endswith("bias")
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ def skip_reason(
         return f"{len(shape)}-D tensor (a convolution kernel)"
     if len(shape) == 3 and not is_expert_param(name):
         return "3-D tensor whose layout is not understood (not fused MoE experts)"
-    if not name.endswith(".weight") and not is_expert_param(name):
+    if not name.endswith(".weight") and not (len(shape) == 3 and is_expert_param(name)):
         return "not a weight (a buffer or a bias)"
     if not in_block:
         if include_non_block and len(shape) == 2:

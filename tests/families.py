@@ -5,7 +5,8 @@ experts) and written the way users get them: ``save_pretrained`` (which, in tran
 5, writes Mixtral's and Qwen3-MoE's experts per expert and LLaVA's towers in the
 checkpoint naming), or, for ``qwen3_moe_fused``, the in-memory state dict as it is
 (fused ``experts.gate_up_proj`` ``[E, 2I, H]`` and ``experts.down_proj`` ``[E, H, I]``, the
-layout some hub checkpoints ship). Adapters are made by PEFT and saved by PEFT, with
+layout some hub checkpoints ship); ``gpt_oss`` stores its fused experts ``[E, in, out]``.
+Adapters are made by PEFT and saved by PEFT, with
 their factors overwritten by seeded noise (PEFT initialises ``lora_B`` to zero); the
 same model, merged by PEFT's ``merge_and_unload()``, is kept as the reference
 (in-memory naming) for the counts.
@@ -32,9 +33,10 @@ FAMILIES = (
     "mixtral",
     "qwen3_moe",
     "qwen3_moe_fused",
+    "gpt_oss",
     "llava",
 )
-MOE = ("mixtral", "qwen3_moe", "qwen3_moe_fused")
+MOE = ("mixtral", "qwen3_moe", "qwen3_moe_fused", "gpt_oss")
 
 
 def quiet() -> None:
@@ -84,6 +86,11 @@ def build(family: str):
             **decoder, head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1
         )
         return tf.Qwen3MoeForCausalLM(config)
+    if family == "gpt_oss":  # fused experts stored [E, in, out] (is_transposed)
+        config = tf.GptOssConfig(
+            **decoder | {"intermediate_size": 16}, head_dim=8, num_local_experts=4, num_experts_per_tok=2
+        )
+        return tf.GptOssForCausalLM(config)
     if family == "llava":
         text = tf.LlamaConfig(**decoder)
         vision = tf.CLIPVisionConfig(
@@ -124,6 +131,9 @@ def lora_config(family: str, targets: str):
 
     default = {"phi3": ["qkv_proj"], "deberta_v2": ["query_proj", "value_proj"]}
     default |= dict.fromkeys((*MOE, "llava"), ["q_proj", "v_proj"])
+    if targets == "all" and family == "gpt_oss":  # PEFT adds no target_parameters for it by itself
+        experts = ["router.weight", "experts.gate_up_proj", "experts.down_proj"]
+        return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", target_parameters=experts)
     if targets == "all":
         return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     return LoraConfig(r=4, lora_alpha=8, target_modules=default.get(family))

@@ -133,7 +133,6 @@ def test_family_end_to_end(family: str, family_root: Path, tmp_path: Path) -> No
     # Counts against the papers' procedure on PEFT's merge_and_unload() weights.
     memory = {n: t.detach() for n, t in entry["model"].state_dict().items()}
     merged = entry["all_merged"]
-    transpose = family == "gpt2"  # Conv1D: stored in x out; the matrix is out x in
     picks = all_linear["matrices"][:3] + [m for m in all_linear["matrices"] if m["expert"] is not None][:2]
     for matrix in picks:
         tensor = stored[matrix["name"]]
@@ -147,7 +146,8 @@ def test_family_end_to_end(family: str, family_root: Path, tmp_path: Path) -> No
         if e is not None and base.shape != tensor.shape[-2:] and base.T.shape == tensor.shape[-2:]:
             base, tuned_w = base.T, tuned_w.T
         base, tuned_w = base[rows], tuned_w[rows]
-        if transpose:
+        # GPT-2's Conv1D and gpt-oss's experts store in x out; the forward applies out x in.
+        if family == "gpt2" or (family == "gpt_oss" and e is not None):
             base, tuned_w = base.T, tuned_w.T
         assert list(base.shape) == matrix["shape"]
         counts, scores = reference_counts(base, tuned_w, report["top_k"], report["epsilons"])
@@ -155,3 +155,33 @@ def test_family_end_to_end(family: str, family_root: Path, tmp_path: Path) -> No
         for eps, got, want in zip(report["epsilons"], matrix["intruders"], counts, strict=True):
             if np.min(np.abs(scores - eps)) > 2e-3:  # no score at the threshold itself
                 assert got == want, (matrix["name"], eps)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe_fused", "gpt_oss"])
+def test_expert_slices_are_what_the_forward_pass_applies(family: str, family_root: Path) -> None:
+    """Each fused expert slice, as the plan hands it out (``out x in``), is the map the
+    experts module applies: ``F.linear(x, W)`` reproduces the module's own computation."""
+    from analysis.pairing import plan_comparison
+    from analysis.sources import open_source
+
+    entry = built(family, family_root)
+    plan = plan_comparison(open_source(entry["base"]), open_source(entry["full"]))
+    experts = entry["model"].model.layers[0].mlp.experts
+    x = torch.randn(5, families.H, generator=torch.Generator().manual_seed(0))
+    for expert in range(4):
+        loaded = {m.module: m.load_base() for m in plan.matrices if m.layer == 0 and m.expert == expert}
+        assert set(loaded) == {"gate_up", "down"}
+        gate_up = torch.nn.functional.linear(x, loaded["gate_up"])
+        if family == "gpt_oss":  # the module's own: x @ W[e] (+ bias), [E, in, out]
+            own = x @ experts.gate_up_proj[expert].detach() + experts.gate_up_proj_bias[expert].detach()
+            assert torch.allclose(gate_up + experts.gate_up_proj_bias[expert].detach(), own, atol=1e-6)
+            hidden = torch.randn(5, loaded["down"].shape[1], generator=torch.Generator().manual_seed(1))
+            own_down = hidden @ experts.down_proj[expert].detach()
+            assert torch.allclose(torch.nn.functional.linear(hidden, loaded["down"]), own_down, atol=1e-6)
+            continue
+        gate, up = gate_up.chunk(2, dim=-1)
+        expected = torch.nn.functional.linear(experts.act_fn(gate) * up, loaded["down"])
+        index = torch.full((5, 1), expert)
+        with torch.no_grad():
+            got = experts(x, index, torch.ones(5, 1))
+        assert torch.allclose(got, expected, atol=1e-5)
