@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,54 @@ def test_expert_slices_are_what_the_forward_pass_applies(family: str, family_roo
         with torch.no_grad():
             got = experts(x, index, torch.ones(5, 1))
         assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_peft_intruder_detector_on_gpt2_matches_side_right(family_root: Path) -> None:
+    """PEFT's own detector (``peft.tuners.lora.intruders.reduce_intruder_dimension``)
+    decomposes the weight as the layer stores it. GPT-2's ``Conv1D`` stores ``in x out``,
+    so its "left" singular vectors are the input space of the ``out x in`` matrix: its
+    counts are the engine's ``--side right`` counts there (README, "Supported models")."""
+    from peft import PeftModel
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    from analysis.pipeline import AnalysisSettings, compare
+
+    entry = built("gpt2", family_root)
+    messages: list[str] = []
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(entry["model"]), entry["all"])
+    with torch.no_grad():
+        reduce_intruder_dimension(peft_model, top_k=10, threshold_epsilon=0.5, logging_sink=messages.append)
+    peft_counts = {}
+    for message in messages:
+        found = re.match(r"^(\S+): (No intruders|Intruders: (\d+))$", str(message))
+        if found:
+            peft_counts[found[1].removeprefix("base_model.model.") + ".weight"] = int(found[3] or 0)
+    result = compare(
+        str(entry["base"]), [str(entry["all"])], epsilons=[0.5], cache=None, settings=AnalysisSettings(side="right")
+    )
+    checked = 0
+    for matrix in result.models[0].matrices:
+        if np.min(np.abs(matrix.intruder_scores[:10] - 0.5)) < 2e-3:
+            continue  # a score at the threshold itself: float round-off decides
+        assert matrix.intruder_counts(10, [0.5])[0] == peft_counts[matrix.name], matrix.name
+        checked += 1
+    assert checked >= 6
+
+
+def test_zero_update_amplification_is_null_and_shown_as_missing(tiny_llama: Path, tmp_path: Path) -> None:
+    """Undefined stays undefined: a fine-tune equal to its base has no amplification factor."""
+    from analysis import figures, tables
+    from analysis.pipeline import compare
+    from analysis.report import to_report
+
+    result = compare(str(tiny_llama), [str(tiny_llama)], cache=None)
+    matrices = result.models[0].matrices
+    assert matrices and all(m.amplification_factor is None for m in matrices)
+    assert all(0.0 <= s <= 1.0 for m in matrices for s in m.intruder_scores)
+    report = to_report(result)
+    assert all(m["amplification_factor"] is None for m in report["models"][0]["matrices"])
+    json.dumps(report, allow_nan=False)
+    table = tables.amplification_table(result.models)
+    assert table["amplification_factor"].isna().all()
+    figures.amplification_figure(result.models)  # draws, with no bar for an undefined factor
+    assert tables.matrix_table(result.models, k=10, eps=0.5)["amplification_factor"].isna().all()
