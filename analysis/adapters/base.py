@@ -49,16 +49,10 @@ from analysis.cache import derived_digest
 from analysis.errors import InputError
 from analysis.plan import LowRankDelta, StoredDigest, TunedMatrix
 from analysis.readers import (
-    ADAPTER_CONFIG,
     TensorInfo,
     _read_json,
     load_safetensors_tensor,
-    load_torch_state_dict,
-    read_safetensors_header,
 )
-
-PEFT_PREFIX = "base_model.model."
-KOHYA_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_unet_", "lora_transformer_", "lora_")
 
 # LoraConfig switches that turn on a LoRA variant whose merge is not plain LoRA or DoRA.
 _UNSUPPORTED_VARIANTS = {
@@ -239,12 +233,6 @@ def merge_lora(
     return TunedMatrix(dora_factor * updated, None)
 
 
-_PEFT_FACTOR = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.[A-Za-z_][\w-]*)?(?:\.weight)?$"
-)
-
-
 class LoraAdapter:
     """A LoRA adapter read from disk; apply it with :meth:`tuned`.
 
@@ -363,6 +351,8 @@ class LoraAdapter:
     ) -> TunedMatrix:
         """One expert slice of a raw-parameter LoRA (:func:`merge_param_lora`) applied to ``base``."""
         assert module.A is not None and module.B is not None
+        from analysis.adapters.raw_params import merge_param_lora
+
         return merge_param_lora(base, self.load(module.A), self.load(module.B), scale, expert, experts, rows)
 
     def param_digest(self, module: AdapterModule, base_digest: str, stored: StoredDigest, rule: str) -> str:
@@ -387,186 +377,19 @@ class LoraAdapter:
             f"the adapter's update is zero: {zero_name} is all zeros in every module, was it saved before training?",
         )
 
-    # -- construction --------------------------------------------------------------------
+    # -- construction (one module per format: analysis.adapters.peft_lora, .kohya) ----------
 
     @classmethod
     def from_peft_folder(cls, folder: Path, *, label: str | None = None, allow_pickle: bool = True) -> LoraAdapter:
         """A PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``)."""
-        label = label or str(folder)
-        settings = LoraSettings.from_adapter_config(folder / ADAPTER_CONFIG)
-        weights = folder / "adapter_model.safetensors"
-        state = None
-        if weights.is_file():
-            tensors = read_safetensors_header(weights)
-        elif (folder / "adapter_model.bin").is_file():
-            if not allow_pickle:
-                raise InputError(
-                    label, "has only adapter_model.bin, which is read only from local folders, never from the hub"
-                )
-            weights = folder / "adapter_model.bin"
-            state = load_torch_state_dict(weights)
-            tensors = {k: TensorInfo(weights, tuple(t.shape), t.dtype) for k, t in state.items()}
-        else:
-            raise InputError(folder, "has adapter_config.json but no adapter_model.safetensors (or adapter_model.bin)")
-        modules, ignored = _peft_modules(weights, settings, tensors)
-        return cls(label, folder, settings, modules, tensors, format="peft", state=state, ignored=ignored)
+        from analysis.adapters.peft_lora import open_peft_folder
+
+        return open_peft_folder(folder, label=label, allow_pickle=allow_pickle)
 
     @classmethod
     def from_kohya_file(cls, path: Path, *, label: str | None = None) -> LoraAdapter:
         """A kohya/sd-scripts LoRA ``.safetensors``: ``<name>.lora_down.weight``,
         ``<name>.lora_up.weight`` and optional scalar ``<name>.alpha`` per module."""
-        label = label or str(path)
-        tensors = read_safetensors_header(path)
-        modules: dict[str, AdapterModule] = {}
-        alphas: dict[str, float] = {}
-        groups: dict[str, dict[str, str]] = {}
-        ignored: list[str] = []
-        for key in tensors:
-            for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
-                if key.endswith(suffix):
-                    groups.setdefault(key.removesuffix(suffix), {})[part] = key
-                    break
-            else:
-                ignored.append(key)
-        for name, parts in sorted(groups.items()):
-            if "down" not in parts or "up" not in parts:
-                missing = "lora_up" if "up" not in parts else "lora_down"
-                raise InputError(path, f"module {name!r} has no {missing} weight")
-            down, up = tensors[parts["down"]].shape, tensors[parts["up"]].shape
-            if len(down) != 2 or len(up) != 2:
-                raise InputError(
-                    path,
-                    f"module {name!r} has {len(down)}-D factors (a convolution LoRA); only Linear layers are supported",
-                )
-            rank = down[0]
-            if up[1] != rank:
-                raise InputError(path, f"module {name!r}: lora_up is {up} but lora_down is {down}, their ranks differ")
-            alpha = float(load_safetensors_tensor(path, parts["alpha"]).float().item()) if "alpha" in parts else rank
-            module = _strip_kohya_prefix(name)
-            alphas[module] = alpha
-            modules[module] = AdapterModule(
-                module, A=parts["down"], B=parts["up"], rank=rank, scale=lora_scale(alpha, rank, use_rslora=False)
-            )
-        if not modules:
-            raise InputError(path, "holds no lora_down/lora_up pairs")
-        ranks = sorted({m.rank for m in modules.values() if m.rank})
-        settings = LoraSettings(
-            peft_type="LORA (kohya)",
-            r=ranks[0],
-            lora_alpha=alphas[min(alphas)],
-            target_modules=sorted({m.rsplit("_", 1)[-1] for m in modules}),
-            rank_pattern={m.module: m.rank for m in modules.values() if m.rank != ranks[0]},
-            alpha_pattern={m: a for m, a in alphas.items() if a != alphas[min(alphas)]},
-        )
-        return cls(label, path, settings, modules, tensors, format="kohya", ignored=ignored)
+        from analysis.adapters.kohya import open_kohya_file
 
-
-def merge_param_lora(
-    base: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scale: float,
-    expert: int,
-    experts: int,
-    rows: tuple[int, int] | None = None,
-) -> TunedMatrix:
-    """One expert of a LoRA on a raw parameter merged as PEFT's ``merge_and_unload()`` does.
-
-    PEFT 0.21's ``ParamWrapper`` (``peft/tuners/lora/layer.py``: ``update_layer``,
-    ``get_delta_weight``) keeps one ``lora_A`` of ``(r * E) x in`` and one ``lora_B`` of
-    ``out x (r * E)`` for a parameter of ``E`` experts; expert ``e``'s update is
-    ``scale * B_e @ A_e`` in the ``out x in`` orientation of the forward pass, with
-    ``A_e = A.reshape(E, r, in)[e]`` (rows ``e*r .. e*r+r-1``) and
-    ``B_e = B.reshape(out, r, E)[:, :, e]`` (columns ``e, e+E, e+2E, ...``); PEFT's
-    einsum writes it to ``[E, out, in]`` or, for ``is_transposed`` experts, ``[E, in, out]``.
-    A 2-D parameter is ``E = 1``: plain LoRA. ``rows`` selects the rows of the update
-    that belong to ``base`` when the base stores the expert split (Mixtral's ``w1``/``w3``
-    concatenated into ``gate_up_proj`` by transformers' conversion mapping).
-
-    ``base`` is the float32 ``out x in`` weight (or its ``rows``).
-    """
-    rank = A.shape[0] // experts
-    A_e = A.reshape(experts, rank, A.shape[-1])[expert]
-    B_e = B.reshape(B.shape[0], rank, experts)[:, :, expert]
-    if rows is not None:
-        B_e = B_e[rows[0] : rows[1]]
-    return merge_lora(base, B_e.contiguous(), A_e.contiguous(), scale)
-
-
-def _strip_kohya_prefix(name: str) -> str:
-    for prefix in KOHYA_PREFIXES:
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
-
-
-def _peft_modules(
-    weights: Path, settings: LoraSettings, tensors: Mapping[str, TensorInfo]
-) -> tuple[dict[str, AdapterModule], list[str]]:
-    """Group a PEFT state dict's keys by module and attach each module's rank and scale."""
-    parts: dict[str, dict[str, str]] = {}
-    replacements: dict[str, str] = {}
-    ignored: list[str] = []
-    for key in tensors:
-        name = key.removeprefix(PEFT_PREFIX)
-        match = _PEFT_FACTOR.match(name)
-        if match and not name.endswith(".bias"):
-            parts.setdefault(match["module"], {})[match["kind"]] = key
-        elif name.endswith(".bias"):
-            ignored.append(key)
-        elif name.endswith(".weight"):
-            module = name.removesuffix(".weight")
-            module = module.replace(".modules_to_save.default", "").removesuffix(".base_layer")
-            module = re.sub(r"\.modules_to_save\.[\w-]+$", "", module)
-            replacements[module] = key
-        else:
-            ignored.append(key)
-    modules: dict[str, AdapterModule] = {}
-    for module, kinds in sorted(parts.items()):
-        embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
-        a_key = kinds.get("lora_embedding_A" if embedding else "lora_A")
-        b_key = kinds.get("lora_embedding_B" if embedding else "lora_B")
-        if a_key is None or b_key is None:
-            missing = ("lora_embedding_" if embedding else "lora_") + ("A" if a_key is None else "B")
-            raise InputError(weights, f"module {module!r} has no {missing} weight")
-        a_shape, b_shape = tensors[a_key].shape, tensors[b_key].shape
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise InputError(
-                weights,
-                f"module {module!r} has {len(a_shape)}-D factors (a convolution LoRA); only Linear and Embedding "
-                "layers are supported",
-            )
-        rank = a_shape[0]
-        if b_shape[1] != rank:
-            raise InputError(weights, f"module {module!r}: lora_B is {b_shape} but lora_A is {a_shape}, ranks differ")
-        r, alpha = settings.rank_and_alpha(module)
-        if settings.target_parameters and (module.endswith(".base_layer") or r != rank):
-            # A ParamWrapper: which parameter, how many experts and its r are known only
-            # with the base model (pairing.resolve_param_wrapper); PEFT nests one wrapper
-            # per parameter of a module, the first registered parameter innermost.
-            modules[module] = AdapterModule(module, A=a_key, B=b_key, rank=rank, param_wrapper=True)
-            continue
-        if r != rank:
-            raise InputError(
-                weights,
-                f"module {module!r} has rank {rank} factors but adapter_config.json gives it r={r}; "
-                "the config does not belong to these weights",
-            )
-        magnitude = kinds.get("lora_magnitude_vector")
-        if settings.use_dora and magnitude is None:
-            raise InputError(weights, f"use_dora is set but module {module!r} has no lora_magnitude_vector")
-        modules[module] = AdapterModule(
-            module,
-            layer_type="embedding" if embedding else "linear",
-            A=a_key,
-            B=b_key,
-            rank=rank,
-            scale=lora_scale(alpha, r, settings.use_rslora),
-            magnitude=magnitude,
-            replacement=replacements.pop(module, None),
-        )
-    for module, key in sorted(replacements.items()):
-        modules[module] = AdapterModule(module, replacement=key)
-    if not modules:
-        raise InputError(weights, "holds no LoRA factors (no lora_A/lora_B weights)")
-    return modules, ignored
+        return open_kohya_file(path, label=label)
