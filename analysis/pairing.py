@@ -31,7 +31,7 @@ from functools import partial
 
 import torch
 
-from analysis.adapters import AdapterModule, LoraAdapter, lora_scale
+from analysis.adapters import AdapterModule, LoraAdapter, is_adapter, lora_scale
 from analysis.cache import derived_digest
 from analysis.errors import InputError
 from analysis.layouts import CONV1D_MODEL_TYPES, ModelLayout, block_index, expert_index, skip_reason, stack_label
@@ -184,24 +184,6 @@ def match_names(base_names: list[str], tuned_names: list[str]) -> dict[str, str]
     return best
 
 
-def _match_kohya(base_names: list[str], kohya_modules: Iterable[str]) -> dict[str, str]:
-    """Map base tensor names to kohya module names (``.`` -> ``_``, suffix match)."""
-    by_underscored: dict[str, list[str]] = {}
-    for name in base_names:
-        by_underscored.setdefault(name.removesuffix(".weight").replace(".", "_"), []).append(name)
-    matches: dict[str, str] = {}
-    for module in kohya_modules:
-        found = by_underscored.get(module) or [
-            name
-            for key, names in by_underscored.items()
-            for name in names
-            if key.endswith("_" + module) or module.endswith("_" + key)
-        ]
-        if len(found) == 1 and found[0].endswith(".weight"):
-            matches[found[0]] = module
-    return matches
-
-
 def _load_slot(source: WeightSource, slot: Slot) -> torch.Tensor:
     """The slot's matrix as float32 ``out x in`` (one expert read alone from a fused tensor)."""
     tensor = source.load(slot.name) if slot.index is None else source.load_slice(slot.name, slot.index)
@@ -282,7 +264,7 @@ def plan_comparison(
         base, or whose factor shapes disagree with the base (the wrong base model); a
         fine-tune that shares no matrix with the base.
     """
-    if isinstance(tuned, LoraAdapter):
+    if is_adapter(tuned):
         return _plan_adapter(base, tuned, include_non_block)
     return _plan_full(base, tuned, include_non_block)
 
@@ -419,9 +401,9 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
     slots, skipped = catalogue(base, include_non_block=True, layout=layout)
     whole = [s for s in slots if s.index is None]
     regular = {m: mod for m, mod in adapter.modules.items() if not mod.param_wrapper}
-    if adapter.format == "kohya":
+    if adapter.naming is not None:  # the format's own module naming (kohya)
         by_name = {s.name: s for s in whole}
-        pairs = _match_kohya(list(by_name), regular)
+        pairs = adapter.naming(list(by_name), regular)
     else:
         # PEFT names modules as they are in memory; adapters saved before a layout change
         # (transformers 4's per-expert Mixtral modules) as stored: the naming that
@@ -531,7 +513,7 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
         "not adapted (the adapter leaves it unchanged)",
         analysed,
     )
-    unmatched = [m if adapter.format == "kohya" else f"{m}.weight" for m in missing]
+    unmatched = [adapter.unmatched_name(m) for m in missing]
     summary = _base_summary(base) | {
         "matched_matrices": len(matrices),
         "unmatched": len(unmatched),

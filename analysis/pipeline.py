@@ -582,12 +582,12 @@ def plan_models(
     Bad input anywhere (a missing file, a wrong base, an unsupported adapter) raises
     :class:`InputError` here, so a long run never fails half way for a typo.
     """
-    from analysis.adapters import LoraAdapter
+    from analysis.adapters import is_adapter
     from analysis.pairing import plan_comparison
     from analysis.sources import open_source
 
     base_source = open_source(base, allow_local_paths=allow_local_paths)
-    if isinstance(base_source, LoraAdapter):
+    if is_adapter(base_source):
         raise InputError(base, "is a LoRA adapter; the base must be a full model (apply adapters as TUNED)")
     return [
         plan_comparison(

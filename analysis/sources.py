@@ -146,14 +146,6 @@ class WeightSource:
         return digest.hexdigest()
 
 
-def _is_kohya_lora(names: list[str]) -> bool:
-    return any(n.endswith((".lora_down.weight", ".lora_up.weight")) for n in names)
-
-
-def _is_peft_weights(names: list[str]) -> bool:
-    return any(".lora_A." in n or ".lora_B." in n or n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names)
-
-
 def _config_near(folder: Path) -> dict:
     config = folder / "config.json"
     return _read_json(config) if config.is_file() else {}
@@ -220,19 +212,16 @@ def _source_from_files(label: str, folder: Path, files: list[Path]) -> WeightSou
 
 def open_folder(label: str, folder: Path, *, allow_pickle: bool) -> WeightSource | LoraAdapter:
     """A checkpoint or adapter folder (see the module docstring for the order tried)."""
-    if (folder / ADAPTER_CONFIG).is_file():
-        from analysis.adapters import LoraAdapter
+    from analysis.adapters import open_adapter_folder
 
-        return LoraAdapter.from_peft_folder(folder, label=label, allow_pickle=allow_pickle)
+    adapter = open_adapter_folder(label, folder, allow_pickle)
+    if adapter is not None:
+        return adapter
     if (folder / "model.safetensors").is_file():
         return _source_from_files(label, folder, [folder / "model.safetensors"])
     if (folder / SAFETENSORS_INDEX).is_file():
         return _source_from_index(label, folder, folder / SAFETENSORS_INDEX, pickle_shards=False)
     safetensors_files = sorted(folder.glob("*.safetensors"))
-    if len(safetensors_files) == 1 and _is_kohya_lora(list(read_safetensors_header(safetensors_files[0]))):
-        from analysis.adapters import LoraAdapter
-
-        return LoraAdapter.from_kohya_file(safetensors_files[0], label=label)
     if safetensors_files:
         return _source_from_files(label, folder, safetensors_files)
     if allow_pickle and (folder / PYTORCH_BIN).is_file():
@@ -259,14 +248,11 @@ def open_file(label: str, path: Path) -> WeightSource | LoraAdapter:
         )
     tensors = read_safetensors_header(path)
     names = list(tensors)
-    if _is_kohya_lora(names):
-        from analysis.adapters import LoraAdapter
+    from analysis.adapters import open_adapter_file
 
-        return LoraAdapter.from_kohya_file(path, label=label)
-    if _is_peft_weights(names):
-        raise InputError(
-            path, "holds PEFT LoRA factors; give the adapter folder that also holds adapter_config.json instead"
-        )
+    adapter = open_adapter_file(label, path, names)
+    if adapter is not None:
+        return adapter
     return WeightSource(label, path, tensors, _config_near(path.parent))
 
 

@@ -150,11 +150,11 @@ class SpecResolver:
         The plan's ``summary`` gains the tuned model's display ``label`` and what the
         server knows about it (:attr:`ResolvedSpec.summary`).
         """
-        from analysis.adapters import LoraAdapter
+        from analysis.adapters import is_adapter
         from analysis.pairing import plan_comparison
 
         base_source = self.open(base)
-        if isinstance(base_source, LoraAdapter):
+        if is_adapter(base_source):
             raise InputError(base, "is a LoRA adapter; the base must be a full model (add adapters as fine-tunes)")
         plan = plan_comparison(base_source, self.open(tuned), include_non_block=include_non_block)
         plan.base_label, plan.tuned_label = base, tuned

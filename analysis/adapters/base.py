@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
@@ -253,12 +253,16 @@ class LoraAdapter:
         format: Literal["peft", "kohya"],
         state: dict[str, torch.Tensor] | None = None,
         ignored: list[str] | None = None,
+        naming: Callable[[list[str], Iterable[str]], dict[str, str]] | None = None,
     ) -> None:
         self.label = label
         self.root = root
         self.settings = settings
         self.modules = modules
         self.format = format
+        #: ``naming(base_names, module_names) -> {base_name: module}`` for a format whose module
+        #: names are not module paths (kohya); ``None``: module paths, matched by pairing.
+        self.naming = naming
         self.ignored = ignored or []
         self._tensors = dict(tensors)
         self._state = state
@@ -276,6 +280,10 @@ class LoraAdapter:
         info = self._tensors[key]
         tensor = self._state[key] if self._state is not None else load_safetensors_tensor(info.file, key)
         return tensor.to(torch.float32)
+
+    def unmatched_name(self, module: str) -> str:
+        """How a module that matches no base tensor is listed in ``unmatched``."""
+        return module if self.naming is not None else f"{module}.weight"
 
     def tuned_digest(
         self, module: AdapterModule, base_digest: str, stored: StoredDigest, *, stored_transposed: bool = False
@@ -365,13 +373,14 @@ class LoraAdapter:
         factored = [m for m in self.modules.values() if m.has_factors]
         if not factored or any(m.magnitude or m.replacement for m in self.modules.values()):
             return
-        zero_name = "lora_up" if self.format == "kohya" else "lora_B"
+        down_name, up_name = ("lora_down", "lora_up") if self.format == "kohya" else ("lora_A", "lora_B")
+        zero_name = up_name
         for module in factored:
             B, A = self.load(module.B), self.load(module.A)
             if torch.count_nonzero(B) and torch.count_nonzero(A):
                 return
             if not torch.count_nonzero(A):
-                zero_name = "lora_down" if self.format == "kohya" else "lora_A"
+                zero_name = down_name
         raise InputError(
             self.root,
             f"the adapter's update is zero: {zero_name} is all zeros in every module, was it saved before training?",

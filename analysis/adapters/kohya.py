@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from analysis.adapters.base import AdapterModule, LoraAdapter, LoraSettings, lora_scale
@@ -59,7 +60,7 @@ def open_kohya_file(path: Path, *, label: str | None = None) -> LoraAdapter:
         rank_pattern={m.module: m.rank for m in modules.values() if m.rank != ranks[0]},
         alpha_pattern={m: a for m, a in alphas.items() if a != alphas[min(alphas)]},
     )
-    return LoraAdapter(label, path, settings, modules, tensors, format="kohya", ignored=ignored)
+    return LoraAdapter(label, path, settings, modules, tensors, format="kohya", ignored=ignored, naming=match_kohya)
 
 
 def _strip_kohya_prefix(name: str) -> str:
@@ -67,3 +68,39 @@ def _strip_kohya_prefix(name: str) -> str:
         if name.startswith(prefix):
             return name[len(prefix) :]
     return name
+
+
+def is_kohya_lora(names: list[str]) -> bool:
+    return any(n.endswith((".lora_down.weight", ".lora_up.weight")) for n in names)
+
+
+def open_folder(label: str, folder: Path, allow_pickle: bool) -> LoraAdapter | None:
+    """A folder whose only ``.safetensors`` file is a kohya LoRA (and no checkpoint)."""
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1 and is_kohya_lora(list(read_safetensors_header(files[0]))):
+        return open_kohya_file(files[0], label=label)
+    return None
+
+
+def open_file(label: str, path: Path, names: list[str]) -> LoraAdapter | None:
+    return open_kohya_file(path, label=label) if is_kohya_lora(names) else None
+
+
+def match_kohya(base_names: list[str], kohya_modules: Iterable[str]) -> dict[str, str]:
+    """Map base tensor names to kohya module names (``.`` -> ``_``, suffix match)."""
+    by_underscored: dict[str, list[str]] = {}
+    for name in base_names:
+        by_underscored.setdefault(name.removesuffix(".weight").replace(".", "_"), []).append(name)
+    matches: dict[str, str] = {}
+    for module in kohya_modules:
+        found = by_underscored.get(module) or [
+            name
+            for key, names in by_underscored.items()
+            for name in names
+            if key.endswith("_" + module) or module.endswith("_" + key)
+        ]
+        if len(found) == 1 and found[0].endswith(".weight"):
+            matches[found[0]] = module
+    return matches

@@ -112,3 +112,19 @@ def _peft_modules(
     if not modules:
         raise InputError(weights, "holds no LoRA factors (no lora_A/lora_B weights)")
     return modules, ignored
+
+
+def open_folder(label: str, folder: Path, allow_pickle: bool) -> LoraAdapter | None:
+    """A PEFT adapter folder: it holds ``adapter_config.json``."""
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return None
+    return open_peft_folder(folder, label=label, allow_pickle=allow_pickle)
+
+
+def open_file(label: str, path: Path, names: list[str]) -> LoraAdapter | None:
+    """PEFT factors alone cannot be applied: the config beside them is needed."""
+    if any(".lora_A." in n or ".lora_B." in n or n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names):
+        raise InputError(
+            path, "holds PEFT LoRA factors; give the adapter folder that also holds adapter_config.json instead"
+        )
+    return None
