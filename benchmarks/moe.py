@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--layout", choices=["per-expert", "fused"], default="per-expert")
-    parser.add_argument("--skip-cold", action="store_true", help="plan and warm only (cold = first analysis)")
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="wse-moe-") as tmp:

@@ -237,3 +237,32 @@ def test_zero_update_amplification_is_null_and_shown_as_missing(tiny_llama: Path
     assert table["amplification_factor"].isna().all()
     figures.amplification_figure(result.models)  # draws, with no bar for an undefined factor
     assert tables.matrix_table(result.models, k=10, eps=0.5)["amplification_factor"].isna().all()
+
+
+@pytest.mark.parametrize("family", [*families.MOE, "llava", "gpt2", "t5"])
+def test_adapters_merge_exactly_as_peft_merge_and_unload(family: str, family_root: Path) -> None:
+    """Every adapted matrix, experts and routers included (``target_parameters``), equals
+    PEFT's own ``merge_and_unload()`` weight to float32 round-off, whatever the base's
+    checkpoint naming (LLaVA) or expert layout (per-expert, fused, ``[E, in, out]``)."""
+    from analysis.pairing import plan_comparison
+    from analysis.sources import open_source
+
+    entry = built(family, family_root)
+    memory = {n: t.detach() for n, t in entry["model"].state_dict().items()}
+    plan = plan_comparison(open_source(entry["base"]), open_source(entry["all"]))
+    stored = _stored(entry["base"])
+    changed = 0
+    for matrix in plan.matrices:
+        tensor = stored[matrix.name]
+        tensor = tensor[matrix.expert] if tensor.dim() == 3 else tensor
+        name, e, rows = _find_in_memory(tensor, memory)
+        want = entry["all_merged"][name] if e is None else entry["all_merged"][name][e]
+        if e is not None and want.T.shape == tensor.shape and want.shape != tensor.shape:
+            want = want.T
+        want = want[rows]
+        if family == "gpt2" or (family == "gpt_oss" and e is not None):
+            want = want.T
+        got = matrix.load_tuned().weight
+        assert got.shape == want.shape and torch.allclose(got, want.float(), atol=1e-6, rtol=1e-5), matrix.name
+        changed += not torch.equal(got, matrix.load_base())
+    assert changed == len(plan.matrices)
