@@ -34,6 +34,7 @@ from functools import lru_cache
 log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_SENTINEL = "987654321"  # stands for a block number while a name is renamed
 _EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 # model_type values whose block weights are transformers' ``Conv1D`` (stored in x out);
 # used only when the meta model cannot be built.
@@ -116,12 +117,27 @@ def expert_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+_NUMBERS = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def _template(name: str) -> str:
+    """The name with every block and expert number replaced by 0: labels, stacks and skip
+    rules do not depend on them, so they are computed once per template (an 18,000-matrix
+    MoE model has a few dozen templates)."""
+    return _NUMBERS.sub("0", name)
+
+
 def module_label(name: str) -> str:
     """What a block weight does: ``query``, ``key``, ``value``, ``qkv``, ``attn_out``,
     ``self_attn_out``/``cross_attn_out`` (T5), ``cross_query``..., ``gate``, ``up``,
     ``gate_up``, ``down``, ``mlp_in``, ``mlp_out``, ``router``, ``shared_*``, or the last
     name component (without ``.weight``) when the layout is unknown. Expert weights get
     the label of their projection (the expert index is a separate part of the identity)."""
+    return _module_label(_template(name))
+
+
+@lru_cache(maxsize=4096)
+def _module_label(name: str) -> str:
     module = name.removesuffix(".weight")
     for pattern, label in _MODULE_LABELS:
         if pattern.search(module):
@@ -131,6 +147,11 @@ def module_label(name: str) -> str:
 
 def stack_label(name: str) -> str | None:
     """The stack a block tensor belongs to, from the name before its block number."""
+    return _stack_label(_template(name))
+
+
+@lru_cache(maxsize=4096)
+def _stack_label(name: str) -> str | None:
     match = _BLOCK.search(name)
     head = name[: match.start()] if match else name
     for pattern, label in _STACKS:
@@ -180,7 +201,28 @@ class ModelLayout:
         self._cache: dict[str, Placement] = {}
 
     def placement(self, name: str) -> Placement:
-        """Where the stored tensor ``name`` lives in memory."""
+        """Where the stored tensor ``name`` lives in memory.
+
+        Renaming does not depend on the block number: it is done once per name with the
+        block number replaced by a sentinel, which is put back afterwards.
+        """
+        found = self._cache.get(name)
+        if found is not None:
+            return found
+        match = _BLOCK.search(name)
+        if match is not None and self.available:
+            start, end = match.span(1)
+            template = self._placement(name[:start] + _SENTINEL + name[end:])
+            if _SENTINEL in template.memory:
+                memory = template.memory.replace(_SENTINEL, match.group(1), 1)
+                found = Placement(memory, template.expert, template.part, template.parts)
+                self._cache[name] = found
+                return found
+        found = self._placement(name)
+        self._cache[name] = found
+        return found
+
+    def _placement(self, name: str) -> Placement:
         found = self._cache.get(name)
         if found is not None:
             return found
@@ -257,7 +299,9 @@ def _meta_info(config_json: str):
         previous = logging.getLogger("transformers").level
         logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
-            with torch.device("meta"):
+            from transformers.initialization import no_init_weights  # no init on meta: 40x faster
+
+            with torch.device("meta"), no_init_weights():
                 model = cls._from_config(cfg)
         finally:
             logging.getLogger("transformers").setLevel(previous)
@@ -281,6 +325,11 @@ def _meta_info(config_json: str):
     except Exception as error:  # an unknown or custom architecture: names are used as stored
         log.info("no transformers layout for %s: %s", architectures[0], error)
         return None
+
+
+@lru_cache(maxsize=4096)
+def _embedding_name(name: str) -> bool:
+    return re.search(r"(embed|relative_attention_bias|position_bias|rel_embeddings)", name) is not None
 
 
 def skip_reason(
@@ -307,6 +356,6 @@ def skip_reason(
         if include_non_block and len(shape) == 2:
             return None
         return "outside the numbered transformer blocks (embedding, head, pooler, projector)"
-    if kind == "embedding" or re.search(r"(embed|relative_attention_bias|position_bias|rel_embeddings)", name):
+    if kind == "embedding" or _embedding_name(_template(name)):
         return "embedding inside a block (a lookup table, not a linear map)"
     return None

@@ -42,7 +42,7 @@ from analysis.sources import WeightSource
 __all__ = ["CONV1D_MODEL_TYPES", "block_index", "match_names", "module_kind", "plan_comparison"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Slot:
     """One matrix of a checkpoint: a stored 2-D tensor, or one expert of a fused 3-D one.
 
@@ -131,7 +131,8 @@ def catalogue(
         )
     stacks = {s.stack for s in slots if s.layer is not None}
     if len(stacks) <= 1:
-        slots = [replace(s, stack=None) for s in slots]
+        for slot in slots:
+            slot.stack = None
     counts = Counter(s.identity for s in slots)
     if any(c > 1 for c in counts.values()):
         slots = [replace(s, module=_module_path(s.name)) if counts[s.identity] > 1 else s for s in slots]
@@ -171,6 +172,8 @@ def match_names(base_names: list[str], tuned_names: list[str]) -> dict[str, str]
     """
     tuned_set = set(tuned_names)
     best: dict[str, str] = {b: b for b in base_names if b in tuned_set}
+    if len(best) == len(base_names):  # every name found as it is: no prefix can do better
+        return best
     for base_prefix in _candidate_prefixes(base_names):
         for tuned_prefix in _candidate_prefixes(tuned_names):
             if not base_prefix and not tuned_prefix:
