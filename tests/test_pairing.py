@@ -98,11 +98,42 @@ def test_llama_layout(tiny_llama, tiny_llama_full_ft):
         ("model.layers.0.block_sparse_moe.experts.3.w1.weight", "gate"),
         ("model.layers.0.block_sparse_moe.experts.3.w2.weight", "down"),
         ("model.layers.0.mystery.frobnicator.weight", "frobnicator"),
+        ("model.layers.0.block_sparse_moe.gate.weight", "router"),
+        ("model.layers.0.mlp.gate.weight", "router"),
+        ("model.layers.0.mlp.router.weight", "router"),
+        ("model.layers.0.mlp.experts.gate_up_proj", "gate_up"),
+        ("model.layers.0.mlp.experts.down_proj", "down"),
+        ("model.layers.0.mlp.shared_expert.gate_proj.weight", "shared_gate"),
+        ("model.layers.0.mlp.shared_expert_gate.weight", "shared_router"),
+        ("encoder.block.1.layer.0.SelfAttention.o.weight", "self_attn_out"),
+        ("decoder.block.1.layer.1.EncDecAttention.o.weight", "cross_attn_out"),
+        ("decoder.block.1.layer.1.EncDecAttention.q.weight", "cross_query"),
+        ("decoder.block.1.layer.2.DenseReluDense.wi_0.weight", "gate"),
+        ("encoder.layer.0.attention.self.query_proj.weight", "query"),
+        ("encoder.layer.0.attention.self.value_proj.weight", "value"),
+        ("visual.blocks.0.attn.proj.weight", "attn_out"),
+        ("model.decoder.layers.2.encoder_attn.out_proj.weight", "cross_attn_out"),
     ],
 )
 def test_module_kinds_of_other_layouts(name, kind):
     assert module_kind(name) == kind
     assert block_index(name) is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "stack"),
+    [
+        ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder"),
+        ("decoder.block.0.layer.0.SelfAttention.q.weight", "decoder"),
+        ("model.language_model.layers.0.self_attn.q_proj.weight", "language"),
+        ("model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision"),
+        ("model.visual.blocks.0.attn.qkv.weight", "vision"),
+    ],
+)
+def test_stack_labels(name, stack):
+    from analysis.layouts import stack_label
+
+    assert stack_label(name) == stack
 
 
 def test_block_index():
