@@ -37,35 +37,54 @@ metric = metric or "intruders"
 specs = [m.source for m in models]
 
 
-def open_cell() -> None:
+def open_cell(key: str) -> None:
     """A click on a grid cell opens that matrix on the similarity page."""
-    points = st.session_state["overview_grid"].selection.points
+    points = st.session_state[key].selection.points
     if not points or "customdata" not in points[0]:
         return
-    index, name = points[0]["customdata"][:2]
-    if name:
+    index, matrix = points[0]["customdata"][:2]
+    if matrix:
         state.set("model", specs[int(index)])
-        state.set("matrix", name)
+        state.set("matrix", matrix)
         st.session_state.wse_goto = SIMILARITY_PAGE
 
 
-views.chart(
-    figures.overview_heatmaps(models, metric, k, eps),
-    f"overview-{metric}",
-    key="overview_grid",
-    on_select=open_cell,
-    selection_mode="points",
-)
+st.subheader(figures.overview_title(metric, k, eps))
+labels = tables.model_labels(models)
+sections = figures.overview_sections(models, metric, k, eps)
+if not sections:
+    st.info("No matrices analysed yet.")
+for s_index, section in enumerate(sections):
+    if len(sections) > 1:
+        st.markdown(f"**{section.title}**")
+    missing = [labels[i] for i in range(len(models)) if i not in section.model_indices]
+    if missing and len(sections) > 1:
+        st.caption("No matrix of this grid was analysed for " + ", ".join(missing) + ".")
+    # Fixed-height panels in rows of columns; Streamlit stacks columns on narrow screens,
+    # so a phone shows one full-width panel per row instead of slivers.
+    for start in range(0, len(section.panels), section.columns):
+        columns = st.columns(section.columns)
+        for column, fig, index in zip(columns, section.panels[start:], section.model_indices[start:], strict=False):
+            key = f"overview_grid_{s_index}_{index}"
+            with column:
+                views.chart(
+                    fig,
+                    f"overview-{metric}-{s_index}-{index}",
+                    key=key,
+                    on_select=lambda key=key: open_cell(key),
+                    selection_mode="points",
+                )
 
 with st.expander("Open a matrix (without clicking the grid)"):
     labels = dict(zip(specs, tables.model_labels(models), strict=True))
     c1, c2, c3 = st.columns([2, 3, 1], vertical_alignment="bottom")
     spec = c1.selectbox("Fine-tune", specs, format_func=labels.get, key="overview_open_model")
     chosen = next(m for m in models if m.source == spec)
+    by_key = {tables.matrix_key(m): m for m in tables.identity_order(chosen.matrices)}
     name = c2.selectbox(
         "Matrix",
-        [m.name for m in chosen.matrices],
-        format_func=lambda n: f"{n}",
+        list(by_key),
+        format_func=lambda key: f"{tables.describe_matrix(by_key[key])} ({by_key[key].name})",
         key="overview_open_matrix",
     )
 

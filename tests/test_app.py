@@ -96,13 +96,14 @@ def test_overview_shows_grids_and_totals_matching_the_engine(
 ) -> None:
     at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft])
     assert [t.value for t in at.title] == ["Overview"]
-    grid, totals = figures(at)
-    lora_grid, full_grid = [t for t in grid.data if t.type == "heatmap"]
+    lora_panel, full_panel, totals = figures(at)
+    lora_grid, full_grid = lora_panel.data[0], full_panel.data[0]
     lora, full = engine_result.models
     # Both panels share the block's modules; the LoRA adapter targets query and value only,
     # so its other cells are empty, and each of its cells is the engine's count.
     modules = ["query", "key", "value", "attn_out", "mlp_in", "mlp_out"]
-    assert list(lora_grid.x) == list(full_grid.x) == modules and list(lora_grid.y) == ["0", "1"]
+    assert list(lora_panel.layout.xaxis.ticktext) == list(full_panel.layout.xaxis.ticktext) == modules
+    assert list(lora_panel.layout.yaxis.ticktext) == list(full_panel.layout.yaxis.ticktext) == ["0", "1"]
     z = np.asarray(lora_grid.z, dtype=float)
     expected = [[m.intruder_counts(10, [0.5])[0] for m in lora.matrices[i : i + 2]] for i in (0, 2)]
     np.testing.assert_array_equal(z[:, [0, 2]], expected)
@@ -218,7 +219,7 @@ def test_models_page_says_what_was_understood(
     assert not at.exception
     understood = [e.label for e in at.expander]
     assert any(
-        "BertModel (bert) · PEFT LoRA adapter, r = 4, α = 8 · 4 matrices matched · 0 unmatched" in label
+        "BertModel (bert) · PEFT LoRA adapter, r = 4, α = 8 · 4 matrices matched · no tensor skipped" in label
         for label in understood
     ), understood
     errors = [e.value for e in at.error]

@@ -144,17 +144,13 @@ def model_control(models: Sequence[ModelResult], label: str = "Fine-tune", name:
 
 
 def matrix_control(models: Sequence[ModelResult]) -> str:
-    """Sidebar choice of one matrix (by layer and module), shared by the detail pages."""
+    """Sidebar choice of one matrix (by stack, layer, module and expert), shared by the
+    detail pages; returns its :func:`analysis.tables.matrix_key`."""
     seen: dict[str, MatrixResult] = {}
     for model in models:
         for m in model.matrices:
-            seen.setdefault(m.name, m)
-    order = tables.module_order(m.module for m in seen.values())
-    names = sorted(seen, key=lambda n: (seen[n].layer is None, seen[n].layer or 0, order.index(seen[n].module)))
-
-    def describe(name: str) -> str:
-        m = seen[name]
-        return f"layer {tables.layer_label(m.layer)} · {m.module}"
+            seen.setdefault(tables.matrix_key(m), m)
+    names = [tables.matrix_key(m) for m in tables.identity_order(seen.values())]
 
     with st.sidebar:
         return state.widget(
@@ -162,13 +158,14 @@ def matrix_control(models: Sequence[ModelResult]) -> str:
             "Matrix",
             "matrix",
             options=names,
-            format_func=describe,
-            help="Layer and module of the weight matrix shown on this page.",
+            format_func=lambda key: tables.describe_matrix(seen[key]) if key in seen else key,
+            help="Where the weight matrix shown on this page lives: stack, layer, module, expert.",
         )
 
 
-def find_matrix(model: ModelResult, name: str) -> MatrixResult | None:
-    return next((m for m in model.matrices if m.name == name), None)
+def find_matrix(model: ModelResult, key: str) -> MatrixResult | None:
+    """The matrix of ``model`` with this :func:`analysis.tables.matrix_key`, if analysed."""
+    return next((m for m in model.matrices if tables.matrix_key(m) == key), None)
 
 
 def chart(fig, name: str, **kwargs) -> object:
@@ -177,8 +174,14 @@ def chart(fig, name: str, **kwargs) -> object:
 
 
 def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
-    """A table and its CSV download (exactly the numbers shown; ``index`` for matrices)."""
-    st.dataframe(frame, hide_index=not index, **kwargs)
+    """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
+
+    An undefined amplification factor (a zero update) is shown as a dash and left empty
+    in the CSV.
+    """
+    undefined = [c for c in ("amplification_factor",) if c in frame.columns and frame[c].isna().any()]
+    shown = frame.style.format(na_rep="—", subset=undefined) if undefined else frame
+    st.dataframe(shown, hide_index=not index, **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
     )
