@@ -226,15 +226,25 @@ def _overview_panel(
         zeroline=False,
     )
     fig.update_layout(
-        title={"text": title, "font": {"size": 13}, "x": 0, "xanchor": "left", "y": 0.98, "yanchor": "top"},
+        title={
+            "text": title,
+            "font": {"size": 13},
+            "x": 0,
+            "xanchor": "left",
+            # Just above the grid (not from the top edge, where two lines can be cut off).
+            "yref": "paper",
+            "y": 1,
+            "yanchor": "bottom",
+            "pad": {"b": 12},
+        },
         coloraxis={
             "colorscale": "Reds" if metric == "intruders" else "Viridis",
             "cmin": 0,
             "cmax": max(zmax, 1),
             "colorbar": {"thickness": 10, "len": 0.9, "outlinewidth": 0, "tickfont": {"size": 9}},
         },
-        height=len(rows) * cell_px + 64 + bottom + (14 if experts else 0),
-        margin={"t": 56, "b": bottom + (14 if experts else 0), "l": 48, "r": 8},
+        height=len(rows) * cell_px + 50 + bottom + (14 if experts else 0),
+        margin={"t": 50, "b": bottom + (14 if experts else 0), "l": 48, "r": 8},
         hovermode="closest",
         hoverdistance=-1,
         clickmode="event+select",

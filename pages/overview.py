@@ -37,43 +37,15 @@ metric = metric or "intruders"
 specs = [m.source for m in models]
 
 
-def open_cell(key: str) -> None:
+def open_matrix(index: int, matrix: str) -> None:
     """A click on a grid cell opens that matrix on the similarity page."""
-    points = st.session_state[key].selection.points
-    if not points or "customdata" not in points[0]:
-        return
-    index, matrix = points[0]["customdata"][:2]
-    if matrix:
-        state.set("model", specs[int(index)])
-        state.set("matrix", matrix)
-        st.session_state.wse_goto = SIMILARITY_PAGE
+    state.set("model", specs[index])
+    state.set("matrix", matrix)
+    st.session_state.wse_goto = SIMILARITY_PAGE
 
 
 st.subheader(figures.overview_title(metric, k, eps))
-labels = tables.model_labels(models)
-sections = figures.overview_sections(models, metric, k, eps)
-if not sections:
-    st.info("No matrices analysed yet.")
-for s_index, section in enumerate(sections):
-    if len(sections) > 1:
-        st.markdown(f"**{section.title}**")
-    missing = [labels[i] for i in range(len(models)) if i not in section.model_indices]
-    if missing and len(sections) > 1:
-        st.caption("No matrix of this grid was analysed for " + ", ".join(missing) + ".")
-    # Fixed-height panels in rows of columns; Streamlit stacks columns on narrow screens,
-    # so a phone shows one full-width panel per row instead of slivers.
-    for start in range(0, len(section.panels), section.columns):
-        columns = st.columns(section.columns)
-        for column, fig, index in zip(columns, section.panels[start:], section.model_indices[start:], strict=False):
-            key = f"overview_grid_{s_index}_{index}"
-            with column:
-                views.chart(
-                    fig,
-                    f"overview-{metric}-{s_index}-{index}",
-                    key=key,
-                    on_select=lambda key=key: open_cell(key),
-                    selection_mode="points",
-                )
+views.overview_grids(models, metric, k, eps, on_open=open_matrix)
 
 with st.expander("Open a matrix (without clicking the grid)"):
     labels = dict(zip(specs, tables.model_labels(models), strict=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -185,6 +185,48 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
     )
+
+
+def overview_grids(
+    models: Sequence[ModelResult], metric: str, k: int, eps: float, on_open: Callable[[int, str], None]
+) -> None:
+    """The overview's grids (:func:`analysis.figures.overview_sections`), a panel per fine-tune.
+
+    Panels have a fixed height and sit in rows of columns; Streamlit stacks columns on
+    narrow screens, so a phone shows one full-width panel per row instead of slivers.
+    A click on a cell calls ``on_open(model index, matrix key)``.
+    """
+    labels = tables.model_labels(models)
+    sections = figures.overview_sections(models, metric, k, eps)
+    if not sections:
+        st.info("No matrices analysed yet.")
+
+    def clicked(key: str) -> None:
+        points = st.session_state[key].selection.points
+        if points and "customdata" in points[0]:
+            index, matrix = points[0]["customdata"][:2]
+            if matrix:
+                on_open(int(index), str(matrix))
+
+    for s_index, section in enumerate(sections):
+        if len(sections) > 1:
+            st.markdown(f"**{section.title}**")
+            missing = [labels[i] for i in range(len(models)) if i not in section.model_indices]
+            if missing:
+                st.caption("No matrix of this grid was analysed for " + ", ".join(missing) + ".")
+        for start in range(0, len(section.panels), section.columns):
+            columns = st.columns(section.columns)
+            chunk = zip(columns, section.panels[start:], section.model_indices[start:], strict=False)
+            for column, fig, index in chunk:
+                key = f"overview_grid_{s_index}_{index}"
+                with column:
+                    chart(
+                        fig,
+                        f"overview-{metric}-{s_index}-{index}",
+                        key=key,
+                        on_select=lambda key=key: clicked(key),
+                        selection_mode="points",
+                    )
 
 
 def report_json(selection: Selection, models: Sequence[ModelResult]) -> str:
