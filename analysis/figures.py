@@ -420,8 +420,9 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
     fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
     fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
     n_intr = int(is_intruder.sum())
+    what = tables.matrix_title(matrix)
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.name} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
+        title=f"{label + ': ' if label else ''}{what} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
         f"in the top {len(intr)} at ε = {eps:g}",
         height=max(420, min(900, 12 * n_rows + 160)),
         showlegend=False,
@@ -619,7 +620,7 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     n_max = max(len(spectrum), 1)
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.name} — singular values ({n_intr} intruder"
+        title=f"{label + ': ' if label else ''}{tables.matrix_title(matrix)} — singular values ({n_intr} intruder"
         f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g})",
         xaxis={"title": "rank", "type": "log", "tickvals": ticks, "range": [-0.05, math.log10(n_max * 1.1)]},
         yaxis={"title": "singular value", "type": "log"},

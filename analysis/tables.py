@@ -64,6 +64,11 @@ def matrix_key(matrix: MatrixResult) -> str:
     return matrix.name if matrix.expert is None else f"{matrix.name}#{matrix.expert}"
 
 
+def matrix_title(matrix: MatrixResult) -> str:
+    """A matrix in a chart title: its tensor name, and the expert for an expert slice."""
+    return matrix.name if matrix.expert is None else f"{matrix.name} · expert {matrix.expert}"
+
+
 def identity_order(matrices: Iterable[MatrixResult]) -> list[MatrixResult]:
     """Matrices by stack (as first met), layer, module (:data:`MODULE_ORDER`), expert."""
     matrices = list(matrices)

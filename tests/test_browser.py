@@ -206,6 +206,11 @@ def chart_text(page, index: int = 0) -> str:
     return page.locator(".js-plotly-plot").nth(index).evaluate("e => e.textContent")
 
 
+def all_chart_text(page) -> str:
+    """The text of every chart on the page (the overview draws a panel per fine-tune)."""
+    return "".join(page.locator(".js-plotly-plot").evaluate_all("els => els.map(e => e.textContent)"))
+
+
 def choose(page, label: str, option: str) -> None:
     """Pick ``option`` in the sidebar selectbox called ``label``."""
     box = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text=label)
@@ -291,6 +296,19 @@ def test_every_overview_panel_maps_its_labels_to_the_right_matrix(server: str, p
     shot(page, f"09-clicked-cell-panel-{panel}")
 
 
+def test_overview_on_a_phone_shows_one_full_width_panel_per_row(server: str, browser) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server)
+    wait_page(page, "Overview")
+    boxes = [page.locator(".js-plotly-plot").nth(i).bounding_box() for i in range(len(DEMO_PANELS))]
+    assert all(box["width"] > 300 for box in boxes), boxes  # no slivers
+    assert all(a["y"] + a["height"] <= b["y"] + 1 for a, b in zip(boxes, boxes[1:], strict=False)), boxes  # stacked
+    shot(page, "20-overview-390px")
+    context.close()
+
+
 def test_shared_url_reproduces_the_view_in_a_fresh_browser(server: str, page, browser) -> None:
     page.goto(server)
     wait_page(page, "Overview")
@@ -338,7 +356,7 @@ def test_upload_an_adapter_then_a_corrupt_file(server: str, page, files: dict[st
     page.get_by_role("button", name="Analyse").click()
     page.get_by_text(re.compile(r"^upload PEFT adapter \[\w+\]: 12 matrices analysed")).wait_for()
     go_to(page, "Overview", "Overview")
-    assert "upload PEFT adapter" in chart_text(page)
+    assert "upload PEFT adapter" in all_chart_text(page)  # its own overview panel
     assert "tuned=upload:" in unquote(page.url)
     shot(page, "13-upload-overview")
     go_to(page, "Spectrum", "Spectrum")
@@ -401,7 +419,7 @@ def test_cancel_stops_an_analysis_and_a_rerun_finishes_it(server: str, page, fil
     assert pair_entries() - before == 28
     shot(page, "19-analysis-rerun-finished")
     go_to(page, "Overview", "Overview")
-    assert "tuned-llama" in chart_text(page)
+    assert "tuned-llama" in all_chart_text(page)
 
 
 def page_options(page, label: str) -> list[str]:

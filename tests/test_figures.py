@@ -286,6 +286,7 @@ def test_moe_keys_tell_experts_of_one_fused_tensor_apart(proto: MatrixResult) ->
     assert len({m.name for m in experts}) == 1 and len({tables.matrix_key(m) for m in experts}) == 8
     assert tables.matrix_key(experts[5]) == "model.layers.0.mlp.experts.down_proj#5"
     assert tables.describe_matrix(experts[5]) == "layer 0 · down · expert 5"
+    assert tables.matrix_title(experts[5]) == "model.layers.0.mlp.experts.down_proj · expert 5"
     t5 = _family(proto, FAMILIES["t5"], 4, _tensor_name)
     cross = next(m for m in t5.matrices if m.module == "cross_attn_out")
     assert tables.describe_matrix(cross) == "decoder · layer 0 · cross_attn_out"
