@@ -216,6 +216,8 @@ def plan_preview(base: str, tuned: str, uploads_root: str) -> dict:
             ]
         ),
         "skipped": tables.skipped_table(tables.plan_skipped(plan)),
+        # Whether the plan lists every base tensor it leaves out (else only what it could not pair).
+        "skipped_listed": getattr(plan, "skipped", None) is not None,
         "unmatched": list(plan.unmatched),
         "shape_mismatches": [f"{m.name}: base {m.base_shape}, tuned {m.tuned_shape}" for m in plan.shape_mismatches],
     }
@@ -236,8 +238,9 @@ def describe(preview: dict) -> str:
     skipped = preview["skipped"]
     if len(skipped):
         counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
-        parts.append(f"{int(skipped['tensors'].sum())} tensors skipped ({counts})")
-    else:
+        n = int(skipped["tensors"].sum())
+        parts.append(f"{n} tensor{'s' if n != 1 else ''} skipped ({counts})")
+    elif preview["skipped_listed"]:
         parts.append("no tensor skipped")
     return " · ".join(parts)
 
@@ -286,7 +289,7 @@ for t in tracked:
         counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
         st.success(
             f"{resolver.label(t.spec)}: {len(result.matrices)} matrices analysed"
-            + (f"; {int(skipped['tensors'].sum())} tensors skipped ({counts})." if len(skipped) else ".")
+            + (f"; {int(skipped['tensors'].sum())} tensor(s) skipped ({counts})." if len(skipped) else ".")
         )
     elif t.state is JobState.FAILED:
         st.error(f"{resolver.label(t.spec)}: {runtime.friendly(t.job.error or '')}")
