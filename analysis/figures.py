@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
@@ -97,96 +98,223 @@ def _empty(title: str, message: str) -> go.Figure:
     return fig
 
 
-def overview_heatmaps(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> go.Figure:
-    """Layer-by-module grid of ``metric`` for every fine-tune, side by side.
+@dataclass(frozen=True)
+class OverviewSection:
+    """One grid of the overview, drawn once per fine-tune with the same rows and columns.
 
-    ``metric`` is ``intruders`` (count among the top ``k`` tuned vectors at ``eps``,
-    Shuttleworth et al. Def. 3.1), ``effective_rank`` or ``rank90`` of the update. All
-    panels share one colour scale. Each panel's scatter trace has a selectable point per
-    cell whose ``customdata`` is ``[model index, tensor name]``, so a click can open
-    that matrix.
+    ``title`` names the grid (:func:`analysis.tables.section_title`), ``panels`` holds one
+    figure per fine-tune that has matrices in it (``model_indices`` says which), and
+    ``columns`` is how many panels fit side by side on a wide screen (narrow grids three,
+    wide expert grids fewer).
     """
-    if metric not in OVERVIEW_METRICS:
-        raise ValueError(f"metric must be one of {sorted(OVERVIEW_METRICS)}, got {metric!r}")
-    title = OVERVIEW_METRICS[metric] + (f" (top {k}, ε = {eps:g})" if metric == "intruders" else "")
-    table = tables.matrix_table(models, k, eps)
-    if table.empty:
-        return _empty(title, "No matrices analysed yet")
-    labels = tables.model_labels(models)
-    modules = tables.module_order(table["module"])
-    layers = sorted(table["layer"].unique(), key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
-    fig = make_subplots(
-        rows=1,
-        cols=len(models),
-        shared_yaxes=True,
-        horizontal_spacing=0.03,
-        subplot_titles=[
-            f"{label}<br><sup>{tables.training_method(m)}</sup>" for label, m in zip(labels, models, strict=True)
-        ],
+
+    title: str
+    panels: list[go.Figure]
+    model_indices: list[int]
+    columns: int
+
+
+#: Grid cells are this many pixels high (fewer for deep models), so a panel's height
+#: depends on its layers only, never on how many fine-tunes share the page.
+OVERVIEW_CELL_PX = (7, 22)
+#: Cell text only where a cell can hold it: at most this many columns, cells this high.
+OVERVIEW_TEXT_MAX_COLUMNS = 12
+OVERVIEW_TEXT_MIN_PX = 14
+#: At most this many tick labels on the layer and expert axes (every module is named).
+OVERVIEW_MAX_TICKS = 25
+
+
+def _layer_sort(label: str) -> tuple[bool, int]:
+    return (label == "other", int(label) if label.isdigit() else 0)
+
+
+def _thinned(n: int, most: int = OVERVIEW_MAX_TICKS) -> list[int]:
+    step = max(1, math.ceil(n / most))
+    return list(range(0, n, step))
+
+
+def _overview_panel(
+    cells, rows: list[str], columns: list[str], *, experts: bool, metric: str, zmax: float, title: str
+) -> go.Figure:
+    """One fine-tune's grid: a heatmap and, on the same cells, one selectable point each.
+
+    Both traces are placed on integer coordinates (row ``i``, column ``j``) from the one
+    ``rows``/``columns`` order, and the layer axis range is set explicitly (first row on
+    top) on every panel: no panel can map a row label to another layer's values.
+    """
+    row_of = {r: i for i, r in enumerate(rows)}
+    col_of = {c: j for j, c in enumerate(columns)}
+    ii = np.fromiter((row_of[r] for r in cells["row"]), dtype=np.int64, count=len(cells))
+    jj = np.fromiter((col_of[c] for c in cells["column"]), dtype=np.int64, count=len(cells))
+    flat = ii * len(columns) + jj
+    _, first = np.unique(flat, return_index=True)
+    if len(first) != len(flat):
+        twice = cells.iloc[int(np.setdiff1d(np.arange(len(flat)), first)[0])]
+        raise ValueError(f"two matrices in one overview cell: {twice['label']} ({twice['matrix']})")
+    values = cells["value"].to_numpy(dtype=np.float64)
+    z = np.full((len(rows), len(columns)), np.nan)
+    z[ii, jj] = values
+    digits = ".1f" if metric == "effective_rank" else ".0f"
+    shown = np.array([format(v, digits) for v in values], dtype=object)
+    cell_px = max(OVERVIEW_CELL_PX[0], min(OVERVIEW_CELL_PX[1], 640 // max(1, len(rows))))
+    readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
+    fig = go.Figure()
+    if readable:
+        text = np.full(z.shape, "", dtype=object)
+        text[ii, jj] = shown
+        style = {"text": text, "texttemplate": "%{text}", "textfont": {"size": 10}}
+    else:
+        style = {}
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=np.arange(len(columns)),
+            y=np.arange(len(rows)),
+            coloraxis="coloraxis",
+            xgap=1,
+            ygap=1,
+            hoverinfo="skip",
+            **style,
+        )
     )
-    fig.update_annotations(font_size=13)
-    zmax = float(table[metric].max()) if len(table) else 1.0
-    for col, (index, label) in enumerate(enumerate(labels), start=1):
-        rows = table[table["model"] == label].set_index(["layer", "module"])
-        z = np.full((len(layers), len(modules)), np.nan)
-        names = np.full((len(layers), len(modules)), "", dtype=object)
-        for (layer, module), row in rows.iterrows():
-            i, j = layers.index(layer), modules.index(module)
-            z[i, j] = row[metric]
-            names[i, j] = row["matrix"]
-        text = [
-            ["" if np.isnan(v) else (f"{v:.0f}" if metric != "effective_rank" else f"{v:.1f}") for v in r] for r in z
-        ]
-        fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x=modules,
-                y=layers,
-                text=text,
-                texttemplate="%{text}",
-                coloraxis="coloraxis",
-                xgap=1,
-                ygap=1,
-                name=label,
-                hoverinfo="skip",
-            ),
-            row=1,
-            col=col,
+    # Heatmap cells cannot be selected in Plotly, so each cell carries an invisible
+    # marker that can: clicking a cell selects it (and shows its hover text).
+    name = OVERVIEW_METRICS[metric]
+    customdata = np.empty((len(cells), 5), dtype=object)
+    customdata[:, 0] = cells["model_index"].to_numpy()
+    customdata[:, 1] = cells["matrix"].to_numpy()
+    customdata[:, 2] = cells["name"].to_numpy()
+    customdata[:, 3] = cells["label"].to_numpy()
+    customdata[:, 4] = shown
+    fig.add_trace(
+        go.Scatter(
+            x=jj,
+            y=ii,
+            mode="markers",
+            marker={"symbol": "square", "size": max(cell_px, 10), "opacity": 0},
+            customdata=customdata,
+            showlegend=False,
+            hovertemplate="<b>%{customdata[3]}</b><br>%{customdata[2]}<br>"
+            + name
+            + ": %{customdata[4]}<extra></extra>",
         )
-        # Heatmap cells cannot be selected in Plotly, so each cell carries an invisible
-        # marker that can: clicking a cell selects it (and shows its hover text).
-        i, j = np.nonzero(~np.isnan(z))
-        fig.add_trace(
-            go.Scatter(
-                x=[modules[c] for c in j],
-                y=[layers[r] for r in i],
-                mode="markers",
-                marker={"symbol": "square", "size": 30, "opacity": 0},
-                customdata=[[index, names[r, c]] for r, c in zip(i, j, strict=True)],
-                text=[text[r][c] for r, c in zip(i, j, strict=True)],
-                name=label,
-                showlegend=False,
-                hovertemplate="%{customdata[1]}<br>layer %{y}, %{x}<br>"
-                + OVERVIEW_METRICS[metric]
-                + ": %{text}<extra>"
-                + label
-                + "</extra>",
-            ),
-            row=1,
-            col=col,
-        )
-    fig.update_yaxes(autorange="reversed", type="category", title_text="layer", col=1)
-    fig.update_xaxes(type="category", tickangle=-30)
+    )
+    col_ticks = list(range(len(columns))) if not experts else _thinned(len(columns))
+    row_ticks = _thinned(len(rows))
+    longest = max((len(c) for c in columns), default=1)
+    bottom = 36 + (int(6.2 * longest * 0.71) if not experts else 0)
+    fig.update_xaxes(
+        tickvals=col_ticks,
+        ticktext=[columns[j] for j in col_ticks],
+        tickangle=0 if experts else -45,
+        tickfont={"size": 10},
+        range=[-0.5, len(columns) - 0.5],
+        title_text="expert" if experts else None,
+        fixedrange=True,
+        showgrid=False,
+        zeroline=False,
+    )
+    fig.update_yaxes(
+        tickvals=row_ticks,
+        ticktext=[rows[i] for i in row_ticks],
+        tickfont={"size": 10},
+        range=[len(rows) - 0.5, -0.5],
+        autorange=False,
+        title_text="layer",
+        fixedrange=True,
+        showgrid=False,
+        zeroline=False,
+    )
     fig.update_layout(
-        title=title,
-        coloraxis={"colorscale": "Reds" if metric == "intruders" else "Viridis", "cmin": 0, "cmax": max(zmax, 1)},
-        height=max(320, 40 + 26 * len(layers) + 120),
-        margin={"t": 90},
+        title={
+            "text": title,
+            "font": {"size": 13},
+            "x": 0,
+            "xanchor": "left",
+            # Just above the grid (not from the top edge, where two lines can be cut off).
+            "yref": "paper",
+            "y": 1,
+            "yanchor": "bottom",
+            "pad": {"b": 12},
+        },
+        coloraxis={
+            "colorscale": "Reds" if metric == "intruders" else "Viridis",
+            "cmin": 0,
+            "cmax": max(zmax, 1),
+            "colorbar": {"thickness": 10, "len": 0.9, "outlinewidth": 0, "tickfont": {"size": 9}},
+        },
+        height=len(rows) * cell_px + 50 + bottom + (14 if experts else 0),
+        margin={"t": 50, "b": bottom + (14 if experts else 0), "l": 48, "r": 8},
         hovermode="closest",
         hoverdistance=-1,
         clickmode="event+select",
     )
     return fig
+
+
+def _short(label: str, most: int = 40) -> str:
+    return label if len(label) <= most else label[: most - 1] + "…"
+
+
+def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> list[OverviewSection]:
+    """The overview: every analysed matrix of every fine-tune as one cell of a grid.
+
+    One layer x module grid per stack of the model (encoder, decoder, vision, language;
+    a single one for a one-stack model), and one layer x expert grid per mixture-of-
+    experts module beside it (the router and any shared expert sit in the module grid).
+    Each grid is drawn once per fine-tune, all with the same rows, columns and colour
+    scale, from :func:`analysis.tables.overview_table`. ``metric`` is ``intruders``
+    (count among the top ``k`` tuned vectors at ``eps``, Shuttleworth et al. Def. 3.1),
+    ``effective_rank`` or ``rank90`` of the update. Every cell's selectable point has
+    ``customdata`` ``[model index, matrix key, tensor name, short label, value]``, so a
+    click can open that matrix and its hover names it. No two matrices share a cell.
+    """
+    if metric not in OVERVIEW_METRICS:
+        raise ValueError(f"metric must be one of {sorted(OVERVIEW_METRICS)}, got {metric!r}")
+    table = tables.overview_table(models, metric, k, eps)
+    if table.empty:
+        return []
+    zmax = float(table["value"].max())
+    labels = tables.model_labels(models)
+    everything = tables.identity_order(m for model in models for m in model.matrices)
+    stacks = list(dict.fromkeys(m.stack for m in everything))
+    modules = tables.module_order(m.module for m in everything)
+    order = [(stack, None) for stack in stacks]
+    order += [
+        (stack, module)
+        for stack in stacks
+        for module in modules
+        if any(m.stack == stack and m.expert is not None and m.module == module for m in everything)
+    ]
+    order.sort(key=lambda s: stacks.index(s[0]))  # each stack's expert grids right after its module grid
+    sections = []
+    for section in order:
+        title = tables.section_title(section)
+        part = table[table["section"] == title]
+        experts = section[1] is not None
+        rows = sorted(part["row"].unique(), key=_layer_sort)
+        if experts:
+            columns = sorted(part["column"].unique(), key=int)
+        else:
+            columns = tables.module_order(part["column"])
+        panels, indices = [], []
+        for index, label in enumerate(labels):
+            cells = part[part["model_index"] == index]
+            if cells.empty:
+                continue
+            panel_title = f"{_short(label)}<br><sup>{tables.training_method(models[index])}</sup>"
+            panels.append(
+                _overview_panel(cells, rows, columns, experts=experts, metric=metric, zmax=zmax, title=panel_title)
+            )
+            indices.append(index)
+        width = 3 if len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS else (2 if len(columns) <= 40 else 1)
+        sections.append(OverviewSection(title, panels, indices, max(1, min(width, len(panels)))))
+    return sections
+
+
+def overview_title(metric: str, k: int, eps: float) -> str:
+    """The overview's heading for ``metric`` (with k and eps for intruder counts)."""
+    return OVERVIEW_METRICS[metric] + (f" (top {k}, ε = {eps:g})" if metric == "intruders" else "")
 
 
 def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figure:
@@ -292,8 +420,9 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
     fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
     fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
     n_intr = int(is_intruder.sum())
+    what = tables.matrix_title(matrix)
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.name} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
+        title=f"{label + ': ' if label else ''}{what} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
         f"in the top {len(intr)} at ε = {eps:g}",
         height=max(420, min(900, 12 * n_rows + 160)),
         showlegend=False,
@@ -491,7 +620,7 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     n_max = max(len(spectrum), 1)
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.name} — singular values ({n_intr} intruder"
+        title=f"{label + ': ' if label else ''}{tables.matrix_title(matrix)} — singular values ({n_intr} intruder"
         f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g})",
         xaxis={"title": "rank", "type": "log", "tickvals": ticks, "range": [-0.05, math.log10(n_max * 1.1)]},
         yaxis={"title": "singular value", "type": "log"},

@@ -29,6 +29,12 @@ MODULE_ORDER: tuple[str, ...] = (
     "value",
     "qkv",
     "attn_out",
+    "self_attn_out",
+    "cross_query",
+    "cross_key",
+    "cross_value",
+    "cross_attn_out",
+    "router",
     "gate",
     "up",
     "gate_up",
@@ -47,6 +53,47 @@ def module_order(modules: Iterable[str]) -> list[str]:
 def layer_label(layer: int | None) -> str:
     """How a layer is named on an axis: its block index, or ``other`` outside blocks."""
     return "other" if layer is None else str(layer)
+
+
+def matrix_key(matrix: MatrixResult) -> str:
+    """The string that picks one matrix of a model (pickers, the URL, clicks, CSV).
+
+    The tensor name, plus ``#<expert>`` for a mixture-of-experts slice: a fused 3-D
+    expert tensor holds every expert under one name, so the name alone is not unique.
+    """
+    return matrix.name if matrix.expert is None else f"{matrix.name}#{matrix.expert}"
+
+
+def matrix_title(matrix: MatrixResult) -> str:
+    """A matrix in a chart title: its tensor name, and the expert for an expert slice."""
+    return matrix.name if matrix.expert is None else f"{matrix.name} · expert {matrix.expert}"
+
+
+def identity_order(matrices: Iterable[MatrixResult]) -> list[MatrixResult]:
+    """Matrices by stack (as first met), layer, module (:data:`MODULE_ORDER`), expert."""
+    matrices = list(matrices)
+    stacks = list(dict.fromkeys(m.stack for m in matrices))
+    modules = module_order(m.module for m in matrices)
+    return sorted(
+        matrices,
+        key=lambda m: (
+            stacks.index(m.stack),
+            m.layer is None,
+            m.layer or 0,
+            modules.index(m.module),
+            -1 if m.expert is None else m.expert,
+        ),
+    )
+
+
+def describe_matrix(matrix: MatrixResult) -> str:
+    """A picker's words for a matrix: ``layer 3 · value``, ``decoder · layer 1 · cross_attn_out``,
+    ``layer 0 · down · expert 5``."""
+    parts = [matrix.stack] if matrix.stack else []
+    parts += [f"layer {layer_label(matrix.layer)}", matrix.module]
+    if matrix.expert is not None:
+        parts.append(f"expert {matrix.expert}")
+    return " · ".join(parts)
 
 
 def model_labels(models: Sequence[ModelResult]) -> list[str]:
@@ -98,6 +145,10 @@ def training_method(model: ModelResult) -> str:
     return "full FT"
 
 
+#: The columns that say where a matrix lives, in every per-matrix table (and its CSV).
+IDENTITY_COLUMNS: tuple[str, ...] = ("stack", "layer", "module", "expert", "label")
+
+
 def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float | None = None) -> pd.DataFrame:
     """One row per fine-tune and matrix: every scalar metric, and intruders at (k, eps).
 
@@ -111,11 +162,12 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
                 {
                     "model": label,
                     "method": method,
-                    "matrix": m.name,
+                    "matrix": matrix_key(m),
+                    "stack": m.stack,
                     "layer": layer_label(m.layer),
                     "module": m.module,
-                    "stack": m.stack,
                     "expert": m.expert,
+                    "label": m.short_label,
                     "shape": f"{m.shape[0]}x{m.shape[1]}",
                     "intruders": m.intruder_counts(k, [eps])[0] if k is not None and eps is not None else None,
                     "effective_rank": m.effective_rank,
@@ -130,10 +182,7 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
         "model",
         "method",
         "matrix",
-        "layer",
-        "module",
-        "stack",
-        "expert",
+        *IDENTITY_COLUMNS,
         "shape",
         "intruders",
         "effective_rank",
@@ -174,11 +223,11 @@ def sweep_table(
 ) -> pd.DataFrame:
     """Intruder counts summed over the chosen matrices, one row per (model, eps).
 
-    ``matrices`` restricts the sum to those tensor names (``None``: all analysed).
+    ``matrices`` restricts the sum to those matrices (:func:`matrix_key`; ``None``: all analysed).
     """
     rows = []
     for label, model in zip(model_labels(models), models, strict=True):
-        chosen = [m for m in model.matrices if matrices is None or m.name in matrices]
+        chosen = [m for m in model.matrices if matrices is None or matrix_key(m) in matrices]
         totals = np.zeros(len(epsilons), dtype=np.int64)
         for m in chosen:
             totals += np.asarray(m.intruder_counts(k, list(epsilons)), dtype=np.int64)
@@ -202,12 +251,18 @@ def breakdown_table(
     by: str,
     matrices: Collection[str] | None = None,
 ) -> pd.DataFrame:
-    """Intruder counts at (k, eps) summed per ``by`` (``"layer"`` or ``"module"``)."""
+    """Intruder counts at (k, eps) summed per ``by`` (``"layer"`` or ``"module"``).
+
+    In a model with several stacks each stack keeps its own bars (``encoder 0``,
+    ``decoder 0``); mixture-of-experts slices add up into their layer or module.
+    """
     if by not in ("layer", "module"):
         raise ValueError(f"by must be 'layer' or 'module', got {by!r}")
     table = matrix_table(models, k, eps)
     if matrices is not None:
         table = table[table["matrix"].isin(list(matrices))]
+    if table["stack"].notna().any():  # encoder layer 0 and decoder layer 0 are two bars, not one
+        table = table.assign(**{by: table["stack"].fillna("").str.cat(table[by], sep=" ").str.strip()})
     grouped = table.groupby(["model", by], sort=False, as_index=False)["intruders"].sum()
     return grouped[["model", by, "intruders"]]
 
@@ -304,22 +359,23 @@ def amplification_table(models: Sequence[ModelResult], matrices: Collection[str]
     """Amplification factor of each update (Hu et al. 2021, sec. 7.3), with its rank.
 
     ``||dW||_F / ||U^T W_base V||_F`` with ``U``, ``V`` the top-``r`` singular vectors
-    of ``dW`` (``r`` = ``amplification_rank``).
+    of ``dW`` (``r`` = ``amplification_rank``); ``None`` (undefined) for a zero update.
     """
     rows = []
     for label, model in zip(model_labels(models), models, strict=True):
         for m in model.matrices:
-            if matrices is not None and m.name not in matrices:
+            if matrices is not None and matrix_key(m) not in matrices:
                 continue
             rows.append(
                 {
                     "model": label,
                     "method": training_method(model),
-                    "matrix": m.name,
+                    "matrix": matrix_key(m),
+                    "stack": m.stack,
                     "layer": layer_label(m.layer),
                     "module": m.module,
-                    "stack": m.stack,
                     "expert": m.expert,
+                    "label": m.short_label,
                     "r": m.amplification_rank,
                     "delta_fro": m.delta_fro,
                     "amplification_factor": m.amplification_factor,
@@ -327,16 +383,120 @@ def amplification_table(models: Sequence[ModelResult], matrices: Collection[str]
             )
     return pd.DataFrame(
         rows,
-        columns=[
-            "model",
-            "method",
-            "matrix",
-            "layer",
-            "module",
-            "stack",
-            "expert",
-            "r",
-            "delta_fro",
-            "amplification_factor",
-        ],
+        columns=["model", "method", "matrix", *IDENTITY_COLUMNS, "r", "delta_fro", "amplification_factor"],
     )
+
+
+#: Columns of :func:`overview_table`.
+OVERVIEW_COLUMNS: tuple[str, ...] = (
+    "section",
+    "model_index",
+    "model",
+    "method",
+    "row",
+    "column",
+    "matrix",
+    "name",
+    *IDENTITY_COLUMNS,
+    "value",
+)
+
+
+def overview_section(matrix: MatrixResult) -> tuple[str | None, str | None]:
+    """Which overview grid a matrix is drawn in: ``(stack, None)`` for its stack's
+    layer x module grid, ``(stack, module)`` for the layer x expert grid of an expert module.
+    """
+    return (matrix.stack, None if matrix.expert is None else matrix.module)
+
+
+def section_title(section: tuple[str | None, str | None]) -> str:
+    """Words for an overview grid: ``decoder: layer × module``, ``experts of down: layer × expert``."""
+    stack, expert_module = section
+    where = f"{stack}: " if stack else ""
+    if expert_module is None:
+        return f"{where}layer × module"
+    return f"{where}experts of {expert_module}: layer × expert"
+
+
+def overview_table(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> pd.DataFrame:
+    """One row per fine-tune and matrix, placed in its overview grid cell.
+
+    ``section`` (:func:`overview_section`, as text by :func:`section_title`) names the
+    grid: one per stack with a row per layer and a column per module, and one per
+    mixture-of-experts module with a column per expert. ``row`` and ``column`` are the
+    cell's labels; (``model``, ``section``, ``row``, ``column``) is unique because a
+    matrix's identity (stack, layer, module, expert) is. ``value`` is ``metric``:
+    ``intruders`` (count among the top ``k`` tuned vectors at ``eps``, Shuttleworth et al.
+    2024 Def. 3.1), ``effective_rank`` (Roy & Vetterli 2007) or ``rank90`` (Biderman et
+    al. 2024) of the update.
+    """
+    if metric not in ("intruders", "effective_rank", "rank90"):
+        raise ValueError(f"metric must be one of ['effective_rank', 'intruders', 'rank90'], got {metric!r}")
+    rows = []
+    for index, (label, model) in enumerate(zip(model_labels(models), models, strict=True)):
+        method = training_method(model)
+        for m in identity_order(model.matrices):
+            if metric == "intruders":
+                value = float(m.intruder_counts(k, [eps])[0])
+            else:
+                value = float(getattr(m, metric))
+            rows.append(
+                {
+                    "section": section_title(overview_section(m)),
+                    "model_index": index,
+                    "model": label,
+                    "method": method,
+                    "row": layer_label(m.layer),
+                    "column": m.module if m.expert is None else str(m.expert),
+                    "matrix": matrix_key(m),
+                    "name": m.name,
+                    "stack": m.stack,
+                    "layer": layer_label(m.layer),
+                    "module": m.module,
+                    "expert": m.expert,
+                    "label": m.short_label,
+                    "value": value,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(OVERVIEW_COLUMNS))
+
+
+#: Reasons for tensors a plan leaves out, when the plan lists no ``skipped`` of its own.
+UNMATCHED_REASON = "present on one side only"
+SHAPE_MISMATCH_REASON = "shapes differ"
+NON_BLOCK_REASON = "adapted outside the blocks"
+IGNORED_ADAPTER_REASON = "adapter tensor not understood"
+
+
+def plan_skipped(plan) -> list[dict]:
+    """Every tensor a comparison plan will not analyse, as ``{"name", "reason"}`` dicts.
+
+    A plan (or result) that carries its own ``skipped`` list (``ModelResult.skipped``)
+    is taken as it is; otherwise the list is gathered from what the plan says it leaves
+    out: ``unmatched`` names, ``shape_mismatches``, and the adapter's non-block and
+    ignored tensors in its ``summary``.
+    """
+    own = getattr(plan, "skipped", None)
+    if own:
+        return [{"name": str(s["name"]), "reason": str(s["reason"])} for s in own]
+    summary = getattr(plan, "summary", {}) or {}
+    found = [{"name": n, "reason": UNMATCHED_REASON} for n in getattr(plan, "unmatched", [])]
+    found += [
+        {"name": m["name"] if isinstance(m, dict) else m.name, "reason": SHAPE_MISMATCH_REASON}
+        for m in getattr(plan, "shape_mismatches", [])
+    ]
+    found += [{"name": n, "reason": NON_BLOCK_REASON} for n in summary.get("non_block_adapted", [])]
+    found += [{"name": n, "reason": IGNORED_ADAPTER_REASON} for n in summary.get("ignored_adapter_tensors", [])]
+    return found
+
+
+def skipped_table(skipped: Iterable[dict], examples: int = 3) -> pd.DataFrame:
+    """Skipped tensors counted by reason (most first), with a few example names each."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        by_reason.setdefault(str(entry["reason"]), []).append(str(entry["name"]))
+    rows = [
+        {"reason": reason, "tensors": len(names), "examples": ", ".join(names[:examples])}
+        for reason, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))
+    ]
+    return pd.DataFrame(rows, columns=["reason", "tensors", "examples"])

@@ -24,14 +24,18 @@ layers = sorted(
     {tables.layer_label(m.layer) for model in models for m in model.matrices},
     key=lambda s: (s == "other", int(s) if s.isdigit() else 0),
 )
+stacks = list(dict.fromkeys(m.stack for model in models for m in model.matrices))
 c1, c2 = st.columns(2)
 chosen_modules = c1.multiselect("Modules", modules, default=modules, key="sweep_modules")
 chosen_layers = c2.multiselect("Layers", layers, default=layers, key="sweep_layers")
+chosen_stacks = stacks
+if len(stacks) > 1:  # encoder/decoder, vision/language: layer 0 of each is its own matrix
+    chosen_stacks = st.multiselect("Stacks", stacks, default=stacks, key="sweep_stacks")
 names = {
-    m.name
+    tables.matrix_key(m)
     for model in models
     for m in model.matrices
-    if m.module in chosen_modules and tables.layer_label(m.layer) in chosen_layers
+    if m.module in chosen_modules and tables.layer_label(m.layer) in chosen_layers and m.stack in chosen_stacks
 }
 epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
 views.chart(figures.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")

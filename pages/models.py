@@ -7,6 +7,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from analysis import tables
 from analysis.demo import default_demo_root
 from analysis.errors import InputError
 from analysis.jobs import Job, JobState, Progress
@@ -203,14 +204,20 @@ def plan_preview(base: str, tuned: str, uploads_root: str) -> dict:
             [
                 {
                     "matrix": m.name,
+                    # stack and expert: filled by engines that know them (one-stack, dense: empty)
+                    "stack": getattr(m, "stack", None),
                     "layer": m.layer,
                     "module": m.module,
+                    "expert": getattr(m, "expert", None),
                     "shape": f"{m.shape[0]}x{m.shape[1]}",
                     "adapter rank": m.adapter_rank,
                 }
                 for m in plan.matrices
             ]
         ),
+        "skipped": tables.skipped_table(tables.plan_skipped(plan)),
+        # Whether the plan lists every base tensor it leaves out (else only what it could not pair).
+        "skipped_listed": getattr(plan, "skipped", None) is not None,
         "unmatched": list(plan.unmatched),
         "shape_mismatches": [f"{m.name}: base {m.base_shape}, tuned {m.tuned_shape}" for m in plan.shape_mismatches],
     }
@@ -228,8 +235,13 @@ def describe(preview: dict) -> str:
         merged = f" (LoRA r = {summary['lora_rank']}, merged)" if summary.get("lora_rank") else ""
         parts.append("full weights" + merged)
     parts.append(f"{len(preview['matrices'])} matrices matched")
-    parts.append(f"{len(preview['unmatched'])} unmatched")
-    parts.append(f"{len(preview['shape_mismatches'])} shape mismatches")
+    skipped = preview["skipped"]
+    if len(skipped):
+        counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
+        n = int(skipped["tensors"].sum())
+        parts.append(f"{n} tensor{'s' if n != 1 else ''} skipped ({counts})")
+    elif preview["skipped_listed"]:
+        parts.append("no tensor skipped")
     return " · ".join(parts)
 
 
@@ -252,6 +264,9 @@ for spec in selection.tuned:
             shown = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern")
             st.write({k: adapter.get(k) for k in shown if k in adapter})
         st.dataframe(preview["matrices"], hide_index=True)
+        if len(preview["skipped"]):
+            st.write("Not analysed, by reason:")
+            st.dataframe(preview["skipped"], hide_index=True)
         if preview["unmatched"]:
             st.write("Present on one side only (not analysed):", ", ".join(preview["unmatched"]))
         if preview["shape_mismatches"]:
@@ -269,7 +284,13 @@ tracked = runtime.track(selection.base, selection.tuned, start=False) if selecti
 views.progress(selection.base, tracked)
 for t in tracked:
     if t.state is JobState.DONE:
-        st.success(f"{resolver.label(t.spec)}: {len(t.job.result.matrices)} matrices analysed.")
+        result = t.job.result
+        skipped = tables.skipped_table(tables.plan_skipped(result))
+        counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
+        st.success(
+            f"{resolver.label(t.spec)}: {len(result.matrices)} matrices analysed"
+            + (f"; {int(skipped['tensors'].sum())} tensor(s) skipped ({counts})." if len(skipped) else ".")
+        )
     elif t.state is JobState.FAILED:
         st.error(f"{resolver.label(t.spec)}: {runtime.friendly(t.job.error or '')}")
     elif t.state is JobState.CANCELLED:

@@ -37,35 +37,26 @@ metric = metric or "intruders"
 specs = [m.source for m in models]
 
 
-def open_cell() -> None:
+def open_matrix(index: int, matrix: str) -> None:
     """A click on a grid cell opens that matrix on the similarity page."""
-    points = st.session_state["overview_grid"].selection.points
-    if not points or "customdata" not in points[0]:
-        return
-    index, name = points[0]["customdata"][:2]
-    if name:
-        state.set("model", specs[int(index)])
-        state.set("matrix", name)
-        st.session_state.wse_goto = SIMILARITY_PAGE
+    state.set("model", specs[index])
+    state.set("matrix", matrix)
+    st.session_state.wse_goto = SIMILARITY_PAGE
 
 
-views.chart(
-    figures.overview_heatmaps(models, metric, k, eps),
-    f"overview-{metric}",
-    key="overview_grid",
-    on_select=open_cell,
-    selection_mode="points",
-)
+st.subheader(figures.overview_title(metric, k, eps))
+views.overview_grids(models, metric, k, eps, on_open=open_matrix)
 
 with st.expander("Open a matrix (without clicking the grid)"):
     labels = dict(zip(specs, tables.model_labels(models), strict=True))
     c1, c2, c3 = st.columns([2, 3, 1], vertical_alignment="bottom")
     spec = c1.selectbox("Fine-tune", specs, format_func=labels.get, key="overview_open_model")
     chosen = next(m for m in models if m.source == spec)
+    by_key = {tables.matrix_key(m): m for m in tables.identity_order(chosen.matrices)}
     name = c2.selectbox(
         "Matrix",
-        [m.name for m in chosen.matrices],
-        format_func=lambda n: f"{n}",
+        list(by_key),
+        format_func=lambda key: f"{tables.describe_matrix(by_key[key])} ({by_key[key].name})",
         key="overview_open_matrix",
     )
 

@@ -96,13 +96,14 @@ def test_overview_shows_grids_and_totals_matching_the_engine(
 ) -> None:
     at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft])
     assert [t.value for t in at.title] == ["Overview"]
-    grid, totals = figures(at)
-    lora_grid, full_grid = [t for t in grid.data if t.type == "heatmap"]
+    lora_panel, full_panel, totals = figures(at)
+    lora_grid, full_grid = lora_panel.data[0], full_panel.data[0]
     lora, full = engine_result.models
     # Both panels share the block's modules; the LoRA adapter targets query and value only,
     # so its other cells are empty, and each of its cells is the engine's count.
     modules = ["query", "key", "value", "attn_out", "mlp_in", "mlp_out"]
-    assert list(lora_grid.x) == list(full_grid.x) == modules and list(lora_grid.y) == ["0", "1"]
+    assert list(lora_panel.layout.xaxis.ticktext) == list(full_panel.layout.xaxis.ticktext) == modules
+    assert list(lora_panel.layout.yaxis.ticktext) == list(full_panel.layout.yaxis.ticktext) == ["0", "1"]
     z = np.asarray(lora_grid.z, dtype=float)
     expected = [[m.intruder_counts(10, [0.5])[0] for m in lora.matrices[i : i + 2]] for i in (0, 2)]
     np.testing.assert_array_equal(z[:, [0, 2]], expected)
@@ -218,8 +219,7 @@ def test_models_page_says_what_was_understood(
     assert not at.exception
     understood = [e.label for e in at.expander]
     assert any(
-        "BertModel (bert) · PEFT LoRA adapter, r = 4, α = 8 · 4 matrices matched · 0 unmatched" in label
-        for label in understood
+        "BertModel (bert) · PEFT LoRA adapter, r = 4, α = 8 · 4 matrices matched" in label for label in understood
     ), understood
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith(f"**{Path(tiny_llama_lora).name}**: ")
@@ -438,3 +438,30 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     (job,) = [j for j in runtime.manager().jobs() if j.label == "offline demo"]
     job.cancel()
     assert job.wait(10) and job.state is JobState.CANCELLED
+
+
+def test_models_page_counts_skipped_tensors_before_analyse(
+    cache_dir: Path, tmp_path: Path, tiny_bert: Path, tiny_bert_full_ft: Path
+) -> None:
+    """A fine-tune missing one block matrix: the page says, before anything runs, how many
+    matrices will be analysed and how many tensors are skipped, and why."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "missing-one"
+    shutil.copytree(tiny_bert_full_ft, tuned)
+    tensors = load_file(tuned / "model.safetensors")
+    del tensors["encoder.layer.0.attention.self.key.weight"]
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = [str(tuned)]
+    at.switch_page(PAGES["models"]).run()
+    assert not at.exception
+    (label,) = [e.label for e in at.expander if "missing-one" in e.label]
+    assert "· 11 matrices matched · 1 tensor skipped (1 present on one side only)" in label, label
+    skipped = next(d.value for d in at.dataframe if "reason" in d.value.columns)
+    assert skipped.to_dict("records") == [
+        {"reason": "present on one side only", "tensors": 1, "examples": "encoder.layer.0.attention.self.key.weight"}
+    ]

@@ -206,6 +206,11 @@ def chart_text(page, index: int = 0) -> str:
     return page.locator(".js-plotly-plot").nth(index).evaluate("e => e.textContent")
 
 
+def all_chart_text(page) -> str:
+    """The text of every chart on the page (the overview draws a panel per fine-tune)."""
+    return "".join(page.locator(".js-plotly-plot").evaluate_all("els => els.map(e => e.textContent)"))
+
+
 def choose(page, label: str, option: str) -> None:
     """Pick ``option`` in the sidebar selectbox called ``label``."""
     box = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text=label)
@@ -227,12 +232,13 @@ PAGES = [
 def test_opens_on_the_demo_and_every_page_draws(server: str, page) -> None:
     page.goto(server)
     wait_page(page, "Overview")
-    titles = chart_titles(page)
-    assert titles[0].startswith("Intruder dimensions (top 10, ε = 0.5)")
+    page.get_by_role("heading", name="Intruder dimensions (top 10, ε = 0.5)").wait_for()
     body = page.locator("[data-testid='stMain']").inner_text()
-    grid = chart_text(page).replace("\u200b", "")  # Plotly joins title lines with zero-width spaces
-    for label in ("Full FT (stand-in)full FT", "LoRA r=1 (stand-in)LoRA r=1", "LoRA r=8 (stand-in)LoRA r=8"):
-        assert label in grid, label  # each panel titled with the fine-tune and how it was trained
+    panels = [chart_text(page, i).replace("\u200b", "") for i in range(3)]  # Plotly joins title lines with ZWSP
+    for panel, label in zip(
+        panels, ("Full FT (stand-in)full FT", "LoRA r=1 (stand-in)LoRA r=1", "LoRA r=8 (stand-in)LoRA r=8"), strict=True
+    ):
+        assert label in panel, label  # each panel titled with the fine-tune and how it was trained
     assert "Per fine-tune totals" in body
     shot(page, "01-overview-demo")
     for number, (link, title) in enumerate(PAGES, start=2):
@@ -245,23 +251,62 @@ def test_opens_on_the_demo_and_every_page_draws(server: str, page) -> None:
     shot(page, "08-models")
 
 
-def test_clicking_a_grid_cell_opens_that_matrix(server: str, page) -> None:
+#: Where the row labelled ``layer`` and the column labelled ``module`` cross in an overview
+#: panel, in page pixels: the row from the drawn tick label itself, the column from the
+#: axis' own tick values (its labels are rotated).
+CELL_AT = """([gd, layer, module]) => {
+    const label = [...gd.querySelectorAll('.yaxislayer-above .ytick text')].find(t => t.textContent === layer);
+    const row = label.getBoundingClientRect();
+    const xa = gd._fullLayout.xaxis;
+    const x = xa.tickvals[xa.ticktext.indexOf(module)];
+    const box = gd.getBoundingClientRect();
+    return [box.left + xa._offset + xa.l2p(x), row.top + row.height / 2];
+}"""
+DEMO_PANELS = [("demo:full-ft", "Full FT (stand-in)"), ("demo:lora-r1", "LoRA r=1"), ("demo:lora-r8", "LoRA r=8")]
+
+
+def hover_at(page, panel: int, layer: str, module: str) -> tuple[float, float, str]:
+    gd = page.locator(".js-plotly-plot").nth(panel)
+    hover = gd.locator(".hoverlayer .hovertext").first
+    page.mouse.move(1, 1)  # away first: the last cell's hover must not be read for this one
+    hover.wait_for(state="detached")
+    x, y = page.evaluate(CELL_AT, [gd.element_handle(), layer, module])
+    page.mouse.move(x, y)
+    hover.wait_for()
+    return x, y, hover.evaluate("e => e.textContent")
+
+
+@pytest.mark.parametrize("panel", range(len(DEMO_PANELS)))
+def test_every_overview_panel_maps_its_labels_to_the_right_matrix(server: str, page, panel: int) -> None:
+    """The upside-down bug: in every panel of a multi-fine-tune overview, the cell at the row
+    labelled ``layer`` and the column labelled ``module`` names that matrix in its hover,
+    and a click on it opens that matrix."""
     page.goto(server)
     wait_page(page, "Overview")
-    # Point at a cell of the third panel (LoRA r=8): its hover names the matrix; a click opens it.
-    panel = page.locator(".js-plotly-plot").first.locator(".nsewdrag").nth(2)
-    box = panel.bounding_box()
-    x, y = box["x"] + box["width"] / 12, box["y"] + box["height"] * 5 / 12
-    page.mouse.move(x, y)
-    hover = page.locator(".js-plotly-plot .hoverlayer .hovertext").first
-    hover.wait_for()
-    text = hover.evaluate("e => e.textContent")
-    name = re.search(r"encoder\.layer\.\d\.attention\.self\.query\.weight", text).group(0)
-    page.mouse.click(x, y)
+    spec, _ = DEMO_PANELS[panel]
+    for layer in ("0", "5", "2"):
+        x, y, text = hover_at(page, panel, layer, "value")
+        assert f"encoder.layer.{layer}.attention.self.value.weight" in text, (panel, layer, text)
+        assert f"L{layer} value" in text
+    page.mouse.click(x, y)  # the last one: layer 2
     wait_page(page, "Singular-vector similarity")
-    assert "model=demo%3Alora-r8" in page.url and f"matrix={name}" in page.url
-    assert chart_titles(page)[0].startswith(f"LoRA r=8 (stand-in): {name} — 8 intruders in the top 10")
-    shot(page, "09-clicked-cell-similarity")
+    name = "encoder.layer.2.attention.self.value.weight"
+    assert f"model={quote(spec)}" in page.url and f"matrix={name}" in page.url
+    assert name in chart_titles(page)[0]
+    shot(page, f"09-clicked-cell-panel-{panel}")
+
+
+def test_overview_on_a_phone_shows_one_full_width_panel_per_row(server: str, browser) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server)
+    wait_page(page, "Overview")
+    boxes = [page.locator(".js-plotly-plot").nth(i).bounding_box() for i in range(len(DEMO_PANELS))]
+    assert all(box["width"] > 300 for box in boxes), boxes  # no slivers
+    assert all(a["y"] + a["height"] <= b["y"] + 1 for a, b in zip(boxes, boxes[1:], strict=False)), boxes  # stacked
+    shot(page, "20-overview-390px")
+    context.close()
 
 
 def test_shared_url_reproduces_the_view_in_a_fresh_browser(server: str, page, browser) -> None:
@@ -311,7 +356,7 @@ def test_upload_an_adapter_then_a_corrupt_file(server: str, page, files: dict[st
     page.get_by_role("button", name="Analyse").click()
     page.get_by_text(re.compile(r"^upload PEFT adapter \[\w+\]: 12 matrices analysed")).wait_for()
     go_to(page, "Overview", "Overview")
-    assert "upload PEFT adapter" in chart_text(page)
+    assert "upload PEFT adapter" in all_chart_text(page)  # its own overview panel
     assert "tuned=upload:" in unquote(page.url)
     shot(page, "13-upload-overview")
     go_to(page, "Spectrum", "Spectrum")
@@ -374,7 +419,7 @@ def test_cancel_stops_an_analysis_and_a_rerun_finishes_it(server: str, page, fil
     assert pair_entries() - before == 28
     shot(page, "19-analysis-rerun-finished")
     go_to(page, "Overview", "Overview")
-    assert "tuned-llama" in chart_text(page)
+    assert "tuned-llama" in all_chart_text(page)
 
 
 def page_options(page, label: str) -> list[str]:
@@ -406,13 +451,14 @@ def test_cached_views_redraw_in_about_a_second(server: str, page) -> None:
         timings["switch page"].append(go_to(page, "Spectrum", "Spectrum"))
         timings["switch page"].append(go_to(page, "Overview", "Overview"))
     thumb = page.get_by_test_id("stSidebar").get_by_role("slider").nth(1)
+    heading = "() => document.querySelector('[data-testid=stMain] h3')?.textContent"
     for key in ("ArrowLeft", "ArrowRight", "ArrowLeft"):
-        before = chart_titles(page)[0]
+        before = page.evaluate(heading)
         start = time.perf_counter()
         thumb.focus()
         thumb.press(key)
         page.wait_for_function(
-            "old => document.querySelector('.js-plotly-plot .gtitle')?.textContent !== old", arg=before
+            "old => document.querySelector('[data-testid=stMain] h3')?.textContent !== old", arg=before
         )
         wait_idle(page)
         timings["change eps"].append(time.perf_counter() - start)

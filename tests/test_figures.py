@@ -9,6 +9,9 @@ perturbation (full fine-tuning: none).
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +23,15 @@ OUT, IN = 48, 40
 
 
 def matrix_result(
-    name: str, layer: int, module: str, base: torch.Tensor, tuned: torch.Tensor, adapter_rank: int | None = None
+    name: str,
+    layer: int | None,
+    module: str,
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    adapter_rank: int | None = None,
+    *,
+    stack: str | None = None,
+    expert: int | None = None,
 ) -> MatrixResult:
     """Every metric of one pair, straight from fp64 SVDs and ``analysis.metrics``."""
     U0, S0, _ = torch.linalg.svd(base, full_matrices=False)
@@ -49,6 +60,8 @@ def matrix_result(
         amplification_factor=metrics.amplification_factor(fro, Ud[:, :r], Vdh[:r].T, base),
         amplification_rank=r,
         adapter_rank=adapter_rank,
+        stack=stack,
+        expert=expert,
     )
 
 
@@ -112,31 +125,199 @@ def test_planted_intruders_are_found_by_the_metrics(lora_model: ModelResult, ful
     assert lora_model.total_intruders(10, 0.5) == 3
 
 
+def panel_cells(fig) -> list[dict]:
+    """Every cell of an overview panel as the browser gets it: the selectable point's
+    customdata, the row and column labels its position shows, and the heatmap value there."""
+    heat, points = fig.data
+    z = np.asarray(heat.z, dtype=float)
+    rows = dict(zip(fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext, strict=True))
+    columns = dict(zip(fig.layout.xaxis.tickvals, fig.layout.xaxis.ticktext, strict=True))
+    return [
+        {
+            "model": c[0],
+            "key": c[1],
+            "name": c[2],
+            "label": c[3],
+            "text": c[4],
+            "row": rows.get(y),
+            "column": columns.get(x),
+            "z": z[y, x],
+        }  # fmt: skip
+        for x, y, c in zip(points.x, points.y, points.customdata, strict=True)
+    ]
+
+
 def test_overview_grid_shows_counts_per_layer_and_module(lora_model: ModelResult, full_model: ModelResult) -> None:
-    fig = figures.overview_heatmaps([lora_model, full_model], "intruders", k=10, eps=0.5)
-    lora, full = heatmaps(fig)
-    assert list(lora.x) == ["query", "value"] and list(lora.y) == ["0", "1"]
-    assert np.array_equal(np.asarray(lora.z), [[2, 0], [0, 1]])
-    assert np.array_equal(np.asarray(full.z), [[0, 0], [0, 0]])
+    (section,) = figures.overview_sections([lora_model, full_model], "intruders", k=10, eps=0.5)
+    assert section.model_indices == [0, 1] and section.columns == 2
+    lora, full = section.panels
+    assert list(lora.layout.xaxis.ticktext) == ["query", "value"] and list(lora.layout.yaxis.ticktext) == ["0", "1"]
+    assert np.array_equal(np.asarray(lora.data[0].z), [[2, 0], [0, 1]])
+    assert np.array_equal(np.asarray(full.data[0].z), [[0, 0], [0, 0]])
     # Each cell has a selectable point saying which fine-tune and matrix it is.
-    lora_cells, full_cells = [t for t in fig.data if t.type == "scatter"]
-    assert list(zip(lora_cells.x, lora_cells.y, strict=True))[3] == ("value", "1")
-    assert list(lora_cells.customdata[3]) == [0, "encoder.layer.1.attention.self.value.weight"]
-    assert list(full_cells.customdata[0]) == [1, "encoder.layer.0.attention.self.query.weight"]
-    assert list(lora_cells.text) == ["2", "0", "0", "1"]
-    titles = [a.text for a in fig.layout.annotations]
-    assert titles == ["LoRA run<br><sup>LoRA r=4</sup>", "Full FT<br><sup>full FT</sup>"]
-    assert fig.layout.coloraxis.cmax == 2
+    cells = panel_cells(lora)
+    assert cells[3] == {
+        "model": 0,
+        "key": "encoder.layer.1.attention.self.value.weight",
+        "name": "encoder.layer.1.attention.self.value.weight",
+        "label": "L1 value",
+        "text": "1",
+        "row": "1",
+        "column": "value",
+        "z": 1.0,
+    }
+    assert panel_cells(full)[0]["model"] == 1 and panel_cells(full)[0]["key"].endswith(
+        "layer.0.attention.self.query.weight"
+    )
+    assert [c["text"] for c in cells] == ["2", "0", "0", "1"]
+    assert [p.layout.title.text for p in section.panels] == [
+        "LoRA run<br><sup>LoRA r=4</sup>",
+        "Full FT<br><sup>full FT</sup>",
+    ]
+    assert lora.layout.coloraxis.cmax == full.layout.coloraxis.cmax == 2
+    assert figures.overview_title("intruders", 10, 0.5) == "Intruder dimensions (top 10, ε = 0.5)"
+
+
+def test_every_overview_panel_puts_layer_zero_on_top(lora_model: ModelResult, full_model: ModelResult) -> None:
+    """The upside-down bug (only the first panel's layer axis was reversed): every panel
+    sets the same explicit range, so the row labelled 0 is the top row everywhere."""
+    models = [lora_model, full_model, lora_model, full_model]
+    (section,) = figures.overview_sections(models, "intruders", k=10, eps=0.5)
+    assert len(section.panels) == 4 and section.columns == 3
+    for panel in section.panels:
+        assert list(panel.layout.yaxis.range) == [1.5, -0.5] and panel.layout.yaxis.autorange is False
+        assert all(c["row"] == c["key"].split(".")[2] for c in panel_cells(panel))  # encoder.layer.<L>...
+    assert len({p.layout.height for p in section.panels}) == 1
 
 
 def test_overview_effective_rank_grid(lora_model: ModelResult) -> None:
-    fig = figures.overview_heatmaps([lora_model], "effective_rank", k=10, eps=0.5)
-    (grid,) = heatmaps(fig)
+    (section,) = figures.overview_sections([lora_model], "effective_rank", k=10, eps=0.5)
+    grid = section.panels[0].data[0]
     # A 2-direction update of equal strength has effective rank 2.
     assert grid.z[0][0] == pytest.approx(2.0, abs=1e-6)
     assert grid.z[1][1] == pytest.approx(1.0, abs=1e-6)
+    assert grid.text[0][0] == "2.0"
     with pytest.raises(ValueError, match="metric must be one of"):
-        figures.overview_heatmaps([lora_model], "nonsense", 10, 0.5)
+        figures.overview_sections([lora_model], "nonsense", 10, 0.5)
+
+
+@pytest.fixture(scope="module")
+def proto(lora_model: ModelResult) -> MatrixResult:
+    return lora_model.matrices[0]
+
+
+def _family(proto: MatrixResult, identities: list[tuple], seed: int, name) -> ModelResult:
+    """A fine-tune with one matrix per identity: real metrics of one pair, each matrix
+    with its own best-match scores (so the counts differ from cell to cell)."""
+    rng = np.random.default_rng(seed)
+    matrices = [
+        replace(
+            proto,
+            name=name(stack, layer, module, expert),
+            layer=layer,
+            module=module,
+            stack=stack,
+            expert=expert,
+            intruder_scores=rng.random(20),
+        )
+        for stack, layer, module, expert in identities
+    ]
+    return ModelResult(source=f"family-{seed}", kind="full", matrices=matrices, summary={"label": f"run {seed}"})
+
+
+ATTENTION = ("query", "key", "value", "attn_out")
+T5_ENCODER = ("query", "key", "value", "self_attn_out", "mlp_in", "mlp_out")
+T5_DECODER = (*T5_ENCODER[:4], "cross_query", "cross_key", "cross_value", "cross_attn_out", "mlp_in", "mlp_out")
+#: Matrix identities (stack, layer, module, expert) of the families the engine reads.
+FAMILIES: dict[str, list[tuple]] = {
+    "dense decoder": [(None, n, m, None) for n in range(6) for m in (*ATTENTION, "gate", "up", "down")],
+    "encoder": [(None, n, m, None) for n in range(6) for m in (*ATTENTION, "mlp_in", "mlp_out")],
+    "t5": [("encoder", n, m, None) for n in range(2) for m in T5_ENCODER]
+    + [("decoder", n, m, None) for n in range(2) for m in T5_DECODER],
+    "moe": [(None, n, m, None) for n in range(2) for m in (*ATTENTION, "router", "shared_up", "shared_down")]
+    + [(None, n, m, e) for n in range(2) for m in ("gate", "up", "down") for e in range(8)],
+    "vlm": [("vision", n, m, None) for n in range(3) for m in ("qkv", "attn_out", "mlp_in", "mlp_out")]
+    + [("language", n, m, None) for n in range(2) for m in (*ATTENTION, "gate", "up", "down")],
+}
+#: Grids the overview draws for each family.
+FAMILY_SECTIONS = {
+    "dense decoder": ["layer × module"],
+    "encoder": ["layer × module"],
+    "t5": ["encoder: layer × module", "decoder: layer × module"],
+    "moe": ["layer × module", *(f"experts of {m}: layer × expert" for m in ("gate", "up", "down"))],
+    "vlm": ["vision: layer × module", "language: layer × module"],
+}
+
+
+def _tensor_name(stack, layer, module, expert) -> str:
+    """A fused expert tensor holds every expert under one name (``experts.down_proj``)."""
+    where = f"{stack or 'model'}.layers.{layer}."
+    return where + (f"mlp.experts.{module}_proj" if expert is not None else f"{module}.weight")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_overview_cells_count_every_matrix_once(family: str, proto: MatrixResult) -> None:
+    """No cell holds two matrices and no matrix is missing, for every family's shape:
+    one cell per matrix of every fine-tune, at the row and column its identity names."""
+    full = _family(proto, FAMILIES[family], 1, _tensor_name)
+    # A second fine-tune that changed only the attention and the first layer's rest.
+    partial = _family(proto, [i for i in FAMILIES[family] if i[1] == 0 or "att" in i[2]], 500, _tensor_name)
+    models = [full, partial]
+    sections = figures.overview_sections(models, "intruders", k=10, eps=0.5)
+    assert [s.title for s in sections] == FAMILY_SECTIONS[family]
+    cells = [cell for s in sections for panel in s.panels for cell in panel_cells(panel)]
+    drawn = [(c["model"], c["key"]) for c in cells]
+    expected = [(i, tables.matrix_key(m)) for i, model in enumerate(models) for m in model.matrices]
+    assert len(drawn) == len(set(drawn)) == len(expected) and set(drawn) == set(expected)
+    for s in sections:  # one heatmap value per selectable point, none elsewhere
+        for panel in s.panels:
+            assert np.count_nonzero(~np.isnan(np.asarray(panel.data[0].z, dtype=float))) == len(panel.data[1].x)
+    by_key = {(i, tables.matrix_key(m)): m for i, model in enumerate(models) for m in model.matrices}
+    for cell in cells:
+        m = by_key[(cell["model"], cell["key"])]
+        assert cell["row"] == str(m.layer) and cell["label"] == m.short_label and cell["name"] == m.name
+        assert cell["column"] == (m.module if m.expert is None else str(m.expert))
+        assert cell["z"] == m.intruder_counts(10, [0.5])[0]
+
+
+def test_moe_keys_tell_experts_of_one_fused_tensor_apart(proto: MatrixResult) -> None:
+    model = _family(proto, FAMILIES["moe"], 3, _tensor_name)
+    experts = [m for m in model.matrices if m.expert is not None and m.layer == 0 and m.module == "down"]
+    assert len({m.name for m in experts}) == 1 and len({tables.matrix_key(m) for m in experts}) == 8
+    assert tables.matrix_key(experts[5]) == "model.layers.0.mlp.experts.down_proj#5"
+    assert tables.describe_matrix(experts[5]) == "layer 0 · down · expert 5"
+    assert tables.matrix_title(experts[5]) == "model.layers.0.mlp.experts.down_proj · expert 5"
+    t5 = _family(proto, FAMILIES["t5"], 4, _tensor_name)
+    cross = next(m for m in t5.matrices if m.module == "cross_attn_out")
+    assert tables.describe_matrix(cross) == "decoder · layer 0 · cross_attn_out"
+    # Picker order: stack, layer, module order, expert.
+    ordered = tables.identity_order(t5.matrices)
+    assert [m.stack for m in ordered[:6]] == ["encoder"] * 6 and ordered[-1].identity == ("decoder", 1, "mlp_out", None)
+
+
+def test_overview_stays_readable_with_eight_fine_tunes_and_a_hundred_layers(proto: MatrixResult) -> None:
+    identities = [(None, n, m, None) for n in range(100) for m in (*ATTENTION, "gate", "up", "down")]
+    models = [_family(proto, identities, f, _tensor_name) for f in range(8)]
+    (section,) = figures.overview_sections(models, "intruders", k=10, eps=0.5)
+    assert len(section.panels) == 8 and section.columns == 3
+    one = figures.overview_sections(models[:1], "intruders", k=10, eps=0.5)[0].panels[0]
+    panel = section.panels[0]
+    assert panel.layout.height == one.layout.height < 1000  # the height depends on layers, not on fine-tunes
+    assert list(panel.layout.xaxis.ticktext) == [*ATTENTION, "gate", "up", "down"]  # every module named
+    assert len(panel.layout.yaxis.tickvals) <= figures.OVERVIEW_MAX_TICKS
+    assert panel.data[0].texttemplate is None  # no unreadable cell text in 7-pixel rows
+    assert len(panel_cells(panel)) == 700
+    six = figures.overview_sections([models[0]], "intruders", 10, 0.5)
+    small = _family(proto, FAMILIES["dense decoder"], 2, _tensor_name)
+    assert figures.overview_sections([small], "intruders", 10, 0.5)[0].panels[0].data[0].texttemplate == "%{text}"
+    assert six[0].columns == 1
+
+
+def test_overview_figure_json_names_each_cell(lora_model: ModelResult) -> None:
+    (section,) = figures.overview_sections([lora_model], "intruders", k=10, eps=0.5)
+    points = json.loads(section.panels[0].to_json())["data"][1]  # what the browser gets
+    assert points["customdata"][0] == [0, lora_model.matrices[0].name, lora_model.matrices[0].name, "L0 query", "2"]
+    assert "%{customdata[2]}" in points["hovertemplate"] and "%{customdata[3]}" in points["hovertemplate"]
 
 
 def test_totals_figure(lora_model: ModelResult, full_model: ModelResult) -> None:
@@ -257,7 +438,9 @@ def test_matrix_table_is_what_the_csv_holds(lora_model: ModelResult) -> None:
     assert list(table["intruders"]) == [2, 0, 0, 1]
     assert set(table["method"]) == {"LoRA r=4"} and list(table["layer"]) == ["0", "0", "1", "1"]
     csv = table.to_csv(index=False)
-    assert csv.splitlines()[0].startswith("model,method,matrix,layer,module,stack,expert,shape,intruders,")
+    assert csv.splitlines()[0].startswith(
+        "model,method,matrix,stack,layer,module,expert,label,shape,intruders,effective_rank"
+    )
 
 
 def test_labels_and_methods() -> None:
@@ -276,6 +459,62 @@ def test_chart_config_names_the_png() -> None:
 
 def test_empty_results_give_a_message_not_an_error() -> None:
     empty = ModelResult(source="x", kind="full")
-    fig = figures.overview_heatmaps([empty], "intruders", 10, 0.5)
-    assert fig.layout.annotations[0].text == "No matrices analysed yet"
+    assert figures.overview_sections([empty], "intruders", 10, 0.5) == []
     assert figures.sweep_figure([], 10, [0.5]).layout.annotations[0].text == "No fine-tunes analysed yet"
+
+
+def test_breakdown_keeps_each_stack_apart(proto: MatrixResult) -> None:
+    t5 = _family(proto, FAMILIES["t5"], 4, _tensor_name)
+    by_layer = tables.breakdown_table([t5], 10, 0.5, by="layer")
+    assert list(by_layer["layer"]) == ["encoder 0", "encoder 1", "decoder 0", "decoder 1"]
+    expected = sum(m.intruder_counts(10, [0.5])[0] for m in t5.matrices if m.stack == "decoder" and m.layer == 0)
+    assert by_layer.set_index("layer").loc["decoder 0", "intruders"] == expected
+
+
+def test_identity_columns_in_every_per_matrix_csv(proto: MatrixResult) -> None:
+    moe = _family(proto, FAMILIES["moe"], 5, _tensor_name)
+    for table in (tables.matrix_table([moe], 10, 0.5), tables.amplification_table([moe])):
+        assert {"stack", "layer", "module", "expert", "label"} <= set(table.columns)
+        assert table["matrix"].is_unique  # one row per matrix, experts of a fused tensor included
+        row = table[table["matrix"] == "model.layers.1.mlp.experts.up_proj#7"].iloc[0]
+        assert (row["layer"], row["module"], row["expert"], row["label"]) == ("1", "up", 7, "L1 E7 up")
+
+
+def test_zero_update_amplification_stays_undefined(proto: MatrixResult) -> None:
+    zero = ModelResult(source="z", kind="full", matrices=[replace(proto, amplification_factor=None)])
+    table = tables.amplification_table([zero])
+    assert table["amplification_factor"].isna().all()
+    assert table.to_csv(index=False).splitlines()[1].endswith(",")  # empty in the CSV, a dash on screen
+
+
+def test_skipped_tensors_counted_by_reason() -> None:
+    from analysis.plan import ComparisonPlan, ShapeMismatch
+
+    plan = ComparisonPlan(
+        "base",
+        "tuned",
+        "adapter",
+        [],
+        unmatched=["a.weight", "b.weight"],
+        shape_mismatches=[ShapeMismatch("c.weight", (4, 4), (4, 2))],
+        summary={"non_block_adapted": ["embeddings.word_embeddings.weight"]},
+    )
+    table = tables.skipped_table(tables.plan_skipped(plan))
+    assert table.to_dict("records") == [
+        {"reason": tables.UNMATCHED_REASON, "tensors": 2, "examples": "a.weight, b.weight"},
+        {"reason": tables.NON_BLOCK_REASON, "tensors": 1, "examples": "embeddings.word_embeddings.weight"},
+        {"reason": tables.SHAPE_MISMATCH_REASON, "tensors": 1, "examples": "c.weight"},
+    ]
+    # A result (or plan) that lists its own skipped tensors is taken as it is.
+    listed = ModelResult(
+        source="x",
+        kind="full",
+        unmatched=["ignored"],
+        skipped=[{"name": f"layers.{i}.norm.weight", "reason": "1-D"} for i in range(5)]
+        + [{"name": "embed.weight", "reason": "embedding"}],
+    )
+    counted = tables.skipped_table(tables.plan_skipped(listed), examples=2)
+    assert counted.to_dict("records") == [
+        {"reason": "1-D", "tensors": 5, "examples": "layers.0.norm.weight, layers.1.norm.weight"},
+        {"reason": "embedding", "tensors": 1, "examples": "embed.weight"},
+    ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -144,17 +144,13 @@ def model_control(models: Sequence[ModelResult], label: str = "Fine-tune", name:
 
 
 def matrix_control(models: Sequence[ModelResult]) -> str:
-    """Sidebar choice of one matrix (by layer and module), shared by the detail pages."""
+    """Sidebar choice of one matrix (by stack, layer, module and expert), shared by the
+    detail pages; returns its :func:`analysis.tables.matrix_key`."""
     seen: dict[str, MatrixResult] = {}
     for model in models:
         for m in model.matrices:
-            seen.setdefault(m.name, m)
-    order = tables.module_order(m.module for m in seen.values())
-    names = sorted(seen, key=lambda n: (seen[n].layer is None, seen[n].layer or 0, order.index(seen[n].module)))
-
-    def describe(name: str) -> str:
-        m = seen[name]
-        return f"layer {tables.layer_label(m.layer)} · {m.module}"
+            seen.setdefault(tables.matrix_key(m), m)
+    names = [tables.matrix_key(m) for m in tables.identity_order(seen.values())]
 
     with st.sidebar:
         return state.widget(
@@ -162,13 +158,14 @@ def matrix_control(models: Sequence[ModelResult]) -> str:
             "Matrix",
             "matrix",
             options=names,
-            format_func=describe,
-            help="Layer and module of the weight matrix shown on this page.",
+            format_func=lambda key: tables.describe_matrix(seen[key]) if key in seen else key,
+            help="Where the weight matrix shown on this page lives: stack, layer, module, expert.",
         )
 
 
-def find_matrix(model: ModelResult, name: str) -> MatrixResult | None:
-    return next((m for m in model.matrices if m.name == name), None)
+def find_matrix(model: ModelResult, key: str) -> MatrixResult | None:
+    """The matrix of ``model`` with this :func:`analysis.tables.matrix_key`, if analysed."""
+    return next((m for m in model.matrices if tables.matrix_key(m) == key), None)
 
 
 def chart(fig, name: str, **kwargs) -> object:
@@ -177,11 +174,59 @@ def chart(fig, name: str, **kwargs) -> object:
 
 
 def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
-    """A table and its CSV download (exactly the numbers shown; ``index`` for matrices)."""
-    st.dataframe(frame, hide_index=not index, **kwargs)
+    """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
+
+    An undefined amplification factor (a zero update) is shown as a dash and left empty
+    in the CSV.
+    """
+    undefined = [c for c in ("amplification_factor",) if c in frame.columns and frame[c].isna().any()]
+    shown = frame.style.format(na_rep="—", subset=undefined) if undefined else frame
+    st.dataframe(shown, hide_index=not index, **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
     )
+
+
+def overview_grids(
+    models: Sequence[ModelResult], metric: str, k: int, eps: float, on_open: Callable[[int, str], None]
+) -> None:
+    """The overview's grids (:func:`analysis.figures.overview_sections`), a panel per fine-tune.
+
+    Panels have a fixed height and sit in rows of columns; Streamlit stacks columns on
+    narrow screens, so a phone shows one full-width panel per row instead of slivers.
+    A click on a cell calls ``on_open(model index, matrix key)``.
+    """
+    labels = tables.model_labels(models)
+    sections = figures.overview_sections(models, metric, k, eps)
+    if not sections:
+        st.info("No matrices analysed yet.")
+
+    def clicked(key: str) -> None:
+        points = st.session_state[key].selection.points
+        if points and "customdata" in points[0]:
+            index, matrix = points[0]["customdata"][:2]
+            if matrix:
+                on_open(int(index), str(matrix))
+
+    for s_index, section in enumerate(sections):
+        if len(sections) > 1:
+            st.markdown(f"**{section.title}**")
+            missing = [labels[i] for i in range(len(models)) if i not in section.model_indices]
+            if missing:
+                st.caption("No matrix of this grid was analysed for " + ", ".join(missing) + ".")
+        for start in range(0, len(section.panels), section.columns):
+            columns = st.columns(section.columns)
+            chunk = zip(columns, section.panels[start:], section.model_indices[start:], strict=False)
+            for column, fig, index in chunk:
+                key = f"overview_grid_{s_index}_{index}"
+                with column:
+                    chart(
+                        fig,
+                        f"overview-{metric}-{s_index}-{index}",
+                        key=key,
+                        on_select=lambda key=key: clicked(key),
+                        selection_mode="points",
+                    )
 
 
 def report_json(selection: Selection, models: Sequence[ModelResult]) -> str:
