@@ -63,11 +63,12 @@ from analysis.pipeline import (
 from analysis.plan import ComparisonPlan, MatrixPlan
 from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult, MatrixResult
 
-#: A single pair whose cost (``m * n * min(m, n)``, the flops of its decompositions up to
-#: a constant) reaches this gets a task of its own: about a 1024 x 1024 matrix, whose
-#: analysis (~50 ms on one CPU core) is well above a task's overhead (~2-5 ms, measured by
-#: ``python -m benchmarks.run --ray``). Smaller base matrices are grouped.
-LARGE_PAIR_COST = 1024**3
+#: The least work a task gets, as the cost ``m * n * min(m, n)`` of its pairs (the flops of
+#: their decompositions up to a constant): a 512 x 512 pair, some 0.1 s on one CPU core,
+#: against a task's overhead of a few milliseconds (``python -m benchmarks.run --workload
+#: ray``). A base matrix whose pairs cost more gets a task of its own; smaller ones are
+#: grouped.
+MIN_TASK_COST = 512**3
 #: Tasks per slot (GPU or CPU task at once) the small matrices are grouped into, so the
 #: slots stay busy to the end and progress moves often.
 TASKS_PER_SLOT = 4
@@ -199,10 +200,11 @@ def _cost(matrix: MatrixPlan) -> int:
 def split(plans: Sequence[ComparisonPlan], slots: int) -> list[Task]:
     """Ray tasks for ``plans``: each base matrix with its pairs in every fine-tune.
 
-    Base matrices whose pairs together reach :data:`LARGE_PAIR_COST` (or a slot's fair
-    share, when that is larger) get a task of their own; smaller ones are grouped in plan
-    order until a group reaches it. Tasks come largest first, so the long ones start
-    early and the small ones fill the gaps at the end.
+    Base matrices whose pairs together reach a target -- a slot's share of the work
+    (:data:`TASKS_PER_SLOT` tasks per slot), but at least :data:`MIN_TASK_COST` -- get a
+    task of their own; smaller ones are grouped in plan order until a group reaches it.
+    Tasks come largest first, so the long ones start early and the small ones fill the
+    gaps at the end.
     """
     by_name: dict[str, list[tuple[int, int]]] = {}
     for m, plan in enumerate(plans):
@@ -210,7 +212,7 @@ def split(plans: Sequence[ComparisonPlan], slots: int) -> list[Task]:
             by_name.setdefault(_identity(matrix), []).append((m, i))
     costs = {name: sum(_cost(plans[m].matrices[i]) for m, i in pairs) for name, pairs in by_name.items()}
     total = sum(costs.values())
-    target = max(LARGE_PAIR_COST, total // max(1, TASKS_PER_SLOT * slots))
+    target = max(MIN_TASK_COST, total // max(1, TASKS_PER_SLOT * slots))
     tasks: list[Task] = []
     group: list[tuple[int, int]] = []
     group_cost = 0

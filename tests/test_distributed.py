@@ -174,7 +174,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_run_completes(
 ) -> None:
     base, ft = wide_llama
     local = compare(str(base), [str(ft)], cache=None)
-    monkeypatch.setattr(distributed, "LARGE_PAIR_COST", 1)  # small groups: several tasks
+    monkeypatch.setattr(distributed, "MIN_TASK_COST", 1)  # small groups: several tasks
     killed: list[int] = []
     stop = threading.Event()
 
@@ -206,7 +206,7 @@ def test_cancel_stops_outstanding_tasks_and_keeps_finished_results(
 ) -> None:
     base, ft = wide_llama
     local = {m.name: m for m in compare(str(base), [str(ft)], cache=None).models[0].matrices}
-    monkeypatch.setattr(distributed, "LARGE_PAIR_COST", 1)
+    monkeypatch.setattr(distributed, "MIN_TASK_COST", 1)
     plans = distributed.plan_models(str(base), [str(ft)])
     got: list[MatrixResult] = []
     stats = distributed.RayRunStats()
@@ -249,9 +249,21 @@ def test_tasks_hold_every_fine_tune_of_a_base_matrix(
         for t in tasks:
             assert all(owner[plans[m].matrices[i].name] is t for m, i in t.pairs)
     assert len(distributed.split(plans, 1)) == 1  # tiny matrices: one group
-    big = distributed.LARGE_PAIR_COST
+    big = distributed.MIN_TASK_COST
     try:
-        distributed.LARGE_PAIR_COST = 1
+        distributed.MIN_TASK_COST = 1
         assert len(distributed.split(plans, 64)) == len(plans[0].matrices)  # one per base matrix
     finally:
-        distributed.LARGE_PAIR_COST = big
+        distributed.MIN_TASK_COST = big
+
+
+def test_command_line_report_on_ray_equals_the_local_report(
+    tiny_llama: Path, tiny_llama_full_ft: Path, tiny_llama_lora: Path, tmp_path: Path
+) -> None:
+    import json
+
+    args = ["report", str(tiny_llama), str(tiny_llama_full_ft), str(tiny_llama_lora), "--no-cache", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "local.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray.json"), "--ray", "local"]) == 0
+    local, far = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "ray"))
+    assert far == local
