@@ -71,7 +71,7 @@ from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult, 
 MIN_TASK_COST = 512**3
 #: Tasks per slot (GPU or CPU task at once) the small matrices are grouped into, so the
 #: slots stay busy to the end and progress moves often.
-TASKS_PER_SLOT = 4
+TASKS_PER_SLOT = 8
 #: Retries of a task whose worker process or node died (Ray's ``max_retries``).
 MAX_RETRIES = 3
 #: How often (seconds) the driver polls ``should_stop`` while it waits for tasks.

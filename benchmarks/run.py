@@ -550,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload == "ray":  # its own report (benchmarks/ray_bench.py)
         from benchmarks import ray_bench
 
-        report = ray_bench.run_ray(args) | {"machine": info, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        report = ray_bench.run_ray(args)
+        info["loadavg_end"] = os.getloadavg()[0]
+        report |= {"machine": info, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "ray-cpu.json").write_text(json.dumps(report, indent=2))
         text = ray_bench.markdown(report)

@@ -225,7 +225,7 @@ def test_cancel_stops_outstanding_tasks_and_keeps_finished_results(
         assert_same_matrix(local[result.name], result)
 
 
-def test_torch_is_all_a_local_run_needs() -> None:
+def test_local_runs_never_import_ray() -> None:
     """``./run.sh`` and local runs never import Ray (it is imported only when asked for)."""
     import subprocess
     import sys
