@@ -145,6 +145,9 @@ _connect_lock = threading.Lock()
 def _init(ray, address: str | None) -> None:
     if address is None:
         raise InputError("--ray", "no Ray address given and Ray is not running in this process")
+    target = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    if address != "local" and target and target != "auto":
+        _check_reachable(address, target)
     try:
         if address == "local":
             ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False)
@@ -153,6 +156,26 @@ def _init(ray, address: str | None) -> None:
     except (ConnectionError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"--ray {address}", f"cannot join the Ray cluster: {first}") from None
+
+
+#: Seconds to wait for a cluster's port to answer before calling it unreachable (Ray
+#: itself keeps retrying for minutes).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(given: str, target: str) -> None:
+    """Fail fast, as bad input, when nothing listens at ``target`` (``[ray://]host:port``)."""
+    import socket
+
+    hostport = target.removeprefix("ray://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--ray {given}", f"expected local, auto or an address like ray://host:10001, got {target!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        problem = f"cannot reach the Ray cluster at {hostport}: {exc.strerror or exc}"
+        raise InputError(f"--ray {given}", problem) from None
 
 
 def _single_local_node() -> bool:

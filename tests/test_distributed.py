@@ -169,6 +169,18 @@ def test_bad_input_found_on_a_worker_is_the_same_error(tiny_llama: Path, tmp_pat
     )
 
 
+def test_an_unreachable_cluster_is_bad_input_at_once() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on any more
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(InputError, match=f"--ray 127.0.0.1:{port}: cannot reach the Ray cluster"):
+        distributed._check_reachable(f"127.0.0.1:{port}", f"127.0.0.1:{port}")
+    with pytest.raises(InputError, match="expected local, auto or an address"):
+        distributed._check_reachable("nonsense", "nonsense")
+
+
 def test_a_worker_killed_mid_task_is_retried_and_the_run_completes(
     wide_llama: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
