@@ -30,6 +30,8 @@ from analysis.results import ComparisonResult, MatrixResult
 from tests import factories
 
 ray = pytest.importorskip("ray")
+# One Ray instance per module: keep these tests on one xdist worker (with --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module", autouse=True)
