@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="singular vectors to compare: left (output space, the paper's default) or right (input space)",
     )
     report.add_argument("--quiet", action="store_true", help="no progress bar")
+    report.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="run the matrix pairs as tasks on a Ray cluster: local (start one on this machine), auto (the "
+        "cluster RAY_ADDRESS names) or an address such as ray://head:10001; every node must read the models",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -135,9 +142,7 @@ def _run_report(args: argparse.Namespace) -> int:
             bar.close()
 
     start = time.perf_counter()
-    result = compare(
-        args.base,
-        args.tuned,
+    options = dict(
         top_k=args.top_k,
         epsilons=args.epsilons,
         device=args.device,
@@ -146,6 +151,12 @@ def _run_report(args: argparse.Namespace) -> int:
         include_non_block=args.include_non_block,
         settings=AnalysisSettings(max_top_k=max(args.top_k, AnalysisSettings.max_top_k), side=args.side),
     )
+    if args.ray is not None:
+        from analysis import distributed
+
+        result = distributed.compare(args.base, args.tuned, address=args.ray, **options)
+    else:
+        result = compare(args.base, args.tuned, **options)
     try:
         write_report(to_report(result), args.out)
     except OSError as exc:

@@ -236,7 +236,15 @@ def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:
 
 
 def comparison_job(
-    resolver, base: str, tuned: str, *, settings, device: str = "auto", cache=None, workers: int | None = None
+    resolver,
+    base: str,
+    tuned: str,
+    *,
+    settings,
+    device: str = "auto",
+    cache=None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> JobFunction:
     """A job function comparing ``tuned`` with ``base`` (specs of :mod:`analysis.specs`).
 
@@ -245,6 +253,9 @@ def comparison_job(
     when asked, and returns the :class:`~analysis.results.ModelResult`. The plan is kept
     in ``job.plan`` so a page can show partial results as a ``ModelResult`` too.
     ``workers`` is passed to ``analyse_plan`` (a share of the cores when several jobs run).
+    With ``ray_address`` (``WSE_RAY_ADDRESS``) the pairs run as tasks on that Ray cluster
+    instead (:mod:`analysis.distributed`): results are published as tasks finish, and a
+    stop cancels the outstanding tasks.
     """
     from analysis.pipeline import analyse_plan, model_result
 
@@ -252,6 +263,8 @@ def comparison_job(
         plan = resolver.plan(base, tuned)
         job.plan = plan
         job.report(Progress(0, len(plan.matrices), "", 0.0))
+        if ray_address:
+            return _on_ray(job, plan)
         matrices = []
         for result in analyse_plan(
             plan,
@@ -264,6 +277,22 @@ def comparison_job(
         ):
             matrices.append(result)
             job.publish(result)
+        return model_result(plan, matrices)
+
+    def _on_ray(job: Job, plan):
+        from analysis import distributed
+
+        distributed.connect(ray_address)
+        (matrices,) = distributed.analyse_plans(
+            [plan],
+            [distributed.dashboard_request(resolver, base, tuned)],
+            settings=settings,
+            device=device,
+            cache=cache,
+            progress=lambda e: job.report(Progress(e.done, e.total, e.matrix, e.elapsed_s)),
+            should_stop=job.should_stop,
+            on_result=lambda _, result: job.publish(result),
+        )
         return model_result(plan, matrices)
 
     return run

@@ -645,3 +645,29 @@ def compare(
         )
         result.models.append(model_result(plan, matrices))
     return result
+
+
+def analyse_pair(
+    plan: MatrixPlan,
+    *,
+    settings: AnalysisSettings,
+    device: torch.device,
+    cache: SpectrumCache | None,
+    source: str | None = None,
+) -> tuple[MatrixResult, str]:
+    """One pair exactly as :func:`analyse_plan` analyses it, and the pair's cache key.
+
+    Digests, cache lookups (the whole pair, then the base spectrum), loading, SVDs and
+    metrics, storing into ``cache``. The seam for runners that schedule pairs elsewhere
+    (:mod:`analysis.distributed` runs it inside Ray tasks and may copy the pair's entry,
+    found under the returned key, into the driver's cache).
+    """
+    try:
+        pair = _prepare(plan, settings, cache, source=source)
+        result = pair.result
+        if result is None:
+            result = _compute(pair, settings, device, default_method(device), cache)
+    finally:
+        if cache is not None:
+            cache.fingerprints.flush()
+    return result, pair.pair_key

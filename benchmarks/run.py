@@ -6,6 +6,7 @@
     python -m benchmarks.run --workload llama7b-shape --layers 1 --modules q_proj,gate_proj,down_proj
     python -m benchmarks.run --workload llama7b-shape --device cuda     # all 32 layers on a GPU
     python -m benchmarks.run --workload kernels --device cuda           # SVD methods per shape
+    python -m benchmarks.run --workload ray                             # Ray: task overhead, 1 -> 2 workers
 
 For each workload and scenario it prints the baseline's time (:mod:`benchmarks.baseline`,
 the released script's procedure), the engine's time, their ratio against the target,
@@ -509,7 +510,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=["demo", "llama7b-shape", "kernels"], default="demo")
+    parser.add_argument("--workload", choices=["demo", "llama7b-shape", "kernels", "ray"], default="demo")
     parser.add_argument("--layers", type=int, default=None, help="llama7b-shape: blocks to build and analyse")
     parser.add_argument(
         "--modules", default=None, help="analyse only these modules, e.g. q_proj,gate_proj,down_proj (a slice)"
@@ -546,6 +547,18 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = None
 
     info = machine()
+    if args.workload == "ray":  # its own report (benchmarks/ray_bench.py)
+        from benchmarks import ray_bench
+
+        report = ray_bench.run_ray(args)
+        info["loadavg_end"] = os.getloadavg()[0]
+        report |= {"machine": info, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ray-cpu.json").write_text(json.dumps(report, indent=2))
+        text = ray_bench.markdown(report)
+        (args.out / "ray-cpu.md").write_text(text)
+        print("\n" + text)
+        return 0
     if args.workload == "kernels":
         report = run_kernels(args, device)
     else:

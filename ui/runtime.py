@@ -24,6 +24,8 @@ from analysis.uploads import UploadStore
 
 SETTINGS = AnalysisSettings()
 DEVICE = os.environ.get("WSE_DEVICE", "auto")
+#: A Ray cluster to run analyses on (``local``, ``auto`` or an address); unset: this process.
+RAY_ADDRESS = os.environ.get("WSE_RAY_ADDRESS") or None
 
 
 @st.cache_resource(show_spinner=False)
@@ -139,7 +141,14 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
         if start and (job is None or (restart and stale)):
             fn = comparison_job(
-                resolver(), base, spec, settings=SETTINGS, device=DEVICE, cache=spectrum_cache(), workers=_job_workers()
+                resolver(),
+                base,
+                spec,
+                settings=SETTINGS,
+                device=DEVICE,
+                cache=spectrum_cache(),
+                workers=_job_workers(),
+                ray_address=RAY_ADDRESS,
             )
             job = jobs.submit(key, fn, label=resolver().label(spec), watcher=session_id())
         elif start and job is not None and not job.should_stop():
