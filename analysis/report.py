@@ -49,6 +49,7 @@ def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
         "shape_mismatches": list(model.shape_mismatches),
         "totals": {"intruders": totals, "mean_effective_rank": mean_erank},
         "summary": model.summary,
+        "step": model.step,
     }
 
 

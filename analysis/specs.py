@@ -76,10 +76,17 @@ class SpecResolver:
             manifest = self.demo()
             if manifest is None:
                 raise InputError(spec, "the offline demo is not built on this server; run: python -m analysis demo")
+            name, _, checkpoint = spec.removeprefix(DEMO_PREFIX).partition("/")
             try:
-                model = manifest.model(spec.removeprefix(DEMO_PREFIX))
+                model = manifest.model(name)
             except KeyError as exc:
                 raise InputError(spec, str(exc.args[0])) from None
+            if checkpoint:  # one checkpoint the demo saved while training (analysis.series)
+                from analysis.series import demo_checkpoint_path, step_from_name
+
+                path = demo_checkpoint_path(Path(model.path), checkpoint)
+                label = f"{model.label} · step {step_from_name(checkpoint)}"
+                return ResolvedSpec(spec, label, path, {"label": label})
             measured = {name: value for name, value in model.metrics.items() if math.isfinite(value)}
             summary = {"label": model.label, "demo": {"metrics": measured, "lr": model.lr, "steps": model.steps}}
             if model.r:

@@ -1,0 +1,180 @@
+"""Checkpoint series (analysis.series): detection, steps, the CLI, cache reuse, figures.
+
+Every series here is real: tiny BERT checkpoints saved with safetensors (full fine-tunes
+whose update grows with the step) or PEFT adapters saved by ``save_pretrained``, each
+beside the ``trainer_state.json`` the transformers Trainer writes into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from analysis import figures, tables
+from analysis.cache import SpectrumCache
+from analysis.cli import main
+from analysis.errors import InputError
+from analysis.pipeline import compare
+from analysis.series import (
+    checkpoint_step,
+    expand,
+    is_series_folder,
+    resolve_series,
+    step_from_name,
+)
+from tests import factories
+
+FULL_STEPS = (20, 5, 10)  # written out of order: the series must sort them numerically
+LORA_STEPS = (2, 4)
+
+
+def _trainer_state(folder: Path, step: int) -> None:
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+
+
+def make_full_series(base: Path, out: Path, steps=FULL_STEPS) -> Path:
+    """A Trainer output_dir of full checkpoints; the update grows with the step."""
+    for step in steps:
+        folder = factories.make_full_finetune(base, out / f"checkpoint-{step}", seed=step, relative_noise=0.004 * step)
+        _trainer_state(folder, step)
+    return out
+
+
+def make_lora_series(base: Path, out: Path, steps=LORA_STEPS) -> Path:
+    for step in steps:
+        folder = factories.make_lora_adapter(base, out / f"checkpoint-{step}", r=2, seed=step, factor_std=0.05 * step)
+        _trainer_state(folder, step)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_series(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_full_series(tiny_bert, tmp_path_factory.mktemp("series") / "full-run")
+
+
+@pytest.fixture(scope="module")
+def lora_series(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_lora_series(tiny_bert, tmp_path_factory.mktemp("series") / "lora-run")
+
+
+def test_detection_and_steps(full_series: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    assert is_series_folder(full_series)
+    assert not is_series_folder(full_series / "checkpoint-5")  # a checkpoint holds weights
+    assert not is_series_folder(tiny_bert)
+    series = resolve_series(f"series:{full_series}")
+    assert series.steps == [5, 10, 20]
+    assert [c.name for c in series.checkpoints] == ["checkpoint-5", "checkpoint-10", "checkpoint-20"]
+    # trainer_state.json wins over the name; a name alone gives the step
+    renamed = tmp_path / "final"
+    shutil.copytree(full_series / "checkpoint-20", renamed)
+    assert checkpoint_step(renamed) == 20
+    (renamed / "trainer_state.json").unlink()
+    assert checkpoint_step(renamed) is None
+    assert step_from_name("checkpoint-300") == 300
+    assert step_from_name("step120") == 120
+    assert step_from_name("main") is None
+
+
+def test_listed_and_hub_series(full_series: Path, tmp_path: Path) -> None:
+    # a user-ordered list whose members all state their step is sorted by it
+    listed = resolve_series(f"series:{full_series / 'checkpoint-20'},{full_series / 'checkpoint-5'}")
+    assert listed.steps == [5, 20]
+    # without steps, the user's order is kept and positions are the steps
+    a, b = tmp_path / "b-model", tmp_path / "a-model"
+    a.mkdir()
+    b.mkdir()
+    listed = resolve_series(f"series:{a},{b}")
+    assert [c.spec for c in listed.checkpoints] == [str(a), str(b)] and listed.steps == [1, 2]
+    hub = resolve_series("series:org/run@step100,step20,step300")
+    assert [c.spec for c in hub.checkpoints] == ["org/run@step20", "org/run@step100", "org/run@step300"]
+    assert hub.steps == [20, 100, 300] and hub.label == "org/run"
+
+
+def test_bad_series_are_input_errors(full_series: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="single model"):
+        resolve_series(f"series:{tiny_bert}")
+    with pytest.raises(InputError, match="no checkpoint-N"):
+        resolve_series(f"series:{tmp_path}")
+    with pytest.raises(InputError, match="local paths are disabled"):
+        resolve_series(f"series:{full_series}", allow_local_paths=False)
+    with pytest.raises(InputError, match="names no checkpoints"):
+        resolve_series("series:")
+    bad = tmp_path / "bad"
+    shutil.copytree(full_series, bad)
+    (bad / "checkpoint-5" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        resolve_series(f"series:{bad}")
+
+
+def test_cli_reports_each_checkpoint_in_step_order(
+    tiny_bert: Path, tiny_bert_full_ft: Path, full_series: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report.json"
+    args = ["report", str(tiny_bert), str(tiny_bert_full_ft), str(full_series), "--out", str(out), "--quiet"]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads(out.read_text())
+    models = report["models"]
+    assert [m["step"] for m in models] == [None, 5, 10, 20]
+    assert [Path(m["source"]).name for m in models[1:]] == ["checkpoint-5", "checkpoint-10", "checkpoint-20"]
+    assert all(m["summary"]["series"] == "full-run" for m in models[1:])
+    # the update grows with the step in this series, and the report says so
+    norms = [sum(x["delta_fro"] ** 2 for x in m["matrices"]) for m in models[1:]]
+    assert norms == sorted(norms) and norms[0] < norms[-1]
+
+
+def test_adding_a_checkpoint_computes_only_that_checkpoint(tiny_bert: Path, full_series: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(full_series, run)
+    cache = SpectrumCache(tmp_path / "cache")
+    first = compare(str(tiny_bert), [str(run)], cache=cache)
+    matrices = len(first.models[0].matrices)
+    assert matrices > 0
+    assert cache.stats.computed["pair"] == 3 * matrices  # each checkpoint once
+    bases = cache.stats.computed["base"]
+    assert bases == matrices  # the base once, shared by every checkpoint
+
+    make_full_series(tiny_bert, run, steps=(15,))
+    again = SpectrumCache(tmp_path / "cache")
+    second = compare(str(tiny_bert), [str(run)], cache=again)
+    assert [m.step for m in second.models] == [5, 10, 15, 20]
+    assert again.stats.computed.get("pair", 0) == matrices  # only the new checkpoint
+    assert again.stats.computed.get("base", 0) == 0
+    old = {m.step: m for m in first.models}
+    for model in second.models:
+        if model.step in old:
+            assert [x.delta_fro for x in model.matrices] == [x.delta_fro for x in old[model.step].matrices]
+
+
+def test_adapter_series(tiny_bert: Path, lora_series: Path) -> None:
+    result = compare(str(tiny_bert), [str(lora_series)], cache=None)
+    assert [m.step for m in result.models] == list(LORA_STEPS)
+    assert all(m.kind == "adapter" for m in result.models)
+    assert all(x.adapter_rank == 2 for m in result.models for x in m.matrices)
+    assert [s for s, _, _ in expand([str(lora_series)])] == [str(lora_series / f"checkpoint-{s}") for s in LORA_STEPS]
+
+
+def test_series_figures_show_every_checkpoint(tiny_bert: Path, full_series: Path) -> None:
+    models = compare(str(tiny_bert), [str(full_series)], cache=None).models
+    steps = [5, 10, 20]
+    for by in tables.SERIES_GROUPINGS:
+        table = tables.series_table(models, k=10, eps=0.5, by=by)
+        assert sorted(table["step"].unique()) == steps
+        fig = figures.series_trend_figure(table, by)
+        groups = table["group"].nunique()
+        assert len(fig.data) == 4 * groups
+        assert all(list(trace.x) == steps for trace in fig.data)
+    whole = tables.series_table(models, k=10, eps=0.5)
+    assert whole["matrices"].tolist() == [len(models[0].matrices)] * 3
+    assert whole["intruders"].tolist() == [m.total_intruders(10, 0.5) for m in models]
+    for metric in tables.SERIES_METRICS:
+        grid = figures.series_grid_figure(tables.series_grid_table(models, metric, 10, 0.5), metric)
+        assert [f.name for f in grid.frames] == [str(s) for s in steps]
+        assert [s["label"] for s in grid.layout.sliders[0].steps] == [str(s) for s in steps]
+        assert grid.data[0].z.shape == (2, len(set(m.module for m in models[0].matrices)))
+    name = models[0].matrices[0].name
+    sim = figures.series_similarity_figure(models, name)
+    assert [f.name for f in sim.frames] == [str(s) for s in steps]
+    assert sim.layout.sliders[0].active == 2
