@@ -580,6 +580,11 @@ def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> di
     }
 
 
+def _series_title(label: str, what: str) -> str:
+    """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
+    return f"{label}<br><sup>{what}</sup>" if label else what
+
+
 def _play_button() -> dict:
     return {
         "type": "buttons",
@@ -634,7 +639,7 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     fig.update_xaxes(title_text="training step", row=2)
     grouping = {"model": "whole model", "layer": "per layer", "module": "per module", "matrix": "per matrix"}
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}the update against training step ({grouping.get(by, by)})",
+        title=_series_title(label, f"the update against training step ({grouping.get(by, by)})"),
         height=620,
         legend={"orientation": "h", "y": -0.15},
         margin={"t": 90},
@@ -682,7 +687,8 @@ def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
     fig.update_xaxes(title_text="module", type="category")
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{title} per layer and module, by training step",
+        title=_series_title(label, f"{title} per layer and module, by step"),
+        margin={"t": 90},
         height=max(360, min(900, 28 * len(layers) + 220)),
         sliders=[_step_slider(steps, len(steps) - 1)],
         updatemenus=[_play_button()],
@@ -723,7 +729,8 @@ def series_similarity_figure(models: Sequence[ModelResult], matrix_name: str, la
     fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
     fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{first.short_label} — |Uₜᵀ U₀| by training step",
+        title=_series_title(label, f"{first.short_label}: |Uₜᵀ U₀| by training step"),
+        margin={"t": 90},
         height=560,
         sliders=[_step_slider(steps, len(steps) - 1)],
         updatemenus=[_play_button()],

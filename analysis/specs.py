@@ -5,6 +5,7 @@ A spec is the string that names a model in the dashboard's selection and in shar
 - ``demo:<name>``: a model of the offline demo (:mod:`analysis.demo`), e.g. ``demo:base``,
   ``demo:lora-r8``;
 - ``upload:<sha256>``: files uploaded in the page (:mod:`analysis.uploads`);
+- ``series:...``: the checkpoints of one training run (:mod:`analysis.series`);
 - anything else: a hub id, or a local folder or file when local paths are allowed.
 
 Demo and upload specs name files the *server* chose, so they open even where visitors may
@@ -92,6 +93,12 @@ class SpecResolver:
             if model.r:
                 summary["lora_rank"] = model.r
             return ResolvedSpec(spec, model.label, Path(model.path), summary)
+        if spec.startswith("series:"):  # checkpoints of one run (analysis.series); jobs run per checkpoint
+            from analysis.series import resolve_series
+
+            series = resolve_series(spec, self)
+            label = f"{series.label} (series of {len(series.checkpoints)})"
+            return ResolvedSpec(spec, label, None, {"label": label})
         if is_upload_spec(spec):
             stored = self.uploads.get(spec)
             return ResolvedSpec(spec, f"upload {stored.label}", stored.path, {"label": f"upload {stored.label}"})

@@ -332,7 +332,7 @@ SERIES_METRICS: dict[str, str] = {
     "intruders": "Intruder dimensions",
     "effective_rank": "Effective rank of ΔW",
     "rank90": "rank90 of ΔW",
-    "delta_fro": "‖ΔW‖_F",
+    "delta_fro": "Frobenius norm ‖ΔW‖",
 }
 
 

@@ -178,3 +178,36 @@ def test_series_figures_show_every_checkpoint(tiny_bert: Path, full_series: Path
     sim = figures.series_similarity_figure(models, name)
     assert [f.name for f in sim.frames] == [str(s) for s in steps]
     assert sim.layout.sliders[0].active == 2
+
+
+def test_demo_series_opens_checkpoints_the_demo_saved(tiny_bert: Path, lora_series: Path, tmp_path: Path) -> None:
+    """``series:demo:<name>`` names the checkpoint-N folders the demo builder saves in a model's
+    folder (here a demo manifest over tiny models, with the checkpoints of a real PEFT series)."""
+    from analysis.adapters import LoraAdapter
+    from analysis.demo import MANIFEST_NAME, DemoManifest, DemoModel
+    from analysis.specs import SpecResolver
+    from analysis.uploads import UploadStore
+
+    root = tmp_path / "demo"
+    final = factories.make_lora_adapter(tiny_bert, root / "lora-r2", r=2, seed=9)
+    shutil.copytree(lora_series, final / "checkpoints")
+    nan = {"recall@1": float("nan")}
+    manifest = DemoManifest(
+        root=root,
+        base=DemoModel("base", "tiny base", tiny_bert, "full", nan),
+        fine_tunes=(DemoModel("lora-r2", "LoRA r=2", final, "adapter", nan, r=2, lora_alpha=4),),
+        steps=4,
+        build_seconds=0.0,
+    )
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2))
+    resolver = SpecResolver(uploads=UploadStore(tmp_path / "uploads"), demo_root=root, allow_local_paths=False)
+    series = resolve_series("series:demo:lora-r2", resolver)
+    assert [c.spec for c in series.checkpoints] == ["demo:lora-r2/checkpoint-2", "demo:lora-r2/checkpoint-4"]
+    assert series.steps == [2, 4] and series.label == "LoRA r=2"
+    assert resolver.label("demo:lora-r2/checkpoint-4") == "LoRA r=2 · step 4"
+    assert isinstance(resolver.open("demo:lora-r2/checkpoint-4"), LoraAdapter)
+    assert resolver.resolve("series:demo:lora-r2").label == "LoRA r=2 (series of 2)"
+    with pytest.raises(InputError, match="expected checkpoint-N"):
+        resolver.resolve("demo:lora-r2/../../etc")
+    with pytest.raises(InputError, match="no such checkpoint"):
+        resolver.resolve("demo:lora-r2/checkpoint-99")
