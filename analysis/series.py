@@ -172,7 +172,10 @@ def listed_series(spec: str, members: Sequence[str], resolver=None) -> Series:
     if len({c.step for c in checkpoints}) != len(checkpoints):
         raise InputError(spec, f"two checkpoints have the same step ({[c.step for c in checkpoints]})")
     first = members[0]
-    label = first.partition("@")[0] if "@" in first else f"series of {len(members)}"
+    if "@" in first and not _local_path(first, resolver):
+        label = first.partition("@")[0]
+    else:
+        label = "uploaded checkpoints" if all(m.startswith("upload:") for m in members) else "checkpoints"
     return Series(spec, label, checkpoints)
 
 

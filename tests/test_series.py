@@ -211,3 +211,28 @@ def test_demo_series_opens_checkpoints_the_demo_saved(tiny_bert: Path, lora_seri
         resolver.resolve("demo:lora-r2/../../etc")
     with pytest.raises(InputError, match="no such checkpoint"):
         resolver.resolve("demo:lora-r2/checkpoint-99")
+
+
+def test_hub_revisions_series_through_the_hub_client(
+    tiny_bert: Path, full_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``series:org/name@rev1,rev2`` opens each revision with huggingface_hub, offline, from a
+    hub cache whose refs name the checkpoints (as a repo pushed at every save would)."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--run"
+    for step in FULL_STEPS:
+        factories.make_hub_cache(cache, "tiny-org/run", full_series / f"checkpoint-{step}")
+        (repo / "refs" / "main").rename(repo / "refs" / f"step{step}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    result = compare(str(tiny_bert), ["series:tiny-org/run@step20,step5,step10"], cache=None, allow_local_paths=True)
+    assert [m.source for m in result.models] == ["tiny-org/run@step5", "tiny-org/run@step10", "tiny-org/run@step20"]
+    assert [m.step for m in result.models] == [5, 10, 20]
+    local = compare(str(tiny_bert), [str(full_series)], cache=None)
+    for hub_model, local_model in zip(result.models, local.models, strict=True):
+        assert [m.delta_fro for m in hub_model.matrices] == [m.delta_fro for m in local_model.matrices]
+    with pytest.raises(InputError, match="revision does not|not in the local hub cache"):
+        compare(str(tiny_bert), ["series:tiny-org/run@step5,step99"], cache=None)

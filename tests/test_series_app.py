@@ -95,3 +95,37 @@ def test_models_page_adds_a_series(cache_dir: Path, tiny_bert: Path, run_dir: Pa
     at.text_input(key="add_spec").set_value(str(run_dir)).run()
     at.button(key="add_spec_button").click().run()
     assert at.query_params["tuned"] in (f"series:{run_dir}", [f"series:{run_dir}"])
+
+
+def test_uploads_become_a_series(cache_dir: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    """Two uploaded PEFT checkpoints made one series, in the order they were added."""
+    from tests.test_app import _adapter_zip
+    from tests.test_series import make_lora_series
+
+    run = make_lora_series(tiny_bert, tmp_path / "lora-run")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.switch_page("pages/models.py").run()
+    for step in (2, 4):
+        at.file_uploader[0].set_value(
+            [(f"ckpt{step}.zip", _adapter_zip(run / f"checkpoint-{step}"), "application/zip")]
+        )
+        at.run()
+        at.button(key="add_upload").click().run()
+    assert not at.exception
+    uploads = at.query_params["tuned"]
+    assert len(uploads) == 2 and all(u.startswith("upload:") for u in uploads)
+    at.button(key="uploads_as_series").click().run()
+    spec = "series:" + ",".join(uploads)
+    assert at.query_params["tuned"] == spec and at.query_params["series"] == spec
+    at.switch_page("pages/series.py").run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "2 of 2 checkpoints analysed · steps 2, 4" in " ".join(c.value for c in at.caption)
+    # the steps come from each upload's trainer_state.json, the label from what they are
+    assert any("uploaded checkpoints (series of 2)" in c.value for c in at.caption)
+    trend = figures(at)[0]
+    engine = compare(str(tiny_bert), [str(run)], cache=None).models
+    delta = next(t for t in trend.data if t.yaxis == "y4")  # the last panel: ||dW||
+    assert list(delta.y) == pytest.approx([sum(x.delta_fro**2 for x in m.matrices) ** 0.5 for m in engine], rel=1e-6)
