@@ -405,3 +405,18 @@ def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: f
                 }
             )
     return pd.DataFrame(rows, columns=["step", "matrix", "layer", "module", metric])
+
+
+def series_similarity_table(models: Sequence[ModelResult], matrix_name: str, k: int, eps: float) -> pd.DataFrame:
+    """Each checkpoint's top ``k`` tuned vectors of one matrix: best match with the base and
+    whether it is an intruder at ``eps`` (:func:`intruder_table` per step)."""
+    frames = [
+        intruder_table(m, k, eps).assign(step=model.step)
+        for model in by_step(models)
+        for m in model.matrices
+        if m.name == matrix_name
+    ]
+    if not frames:
+        return pd.DataFrame(columns=["step"])
+    table = pd.concat(frames, ignore_index=True)
+    return table[["step", *[c for c in table.columns if c != "step"]]]

@@ -62,6 +62,10 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
         [sum(x.delta_fro**2 for x in m.matrices) ** 0.5 for m in engine], rel=1e-6
     )
     assert at.query_params["series"] in (spec, [spec])
+    best = at.dataframe[2].value  # one matrix across steps: its top-k best matches per step
+    assert best["step"].unique().tolist() == [5, 10, 20] and len(best) == 3 * 10
+    first = next(m for m in engine[0].matrices if m.name == at.query_params["matrix"])
+    assert best["best_match_score"].tolist()[:10] == pytest.approx(first.intruder_scores[:10].tolist(), abs=1e-6)
     # per-layer lines: one per layer and step
     at.radio(key="series_by").set_value("layer").run()
     assert not at.exception
@@ -129,3 +133,12 @@ def test_uploads_become_a_series(cache_dir: Path, tiny_bert: Path, tmp_path: Pat
     engine = compare(str(tiny_bert), [str(run)], cache=None).models
     delta = next(t for t in trend.data if t.yaxis == "y4")  # the last panel: ||dW||
     assert list(delta.y) == pytest.approx([sum(x.delta_fro**2 for x in m.matrices) ** 0.5 for m in engine], rel=1e-6)
+
+
+def test_a_bad_series_is_reported_on_every_page(cache_dir: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    missing = f"series:{tmp_path / 'nowhere'}"
+    at = _open(tiny_bert, [missing], None)
+    assert any("could not be analysed" in e.value and "no such folder" in e.value for e in at.error)
+    at.switch_page("pages/series.py").run()
+    assert not at.exception
+    assert any("no such folder" in e.value for e in at.error)
