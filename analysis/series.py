@@ -229,8 +229,10 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
             raise InputError(spec, "local paths are disabled on this server; name hub revisions or uploads instead")
         if not path.is_dir():
             raise InputError(spec, "no such folder")
-        if has_own_weights(path):
+        if has_own_weights(path) and not checkpoint_folders(path):
             raise InputError(spec, "is a single model (it holds weights); a series is a folder of checkpoint-N folders")
+        # An output_dir may also hold the final model (Trainer.save_model); named as a series,
+        # its checkpoint-N folders are the series.
         return folder_series(spec, path, lambda p: str(Path(items[0]) / p.name))
     return listed_series(spec, items, resolver)
 

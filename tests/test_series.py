@@ -96,6 +96,12 @@ def test_listed_and_hub_series(full_series: Path, tmp_path: Path) -> None:
 def test_bad_series_are_input_errors(full_series: Path, tiny_bert: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="single model"):
         resolve_series(f"series:{tiny_bert}")
+    # an output_dir that also holds the final model is one model on its own, a series when named so
+    both = tmp_path / "both"
+    shutil.copytree(full_series, both)
+    shutil.copy(full_series / "checkpoint-20" / "model.safetensors", both / "model.safetensors")
+    assert not is_series_folder(both) and expand([str(both)]) == [(str(both), None, None)]
+    assert resolve_series(f"series:{both}").steps == [5, 10, 20]
     with pytest.raises(InputError, match="no checkpoint-N"):
         resolve_series(f"series:{tmp_path}")
     with pytest.raises(InputError, match="local paths are disabled"):
