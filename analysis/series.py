@@ -217,8 +217,8 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
         if resolver is None:
             raise InputError(spec, "demo series open only in the dashboard")
         resolved = resolver.resolve(body)
-        folder = demo_checkpoint_root(resolved.path)
-        return folder_series(spec, folder, lambda p: f"{body}/{p.name}", label=resolved.label)
+        model = resolver.demo().model(body.removeprefix(DEMO_PREFIX))
+        return folder_series(spec, demo_checkpoint_root(model), lambda p: f"{body}/{p.name}", label=resolved.label)
     items = [item.strip() for item in body.split(",") if item.strip()]
     hub = _split_hub_revisions(items)
     if hub is not None:
@@ -237,21 +237,29 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
     return listed_series(spec, items, resolver)
 
 
-def demo_checkpoint_root(model_folder: Path | None) -> Path:
-    """Where the demo keeps a model's ``checkpoint-N`` folders: in the model's folder, or
-    its ``checkpoints`` subfolder."""
-    if model_folder is None:
-        raise InputError("demo", "the demo model has no folder")
-    folder = Path(model_folder)
-    nested = folder / "checkpoints"
-    return nested if nested.is_dir() else folder
+def demo_checkpoint_root(model) -> Path:
+    """Where the demo keeps the ``checkpoint-N`` folders of ``model`` (an
+    :class:`analysis.demo.DemoModel`).
+
+    The folder of the checkpoints its manifest lists, when it lists them; else the demo
+    builder's layout ``<root>/checkpoints/<name>/``, or a ``checkpoints`` folder inside the
+    model's own folder, or the model's folder itself.
+    """
+    listed = getattr(model, "checkpoints", ()) or ()
+    if listed:
+        return Path(listed[0][1]).parent
+    folder = Path(model.path)
+    for candidate in (folder.parent / "checkpoints" / model.name, folder / "checkpoints"):
+        if candidate.is_dir():
+            return candidate
+    return folder
 
 
-def demo_checkpoint_path(model_folder: Path, checkpoint: str) -> Path:
-    """The folder of one demo checkpoint (``checkpoint-N``), refusing anything else."""
+def demo_checkpoint_path(model, checkpoint: str) -> Path:
+    """The folder of one demo checkpoint (``checkpoint-N``) of ``model``, refusing anything else."""
     if not CHECKPOINT_FOLDER.match(checkpoint):
         raise InputError(checkpoint, "is not a checkpoint of the demo (expected checkpoint-N)")
-    path = demo_checkpoint_root(model_folder) / checkpoint
+    path = demo_checkpoint_root(model) / checkpoint
     if not path.is_dir():
         raise InputError(checkpoint, "the demo has no such checkpoint (rebuild the demo to save checkpoints)")
     return path

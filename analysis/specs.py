@@ -85,7 +85,7 @@ class SpecResolver:
             if checkpoint:  # one checkpoint the demo saved while training (analysis.series)
                 from analysis.series import demo_checkpoint_path, step_from_name
 
-                path = demo_checkpoint_path(Path(model.path), checkpoint)
+                path = demo_checkpoint_path(model, checkpoint)
                 label = f"{model.label} · step {step_from_name(checkpoint)}"
                 return ResolvedSpec(spec, label, path, {"label": label})
             measured = {name: value for name, value in model.metrics.items() if math.isfinite(value)}

@@ -65,7 +65,7 @@ DEMO_KEY = ("demo-build", str(default_demo_root()))
 def has_checkpoints(model) -> bool:
     """Whether the demo saved checkpoints while training ``model`` (a series to watch)."""
     try:
-        return bool(checkpoint_folders(demo_checkpoint_root(model.path)))
+        return bool(checkpoint_folders(demo_checkpoint_root(model)))
     except (OSError, InputError):
         return False
 

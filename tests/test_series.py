@@ -187,8 +187,9 @@ def test_series_figures_show_every_checkpoint(tiny_bert: Path, full_series: Path
 
 
 def test_demo_series_opens_checkpoints_the_demo_saved(tiny_bert: Path, lora_series: Path, tmp_path: Path) -> None:
-    """``series:demo:<name>`` names the checkpoint-N folders the demo builder saves in a model's
-    folder (here a demo manifest over tiny models, with the checkpoints of a real PEFT series)."""
+    """``series:demo:<name>`` names the checkpoint-N folders the demo builder saves in
+    ``<root>/checkpoints/<name>/`` (here a demo manifest over tiny models, with the
+    checkpoints of a real PEFT series)."""
     from analysis.adapters import LoraAdapter
     from analysis.demo import MANIFEST_NAME, DemoManifest, DemoModel
     from analysis.specs import SpecResolver
@@ -196,7 +197,7 @@ def test_demo_series_opens_checkpoints_the_demo_saved(tiny_bert: Path, lora_seri
 
     root = tmp_path / "demo"
     final = factories.make_lora_adapter(tiny_bert, root / "lora-r2", r=2, seed=9)
-    shutil.copytree(lora_series, final / "checkpoints")
+    shutil.copytree(lora_series, root / "checkpoints" / "lora-r2")
     nan = {"recall@1": float("nan")}
     manifest = DemoManifest(
         root=root,
