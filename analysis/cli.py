@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "base", metavar="BASE", help="the pre-trained model: a local folder, a .safetensors file or a hub id"
     )
     report.add_argument(
-        "tuned", metavar="TUNED", nargs="+", help="fine-tunes: folders, .safetensors files, hub ids or LoRA adapters"
+        "tuned",
+        metavar="TUNED",
+        nargs="+",
+        help="fine-tunes: folders, .safetensors files, hub ids or LoRA adapters; a folder of checkpoint-N "
+        "folders (a Trainer output_dir) or series:org/name@rev1,rev2 is a series: one model per checkpoint, "
+        "in step order, each with its step",
     )
     report.add_argument("--out", required=True, type=Path, help="where to write the JSON report")
     report.add_argument(

@@ -689,3 +689,179 @@ def amplification_figure(models: Sequence[ModelResult], matrices: Collection[str
         )
     fig.update_layout(title=title, barmode="group", yaxis={"title": "amplification factor", "type": "log"}, height=400)
     return fig
+
+
+# -- checkpoint series (analysis.series) ------------------------------------------------------
+def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> dict:
+    """A Plotly slider whose positions show the frames named after ``steps``."""
+    return {
+        "active": active,
+        "currentvalue": {"prefix": prefix},
+        "pad": {"t": 40},
+        "steps": [
+            {
+                "label": str(step),
+                "method": "animate",
+                "args": [[str(step)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}],
+            }
+            for step in steps
+        ],
+    }
+
+
+def _series_title(label: str, what: str) -> str:
+    """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
+    return f"{label}<br><sup>{what}</sup>" if label else what
+
+
+def _play_button() -> dict:
+    return {
+        "type": "buttons",
+        "showactive": False,
+        "x": 0,
+        "y": -0.08,
+        "xanchor": "right",
+        "yanchor": "top",
+        "buttons": [
+            {
+                "label": "▶",
+                "method": "animate",
+                "args": [None, {"frame": {"duration": 600, "redraw": True}, "fromcurrent": True}],
+            }
+        ],
+    }
+
+
+def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
+    """Intruders, effective rank, rank90 and ``||dW||_F`` of a series against training step.
+
+    ``table`` is :func:`analysis.tables.series_table`; one line per group (the whole
+    model, a layer, a module kind or a matrix), the same colour in all four panels.
+    Intruders appear and grow with training (Shuttleworth et al. 2024, sec. 5); the
+    update's rank grows with data (Biderman et al. 2024, Fig. 6).
+    """
+    if table.empty:
+        return _empty("Checkpoint series", "No checkpoint has results yet.")
+    names = list(tables.SERIES_METRICS)
+    fig = make_subplots(
+        rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.12, subplot_titles=list(tables.SERIES_METRICS.values())
+    )
+    groups = list(dict.fromkeys(table["group"]))
+    for g, group in enumerate(groups):
+        rows = table[table["group"] == group].sort_values("step")
+        color = PALETTE[g % len(PALETTE)]
+        for i, metric in enumerate(names):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["step"],
+                    y=rows[metric],
+                    mode="lines+markers",
+                    name=group,
+                    legendgroup=group,
+                    showlegend=i == 0,
+                    line={"color": color},
+                    hovertemplate=f"{group}<br>step %{{x}}<br>{metric} = %{{y:.4g}}<extra></extra>",
+                ),
+                row=i // 2 + 1,
+                col=i % 2 + 1,
+            )
+    fig.update_xaxes(title_text="training step", row=2)
+    grouping = {"model": "whole model", "layer": "per layer", "module": "per module", "matrix": "per matrix"}
+    fig.update_layout(
+        title=_series_title(label, f"the update against training step ({grouping.get(by, by)})"),
+        height=620,
+        legend={"orientation": "h", "y": -0.15},
+        margin={"t": 90},
+    )
+    return fig
+
+
+def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
+    """A layer x module heatmap of ``metric`` with one animation frame per training step.
+
+    ``table`` is :func:`analysis.tables.series_grid_table`; the colour scale is shared
+    by every step so colours compare across the slider; it starts at the last step.
+    """
+    if table.empty:
+        return _empty("Checkpoint series", "No checkpoint has results yet.")
+    steps = sorted(table["step"].unique().tolist())
+    modules = tables.module_order(table["module"])
+    layers = sorted(
+        table["layer"].unique().tolist(), key=lambda s: (s.split(" L")[0] if " L" in s else "", _layer_key(s))
+    )
+    aggregate = "sum" if metric == "intruders" else "mean"
+    values = table[metric].astype(float)
+    zmin, zmax = (
+        (0.0, max(1.0, float(values.max()))) if metric == "intruders" else (float(values.min()), float(values.max()))
+    )
+    title = tables.SERIES_METRICS[metric]
+
+    def heatmap(step: int) -> go.Heatmap:
+        grid = table[table["step"] == step].pivot_table(
+            index="layer", columns="module", values=metric, aggfunc=aggregate
+        )
+        grid = grid.reindex(index=layers, columns=modules)
+        return go.Heatmap(
+            z=grid.to_numpy(dtype=float),
+            x=modules,
+            y=layers,
+            zmin=zmin,
+            zmax=zmax,
+            colorscale="Reds" if metric == "intruders" else "Viridis",
+            colorbar={"title": metric},
+            hovertemplate=f"layer %{{y}} · %{{x}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
+        )
+
+    fig = go.Figure(data=[heatmap(steps[-1])], frames=[go.Frame(data=[heatmap(s)], name=str(s)) for s in steps])
+    fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
+    fig.update_xaxes(title_text="module", type="category")
+    fig.update_layout(
+        title=_series_title(label, f"{title} per layer and module, by step"),
+        margin={"t": 90},
+        height=max(360, min(900, 28 * len(layers) + 220)),
+        sliders=[_step_slider(steps, len(steps) - 1)],
+        updatemenus=[_play_button()],
+    )
+    return fig
+
+
+def _layer_key(label: str) -> tuple[int, int]:
+    number = label.rsplit("L", 1)[-1]
+    return (0, int(number)) if number.isdigit() else (1, 0)
+
+
+def series_similarity_figure(models: Sequence[ModelResult], matrix_name: str, label: str = "") -> go.Figure:
+    """``|Ut^T U0|`` of one matrix at each checkpoint of a series, one frame per step.
+
+    The similarity block of :func:`similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
+    rows tuned rank, columns base rank), reduced to :data:`MAX_HEATMAP_SIDE`; the slider
+    shows how the tuned singular vectors drift away from the base ones as training goes on.
+    """
+    found = [(model.step, m) for model in tables.by_step(models) for m in model.matrices if m.name == matrix_name]
+    if not found:
+        return _empty("Similarity across steps", f"No checkpoint has results for {matrix_name} yet.")
+    steps = [step for step, _ in found]
+
+    def heatmap(step: int, matrix: MatrixResult) -> go.Heatmap:
+        z, block = reduce_heatmap(np.asarray(matrix.similarity, dtype=np.float64))
+        return _rank_heatmap(
+            z,
+            block,
+            colorscale="Blues",
+            colorbar={"title": "|cos|"},
+            hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
+        )
+
+    first = found[-1][1]
+    fig = go.Figure(data=[heatmap(*found[-1])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found])
+    n = first.similarity.shape[0]
+    fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
+    fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
+    fig.update_layout(
+        title=_series_title(label, f"{first.short_label}: |Uₜᵀ U₀| by training step"),
+        margin={"t": 90},
+        height=560,
+        sliders=[_step_slider(steps, len(steps) - 1)],
+        updatemenus=[_play_button()],
+    )
+    return fig

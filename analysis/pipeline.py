@@ -617,7 +617,9 @@ def compare(
     ----------
     base, tuned:
         Hub ids, local folders, ``.safetensors`` files; a ``tuned`` that is a PEFT or
-        kohya LoRA adapter is applied to ``base``.
+        kohya LoRA adapter is applied to ``base``; a ``tuned`` that is a checkpoint series
+        (:mod:`analysis.series`) becomes one model per checkpoint, in step order, each
+        with its ``step``.
     top_k, epsilons:
         Intruder counts are reported among the top ``top_k`` tuned vectors at each eps.
     device:
@@ -635,15 +637,23 @@ def compare(
         raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
     store = SpectrumCache() if cache is _DEFAULT_CACHE else cache
     device = resolve_device(device)
-    plans = plan_models(base, tuned, allow_local_paths=allow_local_paths, include_non_block=include_non_block)
+    from analysis.series import expand
+
+    members = expand(tuned, allow_local_paths=allow_local_paths)  # a series: each checkpoint, in step order
+    specs = [spec for spec, _, _ in members]
+    plans = plan_models(base, specs, allow_local_paths=allow_local_paths, include_non_block=include_non_block)
     result = ComparisonResult(base=base, top_k=top_k, epsilons=[float(e) for e in epsilons])
-    for plan in plans:
+    for plan, (_, step, series_label) in zip(plans, members, strict=True):
         matrices = list(
             analyse_plan(
                 plan, settings=settings, device=device, cache=store, progress=progress, should_stop=should_stop
             )
         )
-        result.models.append(model_result(plan, matrices))
+        model = model_result(plan, matrices)
+        if step is not None:
+            model.step = step
+            model.summary["series"] = series_label
+        result.models.append(model)
     return result
 
 

@@ -52,6 +52,7 @@ def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
         "skipped": list(model.skipped),
         "totals": {"intruders": totals, "mean_effective_rank": mean_erank},
         "summary": model.summary,
+        "step": model.step,
     }
 
 

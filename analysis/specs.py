@@ -5,6 +5,7 @@ A spec is the string that names a model in the dashboard's selection and in shar
 - ``demo:<name>``: a model of the offline demo (:mod:`analysis.demo`), e.g. ``demo:base``,
   ``demo:lora-r8``;
 - ``upload:<sha256>``: files uploaded in the page (:mod:`analysis.uploads`);
+- ``series:...``: the checkpoints of one training run (:mod:`analysis.series`);
 - anything else: a hub id, or a local folder or file when local paths are allowed.
 
 Demo and upload specs name files the *server* chose, so they open even where visitors may
@@ -76,15 +77,28 @@ class SpecResolver:
             manifest = self.demo()
             if manifest is None:
                 raise InputError(spec, "the offline demo is not built on this server; run: python -m analysis demo")
+            name, _, checkpoint = spec.removeprefix(DEMO_PREFIX).partition("/")
             try:
-                model = manifest.model(spec.removeprefix(DEMO_PREFIX))
+                model = manifest.model(name)
             except KeyError as exc:
                 raise InputError(spec, str(exc.args[0])) from None
+            if checkpoint:  # one checkpoint the demo saved while training (analysis.series)
+                from analysis.series import demo_checkpoint_path, step_from_name
+
+                path = demo_checkpoint_path(model, checkpoint)
+                label = f"{model.label} · step {step_from_name(checkpoint)}"
+                return ResolvedSpec(spec, label, path, {"label": label})
             measured = {name: value for name, value in model.metrics.items() if math.isfinite(value)}
             summary = {"label": model.label, "demo": {"metrics": measured, "lr": model.lr, "steps": model.steps}}
             if model.r:
                 summary["lora_rank"] = model.r
             return ResolvedSpec(spec, model.label, Path(model.path), summary)
+        if spec.startswith("series:"):  # checkpoints of one run (analysis.series); jobs run per checkpoint
+            from analysis.series import resolve_series
+
+            series = resolve_series(spec, self)
+            label = f"{series.label} (series of {len(series.checkpoints)})"
+            return ResolvedSpec(spec, label, None, {"label": label})
         if is_upload_spec(spec):
             stored = self.uploads.get(spec)
             return ResolvedSpec(spec, f"upload {stored.label}", stored.path, {"label": f"upload {stored.label}"})

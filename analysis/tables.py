@@ -500,3 +500,101 @@ def skipped_table(skipped: Iterable[dict], examples: int = 3) -> pd.DataFrame:
         for reason, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))
     ]
     return pd.DataFrame(rows, columns=["reason", "tensors", "examples"])
+
+
+# -- checkpoint series (analysis.series) ------------------------------------------------------
+#: How the series trends are grouped: one line for the whole model, per layer, per module kind
+#: or per matrix.
+SERIES_GROUPINGS: tuple[str, ...] = ("model", "layer", "module", "matrix")
+SERIES_METRICS: dict[str, str] = {
+    "intruders": "Intruder dimensions",
+    "effective_rank": "Effective rank of ΔW",
+    "rank90": "rank90 of ΔW",
+    "delta_fro": "Frobenius norm ‖ΔW‖",
+}
+
+
+def by_step(models: Sequence[ModelResult]) -> list[ModelResult]:
+    """The checkpoints of a series in step order (a model without a step goes last)."""
+    return sorted(models, key=lambda m: (m.step is None, m.step or 0))
+
+
+def _series_group(matrix: MatrixResult, by: str) -> str:
+    if by == "model":
+        return "whole model"
+    if by == "layer":
+        stack = f"{matrix.stack} " if matrix.stack else ""
+        return f"{stack}L{layer_label(matrix.layer)}"
+    if by == "module":
+        return matrix.module
+    if by == "matrix":
+        return matrix.short_label
+    raise ValueError(f"unknown grouping {by!r}; one of {SERIES_GROUPINGS}")
+
+
+def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "model") -> pd.DataFrame:
+    """Metrics of each checkpoint of a series against its step, grouped ``by`` one of
+    :data:`SERIES_GROUPINGS`.
+
+    Per group and step: ``intruders`` is the sum of intruder counts among the top ``k``
+    at ``eps`` (Shuttleworth et al. 2024, Def. 3.1; the per-model total of DESIGN.md);
+    ``effective_rank`` and ``rank90`` the mean over the group's matrices (Roy & Vetterli
+    2007; Biderman et al. 2024); ``delta_fro`` the Frobenius norm of the group's updates
+    taken together, ``sqrt(sum ||dW||_F^2)``.
+    """
+    rows = []
+    for model in by_step(models):
+        groups: dict[str, list[MatrixResult]] = {}
+        for m in model.matrices:
+            groups.setdefault(_series_group(m, by), []).append(m)
+        for group, matrices in groups.items():
+            rows.append(
+                {
+                    "step": model.step,
+                    "checkpoint": model.label,
+                    "group": group,
+                    "matrices": len(matrices),
+                    "intruders": sum(m.intruder_counts(k, [eps])[0] for m in matrices),
+                    "effective_rank": float(np.mean([m.effective_rank for m in matrices])),
+                    "rank90": float(np.mean([m.rank90 for m in matrices])),
+                    "delta_fro": float(np.sqrt(sum(float(m.delta_fro) ** 2 for m in matrices))),
+                }
+            )
+    columns = ["step", "checkpoint", "group", "matrices", "intruders", "effective_rank", "rank90", "delta_fro"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> pd.DataFrame:
+    """One row per checkpoint and matrix: its layer, module and ``metric`` (one of
+    :data:`SERIES_METRICS`), the numbers of the layer x module grid with a step slider."""
+    if metric not in SERIES_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; one of {list(SERIES_METRICS)}")
+    rows = []
+    for model in by_step(models):
+        for m in model.matrices:
+            value = m.intruder_counts(k, [eps])[0] if metric == "intruders" else float(getattr(m, metric))
+            rows.append(
+                {
+                    "step": model.step,
+                    "matrix": m.name,
+                    "layer": _series_group(m, "layer"),
+                    "module": m.module,
+                    metric: value,
+                }
+            )
+    return pd.DataFrame(rows, columns=["step", "matrix", "layer", "module", metric])
+
+
+def series_similarity_table(models: Sequence[ModelResult], matrix_name: str, k: int, eps: float) -> pd.DataFrame:
+    """Each checkpoint's top ``k`` tuned vectors of one matrix: best match with the base and
+    whether it is an intruder at ``eps`` (:func:`intruder_table` per step)."""
+    frames = [
+        intruder_table(m, k, eps).assign(step=model.step)
+        for model in by_step(models)
+        for m in model.matrices
+        if m.name == matrix_name
+    ]
+    if not frames:
+        return pd.DataFrame(columns=["step"])
+    table = pd.concat(frames, ignore_index=True)
+    return table[["step", *[c for c in table.columns if c != "step"]]]

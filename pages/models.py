@@ -11,7 +11,15 @@ from analysis import tables
 from analysis.demo import default_demo_root
 from analysis.errors import InputError
 from analysis.jobs import Job, JobState, Progress
+from analysis.series import (
+    SERIES_PREFIX,
+    checkpoint_folders,
+    demo_checkpoint_root,
+    is_series_folder,
+    is_series_spec,
+)
 from analysis.specs import DEMO_PREFIX
+from analysis.uploads import is_upload_spec
 from ui import runtime, state, views
 
 state.ensure_app_navigation()
@@ -53,6 +61,14 @@ def use_demo() -> None:
 
 
 DEMO_KEY = ("demo-build", str(default_demo_root()))
+
+
+def has_checkpoints(model) -> bool:
+    """Whether the demo saved checkpoints while training ``model`` (a series to watch)."""
+    try:
+        return bool(checkpoint_folders(demo_checkpoint_root(model)))
+    except (OSError, InputError):
+        return False
 
 
 @st.fragment(run_every=1.0)
@@ -133,6 +149,8 @@ state.widget(
 st.subheader("Fine-tunes")
 uploads = st.session_state.setdefault("wse_uploads", [])
 demo_specs = [DEMO_PREFIX + m.name for m in manifest.fine_tunes] if manifest else []
+if manifest:
+    demo_specs += [SERIES_PREFIX + DEMO_PREFIX + m.name for m in manifest.fine_tunes if has_checkpoints(m)]
 options = list(dict.fromkeys([*selection.tuned, *demo_specs, *uploads]))
 state.widget(
     st.multiselect, "Fine-tunes to compare with the base", "tuned", options=options, format_func=resolver.label
@@ -141,6 +159,8 @@ state.widget(
 
 def add_spec() -> None:
     spec = st.session_state.get("add_spec", "").strip()
+    if local and is_series_folder(spec):  # a training output_dir: its checkpoint-N folders
+        spec = SERIES_PREFIX + spec
     if spec and spec not in state.get("tuned"):
         state.set("tuned", [*state.get("tuned"), spec])
     st.session_state.add_spec = ""
@@ -154,6 +174,51 @@ c1.text_input(
     help=f"{where}. A folder with adapter_config.json is a PEFT adapter.",
 )
 c2.button("Add", on_click=add_spec, key="add_spec_button")
+
+
+def add_series() -> None:
+    text = st.session_state.get("add_series", "").strip()
+    spec = text if text.startswith(SERIES_PREFIX) else SERIES_PREFIX + text
+    st.session_state.pop("wse_series_error", None)
+    try:
+        resolver.resolve(spec)
+    except InputError as exc:
+        st.session_state.wse_series_error = runtime.friendly(str(exc))
+        return
+    if spec not in state.get("tuned"):
+        state.set("tuned", [*state.get("tuned"), spec])
+    state.set("series", spec)
+    st.session_state.add_series = ""
+
+
+def uploads_as_series() -> None:
+    """The uploads chosen as fine-tunes, in the order they were added, become one series."""
+    chosen = [t for t in state.get("tuned") if is_upload_spec(t)]
+    spec = SERIES_PREFIX + ",".join(chosen)
+    state.set("tuned", [*(t for t in state.get("tuned") if t not in chosen), spec])
+    state.set("series", spec)
+
+
+with st.expander("Add a checkpoint series (one fine-tune at several training steps)"):
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    c1.text_input(
+        "Series",
+        key="add_series",
+        placeholder="org/name@rev1,rev2,rev3" + (" or /path/to/output_dir" if local else ""),
+        help="Hub revisions of one repo (org/name@rev1,rev2), "
+        + ("a training output folder holding checkpoint-N folders, " if local else "")
+        + "or any specs separated by commas, in training order. The step of each checkpoint comes from its "
+        "trainer_state.json or its name (checkpoint-N, stepN), else its position.",
+    )
+    c2.button("Add series", on_click=add_series, key="add_series_button")
+    if "wse_series_error" in st.session_state:
+        st.error(f"Series refused: {st.session_state.wse_series_error}")
+    if sum(is_upload_spec(t) for t in selection.tuned) >= 2:
+        st.button(
+            "Make one series of the uploaded fine-tunes (in the order they were added)",
+            on_click=uploads_as_series,
+            key="uploads_as_series",
+        )
 
 uploader_key = f"uploader_{st.session_state.get('wse_uploader_n', 0)}"
 
@@ -253,7 +318,11 @@ if not selection.complete:
 for spec in selection.tuned:
     label = resolver.label(spec)
     try:
-        preview = plan_preview(selection.base, spec, str(resolver.uploads.root))
+        found = runtime.series(spec) if is_series_spec(spec) else None
+        if found is not None:  # a series is checked through its final checkpoint
+            label = f"{label}, steps {', '.join(str(s) for s in found.steps)}; final checkpoint"
+        checked = found.final.spec if found is not None else spec
+        preview = plan_preview(selection.base, checked, str(resolver.uploads.root))
     except InputError as exc:
         problems += 1
         st.error(f"**{label}**: {runtime.friendly(str(exc))}")
@@ -277,6 +346,12 @@ for spec in selection.tuned:
 def analyse() -> None:
     chosen = state.current()
     runtime.track(chosen.base, chosen.tuned, start=True, restart=True)
+    for spec in chosen.tuned:  # every checkpoint of a series, not only the final one
+        if is_series_spec(spec):
+            try:
+                runtime.track_series(chosen.base, runtime.series(spec), start=True, restart=True)
+            except InputError:
+                pass  # shown above, and by the final checkpoint's failed job
 
 
 st.button("Analyse", type="primary", on_click=analyse, disabled=not selection.complete or problems > 0, key="analyse")

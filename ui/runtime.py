@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import streamlit as st
 
@@ -19,6 +19,7 @@ from analysis.errors import InputError
 from analysis.jobs import Job, JobManager, JobState, comparison_job, comparison_key
 from analysis.pipeline import AnalysisSettings, available_cores, model_result
 from analysis.results import ModelResult
+from analysis.series import Series, is_series_spec, resolve_series
 from analysis.specs import DEMO_PREFIX, SpecResolver, local_paths_allowed
 from analysis.uploads import UploadStore
 
@@ -94,10 +95,18 @@ def demo_defaults() -> tuple[str, list[str]]:
 
 @dataclass
 class Tracked:
-    """One fine-tune of the selection and its job (``None`` when not started)."""
+    """One fine-tune of the selection and its job (``None`` when not started).
+
+    A checkpoint of a series carries its ``step`` and ``label``; ``alias`` is the series
+    spec when the checkpoint stands for its whole series (the final one, on pages that
+    show single fine-tunes), so its result is named like the selection names it.
+    """
 
     spec: str
     job: Job | None
+    step: int | None = None
+    label: str | None = None
+    alias: str | None = None
 
     @property
     def state(self) -> JobState | None:
@@ -109,10 +118,16 @@ class Tracked:
         if job is None:
             return None
         if job.state is JobState.DONE:
-            return job.result
+            return self._named(job.result)
         if job.plan is not None and job.state in (JobState.RUNNING, JobState.QUEUED):
-            return model_result(job.plan, job.items())
+            return self._named(model_result(job.plan, job.items()))
         return None
+
+    def _named(self, result: ModelResult) -> ModelResult:
+        if self.step is None and self.alias is None:
+            return result
+        summary = {**result.summary, "label": self.label or result.label}
+        return replace(result, source=self.alias or result.source, step=self.step, summary=summary)
 
 
 def job_key(base: str, tuned: str) -> tuple:
@@ -136,6 +151,9 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
     jobs = manager()
     tracked = []
     for spec in tuned:
+        if is_series_spec(spec):  # on single-model pages a series is its final checkpoint
+            tracked.append(_track_final(base, spec, start=start, restart=restart))
+            continue
         key = job_key(base, spec)
         job = jobs.get(key)
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
@@ -155,3 +173,41 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
             job.watch(session_id())
         tracked.append(Tracked(spec, job))
     return tracked
+
+
+def series(spec: str) -> Series:
+    """The checkpoints a ``series:`` spec names on this server (raises ``InputError``)."""
+    return resolve_series(spec, resolver())
+
+
+def _failed(key: tuple, label: str, error: InputError, *, start: bool, restart: bool) -> Job | None:
+    """A job that fails with ``error``, so a bad series is reported like any bad input."""
+
+    def fail(job: Job):
+        raise error
+
+    jobs = manager()
+    job = jobs.get(key)
+    if start and (job is None or (restart and job.state.finished)):
+        job = jobs.submit(key, fail, label=label, watcher=session_id())
+    return job
+
+
+def _track_final(base: str, spec: str, *, start: bool, restart: bool) -> Tracked:
+    try:
+        found = series(spec)
+    except InputError as exc:
+        job = _failed(("series", base, spec, str(default_cache_dir())), spec, exc, start=start, restart=restart)
+        return Tracked(spec, job)
+    final = found.final
+    member = track(base, [final.spec], start=start, restart=restart)[0]
+    return Tracked(final.spec, member.job, final.step, found.member_label(final), alias=spec)
+
+
+def track_series(base: str, found: Series, *, start: bool, restart: bool = False) -> list[Tracked]:
+    """The job of every checkpoint of a series, in step order (one job per checkpoint, shared
+    with any other page or session asking for the same checkpoint)."""
+    members = track(base, [c.spec for c in found.checkpoints], start=start, restart=restart)
+    return [
+        Tracked(c.spec, t.job, c.step, found.member_label(c)) for c, t in zip(found.checkpoints, members, strict=True)
+    ]

@@ -20,7 +20,7 @@ import streamlit as st
 
 from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K
 
-NAMES = ("base", "tuned", "model", "other", "matrix", "k", "eps")
+NAMES = ("base", "tuned", "model", "other", "matrix", "k", "eps", "series")
 MAX_K = 100
 EPS_STEP = 0.05
 
@@ -81,6 +81,7 @@ def load(defaults: Callable[[], tuple[str, list[str]]]) -> None:
     st.session_state[_key("matrix")] = params.get("matrix") or None
     st.session_state[_key("k")] = _parse_k(params.get("k"))
     st.session_state[_key("eps")] = _parse_eps(params.get("eps"))
+    st.session_state[_key("series")] = params.get("series") or None  # the series shown on its page
     st.session_state.sel_loaded = True
 
 
@@ -176,6 +177,9 @@ def to_url(selection: Selection) -> None:
         value = getattr(selection, name)
         if value:
             wanted[name] = [value]
+    series = st.session_state.get(_key("series"))
+    if series and series in selection.tuned:
+        wanted["series"] = [series]
     wanted["k"] = [str(selection.k)]
     wanted["eps"] = [f"{selection.eps:g}"]
     have = {key: st.query_params.get_all(key) for key in st.query_params.keys()}

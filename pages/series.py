@@ -1,0 +1,82 @@
+"""Checkpoint series: watch a fine-tune happen, step by step (analysis.series).
+
+Select the series, start (or join) one job per checkpoint, then show its metrics against
+training step, a layer x module grid with a step slider and one matrix's similarity
+heatmap across steps.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import figures, tables
+from analysis.errors import InputError
+from analysis.jobs import JobState
+from analysis.series import is_series_spec
+from ui import runtime, state, views
+
+state.ensure_app_navigation()
+selection = state.current()
+resolver = runtime.resolver()
+
+st.title("Checkpoint series")
+st.caption(
+    "One fine-tune at each checkpoint its training saved, every checkpoint compared with the base. Intruder "
+    "dimensions appear during training and grow with it (Shuttleworth et al. 2024, sec. 5); the update's rank "
+    "grows with data (Biderman et al. 2024, Fig. 6). Each checkpoint is analysed once and cached: adding one "
+    "to a series costs only that checkpoint."
+)
+series_specs = [t for t in selection.tuned if is_series_spec(t)]
+if not selection.base or not series_specs:
+    st.info("Add a checkpoint series as a fine-tune first: a training output folder, hub revisions or uploads.")
+    st.page_link(views.MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
+    st.stop()
+with st.sidebar:
+    spec = state.widget(st.selectbox, "Series", "series", options=series_specs, format_func=resolver.label)
+try:
+    found = runtime.series(spec)
+except InputError as exc:
+    st.error(f"**{spec}**: {runtime.friendly(str(exc))}")
+    st.stop()
+
+tracked = runtime.track_series(selection.base, found, start=True)
+for t in tracked:
+    if t.state is JobState.FAILED:
+        st.error(f"**{t.label}** could not be analysed: {runtime.friendly(t.job.error)}")
+views.progress(selection.base, tracked)
+done = sum(t.state is JobState.DONE for t in tracked)
+st.caption(
+    f"**{found.label}**: {done} of {len(tracked)} checkpoints analysed · steps "
+    + ", ".join(str(s) for s in found.steps)
+)
+models = [r for r in (t.result() for t in tracked) if r is not None and r.matrices]
+if not models:
+    st.caption("The first results appear here as soon as they are computed.")
+    st.stop()
+k, eps = views.k_eps_controls(models)
+views.report_download(selection, models)
+
+st.subheader("Against training step")
+by = st.radio(
+    "Lines",
+    list(tables.SERIES_GROUPINGS),
+    horizontal=True,
+    key="series_by",
+    format_func={"model": "Whole model", "layer": "Per layer", "module": "Per module", "matrix": "Per matrix"}.get,
+)
+trend = tables.series_table(models, k, eps, by)
+views.chart(figures.series_trend_figure(trend, by, found.label), "series-trends")
+views.table(trend, "series-trends")
+
+st.subheader("Layer × module, step by step")
+metric = st.radio(
+    "Measure", list(tables.SERIES_METRICS), horizontal=True, key="series_metric", format_func=tables.SERIES_METRICS.get
+)
+grid = tables.series_grid_table(models, metric, k, eps)
+views.chart(figures.series_grid_figure(grid, metric, found.label), "series-grid")
+views.table(grid, "series-grid")
+
+st.subheader("One matrix across steps")
+matrix = views.matrix_control(models)
+views.chart(figures.series_similarity_figure(models, matrix, found.label), "series-similarity")
+views.table(tables.series_similarity_table(models, matrix, k, eps), "series-similarity")

@@ -1,0 +1,144 @@
+"""The checkpoint-series page and series on the other pages, in Streamlit's AppTest.
+
+Series are real tiny checkpoints (tests/test_series.py builds them); numbers on screen are
+checked against the engine run directly on the same folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.pipeline import compare
+from tests.test_app import APP, figures, wait_for_jobs
+from tests.test_series import make_full_series
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("WSE_ALLOW_LOCAL_PATHS", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_full_series(tiny_bert, tmp_path_factory.mktemp("app-series") / "full-run")
+
+
+def _open(base: Path, tuned: list[str], page: str | None, **params: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(base)
+    at.query_params["tuned"] = tuned
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.run()
+    if page is not None:
+        at.switch_page(page)
+        at.run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, run_dir: Path) -> None:
+    spec = f"series:{run_dir}"
+    at = _open(tiny_bert, [spec], "pages/series.py")
+    assert [t.value for t in at.title] == ["Checkpoint series"]
+    assert "3 of 3 checkpoints analysed" in " ".join(c.value for c in at.caption)
+    trend, grid, similarity = figures(at)
+    assert {tuple(t.x) for t in trend.data} == {(5, 10, 20)}
+    assert [f.name for f in grid.frames] == ["5", "10", "20"]
+    assert [f.name for f in similarity.frames] == ["5", "10", "20"]
+    engine = compare(str(tiny_bert), [str(run_dir)], cache=None).models
+    intruders = next(t for t in trend.data if t.yaxis == "y")  # the first panel: intruders
+    assert list(intruders.y) == [m.total_intruders(10, 0.5) for m in engine]
+    table = at.dataframe[0].value
+    assert table["step"].tolist() == [5, 10, 20]
+    assert table["delta_fro"].tolist() == pytest.approx(
+        [sum(x.delta_fro**2 for x in m.matrices) ** 0.5 for m in engine], rel=1e-6
+    )
+    assert at.query_params["series"] in (spec, [spec])
+    best = at.dataframe[2].value  # one matrix across steps: its top-k best matches per step
+    assert best["step"].unique().tolist() == [5, 10, 20] and len(best) == 3 * 10
+    first = next(m for m in engine[0].matrices if m.name == at.query_params["matrix"])
+    assert best["best_match_score"].tolist()[:10] == pytest.approx(first.intruder_scores[:10].tolist(), abs=1e-6)
+    # per-layer lines: one per layer and step
+    at.radio(key="series_by").set_value("layer").run()
+    assert not at.exception
+    assert sorted(at.dataframe[0].value["group"].unique()) == ["L0", "L1"]
+
+
+def test_final_checkpoint_appears_on_the_other_pages(cache_dir: Path, tiny_bert: Path, run_dir: Path) -> None:
+    spec = f"series:{run_dir}"
+    at = _open(tiny_bert, [spec], None)
+    assert [t.value for t in at.title] == ["Overview"]
+    table = at.dataframe[0].value
+    assert table["model"].tolist() == ["full-run · step 20"]
+    final = compare(str(tiny_bert), [str(run_dir / "checkpoint-20")], cache=None).models[0]
+    assert table["intruders"].tolist() == [final.total_intruders(10, 0.5)]
+
+
+def test_models_page_adds_a_series(cache_dir: Path, tiny_bert: Path, run_dir: Path, tmp_path: Path) -> None:
+    at = _open(tiny_bert, [], "pages/models.py")
+    at.text_input(key="add_series").set_value(str(run_dir)).run()
+    at.button(key="add_series_button").click().run()
+    assert not at.exception
+    assert at.query_params["tuned"] in (f"series:{run_dir}", [f"series:{run_dir}"])
+    labels = [e.label for e in at.expander]
+    assert any("full-run (series of 3), steps 5, 10, 20" in label for label in labels), labels
+    # a folder that is not a series is refused with the reason
+    at.text_input(key="add_series").set_value(str(tiny_bert)).run()
+    at.button(key="add_series_button").click().run()
+    assert any("single model" in e.value for e in at.error)
+    # the plain "add a fine-tune" box recognises a training output folder as a series too
+    at.multiselect(key="w_tuned").set_value([]).run()
+    at.text_input(key="add_spec").set_value(str(run_dir)).run()
+    at.button(key="add_spec_button").click().run()
+    assert at.query_params["tuned"] in (f"series:{run_dir}", [f"series:{run_dir}"])
+
+
+def test_uploads_become_a_series(cache_dir: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    """Two uploaded PEFT checkpoints made one series, in the order they were added."""
+    from tests.test_app import _adapter_zip
+    from tests.test_series import make_lora_series
+
+    run = make_lora_series(tiny_bert, tmp_path / "lora-run")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.switch_page("pages/models.py").run()
+    for step in (2, 4):
+        at.file_uploader[0].set_value(
+            [(f"ckpt{step}.zip", _adapter_zip(run / f"checkpoint-{step}"), "application/zip")]
+        )
+        at.run()
+        at.button(key="add_upload").click().run()
+    assert not at.exception
+    uploads = at.query_params["tuned"]
+    assert len(uploads) == 2 and all(u.startswith("upload:") for u in uploads)
+    at.button(key="uploads_as_series").click().run()
+    spec = "series:" + ",".join(uploads)
+    assert at.query_params["tuned"] == spec and at.query_params["series"] == spec
+    at.switch_page("pages/series.py").run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "2 of 2 checkpoints analysed · steps 2, 4" in " ".join(c.value for c in at.caption)
+    # the steps come from each upload's trainer_state.json, the label from what they are
+    assert any("uploaded checkpoints (series of 2)" in c.value for c in at.caption)
+    trend = figures(at)[0]
+    engine = compare(str(tiny_bert), [str(run)], cache=None).models
+    delta = next(t for t in trend.data if t.yaxis == "y4")  # the last panel: ||dW||
+    assert list(delta.y) == pytest.approx([sum(x.delta_fro**2 for x in m.matrices) ** 0.5 for m in engine], rel=1e-6)
+
+
+def test_a_bad_series_is_reported_on_every_page(cache_dir: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    missing = f"series:{tmp_path / 'nowhere'}"
+    at = _open(tiny_bert, [missing], None)
+    assert any("could not be analysed" in e.value and "no such folder" in e.value for e in at.error)
+    at.switch_page("pages/series.py").run()
+    assert not at.exception
+    assert any("no such folder" in e.value for e in at.error)
