@@ -133,6 +133,7 @@ class LoraSettings:
                 raise InputError(path, f"uses {what} ({key}); only plain LoRA, rsLoRA and DoRA can be analysed")
         if config.get("init_lora_weights") == "mica":
             raise InputError(path, "uses the MiCA LoRA variant (init_lora_weights='mica'), which cannot be analysed")
+        check_lora_values(path, config)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in known}
         values["peft_type"] = peft_type
@@ -158,6 +159,36 @@ class LoraSettings:
         if isinstance(data["target_modules"], (set, tuple)):
             data["target_modules"] = sorted(data["target_modules"])
         return data
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_lora_values(path: object, config: dict) -> None:
+    """Refuse, as one :class:`InputError` naming the field, an ``adapter_config.json``
+    whose ``r``/``lora_alpha`` are not numbers or whose ``rank_pattern``/``alpha_pattern``
+    have keys that are not regular expressions or values that are not numbers (each is
+    used as PEFT uses it: :func:`pattern_key`, :func:`lora_scale`)."""
+    r = config.get("r", 8)
+    if not (_is_number(r) and int(r) == r and r > 0):
+        raise InputError(path, f"r must be a positive whole number, got {r!r}")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_number(alpha):
+        raise InputError(path, f"lora_alpha must be a number, got {alpha!r}")
+    for field_name, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field_name) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(path, f"{field_name} must be an object of module patterns, got {type(pattern).__name__}")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as error:
+                raise InputError(path, f"{field_name} key {key!r} is not a regular expression ({error})") from None
+            ok = _is_number(value) and value > 0 and (not whole or int(value) == value)
+            if not ok:
+                kind = "a positive whole number" if whole else "a positive number"
+                raise InputError(path, f"{field_name}[{key!r}] must be {kind}, got {value!r}")
 
 
 def pattern_key(pattern_keys: Sequence[str], module: str) -> str:
@@ -416,7 +447,7 @@ class LoraAdapter:
             rank = down[0]
             if up[1] != rank:
                 raise InputError(path, f"module {name!r}: lora_up is {up} but lora_down is {down}, their ranks differ")
-            alpha = float(load_safetensors_tensor(path, parts["alpha"]).float().item()) if "alpha" in parts else rank
+            alpha = _kohya_alpha(path, name, parts["alpha"]) if "alpha" in parts else rank
             module = _strip_kohya_prefix(name)
             alphas[module] = alpha
             modules[module] = AdapterModule(
@@ -507,3 +538,14 @@ def _peft_modules(
     if not modules:
         raise InputError(weights, "holds no LoRA factors (no lora_A/lora_B weights)")
     return modules, ignored
+
+
+def _kohya_alpha(path: Path, module: str, key: str) -> float:
+    """A kohya module's ``.alpha``: one finite number, else an :class:`InputError`."""
+    tensor = load_safetensors_tensor(path, key)
+    if tensor.numel() != 1:
+        raise InputError(path, f"module {module!r} has an alpha of {tensor.numel()} values; kohya stores one number")
+    value = float(tensor.float().item())
+    if not math.isfinite(value):
+        raise InputError(path, f"module {module!r} has an alpha of {value}")
+    return value

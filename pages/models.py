@@ -164,10 +164,14 @@ def add_upload() -> None:
         st.session_state.wse_upload_error = "Choose the files to upload first."
         return
     try:
+        runtime.upload_quota(sum(f.size for f in files))
         stored = resolver.uploads.add([(f.name, f) for f in files])
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
+        # A refused upload leaves the uploader (and server memory): the next try starts clean.
+        st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
         return
+    runtime.upload_quota(sum(f.size for f in files), count=True)
     if stored.spec not in uploads:
         uploads.append(stored.spec)
     if stored.spec not in state.get("tuned"):
@@ -244,7 +248,11 @@ for spec in selection.tuned:
         preview = plan_preview(selection.base, spec, str(resolver.uploads.root))
     except InputError as exc:
         problems += 1
-        st.error(f"**{label}**: {runtime.friendly(str(exc))}")
+        st.error(f"**{label}**: {runtime.friendly(str(exc), label, spec=spec)}")
+        continue
+    except Exception as exc:  # a bug, not the visitor's input: say so without a traceback
+        problems += 1
+        st.error(f"**{label}**: internal error ({type(exc).__name__}: {runtime.friendly(str(exc))})")
         continue
     with st.expander(f"**{label}** — {describe(preview)}"):
         adapter = preview["summary"].get("adapter")
@@ -271,7 +279,7 @@ for t in tracked:
     if t.state is JobState.DONE:
         st.success(f"{resolver.label(t.spec)}: {len(t.job.result.matrices)} matrices analysed.")
     elif t.state is JobState.FAILED:
-        st.error(f"{resolver.label(t.spec)}: {runtime.friendly(t.job.error or '')}")
+        st.error(f"{resolver.label(t.spec)}: {views.error_text(t)}")
     elif t.state is JobState.CANCELLED:
         st.warning(f"{resolver.label(t.spec)}: cancelled.")
 if any(t.state is JobState.DONE for t in tracked):
