@@ -180,12 +180,28 @@ def add_upload() -> None:
     st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
 
 
+def check_pending() -> None:
+    """Files wait in server memory until "Add": more than this visitor may still upload
+    are dropped at once (the uploader is cleared), not held."""
+    files = st.session_state.get(uploader_key) or []
+    try:
+        if len(files) > resolver.uploads.max_files:
+            raise InputError("your files", f"{len(files)} at once; at most {resolver.uploads.max_files} are accepted")
+        runtime.upload_quota(sum(f.size for f in files))
+    except InputError as exc:
+        st.session_state.wse_upload_error = runtime.friendly(str(exc))
+        st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
+    else:
+        st.session_state.pop("wse_upload_error", None)
+
+
 with st.container(border=True):
     st.file_uploader(
         "Upload a fine-tune: a PEFT adapter (adapter_config.json + adapter_model.safetensors, or a .zip of its "
         "folder), a kohya LoRA .safetensors, or a full model .safetensors (optionally with its config.json)",
         accept_multiple_files=True,
         key=uploader_key,
+        on_change=check_pending,
         help="Pickle-based files (.bin, .pt) are refused: uploads are never unpickled.",
     )
     st.button("Add the upload as a fine-tune", on_click=add_upload, key="add_upload")

@@ -531,3 +531,27 @@ def test_every_control_is_in_the_url(
     overview = open_app(tiny_bert, [tiny_bert_lora], metric="effective_rank")
     assert not overview.exception
     assert overview.query_params["metric"] == "effective_rank"
+
+
+def test_refused_uploads_are_cleared_and_quotas_hold(
+    cache_dir: Path, tiny_bert_lora: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WSE_UPLOADS_PER_VISITOR", "1")
+    weights = (tiny_bert_lora / "adapter_model.safetensors").read_bytes()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page(PAGES["models"]).run()
+    at.file_uploader[0].set_value([("adapter_model.safetensors", weights[: len(weights) // 2], "")])
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert "is truncated" in at.error[0].value
+    assert not at.file_uploader[0].value  # cleared: the next try starts afresh, not "uploaded twice"
+    good = [(p.name, p.read_bytes(), "") for p in sorted(tiny_bert_lora.iterdir())]
+    at.file_uploader[0].set_value(good)
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert not [e for e in at.error if "Upload refused" in e.value]
+    assert any("Added upload" in s.value for s in at.success)
+    at.file_uploader[0].set_value(good)
+    at.run()
+    assert any("Upload refused: your uploads: one visitor may add at most 1" in e.value for e in at.error)
+    assert not at.file_uploader[0].value  # over the quota: not even held until "Add"

@@ -180,6 +180,7 @@ def set(name: str, value: Any) -> None:  # noqa: A001 - reads as state.set("k", 
     widget_key = f"w_{name}"
     if widget_key in st.session_state:
         st.session_state[widget_key] = value
+        st.session_state[f"wse_assigned_{name}"] = True  # the widget must not take a default too
 
 
 def widget(
@@ -213,14 +214,20 @@ def widget(
         if get(name) is None and shown is None:
             st.session_state[_key(name)] = next(iter(options), None)
         value = next(iter(options), None)
-    # A value assigned through Session State is pushed to the browser and would override
-    # what the user is changing right now, so assign only when needed: the value differs,
-    # or the widget is new on this page (widgets of another page do not carry over).
+    # The widget's own default is always the view's value: a browser that draws the widget
+    # afresh (a new tab, a run cut short by a rerun before its message arrived) shows it,
+    # where a widget without one would show its minimum (k = 1, eps = 0.05) and send that
+    # back. Session State is assigned only where the widget already holds another value
+    # (the view changed in a callback), which Streamlit forbids together with a default.
     page = st.session_state.get("wse_page")
     page_key = f"wse_widget_page_{name}"
-    if st.session_state.get(widget_key) != value or st.session_state.get(page_key) != page:
+    held = st.session_state.get(widget_key)
+    assigned = st.session_state.pop(f"wse_assigned_{name}", False)
+    if assigned or (held is not None and (held != value or st.session_state.get(page_key) != page)):
         st.session_state[widget_key] = value
-        st.session_state[page_key] = page
+    else:
+        kwargs.update(_default_argument(factory, value, options))
+    st.session_state[page_key] = page
 
     def copy_back() -> None:
         chosen = st.session_state[widget_key]
@@ -231,6 +238,19 @@ def widget(
     result = factory(label, key=widget_key, on_change=copy_back, **kwargs)
     to_url(current())  # a value fixed up just now (e.g. the first matrix) belongs in the URL too
     return result
+
+
+def _default_argument(factory: Callable[..., Any], value: Any, options: Any) -> dict[str, Any]:
+    """``value`` as ``factory``'s own default argument (``value``, ``index`` or ``default``)."""
+    name = getattr(factory, "__name__", "")
+    if name in ("slider", "text_input", "number_input"):
+        return {"value": value}
+    if name in ("selectbox", "radio"):
+        choices = list(options or [])
+        return {"index": choices.index(value) if value in choices else (0 if choices else None)}
+    if name in ("multiselect", "segmented_control", "pills"):
+        return {"default": value}
+    return {}
 
 
 def to_url(selection: Selection) -> None:
