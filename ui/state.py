@@ -1,10 +1,15 @@
 """The one selection every page shares, kept in ``st.session_state`` and in the URL.
 
-The selection is: the base and the fine-tunes (as specs: ``demo:...``, ``upload:<sha256>``,
-hub ids or paths), the fine-tune shown by single-model views (``model``), the second one
-for subspace similarity (``other``), the matrix (a tensor name of the base), ``k`` and
-``eps``. Each lives under a canonical session key (``sel_<name>``) that no widget owns,
-so it survives pages that do not show its widget; widgets are bound to it with
+The selection is: the base and the fine-tunes (as specs: ``demo:...``,
+``upload:<sha256>``, hub ids or paths), the fine-tune shown by single-model views
+(``model``), the second one for subspace similarity (``other``), the matrix (a tensor name
+of the base), ``k`` and ``eps``, and the page controls (:data:`CONTROLS`: colour-by,
+break-down, module and layer filters, rank measure). This module is the one place a
+visitor's view lives: it is read from the visitor's own link once per session and changed
+only by the visitor's own widgets and clicks; nothing derived from results (a slider's
+range while results stream in, the matrices there are so far) is ever written back into
+it. Each part lives under a canonical session key (``sel_<name>``) that no widget owns, so
+it survives pages that do not show its widget; widgets are bound to it with
 :func:`widget`. Every run writes the selection to ``st.query_params`` (the page is the URL
 path), so the address bar always reproduces the current view for anyone on the same
 server, and a new session starts from the URL it was opened with.
