@@ -327,3 +327,15 @@ def test_jobs_stop_when_no_visitor_is_left() -> None:
     assert manager.reap(alive.get) == [job]
     assert job.wait(10) and job.state is JobState.CANCELLED and job.abandoned
     manager.shutdown()
+
+
+def test_legend_names_the_method_once() -> None:
+    from analysis.figures import _legend_name
+    from analysis.results import ModelResult
+
+    def model(label: str) -> ModelResult:
+        summary = {"label": label, "adapter": {"r": 1, "lora_alpha": 2}, "lora_rank": 1}
+        return ModelResult(source="demo:x", kind="adapter", matrices=[], summary=summary)
+
+    assert _legend_name("LoRA r=1", model("LoRA r=1")) == "LoRA r=1"
+    assert _legend_name("my-adapter", model("my-adapter")) == "my-adapter (LoRA r=1)"
