@@ -51,4 +51,5 @@ with st.sidebar:
         )
     st.caption("The address bar holds this exact view: copy it to share.")
 
+state.mark_app_run()
 page.run()

@@ -23,6 +23,7 @@ Design (DESIGN.md, "Architecture"):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from analysis import ALGORITHM_VERSION
+from analysis.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUDGET_BYTES = 20 * 1024**3
 _CHECKSUM_KEY = "wse_checksum"
 _META_KEY = "wse_meta"
+#: The ``kind/key`` an entry was written for: a valid entry copied over another key's
+#: file is refused (and recomputed), not served for the wrong matrix.
+_ENTRY_KEY = "wse_key"
+#: Write errors that mean "no room": reported as one line, never silently ignored.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 Entry = tuple[dict[str, torch.Tensor], dict]
 
@@ -59,8 +66,10 @@ def default_cache_dir() -> Path:
 
 def default_budget_bytes() -> int:
     """``$WSE_CACHE_BUDGET_GB`` (a float, in GiB) if set, else 20 GiB."""
-    env = os.environ.get("WSE_CACHE_BUDGET_GB")
-    return int(float(env) * 1024**3) if env else DEFAULT_BUDGET_BYTES
+    from analysis.config import env_number
+
+    gb = env_number("WSE_CACHE_BUDGET_GB", -1.0)
+    return int(gb * 1024**3) if gb >= 0 else DEFAULT_BUDGET_BYTES
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -237,6 +246,8 @@ class SpectrumCache:
         # _RESCAN_EVERY puts (other processes write too), not after every single put.
         self._estimated_bytes: int | None = None
         self._puts_since_scan = 0
+        #: Set when a write failed for lack of permission: entries are computed, not stored.
+        self.read_only = False
 
     # -- paths -------------------------------------------------------------------------
     def path_for(self, kind: str, key: str) -> Path:
@@ -262,13 +273,18 @@ class SpectrumCache:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
             if meta.get(_CHECKSUM_KEY) != _payload_checksum(tensors):
                 raise ValueError("checksum mismatch")
+            if meta.get(_ENTRY_KEY) != f"{kind}/{key}":
+                raise ValueError(f"written for {meta.get(_ENTRY_KEY) or 'an unknown key'}, not {kind}/{key}")
             info = json.loads(meta.get(_META_KEY, "{}"))
         except FileNotFoundError:
             return None
         except (SafetensorError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             log.warning("discarding corrupt cache entry %s: %s", path, exc)
             self._count("corrupt")
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a folder where the file should be, or a read-only cache
+                pass
             return None
         try:
             os.utime(path)  # least-recently-used bookkeeping
@@ -277,21 +293,37 @@ class SpectrumCache:
         return tensors, info
 
     def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], info: dict | None = None) -> None:
-        """Write an entry atomically, then evict old entries beyond the budget."""
+        """Write an entry atomically, then evict old entries beyond the budget.
+
+        A cache that cannot be written (read-only, or something else where the entry's
+        file should be) is used read-only: the entry is computed but not stored. A full
+        disk is an :class:`~analysis.errors.InputError` (one line, naming the folder).
+        """
         path = self.path_for(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        metadata = {_CHECKSUM_KEY: _payload_checksum(tensors), _META_KEY: json.dumps(info or {})}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
+        metadata = {
+            _CHECKSUM_KEY: _payload_checksum(tensors),
+            _META_KEY: json.dumps(info or {}),
+            _ENTRY_KEY: f"{kind}/{key}",
+        }
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+            os.close(fd)
             # No fsync: other processes see the whole entry after the rename either way, and
             # an entry a power cut leaves half-written fails its checksum and is recomputed
             # (Self-healing). Skipping it saves ~10 ms per entry, a third of a small SVD.
             save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
+        except OSError as exc:
+            self._forget(tmp)
+            if exc.errno in _FULL:
+                raise self.full_error() from None
+            self._read_only(exc)
+            return
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            self._forget(tmp)
             raise
         with self._stats_lock:
             self._puts_since_scan += 1
@@ -304,6 +336,25 @@ class SpectrumCache:
             )
         if scan:
             self.evict()
+
+    def full_error(self) -> InputError:
+        """The one-line error for a cache folder whose disk is full."""
+        return InputError(
+            self.root, "no space left on the disk of the cache folder; free some space or lower WSE_CACHE_BUDGET_GB"
+        )
+
+    def _read_only(self, exc: OSError) -> None:
+        if not self.read_only:
+            log.warning("cannot write the cache %s (%s): computing without storing", self.root, exc.strerror or exc)
+        self.read_only = True
+
+    @staticmethod
+    def _forget(tmp: str | None) -> None:
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def lookup(self, kind: str, key: str) -> Entry | None:
         """:meth:`get`, counted as a hit when found (a miss is counted when computed)."""
@@ -331,8 +382,18 @@ class SpectrumCache:
             self._count("hits")
             return entry
         lock_path = self.path_for(kind, key).with_suffix(".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(lock_path), timeout=self.lock_timeout_s)
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(lock_path), timeout=self.lock_timeout_s)
+            lock.acquire()
+        except Timeout:
+            log.warning("timed out waiting for %s/%s; computing it here as well", kind, key)
+            return self._compute_and_store(kind, key, compute)
+        except OSError as exc:  # no lock without a writable cache: compute, don't store
+            if exc.errno in _FULL:
+                raise self.full_error() from None
+            self._read_only(exc)
+            return self._compute_and_store(kind, key, compute)
         try:
             with lock:
                 entry = self.get(kind, key)
@@ -353,22 +414,40 @@ class SpectrumCache:
     def entries(self) -> list[Path]:
         if not self.root.exists():
             return []
-        return [p for p in self.root.rglob("*.safetensors") if not p.name.startswith(".tmp-")]
+        return [p for p in self.root.rglob("*.safetensors") if not p.name.startswith(".tmp-") and p.is_file()]
 
     def size_bytes(self) -> int:
-        return sum(_size(p) for p in self.entries())
+        """Every file the cache keeps: entries, their lock files and the fingerprint index."""
+        return sum(_disk_bytes(p) for p in self._all_files())
+
+    def _all_files(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return [p for p in self.root.rglob("*") if p.is_file()]
 
     def evict(self) -> int:
-        """Delete least-recently-used entries until the cache fits its budget."""
-        files = [(p, st) for p in self.entries() if (st := _stat(p)) is not None]
-        total = sum(st.st_size for _, st in files)
+        """Delete least-recently-used entries until the cache (every file it keeps, lock
+        files and fingerprints included) fits its budget; lock files of entries no longer
+        stored go too."""
+        entries = set(self.entries())
+        for lock in self.root.rglob("*.lock") if self.root.exists() else []:
+            if lock.with_suffix(".safetensors") not in entries and time.time() - (_mtime(lock) or 0) > 60:
+                try:
+                    lock.unlink(missing_ok=True)
+                except OSError:
+                    pass
+        files = [(p, st) for p in entries if (st := _stat(p)) is not None]
+        total = sum(_disk_bytes(p) for p in self._all_files())
         removed = 0
         if total > self.budget_bytes:
             for path, st in sorted(files, key=lambda item: item[1].st_mtime_ns):
                 if total <= self.budget_bytes:
                     break
-                path.unlink(missing_ok=True)
-                total -= st.st_size
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    continue
+                total -= _disk_bytes(path, st)
                 removed += 1
             self._count("evicted", removed)
         with self._stats_lock:
@@ -395,6 +474,20 @@ def _stat(path: Path) -> os.stat_result | None:
         return path.stat()
     except FileNotFoundError:
         return None
+
+
+#: What a file costs on disk at least (one block), so empty lock files count too.
+_BLOCK = 4096
+
+
+def _disk_bytes(path: Path, st: os.stat_result | None = None) -> int:
+    st = st or _stat(path)
+    return 0 if st is None else max(st.st_size, _BLOCK)
+
+
+def _mtime(path: Path) -> float | None:
+    st = _stat(path)
+    return None if st is None else st.st_mtime
 
 
 def _size(path: Path) -> int:

@@ -88,7 +88,10 @@ def _model_style(index: int, model: ModelResult) -> dict:
 
 
 def _legend_name(label: str, model: ModelResult) -> str:
-    return f"{label} ({tables.training_method(model)})"
+    """``label (method)``, or the label alone when it names the method already
+    (the demo's "LoRA r=1", never "LoRA r=1 (LoRA r=1)")."""
+    method = tables.training_method(model)
+    return label if method.lower() in label.lower() else f"{label} ({method})"
 
 
 def _empty(title: str, message: str) -> go.Figure:

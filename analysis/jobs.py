@@ -85,6 +85,10 @@ class Job:
         self.plan: Any = None
         self._items: list[Any] = []
         self._watchers: set[str] = set()
+        #: The watcher that started the job (per-visitor quotas count it against them).
+        self.owner: str | None = None
+        #: Stopped because no watcher was left (a page asking again restarts it).
+        self.abandoned = False
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -176,6 +180,7 @@ class JobManager:
             job = self._jobs.get(key)
             if job is None or job.state in (JobState.FAILED, JobState.CANCELLED) or job.should_stop():
                 job = Job(key, label)
+                job.owner = watcher
                 self._jobs[key] = job
                 if watcher is not None:
                     job.watch(watcher)
@@ -197,6 +202,42 @@ class JobManager:
         """A session went away or cancelled everything: withdraw it from every job."""
         for job in self.jobs():
             job.unwatch(watcher)
+
+    def active_for(self, watcher: str) -> int:
+        """Unfinished jobs ``watcher`` started (for a per-visitor quota)."""
+        return sum(1 for job in self.jobs() if job.owner == watcher and not job.state.finished)
+
+    def reap(self, alive: Callable[[str], bool]) -> list[Job]:
+        """Withdraw every watcher for which ``alive(watcher)`` is false (a closed tab);
+        stop each unfinished job nobody is left waiting for. Returns the jobs stopped."""
+        stopped = []
+        for job in self.jobs():
+            if job.state.finished:
+                continue
+            gone = [w for w in job.watchers if not alive(w)]
+            for watcher in gone:
+                if job.unwatch(watcher):
+                    job.abandoned = True
+                    stopped.append(job)
+        return stopped
+
+    def reap_every(self, alive: Callable[[str], bool], seconds: float = 5.0) -> threading.Thread:
+        """Run :meth:`reap` every ``seconds`` on a daemon thread (started once per manager)."""
+        with self._lock:
+            if getattr(self, "_reaper", None) is not None:
+                return self._reaper
+
+            def loop() -> None:
+                while True:
+                    time.sleep(seconds)
+                    try:
+                        self.reap(alive)
+                    except Exception:  # pragma: no cover - never let the reaper die
+                        log.exception("reaping abandoned jobs failed")
+
+            self._reaper = threading.Thread(target=loop, name="wse-job-reaper", daemon=True)
+            self._reaper.start()
+            return self._reaper
 
     def shutdown(self) -> None:
         for job in self.jobs():

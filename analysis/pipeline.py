@@ -217,7 +217,11 @@ def _base_spectrum(pair: _Pair, fresh: Spectrum | None, device: torch.device, ca
 
 
 def _prepare(
-    plan: MatrixPlan, settings: AnalysisSettings, cache: SpectrumCache | None, source: str | None = None
+    plan: MatrixPlan,
+    settings: AnalysisSettings,
+    cache: SpectrumCache | None,
+    source: str | None = None,
+    base_source: str | None = None,
 ) -> _Pair:
     """Keys of a pair, then the cached result, or else the weights and cached base spectrum.
 
@@ -244,10 +248,11 @@ def _prepare(
             return pair
     if base is None or tuned is None:
         base, tuned = plan.load_base(), plan.load_tuned()
-    for which, weight in (("base", base), ("fine-tuned", tuned.weight)):
+    for which, weight, owner in (("base", base, base_source), ("fine-tuned", tuned.weight, source)):
         if not _all_finite(weight):
+            # Blamed on the model that holds it: a NaN in the base is the base's problem.
             problem = f"the {which} weight holds NaN or infinite values (diverged training or a corrupt file?)"
-            raise InputError(plan.name, problem) if source is None else InputError(source, f"{plan.name}: {problem}")
+            raise InputError(plan.name, problem) if owner is None else InputError(owner, f"{plan.name}: {problem}")
     if settings.side == "right":
         base, tuned = base.transpose(0, 1), _transposed(tuned)
     pair.base, pair.tuned = base, tuned
@@ -460,7 +465,7 @@ def analyse_plan(
         workers = default_workers() if workers is None else max(1, workers)
 
     def prepare(matrix: MatrixPlan) -> _Pair:
-        return _prepare(matrix, settings, cache, source=plan.tuned_label)
+        return _prepare(matrix, settings, cache, source=plan.tuned_label, base_source=plan.base_label)
 
     def finish(pair: _Pair) -> MatrixResult:
         return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)
@@ -584,14 +589,17 @@ def plan_models(
     """
     from analysis.adapters import is_adapter
     from analysis.pairing import plan_comparison
+    from analysis.plan import require_matrices
     from analysis.sources import open_source
 
     base_source = open_source(base, allow_local_paths=allow_local_paths)
     if is_adapter(base_source):
         raise InputError(base, "is a LoRA adapter; the base must be a full model (apply adapters as TUNED)")
     return [
-        plan_comparison(
-            base_source, open_source(spec, allow_local_paths=allow_local_paths), include_non_block=include_non_block
+        require_matrices(
+            plan_comparison(
+                base_source, open_source(spec, allow_local_paths=allow_local_paths), include_non_block=include_non_block
+            )
         )
         for spec in tuned
     ]

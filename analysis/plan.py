@@ -124,3 +124,18 @@ class ComparisonPlan:
     summary: dict = field(default_factory=dict)
     #: Every base tensor that is not analysed, as ``{"name": ..., "reason": ...}``.
     skipped: list[dict] = field(default_factory=list)
+
+
+def require_matrices(plan: ComparisonPlan) -> ComparisonPlan:
+    """``plan``, or an :class:`~analysis.errors.InputError` when base and fine-tune share
+    no analysable matrix (no shape in common): an empty report would look like a result."""
+    from analysis.errors import InputError
+
+    if not plan.matrices:
+        raise InputError(
+            plan.tuned_label,
+            f"has no weight matrix in common with the base {plan.base_label} "
+            f"({len(plan.shape_mismatches)} of the same name with other shapes, {len(plan.unmatched)} on one side "
+            "only): is it a fine-tune of another model?",
+        )
+    return plan

@@ -336,6 +336,8 @@ def _download_hub(spec: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     repo_id, _, revision = spec.partition("@")
+    if revision and any(part in ("", ".", "..") for part in revision.split("/")):
+        raise InputError(spec, f"{revision!r} is not a revision (a branch, tag or commit hash)")
     patterns = hub_allow_patterns(_list_hub_files(repo_id, revision or None))
     try:
         folder = huggingface_hub.snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
@@ -366,15 +368,17 @@ def open_source(spec: str | os.PathLike, *, allow_local_paths: bool = True) -> W
     InputError
         Anything wrong with the spec or its files, named in the message.
     """
+    from analysis.specs import check_spec, local_path
+
     label = os.fspath(spec)
-    text = label.strip()
+    text = check_spec(label)
     if not text:
         raise InputError("(empty)", "no model given: expected a hub model id, a folder or a .safetensors file")
     if allow_local_paths:
-        path = Path(text).expanduser()
-        if path.is_dir():
+        path = local_path(text, allow_local_paths)
+        if path is not None and path.is_dir():
             return open_folder(label, path, allow_pickle=True)
-        if path.is_file():
+        if path is not None:
             return open_file(label, path)
         if _looks_like_path(text):
             raise InputError(label, "no such file or folder")

@@ -17,20 +17,51 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.errors import InputError
-from analysis.plan import ComparisonPlan
+from analysis.plan import ComparisonPlan, require_matrices
 from analysis.uploads import UploadStore, is_upload_spec
 
 DEMO_PREFIX = "demo:"
 
 
+#: The longest spec taken: longer ones are refused before any file system call.
+MAX_SPEC_LENGTH = 1024
+
+
+def local_path(spec: str, allow_local_paths: bool) -> Path | None:
+    """The existing file or folder ``spec`` names on this server, or ``None``.
+
+    Nothing touches the file system when local paths are off (no ``~user`` expansion,
+    no existence check); a spec no file system call can take (``~nosuchuser``, a name
+    over 255 characters, a NUL byte) names nothing.
+    """
+    if not allow_local_paths:
+        return None
+    try:
+        path = Path(spec).expanduser()
+        return path if path.exists() else None
+    except (OSError, RuntimeError, ValueError):  # no such user, name too long, NUL byte
+        return None
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` stripped, or an :class:`InputError` for one no source could have."""
+    text = spec.strip()
+    if len(text) > MAX_SPEC_LENGTH:
+        raise InputError(text[:40] + "…", f"is {len(text)} characters long; a model name has at most {MAX_SPEC_LENGTH}")
+    if "\x00" in text:
+        raise InputError(text.replace("\x00", "?"), "contains a NUL character")
+    return text
+
+
 def local_paths_allowed() -> bool:
     """``WSE_ALLOW_LOCAL_PATHS`` is not ``0``/``false``/``no`` (hosted instances set ``0``)."""
-    return os.environ.get("WSE_ALLOW_LOCAL_PATHS", "1").strip().lower() not in ("0", "false", "no", "off")
+    from analysis.config import env_flag
+
+    return env_flag("WSE_ALLOW_LOCAL_PATHS", True)
 
 
 @dataclass(frozen=True)
@@ -72,7 +103,7 @@ class SpecResolver:
         return demo_manifest(self.demo_root)
 
     def resolve(self, spec: str) -> ResolvedSpec:
-        spec = spec.strip()
+        spec = check_spec(spec)
         if spec.startswith(DEMO_PREFIX):
             manifest = self.demo()
             if manifest is None:
@@ -104,7 +135,7 @@ class SpecResolver:
             return ResolvedSpec(spec, f"upload {stored.label}", stored.path, {"label": f"upload {stored.label}"})
         if not spec:
             raise InputError("(empty)", "no model given: expected a hub model id, a folder or a .safetensors file")
-        looks_local = Path(spec).expanduser().exists() and self.allow_local_paths
+        looks_local = local_path(spec, self.allow_local_paths) is not None
         label = Path(spec.rstrip("/")).name if looks_local else spec
         return ResolvedSpec(spec, label, None, {"label": label})
 
@@ -121,12 +152,14 @@ class SpecResolver:
             path = self.resolve(spec).path
         except InputError:
             return ""
-        if path is None and self.allow_local_paths:
-            local = Path(spec.strip()).expanduser()
-            path = local if local.exists() else None
+        if path is None:
+            path = local_path(spec.strip(), self.allow_local_paths)
         if path is None:
             return ""
-        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        try:
+            files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        except OSError:
+            return ""
         stamp = hashlib.sha256()
         for file in files:
             try:
@@ -173,4 +206,4 @@ class SpecResolver:
         plan = plan_comparison(base_source, self.open(tuned), include_non_block=include_non_block)
         plan.base_label, plan.tuned_label = base, tuned
         plan.summary = {**plan.summary, **self.resolve(tuned).summary}
-        return plan
+        return require_matrices(plan)

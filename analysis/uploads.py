@@ -51,8 +51,10 @@ from analysis.sources import read_safetensors_header
 UPLOAD_PREFIX = "upload:"
 #: Most files one upload (or one zip) may hold.
 MAX_FILES = 32
-#: Most bytes one upload may hold once unpacked.
-MAX_UNPACKED_BYTES = 2 * 1024**3
+#: Most bytes one upload may hold once unpacked: the same 500 MB as the upload itself
+#: (``.streamlit/config.toml``'s ``maxUploadSize``), so a small zip that unpacks to more
+#: is refused at the cap, counted as it is written.
+MAX_UNPACKED_BYTES = 500 * 1024**2
 #: Largest ``.json`` file accepted (configs are a few kB).
 MAX_JSON_BYTES = 4 * 1024**2
 #: Bytes all stored uploads may take together (``$WSE_UPLOAD_BUDGET_GB``, default 20).
@@ -119,12 +121,9 @@ def check_safetensors(path: Path, display_name: str) -> None:
 
 
 def _budget_from_env() -> int:
-    raw = os.environ.get("WSE_UPLOAD_BUDGET_GB", "").strip()
-    try:
-        gb = float(raw) if raw else DEFAULT_STORE_BUDGET_GB
-    except ValueError:
-        raise InputError("WSE_UPLOAD_BUDGET_GB", f"must be a number of gigabytes, got {raw!r}") from None
-    return int(gb * 1024**3)
+    from analysis.config import env_number
+
+    return int(env_number("WSE_UPLOAD_BUDGET_GB", DEFAULT_STORE_BUDGET_GB) * 1024**3)
 
 
 def _check_json(path: Path, display_name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import figures, tables
-from ui import views
+from ui import state, views
 
 selection, models = views.results()
 views.report_download(selection, models)
@@ -27,11 +27,13 @@ for col, row in zip(cols, totals.itertuples(), strict=True):
     )
     col.caption(row.method)
 
-metric = st.radio(
+metric = state.widget(
+    st.radio,
     "Measure",
-    ["effective_rank", "rank90"],
+    "measure",
+    default="effective_rank",
+    options=["effective_rank", "rank90"],
     horizontal=True,
-    key="erank_metric",
     format_func=figures.OVERVIEW_METRICS.get,
 )
 views.chart(figures.effective_rank_figure(models, metric), f"{metric}-by-layer")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from analysis import figures, tables
 from analysis.results import DEFAULT_EPSILONS
-from ui import views
+from ui import state, views
 
 selection, models = views.results()
 k, eps = views.k_eps_controls(models)
@@ -26,11 +26,13 @@ layers = sorted(
 )
 stacks = list(dict.fromkeys(m.stack for model in models for m in model.matrices))
 c1, c2 = st.columns(2)
-chosen_modules = c1.multiselect("Modules", modules, default=modules, key="sweep_modules")
-chosen_layers = c2.multiselect("Layers", layers, default=layers, key="sweep_layers")
+with c1:
+    chosen_modules = state.widget(st.multiselect, "Modules", "modules", options=modules)
+with c2:
+    chosen_layers = state.widget(st.multiselect, "Layers", "layers", options=layers)
 chosen_stacks = stacks
 if len(stacks) > 1:  # encoder/decoder, vision/language: layer 0 of each is its own matrix
-    chosen_stacks = st.multiselect("Stacks", stacks, default=stacks, key="sweep_stacks")
+    chosen_stacks = state.widget(st.multiselect, "Stacks", "stacks", options=stacks)
 names = {
     tables.matrix_key(m)
     for model in models
@@ -41,7 +43,7 @@ epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
 views.chart(figures.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")
 views.table(tables.sweep_table(models, k, epsilons, names), "intruders-vs-eps")
 
-by = st.radio("Break down by", ["none", "layer", "module"], horizontal=True, key="sweep_breakdown")
+by = state.widget(st.radio, "Break down by", "by", default="none", options=["none", "layer", "module"], horizontal=True)
 if by != "none":
     views.chart(figures.breakdown_figure(models, k, eps, by, names), f"intruders-by-{by}")
     views.table(tables.breakdown_table(models, k, eps, by, names), f"intruders-by-{by}")

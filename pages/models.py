@@ -230,10 +230,14 @@ def add_upload() -> None:
         st.session_state.wse_upload_error = "Choose the files to upload first."
         return
     try:
+        runtime.upload_quota(sum(f.size for f in files))
         stored = resolver.uploads.add([(f.name, f) for f in files])
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
+        # A refused upload leaves the uploader (and server memory): the next try starts clean.
+        st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
         return
+    runtime.upload_quota(sum(f.size for f in files), count=True)
     if stored.spec not in uploads:
         uploads.append(stored.spec)
     if stored.spec not in state.get("tuned"):
@@ -242,12 +246,28 @@ def add_upload() -> None:
     st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
 
 
+def check_pending() -> None:
+    """Files wait in server memory until "Add": more than this visitor may still upload
+    are dropped at once (the uploader is cleared), not held."""
+    files = st.session_state.get(uploader_key) or []
+    try:
+        if len(files) > resolver.uploads.max_files:
+            raise InputError("your files", f"{len(files)} at once; at most {resolver.uploads.max_files} are accepted")
+        runtime.upload_quota(sum(f.size for f in files))
+    except InputError as exc:
+        st.session_state.wse_upload_error = runtime.friendly(str(exc))
+        st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
+    else:
+        st.session_state.pop("wse_upload_error", None)
+
+
 with st.container(border=True):
     st.file_uploader(
         "Upload a fine-tune: a PEFT adapter (adapter_config.json + adapter_model.safetensors, or a .zip of its "
         "folder), a kohya LoRA .safetensors, or a full model .safetensors (optionally with its config.json)",
         accept_multiple_files=True,
         key=uploader_key,
+        on_change=check_pending,
         help="Pickle-based files (.bin, .pt) are refused: uploads are never unpickled.",
     )
     st.button("Add the upload as a fine-tune", on_click=add_upload, key="add_upload")
@@ -325,7 +345,11 @@ for spec in selection.tuned:
         preview = plan_preview(selection.base, checked, str(resolver.uploads.root))
     except InputError as exc:
         problems += 1
-        st.error(f"**{label}**: {runtime.friendly(str(exc))}")
+        st.error(f"**{label}**: {runtime.friendly(str(exc), label, spec=spec)}")
+        continue
+    except Exception as exc:  # a bug, not the visitor's input: say so without a traceback
+        problems += 1
+        st.error(f"**{label}**: internal error ({type(exc).__name__}: {runtime.friendly(str(exc))})")
         continue
     with st.expander(f"**{label}** — {describe(preview)}"):
         adapter = preview["summary"].get("adapter")
@@ -367,7 +391,7 @@ for t in tracked:
             + (f"; {int(skipped['tensors'].sum())} tensor(s) skipped ({counts})." if len(skipped) else ".")
         )
     elif t.state is JobState.FAILED:
-        st.error(f"{resolver.label(t.spec)}: {runtime.friendly(t.job.error or '')}")
+        st.error(f"{resolver.label(t.spec)}: {views.error_text(t)}")
     elif t.state is JobState.CANCELLED:
         st.warning(f"{resolver.label(t.spec)}: cancelled.")
 if any(t.state is JobState.DONE for t in tracked):

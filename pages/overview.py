@@ -26,12 +26,13 @@ st.caption(
     "(Biderman et al. 2024) measure how many directions the update ΔW uses. Click a cell to open its matrix."
 )
 
-metric = st.segmented_control(
+metric = state.widget(
+    st.segmented_control,
     "Colour by",
-    list(figures.OVERVIEW_METRICS),
-    format_func=figures.OVERVIEW_METRICS.get,
+    "metric",
     default="intruders",
-    key="overview_metric",
+    options=list(figures.OVERVIEW_METRICS),
+    format_func=figures.OVERVIEW_METRICS.get,
 )
 metric = metric or "intruders"
 specs = [m.source for m in models]

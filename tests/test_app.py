@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -403,7 +404,7 @@ def test_uploaded_adapter_of_an_unsupported_type_or_wrong_base_is_explained(
     assert all(e.startswith("**upload PEFT adapter [") for e in errors)
     assert "IA3" in errors[0] or "ia3" in errors[0].lower()
     assert "/uploads/" not in "".join(errors)  # no server folders in what a visitor reads
-    assert "] adapter_config.json: peft_type is IA3" in errors[0]
+    assert "]**: adapter_config.json: peft_type is IA3" in errors[0]  # each thing said once
     assert at.button(key="analyse").disabled
 
 
@@ -470,3 +471,119 @@ def test_models_page_counts_skipped_tensors_before_analyse(
     missing = [row for reason, row in by_reason.items() if "not in the fine-tune" in reason]
     assert missing and missing[0]["tensors"] == 1
     assert missing[0]["examples"] == "encoder.layer.0.attention.self.key.weight"
+
+
+# -- a hosted instance: crafted links and files end in messages ---------------------------
+@pytest.mark.parametrize("base", ["~nosuchuser", "x" * 300, "org/name@.."])
+def test_crafted_links_show_a_message_on_every_page(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch, base: str
+) -> None:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(demo_cache))
+    monkeypatch.setenv("WSE_ALLOW_LOCAL_PATHS", "0")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = base
+    at.query_params["tuned"] = ["demo:lora-r8"]
+    at.run()
+    wait_for_jobs()
+    for page in (None, *PAGES.values()):
+        if page is not None:
+            at.switch_page(page)
+        at.run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        shown = " ".join(e.value for e in at.error)
+        assert at.error and str(demo_cache) not in shown and "site-packages" not in shown, (page, shown)
+
+
+def test_malformed_adapter_through_a_shared_link(
+    cache_dir: Path, tmp_path: Path, tiny_bert: Path, tiny_bert_lora: Path
+) -> None:
+    """lora_alpha "abc": the Models page and a shared link to the overview say so."""
+    from ui import runtime
+
+    config = json.loads((tiny_bert_lora / "adapter_config.json").read_text())
+    files = [("adapter_config.json", json.dumps({**config, "lora_alpha": "abc"}).encode(), "")]
+    files.append(("adapter_model.safetensors", (tiny_bert_lora / "adapter_model.safetensors").read_bytes(), ""))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.switch_page(PAGES["models"]).run()
+    at.file_uploader[0].set_value(files)
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert not at.exception
+    (error,) = [e.value for e in at.error]
+    assert "lora_alpha must be a number, got 'abc'" in error and "/uploads/" not in error
+    assert error.count("adapter_config.json") == 1
+    spec = at.query_params["tuned"]
+    shared = open_app(tiny_bert, spec if isinstance(spec, list) else [spec])
+    assert "lora_alpha must be a number" in shared.error[0].value
+    assert runtime.manager().jobs()
+
+
+def test_demo_report_download_hides_server_paths(demo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sysconfig
+
+    from ui.state import Selection
+    from ui.views import report_json
+
+    monkeypatch.setenv("WSE_CACHE_DIR", str(demo_cache))
+    monkeypatch.setenv("WSE_ALLOW_LOCAL_PATHS", "0")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    wait_for_jobs()
+    at.run()
+    from ui import runtime
+
+    job = runtime.manager().get(runtime.job_key("demo:base", "demo:lora-r8"))
+    lora = job.result
+    raw = json.dumps(lora.summary)
+    packages = os.path.realpath(sysconfig.get_paths()["purelib"])
+    assert packages in raw  # the demo records the server's site-packages path ...
+    text = report_json(Selection("demo:base", ("demo:lora-r8",), None, None, None, 10, 0.5), [lora])
+    assert packages not in text and str(demo_cache) not in text  # ... which never reaches a visitor
+    assert "<python packages>/" in text
+    assert json.loads(text)["models"][0]["source"] == "demo:lora-r8"
+
+
+def test_every_control_is_in_the_url(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path
+) -> None:
+    at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft], page="intruders", by="layer", modules="query")
+    assert at.radio(key="w_by").value == "layer"
+    assert at.multiselect(key="w_modules").value == ["query"]
+    at.radio(key="w_by").set_value("module").run()
+    at.multiselect(key="w_layers").set_value(["1"]).run()
+    assert at.query_params["by"] == "module" and at.query_params["layers"] == "1"
+    assert at.query_params["modules"] == "query"
+    at.switch_page(PAGES["effective_rank"]).run()
+    at.radio(key="w_measure").set_value("rank90").run()
+    assert at.query_params["measure"] == "rank90"
+    # A fresh visitor opening the same link sees the same controls.
+    params = {k: at.query_params[k] for k in ("by", "modules", "layers", "measure")}
+    again = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft], page="intruders", **params)
+    assert again.radio(key="w_by").value == "module" and again.multiselect(key="w_layers").value == ["1"]
+    overview = open_app(tiny_bert, [tiny_bert_lora], metric="effective_rank")
+    assert not overview.exception
+    assert overview.query_params["metric"] == "effective_rank"
+
+
+def test_refused_uploads_are_cleared_and_quotas_hold(
+    cache_dir: Path, tiny_bert_lora: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WSE_UPLOADS_PER_VISITOR", "1")
+    weights = (tiny_bert_lora / "adapter_model.safetensors").read_bytes()
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.switch_page(PAGES["models"]).run()
+    at.file_uploader[0].set_value([("adapter_model.safetensors", weights[: len(weights) // 2], "")])
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert "is truncated" in at.error[0].value
+    assert not at.file_uploader[0].value  # cleared: the next try starts afresh, not "uploaded twice"
+    good = [(p.name, p.read_bytes(), "") for p in sorted(tiny_bert_lora.iterdir())]
+    at.file_uploader[0].set_value(good)
+    at.run()
+    at.button(key="add_upload").click().run()
+    assert not [e for e in at.error if "Upload refused" in e.value]
+    assert any("Added upload" in s.value for s in at.success)
+    at.file_uploader[0].set_value(good)
+    at.run()
+    assert any("Upload refused: your uploads: one visitor may add at most 1" in e.value for e in at.error)
+    assert not at.file_uploader[0].value  # over the quota: not even held until "Add"

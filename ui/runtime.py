@@ -15,23 +15,48 @@ from dataclasses import dataclass, replace
 import streamlit as st
 
 from analysis.cache import SpectrumCache, default_cache_dir
-from analysis.errors import InputError
+from analysis.config import env_number
+from analysis.errors import InputError, public_message, say_once, server_places
 from analysis.jobs import Job, JobManager, JobState, comparison_job, comparison_key
 from analysis.pipeline import AnalysisSettings, available_cores, model_result
 from analysis.results import ModelResult
 from analysis.series import Series, is_series_spec, resolve_series
 from analysis.specs import DEMO_PREFIX, SpecResolver, local_paths_allowed
-from analysis.uploads import UploadStore
+from analysis.uploads import UPLOAD_PREFIX, UploadStore, is_upload_spec
 
 SETTINGS = AnalysisSettings()
-DEVICE = os.environ.get("WSE_DEVICE", "auto")
+
+
+def device() -> str:
+    """``WSE_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda[:n]``."""
+    value = os.environ.get("WSE_DEVICE", "").strip() or "auto"
+    if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", value):
+        raise InputError("WSE_DEVICE", f"must be auto, cpu or cuda, got {value!r}")
+    return value
 #: A Ray cluster to run analyses on (``local``, ``auto`` or an address); unset: this process.
 RAY_ADDRESS = os.environ.get("WSE_RAY_ADDRESS") or None
 
 
 @st.cache_resource(show_spinner=False)
 def job_manager(max_workers: int = 1) -> JobManager:
-    return JobManager(max_workers=max_workers)
+    """The server's job manager; jobs nobody is left waiting for (every visitor who asked
+    closed the tab) are stopped within seconds."""
+    manager = JobManager(max_workers=max_workers)
+    manager.reap_every(_session_alive, REAP_SECONDS)
+    return manager
+
+
+#: How often jobs are checked for visitors still waiting.
+REAP_SECONDS = 5.0
+
+
+def _session_alive(session: str) -> bool:
+    """Whether the browser session ``session`` is still connected to this server."""
+    from streamlit import runtime as streamlit_runtime
+
+    if not streamlit_runtime.exists():
+        return True  # not under a server (AppTest): never reap
+    return streamlit_runtime.get_instance().is_active_session(session)
 
 
 @st.cache_resource(show_spinner=False)
@@ -54,7 +79,11 @@ def spectrum_cache() -> SpectrumCache:
 
 
 def _max_jobs() -> int:
-    return max(1, int(os.environ.get("WSE_MAX_JOBS", "1")))
+    return int(env_number("WSE_MAX_JOBS", 1, minimum=1, integer=True))
+
+
+def _max_jobs_per_visitor() -> int:
+    return int(env_number("WSE_MAX_JOBS_PER_VISITOR", 8, minimum=1, integer=True))
 
 
 def manager() -> JobManager:
@@ -69,17 +98,52 @@ def _job_workers() -> int | None:
 
 
 def session_id() -> str:
-    """A random id for this browser session (who is watching which job)."""
-    if "wse_session" not in st.session_state:
+    """This browser session's id (who is watching which job): Streamlit's own, so the
+    job manager can tell when the visitor has gone."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is not None:
+        return ctx.session_id
+    if "wse_session" not in st.session_state:  # pragma: no cover - outside a script run
         st.session_state.wse_session = uuid.uuid4().hex
     return st.session_state.wse_session
 
 
-def friendly(error: str) -> str:
-    """An error message with upload folders on the server named as the visitor knows them."""
-    uploads = re.escape(str(resolver().uploads.root))
-    error = re.sub(uploads + r"[/\\]([0-9a-f]{64})[/\\]files[/\\]?", lambda m: f"upload [{m.group(1)[:8]}] ", error)
-    return re.sub(uploads, "uploads", error)
+@st.cache_resource(show_spinner=False)
+def _places(cache_dir: str) -> dict[str, str]:
+    return server_places(cache_dir)
+
+
+def friendly(error: str, subject: str | None = None, *, spec: str | None = None, short_hashes: bool = True) -> str:
+    """``error`` as a visitor may see it: every server folder under a neutral name
+    (:func:`analysis.errors.public_message`, the one place this is done), and without
+    what the page names already: a leading ``subject`` (the model's label), the
+    ``spec`` itself, and, for an upload, its hash before each of its file names."""
+    cache_dir = str(default_cache_dir())
+    if spec:
+        error = say_once(spec, error)
+    text = public_message(error, _places(cache_dir), resolver().uploads.root, short_hashes=short_hashes)
+    if spec and is_upload_spec(spec):
+        text = text.replace(f"upload {spec.removeprefix(UPLOAD_PREFIX)[:8]}/", "")
+    return say_once(subject, text) if subject else text
+
+
+def upload_quota(size: int, *, count: bool = False) -> None:
+    """Check (or, with ``count``, record) one upload of ``size`` bytes against this
+    visitor's quota: ``WSE_UPLOADS_PER_VISITOR`` uploads (default 10) and
+    ``WSE_UPLOAD_MB_PER_VISITOR`` megabytes (default 2000) per browser session."""
+    used = st.session_state.setdefault("wse_upload_quota", [0, 0])
+    if count:
+        used[0] += 1
+        used[1] += size
+        return
+    most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
+    megabytes = env_number("WSE_UPLOAD_MB_PER_VISITOR", 2000, minimum=1)
+    if used[0] >= most:
+        raise InputError("your uploads", f"one visitor may add at most {most}")
+    if used[1] + size > megabytes * 1024**2:
+        raise InputError("your uploads", f"one visitor may upload at most {megabytes:g} MB in all")
 
 
 def demo_defaults() -> tuple[str, list[str]]:
@@ -107,6 +171,8 @@ class Tracked:
     step: int | None = None
     label: str | None = None
     alias: str | None = None
+    #: Why the job was not started (this visitor's quota of running jobs is used up).
+    refused: str | None = None
 
     @property
     def state(self) -> JobState | None:
@@ -130,6 +196,13 @@ class Tracked:
         return replace(result, source=self.alias or result.source, step=self.step, summary=summary)
 
 
+def _busy_message() -> str:
+    return (
+        f"not started: one visitor may run {_max_jobs_per_visitor()} analyses at once "
+        "(WSE_MAX_JOBS_PER_VISITOR); it starts when one of yours finishes"
+    )
+
+
 def job_key(base: str, tuned: str) -> tuple:
     """The job comparing ``tuned`` with ``base`` on this server.
 
@@ -138,7 +211,7 @@ def job_key(base: str, tuned: str) -> tuple:
     in place is analysed again (cheaply: the spectrum cache is content-addressed).
     """
     versions = (resolver().version(base), resolver().version(tuned))
-    return (*comparison_key(base, tuned, SETTINGS, DEVICE), str(default_cache_dir()), versions)
+    return (*comparison_key(base, tuned, SETTINGS, device()), str(default_cache_dir()), versions)
 
 
 def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart: bool = False) -> list[Tracked]:
@@ -157,13 +230,17 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
         key = job_key(base, spec)
         job = jobs.get(key)
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
-        if start and (job is None or (restart and stale)):
+        abandoned = job is not None and job.abandoned and job.state is JobState.CANCELLED
+        if start and (job is None or (restart and stale) or abandoned):
+            if jobs.active_for(session_id()) >= _max_jobs_per_visitor():
+                tracked.append(Tracked(spec, None, refused=_busy_message()))
+                continue
             fn = comparison_job(
                 resolver(),
                 base,
                 spec,
                 settings=SETTINGS,
-                device=DEVICE,
+                device=device(),
                 cache=spectrum_cache(),
                 workers=_job_workers(),
                 ray_address=RAY_ADDRESS,

@@ -1,10 +1,15 @@
 """The one selection every page shares, kept in ``st.session_state`` and in the URL.
 
-The selection is: the base and the fine-tunes (as specs: ``demo:...``, ``upload:<sha256>``,
-hub ids or paths), the fine-tune shown by single-model views (``model``), the second one
-for subspace similarity (``other``), the matrix (a tensor name of the base), ``k`` and
-``eps``. Each lives under a canonical session key (``sel_<name>``) that no widget owns,
-so it survives pages that do not show its widget; widgets are bound to it with
+The selection is: the base and the fine-tunes (as specs: ``demo:...``,
+``upload:<sha256>``, hub ids or paths), the fine-tune shown by single-model views
+(``model``), the second one for subspace similarity (``other``), the matrix (a tensor name
+of the base), ``k`` and ``eps``, and the page controls (:data:`CONTROLS`: colour-by,
+break-down, module and layer filters, rank measure). This module is the one place a
+visitor's view lives: it is read from the visitor's own link once per session and changed
+only by the visitor's own widgets and clicks; nothing derived from results (a slider's
+range while results stream in, the matrices there are so far) is ever written back into
+it. Each part lives under a canonical session key (``sel_<name>``) that no widget owns, so
+it survives pages that do not show its widget; widgets are bound to it with
 :func:`widget`. Every run writes the selection to ``st.query_params`` (the page is the URL
 path), so the address bar always reproduces the current view for anyone on the same
 server, and a new session starts from the URL it was opened with.
@@ -23,6 +28,21 @@ from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K
 NAMES = ("base", "tuned", "model", "other", "matrix", "k", "eps", "series")
 MAX_K = 100
 EPS_STEP = 0.05
+
+#: Page controls that are part of the view too (colour-by, break-down, filters, rank
+#: measure): name -> default. A list-valued one (``LISTS``) is ``None`` for "all options"
+#: and is written to the URL only when it differs from its default.
+CONTROLS: dict[str, Any] = {
+    "metric": None,
+    "by": None,
+    "measure": None,
+    "modules": None,
+    "layers": None,
+    "stacks": None,
+}
+LISTS = ("modules", "layers", "stacks")
+#: Every part of the view, in URL order.
+PARTS = (*NAMES, *CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,12 @@ def load(defaults: Callable[[], tuple[str, list[str]]]) -> None:
     st.session_state[_key("k")] = _parse_k(params.get("k"))
     st.session_state[_key("eps")] = _parse_eps(params.get("eps"))
     st.session_state[_key("series")] = params.get("series") or None  # the series shown on its page
+    for name in CONTROLS:
+        values = params.get_all(name)
+        if name in LISTS:
+            st.session_state[_key(name)] = [v for v in values if v] if values else None
+        else:
+            st.session_state[_key(name)] = (values[0] or None) if values else None
     st.session_state.sel_loaded = True
 
 
@@ -91,21 +117,46 @@ def ensure_app_navigation() -> None:
     Streamlit keeps a relic of its first multipage API: until some run has called
     ``st.navigation``, a server whose main script sits next to a ``pages/`` folder runs
     ``pages/<name>.py`` *directly* for a URL ``/<name>`` (skipping ``app.py``). That
-    happens only to the very first request after a start, which for a shared link is a
-    deep URL. Turning the relic off and rerunning sends the same URL through ``app.py``
-    (page URLs equal the file names, so it lands on the same page). Call it first thing in
-    a page's body (never in a callback).
+    happens to every session that starts before the first one has turned it off, which
+    for shared links opened at once is several. Turning the relic off and rerunning sends
+    the same URL through ``app.py`` (page URLs equal the file names, so it lands on the
+    same page). Call it first thing in a page's body (never in a callback).
+
+    The flag is one per server process, so under load a session may find it already
+    turned off by another while its own run still came in through the relic: what
+    decides is whether ``app.py`` is running this very run (:func:`mark_app_run`), never the
+    flag (a page run outside ``app.py`` never loaded the visitor's link).
     """
     from streamlit.runtime.pages_manager import PagesManager
 
-    if PagesManager.uses_pages_directory:
+    if not _in_app_run():
         PagesManager.uses_pages_directory = False
         st.rerun()
 
 
+def mark_app_run() -> None:
+    """Mark this script run as coming through ``app.py`` (see :func:`ensure_app_navigation`).
+
+    The mark is the run's own cursor table, which Streamlit replaces at the start of
+    every run, so it cannot outlive the run (nor be seen by another session).
+    """
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    if ctx is not None:
+        ctx.wse_app_cursors = ctx.cursors  # type: ignore[attr-defined]
+
+
+def _in_app_run() -> bool:
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return ctx is None or getattr(ctx, "wse_app_cursors", None) is ctx.cursors
+
+
 def current() -> Selection:
     """The selection now, with ``model``/``other`` kept among the chosen fine-tunes."""
-    tuned = tuple(st.session_state.get(_key("tuned"), []))
+    tuned = tuple(get("tuned"))
     model = st.session_state.get(_key("model"))
     if model not in tuned:
         model = tuned[0] if tuned else None
@@ -113,57 +164,106 @@ def current() -> Selection:
     if other not in tuned or other == model:
         other = next((t for t in tuned if t != model), None)
     return Selection(
-        base=st.session_state.get(_key("base"), ""),
+        base=get("base"),
         tuned=tuned,
         model=model,
         other=other,
-        matrix=st.session_state.get(_key("matrix")),
-        k=int(st.session_state.get(_key("k"), DEFAULT_TOP_K)),
-        eps=float(st.session_state.get(_key("eps"), DEFAULT_EPSILON)),
+        matrix=get("matrix"),
+        k=int(get("k")),
+        eps=float(get("eps")),
     )
 
 
+_DEFAULTS: dict[str, Any] = {"base": "", "tuned": [], "k": DEFAULT_TOP_K, "eps": DEFAULT_EPSILON, **CONTROLS}
+
+
 def get(name: str) -> Any:
-    return st.session_state.get(_key(name))
+    """One part of this visitor's view (its default when the link named none)."""
+    if name not in PARTS:
+        raise KeyError(f"unknown view part {name!r}; one of {PARTS}")
+    value = st.session_state.get(_key(name))
+    return _DEFAULTS.get(name) if value is None else value
 
 
 def set(name: str, value: Any) -> None:  # noqa: A001 - reads as state.set("k", 12)
     """Change one part of the selection (call before its widget is drawn, or in a callback)."""
-    if name not in NAMES:
-        raise KeyError(f"unknown selection part {name!r}; one of {NAMES}")
+    if name not in PARTS:
+        raise KeyError(f"unknown view part {name!r}; one of {PARTS}")
     st.session_state[_key(name)] = value
     widget_key = f"w_{name}"
     if widget_key in st.session_state:
         st.session_state[widget_key] = value
+        st.session_state[f"wse_assigned_{name}"] = True  # the widget must not take a default too
 
 
-def widget(factory: Callable[..., Any], label: str, name: str, **kwargs: Any) -> Any:
+def widget(
+    factory: Callable[..., Any], label: str, name: str, *, default: Any = None, shown: Any = None, **kwargs: Any
+) -> Any:
     """Draw ``factory(label, ...)`` (``st.slider``, ``st.selectbox`` ...) bound to ``name``.
 
-    The widget starts from the canonical value and writes back to it when changed, so
-    the value survives pages where the widget is not drawn.
+    The widget starts from the visitor's view and writes back to it only when the
+    visitor changes it, so the value survives pages where the widget is not drawn and
+    nothing but the visitor's own link and hands ever sets it. ``default`` is the value
+    when the view names none; ``shown`` a value to display instead of the view's (a
+    ``k`` beyond the slider's range while results stream in), which is *not* written
+    back: the view keeps what its link asked for. A list part that is ``None`` means
+    every option.
     """
     widget_key = f"w_{name}"
-    value = st.session_state.get(_key(name))
+    value = get(name)
+    if value is None:
+        value = default
     options = kwargs.get("options")
-    if options is not None and value not in list(options):
-        value = next(iter(options), None) if not isinstance(value, list) else [v for v in value if v in options]
-        st.session_state[_key(name)] = value
-    # A value assigned through Session State is pushed to the browser and would override
-    # what the user is changing right now, so assign only when needed: the value differs,
-    # or the widget is new on this page (widgets of another page do not carry over).
+    every = name in LISTS and value is None
+    if every:
+        value = list(options or [])
+    if shown is not None:
+        value = shown
+    if options is not None and isinstance(value, list):
+        value = [v for v in value if v in list(options)]
+    if options is not None and not isinstance(value, list) and value not in list(options):
+        # Not an option (yet: results may still be streaming in): show the first, and
+        # keep the view as its link said; only a view that named nothing takes it.
+        if get(name) is None and shown is None:
+            st.session_state[_key(name)] = next(iter(options), None)
+        value = next(iter(options), None)
+    # The widget's own default is always the view's value: a browser that draws the widget
+    # afresh (a new tab, a run cut short by a rerun before its message arrived) shows it,
+    # where a widget without one would show its minimum (k = 1, eps = 0.05) and send that
+    # back. Session State is assigned only where the widget already holds another value
+    # (the view changed in a callback), which Streamlit forbids together with a default.
     page = st.session_state.get("wse_page")
     page_key = f"wse_widget_page_{name}"
-    if st.session_state.get(widget_key) != value or st.session_state.get(page_key) != page:
+    held = st.session_state.get(widget_key)
+    assigned = st.session_state.pop(f"wse_assigned_{name}", False)
+    if assigned or (held is not None and (held != value or st.session_state.get(page_key) != page)):
         st.session_state[widget_key] = value
-        st.session_state[page_key] = page
+    else:
+        kwargs.update(_default_argument(factory, value, options))
+    st.session_state[page_key] = page
 
     def copy_back() -> None:
-        st.session_state[_key(name)] = st.session_state[widget_key]
+        chosen = st.session_state[widget_key]
+        if name in LISTS and options is not None and list(chosen) == list(options):
+            chosen = None  # every option: the default, kept out of the URL
+        st.session_state[_key(name)] = chosen
 
     result = factory(label, key=widget_key, on_change=copy_back, **kwargs)
     to_url(current())  # a value fixed up just now (e.g. the first matrix) belongs in the URL too
     return result
+
+
+def _default_argument(factory: Callable[..., Any], value: Any, options: Any) -> dict[str, Any]:
+    """``value`` as ``factory``'s own default argument (``value``, ``index`` or ``default``)."""
+    name = getattr(factory, "__name__", "")
+    if name in ("slider", "text_input", "number_input"):
+        return {"value": value}
+    if name in ("selectbox", "radio"):
+        choices = list(options or [])
+        return {"index": choices.index(value) if value in choices else (0 if choices else None)}
+    if name in ("multiselect", "segmented_control", "pills"):
+        return {"default": value}
+    return {}
 
 
 def to_url(selection: Selection) -> None:
@@ -182,6 +282,14 @@ def to_url(selection: Selection) -> None:
         wanted["series"] = [series]
     wanted["k"] = [str(selection.k)]
     wanted["eps"] = [f"{selection.eps:g}"]
+    for name in CONTROLS:
+        value = st.session_state.get(_key(name))
+        if value is None:
+            continue
+        if name in LISTS:
+            wanted[name] = [str(v) for v in value] or [""]
+        else:
+            wanted[name] = [str(value)]
     have = {key: st.query_params.get_all(key) for key in st.query_params.keys()}
     if have != wanted:
         st.query_params.from_dict({k: v if len(v) > 1 else v[0] for k, v in wanted.items()})

@@ -85,8 +85,11 @@ def results() -> tuple[Selection, list[ModelResult]]:
         st.stop()
     tracked = runtime.track(selection.base, selection.tuned, start=True)
     for t in tracked:
-        if t.state is JobState.FAILED:
-            st.error(f"**{runtime.resolver().label(t.spec)}** could not be analysed: {runtime.friendly(t.job.error)}")
+        label = runtime.resolver().label(t.spec)
+        if t.refused:
+            st.warning(f"**{label}**: {t.refused}")
+        elif t.state is JobState.FAILED:
+            st.error(f"**{label}** could not be analysed: {error_text(t)}")
         elif t.state is JobState.CANCELLED:
             st.warning(f"The analysis of **{runtime.resolver().label(t.spec)}** was cancelled.")
     progress(selection.base, tracked)
@@ -101,6 +104,11 @@ def results() -> tuple[Selection, list[ModelResult]]:
     return selection, models
 
 
+def error_text(t: runtime.Tracked) -> str:
+    """A failed job's error as a visitor may see it, without the spec the page names."""
+    return runtime.friendly(t.job.error or "", runtime.resolver().label(t.spec), spec=t.spec)
+
+
 def max_k(models: Sequence[ModelResult]) -> int:
     """The largest ``k`` every analysed matrix has scores for."""
     lengths = [len(m.intruder_scores) for model in models for m in model.matrices]
@@ -109,14 +117,16 @@ def max_k(models: Sequence[ModelResult]) -> int:
 
 def k_eps_controls(models: Sequence[ModelResult]) -> tuple[int, float]:
     """Sidebar sliders for ``k`` and ``eps`` (shared by every page that counts intruders)."""
-    top = min(state.MAX_K, max_k(models))
-    if state.get("k") > top:
-        state.set("k", top)
+    # While results stream in, the matrices so far may offer fewer than the link's k:
+    # the slider shows what there is, the view keeps what its link asked for.
+    top = max(2, min(state.MAX_K, max_k(models)))
+    wanted = state.get("k")
     with st.sidebar:
         k = state.widget(
             st.slider,
             "k: top tuned singular vectors checked",
             "k",
+            shown=top if wanted > top else None,
             min_value=1,
             max_value=top,
             help="Intruders are sought among the top-k singular vectors of each tuned matrix.",
@@ -237,7 +247,11 @@ def report_json(selection: Selection, models: Sequence[ModelResult]) -> str:
     """
     epsilons = sorted({*DEFAULT_EPSILONS, round(selection.eps, 2)})
     result = ComparisonResult(base=selection.base, top_k=selection.k, epsilons=epsilons, models=list(models))
-    return json.dumps(to_report(result), indent=2, allow_nan=False, default=str)
+    # A demo adapter records the server's site-packages path as its base_model_name_or_path:
+    # through the one filter of server paths (specs keep their full hashes).
+    # Where visitors may not name server paths, none is in what they download.
+    text = json.dumps(to_report(result), indent=2, allow_nan=False, default=str)
+    return text if runtime.resolver().allow_local_paths else runtime.friendly(text, short_hashes=False)
 
 
 def report_download(selection: Selection, models: Sequence[ModelResult]) -> None:

@@ -130,6 +130,7 @@ class LoraSettings:
                 raise InputError(path, f"uses {what} ({key}); only plain LoRA, rsLoRA and DoRA can be analysed")
         if config.get("init_lora_weights") == "mica":
             raise InputError(path, "uses the MiCA LoRA variant (init_lora_weights='mica'), which cannot be analysed")
+        check_lora_values(path, config)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in known}
         values["peft_type"] = peft_type
@@ -155,6 +156,36 @@ class LoraSettings:
         if isinstance(data["target_modules"], (set, tuple)):
             data["target_modules"] = sorted(data["target_modules"])
         return data
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_lora_values(path: object, config: dict) -> None:
+    """Refuse, as one :class:`InputError` naming the field, an ``adapter_config.json``
+    whose ``r``/``lora_alpha`` are not numbers or whose ``rank_pattern``/``alpha_pattern``
+    have keys that are not regular expressions or values that are not numbers (each is
+    used as PEFT uses it: :func:`pattern_key`, :func:`lora_scale`)."""
+    r = config.get("r", 8)
+    if not (_is_number(r) and int(r) == r and r > 0):
+        raise InputError(path, f"r must be a positive whole number, got {r!r}")
+    alpha = config.get("lora_alpha", 8)
+    if not _is_number(alpha):
+        raise InputError(path, f"lora_alpha must be a number, got {alpha!r}")
+    for field_name, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(field_name) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(path, f"{field_name} must be an object of module patterns, got {type(pattern).__name__}")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as error:
+                raise InputError(path, f"{field_name} key {key!r} is not a regular expression ({error})") from None
+            ok = _is_number(value) and value > 0 and (not whole or int(value) == value)
+            if not ok:
+                kind = "a positive whole number" if whole else "a positive number"
+                raise InputError(path, f"{field_name}[{key!r}] must be {kind}, got {value!r}")
 
 
 def pattern_key(pattern_keys: Sequence[str], module: str) -> str:

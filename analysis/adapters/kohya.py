@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def open_kohya_file(path: Path, *, label: str | None = None) -> LoraAdapter:
         rank = down[0]
         if up[1] != rank:
             raise InputError(path, f"module {name!r}: lora_up is {up} but lora_down is {down}, their ranks differ")
-        alpha = float(load_safetensors_tensor(path, parts["alpha"]).float().item()) if "alpha" in parts else rank
+        alpha = _kohya_alpha(path, name, parts["alpha"]) if "alpha" in parts else rank
         module = _strip_kohya_prefix(name)
         alphas[module] = alpha
         modules[module] = AdapterModule(
@@ -104,3 +105,14 @@ def match_kohya(base_names: list[str], kohya_modules: Iterable[str]) -> dict[str
         if len(found) == 1 and found[0].endswith(".weight"):
             matches[found[0]] = module
     return matches
+
+
+def _kohya_alpha(path: Path, module: str, key: str) -> float:
+    """A kohya module's ``.alpha``: one finite number, else an :class:`InputError`."""
+    tensor = load_safetensors_tensor(path, key)
+    if tensor.numel() != 1:
+        raise InputError(path, f"module {module!r} has an alpha of {tensor.numel()} values; kohya stores one number")
+    value = float(tensor.float().item())
+    if not math.isfinite(value):
+        raise InputError(path, f"module {module!r} has an alpha of {value}")
+    return value

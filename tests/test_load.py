@@ -1,0 +1,153 @@
+"""Eight visitors at once on a cold server: each view's settings come from its own link.
+
+A fresh ``streamlit run app.py`` (nothing cached, no session yet) and eight browser
+contexts opening shared links at the same moment, on different pages, none naming ``k``
+or ``eps`` and one naming its own. Every page must end with exactly the settings its link
+asked for (the defaults where it named none): in the sliders, in the chart titles and in
+the address bar. Tiny models (tests/factories.py) keep it light on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlparse
+
+import pytest
+
+from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts" / "load"
+TIMEOUT_MS = 120_000
+
+if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+                     && !document.querySelector('[data-testid="stStatusWidget"]')
+                     && !document.querySelector('[data-testid="stProgress"]')"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests import factories
+
+    root = tmp_path_factory.mktemp("load")
+    base = factories.make_bert(root / "base", seed=0)
+    return {
+        "root": root,
+        "base": base,
+        "r8": factories.make_lora_adapter(base, root / "lora-r8", r=8, seed=3, factor_std=0.3),
+        "r2": factories.make_lora_adapter(base, root / "lora-r2", r=2, seed=4, factor_std=0.3),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, Path]) -> Iterator[str]:
+    from tests.test_browser import _free_port
+
+    port = _free_port()
+    env = {**os.environ, "WSE_CACHE_DIR": str(models["root"] / "cache"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WSE_ALLOW_LOCAL_PATHS": "1"}  # fmt: skip
+    log_path = models["root"] / "streamlit.log"
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read() == b"ok":
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            process.kill()
+
+
+def _sliders(page) -> dict[str, str | None]:
+    """The sidebar sliders' values by label start ("k", "ε")."""
+    values = {}
+    for slider in page.get_by_test_id("stSidebar").get_by_test_id("stSlider").all():
+        label = slider.get_by_test_id("stWidgetLabel").text_content().strip()
+        values[label.split(":")[0]] = slider.get_by_test_id("stSliderThumbValue").first.text_content().strip()
+    return values
+
+
+def test_eight_visitors_on_a_cold_server_keep_their_own_settings(server: str, models: dict[str, Path]) -> None:
+    base, r8, r2 = (quote(str(models[n])) for n in ("base", "r8", "r2"))
+    shared = f"base={base}&tuned={r8}&tuned={r2}"
+    links = [  # (path, query, expected k, expected eps)
+        ("overview", shared, DEFAULT_TOP_K, DEFAULT_EPSILON),
+        ("intruders", shared, DEFAULT_TOP_K, DEFAULT_EPSILON),
+        ("spectrum", shared, DEFAULT_TOP_K, DEFAULT_EPSILON),
+        ("similarity", shared, DEFAULT_TOP_K, DEFAULT_EPSILON),
+        ("effective_rank", shared, None, None),
+        ("overview", shared + "&k=3&eps=0.3", 3, 0.3),
+        ("intruders", shared, DEFAULT_TOP_K, DEFAULT_EPSILON),
+        ("spectrum", shared, DEFAULT_TOP_K, DEFAULT_EPSILON),
+    ]
+    started = time.perf_counter()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
+        )
+        pages = []
+        for _ in links:
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            pages.append(page)
+        # All at once: navigation is started on every page before any is waited on.
+        for page, (path, query, _, _) in zip(pages, links, strict=True):
+            page.goto(f"{server}/{path}?{query}", wait_until="commit")
+        problems = []
+        for page, (path, query, k, eps) in zip(pages, links, strict=True):
+            try:
+                page.wait_for_function(SCRIPT_DONE, timeout=TIMEOUT_MS)
+                page.locator(".js-plotly-plot .main-svg").first.wait_for()
+            except sync_api.TimeoutError:
+                text = page.locator("[data-testid='stMain']").inner_text()[:400]
+                problems.append(f"/{path}: nothing drawn in time: {page.url[-60:]} {text!r}")
+                continue
+            page.wait_for_timeout(500)
+            page.wait_for_function(SCRIPT_DONE, timeout=TIMEOUT_MS)
+            assert not page.get_by_test_id("stException").count(), path
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"visitor-{pages.index(page)}-{path}.png"))
+            params = parse_qs(urlparse(page.url).query)
+            where = f"/{path}?{query[-20:]}"
+            if urlparse(page.url).path.strip("/") not in ({path, ""} if path == "overview" else {path}):
+                problems.append(f"{where}: ended on {page.url}")
+            if k is None:
+                continue
+            if params.get("k") != [str(k)] or float(params.get("eps", ["nan"])[0]) != eps:
+                problems.append(f"{where}: address bar says k={params.get('k')} eps={params.get('eps')}")
+            sliders = _sliders(page)
+            if sliders.get("k") != str(k) or float(sliders.get("ε") or "nan") != eps:
+                problems.append(f"{where}: sliders say {sliders}")
+            if path == "overview" and f"among the top {k} singular" not in page.get_by_test_id("stMain").inner_text():
+                problems.append(f"{where}: the page does not say top {k}")
+        browser.close()
+    assert not problems, "\n".join(problems)
+    assert time.perf_counter() - started < 150
