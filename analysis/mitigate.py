@@ -671,3 +671,38 @@ def zip_folder(folder: Path) -> bytes:
             if path.is_file():
                 archive.write(path, path.relative_to(folder).as_posix())
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- dashboard job
+
+
+def job_key(base: str, tuned: str, settings: MitigationSettings, tradeoff: bool, device: str) -> tuple:
+    """The background job of one mitigation (what makes two requests the same)."""
+    return ("mitigate", base, tuned, settings.signature(), bool(tradeoff), device)
+
+
+def mitigation_job(
+    resolver, base: str, tuned: str, settings: MitigationSettings, *, tradeoff: bool, device="auto", cache=None
+):
+    """A :mod:`analysis.jobs` job function running :func:`run` with progress and cancel."""
+    from analysis.jobs import Progress
+
+    def job_fn(job):
+        start = time.perf_counter()
+
+        def progress(done: int, total: int, what: str) -> None:
+            job.report(Progress(done, total, what, time.perf_counter() - start))
+
+        return run(
+            resolver,
+            base,
+            tuned,
+            settings,
+            device=device,
+            cache=cache,
+            tradeoff=tradeoff,
+            progress=progress,
+            should_stop=job.should_stop,
+        )
+
+    return job_fn

@@ -143,8 +143,10 @@ def evaluate_tradeoff(
     *,
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    paragraphs: int = HELD_OUT_PARAGRAPHS,
 ) -> Tradeoff:
-    """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda."""
+    """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda
+    (``paragraphs`` of the held-out text)."""
     from transformers import AutoTokenizer
 
     from analysis.pairing import match_names
@@ -163,7 +165,7 @@ def evaluate_tradeoff(
             "sentence-transformers embedding model.",
         )
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
-    paragraphs = held_out_paragraphs()
+    texts = held_out_paragraphs(paragraphs)
     is_demo = "demo" in resolver.resolve(tuned).summary
     task = _DemoTask(tokenizer) if is_demo and family == "embedding" else None
     loss_name = "held-out contrastive loss" if family == "embedding" else "held-out LM loss (nats/token)"
@@ -175,7 +177,7 @@ def evaluate_tradeoff(
         nonlocal done
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"trade-off cancelled after {done} of {total} evaluations")
-        loss = held_out_loss(model, tokenizer, family, paragraphs)
+        loss = held_out_loss(model, tokenizer, family, texts)
         points.append({"label": label, "lam": lam, "loss": loss, "task": task(model) if task else None})
         done += 1
         if progress is not None:
@@ -206,7 +208,7 @@ def evaluate_tradeoff(
         install(lambda name, lam=lam: mitigation.tuned_at(name, lam))
         measure(model, f"λ = {lam:g}", float(lam))
     note = (
-        f"{loss_name} on {len(paragraphs)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "
+        f"{loss_name} on {len(texts)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "
         "standing for the pre-training distribution"
         + ("; task: MRR on the demo's held-out retrieval split" if task else "; no task metric known for this model")
         + f"; {len(mapping)} matrices swapped per point."

@@ -242,7 +242,7 @@ def test_tradeoff_on_a_sentence_embedding_model(tmp_path, resolver, model_root):
     settings = MitigationSettings(lam=0.5)
     result = run(resolver, str(base), str(adapter), settings, cache=None)
     grid = (0.0, 0.5, 1.0)
-    curve = evaluate_tradeoff(resolver, str(base), str(adapter), result.mitigation, grid)
+    curve = evaluate_tradeoff(resolver, str(base), str(adapter), result.mitigation, grid, paragraphs=32)
     assert [p["label"] for p in curve.points] == ["base", "fine-tune", "λ = 0", "λ = 0.5", "λ = 1"]
     losses = {p["label"]: p["loss"] for p in curve.points}
     assert all(v > 0 for v in losses.values())
