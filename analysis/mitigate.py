@@ -555,7 +555,7 @@ def _orient_like(stored: torch.Tensor, reference: torch.Tensor, weight: torch.Te
         return weight
     if tuple(stored.shape) == tuple(reference.T.shape) and torch.equal(stored.to(torch.float32).T, reference):
         return weight.T
-    raise InputError(stored.shape, "cannot tell how the plan oriented this tensor (internal)")
+    raise InputError("export", f"cannot tell how a {tuple(stored.shape)} tensor was oriented in the analysis")
 
 
 def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: Path) -> Path:

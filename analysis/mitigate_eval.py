@@ -31,8 +31,8 @@ from analysis.mitigate import Mitigation, Tradeoff, _orient_like
 
 HELD_OUT_SOURCE = "pydoc_data.topics"
 #: Paragraphs of the held-out text used (spread evenly over the topics).
-HELD_OUT_PARAGRAPHS = 256
-HELD_OUT_MAX_TOKENS = 96
+HELD_OUT_PARAGRAPHS = 128
+HELD_OUT_MAX_TOKENS = 64
 _BATCH = 32
 
 
@@ -204,7 +204,15 @@ def evaluate_tradeoff(
 
     install(lambda name: plans[name].load_tuned().weight)
     measure(model, "fine-tune", 1.0)
+    fine_tune = points[-1]
     for lam in grid:
+        if lam == 1.0:
+            # lambda = 1 changes nothing (the rank-r re-factorisation of dW is dW itself).
+            points.append({**fine_tune, "label": "λ = 1"})
+            done += 1
+            if progress is not None:
+                progress(done, total, "λ = 1")
+            continue
         install(lambda name, lam=lam: mitigation.tuned_at(name, lam))
         measure(model, f"λ = {lam:g}", float(lam))
     note = (

@@ -246,8 +246,8 @@ def test_tradeoff_on_a_sentence_embedding_model(tmp_path, resolver, model_root):
     assert [p["label"] for p in curve.points] == ["base", "fine-tune", "λ = 0", "λ = 0.5", "λ = 1"]
     losses = {p["label"]: p["loss"] for p in curve.points}
     assert all(v > 0 for v in losses.values())
-    assert losses["λ = 1"] == pytest.approx(losses["fine-tune"], rel=1e-4)  # lambda 1 is the fine-tune
+    assert losses["λ = 1"] == losses["fine-tune"]  # lambda 1 is the fine-tune (not evaluated twice)
     assert losses["λ = 0"] != pytest.approx(losses["fine-tune"], rel=1e-4)
     assert curve.task_name is None  # not the demo: no task metric known
     assert "pydoc_data" in curve.note
-    assert len(held_out_paragraphs()) == 256
+    assert len(held_out_paragraphs()) == 128
