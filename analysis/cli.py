@@ -123,7 +123,119 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's own)")
     demo.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_mitigate_parser(commands)
     return parser
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value:g}")
+    return value
+
+
+def _add_mitigate_parser(commands) -> None:
+    mitigate = commands.add_parser(
+        "mitigate",
+        help="scale a fine-tune's intruder dimensions down and export the result",
+        description=(
+            "Intruder mitigation (Shuttleworth et al. 2024, section 6; PEFT's reduce_intruder_dimension): in every "
+            "matrix, the intruders among the top-k singular vectors of the tuned weight at eps are scaled by lambda. "
+            "An adapter is re-factored to its rank r (or r + n with --exact) and written as a PEFT folder; a full "
+            "fine-tune (or an adapter with --merged) is written as a merged model.safetensors folder. "
+            "mitigation.json beside it holds the intruders before and after and the re-factorisation error."
+        ),
+    )
+    mitigate.add_argument("base", metavar="BASE", help="the pre-trained model: a folder, a .safetensors file, a hub id")
+    mitigate.add_argument("tuned", metavar="TUNED", help="the fine-tune: a PEFT adapter folder or a full model")
+    mitigate.add_argument("--out", required=True, type=Path, help="folder to write the mitigated adapter/model to")
+    mitigate.add_argument(
+        "--lam", type=_unit_interval, default=0.75, help="scale of the intruder components, 0..1 (default 0.75)"
+    )
+    mitigate.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=DEFAULT_TOP_K,
+        help=f"intruders among the top k (default {DEFAULT_TOP_K})",
+    )
+    mitigate.add_argument(
+        "--eps", type=_unit_interval, default=0.5, help="similarity threshold of an intruder (default 0.5)"
+    )
+    mitigate.add_argument(
+        "--rule",
+        choices=["peft", "top1"],
+        default="peft",
+        help="peft: every intruder among the top k; top1: the top intruder of each matrix (the paper's)",
+    )
+    mitigate.add_argument("--exact", action="store_true", help="keep rank r + n instead of truncating to rank r")
+    mitigate.add_argument("--merged", action="store_true", help="write the merged model even for an adapter")
+    mitigate.add_argument(
+        "--tradeoff", action="store_true", help="also evaluate the held-out loss/task trade-off over a lambda grid"
+    )
+    mitigate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the analysis")
+    mitigate.add_argument("--no-cache", action="store_true", help="compute everything afresh and store nothing")
+    mitigate.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache folder (default $WSE_CACHE_DIR or cache/)"
+    )
+    mitigate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_mitigate(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.cache import SpectrumCache, default_cache_dir
+    from analysis.mitigate import MitigationSettings, export_adapter, export_merged, run
+    from analysis.specs import SpecResolver
+
+    if args.eps == 0:
+        raise InputError("--eps", "must be above 0")
+    settings = MitigationSettings(lam=args.lam, top_k=args.top_k, eps=args.eps, rule=args.rule, exact=args.exact)
+    cache = None if args.no_cache else SpectrumCache((args.cache_dir or default_cache_dir()) / "spectra")
+    resolver = SpecResolver(allow_local_paths=True)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise InputError(args.out, "exists and is not an empty folder; choose a new --out")
+    bar = tqdm(total=None, desc="mitigate", unit="step", file=sys.stderr, disable=args.quiet)
+
+    def progress(done: int, total: int, what: str) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    try:
+        result = run(
+            resolver,
+            args.base,
+            args.tuned,
+            settings,
+            device=args.device,
+            cache=cache,
+            tradeoff=args.tradeoff,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    try:
+        if result.mitigation.kind == "adapter" and not args.merged:
+            export_adapter(result.mitigation, resolver, args.tuned, args.out)
+        else:
+            export_merged(result.mitigation, resolver, args.base, args.tuned, args.out)
+        (args.out / "mitigation.json").write_text(json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise InputError(args.out, f"cannot write the export: {exc.strerror or exc}") from None
+    if not args.quiet:
+        totals = result.mitigation.totals()
+        counts = result.counts([settings.eps])
+        print(
+            f"wrote {args.out}: {totals['intruders_scaled']} intruders scaled in {totals['matrices_with_intruders']} "
+            f"of {totals['matrices']} matrices; intruders at eps {settings.eps:g} among the top {settings.top_k}: "
+            f"{counts['before'][0]} -> {counts['after'][0]}; ||dW||_F {totals['delta_fro_before']:.4g} -> "
+            f"{totals['delta_fro_after']:.4g} ({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -184,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _run_report(args)
+        if args.command == "mitigate":
+            return _run_mitigate(args)
         return _run_demo(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -290,6 +290,14 @@ def to_url(selection: Selection) -> None:
             wanted[name] = [str(v) for v in value] or [""]
         else:
             wanted[name] = [str(value)]
+    for key in PAGE_PARAMS.get(st.session_state.get("wse_page"), ()):  # a page's own view (e.g. Mitigate)
+        if key in st.query_params:
+            wanted[key] = st.query_params.get_all(key)
     have = {key: st.query_params.get_all(key) for key in st.query_params.keys()}
     if have != wanted:
         st.query_params.from_dict({k: v if len(v) > 1 else v[0] for k, v in wanted.items()})
+
+
+#: Query parameters a page keeps in the URL beside the selection, by page URL path; the
+#: page itself reads and writes them (``mitigate``: lambda, rule, exact rank, trade-off curve).
+PAGE_PARAMS: dict[str, tuple[str, ...]] = {"mitigate": ("lam", "rule", "exact", "curve")}

@@ -1,0 +1,208 @@
+"""Figures and tables of the Mitigate page (pure: results in, figure/frame out).
+
+Intruder mitigation: Shuttleworth et al. 2024 (arXiv:2410.21228), section 6 and Fig. 8;
+the procedure is :mod:`analysis.mitigate`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from analysis import tables
+from analysis.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_sample
+from analysis.mitigate import MitigationResult
+from analysis.results import DEFAULT_EPSILONS, MatrixResult
+
+BEFORE_COLOR = "#1f77b4"
+AFTER_COLOR = "#2ca02c"
+BASE_COLOR = "#7f7f7f"
+
+
+def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame:
+    """Per matrix: intruders scaled, intruders before/after at ``eps`` among the top ``k``
+    (the pipeline's counts), ``||dW||_F`` before/after and the re-factorisation error."""
+    before = {m.name: m for m in result.before.matrices}
+    after = {m.name: m for m in result.after.matrices}
+    rows = []
+    for m in result.mitigation.matrices:
+        b, a = before.get(m.name), after.get(m.name)
+        rows.append(
+            {
+                "layer": tables.layer_label(m.layer),
+                "module": m.module,
+                "scaled": len(m.intruders),
+                f"intruders before (ε={eps:g})": b.intruder_counts(k, [eps])[0] if b else None,
+                f"after (ε={eps:g})": a.intruder_counts(k, [eps])[0] if a else None,
+                "‖ΔW‖ before": round(m.delta_fro_before, 6),
+                "‖ΔW‖ after": round(m.delta_fro_after, 6),
+                "‖ΔW‖ change %": round(100 * m.delta_change, 2),
+                "rank": f"{m.rank} → {m.new_rank}" if m.rank is not None else "full",
+                "re-factorisation error %": round(100 * m.refactor_rel_error, 4),
+                "mitigated": m.mitigated,
+                "matrix": m.name,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def counts_table(result: MitigationResult, k: int) -> pd.DataFrame:
+    counts = result.counts(DEFAULT_EPSILONS, k)
+    return pd.DataFrame({"eps": counts["eps"], "before": counts["before"], "after": counts["after"]})
+
+
+def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
+    """Total intruders among the top ``k`` vs eps, before and after the mitigation."""
+    frame = counts_table(result, k)
+    fig = go.Figure()
+    for column, name, color, dash in (
+        ("before", "fine-tune", BEFORE_COLOR, "dash"),
+        ("after", "mitigated", AFTER_COLOR, "solid"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=frame["eps"],
+                y=frame[column],
+                mode="lines+markers",
+                name=name,
+                line={"color": color, "dash": dash},
+                hovertemplate=f"{name}<br>ε = %{{x:.2f}}: %{{y}} intruders<extra></extra>",
+            )
+        )
+    fig.add_vline(x=eps, line={"color": "#999", "dash": "dot"})
+    fig.update_layout(
+        title=f"Intruder dimensions among the top {k}, summed over {len(result.mitigation.matrices)} matrices",
+        xaxis={"title": "ε"},
+        yaxis={"title": "intruders", "rangemode": "tozero"},
+        height=380,
+        legend={"orientation": "h", "y": -0.25},
+        margin={"l": 50, "r": 10, "t": 50},
+    )
+    return fig
+
+
+def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
+    """Singular values of the base, the tuned and the mitigated weight (log scales); the
+    components that were scaled are marked at their rank in the tuned spectrum."""
+    fig = go.Figure()
+    for values, name, color, dash in (
+        (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid"),
+        (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash"),
+        (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid"),
+    ):
+        values = np.asarray(values, dtype=float)
+        idx = _log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
+        keep = values[idx] > 0
+        fig.add_trace(
+            go.Scatter(
+                x=idx[keep] + 1,
+                y=values[idx][keep],
+                mode="lines",
+                name=name,
+                line={"color": color, "dash": dash},
+                hovertemplate=f"{name}<br>rank %{{x}}: σ = %{{y:.4g}}<extra></extra>",
+            )
+        )
+    if intruders:
+        tuned = np.asarray(before.tuned_singular_values, dtype=float)
+        ranks = [i for i in intruders if i < len(tuned)]
+        fig.add_trace(
+            go.Scatter(
+                x=[i + 1 for i in ranks],
+                y=tuned[ranks],
+                mode="markers",
+                name="scaled intruder",
+                marker={"symbol": "x", "size": 12, "color": INTRUDER_COLOR, "line": {"width": 2}},
+                hovertemplate="scaled intruder at rank %{x}<br>σ = %{y:.4g}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=f"{label + ': ' if label else ''}{before.name} — {len(intruders)} component"
+        f"{'s' if len(intruders) != 1 else ''} scaled",
+        xaxis={"title": "rank", "type": "log"},
+        yaxis={"title": "singular value", "type": "log"},
+        height=420,
+        legend={"orientation": "h", "y": -0.25},
+        margin={"l": 50, "r": 10, "t": 50},
+    )
+    return fig
+
+
+def tradeoff_table(result: MitigationResult) -> pd.DataFrame:
+    tradeoff = result.tradeoff
+    if tradeoff is None:
+        return pd.DataFrame(columns=["model", "lambda", "held-out loss", "task"])
+    return pd.DataFrame(
+        {
+            "model": [p["label"] for p in tradeoff.points],
+            "lambda": [p["lam"] for p in tradeoff.points],
+            "held-out loss": [p["loss"] for p in tradeoff.points],
+            "task": [p["task"] for p in tradeoff.points],
+        }
+    )
+
+
+def tradeoff_figure(result: MitigationResult) -> go.Figure:
+    """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric
+    for the base, the fine-tune and the mitigated fine-tune at each lambda; without a task
+    metric, the held-out loss against lambda."""
+    tradeoff = result.tradeoff
+    fig = go.Figure()
+    if tradeoff is None or not tradeoff.points:
+        fig.add_annotation(
+            text=(tradeoff.note if tradeoff else "not computed"), showarrow=False, xref="paper", yref="paper"
+        )
+        fig.update_layout(height=200, xaxis={"visible": False}, yaxis={"visible": False})
+        return fig
+    points = tradeoff.points
+    mitigated = [p for p in points if p["lam"] is not None and p["label"] != "fine-tune"]
+    fixed = [p for p in points if p["label"] in ("base", "fine-tune")]
+    if tradeoff.task_name:
+        fig.add_trace(
+            go.Scatter(
+                x=[p["loss"] for p in mitigated],
+                y=[p["task"] for p in mitigated],
+                mode="lines+markers+text",
+                text=[f"λ={p['lam']:g}" for p in mitigated],
+                textposition="top center",
+                name="mitigated",
+                line={"color": AFTER_COLOR},
+                hovertemplate="%{text}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
+            )
+        )
+        for p, color in zip(fixed, (BASE_COLOR, BEFORE_COLOR), strict=False):
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["loss"]],
+                    y=[p["task"]],
+                    mode="markers+text",
+                    text=[p["label"]],
+                    textposition="bottom center",
+                    name=p["label"],
+                    marker={"size": 12, "color": color, "symbol": "diamond"},
+                    hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
+                )
+            )
+        fig.update_layout(xaxis={"title": tradeoff.loss_name + " (forgetting, lower is better)"})
+        fig.update_layout(yaxis={"title": tradeoff.task_name})
+    else:
+        fig.add_trace(
+            go.Scatter(
+                x=[p["lam"] for p in mitigated],
+                y=[p["loss"] for p in mitigated],
+                mode="lines+markers",
+                name="mitigated",
+                line={"color": AFTER_COLOR},
+            )
+        )
+        for p, color in zip(fixed, (BASE_COLOR, BEFORE_COLOR), strict=False):
+            fig.add_hline(y=p["loss"], line={"color": color, "dash": "dash"}, annotation_text=p["label"])
+        fig.update_layout(xaxis={"title": "λ"}, yaxis={"title": tradeoff.loss_name})
+    fig.update_layout(
+        title="Forgetting vs task across λ (Shuttleworth et al. 2024, Fig. 8)",
+        height=420,
+        legend={"orientation": "h", "y": -0.25},
+        margin={"l": 50, "r": 10, "t": 50},
+    )
+    return fig

@@ -1,0 +1,114 @@
+"""Mitigate: scale a fine-tune's intruder dimensions down, see what it does, export it.
+
+Shuttleworth et al. 2024 (section 6, Fig. 8); PEFT's ``reduce_intruder_dimension``. The
+engine is :mod:`analysis.mitigate`; this page selects, starts the job, shows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from analysis import figures_mitigate as fm
+from analysis.jobs import JobState
+from analysis.mitigate import MitigationSettings
+from ui import mitigation, runtime, state, views
+
+state.ensure_app_navigation()
+selection = state.current()
+st.title("Intruder mitigation")
+st.caption(
+    "Scale each matrix's intruder dimensions (top-k singular vectors of W + ΔW whose best |cosine| with every "
+    "base singular vector is below ε) by λ, as PEFT's reduce_intruder_dimension does after training "
+    "(Shuttleworth et al. 2024, §6: forgetting drops at little cost to the task). An adapter is re-factored to "
+    "its rank r. The mitigated weights are analysed like any fine-tune; nothing is changed until you download."
+)
+if not selection.complete:
+    st.info("Choose a base model and at least one fine-tune first.")
+    st.page_link(views.MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
+    st.stop()
+
+resolver = runtime.resolver()
+mitigation.load_params()
+with st.sidebar:
+    tuned = state.widget(st.selectbox, "Fine-tune", "model", options=list(selection.tuned), format_func=resolver.label)
+    k = state.widget(st.slider, "k: top singular vectors checked", "k", min_value=1, max_value=state.MAX_K)
+    eps = state.widget(
+        st.slider, "ε: similarity threshold", "eps", min_value=state.EPS_STEP, max_value=0.95, step=state.EPS_STEP,
+        format="%.2f",
+    )  # fmt: skip
+lam, rule, exact, curve = mitigation.controls()
+mitigation.write_params()
+settings = MitigationSettings(lam=lam, top_k=int(k), eps=float(eps), rule=rule, exact=exact)
+
+job = mitigation.track(selection.base, tuned, settings, curve)
+if job is None:
+    st.stop()
+if job.state in (JobState.FAILED, JobState.CANCELLED):
+    mitigation.failed(job)
+    st.stop()
+if job.state is not JobState.DONE:
+    mitigation.progress(job)
+    st.stop()
+
+result = job.result
+label = resolver.label(tuned)
+totals = result.mitigation.totals()
+counts = result.counts([eps], int(k))
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Intruders scaled", totals["intruders_scaled"], help=f"in {totals['matrices_with_intruders']} of "
+          f"{totals['matrices']} matrices")  # fmt: skip
+c2.metric(f"Intruders at ε = {eps:g}", counts["after"][0], delta=counts["after"][0] - counts["before"][0],
+          delta_color="inverse", help=f"before: {counts['before'][0]} (top {k} of every matrix, summed)")  # fmt: skip
+change = totals["delta_fro_after"] / totals["delta_fro_before"] - 1 if totals["delta_fro_before"] else 0.0
+c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta=f"{100 * change:+.1f} %", delta_color="off",
+          help=f"before: {totals['delta_fro_before']:.4g} (root of the sum of squares over matrices)")  # fmt: skip
+refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
+c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
+          help="‖exported ΔW − exact mitigated ΔW‖_F / ‖exact mitigated ΔW‖_F (rank-r truncation)")  # fmt: skip
+
+views.chart(fm.sweep_figure(result, int(k), float(eps)), "mitigation-intruders-vs-eps")
+st.subheader("Per matrix")
+views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")
+
+st.subheader("Spectra before and after")
+names = [m.name for m in result.mitigation.matrices]
+scaled = {m.name: m.intruders for m in result.mitigation.matrices}
+default = max(names, key=lambda n: len(scaled[n])) if names else None
+choice = st.selectbox("Matrix", names, index=names.index(default) if default else 0, key="mit_matrix")
+before = views.find_matrix(result.before, choice)
+after = views.find_matrix(result.after, choice)
+if before is not None and after is not None:
+    views.chart(fm.spectra_figure(before, after, scaled[choice], label), f"mitigation-spectrum-{choice}")
+
+st.subheader("Trade-off")
+if result.tradeoff is None:
+    st.caption("Tick *Trade-off curve* in the sidebar to run the model across a λ grid.")
+else:
+    views.chart(fm.tradeoff_figure(result), "mitigation-tradeoff")
+    st.caption(f"{result.tradeoff.note} ({result.tradeoff.seconds:.1f} s)")
+    if result.tradeoff.points:
+        views.table(fm.tradeoff_table(result), "mitigation-tradeoff")
+
+st.subheader("Download")
+d1, d2, d3 = st.columns(3)
+if result.mitigation.kind == "adapter":
+    d1.download_button(
+        "Mitigated adapter (PEFT folder, zip)",
+        lambda: mitigation.export_zip(result, selection.base, tuned, merged=False),
+        file_name="mitigated-adapter.zip", mime="application/zip", key="mit_dl_adapter", on_click="ignore",
+    )  # fmt: skip
+d2.download_button(
+    "Merged model (safetensors, zip)",
+    lambda: mitigation.export_zip(result, selection.base, tuned, merged=True),
+    file_name="mitigated-model.zip", mime="application/zip", key="mit_dl_merged", on_click="ignore",
+)  # fmt: skip
+d3.download_button(
+    "mitigation.json", lambda: json.dumps(result.to_json(), indent=2, allow_nan=False),
+    file_name="mitigation.json", mime="application/json", key="mit_dl_json", on_click="ignore",
+)  # fmt: skip
+st.caption(
+    "The same from the shell: `python -m analysis mitigate BASE TUNED "
+    f"--lam {lam:g} --top-k {k} --eps {eps:g} --rule {rule}{' --exact' if exact else ''} --out DIR`."
+)

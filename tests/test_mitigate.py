@@ -1,0 +1,253 @@
+"""Intruder mitigation (analysis.mitigate) against PEFT's ``reduce_intruder_dimension``.
+
+References: PEFT 0.21's own procedure on adapters PEFT saved, PEFT's ``merge_and_unload``
+of the exported folder, and the papers' intruder count (two float32 ``torch.linalg.svd``)
+on the merged weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analysis.cli import main
+from analysis.errors import InputError
+from analysis.mitigate import MitigationSettings, export_adapter, export_merged, find_intruders, run, zip_folder
+from analysis.mitigate_eval import evaluate_tradeoff, held_out_paragraphs
+from analysis.specs import SpecResolver
+from tests import factories
+
+EPSILONS = (0.3, 0.5, 0.7)
+
+
+@pytest.fixture(scope="module")
+def resolver() -> SpecResolver:
+    return SpecResolver(allow_local_paths=True)
+
+
+@pytest.fixture(scope="module")
+def bert_adapter(tiny_bert: Path, model_root: Path) -> Path:
+    """LoRA on every attention and MLP projection of the tiny BERT, large enough to intrude."""
+    return factories.make_lora_adapter(tiny_bert, model_root / "mitigate-lora", "mlp", r=4, factor_std=0.3)
+
+
+def _peft_reduced(base: Path, adapter: Path, settings: MitigationSettings) -> dict[str, torch.Tensor]:
+    """PEFT's reduce_intruder_dimension: ``{module: scale * B @ A}`` of the new adapter."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(factories.load_model(base), adapter)
+    reduce_intruder_dimension(
+        model,
+        top_k=settings.top_k,
+        threshold_epsilon=settings.eps,
+        mitigation_lambda=settings.lam,
+        logging_sink=None,
+    )
+    return {
+        name.removeprefix("base_model.model."): layer.get_delta_weight("intruder_reduced").detach().clone()
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+
+
+def _peft_deltas(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """``{module: get_delta_weight}`` of an adapter folder as PEFT loads it."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(factories.load_model(base), adapter)
+    return {
+        name.removeprefix("base_model.model."): layer.get_delta_weight("default").detach().clone()
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+
+
+def _paper_counts(base: torch.Tensor, merged: torch.Tensor, k: int) -> list[int]:
+    """Def. 3.1 of Shuttleworth et al. with two float32 torch.linalg.svd."""
+    U0 = torch.linalg.svd(base, full_matrices=False)[0]
+    U = torch.linalg.svd(merged, full_matrices=False)[0]
+    scores = (U[:, :k].T @ U0).abs().max(dim=1).values
+    return [int((scores < eps).sum()) for eps in EPSILONS]
+
+
+@pytest.mark.parametrize("lam", [0.75, 0.3])
+def test_exported_update_equals_peft_reduce_intruder_dimension(tmp_path, resolver, tiny_bert, bert_adapter, lam):
+    settings = MitigationSettings(lam=lam, top_k=10, eps=0.5, rule="peft")
+    result = run(resolver, str(tiny_bert), str(bert_adapter), settings, cache=None)
+    assert result.mitigation.totals()["intruders_scaled"] > 0  # the test exercises the scaling
+    out = export_adapter(result.mitigation, resolver, str(bert_adapter), tmp_path / "mitigated")
+    reference = _peft_reduced(tiny_bert, bert_adapter, settings)
+    ours = _peft_deltas(tiny_bert, out)
+    assert set(ours) == set(reference) and len(ours) == 12
+    for name, delta in reference.items():
+        scale = float(delta.abs().max())
+        torch.testing.assert_close(ours[name], delta, atol=2e-5 * scale, rtol=0, msg=name)
+    # The per-matrix numbers agree with the exported factors.
+    merged = factories.peft_merged_state_dict(tiny_bert, out)
+    base = load_file(str(tiny_bert / "model.safetensors"))
+    for m in result.mitigation.matrices:
+        delta = merged[m.name].double() - base[m.name].double()
+        assert float(torch.linalg.norm(delta)) == pytest.approx(m.delta_fro_after, rel=1e-5)
+        assert m.new_rank == m.rank == 8  # the "mlp" variant doubles r
+
+
+def test_counts_after_equal_the_papers_procedure_on_the_merged_weights(tmp_path, resolver, tiny_bert, bert_adapter):
+    settings = MitigationSettings(lam=0.0, top_k=10, eps=0.5, rule="peft")
+    result = run(resolver, str(tiny_bert), str(bert_adapter), settings, cache=None)
+    out = export_adapter(result.mitigation, resolver, str(bert_adapter), tmp_path / "mitigated")
+    merged = factories.peft_merged_state_dict(tiny_bert, out)  # PEFT's merge_and_unload of the export
+    original = factories.peft_merged_state_dict(tiny_bert, bert_adapter)
+    base = load_file(str(tiny_bert / "model.safetensors"))
+    after = {m.name: m for m in result.after.matrices}
+    before = {m.name: m for m in result.before.matrices}
+    changed = 0
+    for name in after:
+        paper_after = _paper_counts(base[name].float(), merged[name], 10)
+        paper_before = _paper_counts(base[name].float(), original[name], 10)
+        assert after[name].intruder_counts(10, EPSILONS) == paper_after, name
+        assert before[name].intruder_counts(10, EPSILONS) == paper_before, name
+        changed += paper_after != paper_before
+    assert changed > 0  # removing the intruders (lambda = 0) changed some counts
+    totals = result.counts(EPSILONS)
+    assert sum(totals["after"]) < sum(totals["before"])
+
+
+def test_top1_rule_scales_one_intruder_per_matrix(resolver, tiny_bert, bert_adapter):
+    peft_rule = run(resolver, str(tiny_bert), str(bert_adapter), MitigationSettings(rule="peft"), cache=None)
+    top1 = run(resolver, str(tiny_bert), str(bert_adapter), MitigationSettings(rule="top1"), cache=None)
+    for a, b in zip(peft_rule.mitigation.matrices, top1.mitigation.matrices, strict=True):
+        assert b.intruders == a.intruders[:1]
+    assert top1.mitigation.totals()["intruders_scaled"] < peft_rule.mitigation.totals()["intruders_scaled"]
+
+
+def test_exact_rank_r_plus_n_has_no_truncation_error_and_loads_in_peft(tmp_path, resolver, tiny_bert, bert_adapter):
+    settings = MitigationSettings(lam=0.5, exact=True)
+    result = run(resolver, str(tiny_bert), str(bert_adapter), settings, cache=None)
+    out = export_adapter(result.mitigation, resolver, str(bert_adapter), tmp_path / "exact")
+    ours = _peft_deltas(tiny_bert, out)
+    for m in result.mitigation.matrices:
+        assert m.new_rank == min(m.rank + len(m.intruders), min(m.shape))
+        assert m.refactor_rel_error < 1e-5
+        assert float(torch.linalg.norm(ours[m.name.removesuffix(".weight")].double())) == pytest.approx(
+            m.delta_fro_exact, rel=1e-5
+        )
+    truncated = run(resolver, str(tiny_bert), str(bert_adapter), MitigationSettings(lam=0.5), cache=None)
+    assert truncated.mitigation.totals()["refactor_error"] > 100 * result.mitigation.totals()["refactor_error"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_full_fine_tune_exports_a_merged_model_with_intruders_scaled(tmp_path, resolver, model_root, kind):
+    base = factories.make_model(kind, model_root / f"mitigate-{kind}")
+    tuned = factories.make_merged_lora(base, model_root / f"mitigate-{kind}-merged", "mlp", factor_std=0.3)
+    settings = MitigationSettings(lam=0.25)
+    result = run(resolver, str(base), str(tuned), settings, cache=None)
+    assert result.mitigation.kind == "full"
+    assert result.mitigation.totals()["intruders_scaled"] > 0
+    out = export_merged(result.mitigation, resolver, str(base), str(tuned), tmp_path / "merged")
+    written = load_file(str(out / "model.safetensors"))
+    stored_base, stored_tuned = load_file(str(base / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    assert set(written) == set(stored_tuned)
+    for m in result.mitigation.matrices:
+        conv = kind == "gpt2"  # Conv1D stores in x out
+        W = stored_base[m.name].float().T if conv else stored_base[m.name].float()
+        Wt = stored_tuned[m.name].float().T if conv else stored_tuned[m.name].float()
+        idx, _scores, (U, S, Vh) = find_intruders(W, Wt, 10, 0.5)
+        assert idx == m.intruders
+        expected = Wt - 0.75 * (U[:, idx] * S[idx]) @ Vh[idx]
+        got = written[m.name].float().T if conv else written[m.name].float()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Everything that is not an analysed matrix is the fine-tune's own.
+    names = {m.name for m in result.mitigation.matrices}
+    for name, tensor in stored_tuned.items():
+        if name not in names:
+            assert torch.equal(written[name], tensor), name
+    model = factories.load_model(out)  # transformers loads the export
+    assert model is not None
+
+
+def test_zip_of_the_adapter_folder_is_what_peft_loads(tmp_path, resolver, tiny_bert, bert_adapter):
+    import zipfile
+
+    result = run(resolver, str(tiny_bert), str(bert_adapter), MitigationSettings(), cache=None)
+    folder = export_adapter(result.mitigation, resolver, str(bert_adapter), tmp_path / "a")
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(zip_folder(folder))
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "unzipped")
+        assert sorted(z.namelist()) == ["MITIGATION.md", "adapter_config.json", "adapter_model.safetensors"]
+    merged = factories.peft_merged_state_dict(tiny_bert, tmp_path / "unzipped")
+    assert merged  # PEFT loaded and merged it
+
+
+def test_bad_input_is_an_input_error(tmp_path, resolver, tiny_bert, bert_adapter, model_root):
+    with pytest.raises(InputError, match="--lam"):
+        MitigationSettings(lam=1.5).check()
+    with pytest.raises(InputError, match="--rule"):
+        MitigationSettings(rule="all").check()  # type: ignore[arg-type]
+    dora = factories.make_lora_adapter(tiny_bert, model_root / "mitigate-dora", "dora")
+    with pytest.raises(InputError, match="DoRA"):
+        run(resolver, str(tiny_bert), str(dora), MitigationSettings(), cache=None)
+    result = run(resolver, str(tiny_bert), str(bert_adapter), MitigationSettings(), cache=None)
+    with pytest.raises(InputError, match="full fine-tune"):
+        export_adapter(result.mitigation, resolver, str(tiny_bert), tmp_path / "x")
+
+
+def test_cli_writes_the_peft_folder_and_exits_2_on_bad_input(tmp_path, tiny_bert, bert_adapter, capsys):
+    out = tmp_path / "cli"
+    code = main(
+        ["mitigate", str(tiny_bert), str(bert_adapter), "--lam", "0.5", "--top-k", "10", "--eps", "0.5",
+         "--rule", "top1", "--out", str(out), "--no-cache", "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "mitigation.json").read_text())
+    assert report["settings"] == {"lam": 0.5, "top_k": 10, "eps": 0.5, "rule": "top1", "exact": False}
+    assert len(report["matrices"]) == 12 and report["totals"]["intruders_scaled"] > 0
+    assert factories.peft_merged_state_dict(tiny_bert, out)
+    capsys.readouterr()
+    assert main(["mitigate", str(tiny_bert), str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert main(["mitigate", str(tiny_bert), str(bert_adapter), "--out", str(out), "--quiet"]) == 2  # not empty
+    assert "not an empty folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mitigate", str(tiny_bert), str(bert_adapter), "--out", str(tmp_path / "o3"), "--lam", "3"])
+    assert exit_info.value.code == 2
+
+
+def test_tradeoff_on_a_sentence_embedding_model(tmp_path, resolver, model_root):
+    """The held-out loss and curve on a tiny BERT with all-MiniLM-L6-v2's real tokenizer."""
+    from analysis.demo import base_model_path
+
+    tokenizer_dir = base_model_path()
+    base = factories.make_bert(model_root / "mitigate-st", vocab_size=30522)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, base / name)
+    adapter = factories.make_lora_adapter(base, model_root / "mitigate-st-lora", "mlp", factor_std=0.3)
+    settings = MitigationSettings(lam=0.5)
+    result = run(resolver, str(base), str(adapter), settings, cache=None)
+    grid = (0.0, 0.5, 1.0)
+    curve = evaluate_tradeoff(resolver, str(base), str(adapter), result.mitigation, grid, paragraphs=32)
+    assert [p["label"] for p in curve.points] == ["base", "fine-tune", "λ = 0", "λ = 0.5", "λ = 1"]
+    losses = {p["label"]: p["loss"] for p in curve.points}
+    assert all(v > 0 for v in losses.values())
+    assert losses["λ = 1"] == losses["fine-tune"]  # lambda 1 is the fine-tune (not evaluated twice)
+    assert losses["λ = 0"] != pytest.approx(losses["fine-tune"], rel=1e-4)
+    assert curve.task_name is None  # not the demo: no task metric known
+    assert "pydoc_data" in curve.note
+    assert len(held_out_paragraphs()) == 128

@@ -1,0 +1,116 @@
+"""The Mitigate page in Streamlit's AppTest, on tiny real models: the numbers are the
+engine's, the URL holds the view, progress and Cancel work like elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from analysis.mitigate import MitigationSettings, run
+from analysis.specs import SpecResolver
+from tests import factories
+from tests.test_app import APP, figures, metrics, wait_for_jobs
+
+PAGE = "pages/mitigate.py"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("WSE_ALLOW_LOCAL_PATHS", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_bert: Path, model_root: Path) -> Path:
+    return factories.make_lora_adapter(tiny_bert, model_root / "page-lora", "mlp", r=4, factor_std=0.3)
+
+
+def _open(base: Path, tuned: Path, **params: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(base)
+    at.query_params["tuned"] = [str(tuned)]
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.switch_page(PAGE).run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir, tiny_bert, adapter) -> None:
+    at = _open(tiny_bert, adapter, lam="0.5", rule="top1", k="10", eps="0.5", curve="0")
+    expected = run(
+        SpecResolver(allow_local_paths=True),
+        str(tiny_bert),
+        str(adapter),
+        MitigationSettings(lam=0.5, top_k=10, eps=0.5, rule="top1"),
+        cache=None,
+    )
+    shown = metrics(at)
+    assert shown["Intruders scaled"] == str(expected.mitigation.totals()["intruders_scaled"])
+    counts = expected.counts([0.5], 10)
+    assert shown["Intruders at ε = 0.5"] == str(counts["after"][0])
+    sweep, spectra = figures(at)[:2]
+    assert list(sweep.data[0].y) == expected.counts()["before"]
+    assert list(sweep.data[1].y) == expected.counts()["after"]
+    assert len(spectra.data) >= 3
+    table = at.dataframe[0].value
+    assert list(table["scaled"]) == [len(m.intruders) for m in expected.mitigation.matrices]
+    assert set(table["scaled"]) <= {0, 1}  # top1
+    labels = [b.label for b in at.get("download_button")]
+    assert "Mitigated adapter (PEFT folder, zip)" in labels and "Merged model (safetensors, zip)" in labels
+    params = at.query_params
+    assert (params["lam"], params["rule"], params["curve"]) == ("0.5", "top1", "0")
+    # Moving lambda starts the new mitigation and rewrites the URL.
+    at.slider(key="mit_lam").set_value(0.0).run()
+    wait_for_jobs()
+    at.run()
+    assert at.query_params["lam"] == "0"
+    zero = run(
+        SpecResolver(allow_local_paths=True),
+        str(tiny_bert),
+        str(adapter),
+        MitigationSettings(lam=0.0, rule="top1"),
+        cache=None,
+    )
+    assert metrics(at)["Intruders at ε = 0.5"] == str(zero.counts([0.5])["after"][0])
+    assert any("No trade-off curve" in c.value or "Trade-off curve" in c.value for c in at.caption)
+
+
+def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapter) -> None:
+    import threading
+
+    from analysis.cache import default_cache_dir
+    from analysis.errors import AnalysisCancelled
+    from analysis.jobs import JobState, Progress
+    from analysis.mitigate import job_key
+    from ui import runtime
+
+    release = threading.Event()
+
+    def slow(job):
+        job.report(Progress(2, 8, "encoder.layer.0.attention.self.query.weight", 4.0))
+        while not job.should_stop():
+            release.wait(0.05)
+        raise AnalysisCancelled("cancelled")
+
+    settings = MitigationSettings(lam=0.75, top_k=10, eps=0.5, rule="peft")
+    resolver = runtime.resolver()
+    versions = (resolver.version(str(tiny_bert)), resolver.version(str(adapter)))
+    key = (*job_key(str(tiny_bert), str(adapter), settings, True, runtime.DEVICE), str(default_cache_dir()), versions)
+    job = runtime.manager().submit(key, slow, label="slow")
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = [str(adapter)]
+    at.switch_page(PAGE).run()
+    assert job.state is JobState.RUNNING and len(job.watchers) == 1
+    (bar,) = at.get("progress")
+    assert bar.proto.value == 25 and "step 2 of 8" in bar.proto.text
+    at.button(key="cancel_mitigation").click().run()
+    assert job.wait(10) and job.state is JobState.CANCELLED
+    at.run()
+    assert at.warning[0].value == "The mitigation was cancelled."
