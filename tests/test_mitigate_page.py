@@ -101,7 +101,7 @@ def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapt
     settings = MitigationSettings(lam=0.75, top_k=10, eps=0.5, rule="peft")
     resolver = runtime.resolver()
     versions = (resolver.version(str(tiny_bert)), resolver.version(str(adapter)))
-    key = (*job_key(str(tiny_bert), str(adapter), settings, True, runtime.DEVICE), str(default_cache_dir()), versions)
+    key = (*job_key(str(tiny_bert), str(adapter), settings, True, runtime.device()), str(default_cache_dir()), versions)
     job = runtime.manager().submit(key, slow, label="slow")
     at = AppTest.from_file(APP, default_timeout=30)
     at.query_params["base"] = str(tiny_bert)

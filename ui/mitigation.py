@@ -97,13 +97,13 @@ def track(base: str, tuned: str, settings: MitigationSettings, curve: bool, *, s
     """The job of this mitigation, started (or joined) when ``start``."""
     resolver = runtime.resolver()
     versions = (resolver.version(base), resolver.version(tuned))
-    key = (*job_key(base, tuned, settings, curve, runtime.DEVICE), str(default_cache_dir()), versions)
+    key = (*job_key(base, tuned, settings, curve, runtime.device()), str(default_cache_dir()), versions)
     jobs = runtime.manager()
     job = jobs.get(key)
     stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
     if start and (job is None or (stale and st.session_state.get("mit_retry"))):
         fn = mitigation_job(
-            resolver, base, tuned, settings, tradeoff=curve, device=runtime.DEVICE, cache=runtime.spectrum_cache()
+            resolver, base, tuned, settings, tradeoff=curve, device=runtime.device(), cache=runtime.spectrum_cache()
         )
         job = jobs.submit(key, fn, label=f"mitigate {resolver.label(tuned)}", watcher=runtime.session_id())
         st.session_state.mit_retry = False
