@@ -54,7 +54,7 @@ class AnalysisSettings:
     """
 
     max_top_k: int = 100
-    similarity_size: int = 64
+    similarity_size: int = 100
     delta_vectors: int = 64
     side: Literal["left", "right"] = "left"
 

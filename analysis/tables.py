@@ -322,3 +322,26 @@ def amplification_table(models: Sequence[ModelResult], matrices: Collection[str]
     return pd.DataFrame(
         rows, columns=["model", "method", "matrix", "layer", "module", "r", "delta_fro", "amplification_factor"]
     )
+
+
+def subspace_default_pair(models: Sequence[ModelResult]) -> tuple[int, int] | None:
+    """Indices of the two fine-tunes subspace similarity opens on, or ``None`` (fewer than two).
+
+    As in Hu et al. 2021 (sec. 7.1, ``A_{r=8}`` against ``A_{r=64}``): two LoRA
+    adapters of different rank, the two highest ranks when there are more; else two
+    LoRA fine-tunes; else the first two fine-tunes.
+    """
+    if len(models) < 2:
+        return None
+    ranked: dict[int, int] = {}
+    for index, model in enumerate(models):
+        rank = adapter_rank(model)
+        if rank is not None:
+            ranked.setdefault(rank, index)
+    if len(ranked) >= 2:
+        high, second = sorted(ranked, reverse=True)[:2]
+        return ranked[second], ranked[high]
+    lora = [i for i, m in enumerate(models) if is_lora(m)]
+    if len(lora) >= 2:
+        return lora[0], lora[1]
+    return 0, 1

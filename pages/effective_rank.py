@@ -34,7 +34,14 @@ metric = st.radio(
     key="erank_metric",
     format_func=figures.OVERVIEW_METRICS.get,
 )
-views.chart(figures.effective_rank_figure(models, metric), f"{metric}-by-layer")
+log_y = st.toggle(
+    "Log scale",
+    value=True,
+    key="erank_log",
+    help="A full fine-tune's update has hundreds of directions, a LoRA r=1 update one: a linear axis flattens "
+    "the adapters to zero.",
+)
+views.chart(figures.effective_rank_figure(models, metric, log_y=log_y), f"{metric}-by-layer")
 frame = tables.matrix_table(models)[
     [
         "model",

@@ -172,7 +172,12 @@ def find_matrix(model: ModelResult, name: str) -> MatrixResult | None:
 
 
 def chart(fig, name: str, **kwargs) -> object:
-    """A Plotly chart with a PNG download in its toolbar, named after the view."""
+    """A Plotly chart with a PNG download in its toolbar, named after the view.
+
+    Streamlit's chart theme follows the visitor's light or dark theme (fonts, grid,
+    background); the figures only fix colours that carry meaning.
+    """
+    kwargs.setdefault("theme", "streamlit")
     return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
 
 
