@@ -1,4 +1,4 @@
-"""``python -m analysis``: the command line (DESIGN.md, "Command line and report contract").
+"""``python -m analysis``: the command line (docs/metrics.md, "Command line and report contract").
 
 Exit status 0 on success; 2 on bad input with one plain line on stderr naming the file
 and the problem (no traceback).

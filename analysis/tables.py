@@ -143,7 +143,7 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
 
 
 def totals_table(models: Sequence[ModelResult], k: int, eps: float) -> pd.DataFrame:
-    """Per-model totals (DESIGN.md: sums over the analysed matrices) at (k, eps)."""
+    """Per-model totals (docs/metrics.md: sums over the analysed matrices) at (k, eps)."""
     rows = [
         {
             "model": label,
@@ -272,7 +272,7 @@ def subspace_similarity(a: MatrixResult, b: MatrixResult, max_dim: int = 64) -> 
     """``phi(i, j)`` (Hu et al. 2021, eq. 4) between two updates of the same matrix.
 
     Uses the left singular vectors of each ``dW`` (``delta_left_vectors``), the natural
-    choice for any two updates, full or LoRA (DESIGN.md), up to each update's numerical
+    choice for any two updates, full or LoRA (docs/metrics.md), up to each update's numerical
     rank (:func:`update_rank`) and at most ``max_dim``. Returns an ``(i_max, j_max)``
     array with ``phi[i-1, j-1] = phi(i, j)``.
     """

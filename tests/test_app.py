@@ -234,7 +234,7 @@ def test_models_page_without_demo_shows_the_command(cache_dir: Path) -> None:
     at = AppTest.from_file(APP, default_timeout=30)
     at.switch_page(PAGES["models"]).run()
     assert not at.exception
-    assert any(c.value == "python -m analysis demo" for c in at.code)
+    assert any("python -m analysis demo" in i.value for i in at.info)
     assert at.button(key="build_demo")
 
 
@@ -433,8 +433,61 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     assert stepped.wait(10)
     at.run()
     (bar,) = at.get("progress")
-    assert bar.proto.value == 12 and bar.proto.text.startswith("Building the offline demo: 30 of 240 training steps")
+    assert bar.proto.value == 12 and bar.proto.text.startswith("Building the offline demo (0 of 4 fine-tunes ready)")
     assert calls == [["on_step", "progress", "should_stop"]]
-    (job,) = [j for j in runtime.manager().jobs() if j.label == "offline demo"]
+    job = runtime.demo_job()
+    assert job is not None and job.label == "offline demo"
     job.cancel()
     assert job.wait(10) and job.state is JobState.CANCELLED
+
+
+def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_ready(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh server opens at once, trains the demo in the background with progress and
+    selects each fine-tune as soon as it exists; Stop keeps what was built."""
+    import threading
+
+    from analysis import demo
+    from analysis.errors import AnalysisCancelled
+    from analysis.jobs import JobState
+    from tests.app_fixtures import make_standin_demo
+    from ui import runtime
+
+    monkeypatch.setenv("WSE_DEMO_AUTOBUILD", "1")
+    publish, published = threading.Event(), threading.Event()
+
+    def build_demo(**kwargs):  # stands in for training: one fine-tune "finishes" when told
+        kwargs["on_step"](10, 240, "full-ft loss 0.5")
+        assert publish.wait(30)
+        manifest = make_standin_demo(cache_dir / "demo")
+        data = json.loads((cache_dir / "demo" / demo.MANIFEST_NAME).read_text())
+        data.update(complete=False, fine_tunes=data["fine_tunes"][:1])
+        (cache_dir / "demo" / demo.MANIFEST_NAME).write_text(json.dumps(data))
+        kwargs["on_step"](70, 240, "lora-r1 loss 0.9")
+        published.set()
+        while not kwargs["should_stop"]():
+            threading.Event().wait(0.05)
+        raise AnalysisCancelled(f"stopped ({manifest.root.name})")
+
+    monkeypatch.setattr(demo, "build_demo", build_demo)
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    job = runtime.demo_job()
+    assert job is not None and not job.state.finished  # started by opening the app
+    at.run()
+    (bar,) = at.get("progress")
+    assert bar.proto.text.startswith("Building the offline demo (0 of 4 fine-tunes ready)")
+    assert not at.info  # no "choose a model": the page says the demo is coming
+    publish.set()
+    assert published.wait(10)
+    at.run()  # the fragment notices the new fine-tune and redraws; the selection follows
+    at.run()
+    assert at.query_params["base"] in ("demo:base", ["demo:base"])
+    assert at.query_params["tuned"] in ("demo:full-ft", ["demo:full-ft"])
+    at.button(key="cancel_demo").click().run()
+    assert job.wait(10) and job.state is JobState.CANCELLED
+    assert [m.name for m in demo.demo_manifest(cache_dir / "demo").fine_tunes] == ["full-ft"]
+    for analysis in runtime.manager().jobs():  # the analysis it started is not under test here
+        analysis.cancel()
+        assert analysis.wait(60)
