@@ -374,8 +374,8 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
     fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
     n_intr = int(is_intruder.sum())
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.short_label} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
-        f"in the top {len(intr)} at ε = {eps:g}",
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
         height=max(420, min(900, 12 * n_rows + 160)),
         showlegend=False,
     )
@@ -633,8 +633,9 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     n_max = max(len(spectrum), 1)
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.short_label} — singular values ({n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g})",
+        # Short first line (narrow screens), details below it.
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
         xaxis={
             "title": "rank",
             "type": "log",

@@ -280,7 +280,7 @@ def test_shared_url_reproduces_the_view_in_a_fresh_browser(server: str, page, br
         wait_idle(page)
     wait_idle(page)
     title = chart_titles(page)[0]
-    assert title.startswith("LoRA r=8 (stand-in): encoder.layer.3.attention.self.value.weight")
+    assert title.startswith("LoRA r=8 (stand-in): L3 value") and "encoder.layer.3.attention.self.value.weight" in title
     assert "in the top 7 at ε = 0.5" in title
     shot(page, "10-shared-view-original")
     shared = page.url
