@@ -420,8 +420,8 @@ def sweep_figure(
     n = int(table["matrices"].max())
     top = float(table["intruders"].max())
     fig.update_layout(
-        title=f"{title}, summed over {n} matrices",
-        xaxis_title="ε (intruder: best |cos| with every base vector below ε)",
+        title=f"{title}<br><sup>summed over {n} matrices</sup>",
+        xaxis_title="ε (threshold on the best |cos|)",
         # A little room below zero, so curves lying on zero are not cut by the axis.
         yaxis={"title": "intruder dimensions", "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)]},
         height=440,
@@ -560,7 +560,7 @@ def effective_rank_figure(
     if table.empty:
         return _empty(name, "No matrices analysed yet")
     fig = _module_facets(models, table, metric, name, log_y=log_y, rank_lines=True)
-    fig.update_layout(title=f"{name} by layer and module (dotted: LoRA rank r)")
+    fig.update_layout(title=f"{name}<br><sup>by layer and module; dotted: LoRA rank r</sup>")
     return fig
 
 
@@ -695,7 +695,7 @@ def amplification_figure(
     module and one series per fine-tune (every fine-tune in the legend), matrices named
     by their short label (``L3 mlp_in``) in the hover."""
     table = tables.amplification_table(models, matrices)
-    title = "Amplification factor ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F"
+    title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer and module</sup>"
     if table.empty:
         return _empty(title, "No matrices analysed yet")
     fig = _module_facets(models, table, "amplification_factor", "amplification factor", log_y=log_y)
