@@ -317,7 +317,7 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
         horizontal_spacing=0.04,
         subplot_titles=[
             f"|Uₜᵀ U₀|, top {sim.shape[0]} × {sim.shape[1]}{reduced}",
-            f"best match, top {len(intr)}",
+            f"best |cos|, top {len(intr)}",
         ],
     )
     fig.add_trace(
@@ -325,7 +325,8 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
             z,
             block,
             colorscale="Blues",
-            colorbar={"title": "|cos|", "x": 1.02, "len": 0.7},
+            # Below the panels, so narrow screens keep the width for the heatmap.
+            colorbar={"title": "|cos|", "orientation": "h", "y": -0.28, "len": 0.5, "thickness": 10},
             hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
         ),
         row=1,

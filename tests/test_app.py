@@ -160,7 +160,9 @@ def test_every_page_renders_its_charts(
             phi_fig, amplification = figs
             assert "left singular vectors of ΔW" in phi_fig.layout.title.text
             assert np.asarray(phi_fig.data[0].z).shape[0] == first.rank90  # the LoRA update's rank, 4
-            assert len(amplification.data) == 2
+            # One facet per module; both fine-tunes in the legend, once each.
+            assert len([t for t in amplification.data if t.showlegend is not False]) == 2
+            assert len({t.legendgroup for t in amplification.data}) == 2
         # Each page's tables download as CSV, and the full result as the JSON report.
         assert any(b.proto.label == "Download CSV" for b in at.get("download_button")), page
         assert any(b.proto.label == "Download JSON report" for b in at.sidebar.get("download_button")), page
