@@ -156,7 +156,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from analysis.demo import build_demo
+    from demo import build_demo
 
     manifest = build_demo(args.root, steps=args.steps, progress=not args.quiet, force=args.force)
     print(manifest.describe())

@@ -3,9 +3,9 @@
 Import the fixture into a conftest (``from tests.demo_fixture import demo_build``) or a
 test module. It uses the demo in :data:`DEMO_ROOT`: the one ``./run.sh`` (the dashboard)
 or ``python -m analysis demo`` built in ``cache/demo`` is reused at once when its
-manifest is complete and of the current :data:`analysis.demo.DEMO_VERSION` and default
+manifest is complete and of the current :data:`demo.DEMO_VERSION` and default
 steps; otherwise it is built there once (and then serves the dashboard too). Every
-pytest-xdist worker asks :func:`analysis.demo.build_demo`, whose file lock makes one
+pytest-xdist worker asks :func:`demo.build_demo`, whose file lock makes one
 build and the others wait and reuse it; tests only read it.
 
 A build takes about three minutes on two idle cores and can take several times that on
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.demo import DemoManifest, build_demo, default_demo_root
+from demo import DemoManifest, build_demo, default_demo_root
 
 DEMO_BUILD_TIMEOUT_S = 1800
 #: Where the tests find (or build) the demo: ``$WSE_TEST_DEMO_ROOT``, else the default

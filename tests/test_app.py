@@ -416,7 +416,7 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     """The Models page starts a demo build in the background and shows its step count."""
     import threading
 
-    from analysis import demo
+    import demo
     from analysis.errors import AnalysisCancelled
     from analysis.jobs import JobState
     from ui import runtime
@@ -453,7 +453,7 @@ def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_r
     selects each fine-tune as soon as it exists; Stop keeps what was built."""
     import threading
 
-    from analysis import demo
+    import demo
     from analysis.errors import AnalysisCancelled
     from analysis.jobs import JobState
     from tests.app_fixtures import make_standin_demo

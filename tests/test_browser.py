@@ -46,7 +46,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A cache folder with the stand-in demo, and files for the upload tests."""
-    from analysis.demo import base_model_path
+    from demo import base_model_path
     from tests import factories
     from tests.app_fixtures import make_standin_demo
 

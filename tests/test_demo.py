@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import demo
-from analysis.demo import DemoManifest, build_demo, demo_manifest
+import demo
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.results import ComparisonResult
+from demo import DemoManifest, build_demo, demo_manifest
 from tests.demo_fixture import DEMO_BUILD_TIMEOUT_S, demo_build  # noqa: F401  (pytest fixture)
 
 # The first test to ask for the demo pays for its build (minutes, longer on a busy machine).

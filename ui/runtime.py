@@ -161,7 +161,7 @@ def _demo_jobs() -> JobManager:
 
 
 def demo_key() -> tuple:
-    from analysis.demo import default_demo_root
+    from demo import default_demo_root
 
     return ("demo-build", str(default_demo_root()))
 
@@ -182,8 +182,8 @@ def demo_state():
 def _build_demo(job: Job):
     import time
 
-    from analysis.demo import build_demo
     from analysis.jobs import Progress
+    from demo import build_demo
 
     started = time.time()
 

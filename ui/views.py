@@ -234,7 +234,7 @@ def demo_build_status() -> None:
 
 @st.fragment(run_every=POLL_SECONDS)
 def _demo_build_status() -> None:
-    from analysis.demo import FINE_TUNES
+    from demo import FINE_TUNES
 
     job = runtime.demo_job()
     manifest, _ = runtime.demo_state()
