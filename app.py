@@ -13,7 +13,12 @@ import streamlit as st
 from ui import runtime, state
 
 st.set_page_config(page_title="Weight-spectrum explorer", page_icon="📈", layout="wide")
+# A session opened without a link naming models starts on the demo; on a server that has
+# none yet, the demo builds in the background and the selection grows with each fine-tune.
+opened_on_demo = not st.session_state.get("sel_loaded") and not st.query_params.get("base")
 state.load(runtime.demo_defaults)
+runtime.ensure_demo(follow=opened_on_demo)
+runtime.follow_demo()
 
 PAGES = {
     "Explore": [

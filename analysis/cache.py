@@ -1,6 +1,6 @@
 """Persistent, content-addressed cache of spectra and per-matrix results.
 
-Design (DESIGN.md, "Architecture"):
+Design (docs/metrics.md, "Architecture"):
 
 - **Content-addressed.** Keys are hashes of tensor bytes (:func:`tensor_digest`) plus
   :data:`analysis.ALGORITHM_VERSION`, so a base model's SVDs are computed once and then

@@ -1,4 +1,4 @@
-"""``python -m analysis``: the command line (DESIGN.md, "Command line and report contract").
+"""``python -m analysis``: the command line (docs/metrics.md, "Command line and report contract").
 
 Exit status 0 on success; 2 on bad input with one plain line on stderr naming the file
 and the problem (no traceback).
@@ -284,7 +284,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from analysis.demo import build_demo
+    from demo import build_demo
 
     manifest = build_demo(args.root, steps=args.steps, progress=not args.quiet, force=args.force)
     print(manifest.describe())

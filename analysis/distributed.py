@@ -113,7 +113,7 @@ def dashboard_request(resolver, base: str, tuned: str) -> PlanRequest:
     (a worker's own ``WSE_CACHE_DIR`` must not decide what ``demo:base`` names)."""
     from dataclasses import replace
 
-    from analysis.demo import default_demo_root
+    from demo import default_demo_root
 
     pinned = replace(resolver, demo_root=resolver.demo_root or default_demo_root())
     return PlanRequest(base, tuned, allow_local_paths=pinned.allow_local_paths, resolver=pinned)

@@ -101,6 +101,84 @@ def _empty(title: str, message: str) -> go.Figure:
     return fig
 
 
+#: Dash patterns and marker symbols cycled per fine-tune, so curves that coincide (all at
+#: zero, say) still show each other: later ones are drawn thinner and smaller on top.
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot", "5px,2px,1px,2px", "1px,3px")
+SYMBOLS = ("circle", "diamond", "square", "triangle-up", "x", "cross", "star", "triangle-down")
+
+
+def _series_style(index: int, model: ModelResult) -> dict:
+    """A colour, a dash pattern and a marker per fine-tune, all distinct up to 8 series.
+
+    Sizes shrink with ``index`` so that markers drawn at the same point stay visible as
+    nested shapes.
+    """
+    return {
+        "color": PALETTE[index % len(PALETTE)],
+        "dash": DASHES[index % len(DASHES)],
+        "symbol": SYMBOLS[index % len(SYMBOLS)],
+        "size": max(5, 13 - 1.2 * (index % len(SYMBOLS))),
+        "width": max(1.2, 3.0 - 0.3 * (index % len(SYMBOLS))),
+    }
+
+
+def _series_mode(n_points: int) -> str:
+    """Markers where a line cannot be seen (a single point), lines and markers for short
+    series, plain lines for long ones."""
+    if n_points <= 1:
+        return "markers"
+    return "lines+markers" if n_points <= 40 else "lines"
+
+
+def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
+    """Tick values and labels for a log axis over ``[low, high]`` (both > 0).
+
+    Powers of ten labelled in plain numbers (``0.001``, ``1``, ``100``) or as ``1e-5``
+    below 0.001 and from 1e5 up; 2 and 5 times them are added only when the range spans
+    less than two decades, so there are never unlabelled minor digits or SI prefixes
+    (``100µ``).
+    """
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or high <= 0:
+        return [1.0], ["1"]
+    low, high = min(low, high), max(low, high)
+    e0, e1 = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    mults = (1, 2, 5) if e1 - e0 <= 2 else (1,)
+    step = max(1, math.ceil((e1 - e0 + 1) / 8))
+    values = [m * 10.0**e for e in range(e0, e1 + 1, 1 if len(mults) > 1 else step) for m in mults]
+    values = [v for v in values if low / 1.0001 <= v <= high * 1.0001] or [10.0**e0]
+
+    def fmt(v: float) -> str:
+        if 1e-3 <= v < 1e5:
+            return f"{v:.10g}"
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+
+    return values, [fmt(v) for v in values]
+
+
+def _log_axis(values, **extra) -> dict:
+    """A log axis spanning the positive ``values`` with :func:`log_ticks`."""
+    arr = np.asarray([v for v in np.ravel(np.asarray(values, dtype=np.float64)) if np.isfinite(v) and v > 0])
+    if arr.size == 0:
+        return {"type": "log", **extra}
+    low, high = float(arr.min()), float(arr.max())
+    tickvals, ticktext = log_ticks(low, high)
+    pad = 0.05 * max(math.log10(high) - math.log10(low), 0.5)
+    return {
+        "type": "log",
+        "tickvals": tickvals,
+        "ticktext": ticktext,
+        "range": [math.log10(low) - pad, math.log10(high) + pad],
+        **extra,
+    }
+
+
+def _facet_grid(n_panels: int, max_cols: int = 3) -> tuple[int, int]:
+    """(rows, cols) for ``n_panels`` facets wrapping after ``max_cols``."""
+    cols = max(1, min(max_cols, n_panels))
+    return math.ceil(n_panels / cols), cols
+
+
 @dataclass(frozen=True)
 class OverviewSection:
     """One grid of the overview, drawn once per fine-tune with the same rows and columns.
@@ -352,9 +430,12 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
     rank, columns base rank), reduced to :data:`MAX_HEATMAP_SIDE` by block maxima.
     Right: ``score_j = max_i |<Ut[:, j], U0[:, i]>|`` over **all** base vectors for the
     top ``k`` tuned vectors, with the ``eps`` line; intruders (``score_j < eps``) are red
-    in both panels.
+    in both panels. The heatmap follows ``k``: its top ``max(k, 10)`` ranks, up to the
+    ``N`` the engine keeps (``AnalysisSettings.similarity_size``).
     """
-    sim = np.asarray(matrix.similarity, dtype=np.float64)
+    full = np.asarray(matrix.similarity, dtype=np.float64)
+    n = min(max(k, 10), full.shape[0])
+    sim = full[:n, : min(n, full.shape[1])]
     z, block = reduce_heatmap(sim)
     intr = tables.intruder_table(matrix, k, eps)
     n_rows = max(sim.shape[0], len(intr))
@@ -367,7 +448,7 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
         horizontal_spacing=0.04,
         subplot_titles=[
             f"|Uₜᵀ U₀|, top {sim.shape[0]} × {sim.shape[1]}{reduced}",
-            f"best match, top {len(intr)}",
+            f"best |cos|, top {len(intr)}",
         ],
     )
     fig.add_trace(
@@ -375,7 +456,8 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
             z,
             block,
             colorscale="Blues",
-            colorbar={"title": "|cos|", "x": 1.02, "len": 0.7},
+            # Below the panels, so narrow screens keep the width for the heatmap.
+            colorbar={"title": "|cos|", "orientation": "h", "y": -0.28, "len": 0.5, "thickness": 10},
             hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
         ),
         row=1,
@@ -423,10 +505,9 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
     fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
     fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
     n_intr = int(is_intruder.sum())
-    what = tables.matrix_title(matrix)
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{what} — {n_intr} intruder{'s' if n_intr != 1 else ''} "
-        f"in the top {len(intr)} at ε = {eps:g}",
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
         height=max(420, min(900, 12 * n_rows + 160)),
         showlegend=False,
     )
@@ -443,7 +524,9 @@ def sweep_figure(
     """Intruder dimensions against eps, one curve per fine-tune (summed over matrices).
 
     Counts among the top ``k`` tuned vectors (Shuttleworth et al. Def. 3.1) summed over
-    ``matrices`` (all analysed when ``None``); the current ``eps`` is marked.
+    ``matrices`` (all analysed when ``None``); the current ``eps`` is marked. Curves that
+    coincide (several fine-tunes with no intruders lie on zero) stay visible: each has its
+    own dash pattern and marker, drawn thinner and smaller on top of the earlier ones.
     """
     table = tables.sweep_table(models, k, epsilons, matrices)
     title = f"Intruder dimensions vs ε (top {k})"
@@ -452,26 +535,28 @@ def sweep_figure(
     fig = go.Figure()
     for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
         rows = table[table["model"] == label]
-        style = _model_style(index, model)
+        style = _series_style(index, model)
         fig.add_trace(
             go.Scatter(
                 x=rows["epsilon"],
                 y=rows["intruders"],
                 mode="lines+markers",
                 name=_legend_name(label, model),
-                line={"color": style["color"], "dash": style["dash"]},
-                marker={"symbol": style["symbol"]},
+                line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
+                marker={"symbol": style["symbol"], "size": style["size"], "line": {"width": 1}},
                 hovertemplate=f"{label}<br>ε = %{{x:.2f}}: %{{y}} intruders<extra></extra>",
             )
         )
     if eps is not None:
         fig.add_vline(x=eps, line_dash="dot", line_color="grey", annotation_text=f"ε = {eps:g}")
     n = int(table["matrices"].max())
+    top = float(table["intruders"].max())
     fig.update_layout(
-        title=f"{title}, summed over {n} matrices",
-        xaxis_title="ε (a tuned vector is an intruder if its best |cos| with any base vector is below ε)",
-        yaxis_title="intruder dimensions",
-        height=420,
+        title=f"{title}<br><sup>summed over {n} matrices</sup>",
+        xaxis_title="ε (threshold on the best |cos|)",
+        # A little room below zero, so curves lying on zero are not cut by the axis.
+        yaxis={"title": "intruder dimensions", "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)]},
+        height=440,
         legend={"orientation": "h", "y": -0.25},
     )
     return fig
@@ -512,13 +597,93 @@ def breakdown_figure(
     return fig
 
 
-def effective_rank_figure(models: Sequence[ModelResult], metric: str = "effective_rank") -> go.Figure:
-    """Effective rank or rank90 of every update by layer, one panel per module.
+def _module_facets(
+    models: Sequence[ModelResult],
+    table,
+    column: str,
+    name: str,
+    *,
+    log_y: bool,
+    rank_lines: bool = False,
+    max_cols: int = 3,
+) -> go.Figure:
+    """``column`` by layer, one facet per module (wrapping after ``max_cols``), one
+    series per fine-tune with its own colour, dash and marker; hover names the matrix by
+    its short label (``L3 mlp_in``). ``rank_lines`` adds a dotted line at each LoRA's
+    rank ``r``."""
+    modules = tables.module_order(table["module"])
+    layers = sorted(table["layer"].unique(), key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
+    n_rows, n_cols = _facet_grid(len(modules), max_cols)
+    fig = make_subplots(
+        rows=n_rows,
+        cols=n_cols,
+        shared_yaxes=True,
+        shared_xaxes=True,
+        subplot_titles=modules,
+        horizontal_spacing=0.03,
+        vertical_spacing=0.08 if n_rows > 1 else 0.02,
+    )
+    values = []
+    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
+        style = _series_style(index, model)
+        rows = table[table["model"] == label]
+        short = {m.name: m.short_label for m in model.matrices}
+        for pos, module in enumerate(modules):
+            sub = rows[rows["module"] == module]
+            if log_y:
+                sub = sub[sub[column] > 0]
+            values.extend(sub[column].tolist())
+            fig.add_trace(
+                go.Scatter(
+                    x=sub["layer"],
+                    y=sub[column],
+                    mode=_series_mode(len(sub)),
+                    name=_legend_name(label, model),
+                    legendgroup=label,
+                    showlegend=pos == 0,
+                    customdata=[short.get(n, n) for n in sub["matrix"]],
+                    line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
+                    marker={"symbol": style["symbol"], "size": style["size"] - 2, "color": style["color"]},
+                    hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.3g}}<extra></extra>",
+                ),
+                row=pos // n_cols + 1,
+                col=pos % n_cols + 1,
+            )
+        rank = tables.adapter_rank(model) if rank_lines else None
+        if rank is not None:
+            values.append(rank)
+            for pos in range(len(modules)):
+                fig.add_hline(
+                    y=rank,
+                    line_dash="dot",
+                    line_color=style["color"],
+                    opacity=0.6,
+                    row=pos // n_cols + 1,
+                    col=pos % n_cols + 1,
+                )
+    # Few layers: every one labelled; many: Plotly picks the ticks.
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=layers, nticks=min(len(layers), 12))
+    fig.update_xaxes(title_text="layer", row=n_rows)
+    if log_y:
+        fig.update_yaxes(**_log_axis(values))
+    else:
+        fig.update_yaxes(rangemode="tozero")
+    fig.update_yaxes(title_text=name, col=1)
+    fig.update_annotations(font_size=12)
+    fig.update_layout(height=120 + 260 * n_rows, legend={"orientation": "h", "y": -0.12 - 0.1 / n_rows})
+    return fig
 
-    All fine-tunes side by side: full fine-tunes solid with circles, LoRA dashed with
-    diamonds, LoRA rank in the legend and as a dotted line at ``r`` (the most a LoRA
-    update's rank can be). Effective rank: Roy & Vetterli 2007 on ``dW`` as in
-    Shuttleworth et al.; rank90: Biderman et al. 2024.
+
+def effective_rank_figure(
+    models: Sequence[ModelResult], metric: str = "effective_rank", log_y: bool = True
+) -> go.Figure:
+    """Effective rank or rank90 of every update by layer, one facet per module.
+
+    All fine-tunes side by side, each with its own colour, dash and marker; the LoRA
+    rank ``r`` (the most a LoRA update's rank can be) as a dotted line. ``log_y`` (the
+    default) keeps rank-1 and rank-8 updates readable beside a full fine-tune's hundreds.
+    Effective rank: Roy & Vetterli 2007 on ``dW`` as in Shuttleworth et al.; rank90:
+    Biderman et al. 2024.
     """
     if metric not in ("effective_rank", "rank90"):
         raise ValueError(f"metric must be 'effective_rank' or 'rank90', got {metric!r}")
@@ -526,38 +691,8 @@ def effective_rank_figure(models: Sequence[ModelResult], metric: str = "effectiv
     table = tables.matrix_table(models)
     if table.empty:
         return _empty(name, "No matrices analysed yet")
-    modules = tables.module_order(table["module"])
-    fig = make_subplots(rows=1, cols=len(modules), shared_yaxes=True, subplot_titles=modules, horizontal_spacing=0.02)
-    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
-        style = _model_style(index, model)
-        rows = table[table["model"] == label]
-        for col, module in enumerate(modules, start=1):
-            sub = rows[rows["module"] == module]
-            fig.add_trace(
-                go.Scatter(
-                    x=sub["layer"],
-                    y=sub[metric],
-                    mode="lines+markers",
-                    name=_legend_name(label, model),
-                    legendgroup=label,
-                    showlegend=col == 1,
-                    customdata=sub["matrix"],
-                    line={"color": style["color"], "dash": style["dash"]},
-                    marker={"symbol": style["symbol"], "size": 8},
-                    hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.2f}}<extra></extra>",
-                ),
-                row=1,
-                col=col,
-            )
-        rank = tables.adapter_rank(model)
-        if rank is not None:
-            for col in range(1, len(modules) + 1):
-                fig.add_hline(y=rank, line_dash="dot", line_color=style["color"], opacity=0.6, row=1, col=col)
-    fig.update_xaxes(type="category", title_text="layer")
-    fig.update_yaxes(title_text=name, col=1, rangemode="tozero")
-    fig.update_layout(
-        title=f"{name} by layer and module (dotted: LoRA rank r)", height=440, legend={"orientation": "h", "y": -0.25}
-    )
+    fig = _module_facets(models, table, metric, name, log_y=log_y, rank_lines=True)
+    fig.update_layout(title=f"{name}<br><sup>by layer and module; dotted: LoRA rank r</sup>")
     return fig
 
 
@@ -573,33 +708,40 @@ def _log_sample(n: int, keep: Sequence[int], max_points: int = MAX_SPECTRUM_POIN
 
 
 def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -> go.Figure:
-    """Singular values of base, tuned and update for one matrix on a log scale.
+    """Singular values of base, tuned and update for one matrix on log scales.
 
-    Intruder dimensions among the top ``k`` tuned vectors (Shuttleworth et al. Def.
-    3.1) are marked on the tuned spectrum at the rank where they sit.
+    The base is a thick dashed grey line drawn over the tuned one (solid blue), so where
+    fine-tuning left the spectrum alone both still show; a series with one point (the
+    update of a rank-1 LoRA) is a marker. Intruder dimensions among the top ``k`` tuned
+    vectors (Shuttleworth et al. Def. 3.1) are marked on the tuned spectrum at the rank
+    where they sit.
     """
     spectrum = tables.spectrum_table(matrix)
     intr = tables.intruder_table(matrix, k, eps)
     intruder_ranks = intr.loc[intr["intruder"], "tuned_rank"].to_numpy()
     fig = go.Figure()
     lines = (
-        ("base", "W₀ (base)", "#7f7f7f", "solid"),
-        ("tuned", "Wₜ (tuned)", "#1f77b4", "solid"),
-        ("update", "ΔW (update)", "#ff7f0e", "dash"),
+        ("tuned", "Wₜ (tuned)", "#1f77b4", "solid", 2.0, "circle"),
+        ("base", "W₀ (base)", "#8c8c8c", "dash", 3.0, "square"),
+        ("update", "ΔW (update)", "#ff7f0e", "dot", 2.5, "diamond"),
     )
-    for column, name, color, dash in lines:
+    shown = []
+    for column, name, color, dash, width, symbol in lines:
         values = spectrum[column].to_numpy()
         n = int(np.count_nonzero(~np.isnan(values)))
         idx = _log_sample(n, intruder_ranks - 1 if column == "tuned" else [])
         values = values[idx]
         positive = values > 0
+        shown.extend(values[positive].tolist())
         fig.add_trace(
             go.Scatter(
                 x=idx[positive] + 1,
                 y=values[positive],
-                mode="lines",
+                mode=_series_mode(int(positive.sum())),
                 name=name,
-                line={"color": color, "dash": dash},
+                line={"color": color, "dash": dash, "width": width},
+                marker={"color": color, "symbol": symbol, "size": 10 if positive.sum() <= 1 else 6},
+                opacity=0.9,
                 hovertemplate=f"{name}<br>rank %{{x}}: σ = %{{y:.4g}}<extra></extra>",
             )
         )
@@ -623,10 +765,17 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     n_max = max(len(spectrum), 1)
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{tables.matrix_title(matrix)} — singular values ({n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g})",
-        xaxis={"title": "rank", "type": "log", "tickvals": ticks, "range": [-0.05, math.log10(n_max * 1.1)]},
-        yaxis={"title": "singular value", "type": "log"},
+        # Short first line (narrow screens), details below it.
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
+        xaxis={
+            "title": "rank",
+            "type": "log",
+            "tickvals": ticks,
+            "ticktext": [str(t) for t in ticks],
+            "range": [-0.05, math.log10(n_max * 1.1)],
+        },
+        yaxis=_log_axis(shown, title="singular value"),
         height=460,
         legend={"orientation": "h", "y": -0.2},
     )
@@ -671,26 +820,18 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
     return fig
 
 
-def amplification_figure(models: Sequence[ModelResult], matrices: Collection[str] | None = None) -> go.Figure:
-    """Amplification factor per matrix (Hu et al. 2021, sec. 7.3), bars per fine-tune."""
+def amplification_figure(
+    models: Sequence[ModelResult], matrices: Collection[str] | None = None, log_y: bool = True
+) -> go.Figure:
+    """Amplification factor per matrix (Hu et al. 2021, sec. 7.3) by layer, one facet per
+    module and one series per fine-tune (every fine-tune in the legend), matrices named
+    by their short label (``L3 mlp_in``) in the hover."""
     table = tables.amplification_table(models, matrices)
-    title = "Amplification factor ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F"
+    title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer and module</sup>"
     if table.empty:
         return _empty(title, "No matrices analysed yet")
-    fig = go.Figure()
-    for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
-        rows = table[table["model"] == label]
-        fig.add_trace(
-            go.Bar(
-                x=rows["matrix"],
-                y=rows["amplification_factor"],
-                name=_legend_name(label, model),
-                marker_color=_model_style(index, model)["color"],
-                customdata=rows["r"],
-                hovertemplate="%{x}<br>factor %{y:.3g} (r = %{customdata})<extra>" + label + "</extra>",
-            )
-        )
-    fig.update_layout(title=title, barmode="group", yaxis={"title": "amplification factor", "type": "log"}, height=400)
+    fig = _module_facets(models, table, "amplification_factor", "amplification factor", log_y=log_y)
+    fig.update_layout(title=title)
     return fig
 
 

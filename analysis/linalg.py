@@ -1,7 +1,7 @@
 """Linear algebra on the best available device.
 
 Every decomposition here is a thin SVD (``full_matrices=False``) with singular values in
-descending order, computed in float32 or better (DESIGN.md). Callers pass ``out x in``
+descending order, computed in float32 or better (docs/metrics.md). Callers pass ``out x in``
 tensors; results stay on the device they were computed on, so follow-up products stay
 there too.
 

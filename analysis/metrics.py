@@ -1,4 +1,4 @@
-"""The metrics of DESIGN.md, each a pure function in exactly one place.
+"""The metrics of docs/metrics.md, each a pure function in exactly one place.
 
 Inputs are torch tensors (any float dtype, any device) or numpy arrays of singular
 values; outputs are Python scalars or numpy arrays. Nothing here loads files, caches,

@@ -9,7 +9,7 @@ fine-tune and the mitigated fine-tune at each lambda of a grid on two things:
   leaves ``pydoc_data`` out). For a causal language model the loss is the mean next-token
   cross-entropy; for a sentence-embedding model (a sentence-transformers folder, like the
   demo's all-MiniLM-L6-v2) it is the contrastive loss the base was trained with
-  (:func:`analysis.demo.contrastive_loss`, in-batch negatives) on pairs made of the two
+  (:func:`demo.contrastive_loss`, in-batch negatives) on pairs made of the two
   halves of each paragraph;
 - the fine-tune's own metric where it is known: for the offline demo the held-out
   retrieval task's MRR and recall@1, computed by the demo's own evaluation.
@@ -99,7 +99,7 @@ def held_out_loss(model: torch.nn.Module, tokenizer, family: str, paragraphs: Se
             total += float(loss)
             tokens += int((labels != -100).sum())
         return total / max(1, tokens)
-    from analysis.demo import _embed, _Tokens, contrastive_loss
+    from demo import _embed, _Tokens, contrastive_loss
 
     halves = [p.split() for p in paragraphs]
     first = _Tokens(tokenizer, [" ".join(w[: len(w) // 2]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
@@ -117,14 +117,14 @@ class _DemoTask:
     """The demo's held-out retrieval task, evaluated by the demo's own code."""
 
     def __init__(self, tokenizer) -> None:
-        from analysis.demo import DOC_MAX_TOKENS, QUERY_MAX_TOKENS, _Tokens, harvest_stdlib_pairs, split_pairs
+        from demo import DOC_MAX_TOKENS, QUERY_MAX_TOKENS, _Tokens, harvest_stdlib_pairs, split_pairs
 
         _train, held_out = split_pairs(harvest_stdlib_pairs())
         self.queries = _Tokens(tokenizer, [p.query for p in held_out], QUERY_MAX_TOKENS)
         self.documents = _Tokens(tokenizer, [p.document for p in held_out], DOC_MAX_TOKENS)
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from analysis.demo import _evaluate
+        from demo import _evaluate
 
         return _evaluate(model, self.queries, self.documents)["mrr"]
 

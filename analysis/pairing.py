@@ -4,7 +4,7 @@
 is loaded later, one at a time, by the ``load_base``/``load_tuned`` closures of each
 :class:`~analysis.plan.MatrixPlan`.
 
-Which matrices (DESIGN.md "Which matrices", following Shuttleworth et al. 2024): by
+Which matrices (docs/metrics.md "Which matrices", following Shuttleworth et al. 2024): by
 default every 2-D floating-point ``*.weight`` inside a numbered transformer block
 (``layer.N``/``layers.N``/``h.N``/``blocks.N``/``block.N``), i.e. the attention and MLP
 projections, fused or not. Embeddings, LM heads, poolers and classifiers (2-D weights

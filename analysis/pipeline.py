@@ -50,11 +50,11 @@ class AnalysisSettings:
     ``max_top_k`` tuned vectors are scored for intruders (any ``k`` up to it can then be
     shown without recomputation); ``similarity_size`` is N of the ``N x N`` similarity
     block; ``delta_vectors`` left singular vectors of the update are kept for subspace
-    similarity; ``side`` picks left (default, DESIGN.md) or right singular vectors.
+    similarity; ``side`` picks left (default, docs/metrics.md) or right singular vectors.
     """
 
     max_top_k: int = 100
-    similarity_size: int = 64
+    similarity_size: int = 100
     delta_vectors: int = 64
     side: Literal["left", "right"] = "left"
 
@@ -406,7 +406,7 @@ def analyse_matrix(
     device: torch.device | str = "auto",
     cache: SpectrumCache | None = None,
 ) -> MatrixResult:
-    """Every metric of DESIGN.md for one base/tuned matrix pair.
+    """Every metric of docs/metrics.md for one base/tuned matrix pair.
 
     The base weight ``W0 = U0 S0 V0^T`` and the tuned weight ``Wt = Ut St Vt^T`` are
     decomposed; the top ``max_top_k`` columns of ``Ut`` are scored against every column

@@ -1,4 +1,4 @@
-"""The JSON report of the command line (DESIGN.md, "Command line and report contract")."""
+"""The JSON report of the command line (docs/metrics.md, "Command line and report contract")."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dict:
-    """One matrix of the report. Fields of DESIGN.md first, additions after."""
+    """One matrix of the report. Fields of docs/metrics.md first, additions after."""
     return {
         "name": matrix.name,
         "layer": matrix.layer,

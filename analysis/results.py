@@ -16,13 +16,13 @@ from analysis import metrics
 
 DEFAULT_TOP_K = 10
 DEFAULT_EPSILON = 0.5
-#: The eps grid of the intruder sweep (DESIGN.md): 0.10, 0.15, ..., 0.90.
+#: The eps grid of the intruder sweep (docs/metrics.md): 0.10, 0.15, ..., 0.90.
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.10 + 0.05 * i, 2) for i in range(17))
 
 
 @dataclass
 class MatrixResult:
-    """Every metric of DESIGN.md for one base/tuned matrix pair.
+    """Every metric of docs/metrics.md for one base/tuned matrix pair.
 
     Vectors are stored only as far as the views need them: ``intruder_scores`` for the
     top ``len(intruder_scores)`` tuned singular vectors (so counts for any ``k`` up to
@@ -103,7 +103,7 @@ class ModelResult:
         return self.summary.get("label", self.source)
 
     def total_intruders(self, k: int, eps: float) -> int:
-        """Per-model total: the sum over analysed matrices (DESIGN.md)."""
+        """Per-model total: the sum over analysed matrices (docs/metrics.md)."""
         return sum(m.intruder_counts(k, [eps])[0] for m in self.matrices)
 
 

@@ -239,7 +239,7 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
 
 def demo_checkpoint_root(model) -> Path:
     """Where the demo keeps the ``checkpoint-N`` folders of ``model`` (an
-    :class:`analysis.demo.DemoModel`).
+    :class:`demo.DemoModel`).
 
     The folder of the checkpoints its manifest lists, when it lists them; else the demo
     builder's layout ``<root>/checkpoints/<name>/``, or a ``checkpoints`` folder inside the

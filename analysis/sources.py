@@ -374,6 +374,10 @@ def open_source(spec: str | os.PathLike, *, allow_local_paths: bool = True) -> W
     text = check_spec(label)
     if not text:
         raise InputError("(empty)", "no model given: expected a hub model id, a folder or a .safetensors file")
+    if text.startswith("demo:"):  # the offline demo's models, named as in the dashboard
+        from analysis.specs import SpecResolver
+
+        return SpecResolver(allow_local_paths=True).open(text)
     if allow_local_paths:
         path = local_path(text, allow_local_paths)
         if path is not None and path.is_dir():

@@ -2,7 +2,7 @@
 
 A spec is the string that names a model in the dashboard's selection and in shared URLs:
 
-- ``demo:<name>``: a model of the offline demo (:mod:`analysis.demo`), e.g. ``demo:base``,
+- ``demo:<name>``: a model of the offline demo (:mod:`demo`), e.g. ``demo:base``,
   ``demo:lora-r8``;
 - ``upload:<sha256>``: files uploaded in the page (:mod:`analysis.uploads`);
 - ``series:...``: the checkpoints of one training run (:mod:`analysis.series`);
@@ -98,7 +98,7 @@ class SpecResolver:
 
     def demo(self):
         """The built demo's manifest, or ``None`` when it has not been built yet."""
-        from analysis.demo import demo_manifest
+        from demo import demo_manifest
 
         return demo_manifest(self.demo_root)
 

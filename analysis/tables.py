@@ -196,7 +196,7 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
 
 
 def totals_table(models: Sequence[ModelResult], k: int, eps: float) -> pd.DataFrame:
-    """Per-model totals (DESIGN.md: sums over the analysed matrices) at (k, eps)."""
+    """Per-model totals (docs/metrics.md: sums over the analysed matrices) at (k, eps)."""
     rows = [
         {
             "model": label,
@@ -331,7 +331,7 @@ def subspace_similarity(a: MatrixResult, b: MatrixResult, max_dim: int = 64) -> 
     """``phi(i, j)`` (Hu et al. 2021, eq. 4) between two updates of the same matrix.
 
     Uses the left singular vectors of each ``dW`` (``delta_left_vectors``), the natural
-    choice for any two updates, full or LoRA (DESIGN.md), up to each update's numerical
+    choice for any two updates, full or LoRA (docs/metrics.md), up to each update's numerical
     rank (:func:`update_rank`) and at most ``max_dim``. Returns an ``(i_max, j_max)``
     array with ``phi[i-1, j-1] = phi(i, j)``.
     """
@@ -598,3 +598,26 @@ def series_similarity_table(models: Sequence[ModelResult], matrix_name: str, k: 
         return pd.DataFrame(columns=["step"])
     table = pd.concat(frames, ignore_index=True)
     return table[["step", *[c for c in table.columns if c != "step"]]]
+
+
+def subspace_default_pair(models: Sequence[ModelResult]) -> tuple[int, int] | None:
+    """Indices of the two fine-tunes subspace similarity opens on, or ``None`` (fewer than two).
+
+    As in Hu et al. 2021 (sec. 7.1, ``A_{r=8}`` against ``A_{r=64}``): two LoRA
+    adapters of different rank, the two highest ranks when there are more; else two
+    LoRA fine-tunes; else the first two fine-tunes.
+    """
+    if len(models) < 2:
+        return None
+    ranked: dict[int, int] = {}
+    for index, model in enumerate(models):
+        rank = adapter_rank(model)
+        if rank is not None:
+            ranked.setdefault(rank, index)
+    if len(ranked) >= 2:
+        high, second = sorted(ranked, reverse=True)[:2]
+        return ranked[second], ranked[high]
+    lora = [i for i, m in enumerate(models) if is_lora(m)]
+    if len(lora) >= 2:
+        return lora[0], lora[1]
+    return 0, 1

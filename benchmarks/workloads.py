@@ -2,7 +2,7 @@
 
 Two workloads:
 
-- ``demo``: the offline demo (``analysis.demo``): all-MiniLM-L6-v2, its full fine-tune
+- ``demo``: the offline demo (the ``demo`` package): all-MiniLM-L6-v2, its full fine-tune
   and PEFT LoRA adapters at r = 1, 8, 64. When the demo has not been built
   (``demo_manifest()`` is ``None``) a stand-in with the same files and shapes is made:
   a deterministic dense perturbation of the base as the "full fine-tune" and seeded PEFT
@@ -81,7 +81,7 @@ class Workload:
 
 def demo_workload(data_dir: Path = DEFAULT_DATA_DIR) -> Workload:
     """The real demo if it is built, else the stand-in (built on first use)."""
-    from analysis.demo import base_model_path, demo_manifest
+    from demo import base_model_path, demo_manifest
 
     manifest = demo_manifest()
     if manifest is not None:
@@ -104,7 +104,7 @@ def demo_workload(data_dir: Path = DEFAULT_DATA_DIR) -> Workload:
         tuned,
         "stand-in for the offline demo (not built here): all-MiniLM-L6-v2, a seeded dense perturbation as "
         "the full fine-tune, seeded PEFT LoRA adapters r=1/8/64 on every block linear layer",
-        notes=["analysis.demo had not been built (demo_manifest() is None); run `python -m analysis demo` first"],
+        notes=["the demo had not been built (demo_manifest() is None); run `python -m analysis demo` first"],
     )
 
 
@@ -133,7 +133,7 @@ def _standin_lora(base: Path, out: Path, r: int) -> Path:
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModel
 
-    from analysis.demo import LORA_TARGET_MODULES
+    from demo import LORA_TARGET_MODULES
 
     model = AutoModel.from_pretrained(str(base))
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(LORA_TARGET_MODULES), lora_dropout=0.0)

@@ -14,8 +14,9 @@ st.title("Effective rank of the updates")
 st.caption(
     "How many directions each update ΔW = W_tuned − W_base uses. **Effective rank** (Roy & Vetterli 2007): "
     "exp of the entropy of the normalised singular values. **rank90** (Biderman et al. 2024): the fewest "
-    "singular directions holding 90% of ΔW's energy. Full fine-tuning (solid, circles) learns updates of far "
-    "higher rank than LoRA (dashed, diamonds), whose update can never exceed its rank r (dotted line)."
+    "singular directions holding 90% of ΔW's energy. Full fine-tuning learns updates of far higher rank than "
+    "LoRA, whose update can never exceed its rank r (dotted line). Each fine-tune has its own colour, dash and "
+    "marker; the log scale keeps rank 1 and rank 300 readable side by side."
 )
 totals = tables.totals_table(models, selection.k, selection.eps)
 cols = st.columns(len(models))
@@ -36,7 +37,14 @@ metric = state.widget(
     horizontal=True,
     format_func=figures.OVERVIEW_METRICS.get,
 )
-views.chart(figures.effective_rank_figure(models, metric), f"{metric}-by-layer")
+log_y = st.toggle(
+    "Log scale",
+    value=True,
+    key="erank_log",
+    help="A full fine-tune's update has hundreds of directions, a LoRA r=1 update one: a linear axis flattens "
+    "the adapters to zero.",
+)
+views.chart(figures.effective_rank_figure(models, metric, log_y=log_y), f"{metric}-by-layer")
 frame = tables.matrix_table(models)[
     [
         "model",

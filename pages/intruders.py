@@ -16,7 +16,8 @@ st.title("Intruder dimensions vs ε")
 st.caption(
     f"Number of the top {k} tuned singular vectors whose best |cosine| with every base singular vector is below "
     "ε, summed over the chosen matrices (Shuttleworth et al. 2024, Fig. 4). LoRA typically has intruders at "
-    "small ε where full fine-tuning has none. Dashed lines are LoRA, solid full fine-tuning."
+    "small ε where full fine-tuning has none. Each fine-tune has its own colour, dash and marker, so curves "
+    "that coincide (all at zero) still show."
 )
 
 modules = tables.module_order(m.module for model in models for m in model.matrices)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pandas as pd
 import streamlit as st
 
 from analysis import tables
-from analysis.demo import default_demo_root
 from analysis.errors import InputError
-from analysis.jobs import Job, JobState, Progress
+from analysis.jobs import JobState
 from analysis.series import (
     SERIES_PREFIX,
     checkpoint_folders,
@@ -35,32 +32,11 @@ st.caption(
 
 
 # -- the offline demo -------------------------------------------------------------------------
-def _demo_manifest():
-    try:
-        return resolver.demo(), None
-    except InputError as exc:
-        return None, str(exc)
-
-
-def _build_demo(job: Job):
-    from analysis.demo import build_demo
-
-    started = time.time()
-
-    def on_step(done: int, total: int, what: str) -> None:
-        job.report(Progress(done, total, what, time.time() - started))
-
-    return build_demo(progress=False, on_step=on_step, should_stop=job.should_stop)
-
-
 def use_demo() -> None:
     base, tuned = runtime.demo_defaults()
     state.set("base", base)
     state.set("tuned", tuned)
     state.set("model", tuned[0] if tuned else None)
-
-
-DEMO_KEY = ("demo-build", str(default_demo_root()))
 
 
 def has_checkpoints(model) -> bool:
@@ -71,29 +47,12 @@ def has_checkpoints(model) -> bool:
         return False
 
 
-@st.fragment(run_every=1.0)
-def _demo_build_progress() -> None:
-    job = runtime.manager().get(DEMO_KEY)
-    if job is None:
-        return
-    if not job.state.finished:
-        progress = job.progress
-        elapsed = time.time() - job.created_at
-        if progress is not None and progress.total:
-            eta = f", about {progress.eta_s:.0f} s left" if progress.eta_s is not None else ""
-            st.progress(
-                progress.fraction,
-                text=f"Building the offline demo: {progress.done} of {progress.total} training steps{eta}",
-            )
-        else:
-            st.progress(0.0, text=f"Building the offline demo… {elapsed:.0f} s so far (a few minutes on CPU)")
-        return
-    st.rerun()
-
-
-manifest, demo_error = _demo_manifest()
+manifest, demo_error = runtime.demo_state()
 with st.container(border=True):
     st.subheader("Offline demo")
+    views.demo_build_status()
+    if demo_error:
+        st.error(runtime.friendly(demo_error))
     if manifest is not None:
         st.write(
             f"all-MiniLM-L6-v2 fine-tuned on: {manifest.task.get('description', '')} ({manifest.steps} steps each)."
@@ -109,29 +68,28 @@ with st.container(border=True):
                 "lr": m.lr,
                 "recall@1": m.metrics.get("recall@1"),
                 "MRR": m.metrics.get("mrr"),
+                "checkpoints": len(m.checkpoints),
             }
             for m in manifest.models
         ]
         st.dataframe(pd.DataFrame(rows), hide_index=True)
         st.button("Use the demo", on_click=use_demo, key="use_demo")
-    else:
-        if demo_error:
-            st.error(runtime.friendly(demo_error))
+    job = runtime.demo_job()
+    building = job is not None and not job.state.finished
+    if job is not None and job.state is JobState.FAILED:
+        st.error(f"Building the demo failed: {runtime.friendly(job.error or '')}")
+    if not building and (manifest is None or not manifest.complete):
         st.info(
-            "The offline demo is not built yet. Build it once from a terminal (CPU only, no network, a few minutes):"
+            "The offline demo is not complete: "
+            + (f"{len(manifest.fine_tunes)} of 4 fine-tunes are built. " if manifest is not None else "")
+            + "It builds here on CPU, with no network (a few minutes; the fine-tunes appear one by one), "
+            "or from a terminal with `python -m analysis demo`."
         )
-        st.code("python -m analysis demo", language="bash")
-        job = runtime.manager().get(DEMO_KEY)
-        if job is not None and job.state is JobState.FAILED:
-            st.error(f"Building the demo failed: {runtime.friendly(job.error or '')}")
-        if job is None or job.state.finished:
-
-            def start_build() -> None:
-                runtime.manager().submit(DEMO_KEY, _build_demo, label="offline demo", watcher=runtime.session_id())
-
-            st.button("…or build it here now", on_click=start_build, key="build_demo")
-        else:
-            _demo_build_progress()
+        st.button(
+            "Resume building the demo" if manifest is not None else "Build the demo",
+            on_click=runtime.start_demo_build,
+            key="build_demo",
+        )
 
 
 # -- choosing models --------------------------------------------------------------------------

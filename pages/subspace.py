@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import figures, tables
-from ui import views
+from ui import state, views
 
 selection, models = views.results()
 st.title("Subspace similarity")
@@ -20,6 +20,12 @@ if len(models) < 2:
     st.info("Subspace similarity compares two fine-tunes: add another one on the Models page.")
     name = views.matrix_control(models)
 else:
+    # Open on two adapters of different rank, as in Hu et al., unless a second fine-tune
+    # was chosen already (here or by the link this session was opened with).
+    pair = tables.subspace_default_pair(models)
+    if pair is not None and not st.session_state.get("sel_other"):
+        state.set("model", models[pair[0]].source)
+        state.set("other", models[pair[1]].source)
     first = views.model_control(models, "First fine-tune", "model")
     second = views.model_control([m for m in models if m is not first], "Second fine-tune", "other")
     name = views.matrix_control([first, second])
@@ -46,5 +52,6 @@ st.caption(
     "rank, or rank90 for a full fine-tune): how strongly the update amplifies directions the base weight "
     "barely uses."
 )
-views.chart(figures.amplification_figure(models), "amplification")
+amp_log = st.toggle("Log scale", value=True, key="amplification_log", help="Factors often span decades.")
+views.chart(figures.amplification_figure(models, log_y=amp_log), "amplification")
 views.table(tables.amplification_table(models), "amplification")

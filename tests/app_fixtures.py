@@ -4,7 +4,7 @@ The real demo (``python -m analysis demo``) trains four fine-tunes of all-MiniLM
 takes minutes on a CPU; the dashboard tests only need *a* demo build in the same layout:
 the real base (the packaged all-MiniLM-L6-v2), a full "fine-tune" and LoRA adapters of it
 made in seconds by :mod:`tests.factories` (noise and random factors, not training), and a
-``manifest.json`` written by :class:`analysis.demo.DemoManifest` itself. Task metrics are
+``manifest.json`` written by :class:`demo.DemoManifest` itself. Task metrics are
 NaN (nothing was evaluated) and the labels say "stand-in".
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from analysis.demo import MANIFEST_NAME, DemoManifest, DemoModel, base_model_path
+from demo import MANIFEST_NAME, DemoManifest, DemoModel, base_model_path
 from tests import factories
 
 NAN_METRICS = {"recall@1": float("nan"), "mrr": float("nan")}

@@ -34,6 +34,8 @@ from tests import factories
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# A dashboard opened on an empty cache folder would start training the real demo.
+os.environ.setdefault("WSE_DEMO_AUTOBUILD", "0")
 
 
 @pytest.fixture(scope="session")

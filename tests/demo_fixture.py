@@ -1,28 +1,35 @@
-"""The real offline demo, built once per test session, for any test that wants it.
+"""The real offline demo for any test that wants it, reused where one is built.
 
 Import the fixture into a conftest (``from tests.demo_fixture import demo_build``) or a
-test module. It trains the real demo (:func:`analysis.demo.build_demo`, default steps)
-into a folder shared by every pytest-xdist worker of the run: the first worker builds it
-under the demo's own file lock, the others wait and reuse it.
+test module. It uses the demo in :data:`DEMO_ROOT`: the one ``./run.sh`` (the dashboard)
+or ``python -m analysis demo`` built in ``cache/demo`` is reused at once when its
+manifest is complete and of the current :data:`demo.DEMO_VERSION` and default
+steps; otherwise it is built there once (and then serves the dashboard too). Every
+pytest-xdist worker asks :func:`demo.build_demo`, whose file lock makes one
+build and the others wait and reuse it; tests only read it.
 
-The build takes about three minutes on two idle cores and can take several times that
-on a busy machine, more than the suite's default 600 s timeout: tests that use the
-fixture should carry ``pytest.mark.timeout(DEMO_BUILD_TIMEOUT_S)``.
+A build takes about three minutes on two idle cores and can take several times that on
+a busy machine, more than the suite's default 600 s timeout: tests that use the fixture
+carry ``pytest.mark.timeout(DEMO_BUILD_TIMEOUT_S)``.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from analysis.demo import DemoManifest, build_demo
+from demo import DemoManifest, build_demo, default_demo_root
 
 DEMO_BUILD_TIMEOUT_S = 1800
+#: Where the tests find (or build) the demo: ``$WSE_TEST_DEMO_ROOT``, else the default
+#: ``<cache dir>/demo``, fixed when the tests are collected (before any test changes
+#: ``WSE_CACHE_DIR``).
+DEMO_ROOT = Path(os.environ.get("WSE_TEST_DEMO_ROOT") or default_demo_root())
 
 
 @pytest.fixture(scope="session")
-def demo_build(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> DemoManifest:
-    """The demo as ``python -m analysis demo`` builds it, in a temporary folder."""
-    base = tmp_path_factory.getbasetemp()
-    # Under xdist each worker has its own basetemp; their parent is shared by the run.
-    root = (base if worker_id == "master" else base.parent) / "offline-demo"
-    return build_demo(root, progress=False)
+def demo_build() -> DemoManifest:
+    """The demo as ``python -m analysis demo`` builds it (reused, or built once)."""
+    return build_demo(DEMO_ROOT, progress=False)

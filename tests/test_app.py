@@ -138,7 +138,8 @@ def test_every_page_renders_its_charts(
         if page == "similarity":
             (fig,) = figs
             heat = next(t for t in fig.data if t.type == "heatmap")
-            np.testing.assert_allclose(np.asarray(heat.z), first.similarity, atol=1e-6)
+            # The heatmap follows k (10 here): the top 10 x 10 block the engine computed.
+            np.testing.assert_allclose(np.asarray(heat.z), first.similarity[:10, :10], atol=1e-6)
             assert metrics(at)["Intruder dimensions"] == str(first.intruder_counts(10, [0.5])[0])
         elif page == "intruders":
             (fig,) = figs
@@ -161,7 +162,9 @@ def test_every_page_renders_its_charts(
             phi_fig, amplification = figs
             assert "left singular vectors of ΔW" in phi_fig.layout.title.text
             assert np.asarray(phi_fig.data[0].z).shape[0] == first.rank90  # the LoRA update's rank, 4
-            assert len(amplification.data) == 2
+            # One facet per module; both fine-tunes in the legend, once each.
+            assert len([t for t in amplification.data if t.showlegend is not False]) == 2
+            assert len({t.legendgroup for t in amplification.data}) == 2
         # Each page's tables download as CSV, and the full result as the JSON report.
         assert any(b.proto.label == "Download CSV" for b in at.get("download_button")), page
         assert any(b.proto.label == "Download JSON report" for b in at.sidebar.get("download_button")), page
@@ -184,7 +187,9 @@ def test_url_reproduces_the_view_and_follows_the_controls(
     assert at.sidebar.selectbox(key="w_model").value == str(tiny_bert_full_ft)
     assert at.sidebar.slider(key="w_k").value == 7 and at.sidebar.slider(key="w_eps").value == 0.35
     fig = figures(at)[0]
-    assert fig.layout.title.text.startswith(f"{Path(tiny_bert_full_ft).name}: {name}")
+    # The short label first (narrow screens), the tensor name below it.
+    assert fig.layout.title.text.startswith(f"{Path(tiny_bert_full_ft).name}: L")
+    assert f"<sup>{name}: " in fig.layout.title.text
     assert "top 7 at ε = 0.35" in fig.layout.title.text
     at.sidebar.slider(key="w_k").set_value(4).run()
     at.sidebar.selectbox(key="w_matrix").set_value("encoder.layer.0.attention.self.key.weight").run()
@@ -235,7 +240,7 @@ def test_models_page_without_demo_shows_the_command(cache_dir: Path) -> None:
     at = AppTest.from_file(APP, default_timeout=30)
     at.switch_page(PAGES["models"]).run()
     assert not at.exception
-    assert any(c.value == "python -m analysis demo" for c in at.code)
+    assert any("python -m analysis demo" in i.value for i in at.info)
     assert at.button(key="build_demo")
 
 
@@ -412,7 +417,7 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     """The Models page starts a demo build in the background and shows its step count."""
     import threading
 
-    from analysis import demo
+    import demo
     from analysis.errors import AnalysisCancelled
     from analysis.jobs import JobState
     from ui import runtime
@@ -434,9 +439,10 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     assert stepped.wait(10)
     at.run()
     (bar,) = at.get("progress")
-    assert bar.proto.value == 12 and bar.proto.text.startswith("Building the offline demo: 30 of 240 training steps")
+    assert bar.proto.value == 12 and bar.proto.text.startswith("Building the offline demo (0 of 4 fine-tunes ready)")
     assert calls == [["on_step", "progress", "should_stop"]]
-    (job,) = [j for j in runtime.manager().jobs() if j.label == "offline demo"]
+    job = runtime.demo_job()
+    assert job is not None and job.label == "offline demo"
     job.cancel()
     assert job.wait(10) and job.state is JobState.CANCELLED
 
@@ -587,3 +593,55 @@ def test_refused_uploads_are_cleared_and_quotas_hold(
     at.run()
     assert any("Upload refused: your uploads: one visitor may add at most 1" in e.value for e in at.error)
     assert not at.file_uploader[0].value  # over the quota: not even held until "Add"
+
+
+def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_ready(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh server opens at once, trains the demo in the background with progress and
+    selects each fine-tune as soon as it exists; Stop keeps what was built."""
+    import threading
+
+    import demo
+    from analysis.errors import AnalysisCancelled
+    from analysis.jobs import JobState
+    from tests.app_fixtures import make_standin_demo
+    from ui import runtime
+
+    monkeypatch.setenv("WSE_DEMO_AUTOBUILD", "1")
+    publish, published = threading.Event(), threading.Event()
+
+    def build_demo(**kwargs):  # stands in for training: one fine-tune "finishes" when told
+        kwargs["on_step"](10, 240, "full-ft loss 0.5")
+        assert publish.wait(120)
+        manifest = make_standin_demo(cache_dir / "demo")
+        data = json.loads((cache_dir / "demo" / demo.MANIFEST_NAME).read_text())
+        data.update(complete=False, fine_tunes=data["fine_tunes"][:1])
+        (cache_dir / "demo" / demo.MANIFEST_NAME).write_text(json.dumps(data))
+        kwargs["on_step"](70, 240, "lora-r1 loss 0.9")
+        published.set()
+        while not kwargs["should_stop"]():
+            threading.Event().wait(0.05)
+        raise AnalysisCancelled(f"stopped ({manifest.root.name})")
+
+    monkeypatch.setattr(demo, "build_demo", build_demo)
+    at = AppTest.from_file(APP, default_timeout=30).run()
+    assert not at.exception
+    job = runtime.demo_job()
+    assert job is not None and not job.state.finished  # started by opening the app
+    at.run()
+    (bar,) = at.get("progress")
+    assert bar.proto.text.startswith("Building the offline demo (0 of 4 fine-tunes ready)")
+    assert not at.info  # no "choose a model": the page says the demo is coming
+    publish.set()
+    assert published.wait(120)
+    at.run()  # the fragment notices the new fine-tune and redraws; the selection follows
+    at.run()
+    assert at.query_params["base"] in ("demo:base", ["demo:base"])
+    assert at.query_params["tuned"] in ("demo:full-ft", ["demo:full-ft"])
+    at.button(key="cancel_demo").click().run()
+    assert job.wait(10) and job.state is JobState.CANCELLED
+    assert [m.name for m in demo.demo_manifest(cache_dir / "demo").fine_tunes] == ["full-ft"]
+    for analysis in runtime.manager().jobs():  # the analysis it started is not under test here
+        analysis.cancel()
+        assert analysis.wait(60)

@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -46,7 +46,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A cache folder with the stand-in demo, and files for the upload tests."""
-    from analysis.demo import base_model_path
+    from demo import base_model_path
     from tests import factories
     from tests.app_fixtures import make_standin_demo
 
@@ -325,7 +325,7 @@ def test_shared_url_reproduces_the_view_in_a_fresh_browser(server: str, page, br
         wait_idle(page)
     wait_idle(page)
     title = chart_titles(page)[0]
-    assert title.startswith("LoRA r=8 (stand-in): encoder.layer.3.attention.self.value.weight")
+    assert title.startswith("LoRA r=8 (stand-in): L3 value") and "encoder.layer.3.attention.self.value.weight" in title
     assert "in the top 7 at ε = 0.5" in title
     shot(page, "10-shared-view-original")
     shared = page.url

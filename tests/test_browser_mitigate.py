@@ -52,7 +52,7 @@ def test_mitigate_page_from_a_shared_link_draws_and_exports(server: str, browser
                 assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
                 z.extractall(tmp_path / "adapter")
         context.close()
-    from analysis.demo import base_model_path
+    from demo import base_model_path
     from tests.factories import peft_merged_state_dict
 
     merged = peft_merged_state_dict(base_model_path(), tmp_path / "adapter")  # PEFT loads and merges it

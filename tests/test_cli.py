@@ -1,4 +1,4 @@
-"""``python -m analysis report``: the DESIGN.md contract, caching, and exit 2 on bad input."""
+"""``python -m analysis report``: the docs/metrics.md contract, caching, and exit 2 on bad input."""
 
 from __future__ import annotations
 
@@ -144,3 +144,28 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, tiny_bert):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "bad.safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_demo_specs_work_as_in_the_dashboard(tmp_path, monkeypatch, capsys):
+    """``report demo:base demo:lora-r1`` names the demo's models as the dashboard does."""
+    from tests.app_fixtures import make_standin_demo
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("WSE_CACHE_DIR", str(cache))
+    assert main(["report", "demo:base", "demo:lora-r1", "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "demo:base" in err and "not built" in err
+    make_standin_demo(cache / "demo")
+    assert main(["report", "demo:base", "demo:lora-r2", "--out", str(tmp_path / "r.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "demo:lora-r2" in err and "lora-r1" in err
+    out = tmp_path / "report.json"
+    proc = run_cli(
+        "report", "demo:base", "demo:lora-r1", "--out", str(out), "--quiet", env_extra={"WSE_CACHE_DIR": str(cache)}
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["base"] == "demo:base"
+    (model,) = report["models"]
+    # The stand-in adapter targets query and value of the 6 layers.
+    assert (model["source"], model["kind"]) == ("demo:lora-r1", "adapter") and len(model["matrices"]) == 12

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import demo
-from analysis.demo import DemoManifest, build_demo, demo_manifest
+import demo
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.results import ComparisonResult
+from demo import DemoManifest, build_demo, demo_manifest
 from tests.demo_fixture import DEMO_BUILD_TIMEOUT_S, demo_build  # noqa: F401  (pytest fixture)
 
 # The first test to ask for the demo pays for its build (minutes, longer on a busy machine).
-pytestmark = pytest.mark.timeout(DEMO_BUILD_TIMEOUT_S)
+pytestmark = [pytest.mark.timeout(DEMO_BUILD_TIMEOUT_S), pytest.mark.xdist_group("demo")]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,17 @@ def test_the_demo_has_the_papers_models(demo_build: DemoManifest) -> None:  # no
     for ft in demo_build.fine_tunes[1:]:
         assert ft.kind == "adapter" and ft.lora_alpha == 2 * ft.r
         assert (ft.path / "adapter_config.json").is_file()
-    # alpha * lr is the same at every rank (the papers' rank sweep).
-    products = {ft.lora_alpha * ft.lr for ft in demo_build.fine_tunes[1:]}
+    # Scale alpha / r = 2 at every rank, the learning rate falling as 1 / sqrt(r).
+    assert {ft.lora_alpha / ft.r for ft in demo_build.fine_tunes[1:]} == {2}
+    products = {ft.lr * ft.r**0.5 for ft in demo_build.fine_tunes[1:]}
     assert max(products) == pytest.approx(min(products))
+    # Checkpoints as the Trainer writes them, for the checkpoint-series views.
+    for ft in demo_build.fine_tunes:
+        assert [step for step, _ in ft.checkpoints] == [10, 20, 30, 40, 50, 60]
+        for step, folder in ft.checkpoints:
+            assert folder == demo_build.root / "checkpoints" / ft.name / f"checkpoint-{step}"
+            weights = "adapter_model.safetensors" if ft.kind == "adapter" else "model.safetensors"
+            assert (folder / weights).is_file() and (folder / "trainer_state.json").is_file()
 
 
 def test_lora_r1_has_more_intruders_than_full_fine_tuning(
@@ -65,6 +73,18 @@ def test_lora_r1_has_more_intruders_than_full_fine_tuning(
     lora_r1 = models["lora-r1"].total_intruders(k=10, eps=0.5)
     assert lora_r1 > full
     assert lora_r1 >= 5, f"LoRA r=1 should show several intruders, got {lora_r1}"
+
+
+def test_intruders_fall_with_the_lora_rank(
+    demo_build: DemoManifest,  # noqa: F811
+    demo_comparison: ComparisonResult,
+) -> None:
+    """Shuttleworth et al. 2024: the lower the rank, the more intruders; a high-rank LoRA
+    looks like full fine-tuning (eps 0.5, top 10)."""
+    models = _by_name(demo_build, demo_comparison)
+    count = {name: model.total_intruders(k=10, eps=0.5) for name, model in models.items()}
+    assert count["lora-r1"] > count["lora-r8"] > 0, count
+    assert abs(count["lora-r64"] - count["full-ft"]) <= 2, count
 
 
 def test_full_fine_tuning_learns_a_higher_rank_update_than_lora(
@@ -242,3 +262,75 @@ def test_retrieval_metrics_by_hand() -> None:
     scores = demo.retrieval_metrics(similarity)
     assert scores["recall@1"] == pytest.approx(1 / 3)
     assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+
+
+@pytest.fixture
+def two_recipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA r=1 and r=8 only, a checkpoint every step: the publishing contract, quickly."""
+    monkeypatch.setattr(demo, "FINE_TUNES", demo.FINE_TUNES[1:3])
+    monkeypatch.setattr(demo, "CHECKPOINT_EVERY", 1)
+
+
+def test_each_fine_tune_is_published_when_done_and_a_stopped_build_resumes(
+    tmp_path: Path, two_recipes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard shows the first fine-tunes while the others train; Cancel keeps them."""
+    root = tmp_path / "demo"
+    seen: list[int] = []
+
+    def on_step(done: int, total: int, what: str) -> None:
+        seen.append(len(demo_manifest(root).fine_tunes) if demo_manifest(root) else 0)
+
+    with pytest.raises(AnalysisCancelled):
+        build_demo(root, steps=2, progress=False, on_step=on_step, should_stop=lambda: len(seen) >= 3)
+    # r=1 was published (with complete false) before r=8 started; r=8 left nothing behind.
+    assert seen == [0, 0, 1]
+    partial = demo_manifest(root)
+    assert partial is not None and not partial.complete and [m.name for m in partial.fine_tunes] == ["lora-r1"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "lora-r1", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]
+
+    trained = []
+    fine_tune = demo._fine_tune
+
+    def counting(recipe, *args, **kwargs):
+        trained.append(recipe.name)
+        return fine_tune(recipe, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "_fine_tune", counting)
+    done = build_demo(root, steps=2, progress=False)
+    assert trained == ["lora-r8"] and done.complete
+    assert [m.name for m in done.fine_tunes] == ["lora-r1", "lora-r8"]
+    assert done.model("lora-r1") == partial.model("lora-r1") and done.base == partial.base
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_checkpoints_are_saved_as_the_trainer_does(tmp_path: Path, two_recipes) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    built = build_demo(tmp_path / "demo", steps=2, progress=False)
+    r1 = built.model("lora-r1")
+    assert [(step, path.relative_to(built.root).as_posix()) for step, path in r1.checkpoints] == [
+        (1, "checkpoints/lora-r1/checkpoint-1"),
+        (2, "checkpoints/lora-r1/checkpoint-2"),
+    ]
+    for step, folder in r1.checkpoints:
+        assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert state["global_step"] == step and [h["step"] for h in state["log_history"]] == list(range(1, step + 1))
+    # The last checkpoint is the final adapter; the first differs from it.
+    final = load_file(r1.path / "adapter_model.safetensors")
+    last = load_file(r1.checkpoints[-1][1] / "adapter_model.safetensors")
+    first = load_file(r1.checkpoints[0][1] / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert any(not torch.equal(final[k], first[k]) for k in final)
+    PeftModel.from_pretrained(AutoModel.from_pretrained(built.base.path), r1.checkpoints[0][1])
+    # Paths are stored relative to the root, so the folder can be moved.
+    data = json.loads((built.root / demo.MANIFEST_NAME).read_text())
+    assert data["complete"] is True
+    assert data["fine_tunes"][0]["checkpoints"] == [
+        [1, "checkpoints/lora-r1/checkpoint-1"],
+        [2, "checkpoints/lora-r1/checkpoint-2"],
+    ]

@@ -330,8 +330,12 @@ def test_similarity_figure_marks_intruder_rows(lora_model: ModelResult) -> None:
     matrix = lora_model.matrices[0]
     fig = figures.similarity_figure(matrix, k=10, eps=0.5, label="LoRA run")
     (sim,) = heatmaps(fig)
-    assert np.asarray(sim.z).shape == (16, 16)
-    np.testing.assert_allclose(np.asarray(sim.z), matrix.similarity, atol=1e-6)
+    # The heatmap follows k (at least 10 ranks), up to the N the engine keeps (16 here).
+    assert np.asarray(sim.z).shape == (10, 10)
+    np.testing.assert_allclose(np.asarray(sim.z), matrix.similarity[:10, :10], atol=1e-6)
+    for k, side in ((3, 10), (12, 12), (16, 16), (100, 16)):
+        (sim,) = heatmaps(figures.similarity_figure(matrix, k=k, eps=0.5))
+        assert np.asarray(sim.z).shape == (side, side), k
     markers = [t for t in fig.data if t.type == "scatter"][0]
     assert list(markers.y) == [1, 2]  # the two planted directions are the top-2 tuned vectors
     bars = [t for t in fig.data if t.type == "bar"][0]
@@ -354,7 +358,7 @@ def test_reduce_heatmap_keeps_block_maxima() -> None:
 def test_large_similarity_heatmap_is_reduced_before_the_browser(lora_model: ModelResult) -> None:
     big = lora_model.matrices[0]
     big = MatrixResult(**{**big.__dict__, "similarity": np.random.default_rng(0).random((512, 512))})
-    (sim,) = heatmaps(figures.similarity_figure(big, k=10, eps=0.5))
+    (sim,) = heatmaps(figures.similarity_figure(big, k=512, eps=0.5))
     assert np.asarray(sim.z).shape == (128, 128) and sim.dx == 4
 
 
@@ -365,7 +369,10 @@ def test_sweep_figure_sums_over_matrices(lora_model: ModelResult, full_model: Mo
     assert lora.y[DEFAULT_EPSILONS.index(0.5)] == 3
     assert list(full.y[:8]) == [0] * 8  # no intruders for full FT at small eps
     assert list(lora.y) == sorted(lora.y)  # counts never fall as eps grows
-    assert lora.line.dash == "dash" and full.line.dash == "solid"
+    # Curves on zero must not hide each other: own dash, marker and size, room below zero.
+    assert lora.line.dash != full.line.dash and lora.marker.symbol != full.marker.symbol
+    assert full.marker.size < lora.marker.size
+    assert fig.layout.yaxis.range[0] < 0
     only_first = figures.sweep_figure([lora_model], 10, [0.5], matrices={lora_model.matrices[0].name})
     assert list(only_first.data[0].y) == [2]
 
@@ -384,8 +391,10 @@ def test_effective_rank_figure_tells_full_ft_and_lora_apart(lora_model: ModelRes
     lines = [t for t in fig.data if t.type == "scatter"]
     assert len(lines) == 4  # 2 fine-tunes x 2 module panels
     lora_query, lora_value, full_query, _ = lines
-    assert lora_query.name == "LoRA run (LoRA r=4)" and lora_query.line.dash == "dash"
-    assert lora_query.marker.symbol == "diamond" and full_query.marker.symbol == "circle"
+    assert lora_query.name == "LoRA run (LoRA r=4)" and lora_query.line.dash != full_query.line.dash
+    assert lora_query.marker.symbol != full_query.marker.symbol
+    assert fig.layout.yaxis.type == "log"  # the default: rank 1 and rank 300 both readable
+    assert figures.effective_rank_figure([lora_model, full_model], "rank90", log_y=False).layout.yaxis.type != "log"
     assert lora_query.y[0] == 2 and lora_value.y[1] == 1  # the planted 2- and 1-direction updates
     assert full_query.y[0] > 10  # a dense update needs many directions for 90% of its energy
     assert [s.y0 for s in fig.layout.shapes] == [4, 4]  # LoRA rank line in both panels
@@ -394,8 +403,11 @@ def test_effective_rank_figure_tells_full_ft_and_lora_apart(lora_model: ModelRes
 def test_spectrum_figure_marks_intruders_where_they_rank(lora_model: ModelResult) -> None:
     matrix = lora_model.matrices[0]
     fig = figures.spectrum_figure(matrix, k=10, eps=0.5)
-    base, tuned, update, intr = fig.data
+    tuned, base, update, intr = fig.data
     assert fig.layout.yaxis.type == "log"
+    # The base is drawn over the tuned spectrum, dashed and in another colour.
+    assert base.line.dash == "dash" and tuned.line.dash == "solid" and base.line.color != tuned.line.color
+    assert all("µ" not in t and "m" not in t for t in fig.layout.yaxis.ticktext)
     np.testing.assert_allclose(tuned.y, matrix.tuned_singular_values)
     assert list(intr.x) == [1, 2]
     np.testing.assert_allclose(intr.y, matrix.tuned_singular_values[:2])
@@ -430,7 +442,11 @@ def test_amplification_table_and_figure(lora_model: ModelResult) -> None:
     # Planted directions are orthogonal to W's top directions: strongly amplified.
     assert table["amplification_factor"].iloc[0] > 5
     fig = figures.amplification_figure([lora_model])
-    np.testing.assert_allclose(fig.data[0].y, table["amplification_factor"])
+    # One facet per module, layers along x, matrices named by their short label.
+    query, value = fig.data
+    np.testing.assert_allclose(query.y, table.loc[table["module"] == "query", "amplification_factor"])
+    assert list(query.customdata) == ["L0 query", "L1 query"] and list(value.x) == ["0", "1"]
+    assert fig.layout.yaxis.type == "log"
 
 
 def test_matrix_table_is_what_the_csv_holds(lora_model: ModelResult) -> None:
@@ -518,3 +534,47 @@ def test_skipped_tensors_counted_by_reason() -> None:
         {"reason": "1-D", "tensors": 5, "examples": "layers.0.norm.weight, layers.1.norm.weight"},
         {"reason": "embedding", "tensors": 1, "examples": "embed.weight"},
     ]
+
+
+def test_a_one_point_series_is_a_marker(lora_model: ModelResult) -> None:
+    """A rank-1 update has one singular value: a line through one point is invisible."""
+    m = lora_model.matrices[0]
+    rank1 = MatrixResult(**{**m.__dict__, "delta_singular_values": np.array([3.0] + [0.0] * 39)})
+    update = figures.spectrum_figure(rank1, k=10, eps=0.5).data[2]
+    assert update.mode == "markers" and list(update.y) == [3.0]
+
+
+def test_log_ticks_are_clean_numbers() -> None:
+    values, text = figures.log_ticks(3e-5, 40.0)
+    assert text == ["1e-4", "0.001", "0.01", "0.1", "1", "10"] and values[0] == pytest.approx(1e-4)
+    values, text = figures.log_ticks(1.5, 60.0)  # under two decades: 2 and 5 added, still labelled
+    assert text == ["2", "5", "10", "20", "50"]
+    _, text = figures.log_ticks(1e-12, 1e6)  # many decades: at most about 8 labels
+    assert len(text) <= 8 and all("µ" not in t for t in text)
+
+
+def test_many_fine_tunes_and_layers_stay_apart(lora_model: ModelResult, full_model: ModelResult) -> None:
+    """Eight fine-tunes: eight colours, dashes and markers; six modules wrap into rows."""
+    models = [ModelResult(**{**m.__dict__, "source": f"m{i}"}) for i, m in enumerate([lora_model, full_model] * 4)]
+    fig = figures.sweep_figure(models, 10, DEFAULT_EPSILONS)
+    styles = {(t.line.color, t.line.dash, t.marker.symbol) for t in fig.data}
+    assert len(fig.data) == 8 and len(styles) == 8 and len({t.name for t in fig.data}) == 8
+    six = [
+        MatrixResult(**{**m.__dict__, "name": f"{mod}.{m.layer}", "module": mod})
+        for m in lora_model.matrices
+        for mod in ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
+    ]
+    grid = figures.effective_rank_figure([ModelResult(**{**lora_model.__dict__, "matrices": six})])
+    assert {t.xaxis for t in grid.data} == {"x", "x2", "x3", "x4", "x5", "x6"}
+    assert grid.layout.xaxis4.domain == grid.layout.xaxis.domain  # the fourth panel starts a second row
+
+
+def test_subspace_opens_on_two_adapters_of_different_rank() -> None:
+    def model(name: str, r: int | None) -> ModelResult:
+        return ModelResult(source=name, kind="adapter" if r else "full", summary={"adapter": {"r": r}} if r else {})
+
+    demo = [model("full", None), model("r1", 1), model("r8", 8), model("r64", 64)]
+    assert tables.subspace_default_pair(demo) == (2, 3)  # r=8 against r=64, as in Hu et al.
+    assert tables.subspace_default_pair(demo[:3]) == (1, 2)
+    assert tables.subspace_default_pair(demo[:2]) == (0, 1)
+    assert tables.subspace_default_pair(demo[:1]) is None

@@ -1,4 +1,4 @@
-"""Each metric against a slow, obviously-correct float64 reference (DESIGN.md definitions)."""
+"""Each metric against a slow, obviously-correct float64 reference (docs/metrics.md definitions)."""
 
 from __future__ import annotations
 

@@ -231,7 +231,7 @@ def test_cli_writes_the_peft_folder_and_exits_2_on_bad_input(tmp_path, tiny_bert
 
 def test_tradeoff_on_a_sentence_embedding_model(tmp_path, resolver, model_root):
     """The held-out loss and curve on a tiny BERT with all-MiniLM-L6-v2's real tokenizer."""
-    from analysis.demo import base_model_path
+    from demo import base_model_path
 
     tokenizer_dir = base_model_path()
     base = factories.make_bert(model_root / "mitigate-st", vocab_size=30522)

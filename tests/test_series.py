@@ -191,9 +191,9 @@ def test_demo_series_opens_checkpoints_the_demo_saved(tiny_bert: Path, lora_seri
     ``<root>/checkpoints/<name>/`` (here a demo manifest over tiny models, with the
     checkpoints of a real PEFT series)."""
     from analysis.adapters import LoraAdapter
-    from analysis.demo import MANIFEST_NAME, DemoManifest, DemoModel
     from analysis.specs import SpecResolver
     from analysis.uploads import UploadStore
+    from demo import MANIFEST_NAME, DemoManifest, DemoModel
 
     root = tmp_path / "demo"
     final = factories.make_lora_adapter(tiny_bert, root / "lora-r2", r=2, seed=9)

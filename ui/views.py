@@ -79,7 +79,12 @@ def results() -> tuple[Selection, list[ModelResult]]:
     """
     state.ensure_app_navigation()
     selection = state.current()
+    demo_build_status()
     if not selection.complete:
+        job = runtime.demo_job()
+        if runtime.DEMO_FOLLOW in st.session_state and job is not None and not job.state.finished:
+            st.caption("The offline demo's first results appear here as soon as its first fine-tune is trained.")
+            st.stop()
         st.info("Choose a base model and at least one fine-tune first.")
         st.page_link(MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
         st.stop()
@@ -179,7 +184,12 @@ def find_matrix(model: ModelResult, key: str) -> MatrixResult | None:
 
 
 def chart(fig, name: str, **kwargs) -> object:
-    """A Plotly chart with a PNG download in its toolbar, named after the view."""
+    """A Plotly chart with a PNG download in its toolbar, named after the view.
+
+    Streamlit's chart theme follows the visitor's light or dark theme (fonts, grid,
+    background); the figures only fix colours that carry meaning.
+    """
+    kwargs.setdefault("theme", "streamlit")
     return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
 
 
@@ -267,3 +277,41 @@ def report_download(selection: Selection, models: Sequence[ModelResult]) -> None
             help=f"Every matrix of every fine-tune, intruder counts among the top {selection.k} at "
             "ε = 0.10 … 0.90 (the format of python -m analysis report).",
         )
+
+
+def demo_build_status() -> None:
+    """The offline demo's build, if one is running: a progress bar and Cancel (the
+    fine-tunes done so far stay), refreshed every second; the page is redrawn when a
+    fine-tune is published, so its results show at once."""
+    job = runtime.demo_job()
+    if job is None or job.state.finished:
+        return
+    manifest, _ = runtime.demo_state()
+    st.session_state.wse_demo_ready = len(manifest.fine_tunes) if manifest is not None else 0
+    _demo_build_status()
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def _demo_build_status() -> None:
+    from demo import FINE_TUNES
+
+    job = runtime.demo_job()
+    manifest, _ = runtime.demo_state()
+    ready = len(manifest.fine_tunes) if manifest is not None else 0
+    if job is None or job.state.finished or ready != st.session_state.get("wse_demo_ready"):
+        st.rerun()
+    p = job.progress
+    names = [r.label for r in FINE_TUNES]
+    done = f"{ready} of {len(names)} fine-tunes ready"
+    if p is None or not p.total:
+        st.progress(0.0, text=f"Building the offline demo ({done}): reading the task and scoring the base…")
+    else:
+        eta = f", about {p.eta_s / 60:.0f} min left" if p.eta_s is not None and p.eta_s >= 60 else ""
+        training = names[min(ready, len(names) - 1)]
+        st.progress(p.fraction, text=f"Building the offline demo ({done}); training {training}{eta}")
+    st.button(
+        "Stop building the demo",
+        key="cancel_demo",
+        on_click=runtime.cancel_demo_build,
+        help="Keeps the fine-tunes trained so far; the Models page can resume the build.",
+    )

@@ -21,17 +21,35 @@ weights minutes after cloning, with no network and no GPU:
   2024 (arXiv:2405.09673): full fine-tuning at a small learning rate, and LoRA (Hu et al.
   2021, arXiv:2106.09685) through PEFT on every linear layer of the blocks (query, key,
   value, attention output, intermediate and output dense) with ``lora_alpha = 2r`` at
-  ``r = 1, 8, 64``. LoRA learning rates keep ``lora_alpha * lr`` constant across ranks
-  (see :data:`FINE_TUNES`). On this demo LoRA r = 1 shows intruder dimensions and full
-  fine-tuning none, and full fine-tuning's update has by far the highest effective rank
-  (``tests/test_demo.py`` checks both with the engine).
+  ``r = 1, 8, 64``, the learning rate falling as ``1 / sqrt(r)`` (:func:`lora_lr`). On
+  this demo intruder dimensions fall with the rank (r = 1 > r = 8 > 0, r = 64 about as
+  few as full fine-tuning, Shuttleworth et al.) and full fine-tuning's update has by far
+  the highest effective rank (``tests/test_demo.py`` checks both with the engine).
 
 Everything is written under one root (default ``<cache dir>/demo``): the full fine-tune
 as a safetensors model folder, each LoRA as a PEFT adapter folder saved by PEFT's own
-``save_pretrained``, and ``manifest.json`` describing them all (:class:`DemoManifest`).
-A build happens in a temporary folder that is renamed into place only when complete, so an
-interrupted build never leaves a half model that looks finished; a file lock makes a
-second process wait for the first build and then reuse it.
+``save_pretrained``, checkpoints taken while training (see :data:`CHECKPOINT_EVERY`) and
+``manifest.json`` describing them all (:class:`DemoManifest`)::
+
+    demo/
+      manifest.json
+      full-ft/                  config.json, model.safetensors, tokenizer files
+      lora-r1/                  adapter_config.json, adapter_model.safetensors
+      lora-r8/ lora-r64/        (the same)
+      checkpoints/
+        full-ft/checkpoint-10/  config.json, model.safetensors, trainer_state.json
+        full-ft/checkpoint-20/  ... every CHECKPOINT_EVERY steps and the last step
+        lora-r1/checkpoint-10/  adapter_config.json, adapter_model.safetensors, trainer_state.json
+        ...
+
+Each fine-tune is trained in a temporary folder and moved into place, with its
+checkpoints, only when it is complete; ``manifest.json`` is rewritten (atomically) after
+each one, so the dashboard can show the first fine-tunes while the others train
+(``complete`` is false until the last). A build that was stopped resumes with the
+fine-tunes still missing. Rebuilding over a complete build (``force``, other steps)
+happens entirely beside it and replaces it only when finished, so an interrupted rebuild
+keeps the old demo. A file lock makes a second process wait for the first build and then
+reuse it.
 """
 
 from __future__ import annotations
@@ -61,13 +79,17 @@ from tqdm import tqdm
 from analysis.errors import AnalysisCancelled, InputError
 
 #: Bump when the recipe or the manifest layout changes: older builds are then rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 #: Default optimisation steps per fine-tune (batch :data:`BATCH_SIZE`). The whole build
 #: (base evaluation and four fine-tunes) takes about three minutes on two CPU cores.
 DEFAULT_STEPS = 60
 BATCH_SIZE = 32
+#: Training steps between two checkpoints (Trainer's ``save_steps``); the last step is
+#: always saved too. Checkpoints of every fine-tune go to ``checkpoints/<name>/checkpoint-<step>``.
+CHECKPOINT_EVERY = 10
+CHECKPOINTS_DIR = "checkpoints"
 #: Token budgets: queries (names and signatures) and documents (docstring summaries).
 #: Short, because training time on a CPU grows with the number of tokens per batch.
 QUERY_MAX_TOKENS = 16
@@ -103,23 +125,36 @@ class FineTuneRecipe:
     use_rslora: bool = False
 
 
-#: Peak learning rate of LoRA at r = 1; rank r uses ``LORA_LR_R1 / r`` so that
-#: ``lora_alpha * lr`` (with ``lora_alpha = 2r``) is the same at every rank. It is high
+#: Peak learning rate of LoRA at r = 1; rank r uses ``LORA_LR_R1 / sqrt(r)``. It is high
 #: because the run is short: intruder dimensions appear once the update's singular value
-#: rivals the base weight's top ten (about 2 to 6 here). Measured on this demo, r = 1
-#: for 120 steps at 2e-3 or 6e-3 gave 0 and 3 intruders over the 36 matrices (eps 0.5,
-#: k 10); 60 steps at 1.5e-2 give about 20.
+#: rivals the base weight's top ten (about 2 to 6 here). Measured on this demo (60 steps,
+#: eps 0.5, k 10, 36 matrices): r = 1 at 2e-3 or 6e-3 for 120 steps gave 0 and 3
+#: intruders, at 1.5e-2 about 20 to 30; r = 8 at 1.5e-2 / 8 gave none even at eps 0.9, at
+#: 1.5e-2 / sqrt(8) = 5.3e-3 three (27 at eps 0.7); r = 64 at 1.5e-2 / 8 = 1.9e-3 none
+#: (3 at eps 0.7), like full fine-tuning, and recall@1 0.373 against the base's 0.341.
 LORA_LR_R1 = 1.5e-2
 
+
+def lora_lr(r: int) -> float:
+    """LoRA's peak learning rate at rank ``r``: :data:`LORA_LR_R1` ``/ sqrt(r)``.
+
+    With ``lora_alpha = 2r`` the scale ``alpha / r`` is 2 at every rank, so the step on
+    ``B @ A`` shrinks with the rank more slowly than the ``1 / r`` of a constant
+    ``alpha * lr``: then only r = 1 moved far enough in 60 steps to show intruders. At
+    ``1 / sqrt(r)`` the demo shows the rank trend of Shuttleworth et al. 2024:
+    many intruders at r = 1, a few at r = 8, about none at r = 64, like full fine-tuning.
+    """
+    return LORA_LR_R1 / math.sqrt(r)
+
+
 #: The demo's fine-tunes. Full fine-tuning uses a small learning rate and LoRA a much
-#: larger one, as in both papers. With ``lora_alpha = 2r`` the LoRA scale ``alpha / r``
-#: is 2 at every rank, and ``alpha * lr`` is kept constant across ranks, as in the rank
-#: sweep of Shuttleworth et al. 2024.
+#: larger one, as in both papers; ``lora_alpha = 2r`` (scale 2 at every rank) and the
+#: learning rate falls as ``1 / sqrt(r)`` (:func:`lora_lr`).
 FINE_TUNES: tuple[FineTuneRecipe, ...] = (
     FineTuneRecipe("full-ft", "Full fine-tuning", "full", lr=5e-5),
-    FineTuneRecipe("lora-r1", "LoRA r=1", "adapter", lr=LORA_LR_R1 / 1, r=1, lora_alpha=2),
-    FineTuneRecipe("lora-r8", "LoRA r=8", "adapter", lr=LORA_LR_R1 / 8, r=8, lora_alpha=16),
-    FineTuneRecipe("lora-r64", "LoRA r=64", "adapter", lr=LORA_LR_R1 / 64, r=64, lora_alpha=128),
+    FineTuneRecipe("lora-r1", "LoRA r=1", "adapter", lr=lora_lr(1), r=1, lora_alpha=2),
+    FineTuneRecipe("lora-r8", "LoRA r=8", "adapter", lr=lora_lr(8), r=8, lora_alpha=16),
+    FineTuneRecipe("lora-r64", "LoRA r=64", "adapter", lr=lora_lr(64), r=64, lora_alpha=128),
 )
 
 
@@ -151,16 +186,23 @@ class DemoModel:
     steps: int | None = None
     batch_size: int | None = None
     train_seconds: float | None = None
+    #: ``(step, folder)`` of each checkpoint saved while training, in step order.
+    checkpoints: tuple[tuple[int, Path], ...] = ()
 
     def to_json(self, root: Path) -> dict[str, Any]:
         data = asdict(self)
         data["path"] = _relative_or_absolute(self.path, root)
+        data["checkpoints"] = [[step, _relative_or_absolute(path, root)] for step, path in self.checkpoints]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], root: Path) -> DemoModel:
-        path = Path(data["path"])
-        return cls(**{**data, "path": path if path.is_absolute() else root / path})
+        def absolute(text: str) -> Path:
+            path = Path(text)
+            return path if path.is_absolute() else root / path
+
+        checkpoints = tuple((int(step), absolute(path)) for step, path in data.get("checkpoints", ()))
+        return cls(**{**data, "path": absolute(data["path"]), "checkpoints": checkpoints})
 
 
 @dataclass(frozen=True)
@@ -180,6 +222,8 @@ class DemoManifest:
     task: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     demo_version: int = DEMO_VERSION
+    #: False while a build is still training the fine-tunes not listed yet.
+    complete: bool = True
 
     @property
     def models(self) -> tuple[DemoModel, ...]:
@@ -212,6 +256,7 @@ class DemoManifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "demo_version": self.demo_version,
+            "complete": self.complete,
             "steps": self.steps,
             "build_seconds": self.build_seconds,
             "task": self.task,
@@ -231,6 +276,7 @@ class DemoManifest:
             task=dict(data["task"]),
             environment=dict(data["environment"]),
             demo_version=int(data["demo_version"]),
+            complete=bool(data.get("complete", True)),
         )
 
 
@@ -264,10 +310,11 @@ def base_model_path() -> Path:
 
 
 def demo_manifest(root: Path | None = None) -> DemoManifest | None:
-    """The finished demo in ``root`` (default :func:`default_demo_root`), or ``None``.
+    """The demo in ``root`` (default :func:`default_demo_root`), or ``None``.
 
     ``None`` when nothing was built there or the build is from an older
-    :data:`DEMO_VERSION`. Reads one small JSON file: safe to call on every page load.
+    :data:`DEMO_VERSION`. A build still under way gives its finished fine-tunes with
+    ``complete`` false. Reads one small JSON file: safe to call on every page load.
     """
     root = Path(root) if root is not None else default_demo_root()
     try:
@@ -300,14 +347,17 @@ def build_demo(
 ) -> DemoManifest:
     """Build the offline demo into ``root`` (default ``<cache dir>/demo``), once.
 
-    A finished build made with the same number of ``steps`` is found and returned at
+    A complete build made with the same number of ``steps`` is found and returned at
     once (unless ``force``). Otherwise the corpus is harvested, the base evaluated and
     every recipe of :data:`FINE_TUNES` trained for ``steps`` steps (default
-    :data:`DEFAULT_STEPS`) in a temporary folder beside ``root``, which replaces ``root``
-    only when everything is written. ``progress`` shows tqdm bars on stderr;
-    ``on_step(done, total, what)`` is called after every training step (the dashboard's
-    progress bar), and ``should_stop()`` before each: when it returns true the build
-    raises :class:`~analysis.errors.AnalysisCancelled` and leaves nothing behind.
+    :data:`DEFAULT_STEPS`). With no complete build in ``root``, each fine-tune is
+    published into ``root`` as soon as it is trained (a partial build left by a stopped
+    one is resumed); over a complete build, everything is built in a temporary folder
+    beside ``root`` that replaces it only when finished. ``progress`` shows tqdm bars on
+    stderr; ``on_step(done, total, what)`` is called after every training step (the
+    dashboard's progress bar), and ``should_stop()`` before each: when it returns true
+    the build raises :class:`~analysis.errors.AnalysisCancelled`, keeping only the
+    fine-tunes that were finished.
     """
     root = Path(root) if root is not None else default_demo_root()
     steps = DEFAULT_STEPS if steps is None else int(steps)
@@ -315,8 +365,8 @@ def build_demo(
         raise InputError("--steps", f"must be at least 1, got {steps}")
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):
-        existing = None if force else _finished_build(root)
-        if existing is not None and existing.steps == steps:
+        existing = _finished_build(root)
+        if existing is not None and existing.complete and existing.steps == steps and not force:
             return existing
         if root.exists() and not (root / MANIFEST_NAME).is_file() and (not root.is_dir() or any(root.iterdir())):
             raise InputError(root, "exists and is not a demo build; choose a new or empty folder for the demo")
@@ -325,12 +375,26 @@ def build_demo(
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
-            _build(staging, steps=steps, progress=progress, on_step=on_step, should_stop=should_stop)
-            _replace_dir(staging, root)
+            if existing is not None and existing.complete:
+                _build(staging, steps=steps, progress=progress, on_step=on_step, should_stop=should_stop)
+                _replace_dir(staging, root)
+            else:
+                partial = existing if existing is not None and existing.steps == steps and not force else None
+                if partial is None and root.exists():
+                    shutil.rmtree(root)
+                _build(
+                    root,
+                    steps=steps,
+                    progress=progress,
+                    on_step=on_step,
+                    should_stop=should_stop,
+                    scratch=staging,
+                    resume=partial,
+                )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         built = demo_manifest(root)
-    assert built is not None, f"{root} was just built"
+    assert built is not None and built.complete, f"{root} was just built"
     return built
 
 
@@ -340,6 +404,14 @@ def _finished_build(root: Path) -> DemoManifest | None:
         return demo_manifest(root)
     except InputError:
         return None
+
+
+def _write_manifest(manifest: DemoManifest, folder: Path) -> None:
+    """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(folder / MANIFEST_NAME)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -591,6 +663,20 @@ def _trainable_model(recipe: FineTuneRecipe, base_path: Path) -> torch.nn.Module
     return get_peft_model(model, config)
 
 
+def _checkpoint_steps(steps: int) -> list[int]:
+    """The steps after which a checkpoint is saved: every :data:`CHECKPOINT_EVERY` and the last."""
+    return sorted({*range(CHECKPOINT_EVERY, steps + 1, CHECKPOINT_EVERY), steps})
+
+
+def _save_checkpoint(model: torch.nn.Module, folder: Path, step: int, steps: int, history: list[dict]) -> None:
+    """``folder`` as the transformers Trainer writes ``checkpoint-<step>``: the weights (a
+    PEFT adapter or a safetensors model, by ``save_pretrained``) and ``trainer_state.json``
+    with ``global_step`` and the loss history so far."""
+    model.save_pretrained(folder)
+    state = {"global_step": step, "max_steps": steps, "train_batch_size": BATCH_SIZE, "log_history": history}
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
 def _fine_tune(
     recipe: FineTuneRecipe,
     base_path: Path,
@@ -599,7 +685,10 @@ def _fine_tune(
     batches: list[list[int]],
     step_done: Callable[[str], None],
     stop_here: Callable[[], None],
+    checkpoint_dir: Path | None = None,
 ) -> torch.nn.Module:
+    """Train ``recipe`` on ``batches``; with ``checkpoint_dir``, save
+    ``checkpoint_dir/checkpoint-<step>`` at each of :func:`_checkpoint_steps`."""
     torch.manual_seed(SEED + zlib.crc32(recipe.name.encode()))
     model = _trainable_model(recipe, base_path)
     # Dropout off: the runs are short and deterministic comparisons matter more here.
@@ -607,32 +696,47 @@ def _fine_tune(
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, len(batches)))
-    for batch in batches:
+    save_at = set(_checkpoint_steps(len(batches))) if checkpoint_dir is not None else set()
+    history: list[dict] = []
+    for step, batch in enumerate(batches, start=1):
         stop_here()
         loss = contrastive_loss(_embed(model, queries.batch(batch)), _embed(model, documents.batch(batch)))
         loss.backward()
+        history.append({"step": step, "loss": round(loss.item(), 6), "learning_rate": schedule.get_last_lr()[0]})
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if step in save_at:
+            _save_checkpoint(model, checkpoint_dir / f"checkpoint-{step}", step, len(batches), list(history))
         step_done(f"{recipe.name} loss {loss.item():.3f}")
     return model
 
 
 def _build(
-    staging: Path,
+    target: Path,
     *,
     steps: int,
     progress: bool,
     recipes: Sequence[FineTuneRecipe] | None = None,
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    scratch: Path | None = None,
+    resume: DemoManifest | None = None,
 ) -> DemoManifest:
-    """Harvest the task, evaluate the base, train and save every recipe into ``staging``
-    and write its ``manifest.json`` last."""
+    """Harvest the task, evaluate the base, train and save every recipe into ``target``.
+
+    With ``scratch``, each fine-tune (and its checkpoints) is trained there and moved
+    into ``target`` when complete, and ``manifest.json`` is rewritten after each one
+    (``complete`` false until the last); fine-tunes of ``resume`` (a partial build of
+    the same steps) are kept, not trained again. Without it everything is written
+    straight into ``target`` (a staging folder) and the manifest once, at the end.
+    """
     from transformers import AutoModel, AutoTokenizer
 
     recipes = FINE_TUNES if recipes is None else recipes
-    start = time.perf_counter()
+    kept = {m.name: m for m in resume.fine_tunes} if resume is not None else {}
+    todo = [recipe for recipe in recipes if recipe.name not in kept]
+    start = time.perf_counter() - (resume.build_seconds if resume is not None else 0.0)
     base_path = base_model_path()
     train, held_out = split_pairs(harvest_stdlib_pairs())
     if not train or not held_out:
@@ -643,13 +747,47 @@ def _build(
     eval_q = _Tokens(tokenizer, [p.query for p in held_out], QUERY_MAX_TOKENS)
     eval_d = _Tokens(tokenizer, [p.document for p in held_out], DOC_MAX_TOKENS)
     batches = _batch_order(len(train), steps)
+    import peft
+    import transformers
 
-    fine_tunes = []
+    task = {
+        "description": "retrieve a Python standard-library function's docstring from its qualified name and "
+        "signature (held-out packages, in-batch negatives)",
+        "train_pairs": len(train),
+        "eval_pairs": len(held_out),
+        "eval_packages": sorted({p.package for p in held_out}),
+        "query_max_tokens": QUERY_MAX_TOKENS,
+        "doc_max_tokens": DOC_MAX_TOKENS,
+        "similarity_scale": SIMILARITY_SCALE,
+        "seed": SEED,
+        "checkpoint_every": CHECKPOINT_EVERY,
+    }
+
+    def manifest(base: DemoModel, finished: dict[str, DemoModel], threads: int) -> DemoManifest:
+        return DemoManifest(
+            root=target,
+            base=base,
+            fine_tunes=tuple(finished[r.name] for r in recipes if r.name in finished),
+            steps=steps,
+            build_seconds=round(time.perf_counter() - start, 2),
+            task=task,
+            environment={
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                # Float sums, hence the last digits of the results, depend on the thread count.
+                "torch_threads": str(threads),
+            },
+            complete=len(finished) == len(recipes),
+        )
+
+    finished = dict(kept)
     with (
         _training_environment(),
-        tqdm(total=steps * len(recipes), desc="demo", unit="step", disable=not progress, file=sys.stderr) as bar,
+        tqdm(total=steps * len(todo), desc="demo", unit="step", disable=not progress, file=sys.stderr) as bar,
     ):
-        total, done = steps * len(recipes), 0
+        total, done = steps * len(todo), 0
 
         def step_done(what: str) -> None:
             nonlocal done
@@ -664,60 +802,47 @@ def _build(
                 raise AnalysisCancelled(f"the demo build was stopped after {done} of {total} training steps")
 
         threads = torch.get_num_threads()
-        base_scores = _evaluate(AutoModel.from_pretrained(base_path), eval_q, eval_d)
-        base = DemoModel("base", "all-MiniLM-L6-v2 (base)", base_path, "full", base_scores)
-        for recipe in recipes:
+        if resume is not None:
+            base = resume.base
+        else:
+            base_scores = _evaluate(AutoModel.from_pretrained(base_path), eval_q, eval_d)
+            base = DemoModel("base", "all-MiniLM-L6-v2 (base)", base_path, "full", base_scores)
+        for recipe in todo:
             t0 = time.perf_counter()
-            model = _fine_tune(recipe, base_path, train_q, train_d, batches, step_done, stop_here)
-            scores = _evaluate(model, eval_q, eval_d)
-            folder = staging / recipe.name
-            model.save_pretrained(folder)
-            if recipe.kind == "full":
-                tokenizer.save_pretrained(folder)
-            fine_tunes.append(
-                DemoModel(
-                    recipe.name,
-                    recipe.label,
-                    folder,
-                    recipe.kind,
-                    scores,
-                    r=recipe.r,
-                    lora_alpha=recipe.lora_alpha,
-                    use_rslora=recipe.use_rslora,
-                    lr=recipe.lr,
-                    steps=steps,
-                    batch_size=BATCH_SIZE,
-                    train_seconds=round(time.perf_counter() - t0, 2),
-                )
+            work = scratch if scratch is not None else target
+            checkpoint_dir = work / CHECKPOINTS_DIR / recipe.name
+            model = _fine_tune(
+                recipe, base_path, train_q, train_d, batches, step_done, stop_here, checkpoint_dir=checkpoint_dir
             )
-    import peft
-    import transformers
-
-    manifest = DemoManifest(
-        root=staging,
-        base=base,
-        fine_tunes=tuple(fine_tunes),
-        steps=steps,
-        build_seconds=round(time.perf_counter() - start, 2),
-        task={
-            "description": "retrieve a Python standard-library function's docstring from its qualified name and "
-            "signature (held-out packages, in-batch negatives)",
-            "train_pairs": len(train),
-            "eval_pairs": len(held_out),
-            "eval_packages": sorted({p.package for p in held_out}),
-            "query_max_tokens": QUERY_MAX_TOKENS,
-            "doc_max_tokens": DOC_MAX_TOKENS,
-            "similarity_scale": SIMILARITY_SCALE,
-            "seed": SEED,
-        },
-        environment={
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            # Float sums, hence the last digits of the results, depend on the thread count.
-            "torch_threads": str(threads),
-        },
-    )
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
-    return manifest
+            scores = _evaluate(model, eval_q, eval_d)
+            model.save_pretrained(work / recipe.name)
+            if recipe.kind == "full":
+                tokenizer.save_pretrained(work / recipe.name)
+            if scratch is not None:  # publish: move the finished fine-tune and its checkpoints into place
+                for relative in (Path(recipe.name), Path(CHECKPOINTS_DIR) / recipe.name):
+                    destination = target / relative
+                    if destination.exists():  # left by a build killed while moving
+                        shutil.rmtree(destination)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    (scratch / relative).rename(destination)
+            final = target / CHECKPOINTS_DIR / recipe.name
+            finished[recipe.name] = DemoModel(
+                recipe.name,
+                recipe.label,
+                target / recipe.name,
+                recipe.kind,
+                scores,
+                r=recipe.r,
+                lora_alpha=recipe.lora_alpha,
+                use_rslora=recipe.use_rslora,
+                lr=recipe.lr,
+                steps=steps,
+                batch_size=BATCH_SIZE,
+                train_seconds=round(time.perf_counter() - t0, 2),
+                checkpoints=tuple((step, final / f"checkpoint-{step}") for step in _checkpoint_steps(steps)),
+            )
+            if scratch is not None:
+                _write_manifest(manifest(base, finished, threads), target)
+    built = manifest(base, finished, threads)
+    _write_manifest(built, target)
+    return built
