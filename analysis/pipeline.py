@@ -119,10 +119,17 @@ def cpu_parallelism(largest_cost: int, budget: int, matrices: int, workers: int 
     return workers, threads
 
 
+#: Estimated working memory (:func:`working_bytes`) that matrices analysed at once may
+#: use together; a matrix larger than this still runs, alone.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
-_blas_limits = None
+_blas_limits = None  # the first limit set in this analysis: it restores the caller's
+_blas_current: int | None = None
+_blas_controller = None
 
 
 def _limit_blas(threads: int):
@@ -130,32 +137,70 @@ def _limit_blas(threads: int):
 
     SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
     Gram products of :func:`analysis.linalg.gram_matrix`) are among them: importing
-    :mod:`analysis.linalg` loaded both.
+    :mod:`analysis.linalg` loaded both. One controller, found once (finding the libraries
+    takes 1.5 ms, a limit through it 0.01 ms: it is set per matrix).
     """
-    from threadpoolctl import threadpool_limits
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
 
-    return threadpool_limits(limits=threads, user_api="blas")
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=threads, user_api="blas")
+
+
+def _caller_threads() -> int:
+    """Torch threads the caller had before any analysis changed them."""
+    with _threads_lock:
+        return _threads_saved if _threads_users else torch.get_num_threads()
+
+
+def matrix_threads(shape: tuple[int, int], method: str, budget: int = DEFAULT_MEMORY_BUDGET) -> tuple[int, int]:
+    """``(torch threads, outside BLAS threads)`` a matrix pair is computed with on the CPU.
+
+    A function of the matrix's shape, the method, the memory budget and the machine (its
+    cores, the caller's torch thread count) only, never of how many matrices are in the
+    plan or how many run at once: LAPACK's results depend on its thread count in the last
+    bits (a QR on one thread differs from one on two by up to 2e-7), so a pair computed
+    alone must be computed with the same threads as in a full run to give the same bytes
+    (issue 11, item 5). A matrix of order :data:`analysis.lapack.THREADED_MIN_ORDER` or
+    more, or one whose working memory fills more than half the budget, runs alone on every
+    core; any other runs on one thread, beside others (:func:`cpu_parallelism`).
+    """
+    order = min(shape)
+    if order < lapack.THREADED_MIN_ORDER and 2 * working_bytes(shape, method) <= budget:
+        return 1, 1
+    threads = max(1, min(available_cores(), _caller_threads()))
+    return threads, lapack.threads_for(order, threads)
+
+
+def _use_threads(threads: int, blas_threads: int) -> None:
+    """Compute in this thread with ``threads`` torch threads (OpenMP and MKL settings are
+    per thread: a fresh worker thread would run its first LAPACK call on as many threads
+    as cores) and ``blas_threads`` for the BLAS libraries outside torch (one setting for
+    the process; matrices that run side by side all use one). Inside
+    :func:`_compute_threads` only, which restores the caller's settings."""
+    global _blas_limits, _blas_current
+    torch.set_num_threads(threads)
+    with _threads_lock:
+        if _blas_current != blas_threads:
+            limits = _limit_blas(blas_threads)
+            if _blas_limits is None:
+                _blas_limits = limits
+            _blas_current = blas_threads
 
 
 @contextmanager
-def _compute_threads(threads: int | None, blas_threads: int | None = None) -> Iterator[None]:
-    """Run with ``threads`` torch threads and ``blas_threads`` (default: the same) for the
-    BLAS libraries outside torch, restoring the caller's settings afterwards.
+def _compute_threads() -> Iterator[None]:
+    """Keep the caller's thread settings while matrices set their own (:func:`_use_threads`);
+    restore them afterwards.
 
-    Overlapping analyses (two dashboard jobs) share the setting of the first one; the
-    last to finish restores what was there before.
+    Overlapping analyses (two dashboard jobs) share the settings; the last to finish
+    restores what was there before.
     """
-    global _threads_users, _threads_saved, _blas_limits
-    if threads is None:
-        yield
-        return
+    global _threads_users, _threads_saved, _blas_limits, _blas_current
     with _threads_lock:
         if _threads_users == 0:
-            # BLAS first, torch second (and the reverse when restoring): an OpenMP build of
-            # OpenBLAS sets the OpenMP thread count that torch reads too.
             _threads_saved = torch.get_num_threads()
-            _blas_limits = _limit_blas(threads if blas_threads is None else blas_threads)
-            torch.set_num_threads(threads)
         _threads_users += 1
     try:
         yield
@@ -163,14 +208,12 @@ def _compute_threads(threads: int | None, blas_threads: int | None = None) -> It
         with _threads_lock:
             _threads_users -= 1
             if _threads_users == 0:
-                _blas_limits.restore_original_limits()
-                _blas_limits = None
+                # BLAS first, torch second: an OpenMP build of OpenBLAS sets the OpenMP
+                # thread count that torch reads too.
+                if _blas_limits is not None:
+                    _blas_limits.restore_original_limits()
+                _blas_limits = _blas_current = None
                 torch.set_num_threads(_threads_saved)
-
-
-#: Estimated working memory (:func:`working_bytes`) that matrices analysed at once may
-#: use together; a matrix larger than this still runs, alone.
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
 @dataclass
@@ -408,14 +451,19 @@ def analyse_matrix(
     spectrum and the whole result are cached by content.
     """
     device = resolve_device(device)
-    try:
-        pair = _prepare(plan, settings, cache)
-    finally:
-        if cache is not None:
-            cache.fingerprints.flush()
-    if pair.result is not None:
-        return pair.result
-    return _compute(pair, settings, device, default_method(device), cache)
+    method = default_method(device)
+    with _compute_threads():
+        try:
+            torch.set_num_threads(1)  # merging an adapter: as analyse_plan does
+            pair = _prepare(plan, settings, cache)
+        finally:
+            if cache is not None:
+                cache.fingerprints.flush()
+        if pair.result is not None:
+            return pair.result
+        if device.type == "cpu":
+            _use_threads(*matrix_threads(plan.shape, method))
+        return _compute(pair, settings, device, method, cache)
 
 
 def analyse_plan(
@@ -448,26 +496,33 @@ def analyse_plan(
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
-    threads = blas_threads = None
     if device.type == "cpu":
         largest = max((working_bytes(m.shape, method) for m in plan.matrices), default=1)
-        workers, threads = cpu_parallelism(largest, budget, total, workers)
-        # SciPy's OpenBLAS (the tridiagonal routines) gets a second thread only where it pays.
-        blas_threads = lapack.threads_for(max((min(m.shape) for m in plan.matrices), default=0), threads)
+        alone = any(matrix_threads(m.shape, method, budget)[0] > 1 for m in plan.matrices)
+        # A matrix that gets every core runs alone; the others of its plan then follow one
+        # by one too (each on its own thread count, so that results do not depend on it).
+        workers = 1 if alone else cpu_parallelism(largest, budget, total, workers)[0]
     else:
         workers = default_workers() if workers is None else max(1, workers)
 
     def prepare(matrix: MatrixPlan) -> _Pair:
+        # Preparing runs on one torch thread whatever the worker: loading may merge an
+        # adapter (a matrix product), whose bits must not depend on the thread.
+        torch.set_num_threads(1)
         return _prepare(matrix, settings, cache, source=plan.tuned_label)
 
     def finish(pair: _Pair) -> MatrixResult:
-        return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)
+        if pair.result is not None:
+            return pair.result
+        if device.type == "cpu":
+            _use_threads(*matrix_threads(pair.plan.shape, method, budget))
+        return _compute(pair, settings, device, method, cache)
 
     def stop(done: int) -> None:
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
-    with _compute_threads(threads, blas_threads):
+    with _compute_threads():
         results = _in_order(
             plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
         )

@@ -459,10 +459,11 @@ def test_analysis_threads_are_restored_afterwards(monkeypatch):
     try:
         base, tuned = planted_pair(5)
         plan = ComparisonPlan("b", "t", "adapter", [plan_of(f"m{i}", base, tuned) for i in range(6)])
-        results = analyse_plan(plan, device="cpu", workers=4)
-        next(results)
-        assert torch.get_num_threads() == 1  # four matrices at once on four cores: one thread each
-        list(results)
+        seen: list[int] = []
+        real = pipeline._compute
+        monkeypatch.setattr(pipeline, "_compute", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        list(analyse_plan(plan, device="cpu", workers=4))
+        assert seen == [1] * 6  # four matrices at once on four cores: one thread each
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
