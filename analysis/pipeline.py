@@ -337,7 +337,7 @@ def _pair_metrics(
     """
     base, tuned = pair.base.to(device), pair.tuned
     wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
-    if method == "gram":  # one matrix at a time; each gets the precision its metrics need
+    if method in ("gram", "eig"):  # one matrix at a time; each gets the precision its metrics need
         fresh = decompose(base, device, method) if pair.base_spectrum is None else None
         base_spectrum = _base_spectrum(pair, fresh, device, cache)
 
@@ -376,9 +376,9 @@ def _pair_metrics(
     similarity = metrics.similarity_matrix(Ut, U0, settings.similarity_size)
     del U0, Ut
 
-    Sd = delta.values
-    delta_fro = metrics.frobenius_norm(Sd)
-    rank90 = metrics.rank90(Sd)
+    Sd = delta.values.double()
+    update = metrics.update_metrics(Sd)  # derived again when read (_result), never stored
+    delta_fro, rank90 = update["delta_fro"], update["rank90"]
     # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
     # rank that explains 90% of its update (Biderman et al.).
     amp_rank = min(pair.plan.adapter_rank or rank90, int(torch.count_nonzero(Sd)))
@@ -389,20 +389,14 @@ def _pair_metrics(
     tensors = {
         "base_s": base_spectrum.values,
         "tuned_s": tuned_spectrum.values.float(),
-        "delta_s": Sd.float(),
+        "delta_s": Sd,  # float64: the update's metrics are derived from it when read
         "scores": torch.from_numpy(scores.astype(np.float32)),
         "best_match": torch.from_numpy(best_match),
         "similarity": torch.from_numpy(similarity),
         "delta_u": delta.left(settings.delta_vectors).to(torch.float16),
     }
-    info = {
-        "effective_rank": metrics.effective_rank(Sd),
-        "rank90": rank90,
-        "stable_rank": metrics.stable_rank(Sd),
-        "delta_fro": delta_fro,
-        "amplification_factor": amplification,
-        "amplification_rank": amp_rank,
-    }
+    # Only what needs the vectors is stored beside the spectra; see _result.
+    info = {"amplification_factor": amplification, "amplification_rank": amp_rank}
     return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
 
 
@@ -417,7 +411,11 @@ def _float64_difference(tuned: torch.Tensor, base: torch.Tensor, device: torch.d
 
 
 def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
+    """A pair's result from its entry: the stored spectra and scores, and the metrics that
+    follow from the update's singular values (:func:`analysis.metrics.update_metrics`)
+    derived here, so that a changed or added metric needs no recomputation."""
     arrays = {name: t.numpy() for name, t in tensors.items()}
+    stored = {name: info[name] for name in ("amplification_factor", "amplification_rank")}
     return MatrixResult(
         name=plan.name,
         layer=plan.layer,
@@ -431,7 +429,8 @@ def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> M
         similarity=arrays["similarity"],
         delta_left_vectors=arrays["delta_u"],
         adapter_rank=plan.adapter_rank,
-        **info,
+        **metrics.update_metrics(arrays["delta_s"]),
+        **stored,
     )
 
 
@@ -524,7 +523,13 @@ def analyse_plan(
 
     with _compute_threads():
         results = _in_order(
-            plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
+            plan.matrices,
+            prepare,
+            finish,
+            workers,
+            budget,
+            lambda m: working_bytes(m.shape, method, device.type),
+            before_each=stop,
         )
         try:
             for done, (matrix, result) in enumerate(results, start=1):
@@ -537,14 +542,15 @@ def analyse_plan(
                 cache.fingerprints.flush()
 
 
-def working_bytes(shape: tuple[int, int], method: str) -> int:
+def working_bytes(shape: tuple[int, int], method: str, device_type: str = "cpu") -> int:
     """Host memory one matrix pair needs while it is analysed (an estimate, for scheduling).
 
-    Base and tuned weight in float32, the update and a float64 copy of whichever matrix
-    is being decomposed, its Gram matrix and eigenvectors, derived vectors.
+    On the CPU: base and tuned weight in float32, the update and a float64 copy of
+    whichever matrix is being decomposed, its Gram matrix and eigenvectors, derived
+    vectors. When the decompositions run on a GPU, the host holds the weights only.
     """
     m, n = shape
-    if method != "gram":  # the decompositions run on the GPU; the host holds the weights
+    if device_type != "cpu" or method not in ("gram", "eig"):
         return 12 * m * n
     return 32 * m * n + 24 * min(m, n) ** 2
 
