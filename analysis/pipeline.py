@@ -380,6 +380,7 @@ def _pair_metrics(
     if method in ("gram", "eig"):  # one matrix at a time; each gets the precision its metrics need
         fresh = decompose(base, device, method) if pair.base_spectrum is None else None
         base_spectrum = _base_spectrum(pair, fresh, device, cache)
+        del fresh  # its float64 vectors: only the float16 copy is used (peak memory, issue 13)
 
         # A fine-tune's top singular vectors lie near the base's (and, for an adapter, in
         # the span of B): good seeds when only the top few of a large spectrum are needed.
