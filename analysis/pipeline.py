@@ -368,10 +368,19 @@ def _compute(
 def _pair_metrics(
     pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> Entry:
-    """Every metric of one pair, from the SVDs of the base, the tuned weight and the update.
+    """Every metric of one pair: its spectra (:func:`_pair_spectra`), then :func:`pair_metrics`."""
+    base_spectrum, tuned_spectrum, delta, base = _pair_spectra(pair, settings, device, method, cache)
+    return pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
 
-    On CUDA the matrices that need an SVD (the base unless cached, the tuned weight, the
-    update unless low-rank) have one shape and go to the solver as one batch.
+
+def _pair_spectra(
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+) -> tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]:
+    """The spectra of the base (cached or computed and cached), the tuned weight and the
+    update, each with just the vectors the metrics use; and the base weight on ``device``.
+
+    ``gesvda`` (selectable on CUDA): the matrices that need an SVD (the base unless cached,
+    the tuned weight, the update unless low-rank) share a shape and go as one batch.
     """
     base, tuned = pair.base.to(device, non_blocking=True), pair.tuned
     if device.type == "cuda":
@@ -408,7 +417,25 @@ def _pair_metrics(
         base_spectrum = _base_spectrum(pair, spectra.get("base"), device, cache)
         tuned_spectrum = spectra["tuned"]
         delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
+    return base_spectrum, tuned_spectrum, delta, base
 
+
+def pair_metrics(
+    base: torch.Tensor,
+    base_spectrum: Spectrum,
+    tuned_spectrum: Spectrum,
+    delta: Spectrum,
+    settings: AnalysisSettings,
+    adapter_rank: int | None,
+) -> Entry:
+    """The metrics of DESIGN.md for one matrix pair, from ``W0 = U0 S0 V0^T`` (the base's
+    spectrum, every left vector), ``Wt = Ut St Vt^T`` (the tuned weight's, top vectors) and
+    ``dW = Wt - W0`` (the update's), as the papers define them.
+
+    Returns the entry the cache stores: spectra, intruder scores, the similarity block, the
+    update's top vectors and the amplification factor; the update's scalar metrics are
+    derived from its values whenever the entry is read (:func:`_result`).
+    """
     # Shuttleworth et al. 2024, Def. 3.1: top-k tuned left vectors against every base one.
     U0 = base_spectrum.left().float()
     k = min(settings.max_top_k, tuned_spectrum.rank_bound)
@@ -422,7 +449,7 @@ def _pair_metrics(
     delta_fro, rank90 = update["delta_fro"], update["rank90"]
     # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
     # rank that explains 90% of its update (Biderman et al.).
-    amp_rank = min(pair.plan.adapter_rank or rank90, int(torch.count_nonzero(Sd)))
+    amp_rank = min(adapter_rank or rank90, int(torch.count_nonzero(Sd)))
     amplification = metrics.amplification_factor(
         delta_fro, delta.left(amp_rank).float(), delta.right(amp_rank).float(), base
     )
