@@ -173,14 +173,21 @@ def matrix_threads(shape: tuple[int, int], method: str, budget: int = DEFAULT_ME
     return threads, lapack.threads_for(order, threads)
 
 
-def _use_threads(threads: int, blas_threads: int) -> None:
+def _use_threads(threads: int, blas_threads: int | None) -> None:
     """Compute in this thread with ``threads`` torch threads (OpenMP and MKL settings are
     per thread: a fresh worker thread would run its first LAPACK call on as many threads
     as cores) and ``blas_threads`` for the BLAS libraries outside torch (one setting for
-    the process; matrices that run side by side all use one). Inside
-    :func:`_compute_threads` only, which restores the caller's settings."""
+    the process; matrices that run side by side all use one; ``None`` leaves it).
+
+    Inside :func:`_compute_threads` only, which restores the caller's settings. The BLAS
+    setting only from the thread that entered it: OpenBLAS ignored a limit set from a new
+    thread after one set and restored from different threads (measured: the second
+    analysis of a process then ran 5x the CPU time, its BLAS threads spinning).
+    """
     global _blas_limits, _blas_current
     torch.set_num_threads(threads)
+    if blas_threads is None:
+        return
     with _threads_lock:
         if _blas_current != blas_threads:
             limits = _limit_blas(blas_threads)
@@ -584,7 +591,10 @@ def analyse_plan(
         if pair.result is not None:
             return pair.result
         if device.type == "cpu":
-            _use_threads(*matrix_threads(pair.plan.shape, method, budget))
+            threads, blas_threads = matrix_threads(pair.plan.shape, method, budget)
+            # Side by side (workers > 1) every matrix has one BLAS thread, set below by
+            # this thread; one at a time, finish runs here and sets each matrix's own.
+            _use_threads(threads, None if workers > 1 else blas_threads)
         return _compute(pair, settings, device, method, cache)
 
     def stop(done: int) -> None:
@@ -593,6 +603,8 @@ def analyse_plan(
 
     writer = BackgroundWriter() if cache is not None else None
     with _compute_threads():
+        if device.type == "cpu" and workers > 1:
+            _use_threads(torch.get_num_threads(), 1)  # no matrix runs alone (see above)
         results = _in_order(
             plan.matrices,
             prepare,

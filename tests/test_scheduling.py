@@ -54,3 +54,25 @@ def test_a_failed_background_write_is_raised_when_the_analysis_ends(tmp_path, mo
     monkeypatch.setattr(cache, "store", store)
     with pytest.raises(OSError, match="No space left"):
         list(analyse_plan(_plan(), device="cpu", cache=cache))
+
+
+def test_blas_threads_are_limited_in_every_analysis_of_a_process(monkeypatch):
+    """Matrices side by side run one BLAS thread each, in the second analysis of a process
+    too (a limit set from a worker thread and restored from another was once ignored by
+    OpenBLAS the next time: that analysis ran 5x the CPU time)."""
+    from threadpoolctl import ThreadpoolController
+
+    from analysis import pipeline
+
+    seen: list[list[int]] = []
+    real = pipeline._compute
+
+    def compute(*args):
+        blas = [i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "blas"]
+        seen.append(blas)
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_compute", compute)
+    for _ in range(3):
+        list(analyse_plan(_plan(4), device="cpu", workers=2))
+    assert len(seen) == 12 and all(blas and set(blas) == {1} for blas in seen), seen
