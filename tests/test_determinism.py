@@ -3,7 +3,7 @@
 LAPACK's results depend on its thread count in the last bits (a QR of a LoRA factor on
 one thread and on two differ by up to 2e-7), and a fresh worker thread used to run its
 first QR on as many threads as cores. Every matrix is now computed with a thread count
-that depends on its shape alone (:func:`analysis.pipeline.matrix_threads`).
+that depends on its shape alone (:func:`analysis.scheduler.matrix_threads`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from analysis import pipeline
+from analysis import scheduler
 from analysis.cache import SpectrumCache
 from analysis.pipeline import analyse_matrix, analyse_plan, model_result
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
@@ -73,14 +73,14 @@ def test_report_bytes_do_not_depend_on_the_number_of_workers(monkeypatch):
     matrices = _adapter_pairs(3)
     one = _report(matrices, workers=1)
     two = _report(matrices, workers=2)
-    monkeypatch.setattr(pipeline, "available_cores", lambda: 4)  # as on a larger machine
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 4)  # as on a larger machine
     four = _report(matrices, workers=4)
     assert one == two == four
 
 
 def test_threads_per_matrix_depend_on_its_shape_alone(monkeypatch):
-    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
-    monkeypatch.setattr(pipeline, "_caller_threads", lambda: 2)
-    assert pipeline.matrix_threads((384, 1536), "gram") == (1, 1)  # side by side, one thread each
-    assert pipeline.matrix_threads((4096, 11008), "gram") == (2, 2)  # alone on every core
-    assert pipeline.matrix_threads((1024, 1024), "gram", budget=10**6) == (2, 1)  # fills the budget: alone
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 2)
+    monkeypatch.setattr(scheduler, "_caller_threads", lambda: 2)
+    assert scheduler.matrix_threads((384, 1536), "gram") == (1, 1)  # side by side, one thread each
+    assert scheduler.matrix_threads((4096, 11008), "gram") == (2, 2)  # alone on every core
+    assert scheduler.matrix_threads((1024, 1024), "gram", budget=10**6) == (2, 1)  # fills the budget: alone
