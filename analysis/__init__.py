@@ -9,4 +9,8 @@ The engine never imports Streamlit. Public entry points:
 - :func:`analysis.report.to_report` -- the JSON report of the command line.
 """
 
-ALGORITHM_VERSION = "1"
+#: Version of what cache entries hold and how they are keyed (the cache folder is
+#: ``v<version>``). Bump it when a digest or a stored decomposition changes, never for a
+#: derived metric: those are computed from stored spectra when an entry is read.
+#: 2: BLAKE3 digests and keys (1 used SHA-256; its entries are not reused).
+ALGORITHM_VERSION = "2"

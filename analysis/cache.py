@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from blake3 import blake3
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -73,15 +74,35 @@ def default_budget_bytes() -> int:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and raw bytes (hex).
+    """BLAKE3 of a tensor's dtype, shape and raw bytes (hex, 256 bits).
 
     Two tensors get the same digest iff they hold bit-identical values of the same
-    dtype and shape, which is what makes the cache content-addressed.
+    dtype and shape, which is what makes the cache content-addressed. See
+    :func:`content_hasher` for the choice of hash.
     """
     t = tensor.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    data = t.reshape(-1).view(torch.uint8).numpy().data
+    h = content_hasher(f"{t.dtype}|{tuple(t.shape)}|".encode(), size=len(data))
+    h.update(data)
     return h.hexdigest()
+
+
+#: Inputs from this many bytes on are hashed by several threads (BLAKE3's tree mode); below
+#: it the threads cost more than they save.
+PARALLEL_HASH_MIN_BYTES = 1 << 20
+
+
+def content_hasher(prefix: bytes = b"", size: int = 0):
+    """A BLAKE3 hasher (cryptographic, 256-bit) fed ``prefix``; multi-threaded for ``size``
+    bytes from :data:`PARALLEL_HASH_MIN_BYTES` on.
+
+    Cache keys must be collision-resistant against crafted files (a hosted cache is shared
+    by visitors who upload weights), so never a non-cryptographic hash; BLAKE3 reads at
+    several GB/s per core where SHA-256 managed 1.5-1.8 GB/s (benchmarks/README.md).
+    Digests from before the switch (SHA-256, algorithm version 1) are not reused.
+    """
+    threads = blake3.AUTO if size >= PARALLEL_HASH_MIN_BYTES else 1
+    return blake3(prefix, max_threads=threads)
 
 
 def derived_digest(kind: str, *parts: str) -> str:
@@ -90,7 +111,7 @@ def derived_digest(kind: str, *parts: str) -> str:
     ``parts`` are the digests of those tensors and every setting of the rule, so equal
     derived digests mean equal matrices (see :attr:`analysis.plan.MatrixPlan.digests`).
     """
-    return hashlib.sha256("\x1f".join((kind, *parts)).encode()).hexdigest()
+    return content_hasher("\x1f".join((kind, *parts)).encode()).hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -198,7 +219,7 @@ class FingerprintIndex:
 
 
 def _payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+    h = content_hasher()
     for name in sorted(tensors):
         h.update(name.encode())
         h.update(tensor_digest(tensors[name]).encode())
@@ -261,7 +282,7 @@ class SpectrumCache:
     @staticmethod
     def key(*parts: str) -> str:
         """Combine digests and parameters into one entry key."""
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+        return content_hasher("|".join(parts).encode()).hexdigest()
 
     # -- reading and writing -------------------------------------------------------------
     def get(self, kind: str, key: str) -> Entry | None:

@@ -29,7 +29,16 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
     where the tridiagonal routines are unavailable or their checks fail, the top vectors of
     a large tuned weight from a values-only solve plus seeded subspace iteration
     (:func:`top_eigenvectors`).
-``gesvda`` (the CUDA default)
+``eig`` (the CUDA default)
+    The ``gram`` method in torch alone, so the same code runs on any device (and is
+    tested on the CPU against float64 references): the Gram matrix by ``torch.mm`` in
+    float64, every singular value from ``eigvalsh``, the tuned weight's top vectors by
+    subspace iteration seeded from the cached base (and an adapter's ``B``), checked by
+    residual with a full ``eigh`` as fallback, and a full set of vectors (``eigh``) only
+    for a base that is not cached. On an H200 a float64 ``eigh`` of a 4096 Gram matrix
+    takes about what one ``gesvda`` does (108 vs 114 ms, issue 13), but the engine no
+    longer computes full ``U`` and ``V`` of the base, the tuned weight and the update.
+``gesvda``
     cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
     in float32, batched over same-shaped matrices; wide matrices are transposed first
     (the routine wants ``m >= n``). ``tests/test_cuda.py`` holds it to a float64
@@ -53,7 +62,7 @@ from analysis import lapack
 from analysis.errors import InputError
 from analysis.plan import LowRankDelta
 
-METHODS = ("gram", "gesvda", "svd")
+METHODS = ("gram", "eig", "gesvda", "svd")
 
 #: Singular values below ``s_1`` times this are round-off for the ``gram`` method (it
 #: resolves about ``1e-8 s_1``); their derived singular vectors would be noise divided by
@@ -75,13 +84,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def default_method(device: torch.device) -> str:
-    """``$WSE_SVD_METHOD`` if set, else ``gesvda`` on CUDA and ``gram`` elsewhere."""
+    """``$WSE_SVD_METHOD`` if set, else ``eig`` on CUDA and ``gram`` elsewhere."""
     method = os.environ.get("WSE_SVD_METHOD", "").strip()
     if method:
         if method not in METHODS:
             raise InputError("WSE_SVD_METHOD", f"unknown SVD method {method!r}; use one of {', '.join(METHODS)}")
         return method
-    return "gesvda" if device.type == "cuda" else "gram"
+    return "eig" if device.type == "cuda" else "gram"
 
 
 class Spectrum:
@@ -225,8 +234,9 @@ def decompose_many(
 ) -> list[Spectrum]:
     """:func:`decompose` for several matrices; ``gesvda`` runs same-shaped ones as one batch."""
     method = method or default_method(device)
-    if method == "gram":
-        return [_gram_spectrum(w.to(device), vectors, top, seeds) for w in weights]
+    if method in ("gram", "eig"):
+        native = method == "gram"  # NumPy's syrk and SciPy's tridiagonal routines on the CPU
+        return [_gram_spectrum(w.to(device), vectors, top, seeds, native=native) for w in weights]
     if method == "svd":
         return [_svd_spectrum(w.to(device)) for w in weights]
     if method == "gesvda":
@@ -248,19 +258,29 @@ SUBSPACE_MAX_FRACTION = 0.125
 
 
 def _gram_spectrum(
-    weight: torch.Tensor, vectors: torch.dtype, top: int | None = None, seeds: Seeds | None = None
+    weight: torch.Tensor,
+    vectors: torch.dtype,
+    top: int | None = None,
+    seeds: Seeds | None = None,
+    *,
+    native: bool = True,
 ) -> Spectrum:
+    """``native=False``: torch calls only (the ``eig`` method), whatever the device."""
     w = weight.to(torch.float64)
     m, n = w.shape
     wide = m <= n
-    gram = gram_matrix(w)
+    gram = gram_matrix(w) if native else (w @ w.transpose(0, 1) if wide else w.transpose(0, 1) @ w)
     size = gram.shape[0]
     # The update's vectors (vectors=float32, how many unknown: rank90 of a dense update may
     # be most of a large spectrum) go this way only below SUBSPACE_MIN_SIZE; above, the
     # float32 eigendecomposition below is cheaper (measured on the 7B slice).
-    if gram.device.type == "cpu" and (
-        (top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size)
-        or (vectors != torch.float64 and size < SUBSPACE_MIN_SIZE)
+    if (
+        native
+        and gram.device.type == "cpu"
+        and (
+            (top is not None and top <= TRIDIAGONAL_MAX_FRACTION * size)
+            or (vectors != torch.float64 and size < SUBSPACE_MIN_SIZE)
+        )
     ):
         spectrum = _tridiagonal_spectrum(gram, weight, "left" if wide else "right", top)
         if spectrum is not None:

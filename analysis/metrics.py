@@ -169,3 +169,20 @@ def amplification_factor(
     projected = delta_left.to(dtype).transpose(0, 1) @ base_weight.to(dtype) @ delta_right.to(dtype)
     denominator = float(torch.linalg.matrix_norm(projected.to(torch.float64), ord="fro"))
     return float("inf") if denominator == 0 else float(delta_fro / denominator)
+
+
+#: The scalar metrics of an update ``dW`` that follow from its singular values alone. They
+#: are derived whenever a result is read (:func:`update_metrics`), never stored: the cache
+#: keeps the spectrum, so a metric added here or changed reuses every cached entry.
+UPDATE_METRICS = {
+    "effective_rank": effective_rank,
+    "rank90": rank90,
+    "stable_rank": stable_rank,
+    "delta_fro": frobenius_norm,
+}
+
+
+def update_metrics(singular_values: ArrayLike) -> dict[str, float | int]:
+    """Every metric of :data:`UPDATE_METRICS` from the update's singular values (float64)."""
+    s = _as_numpy(singular_values).astype(np.float64)
+    return {name: metric(s) for name, metric in UPDATE_METRICS.items()}

@@ -11,20 +11,15 @@ factors.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import torch
 
-from analysis import lapack, metrics
+from analysis import metrics
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.linalg import Spectrum, decompose, decompose_many, default_method, low_rank_spectrum, resolve_device
@@ -36,11 +31,21 @@ from analysis.results import (
     MatrixResult,
     ModelResult,
 )
+from analysis.scheduler import (  # noqa: F401 (available_cores, cpu_parallelism, default_workers: re-exported)
+    DEFAULT_MEMORY_BUDGET,
+    BackgroundWriter,
+    _compute_threads,
+    _in_order,
+    _now,
+    _use_threads,
+    available_cores,
+    cpu_parallelism,
+    default_workers,
+    matrix_threads,
+    working_bytes,
+)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-P = TypeVar("P")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -84,95 +89,6 @@ ProgressCallback = Callable[[ProgressEvent], None]
 _DEFAULT_CACHE = object()
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's share)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def default_workers() -> int:
-    """Matrices analysed at once on a GPU: one, its weights read ahead by a reader thread;
-    two when torch uses only part of the cores. (CPU: see :func:`cpu_parallelism`.)"""
-    return max(1, min(2, available_cores() // max(1, torch.get_num_threads())))
-
-
-def cpu_parallelism(largest_cost: int, budget: int, matrices: int, workers: int | None = None) -> tuple[int, int]:
-    """``(workers, threads)`` for a CPU analysis: matrices at once, BLAS threads each.
-
-    LAPACK's eigensolvers scale poorly across threads for the matrices of one layer (a
-    384 x 384 Gram matrix runs 1.4x faster on 2 threads, two of them side by side 2x), so
-    matrices are spread over the cores, one thread each, as many at once as the memory
-    budget allows; the threads left over go to each matrix (a 7B-sized matrix that only
-    fits alone gets every core). ``workers x threads`` never exceeds the cores: an
-    oversubscribed OpenMP team spins at its barriers while its threads wait for a core,
-    and LAPACK then runs up to 100x slower (measured on the 2-core benchmark machine).
-    Threads are also capped by ``torch.get_num_threads()``, so a caller's lower setting
-    holds.
-    """
-    cores = available_cores()
-    if workers is None:
-        workers = min(cores, max(1, budget // max(1, largest_cost)), max(1, matrices))
-    workers = max(1, workers)
-    threads = max(1, min(cores // workers, torch.get_num_threads()))
-    return workers, threads
-
-
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
-_blas_limits = None
-
-
-def _limit_blas(threads: int):
-    """Limit the BLAS libraries outside torch to ``threads``; a handle that restores them.
-
-    SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
-    Gram products of :func:`analysis.linalg.gram_matrix`) are among them: importing
-    :mod:`analysis.linalg` loaded both.
-    """
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=threads, user_api="blas")
-
-
-@contextmanager
-def _compute_threads(threads: int | None, blas_threads: int | None = None) -> Iterator[None]:
-    """Run with ``threads`` torch threads and ``blas_threads`` (default: the same) for the
-    BLAS libraries outside torch, restoring the caller's settings afterwards.
-
-    Overlapping analyses (two dashboard jobs) share the setting of the first one; the
-    last to finish restores what was there before.
-    """
-    global _threads_users, _threads_saved, _blas_limits
-    if threads is None:
-        yield
-        return
-    with _threads_lock:
-        if _threads_users == 0:
-            # BLAS first, torch second (and the reverse when restoring): an OpenMP build of
-            # OpenBLAS sets the OpenMP thread count that torch reads too.
-            _threads_saved = torch.get_num_threads()
-            _blas_limits = _limit_blas(threads if blas_threads is None else blas_threads)
-            torch.set_num_threads(threads)
-        _threads_users += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_users -= 1
-            if _threads_users == 0:
-                _blas_limits.restore_original_limits()
-                _blas_limits = None
-                torch.set_num_threads(_threads_saved)
-
-
-#: Estimated working memory (:func:`working_bytes`) that matrices analysed at once may
-#: use together; a matrix larger than this still runs, alone.
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-
-
 @dataclass
 class _Pair:
     """One matrix pair on its way through the pipeline: keys first, weights if needed."""
@@ -184,6 +100,8 @@ class _Pair:
     base: torch.Tensor | None = None  # oriented for ``settings.side``
     tuned: TunedMatrix | None = None
     base_spectrum: Spectrum | None = None  # found in the base cache
+    # Runs a cache write: at once, or later on a writer thread (:class:`BackgroundWriter`).
+    write: Callable[[Callable[[], None]], None] | None = None
 
 
 def stored_base_spectrum(spectrum: Spectrum) -> Spectrum:
@@ -212,7 +130,8 @@ def _base_spectrum(pair: _Pair, fresh: Spectrum | None, device: torch.device, ca
         return _base_from_entry(_base_entry(pair.base_spectrum), device)
     stored = stored_base_spectrum(fresh)
     if cache is not None:
-        cache.store("base", pair.base_key, _base_entry(stored))
+        entry = _base_entry(stored)
+        (pair.write or _now)(lambda: cache.store("base", pair.base_key, entry))
     return stored
 
 
@@ -222,11 +141,15 @@ def _prepare(
     cache: SpectrumCache | None,
     source: str | None = None,
     base_source: str | None = None,
+    *,
+    pin: bool = False,
 ) -> _Pair:
     """Keys of a pair, then the cached result, or else the weights and cached base spectrum.
 
     ``source`` (the fine-tune as the user gave it) is named in errors about the weights'
-    values, beside the matrix; without it the matrix alone is named.
+    values, beside the matrix; without it the matrix alone is named. ``pin``: copy the
+    weights into page-locked host memory (for CUDA: the copy to the device then runs at
+    full speed, issue 13 measured 7x a pageable copy), here on the reader thread.
     """
     base = tuned = None
     digests = plan.digests(cache.fingerprints.digest) if plan.digests is not None and cache is not None else None
@@ -255,6 +178,8 @@ def _prepare(
             raise InputError(plan.name, problem) if owner is None else InputError(owner, f"{plan.name}: {problem}")
     if settings.side == "right":
         base, tuned = base.transpose(0, 1), _transposed(tuned)
+    if pin:
+        base, tuned = base.pin_memory(), TunedMatrix(tuned.weight.pin_memory(), tuned.low_rank)
     pair.base, pair.tuned = base, tuned
     if cache is not None:
         entry = cache.lookup("base", pair.base_key)
@@ -292,16 +217,28 @@ def _compute(
 def _pair_metrics(
     pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> Entry:
-    """Every metric of one pair, from the SVDs of the base, the tuned weight and the update.
+    """Every metric of one pair: its spectra (:func:`_pair_spectra`), then :func:`pair_metrics`."""
+    base_spectrum, tuned_spectrum, delta, base = _pair_spectra(pair, settings, device, method, cache)
+    return pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
 
-    On CUDA the matrices that need an SVD (the base unless cached, the tuned weight, the
-    update unless low-rank) have one shape and go to the solver as one batch.
+
+def _pair_spectra(
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+) -> tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]:
+    """The spectra of the base (cached or computed and cached), the tuned weight and the
+    update, each with just the vectors the metrics use; and the base weight on ``device``.
+
+    ``gesvda`` (selectable on CUDA): the matrices that need an SVD (the base unless cached,
+    the tuned weight, the update unless low-rank) share a shape and go as one batch.
     """
-    base, tuned = pair.base.to(device), pair.tuned
+    base, tuned = pair.base.to(device, non_blocking=True), pair.tuned
+    if device.type == "cuda":
+        tuned = TunedMatrix(tuned.weight.to(device, non_blocking=True), tuned.low_rank)
     wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
-    if method == "gram":  # one matrix at a time; each gets the precision its metrics need
+    if method in ("gram", "eig"):  # one matrix at a time; each gets the precision its metrics need
         fresh = decompose(base, device, method) if pair.base_spectrum is None else None
         base_spectrum = _base_spectrum(pair, fresh, device, cache)
+        del fresh  # its float64 vectors: only the float16 copy is used (peak memory, issue 13)
 
         # A fine-tune's top singular vectors lie near the base's (and, for an adapter, in
         # the span of B): good seeds when only the top few of a large spectrum are needed.
@@ -329,7 +266,25 @@ def _pair_metrics(
         base_spectrum = _base_spectrum(pair, spectra.get("base"), device, cache)
         tuned_spectrum = spectra["tuned"]
         delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
+    return base_spectrum, tuned_spectrum, delta, base
 
+
+def pair_metrics(
+    base: torch.Tensor,
+    base_spectrum: Spectrum,
+    tuned_spectrum: Spectrum,
+    delta: Spectrum,
+    settings: AnalysisSettings,
+    adapter_rank: int | None,
+) -> Entry:
+    """The metrics of DESIGN.md for one matrix pair, from ``W0 = U0 S0 V0^T`` (the base's
+    spectrum, every left vector), ``Wt = Ut St Vt^T`` (the tuned weight's, top vectors) and
+    ``dW = Wt - W0`` (the update's), as the papers define them.
+
+    Returns the entry the cache stores: spectra, intruder scores, the similarity block, the
+    update's top vectors and the amplification factor; the update's scalar metrics are
+    derived from its values whenever the entry is read (:func:`_result`).
+    """
     # Shuttleworth et al. 2024, Def. 3.1: top-k tuned left vectors against every base one.
     U0 = base_spectrum.left().float()
     k = min(settings.max_top_k, tuned_spectrum.rank_bound)
@@ -338,12 +293,12 @@ def _pair_metrics(
     similarity = metrics.similarity_matrix(Ut, U0, settings.similarity_size)
     del U0, Ut
 
-    Sd = delta.values
-    delta_fro = metrics.frobenius_norm(Sd)
-    rank90 = metrics.rank90(Sd)
+    Sd = delta.values.double()
+    update = metrics.update_metrics(Sd)  # derived again when read (_result), never stored
+    delta_fro, rank90 = update["delta_fro"], update["rank90"]
     # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
     # rank that explains 90% of its update (Biderman et al.).
-    amp_rank = min(pair.plan.adapter_rank or rank90, int(torch.count_nonzero(Sd)))
+    amp_rank = min(adapter_rank or rank90, int(torch.count_nonzero(Sd)))
     amplification = metrics.amplification_factor(
         delta_fro, delta.left(amp_rank).float(), delta.right(amp_rank).float(), base
     )
@@ -351,20 +306,14 @@ def _pair_metrics(
     tensors = {
         "base_s": base_spectrum.values,
         "tuned_s": tuned_spectrum.values.float(),
-        "delta_s": Sd.float(),
+        "delta_s": Sd,  # float64: the update's metrics are derived from it when read
         "scores": torch.from_numpy(scores.astype(np.float32)),
         "best_match": torch.from_numpy(best_match),
         "similarity": torch.from_numpy(similarity),
         "delta_u": delta.left(settings.delta_vectors).to(torch.float16),
     }
-    info = {
-        "effective_rank": metrics.effective_rank(Sd),
-        "rank90": rank90,
-        "stable_rank": metrics.stable_rank(Sd),
-        "delta_fro": delta_fro,
-        "amplification_factor": amplification,
-        "amplification_rank": amp_rank,
-    }
+    # Only what needs the vectors is stored beside the spectra; see _result.
+    info = {"amplification_factor": amplification, "amplification_rank": amp_rank}
     return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
 
 
@@ -379,7 +328,11 @@ def _float64_difference(tuned: torch.Tensor, base: torch.Tensor, device: torch.d
 
 
 def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
+    """A pair's result from its entry: the stored spectra and scores, and the metrics that
+    follow from the update's singular values (:func:`analysis.metrics.update_metrics`)
+    derived here, so that a changed or added metric needs no recomputation."""
     arrays = {name: t.numpy() for name, t in tensors.items()}
+    stored = {name: info[name] for name in ("amplification_factor", "amplification_rank")}
     return MatrixResult(
         name=plan.name,
         layer=plan.layer,
@@ -395,7 +348,8 @@ def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> M
         adapter_rank=plan.adapter_rank,
         stack=plan.stack,
         expert=plan.expert,
-        **info,
+        **metrics.update_metrics(arrays["delta_s"]),
+        **stored,
     )
 
 
@@ -415,14 +369,19 @@ def analyse_matrix(
     spectrum and the whole result are cached by content.
     """
     device = resolve_device(device)
-    try:
-        pair = _prepare(plan, settings, cache)
-    finally:
-        if cache is not None:
-            cache.fingerprints.flush()
-    if pair.result is not None:
-        return pair.result
-    return _compute(pair, settings, device, default_method(device), cache)
+    method = default_method(device)
+    with _compute_threads():
+        try:
+            torch.set_num_threads(1)  # merging an adapter: as analyse_plan does
+            pair = _prepare(plan, settings, cache)
+        finally:
+            if cache is not None:
+                cache.fingerprints.flush()
+        if pair.result is not None:
+            return pair.result
+        if device.type == "cpu":
+            _use_threads(*matrix_threads(plan.shape, method))
+        return _compute(pair, settings, device, method, cache)
 
 
 def analyse_plan(
@@ -455,28 +414,51 @@ def analyse_plan(
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
-    threads = blas_threads = None
     if device.type == "cpu":
         largest = max((working_bytes(m.shape, method) for m in plan.matrices), default=1)
-        workers, threads = cpu_parallelism(largest, budget, total, workers)
-        # SciPy's OpenBLAS (the tridiagonal routines) gets a second thread only where it pays.
-        blas_threads = lapack.threads_for(max((min(m.shape) for m in plan.matrices), default=0), threads)
+        alone = any(matrix_threads(m.shape, method, budget)[0] > 1 for m in plan.matrices)
+        # A matrix that gets every core runs alone; the others of its plan then follow one
+        # by one too (each on its own thread count, so that results do not depend on it).
+        workers = 1 if alone else cpu_parallelism(largest, budget, total, workers)[0]
     else:
         workers = default_workers() if workers is None else max(1, workers)
 
     def prepare(matrix: MatrixPlan) -> _Pair:
-        return _prepare(matrix, settings, cache, source=plan.tuned_label, base_source=plan.base_label)
+        # Preparing runs on one torch thread whatever the worker: loading may merge an
+        # adapter (a matrix product), whose bits must not depend on the thread.
+        torch.set_num_threads(1)
+        pair = _prepare(
+            matrix, settings, cache, source=plan.tuned_label, base_source=plan.base_label, pin=device.type == "cuda"
+        )
+        pair.write = writer
+        return pair
 
     def finish(pair: _Pair) -> MatrixResult:
-        return pair.result if pair.result is not None else _compute(pair, settings, device, method, cache)
+        if pair.result is not None:
+            return pair.result
+        if device.type == "cpu":
+            threads, blas_threads = matrix_threads(pair.plan.shape, method, budget)
+            # Side by side (workers > 1) every matrix has one BLAS thread, set below by
+            # this thread; one at a time, finish runs here and sets each matrix's own.
+            _use_threads(threads, None if workers > 1 else blas_threads)
+        return _compute(pair, settings, device, method, cache)
 
     def stop(done: int) -> None:
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
-    with _compute_threads(threads, blas_threads):
+    writer = BackgroundWriter() if cache is not None else None
+    with _compute_threads():
+        if device.type == "cpu" and workers > 1:
+            _use_threads(torch.get_num_threads(), 1)  # no matrix runs alone (see above)
         results = _in_order(
-            plan.matrices, prepare, finish, workers, budget, lambda m: working_bytes(m.shape, method), before_each=stop
+            plan.matrices,
+            prepare,
+            finish,
+            workers,
+            budget,
+            lambda m: working_bytes(m.shape, method, device.type),
+            before_each=stop,
         )
         try:
             for done, (matrix, result) in enumerate(results, start=1):
@@ -485,82 +467,10 @@ def analyse_plan(
                 yield result
         finally:
             results.close()  # waits for the workers, so no digest comes after the flush
+            if writer is not None:
+                writer.close()
             if cache is not None:
                 cache.fingerprints.flush()
-
-
-def working_bytes(shape: tuple[int, int], method: str) -> int:
-    """Host memory one matrix pair needs while it is analysed (an estimate, for scheduling).
-
-    Base and tuned weight in float32, the update and a float64 copy of whichever matrix
-    is being decomposed, its Gram matrix and eigenvectors, derived vectors.
-    """
-    m, n = shape
-    if method != "gram":  # the decompositions run on the GPU; the host holds the weights
-        return 12 * m * n
-    return 32 * m * n + 24 * min(m, n) ** 2
-
-
-#: Items queued per worker thread (see :func:`_in_order`); it took an adapter's analysis
-#: on the demo from 0.52 s to 0.48 s on 2 cores.
-QUEUE_PER_WORKER = 4
-
-
-def _in_order(
-    items: Sequence[T],
-    prepare: Callable[[T], P],
-    finish: Callable[[P], R],
-    workers: int,
-    budget: int,
-    cost: Callable[[T], int],
-    before_each: Callable[[int], None],
-) -> Generator[tuple[T, R], None, None]:
-    """``(item, finish(prepare(item)))`` in the order of ``items``.
-
-    With ``workers >= 2`` that many threads each do both steps for an item, fed from a
-    queue of up to :data:`QUEUE_PER_WORKER` items per thread, so a thread whose item is
-    done early takes the next one instead of waiting for a slower item ahead of it to be
-    yielded (a 384 x 1536 matrix takes 4x a 384 x 384 one); with one, a reader thread runs
-    ``prepare`` one item ahead while the calling thread runs ``finish``.
-    ``before_each(number_yielded)`` is called before an item is submitted (it may raise,
-    to stop). An item is submitted only while the ``cost`` of the items holding memory
-    (queued, running, or prepared and waiting) plus its own fits ``budget``, or when
-    nothing else holds any. An exception is raised when its item's turn comes; leaving
-    early cancels what has not started and waits for what has.
-    """
-    combined = workers > 1
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wse-matrix" if combined else "wse-reader")
-    pending: deque[tuple[T, Future, int]] = deque()
-    upcoming = iter(items)
-    following = next(upcoming, _END)
-    done = 0
-
-    def fill(finishing: int) -> None:
-        nonlocal following
-        while following is not _END and len(pending) < (QUEUE_PER_WORKER * workers if combined else workers):
-            held = finishing + sum(c for _, f, c in pending if not combined or not f.done())
-            if (pending or finishing) and held + cost(following) > budget:
-                return
-            before_each(done)
-            task = (lambda item: finish(prepare(item))) if combined else prepare
-            pending.append((following, executor.submit(task, following), cost(following)))
-            following = next(upcoming, _END)
-
-    try:
-        while pending or following is not _END:
-            fill(0)
-            item, future, item_cost = pending.popleft()
-            value = future.result()
-            fill(0 if combined else item_cost)  # start the next item before finishing this one
-            result = value if combined else finish(value)
-            del value
-            done += 1
-            yield item, result
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-_END = object()
 
 
 def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelResult:
@@ -680,12 +590,17 @@ def analyse_pair(
     (:mod:`analysis.distributed` runs it inside Ray tasks and may copy the pair's entry,
     found under the returned key, into the driver's cache).
     """
-    try:
-        pair = _prepare(plan, settings, cache, source=source)
-        result = pair.result
-        if result is None:
-            result = _compute(pair, settings, device, default_method(device), cache)
-    finally:
-        if cache is not None:
-            cache.fingerprints.flush()
+    method = default_method(device)
+    with _compute_threads():
+        try:
+            torch.set_num_threads(1)  # merging an adapter: as analyse_plan does (determinism)
+            pair = _prepare(plan, settings, cache, source=source)
+            result = pair.result
+            if result is None:
+                if device.type == "cpu":
+                    _use_threads(*matrix_threads(plan.shape, method))
+                result = _compute(pair, settings, device, method, cache)
+        finally:
+            if cache is not None:
+                cache.fingerprints.flush()
     return result, pair.pair_key

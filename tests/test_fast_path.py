@@ -325,12 +325,12 @@ def test_workers_give_the_same_results_in_plan_order():
 def test_lapack_threads_only_where_a_second_one_pays(monkeypatch):
     """One matrix on two cores gets two torch threads, but SciPy's BLAS stays on one below
     order 2048 (two spin against torch's OpenMP team: 5x slower at 384)."""
-    from analysis import lapack, pipeline
+    from analysis import lapack, scheduler
 
     asked: list[int] = []
-    real, before = pipeline._limit_blas, torch.get_num_threads()
-    monkeypatch.setattr(pipeline, "_limit_blas", lambda threads: asked.append(threads) or real(threads))
-    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    real, before = scheduler._limit_blas, torch.get_num_threads()
+    monkeypatch.setattr(scheduler, "_limit_blas", lambda threads: asked.append(threads) or real(threads))
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     base, tuned = planted_pair(30, m=64, n=48)
     try:
@@ -433,36 +433,37 @@ def test_svd_method_agrees_with_gram_in_the_pipeline(monkeypatch):
 
 
 def test_workers_never_oversubscribe_the_cores(monkeypatch):
-    from analysis import pipeline
+    from analysis import scheduler
 
-    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert pipeline.default_workers() == 1  # GPU: torch already uses both cores, a reader thread
+    assert scheduler.default_workers() == 1  # GPU: torch already uses both cores, a reader thread
     small, big, budget = 10**6, 3 * 10**9, 2 * 1024**3
-    assert pipeline.cpu_parallelism(small, budget, 36) == (2, 1)  # small matrices: side by side
-    assert pipeline.cpu_parallelism(big, budget, 36) == (1, 2)  # one that only fits alone: every core
-    assert pipeline.cpu_parallelism(small, budget, 1) == (1, 2)
-    assert pipeline.cpu_parallelism(small, budget, 36, workers=2) == (2, 1)
-    monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
-    assert pipeline.cpu_parallelism(small, budget, 36) == (16, 1)
-    assert pipeline.cpu_parallelism(budget // 4, budget, 36) == (4, 2)  # memory bounds the workers
+    assert scheduler.cpu_parallelism(small, budget, 36) == (2, 1)  # small matrices: side by side
+    assert scheduler.cpu_parallelism(big, budget, 36) == (1, 2)  # one that only fits alone: every core
+    assert scheduler.cpu_parallelism(small, budget, 1) == (1, 2)
+    assert scheduler.cpu_parallelism(small, budget, 36, workers=2) == (2, 1)
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 16)
+    assert scheduler.cpu_parallelism(small, budget, 36) == (16, 1)
+    assert scheduler.cpu_parallelism(budget // 4, budget, 36) == (4, 2)  # memory bounds the workers
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # a caller's lower setting holds
-    assert pipeline.cpu_parallelism(big, budget, 36) == (1, 1)
+    assert scheduler.cpu_parallelism(big, budget, 36) == (1, 1)
 
 
 def test_analysis_threads_are_restored_afterwards(monkeypatch):
-    from analysis import pipeline
+    from analysis import pipeline, scheduler
 
-    monkeypatch.setattr(pipeline, "available_cores", lambda: 4)
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 4)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         base, tuned = planted_pair(5)
         plan = ComparisonPlan("b", "t", "adapter", [plan_of(f"m{i}", base, tuned) for i in range(6)])
-        results = analyse_plan(plan, device="cpu", workers=4)
-        next(results)
-        assert torch.get_num_threads() == 1  # four matrices at once on four cores: one thread each
-        list(results)
+        seen: list[int] = []
+        real = pipeline._compute
+        monkeypatch.setattr(pipeline, "_compute", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        list(analyse_plan(plan, device="cpu", workers=4))
+        assert seen == [1] * 6  # four matrices at once on four cores: one thread each
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
