@@ -164,6 +164,15 @@ def _compute_threads() -> Iterator[None]:
                 torch.set_num_threads(_threads_saved)
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the body with ``threads`` torch threads in this thread; the caller's settings
+    come back afterwards (shared with overlapping analyses as :func:`_compute_threads`)."""
+    with _compute_threads():
+        _use_threads(threads, None)
+        yield
+
+
 def _now(task: Callable[[], None]) -> None:
     task()
 
