@@ -18,6 +18,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -597,6 +598,30 @@ def breakdown_figure(
     return fig
 
 
+def _facets(table) -> list[tuple[str | None, str, bool]]:
+    """The facets of a per-matrix table: ``(stack, module, experts)``, stacks as first met,
+    modules in block order, an expert module's facet after the module's own."""
+    stacks = list(dict.fromkeys(None if pd.isna(s) else s for s in table["stack"]))
+    modules = tables.module_order(table["module"])
+    found = {
+        (None if pd.isna(s) else s, m, not pd.isna(e))
+        for s, m, e in zip(table["stack"], table["module"], table["expert"], strict=True)
+    }
+    return sorted(found, key=lambda f: (stacks.index(f[0]), modules.index(f[1]), f[2]))
+
+
+def _facet_title(facet: tuple[str | None, str, bool]) -> str:
+    stack, module, experts = facet
+    what = f"experts of {module}" if experts else module
+    return f"{stack} · {what}" if stack else what
+
+
+def _in_facet(rows, facet: tuple[str | None, str, bool]):
+    stack, module, experts = facet
+    same_stack = rows["stack"].isna() if stack is None else rows["stack"] == stack
+    return rows[same_stack & (rows["module"] == module) & (rows["expert"].notna() == experts)]
+
+
 def _module_facets(
     models: Sequence[ModelResult],
     table,
@@ -607,19 +632,24 @@ def _module_facets(
     rank_lines: bool = False,
     max_cols: int = 3,
 ) -> go.Figure:
-    """``column`` by layer, one facet per module (wrapping after ``max_cols``), one
-    series per fine-tune with its own colour, dash and marker; hover names the matrix by
-    its short label (``L3 mlp_in``). ``rank_lines`` adds a dotted line at each LoRA's
-    rank ``r``."""
-    modules = tables.module_order(table["module"])
+    """``column`` by layer, one facet per stack and module (wrapping after ``max_cols``),
+    one series per fine-tune with its own colour, dash and marker; hover names the matrix
+    by its short label (``decoder L3 cross_attn_out``, ``L3 E17 down``).
+
+    Every matrix is its own point: an encoder's and a decoder's layer 0 are in different
+    facets (``encoder · query``, ``decoder · query``), and the experts of a mixture-of-
+    experts module get a facet of their own (``experts of down``) where each expert is one
+    marker at its layer (no line: many points share a layer). ``rank_lines`` adds a dotted
+    line at each LoRA's rank ``r``."""
+    facets = _facets(table)
     layers = sorted(table["layer"].unique(), key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
-    n_rows, n_cols = _facet_grid(len(modules), max_cols)
+    n_rows, n_cols = _facet_grid(len(facets), max_cols)
     fig = make_subplots(
         rows=n_rows,
         cols=n_cols,
         shared_yaxes=True,
         shared_xaxes=True,
-        subplot_titles=modules,
+        subplot_titles=[_facet_title(f) for f in facets],
         horizontal_spacing=0.03,
         vertical_spacing=0.08 if n_rows > 1 else 0.02,
     )
@@ -627,9 +657,8 @@ def _module_facets(
     for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
         style = _series_style(index, model)
         rows = table[table["model"] == label]
-        short = {m.name: m.short_label for m in model.matrices}
-        for pos, module in enumerate(modules):
-            sub = rows[rows["module"] == module]
+        for pos, facet in enumerate(facets):
+            sub = _in_facet(rows, facet)
             if log_y:
                 sub = sub[sub[column] > 0]
             values.extend(sub[column].tolist())
@@ -637,11 +666,11 @@ def _module_facets(
                 go.Scatter(
                     x=sub["layer"],
                     y=sub[column],
-                    mode=_series_mode(len(sub)),
+                    mode="markers" if facet[2] else _series_mode(len(sub)),
                     name=_legend_name(label, model),
                     legendgroup=label,
                     showlegend=pos == 0,
-                    customdata=[short.get(n, n) for n in sub["matrix"]],
+                    customdata=list(sub["label"]),
                     line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
                     marker={"symbol": style["symbol"], "size": style["size"] - 2, "color": style["color"]},
                     hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.3g}}<extra></extra>",
@@ -652,7 +681,7 @@ def _module_facets(
         rank = tables.adapter_rank(model) if rank_lines else None
         if rank is not None:
             values.append(rank)
-            for pos in range(len(modules)):
+            for pos in range(len(facets)):
                 fig.add_hline(
                     y=rank,
                     line_dash="dot",
@@ -677,7 +706,8 @@ def _module_facets(
 def effective_rank_figure(
     models: Sequence[ModelResult], metric: str = "effective_rank", log_y: bool = True
 ) -> go.Figure:
-    """Effective rank or rank90 of every update by layer, one facet per module.
+    """Effective rank or rank90 of every update by layer, one facet per stack and module
+    (experts of a module in a facet of their own, one marker each).
 
     All fine-tunes side by side, each with its own colour, dash and marker; the LoRA
     rank ``r`` (the most a LoRA update's rank can be) as a dotted line. ``log_y`` (the
@@ -692,7 +722,7 @@ def effective_rank_figure(
     if table.empty:
         return _empty(name, "No matrices analysed yet")
     fig = _module_facets(models, table, metric, name, log_y=log_y, rank_lines=True)
-    fig.update_layout(title=f"{name}<br><sup>by layer and module; dotted: LoRA rank r</sup>")
+    fig.update_layout(title=f"{name}<br><sup>by layer, stack and module; dotted: LoRA rank r</sup>")
     return fig
 
 
@@ -824,8 +854,9 @@ def amplification_figure(
     models: Sequence[ModelResult], matrices: Collection[str] | None = None, log_y: bool = True
 ) -> go.Figure:
     """Amplification factor per matrix (Hu et al. 2021, sec. 7.3) by layer, one facet per
-    module and one series per fine-tune (every fine-tune in the legend), matrices named
-    by their short label (``L3 mlp_in``) in the hover."""
+    stack and module (experts in their own facet, one marker each) and one series per
+    fine-tune (every fine-tune in the legend), every matrix its own point, named by its
+    short label (``L3 mlp_in``) in the hover."""
     table = tables.amplification_table(models, matrices)
     title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer and module</sup>"
     if table.empty:

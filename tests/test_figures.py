@@ -578,3 +578,39 @@ def test_subspace_opens_on_two_adapters_of_different_rank() -> None:
     assert tables.subspace_default_pair(demo[:3]) == (1, 2)
     assert tables.subspace_default_pair(demo[:2]) == (0, 1)
     assert tables.subspace_default_pair(demo[:1]) is None
+
+
+@pytest.mark.parametrize("family", ["t5", "moe", "vlm"])
+@pytest.mark.parametrize("which", ["effective_rank", "rank90", "amplification"])
+def test_rank_and_amplification_draw_every_matrix_as_its_own_point(
+    family: str, which: str, proto: MatrixResult
+) -> None:
+    """An encoder's and a decoder's layer 0 (T5), or eight experts of one module in a layer
+    (MoE), never share a point: one point per matrix and fine-tune, each named by its label,
+    and no two points of one series at one (facet, layer) outside the expert facets."""
+    full = _family(proto, FAMILIES[family], 1, _tensor_name)
+    partial = _family(proto, [i for i in FAMILIES[family] if i[1] == 0], 7, _tensor_name)
+    models = [full, partial]
+    if which == "amplification":
+        fig = figures.amplification_figure(models, log_y=False)
+    else:
+        fig = figures.effective_rank_figure(models, which, log_y=False)
+    points = [(t.legendgroup, t.xaxis, x, label) for t in fig.data for x, label in zip(t.x, t.customdata, strict=True)]
+    labels = tables.model_labels(models)
+    expected = {(labels[i], m.short_label) for i, model in enumerate(models) for m in model.matrices}
+    assert len(points) == len(expected) == sum(len(m.matrices) for m in models)
+    assert {(p[0], p[3]) for p in points} == expected
+    for t in fig.data:  # a line joins one point per layer only
+        if t.mode != "markers":
+            assert len(set(t.x)) == len(t.x)
+    titles = [a.text for a in fig.layout.annotations]
+    if family == "t5":
+        assert "encoder · query" in titles and "decoder · cross_attn_out" in titles
+    if family == "moe":
+        assert "experts of down" in titles and "down" not in titles
+        down = [t for t in fig.data if titles[_axis_index(t.xaxis)] == "experts of down"]
+        assert all(t.mode == "markers" for t in down) and sum(len(t.x) for t in down) == 16 + 8
+
+
+def _axis_index(xaxis: str) -> int:
+    return int(xaxis[1:] or 1) - 1
