@@ -952,69 +952,102 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
 
 
 def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
-    """A layer x module heatmap of ``metric`` with one animation frame per training step.
+    """The overview's grids of ``metric`` with one animation frame per training step.
 
-    ``table`` is :func:`analysis.tables.series_grid_table`; the colour scale is shared
-    by every step so colours compare across the slider; it starts at the last step.
+    ``table`` is :func:`analysis.tables.series_grid_table`: one layer x module grid per stack
+    and one layer x expert grid per mixture-of-experts module (the overview's convention,
+    :func:`overview_sections`), stacked top to bottom; every matrix is one cell of its grid
+    and no cell holds two. The colour scale is shared by every grid and step, so colours
+    compare across the slider; it starts at the last step. Hover names the matrix.
     """
     if table.empty:
         return _empty("Checkpoint series", "No checkpoint has results yet.")
     steps = sorted(table["step"].unique().tolist())
-    modules = tables.module_order(table["module"])
-    layers = sorted(
-        table["layer"].unique().tolist(), key=lambda s: (s.split(" L")[0] if " L" in s else "", _layer_key(s))
-    )
-    aggregate = "sum" if metric == "intruders" else "mean"
+    sections = list(dict.fromkeys(table["section"]))
+    shapes = {}
+    for section in sections:
+        part = table[table["section"] == section]
+        rows = sorted(part["row"].unique(), key=_layer_sort)
+        experts = part["expert"].notna().all()
+        columns = sorted(part["column"].unique(), key=int) if experts else tables.module_order(part["column"])
+        shapes[section] = (rows, columns)
+    twice = table.duplicated(["step", "section", "row", "column"])
+    if twice.any():
+        first = table[twice].iloc[0]
+        raise ValueError(f"two matrices in one series grid cell: {first['label']} ({first['matrix']})")
     values = table[metric].astype(float)
     zmin, zmax = (
         (0.0, max(1.0, float(values.max()))) if metric == "intruders" else (float(values.min()), float(values.max()))
     )
     title = tables.SERIES_METRICS[metric]
 
-    def heatmap(step: int) -> go.Heatmap:
-        grid = table[table["step"] == step].pivot_table(
-            index="layer", columns="module", values=metric, aggfunc=aggregate
-        )
-        grid = grid.reindex(index=layers, columns=modules)
-        return go.Heatmap(
-            z=grid.to_numpy(dtype=float),
-            x=modules,
-            y=layers,
-            zmin=zmin,
-            zmax=zmax,
-            colorscale="Reds" if metric == "intruders" else "Viridis",
-            colorbar={"title": metric},
-            hovertemplate=f"layer %{{y}} · %{{x}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
-        )
+    def heatmaps(step: int) -> list[go.Heatmap]:
+        now = table[table["step"] == step]
+        out = []
+        for n, section in enumerate(sections):
+            rows, columns = shapes[section]
+            cells = now[now["section"] == section]
+            z = np.full((len(rows), len(columns)), np.nan)
+            text = np.full(z.shape, "", dtype=object)
+            ii = [rows.index(r) for r in cells["row"]]
+            jj = [columns.index(c) for c in cells["column"]]
+            z[ii, jj] = cells[metric].to_numpy(dtype=float)
+            text[ii, jj] = cells["label"].to_numpy()
+            out.append(
+                go.Heatmap(
+                    z=z,
+                    x=columns,
+                    y=rows,
+                    customdata=text,
+                    coloraxis="coloraxis",
+                    xaxis=f"x{n + 1 if n else ''}",
+                    yaxis=f"y{n + 1 if n else ''}",
+                    hovertemplate=f"%{{customdata}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
+                )
+            )
+        return out
 
-    fig = go.Figure(data=[heatmap(steps[-1])], frames=[go.Frame(data=[heatmap(s)], name=str(s)) for s in steps])
+    heights = [max(2, len(shapes[s][0])) for s in sections]
+    fig = make_subplots(
+        rows=len(sections),
+        cols=1,
+        subplot_titles=sections if len(sections) > 1 else None,
+        row_heights=heights,
+        vertical_spacing=min(0.12, 0.3 / max(1, len(sections) - 1)) if len(sections) > 1 else 0.02,
+    )
+    for n, trace in enumerate(heatmaps(steps[-1])):
+        fig.add_trace(trace, row=n + 1, col=1)
+    fig.frames = [go.Frame(data=heatmaps(s), traces=list(range(len(sections))), name=str(s)) for s in steps]
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
-    fig.update_xaxes(title_text="module", type="category")
+    fig.update_xaxes(type="category")
+    for n, section in enumerate(sections):
+        fig.update_xaxes(title_text="expert" if section.endswith("layer × expert") else "module", row=n + 1, col=1)
+    fig.update_annotations(font_size=12)
     fig.update_layout(
         title=_series_title(label, f"{title} per layer and module, by step"),
+        coloraxis={"colorscale": "Reds" if metric == "intruders" else "Viridis", "cmin": zmin, "cmax": zmax,
+                   "colorbar": {"title": metric}},
         margin={"t": 90},
-        height=max(360, min(900, 28 * len(layers) + 220)),
+        height=max(360, min(1400, 28 * sum(heights) + 140 * len(sections) + 80)),
         sliders=[_step_slider(steps, len(steps) - 1)],
         updatemenus=[_play_button()],
-    )
+    )  # fmt: skip
     return fig
 
 
-def _layer_key(label: str) -> tuple[int, int]:
-    number = label.rsplit("L", 1)[-1]
-    return (0, int(number)) if number.isdigit() else (1, 0)
-
-
-def series_similarity_figure(models: Sequence[ModelResult], matrix_name: str, label: str = "") -> go.Figure:
-    """``|Ut^T U0|`` of one matrix at each checkpoint of a series, one frame per step.
+def series_similarity_figure(models: Sequence[ModelResult], matrix: str, label: str = "") -> go.Figure:
+    """``|Ut^T U0|`` of one matrix (its :func:`analysis.tables.matrix_key`) at each checkpoint
+    of a series, one frame per step.
 
     The similarity block of :func:`similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
     rows tuned rank, columns base rank), reduced to :data:`MAX_HEATMAP_SIDE`; the slider
     shows how the tuned singular vectors drift away from the base ones as training goes on.
     """
-    found = [(model.step, m) for model in tables.by_step(models) for m in model.matrices if m.name == matrix_name]
+    found = [
+        (model.step, m) for model in tables.by_step(models) for m in model.matrices if tables.matrix_key(m) == matrix
+    ]
     if not found:
-        return _empty("Similarity across steps", f"No checkpoint has results for {matrix_name} yet.")
+        return _empty("Similarity across steps", f"No checkpoint has results for {matrix} yet.")
     steps = [step for step, _ in found]
 
     def heatmap(step: int, matrix: MatrixResult) -> go.Heatmap:

@@ -614,3 +614,44 @@ def test_rank_and_amplification_draw_every_matrix_as_its_own_point(
 
 def _axis_index(xaxis: str) -> int:
     return int(xaxis[1:] or 1) - 1
+
+
+def _series(proto: MatrixResult, family: str) -> list[ModelResult]:
+    """Three checkpoints of one fine-tune of ``family`` (steps 10, 20, 30)."""
+    return [replace(_family(proto, FAMILIES[family], s, _tensor_name), step=s) for s in (10, 20, 30)]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_series_grid_puts_every_matrix_in_its_own_cell(family: str, proto: MatrixResult) -> None:
+    """The series grid follows the overview: one grid per stack and per expert module, one
+    cell per matrix at every step (an encoder's and a decoder's layer 0, or eight experts of
+    one fused tensor, never merge), each cell's value that matrix's."""
+    models = _series(proto, family)
+    table = tables.series_grid_table(models, "intruders", 10, 0.5)
+    assert len(table) == sum(len(m.matrices) for m in models)
+    assert not table.duplicated(["step", "section", "row", "column"]).any()
+    assert list(dict.fromkeys(table["section"])) == FAMILY_SECTIONS[family]
+    fig = figures.series_grid_figure(table, "intruders")
+    assert len(fig.data) == len(FAMILY_SECTIONS[family])
+    for model, frame in zip(models, fig.frames, strict=True):
+        cells = {}
+        for trace in frame.data:
+            z, names = np.asarray(trace.z, dtype=float), np.asarray(trace.customdata, dtype=object)
+            for i, j in zip(*np.nonzero(~np.isnan(z)), strict=True):
+                cells[names[i, j]] = z[i, j]
+        assert len(cells) == len(model.matrices)  # every matrix its own cell, none elsewhere
+        assert cells == {m.short_label: m.intruder_counts(10, [0.5])[0] for m in model.matrices}
+
+
+def test_series_similarity_picks_one_expert_of_a_fused_tensor(proto: MatrixResult) -> None:
+    models = _series(proto, "moe")
+    expert = next(m for m in models[0].matrices if m.expert == 5 and m.module == "down" and m.layer == 1)
+    key = tables.matrix_key(expert)
+    table = tables.series_similarity_table(models, key, 10, 0.5)
+    assert sorted(table["step"].unique()) == [10, 20, 30] and len(table) == 3 * 10
+    picked = [next(m for m in model.matrices if tables.matrix_key(m) == key) for model in models]
+    assert table["best_match_score"].tolist() == pytest.approx(
+        [float(s) for m in picked for s in m.intruder_scores[:10]]
+    )
+    fig = figures.series_similarity_figure(models, key)
+    assert [f.name for f in fig.frames] == ["10", "20", "30"] and "L1 E5 down" in fig.layout.title.text
