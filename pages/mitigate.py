@@ -30,7 +30,6 @@ if not selection.complete:
     st.stop()
 
 resolver = runtime.resolver()
-mitigation.load_params()
 with st.sidebar:
     tuned = state.widget(st.selectbox, "Fine-tune", "model", options=list(selection.tuned), format_func=resolver.label)
     k = state.widget(st.slider, "k: top singular vectors checked", "k", min_value=1, max_value=state.MAX_K)
@@ -39,7 +38,6 @@ with st.sidebar:
         format="%.2f",
     )  # fmt: skip
 lam, rule, exact, curve = mitigation.controls()
-mitigation.write_params()
 settings = MitigationSettings(lam=lam, top_k=int(k), eps=float(eps), rule=rule, exact=exact)
 
 job = mitigation.track(selection.base, tuned, settings, curve)
@@ -76,7 +74,7 @@ st.subheader("Spectra before and after")
 names = [m.name for m in result.mitigation.matrices]
 scaled = {m.name: m.intruders for m in result.mitigation.matrices}
 default = max(names, key=lambda n: len(scaled[n])) if names else None
-choice = st.selectbox("Matrix", names, index=names.index(default) if default else 0, key="mit_matrix")
+choice = state.widget(st.selectbox, "Matrix", "matrix", default=default, options=names)
 before = views.find_matrix(result.before, choice)
 after = views.find_matrix(result.after, choice)
 if before is not None and after is not None:

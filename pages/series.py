@@ -57,11 +57,13 @@ k, eps = views.k_eps_controls(models)
 views.report_download(selection, models)
 
 st.subheader("Against training step")
-by = st.radio(
+by = state.widget(
+    st.radio,
     "Lines",
-    list(tables.SERIES_GROUPINGS),
+    "lines",
+    default="model",
+    options=list(tables.SERIES_GROUPINGS),
     horizontal=True,
-    key="series_by",
     format_func={"model": "Whole model", "layer": "Per layer", "module": "Per module", "matrix": "Per matrix"}.get,
 )
 trend = tables.series_table(models, k, eps, by)
@@ -69,8 +71,14 @@ views.chart(figures.series_trend_figure(trend, by, found.label), "series-trends"
 views.table(trend, "series-trends")
 
 st.subheader("Layer × module, step by step")
-metric = st.radio(
-    "Measure", list(tables.SERIES_METRICS), horizontal=True, key="series_metric", format_func=tables.SERIES_METRICS.get
+metric = state.widget(
+    st.radio,
+    "Measure",
+    "grid",
+    default="intruders",
+    options=list(tables.SERIES_METRICS),
+    horizontal=True,
+    format_func=tables.SERIES_METRICS.get,
 )
 grid = tables.series_grid_table(models, metric, k, eps)
 views.chart(figures.series_grid_figure(grid, metric, found.label), "series-grid")

@@ -561,11 +561,29 @@ def test_every_control_is_in_the_url(
     assert at.query_params["modules"] == "query"
     at.switch_page(PAGES["effective_rank"]).run()
     at.radio(key="w_measure").set_value("rank90").run()
-    assert at.query_params["measure"] == "rank90"
+    at.toggle(key="w_logrank").set_value(False).run()
+    assert at.query_params["measure"] == "rank90" and at.query_params["logrank"] == "0"
+    assert at.get("plotly_chart")[0].proto.spec and '"type":"log"' not in at.get("plotly_chart")[0].proto.spec
+    at.switch_page(PAGES["subspace"]).run()
+    at.toggle(key="w_logamp").set_value(False).run()
+    assert at.query_params["logamp"] == "0"
     # A fresh visitor opening the same link sees the same controls.
-    params = {k: at.query_params[k] for k in ("by", "modules", "layers", "measure")}
+    params = {k: at.query_params[k] for k in ("by", "modules", "layers", "measure", "logrank", "logamp")}
     again = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft], page="intruders", **params)
     assert again.radio(key="w_by").value == "module" and again.multiselect(key="w_layers").value == ["1"]
+    again.switch_page(PAGES["effective_rank"]).run()
+    assert again.radio(key="w_measure").value == "rank90" and again.toggle(key="w_logrank").value is False
+    again.switch_page(PAGES["subspace"]).run()
+    assert again.toggle(key="w_logamp").value is False
+    assert {k: again.query_params[k] for k in params} == params
+    # Every control of every analysis page is bound to the view (ui.state.widget, key w_<part>),
+    # so none can be missing from the address bar.
+    for page in ("intruders", "effective_rank", "spectrum", "similarity", "subspace"):
+        again.switch_page(PAGES[page]).run()
+        assert not again.exception, [e.value for e in again.exception]
+        kinds = ("radio", "selectbox", "multiselect", "slider", "select_slider", "checkbox", "toggle", "number_input")
+        loose = [(page, kind, w.key) for kind in kinds for w in again.get(kind) if not str(w.key).startswith("w_")]
+        assert not loose, loose
     overview = open_app(tiny_bert, [tiny_bert_lora], metric="effective_rank")
     assert not overview.exception
     assert overview.query_params["metric"] == "effective_rank"

@@ -67,9 +67,28 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     first = next(m for m in engine[0].matrices if m.name == at.query_params["matrix"])
     assert best["best_match_score"].tolist()[:10] == pytest.approx(first.intruder_scores[:10].tolist(), abs=1e-6)
     # per-layer lines: one per layer and step
-    at.radio(key="series_by").set_value("layer").run()
+    at.radio(key="w_lines").set_value("layer").run()
     assert not at.exception
     assert sorted(at.dataframe[0].value["group"].unique()) == ["L0", "L1"]
+    at.radio(key="w_grid").set_value("rank90").run()
+    second = next(m for m in engine[0].matrices if m.layer == 1 and m.module == "value")
+    at.selectbox(key="w_matrix").set_value(second.name).run()
+    assert not at.exception
+    assert (at.query_params["lines"], at.query_params["grid"], at.query_params["matrix"]) == (
+        "layer",
+        "rank90",
+        second.name,
+    )
+    # A fresh visitor opening the same link sees the same controls and the same numbers.
+    params = {key: at.query_params[key] for key in ("series", "lines", "grid", "matrix")}
+    again = _open(tiny_bert, [spec], "pages/series.py", **params)
+    assert again.radio(key="w_lines").value == "layer" and again.radio(key="w_grid").value == "rank90"
+    assert again.selectbox(key="w_matrix").value == second.name
+    assert sorted(again.dataframe[0].value["group"].unique()) == ["L0", "L1"]
+    assert again.dataframe[1].value.columns[-1] == "rank90"
+    assert again.dataframe[2].value["best_match_score"].tolist()[:10] == pytest.approx(
+        second.intruder_scores[:10].tolist(), abs=1e-6
+    )
 
 
 def test_final_checkpoint_appears_on_the_other_pages(cache_dir: Path, tiny_bert: Path, run_dir: Path) -> None:
