@@ -11,6 +11,7 @@ import json
 import streamlit as st
 
 from analysis import figures_mitigate as fm
+from analysis import tables
 from analysis.jobs import JobState
 from analysis.mitigate import MitigationSettings
 from ui import mitigation, runtime, state, views
@@ -71,10 +72,14 @@ st.subheader("Per matrix")
 views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")
 
 st.subheader("Spectra before and after")
-names = [m.name for m in result.mitigation.matrices]
-scaled = {m.name: m.intruders for m in result.mitigation.matrices}
+mitigated = {m.key: m for m in result.mitigation.matrices}
+names = list(mitigated)
+scaled = {key: m.intruders for key, m in mitigated.items()}
 default = max(names, key=lambda n: len(scaled[n])) if names else None
-choice = state.widget(st.selectbox, "Matrix", "matrix", default=default, options=names)
+choice = state.widget(
+    st.selectbox, "Matrix", "matrix", default=default, options=names,
+    format_func=lambda key: tables.describe_matrix(mitigated[key]) if key in mitigated else key,
+)  # fmt: skip
 before = views.find_matrix(result.before, choice)
 after = views.find_matrix(result.after, choice)
 if before is not None and after is not None:
