@@ -259,8 +259,8 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
     another expert of the same tensor."""
     import copy
 
-    from analysis import tables
     from analysis import figures_mitigate as fm
+    from analysis import tables
     from tests import families
 
     families.quiet()
