@@ -525,8 +525,8 @@ def _series_group(matrix: MatrixResult, by: str) -> str:
     if by == "layer":
         stack = f"{matrix.stack} " if matrix.stack else ""
         return f"{stack}L{layer_label(matrix.layer)}"
-    if by == "module":
-        return matrix.module
+    if by == "module":  # an encoder's and a decoder's query are two lines, as in breakdown_table
+        return f"{matrix.stack} {matrix.module}" if matrix.stack else matrix.module
     if by == "matrix":
         return matrix.short_label
     raise ValueError(f"unknown grouping {by!r}; one of {SERIES_GROUPINGS}")
@@ -534,7 +534,9 @@ def _series_group(matrix: MatrixResult, by: str) -> str:
 
 def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "model") -> pd.DataFrame:
     """Metrics of each checkpoint of a series against its step, grouped ``by`` one of
-    :data:`SERIES_GROUPINGS`.
+    :data:`SERIES_GROUPINGS`: the whole model; a layer or a module kind of one stack
+    (``encoder L0``, ``decoder query``: stacks never share a group), with every expert of the
+    layer or module in it; or one matrix (its short label, so each expert its own line).
 
     Per group and step: ``intruders`` is the sum of intruder counts among the top ``k``
     at ``eps`` (Shuttleworth et al. 2024, Def. 3.1; the per-model total of DESIGN.md);

@@ -655,3 +655,26 @@ def test_series_similarity_picks_one_expert_of_a_fused_tensor(proto: MatrixResul
     )
     fig = figures.series_similarity_figure(models, key)
     assert [f.name for f in fig.frames] == ["10", "20", "30"] and "L1 E5 down" in fig.layout.title.text
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_series_trend_groups_keep_stacks_apart_and_count_every_matrix_once(family: str, proto: MatrixResult) -> None:
+    """Per layer and per module, a group holds one stack's matrices (an encoder's and a
+    decoder's layer 0 or query are two lines); per matrix, each matrix (each expert) is its
+    own line; every grouping counts every matrix exactly once per step."""
+    models = _series(proto, family)
+    for by in tables.SERIES_GROUPINGS:
+        table = tables.series_table(models, 10, 0.5, by)
+        for model in models:
+            rows = table[table["step"] == model.step]
+            assert rows["matrices"].sum() == len(model.matrices)
+            assert rows["intruders"].sum() == model.total_intruders(10, 0.5)
+        if by in ("layer", "module"):
+            m = models[0].matrices
+            stacks = {x.stack for x in m}
+            expected = {(x.stack, x.layer if by == "layer" else x.module) for x in m}
+            assert table["group"].nunique() == len(expected)
+            if len(stacks) > 1:
+                assert all(g.split(" ")[0] in stacks for g in table["group"])
+        if by == "matrix":
+            assert table["group"].nunique() == len(models[0].matrices)
