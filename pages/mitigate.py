@@ -76,8 +76,11 @@ mitigated = {m.key: m for m in result.mitigation.matrices}
 names = list(mitigated)
 scaled = {key: m.intruders for key, m in mitigated.items()}
 default = max(names, key=lambda n: len(scaled[n])) if names else None
+# A matrix the view names elsewhere that was not mitigated here: show the most scaled one,
+# and keep the view's own (shown, not written back).
+shown = default if state.get("matrix") is not None and state.get("matrix") not in mitigated else None
 choice = state.widget(
-    st.selectbox, "Matrix", "matrix", default=default, options=names,
+    st.selectbox, "Matrix", "matrix", default=default, shown=shown, options=names,
     format_func=lambda key: tables.describe_matrix(mitigated[key]) if key in mitigated else key,
 )  # fmt: skip
 before = views.find_matrix(result.before, choice)

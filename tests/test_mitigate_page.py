@@ -146,7 +146,11 @@ def test_a_fresh_visitor_opening_the_link_sees_the_same_controls(cache_dir, tiny
     assert again.checkbox(key="w_exact").value is True and again.checkbox(key="w_curve").value is False
     assert again.selectbox(key="w_matrix").value == last
     assert {key: again.query_params[key] for key in params} == params
-    # A link with values the page does not know opens on the defaults, without an error.
-    odd = _open(tiny_bert, adapter, lam="nan", rule="nonsense", exact="maybe", curve="0")
+    # A link with values the page does not know opens on the defaults, without an error; a
+    # matrix that was not mitigated shows the most scaled one (and stays in the link).
+    odd = _open(tiny_bert, adapter, lam="nan", rule="nonsense", exact="maybe", curve="0", matrix="no.such.weight")
     assert odd.slider(key="w_lam").value == 0.75 and odd.radio(key="w_rule").value == "peft"
     assert odd.checkbox(key="w_exact").value is False
+    table = odd.dataframe[0].value
+    assert odd.selectbox(key="w_matrix").value == table.loc[table["scaled"].idxmax(), "matrix"]
+    assert odd.query_params["matrix"] == "no.such.weight"
