@@ -663,3 +663,30 @@ def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_r
     for analysis in runtime.manager().jobs():  # the analysis it started is not under test here
         analysis.cancel()
         assert analysis.wait(60)
+
+
+def test_models_page_lists_each_expert_of_a_fused_tensor_once(cache_dir: Path, tmp_path: Path) -> None:
+    """The plan preview names every matrix by its key: the experts of one fused tensor are
+    as many rows as experts, each its own ``name#expert``."""
+    import copy
+
+    from tests import families
+
+    families.quiet()
+    model = families.build("qwen3_moe_fused")
+    base = families.save(model, "qwen3_moe_fused", tmp_path / "base")
+    tuned_model = copy.deepcopy(model)
+    families.perturb(tuned_model)
+    tuned = families.save(tuned_model, "qwen3_moe_fused", tmp_path / "full")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(base)
+    at.query_params["tuned"] = [str(tuned)]
+    at.switch_page(PAGES["models"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    matrices = next(d.value for d in at.dataframe if "adapter rank" in d.value.columns)
+    experts = matrices[matrices["expert"].notna()]
+    assert len(experts) > experts["matrix"].str.split("#").str[0].nunique()  # several per tensor
+    assert matrices["matrix"].is_unique
+    assert set(experts["matrix"]) == {
+        f"{n}#{int(e)}" for n, e in zip(experts["matrix"].str.split("#").str[0], experts["expert"], strict=True)
+    }
