@@ -951,14 +951,15 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     return fig
 
 
-def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
+def series_grid_figure(table, metric: str, label: str = "", step: int | None = None) -> go.Figure:
     """The overview's grids of ``metric`` with one animation frame per training step.
 
     ``table`` is :func:`analysis.tables.series_grid_table`: one layer x module grid per stack
     and one layer x expert grid per mixture-of-experts module (the overview's convention,
     :func:`overview_sections`), stacked top to bottom; every matrix is one cell of its grid
     and no cell holds two. The colour scale is shared by every grid and step, so colours
-    compare across the slider; it starts at the last step. Hover names the matrix.
+    compare across the slider; it opens at ``step`` (the last step when ``None`` or not
+    among the table's). Hover names the matrix.
     """
     if table.empty:
         return _empty("Checkpoint series", "No checkpoint has results yet.")
@@ -1015,7 +1016,8 @@ def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
         row_heights=heights,
         vertical_spacing=min(0.12, 0.3 / max(1, len(sections) - 1)) if len(sections) > 1 else 0.02,
     )
-    for n, trace in enumerate(heatmaps(steps[-1])):
+    active = steps.index(step) if step in steps else len(steps) - 1
+    for n, trace in enumerate(heatmaps(steps[active])):
         fig.add_trace(trace, row=n + 1, col=1)
     fig.frames = [go.Frame(data=heatmaps(s), traces=list(range(len(sections))), name=str(s)) for s in steps]
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
@@ -1029,15 +1031,17 @@ def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
                    "colorbar": {"title": metric}},
         margin={"t": 90},
         height=max(360, min(1400, 28 * sum(heights) + 140 * len(sections) + 80)),
-        sliders=[_step_slider(steps, len(steps) - 1)],
+        sliders=[_step_slider(steps, active)],
         updatemenus=[_play_button()],
     )  # fmt: skip
     return fig
 
 
-def series_similarity_figure(models: Sequence[ModelResult], matrix: str, label: str = "") -> go.Figure:
+def series_similarity_figure(
+    models: Sequence[ModelResult], matrix: str, label: str = "", step: int | None = None
+) -> go.Figure:
     """``|Ut^T U0|`` of one matrix (its :func:`analysis.tables.matrix_key`) at each checkpoint
-    of a series, one frame per step.
+    of a series, one frame per step, opening at ``step`` (the last when ``None`` or absent).
 
     The similarity block of :func:`similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
     rows tuned rank, columns base rank), reduced to :data:`MAX_HEATMAP_SIDE`; the slider
@@ -1060,8 +1064,11 @@ def series_similarity_figure(models: Sequence[ModelResult], matrix: str, label: 
             hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
         )
 
-    first = found[-1][1]
-    fig = go.Figure(data=[heatmap(*found[-1])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found])
+    active = steps.index(step) if step in steps else len(steps) - 1
+    first = found[active][1]
+    fig = go.Figure(
+        data=[heatmap(*found[active])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found]
+    )
     n = first.similarity.shape[0]
     fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
     fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
@@ -1069,7 +1076,7 @@ def series_similarity_figure(models: Sequence[ModelResult], matrix: str, label: 
         title=_series_title(label, f"{first.short_label}: |Uₜᵀ U₀| by training step"),
         margin={"t": 90},
         height=560,
-        sliders=[_step_slider(steps, len(steps) - 1)],
+        sliders=[_step_slider(steps, active)],
         updatemenus=[_play_button()],
     )
     return fig

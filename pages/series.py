@@ -80,11 +80,19 @@ metric = state.widget(
     horizontal=True,
     format_func=tables.SERIES_METRICS.get,
 )
+steps = [m.step for m in tables.by_step(models) if m.step is not None]
+# The step both step-by-step charts open at (their own sliders move from there); a link's
+# step not analysed yet shows the last one so far, and stays in the link.
+wanted = state.get("step")
+step = state.widget(
+    st.select_slider, "Open at step", "step", default=steps[-1], options=steps,
+    shown=steps[-1] if wanted is not None and wanted not in steps else None,
+) if len(steps) > 1 else (steps[0] if steps else None)  # fmt: skip
 grid = tables.series_grid_table(models, metric, k, eps)
-views.chart(figures.series_grid_figure(grid, metric, found.label), "series-grid")
+views.chart(figures.series_grid_figure(grid, metric, found.label, step=step), "series-grid")
 views.table(grid, "series-grid")
 
 st.subheader("One matrix across steps")
 matrix = views.matrix_control(models)
-views.chart(figures.series_similarity_figure(models, matrix, found.label), "series-similarity")
+views.chart(figures.series_similarity_figure(models, matrix, found.label, step=step), "series-similarity")
 views.table(tables.series_similarity_table(models, matrix, k, eps), "series-similarity")

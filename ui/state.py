@@ -4,8 +4,8 @@ The selection is: the base and the fine-tunes (as specs: ``demo:...``,
 ``upload:<sha256>``, hub ids or paths), the fine-tune shown by single-model views
 (``model``), the second one for subspace similarity (``other``), the matrix (a tensor name
 of the base), ``k`` and ``eps``, and the page controls (:data:`CONTROLS`: colour-by,
-break-down, module and layer filters, rank measure, log axes, the series page's lines and grid
-measure, the Mitigate page's lambda, rule, exact rank and curve). This module is the one place a
+break-down, module and layer filters, rank measure, log axes, the series page's lines, grid
+measure and step, the Mitigate page's lambda, rule, exact rank and curve). This module is the one place a
 visitor's view lives: it is read from the visitor's own link once per session and changed
 only by the visitor's own widgets and clicks; nothing derived from results (a slider's
 range while results stream in, the matrices there are so far) is ever written back into
@@ -32,7 +32,7 @@ MAX_K = 100
 EPS_STEP = 0.05
 
 #: Page controls that are part of the view too (colour-by, break-down, filters, rank
-#: measure, log axes; the series page's trend lines and grid measure; the Mitigate page's
+#: measure, log axes; the series page's trend lines, grid measure and step; the Mitigate page's
 #: lambda, rule, exact rank and trade-off curve): name -> default. A list-valued one (``LISTS``) is
 #: ``None`` for "all options" and is written to the URL only when it differs from its
 #: default. A control whose value is not text is read from the URL by :data:`PARSERS` and
@@ -52,6 +52,7 @@ CONTROLS: dict[str, Any] = {
     "curve": None,
     "logrank": None,
     "logamp": None,
+    "step": None,
 }
 LISTS = ("modules", "layers", "stacks")
 #: The step of the Mitigate page's lambda slider (its URL value is put on this grid).
@@ -68,6 +69,13 @@ def _parse_lam(text: str) -> float | None:
     return round(min(1.0, max(0.0, round(value / LAMBDA_STEP) * LAMBDA_STEP)), 2)
 
 
+def _parse_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _parse_flag(text: str) -> bool | None:
     word = text.strip().lower()
     if word in ("1", "true", "yes", "on"):
@@ -81,6 +89,7 @@ def _parse_flag(text: str) -> bool | None:
 #: not understood, so the control keeps its default).
 PARSERS: dict[str, Callable[[str], Any]] = {
     "lam": _parse_lam,
+    "step": _parse_int,
     **dict.fromkeys(("exact", "curve", "logrank", "logamp"), _parse_flag),
 }
 
@@ -311,7 +320,7 @@ def widget(
 def _default_argument(factory: Callable[..., Any], value: Any, options: Any) -> dict[str, Any]:
     """``value`` as ``factory``'s own default argument (``value``, ``index`` or ``default``)."""
     name = getattr(factory, "__name__", "")
-    if name in ("slider", "text_input", "number_input", "checkbox", "toggle"):
+    if name in ("slider", "select_slider", "text_input", "number_input", "checkbox", "toggle"):
         return {"value": value}
     if name in ("selectbox", "radio"):
         choices = list(options or [])
