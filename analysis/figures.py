@@ -651,7 +651,8 @@ def _module_facets(
         shared_xaxes=True,
         subplot_titles=[_facet_title(f) for f in facets],
         horizontal_spacing=0.03,
-        vertical_spacing=0.08 if n_rows > 1 else 0.02,
+        # A fraction of the whole height: shrinks with more rows, so gaps stay about 40 px.
+        vertical_spacing=min(0.08, 0.16 / n_rows) if n_rows > 1 else 0.02,
     )
     values = []
     for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
@@ -672,7 +673,12 @@ def _module_facets(
                     showlegend=pos == 0,
                     customdata=list(sub["label"]),
                     line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
-                    marker={"symbol": style["symbol"], "size": style["size"] - 2, "color": style["color"]},
+                    marker={
+                        "symbol": style["symbol"],
+                        "size": style["size"] - (4 if facet[2] else 2),
+                        "color": style["color"],
+                        "opacity": 0.7 if facet[2] else 1.0,  # experts at one layer overlap
+                    },
                     hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.3g}}<extra></extra>",
                 ),
                 row=pos // n_cols + 1,
@@ -699,7 +705,8 @@ def _module_facets(
         fig.update_yaxes(rangemode="tozero")
     fig.update_yaxes(title_text=name, col=1)
     fig.update_annotations(font_size=12)
-    fig.update_layout(height=120 + 260 * n_rows, legend={"orientation": "h", "y": -0.12 - 0.1 / n_rows})
+    height = 120 + 260 * n_rows
+    fig.update_layout(height=height, legend={"orientation": "h", "y": -80 / (height - 100)})
     return fig
 
 
@@ -858,7 +865,7 @@ def amplification_figure(
     fine-tune (every fine-tune in the legend), every matrix its own point, named by its
     short label (``L3 mlp_in``) in the hover."""
     table = tables.amplification_table(models, matrices)
-    title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer and module</sup>"
+    title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer, stack and module</sup>"
     if table.empty:
         return _empty(title, "No matrices analysed yet")
     fig = _module_facets(models, table, "amplification_factor", "amplification factor", log_y=log_y)
@@ -1001,6 +1008,8 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
                     y=rows,
                     customdata=text,
                     coloraxis="coloraxis",
+                    xgap=1,
+                    ygap=1,
                     xaxis=f"x{n + 1 if n else ''}",
                     yaxis=f"y{n + 1 if n else ''}",
                     hovertemplate=f"%{{customdata}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
@@ -1008,29 +1017,33 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
             )
         return out
 
-    heights = [max(2, len(shapes[s][0])) for s in sections]
+    active = steps.index(step) if step in steps else len(steps) - 1
+    # Pixels: each grid 28 per layer (at least 60), 70 between grids for ticks and a title.
+    panels = [max(60, 28 * len(shapes[s][0])) for s in sections]
+    gap = 70
+    plot_px = sum(panels) + gap * (len(sections) - 1)
     fig = make_subplots(
         rows=len(sections),
         cols=1,
         subplot_titles=sections if len(sections) > 1 else None,
-        row_heights=heights,
-        vertical_spacing=min(0.12, 0.3 / max(1, len(sections) - 1)) if len(sections) > 1 else 0.02,
+        row_heights=panels,
+        vertical_spacing=gap / plot_px if len(sections) > 1 else 0.0,
     )
-    active = steps.index(step) if step in steps else len(steps) - 1
     for n, trace in enumerate(heatmaps(steps[active])):
         fig.add_trace(trace, row=n + 1, col=1)
     fig.frames = [go.Frame(data=heatmaps(s), traces=list(range(len(sections))), name=str(s)) for s in steps]
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
     fig.update_xaxes(type="category")
     for n, section in enumerate(sections):
-        fig.update_xaxes(title_text="expert" if section.endswith("layer × expert") else "module", row=n + 1, col=1)
+        if section.endswith("layer × expert"):
+            fig.update_xaxes(title_text="expert", title_standoff=4, row=n + 1, col=1)
     fig.update_annotations(font_size=12)
     fig.update_layout(
         title=_series_title(label, f"{title} per layer and module, by step"),
         coloraxis={"colorscale": "Reds" if metric == "intruders" else "Viridis", "cmin": zmin, "cmax": zmax,
                    "colorbar": {"title": metric}},
-        margin={"t": 90},
-        height=max(360, min(1400, 28 * sum(heights) + 140 * len(sections) + 80)),
+        margin={"t": 100, "b": 150},
+        height=plot_px + 250,
         sliders=[_step_slider(steps, active)],
         updatemenus=[_play_button()],
     )  # fmt: skip
