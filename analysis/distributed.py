@@ -6,10 +6,11 @@ same one-line :class:`~analysis.errors.InputError` before any work starts -- and
 the plans into Ray tasks. Nothing heavy travels through the driver:
 
 - A task is *names*, not tensors: the source specs (:class:`PlanRequest`: hub ids, or
-  paths every node can read) and the names of the base matrices it analyses. The worker
-  plans the comparison again from the specs (headers only; once per run and worker
-  process, see :func:`_worker_plan`), picks its matrices by name and reads their
-  weights itself.
+  paths every node can read) and, per pair, its index in the plan with the matrix's key
+  (tensor name, plus ``#<expert>`` for one expert of a fused 3-D tensor: many matrices
+  share such a name) and shape. The worker plans the comparison again from the specs
+  (headers only; once per run and worker process, see :func:`_worker_plan`), takes the
+  matrix at that index, checks it is the same one, and reads its weights itself.
 - A task is one base matrix with its pair in every fine-tune that has it (the large
   ones), or several consecutive small base matrices with theirs, so a base's
   decomposition is computed once for every fine-tune: the first pair stores it in the
@@ -294,8 +295,9 @@ class TaskInput:
 
     run: str
     requests: tuple[PlanRequest, ...]
-    #: ``(model index, matrix name, shape)`` per pair, checked against the worker's plan.
-    pairs: tuple[tuple[int, str, tuple[int, int]], ...]
+    #: ``(model index, matrix index, matrix key, shape)`` per pair: the index into the
+    #: worker's plan, the key (:func:`_identity`) and shape checked against it there.
+    pairs: tuple[tuple[int, int, str, tuple[int, int]], ...]
     settings: AnalysisSettings
     device: str
     threads: int
@@ -308,7 +310,7 @@ class TaskInput:
 def run_task(task: TaskInput) -> list[tuple]:
     """A task's body (runs on a worker): analyse its pairs, return results only.
 
-    Returns one ``("ok", model index, matrix name, MatrixResult, entry)`` per pair, where
+    Returns one ``("ok", model index, matrix index, MatrixResult, entry)`` per pair, where
     ``entry`` is the pair's cache entry for the driver to store (``driver`` mode) or
     ``None``; or a single ``("error", source, problem)`` for bad input (an exception with
     its own constructor does not survive pickling intact, so it travels as data).
@@ -326,10 +328,10 @@ def run_task(task: TaskInput) -> list[tuple]:
     # them, and LAPACK then slows down many times (analysis.pipeline.cpu_parallelism).
     try:
         with threadpool_limits(limits=threads, user_api="blas"):
-            for model, name, shape in task.pairs:
+            for model, index, name, shape in task.pairs:
                 request = task.requests[model]
                 plan = _worker_plan(task.run, request)
-                matrix = _pick(plan, name, shape, request)
+                matrix = _pick(plan, index, name, shape, request)
                 result, key = analyse_pair(
                     matrix, settings=task.settings, device=device, cache=cache, source=plan.tuned_label
                 )
@@ -337,17 +339,18 @@ def run_task(task: TaskInput) -> list[tuple]:
                 if task.cache_mode == "driver":
                     entry = cache.get("pair", key) if cache is not None else None
                     entry = None if entry is None else (key, *entry)
-                out.append(("ok", model, name, result, entry))
+                out.append(("ok", model, index, result, entry))
     except InputError as exc:
         return [("error", exc.source, exc.problem)]
     return out
 
 
-def _pick(plan: ComparisonPlan, name: str, shape: tuple[int, int], request: PlanRequest) -> MatrixPlan:
-    for matrix in plan.matrices:
-        if _identity(matrix) == name:
-            if tuple(matrix.shape) != tuple(shape):
-                break
+def _pick(plan: ComparisonPlan, index: int, name: str, shape: tuple[int, int], request: PlanRequest) -> MatrixPlan:
+    """The worker's matrix ``index``, if it is the driver's (same key and shape): plans of
+    the same files list the same matrices in the same order."""
+    if 0 <= index < len(plan.matrices):
+        matrix = plan.matrices[index]
+        if _identity(matrix) == name and tuple(matrix.shape) == tuple(shape):
             return matrix
     raise InputError(
         request.tuned, f"{name}: the files changed between planning and analysis on a Ray worker; run it again"
@@ -415,10 +418,9 @@ def analyse_plans(
         cache_budget=None if cache is None else cache.budget_bytes,
         node_cache=os.environ.get("WSE_RAY_NODE_CACHE") or None,
     )
-    index = {(m, _identity(matrix)): i for m, plan in enumerate(plans) for i, matrix in enumerate(plan.matrices)}
     pending = {}
     for task in tasks:
-        pairs = tuple((m, _identity(plans[m].matrices[i]), tuple(plans[m].matrices[i].shape)) for m, i in task.pairs)
+        pairs = tuple((m, i, _identity(plans[m].matrices[i]), tuple(plans[m].matrices[i].shape)) for m, i in task.pairs)
         pending[remote.options(**options).remote(TaskInput(pairs=pairs, **common))] = task
     stats.tasks = len(pending)
     results: list[list[MatrixResult | None]] = [[None] * len(plan.matrices) for plan in plans]
@@ -438,11 +440,11 @@ def analyse_plans(
                 for outcome in outcomes:
                     if outcome[0] == "error":
                         raise InputError(outcome[1], outcome[2])
-                    _, m, name, result, entry = outcome
+                    _, m, i, result, entry = outcome
                     if entry is not None and cache is not None:
                         key, tensors, info = entry
                         cache.put("pair", key, tensors, info)
-                    results[m][index[(m, name)]] = result
+                    results[m][i] = result
                     done[m] += 1
                     if on_result is not None:
                         on_result(m, result)

@@ -18,6 +18,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -597,6 +598,30 @@ def breakdown_figure(
     return fig
 
 
+def _facets(table) -> list[tuple[str | None, str, bool]]:
+    """The facets of a per-matrix table: ``(stack, module, experts)``, stacks as first met,
+    modules in block order, an expert module's facet after the module's own."""
+    stacks = list(dict.fromkeys(None if pd.isna(s) else s for s in table["stack"]))
+    modules = tables.module_order(table["module"])
+    found = {
+        (None if pd.isna(s) else s, m, not pd.isna(e))
+        for s, m, e in zip(table["stack"], table["module"], table["expert"], strict=True)
+    }
+    return sorted(found, key=lambda f: (stacks.index(f[0]), modules.index(f[1]), f[2]))
+
+
+def _facet_title(facet: tuple[str | None, str, bool]) -> str:
+    stack, module, experts = facet
+    what = f"experts of {module}" if experts else module
+    return f"{stack} · {what}" if stack else what
+
+
+def _in_facet(rows, facet: tuple[str | None, str, bool]):
+    stack, module, experts = facet
+    same_stack = rows["stack"].isna() if stack is None else rows["stack"] == stack
+    return rows[same_stack & (rows["module"] == module) & (rows["expert"].notna() == experts)]
+
+
 def _module_facets(
     models: Sequence[ModelResult],
     table,
@@ -607,29 +632,34 @@ def _module_facets(
     rank_lines: bool = False,
     max_cols: int = 3,
 ) -> go.Figure:
-    """``column`` by layer, one facet per module (wrapping after ``max_cols``), one
-    series per fine-tune with its own colour, dash and marker; hover names the matrix by
-    its short label (``L3 mlp_in``). ``rank_lines`` adds a dotted line at each LoRA's
-    rank ``r``."""
-    modules = tables.module_order(table["module"])
+    """``column`` by layer, one facet per stack and module (wrapping after ``max_cols``),
+    one series per fine-tune with its own colour, dash and marker; hover names the matrix
+    by its short label (``decoder L3 cross_attn_out``, ``L3 E17 down``).
+
+    Every matrix is its own point: an encoder's and a decoder's layer 0 are in different
+    facets (``encoder · query``, ``decoder · query``), and the experts of a mixture-of-
+    experts module get a facet of their own (``experts of down``) where each expert is one
+    marker at its layer (no line: many points share a layer). ``rank_lines`` adds a dotted
+    line at each LoRA's rank ``r``."""
+    facets = _facets(table)
     layers = sorted(table["layer"].unique(), key=lambda s: (s == "other", int(s) if s.isdigit() else 0))
-    n_rows, n_cols = _facet_grid(len(modules), max_cols)
+    n_rows, n_cols = _facet_grid(len(facets), max_cols)
     fig = make_subplots(
         rows=n_rows,
         cols=n_cols,
         shared_yaxes=True,
         shared_xaxes=True,
-        subplot_titles=modules,
+        subplot_titles=[_facet_title(f) for f in facets],
         horizontal_spacing=0.03,
-        vertical_spacing=0.08 if n_rows > 1 else 0.02,
+        # A fraction of the whole height: shrinks with more rows, so gaps stay about 40 px.
+        vertical_spacing=min(0.08, 0.16 / n_rows) if n_rows > 1 else 0.02,
     )
     values = []
     for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
         style = _series_style(index, model)
         rows = table[table["model"] == label]
-        short = {m.name: m.short_label for m in model.matrices}
-        for pos, module in enumerate(modules):
-            sub = rows[rows["module"] == module]
+        for pos, facet in enumerate(facets):
+            sub = _in_facet(rows, facet)
             if log_y:
                 sub = sub[sub[column] > 0]
             values.extend(sub[column].tolist())
@@ -637,13 +667,18 @@ def _module_facets(
                 go.Scatter(
                     x=sub["layer"],
                     y=sub[column],
-                    mode=_series_mode(len(sub)),
+                    mode="markers" if facet[2] else _series_mode(len(sub)),
                     name=_legend_name(label, model),
                     legendgroup=label,
                     showlegend=pos == 0,
-                    customdata=[short.get(n, n) for n in sub["matrix"]],
+                    customdata=list(sub["label"]),
                     line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
-                    marker={"symbol": style["symbol"], "size": style["size"] - 2, "color": style["color"]},
+                    marker={
+                        "symbol": style["symbol"],
+                        "size": style["size"] - (4 if facet[2] else 2),
+                        "color": style["color"],
+                        "opacity": 0.7 if facet[2] else 1.0,  # experts at one layer overlap
+                    },
                     hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.3g}}<extra></extra>",
                 ),
                 row=pos // n_cols + 1,
@@ -652,7 +687,7 @@ def _module_facets(
         rank = tables.adapter_rank(model) if rank_lines else None
         if rank is not None:
             values.append(rank)
-            for pos in range(len(modules)):
+            for pos in range(len(facets)):
                 fig.add_hline(
                     y=rank,
                     line_dash="dot",
@@ -670,14 +705,16 @@ def _module_facets(
         fig.update_yaxes(rangemode="tozero")
     fig.update_yaxes(title_text=name, col=1)
     fig.update_annotations(font_size=12)
-    fig.update_layout(height=120 + 260 * n_rows, legend={"orientation": "h", "y": -0.12 - 0.1 / n_rows})
+    height = 120 + 260 * n_rows
+    fig.update_layout(height=height, legend={"orientation": "h", "y": -80 / (height - 100)})
     return fig
 
 
 def effective_rank_figure(
     models: Sequence[ModelResult], metric: str = "effective_rank", log_y: bool = True
 ) -> go.Figure:
-    """Effective rank or rank90 of every update by layer, one facet per module.
+    """Effective rank or rank90 of every update by layer, one facet per stack and module
+    (experts of a module in a facet of their own, one marker each).
 
     All fine-tunes side by side, each with its own colour, dash and marker; the LoRA
     rank ``r`` (the most a LoRA update's rank can be) as a dotted line. ``log_y`` (the
@@ -692,7 +729,7 @@ def effective_rank_figure(
     if table.empty:
         return _empty(name, "No matrices analysed yet")
     fig = _module_facets(models, table, metric, name, log_y=log_y, rank_lines=True)
-    fig.update_layout(title=f"{name}<br><sup>by layer and module; dotted: LoRA rank r</sup>")
+    fig.update_layout(title=f"{name}<br><sup>by layer, stack and module; dotted: LoRA rank r</sup>")
     return fig
 
 
@@ -824,10 +861,11 @@ def amplification_figure(
     models: Sequence[ModelResult], matrices: Collection[str] | None = None, log_y: bool = True
 ) -> go.Figure:
     """Amplification factor per matrix (Hu et al. 2021, sec. 7.3) by layer, one facet per
-    module and one series per fine-tune (every fine-tune in the legend), matrices named
-    by their short label (``L3 mlp_in``) in the hover."""
+    stack and module (experts in their own facet, one marker each) and one series per
+    fine-tune (every fine-tune in the legend), every matrix its own point, named by its
+    short label (``L3 mlp_in``) in the hover."""
     table = tables.amplification_table(models, matrices)
-    title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer and module</sup>"
+    title = "Amplification factor<br><sup>‖ΔW‖_F / ‖Uᵀ W₀ V‖_F by layer, stack and module</sup>"
     if table.empty:
         return _empty(title, "No matrices analysed yet")
     fig = _module_facets(models, table, "amplification_factor", "amplification factor", log_y=log_y)
@@ -920,70 +958,113 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     return fig
 
 
-def series_grid_figure(table, metric: str, label: str = "") -> go.Figure:
-    """A layer x module heatmap of ``metric`` with one animation frame per training step.
+def series_grid_figure(table, metric: str, label: str = "", step: int | None = None) -> go.Figure:
+    """The overview's grids of ``metric`` with one animation frame per training step.
 
-    ``table`` is :func:`analysis.tables.series_grid_table`; the colour scale is shared
-    by every step so colours compare across the slider; it starts at the last step.
+    ``table`` is :func:`analysis.tables.series_grid_table`: one layer x module grid per stack
+    and one layer x expert grid per mixture-of-experts module (the overview's convention,
+    :func:`overview_sections`), stacked top to bottom; every matrix is one cell of its grid
+    and no cell holds two. The colour scale is shared by every grid and step, so colours
+    compare across the slider; it opens at ``step`` (the last step when ``None`` or not
+    among the table's). Hover names the matrix.
     """
     if table.empty:
         return _empty("Checkpoint series", "No checkpoint has results yet.")
     steps = sorted(table["step"].unique().tolist())
-    modules = tables.module_order(table["module"])
-    layers = sorted(
-        table["layer"].unique().tolist(), key=lambda s: (s.split(" L")[0] if " L" in s else "", _layer_key(s))
-    )
-    aggregate = "sum" if metric == "intruders" else "mean"
+    sections = list(dict.fromkeys(table["section"]))
+    shapes = {}
+    for section in sections:
+        part = table[table["section"] == section]
+        rows = sorted(part["row"].unique(), key=_layer_sort)
+        experts = part["expert"].notna().all()
+        columns = sorted(part["column"].unique(), key=int) if experts else tables.module_order(part["column"])
+        shapes[section] = (rows, columns)
+    twice = table.duplicated(["step", "section", "row", "column"])
+    if twice.any():
+        first = table[twice].iloc[0]
+        raise ValueError(f"two matrices in one series grid cell: {first['label']} ({first['matrix']})")
     values = table[metric].astype(float)
     zmin, zmax = (
         (0.0, max(1.0, float(values.max()))) if metric == "intruders" else (float(values.min()), float(values.max()))
     )
     title = tables.SERIES_METRICS[metric]
 
-    def heatmap(step: int) -> go.Heatmap:
-        grid = table[table["step"] == step].pivot_table(
-            index="layer", columns="module", values=metric, aggfunc=aggregate
-        )
-        grid = grid.reindex(index=layers, columns=modules)
-        return go.Heatmap(
-            z=grid.to_numpy(dtype=float),
-            x=modules,
-            y=layers,
-            zmin=zmin,
-            zmax=zmax,
-            colorscale="Reds" if metric == "intruders" else "Viridis",
-            colorbar={"title": metric},
-            hovertemplate=f"layer %{{y}} · %{{x}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
-        )
+    def heatmaps(step: int) -> list[go.Heatmap]:
+        now = table[table["step"] == step]
+        out = []
+        for n, section in enumerate(sections):
+            rows, columns = shapes[section]
+            cells = now[now["section"] == section]
+            z = np.full((len(rows), len(columns)), np.nan)
+            text = np.full(z.shape, "", dtype=object)
+            ii = [rows.index(r) for r in cells["row"]]
+            jj = [columns.index(c) for c in cells["column"]]
+            z[ii, jj] = cells[metric].to_numpy(dtype=float)
+            text[ii, jj] = cells["label"].to_numpy()
+            out.append(
+                go.Heatmap(
+                    z=z,
+                    x=columns,
+                    y=rows,
+                    customdata=text,
+                    coloraxis="coloraxis",
+                    xgap=1,
+                    ygap=1,
+                    xaxis=f"x{n + 1 if n else ''}",
+                    yaxis=f"y{n + 1 if n else ''}",
+                    hovertemplate=f"%{{customdata}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
+                )
+            )
+        return out
 
-    fig = go.Figure(data=[heatmap(steps[-1])], frames=[go.Frame(data=[heatmap(s)], name=str(s)) for s in steps])
+    active = steps.index(step) if step in steps else len(steps) - 1
+    # Pixels: each grid 28 per layer (at least 60), 70 between grids for ticks and a title.
+    panels = [max(60, 28 * len(shapes[s][0])) for s in sections]
+    gap = 70
+    plot_px = sum(panels) + gap * (len(sections) - 1)
+    fig = make_subplots(
+        rows=len(sections),
+        cols=1,
+        subplot_titles=sections if len(sections) > 1 else None,
+        row_heights=panels,
+        vertical_spacing=gap / plot_px if len(sections) > 1 else 0.0,
+    )
+    for n, trace in enumerate(heatmaps(steps[active])):
+        fig.add_trace(trace, row=n + 1, col=1)
+    fig.frames = [go.Frame(data=heatmaps(s), traces=list(range(len(sections))), name=str(s)) for s in steps]
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
-    fig.update_xaxes(title_text="module", type="category")
+    fig.update_xaxes(type="category")
+    for n, section in enumerate(sections):
+        if section.endswith("layer × expert"):
+            fig.update_xaxes(title_text="expert", title_standoff=4, row=n + 1, col=1)
+    fig.update_annotations(font_size=12)
     fig.update_layout(
         title=_series_title(label, f"{title} per layer and module, by step"),
-        margin={"t": 90},
-        height=max(360, min(900, 28 * len(layers) + 220)),
-        sliders=[_step_slider(steps, len(steps) - 1)],
+        coloraxis={"colorscale": "Reds" if metric == "intruders" else "Viridis", "cmin": zmin, "cmax": zmax,
+                   "colorbar": {"title": metric}},
+        margin={"t": 100, "b": 150},
+        height=plot_px + 250,
+        sliders=[_step_slider(steps, active)],
         updatemenus=[_play_button()],
-    )
+    )  # fmt: skip
     return fig
 
 
-def _layer_key(label: str) -> tuple[int, int]:
-    number = label.rsplit("L", 1)[-1]
-    return (0, int(number)) if number.isdigit() else (1, 0)
-
-
-def series_similarity_figure(models: Sequence[ModelResult], matrix_name: str, label: str = "") -> go.Figure:
-    """``|Ut^T U0|`` of one matrix at each checkpoint of a series, one frame per step.
+def series_similarity_figure(
+    models: Sequence[ModelResult], matrix: str, label: str = "", step: int | None = None
+) -> go.Figure:
+    """``|Ut^T U0|`` of one matrix (its :func:`analysis.tables.matrix_key`) at each checkpoint
+    of a series, one frame per step, opening at ``step`` (the last when ``None`` or absent).
 
     The similarity block of :func:`similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
     rows tuned rank, columns base rank), reduced to :data:`MAX_HEATMAP_SIDE`; the slider
     shows how the tuned singular vectors drift away from the base ones as training goes on.
     """
-    found = [(model.step, m) for model in tables.by_step(models) for m in model.matrices if m.name == matrix_name]
+    found = [
+        (model.step, m) for model in tables.by_step(models) for m in model.matrices if tables.matrix_key(m) == matrix
+    ]
     if not found:
-        return _empty("Similarity across steps", f"No checkpoint has results for {matrix_name} yet.")
+        return _empty("Similarity across steps", f"No checkpoint has results for {matrix} yet.")
     steps = [step for step, _ in found]
 
     def heatmap(step: int, matrix: MatrixResult) -> go.Heatmap:
@@ -996,8 +1077,11 @@ def series_similarity_figure(models: Sequence[ModelResult], matrix_name: str, la
             hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
         )
 
-    first = found[-1][1]
-    fig = go.Figure(data=[heatmap(*found[-1])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found])
+    active = steps.index(step) if step in steps else len(steps) - 1
+    first = found[active][1]
+    fig = go.Figure(
+        data=[heatmap(*found[active])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found]
+    )
     n = first.similarity.shape[0]
     fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
     fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
@@ -1005,7 +1089,7 @@ def series_similarity_figure(models: Sequence[ModelResult], matrix_name: str, la
         title=_series_title(label, f"{first.short_label}: |Uₜᵀ U₀| by training step"),
         margin={"t": 90},
         height=560,
-        sliders=[_step_slider(steps, len(steps) - 1)],
+        sliders=[_step_slider(steps, active)],
         updatemenus=[_play_button()],
     )
     return fig

@@ -23,15 +23,17 @@ BASE_COLOR = "#7f7f7f"
 def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame:
     """Per matrix: intruders scaled, intruders before/after at ``eps`` among the top ``k``
     (the pipeline's counts), ``||dW||_F`` before/after and the re-factorisation error."""
-    before = {m.name: m for m in result.before.matrices}
-    after = {m.name: m for m in result.after.matrices}
+    before = {tables.matrix_key(m): m for m in result.before.matrices}
+    after = {tables.matrix_key(m): m for m in result.after.matrices}
     rows = []
     for m in result.mitigation.matrices:
-        b, a = before.get(m.name), after.get(m.name)
+        b, a = before.get(m.key), after.get(m.key)
         rows.append(
             {
+                "stack": m.stack,
                 "layer": tables.layer_label(m.layer),
                 "module": m.module,
+                "expert": m.expert,
                 "scaled": len(m.intruders),
                 f"intruders before (ε={eps:g})": b.intruder_counts(k, [eps])[0] if b else None,
                 f"after (ε={eps:g})": a.intruder_counts(k, [eps])[0] if a else None,
@@ -41,7 +43,7 @@ def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame
                 "rank": f"{m.rank} → {m.new_rank}" if m.rank is not None else "full",
                 "re-factorisation error %": round(100 * m.refactor_rel_error, 4),
                 "mitigated": m.mitigated,
-                "matrix": m.name,
+                "matrix": m.key,
             }
         )
     return pd.DataFrame(rows)

@@ -117,6 +117,15 @@ class MatrixMitigation:
     rank: int | None = None
     new_rank: int | None = None
     mitigated: bool = True
+    #: Where the matrix lives beside ``layer`` and ``module`` (:class:`MatrixPlan`).
+    stack: str | None = None
+    expert: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The matrix's key (:func:`analysis.tables.matrix_key`): the tensor name, plus
+        ``#<expert>`` for one expert of a fused 3-D tensor, whose name is shared by all."""
+        return _key(self)
 
     @property
     def refactor_rel_error(self) -> float:
@@ -172,22 +181,23 @@ class Mitigation:
             "refactor_error": sq(m.refactor_error for m in self.matrices),
         }
 
-    def tuned(self, name: str) -> TunedMatrix:
-        """The mitigated tuned weight of matrix ``name`` (as the plan orients it)."""
-        item = self._tensors[name]
+    def tuned(self, key: str) -> TunedMatrix:
+        """The mitigated tuned weight of the matrix with this key (:attr:`MatrixMitigation.key`),
+        as the plan orients it."""
+        item = self._tensors[key]
         return _mitigated_tuned(item, self.settings.lam)
 
-    def tuned_at(self, name: str, lam: float) -> torch.Tensor:
-        """The mitigated tuned weight of ``name`` at another ``lam`` (for the trade-off)."""
-        item = self._tensors[name]
+    def tuned_at(self, key: str, lam: float) -> torch.Tensor:
+        """The mitigated tuned weight of matrix ``key`` at another ``lam`` (for the trade-off)."""
+        item = self._tensors[key]
         if item.original is not None:
-            update = self.update(name, lam)
+            update = self.update(key, lam)
             return item.plan.load_base() + update.dense()
         return _mitigated_tuned(item, lam).weight
 
-    def update(self, name: str, lam: float | None = None) -> LowRankDelta | None:
-        """The exported update of an adapter matrix at ``lam`` (default the settings')."""
-        item = self._tensors[name]
+    def update(self, key: str, lam: float | None = None) -> LowRankDelta | None:
+        """The exported update of adapter matrix ``key`` at ``lam`` (default the settings')."""
+        item = self._tensors[key]
         if lam is None or lam == self.settings.lam:
             return item.low_rank
         if item.original is None:
@@ -277,6 +287,8 @@ def mitigate_matrix(
         refactor_error=0.0,
         rank=rank,
         new_rank=rank,
+        stack=plan.stack,
+        expert=plan.expert,
     )
     if adapter_without_factors:
         # DoRA or a modules_to_save replacement: not a LoRA layer, left as it is.
@@ -327,9 +339,9 @@ def mitigate_plan(
             raise AnalysisCancelled(f"mitigation cancelled after {done} of {total} matrices")
         summary, tensors = mitigate_matrix(matrix, settings, plan.kind)
         result.matrices.append(summary)
-        result._tensors[matrix.name] = tensors
+        result._tensors[_key(matrix)] = tensors
         if progress is not None:
-            progress(done + 1, total, matrix.name)
+            progress(done + 1, total, _key(matrix))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -341,7 +353,7 @@ def mitigated_plan(mitigation: Mitigation) -> ComparisonPlan:
     content-addressed and a mitigated matrix equal to the fine-tune's is found there.
     """
     plan = mitigation.plan
-    matrices = [replace(m, load_tuned=partial(mitigation.tuned, m.name), digests=None) for m in plan.matrices]
+    matrices = [replace(m, load_tuned=partial(mitigation.tuned, _key(m)), digests=None) for m in plan.matrices]
     label = f"{plan.tuned_label} (mitigated {mitigation.settings.signature()})"
     summary = {**plan.summary, "label": f"{plan.summary.get('label', plan.tuned_label)} · mitigated"}
     summary["mitigation"] = {"settings": mitigation.settings.signature(), **mitigation.totals()}
@@ -378,16 +390,19 @@ class MitigationResult:
     def to_json(self) -> dict:
         """Per matrix and in total, JSON-able (the CLI writes it as ``mitigation.json``)."""
         s = self.mitigation.settings
-        after = {m.name: m for m in self.after.matrices}
-        before = {m.name: m for m in self.before.matrices}
+        after = {_key(m): m for m in self.after.matrices}
+        before = {_key(m): m for m in self.before.matrices}
         eps = list(DEFAULT_EPSILONS)
         rows = []
         for m in self.mitigation.matrices:
             rows.append(
                 {
+                    "matrix": m.key,
                     "name": m.name,
+                    "stack": m.stack,
                     "layer": m.layer,
                     "module": m.module,
+                    "expert": m.expert,
                     "shape": list(m.shape),
                     "mitigated": m.mitigated,
                     "intruders_scaled": m.intruders,
@@ -399,8 +414,8 @@ class MitigationResult:
                     "delta_fro_after": m.delta_fro_after,
                     "refactor_error": m.refactor_error,
                     "refactor_rel_error": m.refactor_rel_error,
-                    "intruders_before": before[m.name].intruder_counts(s.top_k, eps) if m.name in before else None,
-                    "intruders_after": after[m.name].intruder_counts(s.top_k, eps) if m.name in after else None,
+                    "intruders_before": before[m.key].intruder_counts(s.top_k, eps) if m.key in before else None,
+                    "intruders_after": after[m.key].intruder_counts(s.top_k, eps) if m.key in after else None,
                 }
             )
         data = {
@@ -548,6 +563,18 @@ def _side_files(folder: Path, skip: Callable[[Path], bool]) -> list[Path]:
     return out
 
 
+def _key(matrix) -> str:
+    """A plan's or a result's matrix key: :func:`analysis.tables.matrix_key`."""
+    from analysis.tables import matrix_key
+
+    return matrix_key(matrix)
+
+
+def _fused(plan: ComparisonPlan) -> bool:
+    """Whether some tensor of ``plan`` holds several matrices (the experts of a fused tensor)."""
+    return len({m.name for m in plan.matrices}) < len(plan.matrices)
+
+
 def _orient_like(stored: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (plan orientation) in the orientation ``stored`` has, found from the data:
     ``reference`` is what the plan hands out for ``stored``."""
@@ -576,15 +603,20 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
     source = base_source if isinstance(resolver.open(tuned), LoraAdapter) else resolver.open(tuned)
     names = source.names()
     by_plan = match_names([m.name for m in mitigation.plan.matrices], names)
-    replaced = {}
+    replaced: dict[str, torch.Tensor] = {}
     for matrix in mitigation.plan.matrices:
         target = by_plan.get(matrix.name)
         if target is None:
             raise InputError(tuned, f"the merged model has no tensor for {matrix.name}")
-        stored = source.load(target)
+        stored = replaced[target] if target in replaced else source.load(target)
         reference = matrix.load_base() if source is base_source else matrix.load_tuned().weight
-        weight = mitigation.tuned(matrix.name).weight
-        replaced[target] = _orient_like(stored, reference, weight).to(stored.dtype).contiguous()
+        weight = mitigation.tuned(_key(matrix)).weight
+        if stored.dim() == 3 and matrix.expert is not None:  # one expert's slice of a fused tensor
+            stored = stored.clone() if target not in replaced else stored
+            stored[matrix.expert] = _orient_like(stored[matrix.expert], reference, weight).to(stored.dtype)
+            replaced[target] = stored.contiguous()
+        else:
+            replaced[target] = _orient_like(stored, reference, weight).to(stored.dtype).contiguous()
     tensors = {name: replaced.get(name, None) for name in names}
     for name in names:
         if tensors[name] is None:
@@ -628,8 +660,10 @@ def export_adapter(mitigation: Mitigation, resolver, tuned: str, out: Path) -> P
     pairs = match_names([m.name for m in mitigation.plan.matrices], list(module_weights))
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
+    if _fused(mitigation.plan):
+        raise InputError(tuned, "adapts fused expert tensors; export the merged model instead")
     for summary in mitigation.matrices:
-        factors = mitigation.update(summary.name)
+        factors = mitigation.update(summary.key)
         weight_name = pairs.get(summary.name)
         if factors is None or weight_name is None or not summary.mitigated:
             continue

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from analysis.errors import AnalysisCancelled
-from analysis.mitigate import Mitigation, Tradeoff, _orient_like
+from analysis.mitigate import Mitigation, Tradeoff, _fused, _key, _orient_like
 
 HELD_OUT_SOURCE = "pydoc_data.topics"
 #: Paragraphs of the held-out text used (spread evenly over the topics).
@@ -164,6 +164,13 @@ def evaluate_tradeoff(
             "No trade-off curve: it needs model folders that transformers loads as a causal language model or a "
             "sentence-transformers embedding model.",
         )
+    if _fused(mitigation.plan):
+        return Tradeoff(
+            "held-out loss",
+            None,
+            [],
+            "No trade-off curve: the model stores its experts in fused tensors, which the curve does not swap yet.",
+        )
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
     texts = held_out_paragraphs(paragraphs)
     is_demo = "demo" in resolver.resolve(tuned).summary
@@ -189,6 +196,7 @@ def evaluate_tradeoff(
         model = _load(tuned_folder, family)
     params = dict(model.named_parameters())
     plans = {m.name: m for m in mitigation.plan.matrices}
+    keys = {m.name: _key(m) for m in mitigation.plan.matrices}
     mapping = match_names(list(plans), list(params))
     oriented: dict[str, bool] = {}
     for name, param_name in mapping.items():
@@ -213,7 +221,7 @@ def evaluate_tradeoff(
             if progress is not None:
                 progress(done, total, "λ = 1")
             continue
-        install(lambda name, lam=lam: mitigation.tuned_at(name, lam))
+        install(lambda name, lam=lam: mitigation.tuned_at(keys[name], lam))
         measure(model, f"λ = {lam:g}", float(lam))
     note = (
         f"{loss_name} on {len(texts)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "

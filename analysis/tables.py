@@ -525,8 +525,8 @@ def _series_group(matrix: MatrixResult, by: str) -> str:
     if by == "layer":
         stack = f"{matrix.stack} " if matrix.stack else ""
         return f"{stack}L{layer_label(matrix.layer)}"
-    if by == "module":
-        return matrix.module
+    if by == "module":  # an encoder's and a decoder's query are two lines, as in breakdown_table
+        return f"{matrix.stack} {matrix.module}" if matrix.stack else matrix.module
     if by == "matrix":
         return matrix.short_label
     raise ValueError(f"unknown grouping {by!r}; one of {SERIES_GROUPINGS}")
@@ -534,7 +534,9 @@ def _series_group(matrix: MatrixResult, by: str) -> str:
 
 def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "model") -> pd.DataFrame:
     """Metrics of each checkpoint of a series against its step, grouped ``by`` one of
-    :data:`SERIES_GROUPINGS`.
+    :data:`SERIES_GROUPINGS`: the whole model; a layer or a module kind of one stack
+    (``encoder L0``, ``decoder query``: stacks never share a group), with every expert of the
+    layer or module in it; or one matrix (its short label, so each expert its own line).
 
     Per group and step: ``intruders`` is the sum of intruder counts among the top ``k``
     at ``eps`` (Shuttleworth et al. 2024, Def. 3.1; the per-model total of DESIGN.md);
@@ -564,35 +566,50 @@ def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "m
     return pd.DataFrame(rows, columns=columns)
 
 
+#: Columns of :func:`series_grid_table` (and its CSV), before the metric's own.
+SERIES_GRID_COLUMNS: tuple[str, ...] = ("step", "section", "row", "column", "matrix", "name", *IDENTITY_COLUMNS)
+
+
 def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> pd.DataFrame:
-    """One row per checkpoint and matrix: its layer, module and ``metric`` (one of
-    :data:`SERIES_METRICS`), the numbers of the layer x module grid with a step slider."""
+    """One row per checkpoint and matrix, placed in its grid cell as the overview places it
+    (:func:`overview_table`): ``section`` names the grid (one layer x module grid per stack,
+    one layer x expert grid per mixture-of-experts module), ``row`` and ``column`` the cell,
+    so (``step``, ``section``, ``row``, ``column``) is unique. ``matrix`` is the
+    :func:`matrix_key`; the last column is ``metric`` (one of :data:`SERIES_METRICS`)."""
     if metric not in SERIES_METRICS:
         raise ValueError(f"unknown metric {metric!r}; one of {list(SERIES_METRICS)}")
     rows = []
     for model in by_step(models):
-        for m in model.matrices:
+        for m in identity_order(model.matrices):
             value = m.intruder_counts(k, [eps])[0] if metric == "intruders" else float(getattr(m, metric))
             rows.append(
                 {
                     "step": model.step,
-                    "matrix": m.name,
-                    "layer": _series_group(m, "layer"),
+                    "section": section_title(overview_section(m)),
+                    "row": layer_label(m.layer),
+                    "column": m.module if m.expert is None else str(m.expert),
+                    "matrix": matrix_key(m),
+                    "name": m.name,
+                    "stack": m.stack,
+                    "layer": layer_label(m.layer),
                     "module": m.module,
+                    "expert": m.expert,
+                    "label": m.short_label,
                     metric: value,
                 }
             )
-    return pd.DataFrame(rows, columns=["step", "matrix", "layer", "module", metric])
+    return pd.DataFrame(rows, columns=[*SERIES_GRID_COLUMNS, metric])
 
 
-def series_similarity_table(models: Sequence[ModelResult], matrix_name: str, k: int, eps: float) -> pd.DataFrame:
-    """Each checkpoint's top ``k`` tuned vectors of one matrix: best match with the base and
-    whether it is an intruder at ``eps`` (:func:`intruder_table` per step)."""
+def series_similarity_table(models: Sequence[ModelResult], matrix: str, k: int, eps: float) -> pd.DataFrame:
+    """Each checkpoint's top ``k`` tuned vectors of one matrix (its :func:`matrix_key`): best
+    match with the base and whether it is an intruder at ``eps`` (:func:`intruder_table` per
+    step)."""
     frames = [
         intruder_table(m, k, eps).assign(step=model.step)
         for model in by_step(models)
         for m in model.matrices
-        if m.name == matrix_name
+        if matrix_key(m) == matrix
     ]
     if not frames:
         return pd.DataFrame(columns=["step"])

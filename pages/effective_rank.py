@@ -37,10 +37,11 @@ metric = state.widget(
     horizontal=True,
     format_func=figures.OVERVIEW_METRICS.get,
 )
-log_y = st.toggle(
+log_y = state.widget(
+    st.toggle,
     "Log scale",
-    value=True,
-    key="erank_log",
+    "logrank",
+    default=True,
     help="A full fine-tune's update has hundreds of directions, a LoRA r=1 update one: a linear axis flattens "
     "the adapters to zero.",
 )

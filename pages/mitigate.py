@@ -11,6 +11,7 @@ import json
 import streamlit as st
 
 from analysis import figures_mitigate as fm
+from analysis import tables
 from analysis.jobs import JobState
 from analysis.mitigate import MitigationSettings
 from ui import mitigation, runtime, state, views
@@ -30,7 +31,6 @@ if not selection.complete:
     st.stop()
 
 resolver = runtime.resolver()
-mitigation.load_params()
 with st.sidebar:
     tuned = state.widget(st.selectbox, "Fine-tune", "model", options=list(selection.tuned), format_func=resolver.label)
     k = state.widget(st.slider, "k: top singular vectors checked", "k", min_value=1, max_value=state.MAX_K)
@@ -39,7 +39,6 @@ with st.sidebar:
         format="%.2f",
     )  # fmt: skip
 lam, rule, exact, curve = mitigation.controls()
-mitigation.write_params()
 settings = MitigationSettings(lam=lam, top_k=int(k), eps=float(eps), rule=rule, exact=exact)
 
 job = mitigation.track(selection.base, tuned, settings, curve)
@@ -73,10 +72,17 @@ st.subheader("Per matrix")
 views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")
 
 st.subheader("Spectra before and after")
-names = [m.name for m in result.mitigation.matrices]
-scaled = {m.name: m.intruders for m in result.mitigation.matrices}
+mitigated = {m.key: m for m in result.mitigation.matrices}
+names = list(mitigated)
+scaled = {key: m.intruders for key, m in mitigated.items()}
 default = max(names, key=lambda n: len(scaled[n])) if names else None
-choice = st.selectbox("Matrix", names, index=names.index(default) if default else 0, key="mit_matrix")
+# A matrix the view names elsewhere that was not mitigated here: show the most scaled one,
+# and keep the view's own (shown, not written back).
+shown = default if state.get("matrix") is not None and state.get("matrix") not in mitigated else None
+choice = state.widget(
+    st.selectbox, "Matrix", "matrix", default=default, shown=shown, options=names,
+    format_func=lambda key: tables.describe_matrix(mitigated[key]) if key in mitigated else key,
+)  # fmt: skip
 before = views.find_matrix(result.before, choice)
 after = views.find_matrix(result.after, choice)
 if before is not None and after is not None:

@@ -57,11 +57,13 @@ k, eps = views.k_eps_controls(models)
 views.report_download(selection, models)
 
 st.subheader("Against training step")
-by = st.radio(
+by = state.widget(
+    st.radio,
     "Lines",
-    list(tables.SERIES_GROUPINGS),
+    "lines",
+    default="model",
+    options=list(tables.SERIES_GROUPINGS),
     horizontal=True,
-    key="series_by",
     format_func={"model": "Whole model", "layer": "Per layer", "module": "Per module", "matrix": "Per matrix"}.get,
 )
 trend = tables.series_table(models, k, eps, by)
@@ -69,14 +71,28 @@ views.chart(figures.series_trend_figure(trend, by, found.label), "series-trends"
 views.table(trend, "series-trends")
 
 st.subheader("Layer × module, step by step")
-metric = st.radio(
-    "Measure", list(tables.SERIES_METRICS), horizontal=True, key="series_metric", format_func=tables.SERIES_METRICS.get
+metric = state.widget(
+    st.radio,
+    "Measure",
+    "grid",
+    default="intruders",
+    options=list(tables.SERIES_METRICS),
+    horizontal=True,
+    format_func=tables.SERIES_METRICS.get,
 )
+steps = [m.step for m in tables.by_step(models) if m.step is not None]
+# The step both step-by-step charts open at (their own sliders move from there); a link's
+# step not analysed yet shows the last one so far, and stays in the link.
+wanted = state.get("step")
+step = state.widget(
+    st.select_slider, "Open at step", "step", default=steps[-1], options=steps,
+    shown=steps[-1] if wanted is not None and wanted not in steps else None,
+) if len(steps) > 1 else (steps[0] if steps else None)  # fmt: skip
 grid = tables.series_grid_table(models, metric, k, eps)
-views.chart(figures.series_grid_figure(grid, metric, found.label), "series-grid")
+views.chart(figures.series_grid_figure(grid, metric, found.label, step=step), "series-grid")
 views.table(grid, "series-grid")
 
 st.subheader("One matrix across steps")
 matrix = views.matrix_control(models)
-views.chart(figures.series_similarity_figure(models, matrix, found.label), "series-similarity")
+views.chart(figures.series_similarity_figure(models, matrix, found.label, step=step), "series-similarity")
 views.table(tables.series_similarity_table(models, matrix, k, eps), "series-similarity")

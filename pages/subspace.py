@@ -52,6 +52,6 @@ st.caption(
     "rank, or rank90 for a full fine-tune): how strongly the update amplifies directions the base weight "
     "barely uses."
 )
-amp_log = st.toggle("Log scale", value=True, key="amplification_log", help="Factors often span decades.")
+amp_log = state.widget(st.toggle, "Log scale", "logamp", default=True, help="Factors often span decades.")
 views.chart(figures.amplification_figure(models, log_y=amp_log), "amplification")
 views.table(tables.amplification_table(models), "amplification")

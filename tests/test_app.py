@@ -561,11 +561,29 @@ def test_every_control_is_in_the_url(
     assert at.query_params["modules"] == "query"
     at.switch_page(PAGES["effective_rank"]).run()
     at.radio(key="w_measure").set_value("rank90").run()
-    assert at.query_params["measure"] == "rank90"
+    at.toggle(key="w_logrank").set_value(False).run()
+    assert at.query_params["measure"] == "rank90" and at.query_params["logrank"] == "0"
+    assert at.get("plotly_chart")[0].proto.spec and '"type":"log"' not in at.get("plotly_chart")[0].proto.spec
+    at.switch_page(PAGES["subspace"]).run()
+    at.toggle(key="w_logamp").set_value(False).run()
+    assert at.query_params["logamp"] == "0"
     # A fresh visitor opening the same link sees the same controls.
-    params = {k: at.query_params[k] for k in ("by", "modules", "layers", "measure")}
+    params = {k: at.query_params[k] for k in ("by", "modules", "layers", "measure", "logrank", "logamp")}
     again = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft], page="intruders", **params)
     assert again.radio(key="w_by").value == "module" and again.multiselect(key="w_layers").value == ["1"]
+    again.switch_page(PAGES["effective_rank"]).run()
+    assert again.radio(key="w_measure").value == "rank90" and again.toggle(key="w_logrank").value is False
+    again.switch_page(PAGES["subspace"]).run()
+    assert again.toggle(key="w_logamp").value is False
+    assert {k: again.query_params[k] for k in params} == params
+    # Every control of every analysis page is bound to the view (ui.state.widget, key w_<part>),
+    # so none can be missing from the address bar.
+    for page in ("intruders", "effective_rank", "spectrum", "similarity", "subspace"):
+        again.switch_page(PAGES[page]).run()
+        assert not again.exception, [e.value for e in again.exception]
+        kinds = ("radio", "selectbox", "multiselect", "slider", "select_slider", "checkbox", "toggle", "number_input")
+        loose = [(page, kind, w.key) for kind in kinds for w in again.get(kind) if not str(w.key).startswith("w_")]
+        assert not loose, loose
     overview = open_app(tiny_bert, [tiny_bert_lora], metric="effective_rank")
     assert not overview.exception
     assert overview.query_params["metric"] == "effective_rank"
@@ -645,3 +663,30 @@ def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_r
     for analysis in runtime.manager().jobs():  # the analysis it started is not under test here
         analysis.cancel()
         assert analysis.wait(60)
+
+
+def test_models_page_lists_each_expert_of_a_fused_tensor_once(cache_dir: Path, tmp_path: Path) -> None:
+    """The plan preview names every matrix by its key: the experts of one fused tensor are
+    as many rows as experts, each its own ``name#expert``."""
+    import copy
+
+    from tests import families
+
+    families.quiet()
+    model = families.build("qwen3_moe_fused")
+    base = families.save(model, "qwen3_moe_fused", tmp_path / "base")
+    tuned_model = copy.deepcopy(model)
+    families.perturb(tuned_model)
+    tuned = families.save(tuned_model, "qwen3_moe_fused", tmp_path / "full")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(base)
+    at.query_params["tuned"] = [str(tuned)]
+    at.switch_page(PAGES["models"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    matrices = next(d.value for d in at.dataframe if "adapter rank" in d.value.columns)
+    experts = matrices[matrices["expert"].notna()]
+    assert len(experts) > experts["matrix"].str.split("#").str[0].nunique()  # several per tensor
+    assert matrices["matrix"].is_unique
+    assert set(experts["matrix"]) == {
+        f"{n}#{int(e)}" for n, e in zip(experts["matrix"].str.split("#").str[0], experts["expert"], strict=True)
+    }

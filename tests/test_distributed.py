@@ -281,3 +281,32 @@ def test_command_line_report_on_ray_equals_the_local_report(
     assert main([*args, "--out", str(tmp_path / "ray.json"), "--ray", "local"]) == 0
     local, far = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "ray"))
     assert far == local
+
+
+def test_fused_expert_slices_are_each_their_own_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused ``[E, out, in]`` expert tensor gives E matrices under one tensor name: every one
+    travels to a worker and comes back as itself (by identity, not by name), equal to the
+    local engine field by field, for a full fine-tune and an all-linear adapter together."""
+    import copy
+
+    from tests import families
+
+    families.quiet()
+    model = families.build("qwen3_moe_fused")
+    base = families.save(model, "qwen3_moe_fused", tmp_path / "base")
+    tuned = copy.deepcopy(model)
+    families.perturb(tuned)
+    full = families.save(tuned, "qwen3_moe_fused", tmp_path / "full")
+    adapter, _, _ = families.make_adapter(model, "qwen3_moe_fused", "all", tmp_path / "all")
+    specs = [str(full), str(adapter)]
+    local = compare(str(base), specs, cache=None)
+    fused = [m for m in local.models[0].matrices if m.expert is not None]
+    assert len({m.name for m in fused}) < len(fused)  # many matrices share a tensor name
+    monkeypatch.setattr(distributed, "MIN_TASK_COST", 1)  # small groups: several tasks
+    plans = distributed.plan_models(str(base), specs)
+    assert len(distributed.split(plans, 2)) > 1  # several tasks: matrices really travel
+    far = distributed.compare(str(base), specs, address=None, cache=None)
+    assert_same(local, far)
+    for lm, fm in zip(local.models, far.models, strict=True):
+        assert [m.identity for m in lm.matrices] == [m.identity for m in fm.matrices]
+        assert len({m.identity for m in fm.matrices}) == len(fm.matrices)

@@ -578,3 +578,103 @@ def test_subspace_opens_on_two_adapters_of_different_rank() -> None:
     assert tables.subspace_default_pair(demo[:3]) == (1, 2)
     assert tables.subspace_default_pair(demo[:2]) == (0, 1)
     assert tables.subspace_default_pair(demo[:1]) is None
+
+
+@pytest.mark.parametrize("family", ["t5", "moe", "vlm"])
+@pytest.mark.parametrize("which", ["effective_rank", "rank90", "amplification"])
+def test_rank_and_amplification_draw_every_matrix_as_its_own_point(
+    family: str, which: str, proto: MatrixResult
+) -> None:
+    """An encoder's and a decoder's layer 0 (T5), or eight experts of one module in a layer
+    (MoE), never share a point: one point per matrix and fine-tune, each named by its label,
+    and no two points of one series at one (facet, layer) outside the expert facets."""
+    full = _family(proto, FAMILIES[family], 1, _tensor_name)
+    partial = _family(proto, [i for i in FAMILIES[family] if i[1] == 0], 7, _tensor_name)
+    models = [full, partial]
+    if which == "amplification":
+        fig = figures.amplification_figure(models, log_y=False)
+    else:
+        fig = figures.effective_rank_figure(models, which, log_y=False)
+    points = [(t.legendgroup, t.xaxis, x, label) for t in fig.data for x, label in zip(t.x, t.customdata, strict=True)]
+    labels = tables.model_labels(models)
+    expected = {(labels[i], m.short_label) for i, model in enumerate(models) for m in model.matrices}
+    assert len(points) == len(expected) == sum(len(m.matrices) for m in models)
+    assert {(p[0], p[3]) for p in points} == expected
+    for t in fig.data:  # a line joins one point per layer only
+        if t.mode != "markers":
+            assert len(set(t.x)) == len(t.x)
+    titles = [a.text for a in fig.layout.annotations]
+    if family == "t5":
+        assert "encoder · query" in titles and "decoder · cross_attn_out" in titles
+    if family == "moe":
+        assert "experts of down" in titles and "down" not in titles
+        down = [t for t in fig.data if titles[_axis_index(t.xaxis)] == "experts of down"]
+        assert all(t.mode == "markers" for t in down) and sum(len(t.x) for t in down) == 16 + 8
+
+
+def _axis_index(xaxis: str) -> int:
+    return int(xaxis[1:] or 1) - 1
+
+
+def _series(proto: MatrixResult, family: str) -> list[ModelResult]:
+    """Three checkpoints of one fine-tune of ``family`` (steps 10, 20, 30)."""
+    return [replace(_family(proto, FAMILIES[family], s, _tensor_name), step=s) for s in (10, 20, 30)]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_series_grid_puts_every_matrix_in_its_own_cell(family: str, proto: MatrixResult) -> None:
+    """The series grid follows the overview: one grid per stack and per expert module, one
+    cell per matrix at every step (an encoder's and a decoder's layer 0, or eight experts of
+    one fused tensor, never merge), each cell's value that matrix's."""
+    models = _series(proto, family)
+    table = tables.series_grid_table(models, "intruders", 10, 0.5)
+    assert len(table) == sum(len(m.matrices) for m in models)
+    assert not table.duplicated(["step", "section", "row", "column"]).any()
+    assert list(dict.fromkeys(table["section"])) == FAMILY_SECTIONS[family]
+    fig = figures.series_grid_figure(table, "intruders")
+    assert len(fig.data) == len(FAMILY_SECTIONS[family])
+    for model, frame in zip(models, fig.frames, strict=True):
+        cells = {}
+        for trace in frame.data:
+            z, names = np.asarray(trace.z, dtype=float), np.asarray(trace.customdata, dtype=object)
+            for i, j in zip(*np.nonzero(~np.isnan(z)), strict=True):
+                cells[names[i, j]] = z[i, j]
+        assert len(cells) == len(model.matrices)  # every matrix its own cell, none elsewhere
+        assert cells == {m.short_label: m.intruder_counts(10, [0.5])[0] for m in model.matrices}
+
+
+def test_series_similarity_picks_one_expert_of_a_fused_tensor(proto: MatrixResult) -> None:
+    models = _series(proto, "moe")
+    expert = next(m for m in models[0].matrices if m.expert == 5 and m.module == "down" and m.layer == 1)
+    key = tables.matrix_key(expert)
+    table = tables.series_similarity_table(models, key, 10, 0.5)
+    assert sorted(table["step"].unique()) == [10, 20, 30] and len(table) == 3 * 10
+    picked = [next(m for m in model.matrices if tables.matrix_key(m) == key) for model in models]
+    assert table["best_match_score"].tolist() == pytest.approx(
+        [float(s) for m in picked for s in m.intruder_scores[:10]]
+    )
+    fig = figures.series_similarity_figure(models, key)
+    assert [f.name for f in fig.frames] == ["10", "20", "30"] and "L1 E5 down" in fig.layout.title.text
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_series_trend_groups_keep_stacks_apart_and_count_every_matrix_once(family: str, proto: MatrixResult) -> None:
+    """Per layer and per module, a group holds one stack's matrices (an encoder's and a
+    decoder's layer 0 or query are two lines); per matrix, each matrix (each expert) is its
+    own line; every grouping counts every matrix exactly once per step."""
+    models = _series(proto, family)
+    for by in tables.SERIES_GROUPINGS:
+        table = tables.series_table(models, 10, 0.5, by)
+        for model in models:
+            rows = table[table["step"] == model.step]
+            assert rows["matrices"].sum() == len(model.matrices)
+            assert rows["intruders"].sum() == model.total_intruders(10, 0.5)
+        if by in ("layer", "module"):
+            m = models[0].matrices
+            stacks = {x.stack for x in m}
+            expected = {(x.stack, x.layer if by == "layer" else x.module) for x in m}
+            assert table["group"].nunique() == len(expected)
+            if len(stacks) > 1:
+                assert all(g.split(" ")[0] in stacks for g in table["group"])
+        if by == "matrix":
+            assert table["group"].nunique() == len(models[0].matrices)

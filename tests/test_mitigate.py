@@ -251,3 +251,60 @@ def test_tradeoff_on_a_sentence_embedding_model(tmp_path, resolver, model_root):
     assert curve.task_name is None  # not the demo: no task metric known
     assert "pydoc_data" in curve.note
     assert len(held_out_paragraphs()) == 128
+
+
+def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_path, resolver):
+    """A fused ``[E, out, in]`` expert tensor holds E matrices under one name: each is
+    mitigated, analysed and written back as itself (keyed by name and expert), never as
+    another expert of the same tensor."""
+    import copy
+
+    from analysis import figures_mitigate as fm
+    from analysis import tables
+    from tests import families
+
+    families.quiet()
+    model = families.build("qwen3_moe_fused")
+    base = families.save(model, "qwen3_moe_fused", tmp_path / "base")
+    tuned_model = copy.deepcopy(model)
+    families.perturb(tuned_model, scale=0.5)
+    tuned = families.save(tuned_model, "qwen3_moe_fused", tmp_path / "full")
+    result = run(resolver, str(base), str(tuned), MitigationSettings(lam=0.0, top_k=4, eps=0.9), cache=None)
+    experts = [m for m in result.mitigation.matrices if m.expert is not None]
+    assert len(experts) > len({m.name for m in experts})  # several matrices per tensor name
+    keys = [m.key for m in result.mitigation.matrices]
+    assert len(set(keys)) == len(keys)
+    # The analysis "before" is the fine-tune's own matrix, "after" the mitigated one of the same expert.
+    before = {tables.matrix_key(m): m for m in result.before.matrices}
+    after = {tables.matrix_key(m): m for m in result.after.matrices}
+    assert set(before) == set(after) == set(keys)
+    stored_base, stored_tuned = load_file(str(base / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    scaled = 0
+    for m in experts:
+        W, Wt = stored_base[m.name][m.expert].float(), stored_tuned[m.name][m.expert].float()
+        idx, _scores, (U, S, Vh) = find_intruders(W, Wt, 4, 0.9)
+        assert idx == m.intruders, m.key
+        expected = Wt - (U[:, idx] * S[idx]) @ Vh[idx]
+        torch.testing.assert_close(result.mitigation.tuned(m.key).weight, expected, atol=1e-5, rtol=1e-5)
+        assert after[m.key].delta_fro == pytest.approx(float(torch.linalg.norm(expected - W)), rel=1e-4)
+        scaled += len(idx)
+    assert scaled > 0
+    rows = fm.matrices_table(result, 4, 0.9)
+    assert rows["matrix"].tolist() == keys
+    assert [r["matrix"] for r in result.to_json()["matrices"]] == keys
+    # The merged export puts every expert's mitigated matrix back into its slice.
+    out = export_merged(result.mitigation, resolver, str(base), str(tuned), tmp_path / "merged")
+    written = load_file(str(out / "model.safetensors"))
+    assert set(written) == set(stored_tuned)
+    for m in experts:
+        torch.testing.assert_close(
+            written[m.name][m.expert].float(), result.mitigation.tuned(m.key).weight, atol=1e-5, rtol=1e-5
+        )
+    # What cannot handle fused experts yet says so: no trade-off curve, no adapter export.
+    curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0])
+    assert curve.points == [] and "fused" in curve.note
+    adapter, _, _ = families.make_adapter(model, "qwen3_moe_fused", "all", tmp_path / "adapter")
+    lora = run(resolver, str(base), str(adapter), MitigationSettings(lam=0.0, top_k=4, eps=0.9), cache=None)
+    assert len({m.key for m in lora.mitigation.matrices}) == len(lora.mitigation.matrices)
+    with pytest.raises(InputError, match="fused expert tensors; export the merged model instead"):
+        export_adapter(lora.mitigation, resolver, str(adapter), tmp_path / "adapter-out")

@@ -66,7 +66,7 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     params = at.query_params
     assert (params["lam"], params["rule"], params["curve"]) == ("0.5", "top1", "0")
     # Moving lambda starts the new mitigation and rewrites the URL.
-    at.slider(key="mit_lam").set_value(0.0).run()
+    at.slider(key="w_lam").set_value(0.0).run()
     wait_for_jobs()
     at.run()
     assert at.query_params["lam"] == "0"
@@ -114,3 +114,43 @@ def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapt
     assert job.wait(10) and job.state is JobState.CANCELLED
     at.run()
     assert at.warning[0].value == "The mitigation was cancelled."
+
+
+def test_a_fresh_visitor_opening_the_link_sees_the_same_controls(cache_dir, tiny_bert, adapter) -> None:
+    """Every Mitigate control goes through the one view (ui.state): changed by the visitor,
+    it is in the address bar, and the link opens the same controls for someone else."""
+    at = _open(tiny_bert, adapter, curve="0")
+    assert at.slider(key="w_lam").value == 0.75 and at.radio(key="w_rule").value == "peft"
+    assert at.checkbox(key="w_exact").value is False and at.checkbox(key="w_curve").value is False
+    at.radio(key="w_rule").set_value("top1").run()
+    at.checkbox(key="w_exact").check().run()
+    at.slider(key="w_lam").set_value(0.25).run()
+    wait_for_jobs()
+    at.run()
+    picker = at.selectbox(key="w_matrix")
+    picker.select_index(len(picker.options) - 1).run()
+    last = at.selectbox(key="w_matrix").value  # a matrix key; the options show where it lives
+    assert not at.exception, [e.value for e in at.exception]
+    params = {key: at.query_params[key] for key in ("lam", "rule", "exact", "curve", "matrix", "k", "eps")}
+    assert params == {
+        "lam": "0.25",
+        "rule": "top1",
+        "exact": "1",
+        "curve": "0",
+        "matrix": last,
+        "k": "10",
+        "eps": "0.5",
+    }
+    again = _open(tiny_bert, adapter, **params)
+    assert again.slider(key="w_lam").value == 0.25 and again.radio(key="w_rule").value == "top1"
+    assert again.checkbox(key="w_exact").value is True and again.checkbox(key="w_curve").value is False
+    assert again.selectbox(key="w_matrix").value == last
+    assert {key: again.query_params[key] for key in params} == params
+    # A link with values the page does not know opens on the defaults, without an error; a
+    # matrix that was not mitigated shows the most scaled one (and stays in the link).
+    odd = _open(tiny_bert, adapter, lam="nan", rule="nonsense", exact="maybe", curve="0", matrix="no.such.weight")
+    assert odd.slider(key="w_lam").value == 0.75 and odd.radio(key="w_rule").value == "peft"
+    assert odd.checkbox(key="w_exact").value is False
+    table = odd.dataframe[0].value
+    assert odd.selectbox(key="w_matrix").value == table.loc[table["scaled"].idxmax(), "matrix"]
+    assert odd.query_params["matrix"] == "no.such.weight"

@@ -67,9 +67,36 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     first = next(m for m in engine[0].matrices if m.name == at.query_params["matrix"])
     assert best["best_match_score"].tolist()[:10] == pytest.approx(first.intruder_scores[:10].tolist(), abs=1e-6)
     # per-layer lines: one per layer and step
-    at.radio(key="series_by").set_value("layer").run()
+    at.radio(key="w_lines").set_value("layer").run()
     assert not at.exception
     assert sorted(at.dataframe[0].value["group"].unique()) == ["L0", "L1"]
+    at.radio(key="w_grid").set_value("rank90").run()
+    second = next(m for m in engine[0].matrices if m.layer == 1 and m.module == "value")
+    at.selectbox(key="w_matrix").set_value(second.name).run()
+    assert at.select_slider(key="w_step").value == 20  # the last step unless the link names one
+    at.select_slider(key="w_step").set_value(10).run()
+    assert not at.exception
+    assert (at.query_params["lines"], at.query_params["grid"], at.query_params["matrix"], at.query_params["step"]) == (
+        "layer",
+        "rank90",
+        second.name,
+        "10",
+    )
+    # A fresh visitor opening the same link sees the same controls and the same numbers.
+    params = {key: at.query_params[key] for key in ("series", "lines", "grid", "matrix", "step")}
+    again = _open(tiny_bert, [spec], "pages/series.py", **params)
+    assert again.radio(key="w_lines").value == "layer" and again.radio(key="w_grid").value == "rank90"
+    assert again.selectbox(key="w_matrix").value == second.name and again.select_slider(key="w_step").value == 10
+    _, grid, similarity = figures(again)
+    for fig in (grid, similarity):  # both step-by-step charts open at step 10, its frame on screen
+        assert fig.layout.sliders[0].active == 1
+        frame = next(f for f in fig.frames if f.name == "10")
+        assert [list(map(list, t.z)) for t in fig.data] == [list(map(list, t.z)) for t in frame.data]
+    assert sorted(again.dataframe[0].value["group"].unique()) == ["L0", "L1"]
+    assert again.dataframe[1].value.columns[-1] == "rank90"
+    assert again.dataframe[2].value["best_match_score"].tolist()[:10] == pytest.approx(
+        second.intruder_scores[:10].tolist(), abs=1e-6
+    )
 
 
 def test_final_checkpoint_appears_on_the_other_pages(cache_dir: Path, tiny_bert: Path, run_dir: Path) -> None:

@@ -1,15 +1,14 @@
 """The Mitigate page's controls (kept in the URL) and its background job.
 
-The view's own parameters (lambda, rule, exact rank, trade-off curve) live under
-``mit_<name>`` session keys and in the query string (:data:`ui.state.PAGE_PARAMS`); k,
-eps and the fine-tune are the shared selection's. The mitigation runs as a job of the
+The view's own parameters (lambda, rule, exact rank, trade-off curve) are controls of the
+one view (:data:`ui.state.CONTROLS`, drawn with :func:`ui.state.widget`), in the URL like
+every other; k, eps, the fine-tune and the matrix are the shared selection's. The mitigation runs as a job of the
 server's :class:`~analysis.jobs.JobManager` like every other analysis; a Cancel button
 withdraws this session's interest.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -18,76 +17,41 @@ import streamlit as st
 from analysis.cache import default_cache_dir
 from analysis.jobs import Job, JobState
 from analysis.mitigate import MitigationSettings, job_key, mitigation_job
-from ui import runtime
+from ui import runtime, state
 
-LAMBDA_STEP = 0.05
+LAMBDA_STEP = state.LAMBDA_STEP
 RULES = {"peft": "PEFT: every intruder in the top k", "top1": "paper: the top intruder of each matrix"}
 POLL_SECONDS = 1.0
 
 
-def _parse_lam(text: str | None) -> float:
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 0.75
-    if not math.isfinite(value):
-        return 0.75
-    return round(min(1.0, max(0.0, round(value / LAMBDA_STEP) * LAMBDA_STEP)), 2)
-
-
-def _flag(text: str | None, default: bool) -> bool:
-    if text is None:
-        return default
-    return text.strip().lower() in ("1", "true", "yes", "on")
-
-
-def load_params() -> None:
-    """Fill the view's parameters once per session from the URL (a shared link)."""
-    if st.session_state.get("mit_loaded"):
-        return
-    params = st.query_params
-    st.session_state.mit_lam = _parse_lam(params.get("lam"))
-    rule = params.get("rule")
-    st.session_state.mit_rule = rule if rule in RULES else "peft"
-    st.session_state.mit_exact = _flag(params.get("exact"), False)
-    st.session_state.mit_curve = _flag(params.get("curve"), True)
-    st.session_state.mit_loaded = True
-
-
-def write_params() -> None:
-    """Mirror the view's parameters in the URL (after the widgets ran)."""
-    wanted = {
-        "lam": f"{st.session_state.mit_lam:g}",
-        "rule": st.session_state.mit_rule,
-        "exact": "1" if st.session_state.mit_exact else "0",
-        "curve": "1" if st.session_state.mit_curve else "0",
-    }
-    for key, value in wanted.items():
-        if st.query_params.get(key) != value:
-            st.query_params[key] = value
-
-
 def controls() -> tuple[float, str, bool, bool]:
-    """Sidebar widgets for lambda, the rule, exact rank and the trade-off curve."""
+    """Sidebar widgets for lambda, the rule, exact rank and the trade-off curve, bound to
+    the view (:func:`ui.state.widget`), so the URL holds them like every other control."""
     with st.sidebar:
-        lam = st.slider(
+        lam = state.widget(
+            st.slider,
             "λ: scale of the intruders",
+            "lam",
+            default=0.75,
             min_value=0.0,
             max_value=1.0,
             step=LAMBDA_STEP,
             format="%.2f",
-            key="mit_lam",
             help="Each intruder component of W + ΔW is multiplied by λ: 1 keeps it, 0 removes it.",
         )
-        rule = st.radio("Rule", list(RULES), format_func=RULES.get, key="mit_rule")
-        exact = st.checkbox(
+        rule = state.widget(st.radio, "Rule", "rule", default="peft", options=list(RULES), format_func=RULES.get)
+        exact = state.widget(
+            st.checkbox,
             "Exact rank r + n (no truncation error)",
-            key="mit_exact",
+            "exact",
+            default=False,
             help="PEFT truncates the mitigated update back to the adapter's rank r; keep rank r + n instead.",
         )
-        curve = st.checkbox(
+        curve = state.widget(
+            st.checkbox,
             "Trade-off curve (runs the model)",
-            key="mit_curve",
+            "curve",
+            default=True,
             help="Held-out loss and task metric of base, fine-tune and mitigated fine-tune across a λ grid.",
         )
     return float(lam), str(rule), bool(exact), bool(curve)

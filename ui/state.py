@@ -2,9 +2,11 @@
 
 The selection is: the base and the fine-tunes (as specs: ``demo:...``,
 ``upload:<sha256>``, hub ids or paths), the fine-tune shown by single-model views
-(``model``), the second one for subspace similarity (``other``), the matrix (a tensor name
-of the base), ``k`` and ``eps``, and the page controls (:data:`CONTROLS`: colour-by,
-break-down, module and layer filters, rank measure). This module is the one place a
+(``model``), the second one for subspace similarity (``other``), the matrix (its
+:func:`analysis.tables.matrix_key`: a tensor name of the base, plus ``#<expert>`` for one
+expert of a fused tensor), ``k`` and ``eps``, and the page controls (:data:`CONTROLS`: colour-by,
+break-down, module and layer filters, rank measure, log axes, the series page's lines, grid
+measure and step, the Mitigate page's lambda, rule, exact rank and curve). This module is the one place a
 visitor's view lives: it is read from the visitor's own link once per session and changed
 only by the visitor's own widgets and clicks; nothing derived from results (a slider's
 range while results stream in, the matrices there are so far) is ever written back into
@@ -17,6 +19,7 @@ server, and a new session starts from the URL it was opened with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +33,11 @@ MAX_K = 100
 EPS_STEP = 0.05
 
 #: Page controls that are part of the view too (colour-by, break-down, filters, rank
-#: measure): name -> default. A list-valued one (``LISTS``) is ``None`` for "all options"
-#: and is written to the URL only when it differs from its default.
+#: measure, log axes; the series page's trend lines, grid measure and step; the Mitigate page's
+#: lambda, rule, exact rank and trade-off curve): name -> default. A list-valued one (``LISTS``) is
+#: ``None`` for "all options" and is written to the URL only when it differs from its
+#: default. A control whose value is not text is read from the URL by :data:`PARSERS` and
+#: written by :func:`_url_text`.
 CONTROLS: dict[str, Any] = {
     "metric": None,
     "by": None,
@@ -39,8 +45,65 @@ CONTROLS: dict[str, Any] = {
     "modules": None,
     "layers": None,
     "stacks": None,
+    "lines": None,
+    "grid": None,
+    "lam": None,
+    "rule": None,
+    "exact": None,
+    "curve": None,
+    "logrank": None,
+    "logamp": None,
+    "step": None,
 }
 LISTS = ("modules", "layers", "stacks")
+#: The step of the Mitigate page's lambda slider (its URL value is put on this grid).
+LAMBDA_STEP = 0.05
+
+
+def _parse_lam(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return round(min(1.0, max(0.0, round(value / LAMBDA_STEP) * LAMBDA_STEP)), 2)
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _parse_flag(text: str) -> bool | None:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+#: URL text -> value for the controls that are not text (``None``: the link's value is
+#: not understood, so the control keeps its default).
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "lam": _parse_lam,
+    "step": _parse_int,
+    **dict.fromkeys(("exact", "curve", "logrank", "logamp"), _parse_flag),
+}
+
+
+def _url_text(value: Any) -> str:
+    """A control's value as the URL writes it (``1``/``0`` for a flag, ``0.5`` for a number)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 #: Every part of the view, in URL order.
 PARTS = (*NAMES, *CONTROLS)
 
@@ -107,7 +170,9 @@ def load(defaults: Callable[[], tuple[str, list[str]]]) -> None:
         if name in LISTS:
             st.session_state[_key(name)] = [v for v in values if v] if values else None
         else:
-            st.session_state[_key(name)] = (values[0] or None) if values else None
+            text = (values[0] or None) if values else None
+            parse = PARSERS.get(name)
+            st.session_state[_key(name)] = parse(text) if parse is not None and text is not None else text
     st.session_state.sel_loaded = True
 
 
@@ -256,7 +321,7 @@ def widget(
 def _default_argument(factory: Callable[..., Any], value: Any, options: Any) -> dict[str, Any]:
     """``value`` as ``factory``'s own default argument (``value``, ``index`` or ``default``)."""
     name = getattr(factory, "__name__", "")
-    if name in ("slider", "text_input", "number_input"):
+    if name in ("slider", "select_slider", "text_input", "number_input", "checkbox", "toggle"):
         return {"value": value}
     if name in ("selectbox", "radio"):
         choices = list(options or [])
@@ -289,15 +354,7 @@ def to_url(selection: Selection) -> None:
         if name in LISTS:
             wanted[name] = [str(v) for v in value] or [""]
         else:
-            wanted[name] = [str(value)]
-    for key in PAGE_PARAMS.get(st.session_state.get("wse_page"), ()):  # a page's own view (e.g. Mitigate)
-        if key in st.query_params:
-            wanted[key] = st.query_params.get_all(key)
+            wanted[name] = [_url_text(value)]
     have = {key: st.query_params.get_all(key) for key in st.query_params.keys()}
     if have != wanted:
         st.query_params.from_dict({k: v if len(v) > 1 else v[0] for k, v in wanted.items()})
-
-
-#: Query parameters a page keeps in the URL beside the selection, by page URL path; the
-#: page itself reads and writes them (``mitigate``: lambda, rule, exact rank, trade-off curve).
-PAGE_PARAMS: dict[str, tuple[str, ...]] = {"mitigate": ("lam", "rule", "exact", "curve")}
