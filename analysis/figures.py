@@ -91,7 +91,7 @@ def _legend_name(label: str, model: ModelResult) -> str:
     """``label (method)``, or the label alone when it names the method already
     (the demo's "LoRA r=1", never "LoRA r=1 (LoRA r=1)")."""
     method = tables.training_method(model)
-    return label if method.lower() in label.lower() else f"{label} ({method})"
+    return label if tables.names_method(label, method) else f"{label} ({method})"
 
 
 def _empty(title: str, message: str) -> go.Figure:
@@ -383,7 +383,9 @@ def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: f
             cells = part[part["model_index"] == index]
             if cells.empty:
                 continue
-            panel_title = f"{_short(label)}<br><sup>{tables.training_method(models[index])}</sup>"
+            method = tables.training_method(models[index])
+            note = "" if tables.names_method(label, method) else f"<br><sup>{method}</sup>"
+            panel_title = f"{_short(label)}{note}"
             panels.append(
                 _overview_panel(cells, rows, columns, experts=experts, metric=metric, zmax=zmax, title=panel_title)
             )
@@ -456,8 +458,18 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
             z,
             block,
             colorscale="Blues",
-            # Below the panels, so narrow screens keep the width for the heatmap.
-            colorbar={"title": "|cos|", "orientation": "h", "y": -0.28, "len": 0.5, "thickness": 10},
+            # Below the panels and their axis titles (placed in the figure's own
+            # coordinates, so it never sits on them), so narrow screens keep the width
+            # for the heatmap.
+            colorbar={
+                "title": {"text": "|cos|", "side": "right"},
+                "orientation": "h",
+                "yref": "container",
+                "y": 0.02,
+                "yanchor": "bottom",
+                "len": 0.5,
+                "thickness": 10,
+            },
             hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
         ),
         row=1,
@@ -498,18 +510,19 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
         line_color=INTRUDER_COLOR,
         row=1,
         col=2,
-        annotation_text=f"ε = {eps:g}",
-        annotation_position="bottom right",
     )
     fig.update_yaxes(range=[n_rows + 0.5, 0.5], title_text="tuned singular vector (rank)", row=1, col=1)
     fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
-    fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
+    # The bars fill the panel: the dashed ε line is named in the axis title, not over a bar.
+    fig.update_xaxes(range=[0, 1.05], title_text=f"max |cos|<br>(ε = {eps:g})", row=1, col=2)
     n_intr = int(is_intruder.sum())
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
-        height=max(420, min(900, 12 * n_rows + 160)),
+        # The count before the (long) tensor name: a phone's width cuts the end of the line.
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g} · {matrix.name}</sup>",
+        height=max(460, min(940, 12 * n_rows + 200)),
         showlegend=False,
+        margin={"b": 120},
     )
     return fig
 
@@ -766,8 +779,9 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
         # Short first line (narrow screens), details below it.
-        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
+        # The count before the (long) tensor name: a phone's width cuts the end of the line.
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g} · {matrix.name}</sup>",
         xaxis={
             "title": "rank",
             "type": "log",

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis import tables
-from analysis.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_sample
+from analysis.figures import _LOG_TICKS, INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample
 from analysis.mitigate import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 
@@ -83,24 +83,31 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
 
 
 def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
-    """Singular values of the base, the tuned and the mitigated weight (log scales); the
-    components that were scaled are marked at their rank in the tuned spectrum."""
+    """Singular values of the base, the tuned and the mitigated weight (log scales, ticks at
+    1-2-5 only); the components that were scaled are marked at their rank in the tuned
+    spectrum. The base is a thick pale line under the others, so it shows where the
+    mitigated spectrum lies on it."""
     fig = go.Figure()
-    for values, name, color, dash in (
-        (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid"),
-        (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash"),
-        (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid"),
+    shown: list[float] = []
+    n_max = 1
+    for values, name, color, dash, width in (
+        (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid", 6.0),
+        (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash", 2.0),
+        (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid", 2.0),
     ):
         values = np.asarray(values, dtype=float)
+        n_max = max(n_max, len(values))
         idx = _log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
         keep = values[idx] > 0
+        shown.extend(values[idx][keep].tolist())
         fig.add_trace(
             go.Scatter(
                 x=idx[keep] + 1,
                 y=values[idx][keep],
                 mode="lines",
                 name=name,
-                line={"color": color, "dash": dash},
+                line={"color": color, "dash": dash, "width": width},
+                opacity=0.45 if name.startswith("W₀") else 1.0,
                 hovertemplate=f"{name}<br>rank %{{x}}: σ = %{{y:.4g}}<extra></extra>",
             )
         )
@@ -117,14 +124,22 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
                 hovertemplate="scaled intruder at rank %{x}<br>σ = %{y:.4g}<extra></extra>",
             )
         )
+    ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{before.name} — {len(intruders)} component"
-        f"{'s' if len(intruders) != 1 else ''} scaled",
-        xaxis={"title": "rank", "type": "log"},
-        yaxis={"title": "singular value", "type": "log"},
+        # Short first line (narrow screens), the tensor name below it.
+        title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{before.name}: {len(intruders)} "
+        f"component{'s' if len(intruders) != 1 else ''} scaled</sup>",
+        xaxis={
+            "title": "rank",
+            "type": "log",
+            "tickvals": ticks,
+            "ticktext": [str(t) for t in ticks],
+            "range": [-0.05, float(np.log10(n_max * 1.1))],
+        },
+        yaxis=_log_axis(shown, title="singular value"),
         height=420,
         legend={"orientation": "h", "y": -0.25},
-        margin={"l": 50, "r": 10, "t": 50},
+        margin={"l": 50, "r": 10, "t": 60},
     )
     return fig
 

@@ -483,15 +483,17 @@ def run(
     # One torch thread for the small SVDs and forward passes here: an OpenMP team waiting
     # for busy cores spins at its barriers and runs many times slower (see
     # analysis.pipeline.cpu_parallelism); the pipeline sets its own threads.
-    from analysis.pipeline import _compute_threads
+    from analysis.scheduler import _compute_threads, _use_threads
 
-    with _compute_threads(1):
+    with _compute_threads():
+        _use_threads(1, 1)
         mitigation = mitigate_plan(plan, settings, progress=step(0), should_stop=should_stop)
     result = analyse(mitigation, device=device, cache=cache, progress=step(n), should_stop=should_stop)
     if tradeoff:
         from analysis.mitigate_eval import evaluate_tradeoff
 
-        with _compute_threads(1):
+        with _compute_threads():
+            _use_threads(1, 1)
             result.tradeoff = evaluate_tradeoff(
                 resolver, base, tuned, mitigation, grid, progress=step(3 * n), should_stop=should_stop
             )
