@@ -198,6 +198,8 @@ class OverviewSection:
 #: Grid cells are this many pixels high (fewer for deep models), so a panel's height
 #: depends on its layers only, never on how many fine-tunes share the page.
 OVERVIEW_CELL_PX = (7, 22)
+#: The least height of a grid's cells (and so of its colour bar), in pixels.
+OVERVIEW_MIN_GRID_PX = 90
 #: Cell text only where a cell can hold it: at most this many columns, cells this high.
 OVERVIEW_TEXT_MAX_COLUMNS = 12
 OVERVIEW_TEXT_MIN_PX = 14
@@ -238,6 +240,9 @@ def _overview_panel(
     digits = ".1f" if metric == "effective_rank" else ".0f"
     shown = np.array([format(v, digits) for v in values], dtype=object)
     cell_px = max(OVERVIEW_CELL_PX[0], min(OVERVIEW_CELL_PX[1], 640 // max(1, len(rows))))
+    # A model of one to four layers gets taller cells: the colour bar beside the grid
+    # is as tall as the grid, and its tick labels overlapped below about 90 px.
+    cell_px = max(cell_px, min(2 * OVERVIEW_CELL_PX[1], math.ceil(OVERVIEW_MIN_GRID_PX / max(1, len(rows)))))
     readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
     fig = go.Figure()
     if readable:
