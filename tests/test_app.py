@@ -145,7 +145,7 @@ def test_every_page_renders_its_charts(
             (fig,) = figs
             assert [t.name for t in fig.data] == [
                 f"{Path(tiny_bert_lora).name} (LoRA r=4)",
-                f"{Path(tiny_bert_full_ft).name} (full FT)",
+                Path(tiny_bert_full_ft).name,  # "..._full_ft" says the method already: not twice
             ]
             eps_index = list(fig.data[0].x).index(0.5)
             assert fig.data[0].y[eps_index] == lora.total_intruders(10, 0.5)
