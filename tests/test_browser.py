@@ -229,6 +229,18 @@ PAGES = [
 ]
 
 
+def test_page_urls_open_directly(server: str, page) -> None:
+    """Seen in the browser: /overview (the default page, which Streamlit serves at "/")
+    answered "Page not found". Every page's own URL opens that page, the overview's too."""
+    for path, title in (("overview", "Overview"), ("intruders", "Intruder dimensions vs ε"),
+                        ("series", "Checkpoint series"), ("models", "Models")):  # fmt: skip
+        page.goto(f"{server}/{path}")
+        wait_page(page, title, charts=False)
+        page.wait_for_timeout(300)
+        assert page.get_by_text("Page not found").count() == 0, path
+        assert f"/{path}?" in page.url, page.url
+
+
 def test_opens_on_the_demo_and_every_page_draws(server: str, page) -> None:
     page.goto(server)
     wait_page(page, "Overview")
