@@ -72,7 +72,9 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
         )
     fig.add_vline(x=eps, line={"color": "#999", "dash": "dot"})
     fig.update_layout(
-        title=f"Intruder dimensions among the top {k}, summed over {len(result.mitigation.matrices)} matrices",
+        # Short lines: a phone's width cuts a long title.
+        title=f"Intruders vs ε, before and after<br><sup>top {k}, summed over {len(result.mitigation.matrices)} "
+        "matrices</sup>",
         xaxis={"title": "ε"},
         yaxis={"title": "intruders", "rangemode": "tozero"},
         height=380,
@@ -127,8 +129,8 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
         # Short first line (narrow screens), the tensor name below it.
-        title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{before.name}: {len(intruders)} "
-        f"component{'s' if len(intruders) != 1 else ''} scaled</sup>",
+        title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{len(intruders)} "
+        f"component{'s' if len(intruders) != 1 else ''} scaled · {before.name}</sup>",
         xaxis={
             "title": "rank",
             "type": "log",
@@ -199,7 +201,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                     hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
                 )
             )
-        fig.update_layout(xaxis={"title": tradeoff.loss_name + " (forgetting, lower is better)"})
+        fig.update_layout(xaxis={"title": tradeoff.loss_name + "<br>(forgetting: lower is better)"})
         fig.update_layout(yaxis={"title": tradeoff.task_name})
     else:
         fig.add_trace(
@@ -215,7 +217,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
             fig.add_hline(y=p["loss"], line={"color": color, "dash": "dash"}, annotation_text=p["label"])
         fig.update_layout(xaxis={"title": "λ"}, yaxis={"title": tradeoff.loss_name})
     fig.update_layout(
-        title="Forgetting vs task across λ (Shuttleworth et al. 2024, Fig. 8)",
+        title="Forgetting vs task across λ<br><sup>Shuttleworth et al. 2024, Fig. 8</sup>",
         height=420,
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": 50},
