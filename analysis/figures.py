@@ -813,7 +813,8 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
     ``phi(i, j) = ||P_i^T Q_j||_F^2 / min(i, j)`` over the left singular vectors of each
     update ``dW`` (rows: the first update's top ``i``; columns: the second's top ``j``).
     """
-    title = f"Subspace similarity φ(i, j) of ΔW, {matrix_name}"
+    # Short first line (a phone cuts a long one); the tensor name below it.
+    title = f"Subspace similarity φ(i, j) of ΔW<br><sup>{matrix_name}</sup>"
     if phi.size == 0:
         return _empty(title, "One of the two updates is zero: no subspace to compare")
     z, block = reduce_heatmap(phi)
@@ -827,7 +828,7 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
         )
     )
     fig.update_layout(
-        title=title + " (left singular vectors of ΔW)",
+        title=title.replace("</sup>", " · left singular vectors of ΔW</sup>"),
         xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": _integer_ticks(phi.shape[1])},
         yaxis={
             "title": f"i: top-i directions of {label_a}",

@@ -467,6 +467,9 @@ def test_subspace_similarity_of_an_update_with_itself_and_with_another(
     assert cross[0, 0] < 0.3 and 0.4 < cross[1, 31] < 0.95
     fig = figures.subspace_figure(cross, "LoRA run", "Full FT", a.name)
     assert "left singular vectors of ΔW" in fig.layout.title.text
+    # The first line stays short (a phone cut the tensor name off it); the name is below.
+    first, below = fig.layout.title.text.split("<br>")
+    assert first == "Subspace similarity φ(i, j) of ΔW" and a.name in below
     np.testing.assert_allclose(np.asarray(fig.data[0].z), cross)
 
 
