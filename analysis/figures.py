@@ -408,7 +408,8 @@ def overview_title(metric: str, k: int, eps: float) -> str:
 def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figure:
     """Per-model total intruder dimensions at (k, eps), coloured by fine-tune."""
     table = tables.totals_table(models, k, eps)
-    title = f"Total intruder dimensions per fine-tune (top {k}, ε = {eps:g})"
+    # Short first line (a phone cut the long one), the settings below it.
+    title = f"Intruder dimensions per fine-tune<br><sup>top {k}, ε = {eps:g}, summed over every matrix</sup>"
     if table.empty:
         return _empty(title, "No fine-tunes analysed yet")
     fig = go.Figure()

@@ -323,6 +323,8 @@ def test_totals_figure(lora_model: ModelResult, full_model: ModelResult) -> None
     fig = figures.totals_figure([lora_model, full_model], k=10, eps=0.5)
     assert [list(t.y) for t in fig.data] == [[3], [0]]
     assert fig.data[0].marker.pattern.shape == "/" and fig.data[1].marker.pattern.shape == ""
+    first, below = fig.layout.title.text.split("<br>")  # short first line: a phone cut the long one
+    assert first == "Intruder dimensions per fine-tune" and "top 10, ε = 0.5" in below
 
 
 def test_similarity_figure_marks_intruder_rows(lora_model: ModelResult) -> None:
