@@ -22,7 +22,10 @@ runtime.follow_demo()
 
 PAGES = {
     "Explore": [
-        st.Page("pages/overview.py", title="Overview", icon=":material/grid_view:", url_path="overview", default=True),
+        # The default page is served at "/" only (Streamlit ignores its url_path), so a
+        # hidden twin serves /overview: every page's URL works when opened directly.
+        st.Page("pages/overview.py", title="Overview", icon=":material/grid_view:", url_path="home", default=True),
+        st.Page("pages/overview.py", title="Overview", url_path="overview", visibility="hidden"),
         st.Page(
             "pages/similarity.py", title="Singular-vector similarity", icon=":material/blur_on:", url_path="similarity"
         ),

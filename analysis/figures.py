@@ -92,7 +92,7 @@ def _legend_name(label: str, model: ModelResult) -> str:
     """``label (method)``, or the label alone when it names the method already
     (the demo's "LoRA r=1", never "LoRA r=1 (LoRA r=1)")."""
     method = tables.training_method(model)
-    return label if method.lower() in label.lower() else f"{label} ({method})"
+    return label if tables.names_method(label, method) else f"{label} ({method})"
 
 
 def _empty(title: str, message: str) -> go.Figure:
@@ -199,6 +199,8 @@ class OverviewSection:
 #: Grid cells are this many pixels high (fewer for deep models), so a panel's height
 #: depends on its layers only, never on how many fine-tunes share the page.
 OVERVIEW_CELL_PX = (7, 22)
+#: The least height of a grid's cells (and so of its colour bar), in pixels.
+OVERVIEW_MIN_GRID_PX = 90
 #: Cell text only where a cell can hold it: at most this many columns, cells this high.
 OVERVIEW_TEXT_MAX_COLUMNS = 12
 OVERVIEW_TEXT_MIN_PX = 14
@@ -239,6 +241,9 @@ def _overview_panel(
     digits = ".1f" if metric == "effective_rank" else ".0f"
     shown = np.array([format(v, digits) for v in values], dtype=object)
     cell_px = max(OVERVIEW_CELL_PX[0], min(OVERVIEW_CELL_PX[1], 640 // max(1, len(rows))))
+    # A model of one to four layers gets taller cells: the colour bar beside the grid
+    # is as tall as the grid, and its tick labels overlapped below about 90 px.
+    cell_px = max(cell_px, min(2 * OVERVIEW_CELL_PX[1], math.ceil(OVERVIEW_MIN_GRID_PX / max(1, len(rows)))))
     readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
     fig = go.Figure()
     if readable:
@@ -384,7 +389,9 @@ def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: f
             cells = part[part["model_index"] == index]
             if cells.empty:
                 continue
-            panel_title = f"{_short(label)}<br><sup>{tables.training_method(models[index])}</sup>"
+            method = tables.training_method(models[index])
+            note = "" if tables.names_method(label, method) else f"<br><sup>{method}</sup>"
+            panel_title = f"{_short(label)}{note}"
             panels.append(
                 _overview_panel(cells, rows, columns, experts=experts, metric=metric, zmax=zmax, title=panel_title)
             )
@@ -402,7 +409,8 @@ def overview_title(metric: str, k: int, eps: float) -> str:
 def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figure:
     """Per-model total intruder dimensions at (k, eps), coloured by fine-tune."""
     table = tables.totals_table(models, k, eps)
-    title = f"Total intruder dimensions per fine-tune (top {k}, ε = {eps:g})"
+    # Short first line (a phone cut the long one), the settings below it.
+    title = f"Intruder dimensions per fine-tune<br><sup>top {k}, ε = {eps:g}, summed over every matrix</sup>"
     if table.empty:
         return _empty(title, "No fine-tunes analysed yet")
     fig = go.Figure()
@@ -457,8 +465,18 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
             z,
             block,
             colorscale="Blues",
-            # Below the panels, so narrow screens keep the width for the heatmap.
-            colorbar={"title": "|cos|", "orientation": "h", "y": -0.28, "len": 0.5, "thickness": 10},
+            # Below the panels and their axis titles (placed in the figure's own
+            # coordinates, so it never sits on them), so narrow screens keep the width
+            # for the heatmap.
+            colorbar={
+                "title": {"text": "|cos|", "side": "right"},
+                "orientation": "h",
+                "yref": "container",
+                "y": 0.02,
+                "yanchor": "bottom",
+                "len": 0.5,
+                "thickness": 10,
+            },
             hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
         ),
         row=1,
@@ -499,18 +517,19 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
         line_color=INTRUDER_COLOR,
         row=1,
         col=2,
-        annotation_text=f"ε = {eps:g}",
-        annotation_position="bottom right",
     )
     fig.update_yaxes(range=[n_rows + 0.5, 0.5], title_text="tuned singular vector (rank)", row=1, col=1)
     fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
-    fig.update_xaxes(range=[0, 1.05], title_text="max |cos|", row=1, col=2)
+    # The bars fill the panel: the dashed ε line is named in the axis title, not over a bar.
+    fig.update_xaxes(range=[0, 1.05], title_text=f"max |cos|<br>(ε = {eps:g})", row=1, col=2)
     n_intr = int(is_intruder.sum())
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
-        height=max(420, min(900, 12 * n_rows + 160)),
+        # The count before the (long) tensor name: a phone's width cuts the end of the line.
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g} · {matrix.name}</sup>",
+        height=max(460, min(940, 12 * n_rows + 200)),
         showlegend=False,
+        margin={"b": 120},
     )
     return fig
 
@@ -803,8 +822,9 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
         # Short first line (narrow screens), details below it.
-        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{matrix.name}: {n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g}</sup>",
+        # The count before the (long) tensor name: a phone's width cuts the end of the line.
+        title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g} · {matrix.name}</sup>",
         xaxis={
             "title": "rank",
             "type": "log",
@@ -831,7 +851,8 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
     ``phi(i, j) = ||P_i^T Q_j||_F^2 / min(i, j)`` over the left singular vectors of each
     update ``dW`` (rows: the first update's top ``i``; columns: the second's top ``j``).
     """
-    title = f"Subspace similarity φ(i, j) of ΔW, {matrix_name}"
+    # Short first line (a phone cuts a long one); the tensor name below it.
+    title = f"Subspace similarity φ(i, j) of ΔW<br><sup>{matrix_name}</sup>"
     if phi.size == 0:
         return _empty(title, "One of the two updates is zero: no subspace to compare")
     z, block = reduce_heatmap(phi)
@@ -845,7 +866,7 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
         )
     )
     fig.update_layout(
-        title=title + " (left singular vectors of ΔW)",
+        title=title.replace("</sup>", " · left singular vectors of ΔW</sup>"),
         xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": _integer_ticks(phi.shape[1])},
         yaxis={
             "title": f"i: top-i directions of {label_a}",

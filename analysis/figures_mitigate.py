@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis import tables
-from analysis.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_sample
+from analysis.figures import _LOG_TICKS, INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample
 from analysis.mitigate import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 
@@ -74,7 +74,9 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
         )
     fig.add_vline(x=eps, line={"color": "#999", "dash": "dot"})
     fig.update_layout(
-        title=f"Intruder dimensions among the top {k}, summed over {len(result.mitigation.matrices)} matrices",
+        # Short lines: a phone's width cuts a long title.
+        title=f"Intruders vs ε, before and after<br><sup>top {k}, summed over {len(result.mitigation.matrices)} "
+        "matrices</sup>",
         xaxis={"title": "ε"},
         yaxis={"title": "intruders", "rangemode": "tozero"},
         height=380,
@@ -85,24 +87,31 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
 
 
 def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
-    """Singular values of the base, the tuned and the mitigated weight (log scales); the
-    components that were scaled are marked at their rank in the tuned spectrum."""
+    """Singular values of the base, the tuned and the mitigated weight (log scales, ticks at
+    1-2-5 only); the components that were scaled are marked at their rank in the tuned
+    spectrum. The base is a thick pale line under the others, so it shows where the
+    mitigated spectrum lies on it."""
     fig = go.Figure()
-    for values, name, color, dash in (
-        (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid"),
-        (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash"),
-        (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid"),
+    shown: list[float] = []
+    n_max = 1
+    for values, name, color, dash, width in (
+        (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid", 6.0),
+        (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash", 2.0),
+        (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid", 2.0),
     ):
         values = np.asarray(values, dtype=float)
+        n_max = max(n_max, len(values))
         idx = _log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
         keep = values[idx] > 0
+        shown.extend(values[idx][keep].tolist())
         fig.add_trace(
             go.Scatter(
                 x=idx[keep] + 1,
                 y=values[idx][keep],
                 mode="lines",
                 name=name,
-                line={"color": color, "dash": dash},
+                line={"color": color, "dash": dash, "width": width},
+                opacity=0.45 if name.startswith("W₀") else 1.0,
                 hovertemplate=f"{name}<br>rank %{{x}}: σ = %{{y:.4g}}<extra></extra>",
             )
         )
@@ -119,14 +128,22 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
                 hovertemplate="scaled intruder at rank %{x}<br>σ = %{y:.4g}<extra></extra>",
             )
         )
+    ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
-        title=f"{label + ': ' if label else ''}{before.name} — {len(intruders)} component"
-        f"{'s' if len(intruders) != 1 else ''} scaled",
-        xaxis={"title": "rank", "type": "log"},
-        yaxis={"title": "singular value", "type": "log"},
+        # Short first line (narrow screens), the tensor name below it.
+        title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{len(intruders)} "
+        f"component{'s' if len(intruders) != 1 else ''} scaled · {before.name}</sup>",
+        xaxis={
+            "title": "rank",
+            "type": "log",
+            "tickvals": ticks,
+            "ticktext": [str(t) for t in ticks],
+            "range": [-0.05, float(np.log10(n_max * 1.1))],
+        },
+        yaxis=_log_axis(shown, title="singular value"),
         height=420,
         legend={"orientation": "h", "y": -0.25},
-        margin={"l": 50, "r": 10, "t": 50},
+        margin={"l": 50, "r": 10, "t": 60},
     )
     return fig
 
@@ -186,7 +203,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                     hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
                 )
             )
-        fig.update_layout(xaxis={"title": tradeoff.loss_name + " (forgetting, lower is better)"})
+        fig.update_layout(xaxis={"title": tradeoff.loss_name + "<br>(forgetting: lower is better)"})
         fig.update_layout(yaxis={"title": tradeoff.task_name})
     else:
         fig.add_trace(
@@ -202,7 +219,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
             fig.add_hline(y=p["loss"], line={"color": color, "dash": "dash"}, annotation_text=p["label"])
         fig.update_layout(xaxis={"title": "λ"}, yaxis={"title": tradeoff.loss_name})
     fig.update_layout(
-        title="Forgetting vs task across λ (Shuttleworth et al. 2024, Fig. 8)",
+        title="Forgetting vs task across λ<br><sup>Shuttleworth et al. 2024, Fig. 8</sup>",
         height=420,
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": 50},

@@ -145,6 +145,13 @@ def training_method(model: ModelResult) -> str:
     return "full FT"
 
 
+def names_method(label: str, method: str) -> bool:
+    """Whether a fine-tune's ``label`` already says its :func:`training_method` (the demo's
+    "LoRA r=8", "Full fine-tuning"), so views print the method only where it adds something."""
+    label, method = label.lower(), method.lower()
+    return method in label or (method == "full ft" and ("full" in label and ("ft" in label or "fine-tun" in label)))
+
+
 #: The columns that say where a matrix lives, in every per-matrix table (and its CSV).
 IDENTITY_COLUMNS: tuple[str, ...] = ("stack", "layer", "module", "expert", "label")
 

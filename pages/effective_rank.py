@@ -26,7 +26,8 @@ for col, row in zip(cols, totals.itertuples(), strict=True):
         f"{row.mean_effective_rank:.1f}",
         help=f"{row.method}: mean effective rank over {row.matrices} matrices; mean rank90 {row.mean_rank90:.1f}",
     )
-    col.caption(row.method)
+    method = "" if tables.names_method(row.model, row.method) else f"{row.method}, "
+    col.caption(f"{method}mean of {row.matrices} matrices")
 
 metric = state.widget(
     st.radio,

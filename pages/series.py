@@ -12,7 +12,8 @@ import streamlit as st
 from analysis import figures, tables
 from analysis.errors import InputError
 from analysis.jobs import JobState
-from analysis.series import is_series_spec
+from analysis.series import SERIES_PREFIX, checkpoint_folders, demo_checkpoint_root, is_series_spec
+from analysis.specs import DEMO_PREFIX
 from ui import runtime, state, views
 
 state.ensure_app_navigation()
@@ -27,8 +28,39 @@ st.caption(
     "to a series costs only that checkpoint."
 )
 series_specs = [t for t in selection.tuned if is_series_spec(t)]
+
+
+def demo_series() -> list[str]:
+    """The demo's checkpoint series, where the selection's base is the demo's base."""
+    manifest, _ = runtime.demo_state()
+    if manifest is None or selection.base not in ("", DEMO_PREFIX + manifest.base.name):
+        return []
+    found = []
+    for model in manifest.fine_tunes:
+        try:
+            if checkpoint_folders(demo_checkpoint_root(model)):
+                found.append(SERIES_PREFIX + DEMO_PREFIX + model.name)
+        except (OSError, InputError):
+            pass
+    return found
+
+
+def watch(spec: str) -> None:
+    base, _ = runtime.demo_defaults()
+    state.set("base", selection.base or base)
+    state.set("tuned", [*selection.tuned, spec])
+    state.set("series", spec)
+
+
 if not selection.base or not series_specs:
     st.info("Add a checkpoint series as a fine-tune first: a training output folder, hub revisions or uploads.")
+    offered = demo_series()
+    if offered:  # the demo saved checkpoints while it trained: one click from here
+        st.caption("Or watch one of the built-in demo's fine-tunes train:")
+        for col, spec in zip(st.columns(len(offered)), offered, strict=True):
+            col.button(
+                resolver.label(spec), key=f"watch_{spec}", on_click=watch, args=(spec,), icon=":material/timeline:"
+            )
     st.page_link(views.MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
     st.stop()
 with st.sidebar:

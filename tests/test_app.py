@@ -145,7 +145,7 @@ def test_every_page_renders_its_charts(
             (fig,) = figs
             assert [t.name for t in fig.data] == [
                 f"{Path(tiny_bert_lora).name} (LoRA r=4)",
-                f"{Path(tiny_bert_full_ft).name} (full FT)",
+                Path(tiny_bert_full_ft).name,  # "..._full_ft" says the method already: not twice
             ]
             eps_index = list(fig.data[0].x).index(0.5)
             assert fig.data[0].y[eps_index] == lora.total_intruders(10, 0.5)
@@ -189,7 +189,7 @@ def test_url_reproduces_the_view_and_follows_the_controls(
     fig = figures(at)[0]
     # The short label first (narrow screens), the tensor name below it.
     assert fig.layout.title.text.startswith(f"{Path(tiny_bert_full_ft).name}: L")
-    assert f"<sup>{name}: " in fig.layout.title.text
+    assert f" · {name}</sup>" in fig.layout.title.text
     assert "top 7 at ε = 0.35" in fig.layout.title.text
     at.sidebar.slider(key="w_k").set_value(4).run()
     at.sidebar.selectbox(key="w_matrix").set_value("encoder.layer.0.attention.self.key.weight").run()

@@ -10,6 +10,7 @@ perturbation (full fine-tuning: none).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -170,10 +171,8 @@ def test_overview_grid_shows_counts_per_layer_and_module(lora_model: ModelResult
         "layer.0.attention.self.query.weight"
     )
     assert [c["text"] for c in cells] == ["2", "0", "0", "1"]
-    assert [p.layout.title.text for p in section.panels] == [
-        "LoRA run<br><sup>LoRA r=4</sup>",
-        "Full FT<br><sup>full FT</sup>",
-    ]
+    # How each was trained, below its name, only where the name does not say it already.
+    assert [p.layout.title.text for p in section.panels] == ["LoRA run<br><sup>LoRA r=4</sup>", "Full FT"]
     assert lora.layout.coloraxis.cmax == full.layout.coloraxis.cmax == 2
     assert figures.overview_title("intruders", 10, 0.5) == "Intruder dimensions (top 10, ε = 0.5)"
 
@@ -324,6 +323,8 @@ def test_totals_figure(lora_model: ModelResult, full_model: ModelResult) -> None
     fig = figures.totals_figure([lora_model, full_model], k=10, eps=0.5)
     assert [list(t.y) for t in fig.data] == [[3], [0]]
     assert fig.data[0].marker.pattern.shape == "/" and fig.data[1].marker.pattern.shape == ""
+    first, below = fig.layout.title.text.split("<br>")  # short first line: a phone cut the long one
+    assert first == "Intruder dimensions per fine-tune" and "top 10, ε = 0.5" in below
 
 
 def test_similarity_figure_marks_intruder_rows(lora_model: ModelResult) -> None:
@@ -343,6 +344,41 @@ def test_similarity_figure_marks_intruder_rows(lora_model: ModelResult) -> None:
     assert bars.marker.color[:3] == (figures.INTRUDER_COLOR, figures.INTRUDER_COLOR, "#4c78a8")
     assert "2 intruders in the top 10 at ε = 0.5" in fig.layout.title.text
     assert any(s.x0 == 0.5 and s.x1 == 0.5 for s in fig.layout.shapes)  # the eps line
+
+
+def test_similarity_figure_keeps_its_labels_apart(lora_model: ModelResult) -> None:
+    """Seen in the browser: the colour bar sat on the heatmap's x-axis title, and the ε
+    label of the dashed line hid under the bottom bar. The colour bar is placed in the
+    figure's own coordinates inside a bottom margin that holds both; ε is in the axis title;
+    the count comes before the long tensor name (a phone cuts the end of the line)."""
+    matrix = lora_model.matrices[0]
+    fig = figures.similarity_figure(matrix, k=10, eps=0.35, label="LoRA run")
+    (sim,) = heatmaps(fig)
+    bar = sim.colorbar
+    assert bar.orientation == "h" and bar.yref == "container" and bar.yanchor == "bottom" and bar.y < 0.1
+    assert fig.layout.margin.b >= 100
+    assert not fig.layout.annotations or all("ε" not in (a.text or "") for a in fig.layout.annotations)
+    assert "ε = 0.35" in fig.layout.xaxis2.title.text
+    subtitle = fig.layout.title.text.split("<sup>")[1]
+    assert subtitle.startswith("0 intruders in the top 10 at ε = 0.35 · ") and subtitle.index(matrix.name) > 0
+
+
+def test_mitigation_spectra_have_clean_log_ticks_and_a_short_title(lora_model: ModelResult) -> None:
+    """Seen in the browser: Plotly's own log ticks printed "5, 2, 1, 5, 2 ..." on both
+    axes, and the title was the whole tensor name (cut on a phone)."""
+    from analysis import figures_mitigate
+
+    matrix = lora_model.matrices[0]
+    fig = figures_mitigate.spectra_figure(matrix, matrix, [0, 1], label="LoRA run")
+    assert fig.layout.title.text.startswith(f"LoRA run: {matrix.short_label}<br>")
+    for axis in (fig.layout.xaxis, fig.layout.yaxis):
+        assert axis.type == "log" and axis.tickvals
+        mantissas = {round(v / 10 ** math.floor(math.log10(v)), 6) for v in map(float, axis.ticktext)}
+        assert mantissas <= {1.0, 2.0, 5.0}, axis.ticktext  # 1-2-5 steps only
+    assert fig.layout.xaxis.ticktext[0] == "1"
+    base, tuned, mitigated, scaled = fig.data
+    assert base.line.width > tuned.line.width  # the base stays visible under the others
+    assert list(scaled.x) == [1, 2]
 
 
 def test_reduce_heatmap_keeps_block_maxima() -> None:
@@ -433,6 +469,9 @@ def test_subspace_similarity_of_an_update_with_itself_and_with_another(
     assert cross[0, 0] < 0.3 and 0.4 < cross[1, 31] < 0.95
     fig = figures.subspace_figure(cross, "LoRA run", "Full FT", a.name)
     assert "left singular vectors of ΔW" in fig.layout.title.text
+    # The first line stays short (a phone cut the tensor name off it); the name is below.
+    first, below = fig.layout.title.text.split("<br>")
+    assert first == "Subspace similarity φ(i, j) of ΔW" and a.name in below
     np.testing.assert_allclose(np.asarray(fig.data[0].z), cross)
 
 

@@ -169,3 +169,34 @@ def test_a_bad_series_is_reported_on_every_page(cache_dir: Path, tiny_bert: Path
     at.switch_page("pages/series.py").run()
     assert not at.exception
     assert any("no such folder" in e.value for e in at.error)
+
+
+def test_series_page_offers_the_demos_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen in the browser: on the demo, the page only said "add a series first", although
+    the demo saved checkpoints while it trained. It offers them: one click adds the series
+    (base kept) and draws it."""
+    import shutil
+
+    from tests.app_fixtures import make_standin_demo
+
+    cache = tmp_path / "cache"
+    manifest = make_standin_demo(cache / "demo")
+    r1 = next(m for m in manifest.fine_tunes if m.name == "lora-r1")
+    for step in (1, 2):  # the builder's layout: <root>/checkpoints/<name>/checkpoint-N
+        shutil.copytree(r1.path, cache / "demo" / "checkpoints" / "lora-r1" / f"checkpoint-{step}")
+    monkeypatch.setenv("WSE_CACHE_DIR", str(cache))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.switch_page("pages/series.py").run()
+    assert not at.exception
+    buttons = {b.label: b for b in at.button}
+    assert list(buttons) == ["LoRA r=1 (stand-in) (series of 2)"]  # only fine-tunes with checkpoints
+    buttons["LoRA r=1 (stand-in) (series of 2)"].click().run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["base"] == "demo:base"
+    assert at.query_params["series"] in ("series:demo:lora-r1", ["series:demo:lora-r1"])
+    assert "series:demo:lora-r1" in at.query_params["tuned"]
+    assert "2 of 2 checkpoints analysed" in " ".join(c.value for c in at.caption)
+    trend, _grid, _similarity = figures(at)
+    assert {tuple(t.x) for t in trend.data} == {(1, 2)}
