@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "load"
 TIMEOUT_MS = 120_000
+#: Until every page has drawn its charts, from the first navigation. Both analyses are
+#: shared by all eight pages; they run one at a time in the server process, beside eight
+#: sessions polling their progress and eight Chromium tabs. On 2 cores beside another
+#: test (pytest -n 2) that is 1-2 minutes; on a 2-core machine at load 10-15 the first
+#: results came after 170-210 s. Slow is not wrong: what must never happen is one page
+#: staying on its progress view after the others drew (:data:`STRAGGLER_S`).
+DEADLINE_S = 330
+#: A page may draw at most this long after the first page did (the jobs are the same).
+STRAGGLER_S = 60
 
 if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
@@ -122,13 +131,18 @@ def test_eight_visitors_on_a_cold_server_keep_their_own_settings(server: str, mo
         for page, (path, query, _, _) in zip(pages, links, strict=True):
             page.goto(f"{server}/{path}?{query}", wait_until="commit")
         problems = []
-        for page, (path, query, k, eps) in zip(pages, links, strict=True):
-            try:
-                page.wait_for_function(SCRIPT_DONE, timeout=TIMEOUT_MS)
-                page.locator(".js-plotly-plot .main-svg").first.wait_for()
-            except sync_api.TimeoutError:
+        drawn_at = _wait_until_drawn(pages, started)
+        first = min(drawn_at.values(), default=None)
+        for index, (page, (path, _, _, _)) in enumerate(zip(pages, links, strict=True)):
+            if index not in drawn_at or drawn_at[index] - first > STRAGGLER_S:
+                when = f"at {drawn_at[index]:.0f} s" if index in drawn_at else f"not by {DEADLINE_S} s"
                 text = page.locator("[data-testid='stMain']").inner_text()[:400]
-                problems.append(f"/{path}: nothing drawn in time: {page.url[-60:]} {text!r}")
+                problems.append(
+                    f"visitor {index} /{path}: drawn {when} (first page: {first and round(first)} s): "
+                    f"{page.url[-60:]} {text!r}"
+                )
+        for page, (path, query, k, eps) in zip(pages, links, strict=True):
+            if pages.index(page) not in drawn_at:
                 continue
             page.wait_for_timeout(500)
             page.wait_for_function(SCRIPT_DONE, timeout=TIMEOUT_MS)
@@ -150,4 +164,24 @@ def test_eight_visitors_on_a_cold_server_keep_their_own_settings(server: str, mo
                 problems.append(f"{where}: the page does not say top {k}")
         browser.close()
     assert not problems, "\n".join(problems)
-    assert time.perf_counter() - started < 150
+    assert time.perf_counter() - started < DEADLINE_S + 60
+
+
+def _drawn(page) -> bool:
+    """The page's script is done and a chart is on it."""
+    try:
+        return page.evaluate(f"() => !!({SCRIPT_DONE})()") and page.locator(".js-plotly-plot .main-svg").count() > 0
+    except sync_api.Error:  # navigating (a rerun through app.py replaced the page's context)
+        return False
+
+
+def _wait_until_drawn(pages: list, started: float) -> dict[int, float]:
+    """Seconds from ``started`` at which each page first showed its charts (all polled
+    together, so a page left behind is told from a slow server)."""
+    drawn_at: dict[int, float] = {}
+    while len(drawn_at) < len(pages) and time.perf_counter() - started < DEADLINE_S:
+        for index, page in enumerate(pages):
+            if index not in drawn_at and _drawn(page):
+                drawn_at[index] = time.perf_counter() - started
+        time.sleep(0.5)
+    return drawn_at
