@@ -21,7 +21,7 @@ from ui import runtime, state
 
 LAMBDA_STEP = state.LAMBDA_STEP
 RULES = {"peft": "PEFT: every intruder in the top k", "top1": "paper: the top intruder of each matrix"}
-POLL_SECONDS = 1.0
+POLL_SECONDS = 2.0
 
 
 def controls() -> tuple[float, str, bool, bool]:

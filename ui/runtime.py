@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 import uuid
 from dataclasses import dataclass, replace
 
@@ -212,8 +214,32 @@ def job_key(base: str, tuned: str) -> tuple:
     so are the versions of local files (:meth:`SpecResolver.version`): a folder rewritten
     in place is analysed again (cheaply: the spectrum cache is content-addressed).
     """
-    versions = (resolver().version(base), resolver().version(tuned))
+    versions = (_version(base), _version(tuned))
     return (*comparison_key(base, tuned, SETTINGS, device()), str(default_cache_dir()), versions)
+
+
+#: How long a spec's file stamp (:meth:`SpecResolver.version`) is reused. Every watching
+#: page polls its jobs each second; eight visitors on a cold server spent most of the
+#: process's time re-stating the same folders there, starving the one analysis thread
+#: they were all waiting for (measured: a tiny model's analysis took minutes). A folder
+#: rewritten in place is still seen within a few seconds.
+VERSION_TTL_S = 5.0
+_versions: dict[str, tuple[float, str]] = {}
+_versions_lock = threading.Lock()
+
+
+def _version(spec: str) -> str:
+    now = time.monotonic()
+    with _versions_lock:
+        hit = _versions.get(spec)
+    if hit is not None and now - hit[0] < VERSION_TTL_S:
+        return hit[1]
+    value = resolver().version(spec)
+    with _versions_lock:
+        if len(_versions) > 4096:
+            _versions.clear()
+        _versions[spec] = (now, value)
+    return value
 
 
 def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart: bool = False) -> list[Tracked]:

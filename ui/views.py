@@ -22,7 +22,9 @@ from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, M
 from ui import runtime, state
 from ui.state import Selection
 
-POLL_SECONDS = 1.0
+#: Seconds between progress polls of a watching page (each poll is a fragment run of every
+#: watching session in this one process, beside the analyses themselves).
+POLL_SECONDS = 2.0
 #: While results stream in, redraw the page with them at most this often.
 REDRAW_SECONDS = 2.5
 
