@@ -114,7 +114,7 @@ def test_overview_shows_grids_and_totals_matching_the_engine(
     assert lora.total_intruders(10, 0.5) > 0 and full.total_intruders(10, 0.5) == 0
     table = at.dataframe[0].value
     assert list(table["intruders"]) == [lora.total_intruders(10, 0.5), 0]
-    assert list(table["method"]) == ["LoRA r=4", "full FT"]
+    assert list(table["method"]) == ["LoRA r=4", ""]  # "bert_full_ft" already says full FT
 
 
 def test_every_page_renders_its_charts(
@@ -352,7 +352,7 @@ def test_app_opens_on_the_demo(demo_cache: Path, monkeypatch: pytest.MonkeyPatch
     assert at.query_params["tuned"] == ["demo:full-ft", "demo:lora-r1", "demo:lora-r8"]
     totals = at.dataframe[0].value
     assert list(totals["model"]) == ["Full FT (stand-in)", "LoRA r=1 (stand-in)", "LoRA r=8 (stand-in)"]
-    assert list(totals["method"]) == ["full FT", "LoRA r=1", "LoRA r=8"]
+    assert list(totals["method"]) == ["", "", ""]  # each label already says its method
     assert list(totals["matrices"]) == [36, 12, 12]  # 6 blocks x 6 matrices; LoRA on query and value
     assert totals["intruders"].iloc[0] == 0 and totals["intruders"].iloc[2] > 0
     at.switch_page(PAGES["models"]).run()

@@ -202,7 +202,15 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
     in the CSV.
     """
     undefined = [c for c in ("amplification_factor",) if c in frame.columns and frame[c].isna().any()]
-    shown = frame.style.format(na_rep="—", subset=undefined) if undefined else frame
+    display = frame
+    if {"model", "method"} <= set(frame.columns):
+        # The method only where the label does not already say it (the demo's "LoRA r=8");
+        # the CSV keeps every value.
+        said = [tables.names_method(str(m), str(t)) for m, t in zip(frame["model"], frame["method"], strict=True)]
+        if any(said):
+            display = frame.copy()
+            display.loc[said, "method"] = ""
+    shown = display.style.format(na_rep="—", subset=undefined) if undefined else display
     st.dataframe(shown, hide_index=not index, **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
