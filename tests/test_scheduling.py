@@ -60,6 +60,24 @@ def test_blas_threads_are_limited_in_every_analysis_of_a_process(monkeypatch):
     """Matrices side by side run one BLAS thread each, in the second analysis of a process
     too (a limit set from a worker thread and restored from another was once ignored by
     OpenBLAS the next time: that analysis ran 5x the CPU time)."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("WSE_FRESH_PROCESS") != "1":
+        # "A process" means a fresh one: earlier tests of a pytest worker leave torch's and
+        # the BLAS libraries' thread settings (and analyses of their own) in that process.
+        test = f"{__file__}::test_blas_threads_are_limited_in_every_analysis_of_a_process"
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", test, "-q", "-n", "0", "-p", "no:cacheprovider"],
+            env={**os.environ, "WSE_FRESH_PROCESS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+        return
+
     from threadpoolctl import ThreadpoolController
 
     from analysis import pipeline
