@@ -425,6 +425,23 @@ def section_title(section: tuple[str | None, str | None]) -> str:
     return f"{where}experts of {expert_module}: layer × expert"
 
 
+def grid_cell(matrix: MatrixResult) -> dict:
+    """Where a matrix sits in an overview-style grid (:func:`overview_section` as text, row,
+    column) and its identity: the columns the overview and the series grid share."""
+    return {
+        "section": section_title(overview_section(matrix)),
+        "row": layer_label(matrix.layer),
+        "column": matrix.module if matrix.expert is None else str(matrix.expert),
+        "matrix": matrix_key(matrix),
+        "name": matrix.name,
+        "stack": matrix.stack,
+        "layer": layer_label(matrix.layer),
+        "module": matrix.module,
+        "expert": matrix.expert,
+        "label": matrix.short_label,
+    }
+
+
 def overview_table(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> pd.DataFrame:
     """One row per fine-tune and matrix, placed in its overview grid cell.
 
@@ -447,24 +464,7 @@ def overview_table(models: Sequence[ModelResult], metric: str, k: int, eps: floa
                 value = float(m.intruder_counts(k, [eps])[0])
             else:
                 value = float(getattr(m, metric))
-            rows.append(
-                {
-                    "section": section_title(overview_section(m)),
-                    "model_index": index,
-                    "model": label,
-                    "method": method,
-                    "row": layer_label(m.layer),
-                    "column": m.module if m.expert is None else str(m.expert),
-                    "matrix": matrix_key(m),
-                    "name": m.name,
-                    "stack": m.stack,
-                    "layer": layer_label(m.layer),
-                    "module": m.module,
-                    "expert": m.expert,
-                    "label": m.short_label,
-                    "value": value,
-                }
-            )
+            rows.append({"model_index": index, "model": label, "method": method, **grid_cell(m), "value": value})
     return pd.DataFrame(rows, columns=list(OVERVIEW_COLUMNS))
 
 
@@ -589,22 +589,7 @@ def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: f
     for model in by_step(models):
         for m in identity_order(model.matrices):
             value = m.intruder_counts(k, [eps])[0] if metric == "intruders" else float(getattr(m, metric))
-            rows.append(
-                {
-                    "step": model.step,
-                    "section": section_title(overview_section(m)),
-                    "row": layer_label(m.layer),
-                    "column": m.module if m.expert is None else str(m.expert),
-                    "matrix": matrix_key(m),
-                    "name": m.name,
-                    "stack": m.stack,
-                    "layer": layer_label(m.layer),
-                    "module": m.module,
-                    "expert": m.expert,
-                    "label": m.short_label,
-                    metric: value,
-                }
-            )
+            rows.append({"step": model.step, **grid_cell(m), metric: value})
     return pd.DataFrame(rows, columns=[*SERIES_GRID_COLUMNS, metric])
 
 
