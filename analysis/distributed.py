@@ -315,31 +315,27 @@ def run_task(task: TaskInput) -> list[tuple]:
     ``None``; or a single ``("error", source, problem)`` for bad input (an exception with
     its own constructor does not survive pickling intact, so it travels as data).
     """
-    from threadpoolctl import threadpool_limits
-
     threads = max(1, task.threads)
     if task.device == "cpu":
         torch.set_num_threads(threads)
     device = torch.device(task.device)
     cache = _worker_cache(task)
     out: list[tuple] = []
-    # The BLAS libraries outside torch (SciPy's LAPACK, NumPy's Gram products) get the
-    # task's CPUs too: two tasks on two cores with two BLAS threads each oversubscribe
-    # them, and LAPACK then slows down many times (analysis.pipeline.cpu_parallelism).
+    # Each matrix sets its own thread counts (torch's and the BLAS libraries' outside it,
+    # per thread: analysis.scheduler.blas_threads) from its shape, as in a local run.
     try:
-        with threadpool_limits(limits=threads, user_api="blas"):
-            for model, index, name, shape in task.pairs:
-                request = task.requests[model]
-                plan = _worker_plan(task.run, request)
-                matrix = _pick(plan, index, name, shape, request)
-                result, key = analyse_pair(
-                    matrix, settings=task.settings, device=device, cache=cache, source=plan.tuned_label
-                )
-                entry = None
-                if task.cache_mode == "driver":
-                    entry = cache.get("pair", key) if cache is not None else None
-                    entry = None if entry is None else (key, *entry)
-                out.append(("ok", model, index, result, entry))
+        for model, index, name, shape in task.pairs:
+            request = task.requests[model]
+            plan = _worker_plan(task.run, request)
+            matrix = _pick(plan, index, name, shape, request)
+            result, key = analyse_pair(
+                matrix, settings=task.settings, device=device, cache=cache, source=plan.tuned_label
+            )
+            entry = None
+            if task.cache_mode == "driver":
+                entry = cache.get("pair", key) if cache is not None else None
+                entry = None if entry is None else (key, *entry)
+            out.append(("ok", model, index, result, entry))
     except InputError as exc:
         return [("error", exc.source, exc.problem)]
     return out

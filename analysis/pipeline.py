@@ -39,6 +39,7 @@ from analysis.scheduler import (  # noqa: F401 (available_cores, cpu_parallelism
     _now,
     _use_threads,
     available_cores,
+    blas_threads,
     cpu_parallelism,
     default_workers,
     matrix_threads,
@@ -202,11 +203,35 @@ def _transposed(tuned: TunedMatrix) -> TunedMatrix:
     return TunedMatrix(tuned.weight.transpose(0, 1), flipped)
 
 
+def _compute_on(
+    pair: _Pair,
+    settings: AnalysisSettings,
+    device: torch.device,
+    method: str,
+    cache: SpectrumCache | None,
+    budget: int = DEFAULT_MEMORY_BUDGET,
+) -> MatrixResult:
+    """:func:`_compute` on the threads the matrix's shape asks for on the CPU
+    (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere."""
+    if pair.result is not None:
+        return pair.result
+    threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(pair.plan.shape, method, budget)
+    if device.type == "cpu":
+        _use_threads(threads)
+    return _compute(pair, settings, device, method, cache, blas)
+
+
 def _compute(
-    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+    pair: _Pair,
+    settings: AnalysisSettings,
+    device: torch.device,
+    method: str,
+    cache: SpectrumCache | None,
+    blas: int = 1,
 ) -> MatrixResult:
     def compute() -> Entry:
-        return _pair_metrics(pair, settings, device, method, cache)
+        with blas_threads(blas):  # this thread's count, whatever runs beside it
+            return _pair_metrics(pair, settings, device, method, cache)
 
     assert pair.base is not None and pair.tuned is not None
     # _prepare looked the pair up and missed: read again only under the entry's lock.
@@ -379,9 +404,7 @@ def analyse_matrix(
                 cache.fingerprints.flush()
         if pair.result is not None:
             return pair.result
-        if device.type == "cpu":
-            _use_threads(*matrix_threads(plan.shape, method))
-        return _compute(pair, settings, device, method, cache)
+        return _compute_on(pair, settings, device, method, cache)
 
 
 def analyse_plan(
@@ -436,12 +459,7 @@ def analyse_plan(
     def finish(pair: _Pair) -> MatrixResult:
         if pair.result is not None:
             return pair.result
-        if device.type == "cpu":
-            threads, blas_threads = matrix_threads(pair.plan.shape, method, budget)
-            # Side by side (workers > 1) every matrix has one BLAS thread, set below by
-            # this thread; one at a time, finish runs here and sets each matrix's own.
-            _use_threads(threads, None if workers > 1 else blas_threads)
-        return _compute(pair, settings, device, method, cache)
+        return _compute_on(pair, settings, device, method, cache, budget)
 
     def stop(done: int) -> None:
         if should_stop is not None and should_stop():
@@ -449,8 +467,6 @@ def analyse_plan(
 
     writer = BackgroundWriter() if cache is not None else None
     with _compute_threads():
-        if device.type == "cpu" and workers > 1:
-            _use_threads(torch.get_num_threads(), 1)  # no matrix runs alone (see above)
         results = _in_order(
             plan.matrices,
             prepare,
@@ -597,9 +613,7 @@ def analyse_pair(
             pair = _prepare(plan, settings, cache, source=source)
             result = pair.result
             if result is None:
-                if device.type == "cpu":
-                    _use_threads(*matrix_threads(plan.shape, method))
-                result = _compute(pair, settings, device, method, cache)
+                result = _compute_on(pair, settings, device, method, cache)
         finally:
             if cache is not None:
                 cache.fingerprints.flush()

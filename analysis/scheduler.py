@@ -68,25 +68,70 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
-_blas_limits = None  # the first limit set in this analysis: it restores the caller's
-_blas_current: int | None = None
-_blas_controller = None
+_blas_local: list | None = None  # per-thread thread-count setters, found once
+_blas_global_lock = threading.Lock()
+
+
+def _blas_libraries() -> list:
+    """``openblas_set_num_threads_local`` of every OpenBLAS outside torch, or ``[]`` when
+    one of the BLAS libraries loaded has no per-thread setting (then :func:`blas_threads`
+    limits them for the whole process instead).
+
+    SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
+    Gram products of :func:`analysis.linalg.gram_matrix`) are the ones that matter:
+    importing :mod:`analysis.linalg` loaded both. Found once (1.5 ms); a call costs
+    microseconds, so it is set per matrix.
+    """
+    global _blas_local
+    if _blas_local is None:
+        import ctypes
+
+        from threadpoolctl import ThreadpoolController
+
+        setters = []
+        for library in ThreadpoolController().select(user_api="blas").lib_controllers:
+            setter = getattr(ctypes.CDLL(library.filepath), "openblas_set_num_threads_local", None)
+            if library.internal_api != "openblas" or setter is None:  # OpenBLAS >= 0.3.27
+                setters = []
+                break
+            setter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+            setters.append(setter)
+        _blas_local = setters
+    return _blas_local
 
 
 def _limit_blas(threads: int):
-    """Limit the BLAS libraries outside torch to ``threads``; a handle that restores them.
+    """Limit the BLAS libraries outside torch to ``threads`` for the whole process (the
+    fallback of :func:`blas_threads`); a handle that restores them."""
+    from threadpoolctl import threadpool_limits
 
-    SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
-    Gram products of :func:`analysis.linalg.gram_matrix`) are among them: importing
-    :mod:`analysis.linalg` loaded both. One controller, found once (finding the libraries
-    takes 1.5 ms, a limit through it 0.01 ms: it is set per matrix).
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+@contextmanager
+def blas_threads(threads: int) -> Iterator[None]:
+    """Run the body (one matrix's decompositions) in this thread with ``threads`` threads
+    in the BLAS libraries outside torch.
+
+    LAPACK's results depend on its thread count in the last bits (``dsytrd`` on one thread
+    differs from two), and an OpenBLAS thread count set for the whole process is shared by
+    every analysis running in it (two visitors' jobs): one with a large matrix on two
+    threads would change the bits of the other's small ones. So the count is set for the
+    calling thread only (OpenBLAS's ``openblas_set_num_threads_local``, as torch's own
+    ``set_num_threads`` is per thread), and put back afterwards. Where a BLAS library has no
+    per-thread setting, the process-wide limit is used, one matrix at a time.
     """
-    global _blas_controller
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=threads, user_api="blas")
+    setters = _blas_libraries()
+    if not setters:
+        with _blas_global_lock, _limit_blas(threads):
+            yield
+        return
+    previous = [setter(threads) for setter in setters]
+    try:
+        yield
+    finally:
+        for setter, value in zip(setters, previous, strict=True):
+            setter(value)
 
 
 def _caller_threads() -> int:
@@ -114,38 +159,23 @@ def matrix_threads(shape: tuple[int, int], method: str, budget: int = DEFAULT_ME
     return threads, lapack.threads_for(order, threads)
 
 
-def _use_threads(threads: int, blas_threads: int | None) -> None:
+def _use_threads(threads: int) -> None:
     """Compute in this thread with ``threads`` torch threads (OpenMP and MKL settings are
     per thread: a fresh worker thread would run its first LAPACK call on as many threads
-    as cores) and ``blas_threads`` for the BLAS libraries outside torch (one setting for
-    the process; matrices that run side by side all use one; ``None`` leaves it).
-
-    Inside :func:`_compute_threads` only, which restores the caller's settings. The BLAS
-    setting only from the thread that entered it: OpenBLAS ignored a limit set from a new
-    thread after one set and restored from different threads (measured: the second
-    analysis of a process then ran 5x the CPU time, its BLAS threads spinning).
-    """
-    global _blas_limits, _blas_current
+    as cores). Inside :func:`_compute_threads` only, which restores the caller's count.
+    (The BLAS libraries outside torch: :func:`blas_threads`.)"""
     torch.set_num_threads(threads)
-    if blas_threads is None:
-        return
-    with _threads_lock:
-        if _blas_current != blas_threads:
-            limits = _limit_blas(blas_threads)
-            if _blas_limits is None:
-                _blas_limits = limits
-            _blas_current = blas_threads
 
 
 @contextmanager
 def _compute_threads() -> Iterator[None]:
-    """Keep the caller's thread settings while matrices set their own (:func:`_use_threads`);
-    restore them afterwards.
+    """Keep the caller's torch thread count while matrices set their own
+    (:func:`_use_threads`); restore it afterwards.
 
-    Overlapping analyses (two dashboard jobs) share the settings; the last to finish
+    Overlapping analyses (two dashboard jobs) share the setting; the last to finish
     restores what was there before.
     """
-    global _threads_users, _threads_saved, _blas_limits, _blas_current
+    global _threads_users, _threads_saved
     with _threads_lock:
         if _threads_users == 0:
             _threads_saved = torch.get_num_threads()
@@ -156,20 +186,16 @@ def _compute_threads() -> Iterator[None]:
         with _threads_lock:
             _threads_users -= 1
             if _threads_users == 0:
-                # BLAS first, torch second: an OpenMP build of OpenBLAS sets the OpenMP
-                # thread count that torch reads too.
-                if _blas_limits is not None:
-                    _blas_limits.restore_original_limits()
-                _blas_limits = _blas_current = None
                 torch.set_num_threads(_threads_saved)
 
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Run the body with ``threads`` torch threads in this thread; the caller's settings
-    come back afterwards (shared with overlapping analyses as :func:`_compute_threads`)."""
+    """Run the body (torch code only) with ``threads`` torch threads in this thread; the
+    caller's setting comes back afterwards (shared with overlapping analyses as
+    :func:`_compute_threads`)."""
     with _compute_threads():
-        _use_threads(threads, None)
+        _use_threads(threads)
         yield
 
 

@@ -325,11 +325,11 @@ def test_workers_give_the_same_results_in_plan_order():
 def test_lapack_threads_only_where_a_second_one_pays(monkeypatch):
     """One matrix on two cores gets two torch threads, but SciPy's BLAS stays on one below
     order 2048 (two spin against torch's OpenMP team: 5x slower at 384)."""
-    from analysis import lapack, scheduler
+    from analysis import lapack, pipeline, scheduler
 
     asked: list[int] = []
-    real, before = scheduler._limit_blas, torch.get_num_threads()
-    monkeypatch.setattr(scheduler, "_limit_blas", lambda threads: asked.append(threads) or real(threads))
+    real, before = pipeline.blas_threads, torch.get_num_threads()
+    monkeypatch.setattr(pipeline, "blas_threads", lambda threads: asked.append(threads) or real(threads))
     monkeypatch.setattr(scheduler, "available_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     base, tuned = planted_pair(30, m=64, n=48)

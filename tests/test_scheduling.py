@@ -58,8 +58,9 @@ def test_a_failed_background_write_is_raised_when_the_analysis_ends(tmp_path, mo
 
 def test_blas_threads_are_limited_in_every_analysis_of_a_process(monkeypatch):
     """Matrices side by side run one BLAS thread each, in the second analysis of a process
-    too (a limit set from a worker thread and restored from another was once ignored by
-    OpenBLAS the next time: that analysis ran 5x the CPU time)."""
+    too (a process-wide limit set from a worker thread and restored from another was once
+    ignored by OpenBLAS the next time: that analysis ran 5x the CPU time; the count is
+    now set per thread)."""
     import os
     import subprocess
     import sys
@@ -78,19 +79,90 @@ def test_blas_threads_are_limited_in_every_analysis_of_a_process(monkeypatch):
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
         return
 
-    from threadpoolctl import ThreadpoolController
+    from analysis import pipeline, scheduler
 
-    from analysis import pipeline
+    setters = scheduler._blas_libraries()
+    assert len(setters) == 2  # NumPy's and SciPy's OpenBLAS, each with a per-thread count
+    local = threading.local()
 
-    seen: list[list[int]] = []
-    real = pipeline._compute
+    def spy(setter):
+        def set_local(threads: int) -> int:
+            local.threads = threads
+            return setter(threads)
 
-    def compute(*args):
-        blas = [i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "blas"]
-        seen.append(blas)
+        return set_local
+
+    monkeypatch.setattr(scheduler, "_blas_local", [spy(setter) for setter in setters])
+    seen: list[int | None] = []
+    real = pipeline._pair_metrics
+
+    def pair_metrics(*args):
+        seen.append(getattr(local, "threads", None))
         return real(*args)
 
-    monkeypatch.setattr(pipeline, "_compute", compute)
+    monkeypatch.setattr(pipeline, "_pair_metrics", pair_metrics)
     for _ in range(3):
         list(analyse_plan(_plan(4), device="cpu", workers=2))
-    assert len(seen) == 12 and all(blas and set(blas) == {1} for blas in seen), seen
+    assert seen == [1] * 12, seen
+
+
+def test_overlapping_analyses_give_the_bytes_they_give_alone(monkeypatch):
+    """The BLAS libraries outside torch (SciPy's LAPACK) give different last bits on one
+    thread and on two, and a thread count set for the whole process would be shared by
+    every analysis in it (two visitors' jobs in one dashboard). A large matrix computing on
+    two BLAS threads while another analysis computes small ones on one: both give the
+    bytes they give alone."""
+    from analysis import lapack, pipeline, scheduler
+
+    monkeypatch.setattr(lapack, "THREADED_MIN_ORDER", 64)  # 320 x 288 runs on 2 threads, 24 x 16 on 1
+    monkeypatch.setattr(scheduler, "available_cores", lambda: 2)
+
+    def plan(name: str, shape: tuple[int, int], count: int) -> ComparisonPlan:
+        matrices = []
+        for i in range(count):
+            g = torch.Generator().manual_seed(90 + i)
+            base = torch.randn(*shape, generator=g, dtype=torch.float64).float()
+            tuned = TunedMatrix(base + 0.1 * torch.randn(*shape, generator=g))
+            matrices.append(MatrixPlan(f"{name}{i}", i, "q", shape, lambda b=base: b.clone(), lambda t=tuned: t))
+        return ComparisonPlan("b", name, "full", matrices)
+
+    def fields(results) -> list[bytes]:
+        return [
+            b"".join(a.tobytes() for a in (r.tuned_singular_values, r.delta_singular_values, r.intruder_scores))
+            for r in results
+        ]
+
+    small, large = plan("small", (24, 16), 4), plan("large", (320, 288), 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small_alone = fields(analyse_plan(small, device="cpu", workers=2))
+        large_alone = fields(analyse_plan(large, device="cpu"))
+        with monkeypatch.context() as m:  # the same large matrix on one BLAS thread
+            m.setattr(pipeline, "matrix_threads", lambda shape, method, budget=0: (2, 1))
+            assert fields(analyse_plan(large, device="cpu")) != large_alone  # else this test proves nothing
+
+        inside, release = threading.Event(), threading.Event()
+        order: list[str] = []
+        real = pipeline._pair_metrics
+
+        def pair_metrics(pair, *args):
+            order.append(pair.plan.name)
+            if pair.plan.name == "large0":
+                inside.set()
+                release.wait(5.0)  # the small analysis runs meanwhile
+            return real(pair, *args)
+
+        monkeypatch.setattr(pipeline, "_pair_metrics", pair_metrics)
+        large_beside: list[bytes] = []
+        thread = threading.Thread(target=lambda: large_beside.extend(fields(analyse_plan(large, device="cpu"))))
+        thread.start()
+        assert inside.wait(30)
+        small_beside = fields(analyse_plan(small, device="cpu", workers=2))
+        release.set()
+        thread.join(30)
+    finally:
+        torch.set_num_threads(before)
+    assert order[0] == "large0" and sorted(order[1:]) == [f"small{i}" for i in range(4)]
+    assert small_beside == small_alone
+    assert large_beside == large_alone
