@@ -188,11 +188,18 @@ class Mitigation:
         return _mitigated_tuned(item, self.settings.lam)
 
     def tuned_at(self, key: str, lam: float) -> torch.Tensor:
-        """The mitigated tuned weight of matrix ``key`` at another ``lam`` (for the trade-off)."""
+        """The mitigated tuned weight of matrix ``key`` at ``lam`` (for the trade-off).
+
+        One code path whatever ``settings.lam`` is (the export's own factors at
+        ``settings.lam`` come from PEFT's expressions, which differ in the last bits), so a
+        point of the curve depends on the fine-tune, k, eps, the rule, exact and ``lam``
+        only, and is cached under those (:func:`analysis.mitigate_eval.evaluate_tradeoff`).
+        """
         item = self._tensors[key]
         if item.original is not None:
-            update = self.update(key, lam)
-            return item.plan.load_base() + update.dense()
+            if item.components[1].numel() == 0:  # no intruder: the factors as trained
+                return item.plan.load_base() + item.original.dense()
+            return item.plan.load_base() + _refactor_at(item, lam, self.settings.exact).dense()
         return _mitigated_tuned(item, lam).weight
 
     def update(self, key: str, lam: float | None = None) -> LowRankDelta | None:
@@ -508,7 +515,7 @@ def run(
 
         with torch_threads(1):
             result.tradeoff = evaluate_tradeoff(
-                resolver, base, tuned, mitigation, grid, progress=step(3 * n), should_stop=should_stop
+                resolver, base, tuned, mitigation, grid, progress=step(3 * n), should_stop=should_stop, cache=cache
             )
     return result
 

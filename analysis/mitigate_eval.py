@@ -14,14 +14,25 @@ fine-tune and the mitigated fine-tune at each lambda of a grid on two things:
 - the fine-tune's own metric where it is known: for the offline demo the held-out
   retrieval task's MRR and recall@1, computed by the demo's own evaluation.
 
-Weights are swapped into one loaded model in place, so each point costs one evaluation.
+Each point is cached by content (:data:`TRADEOFF_VERSION`, the digests of the model
+folders' files, the mitigation's settings and its lambda): the base's and the fine-tune's
+points serve every setting, and a revisit evaluates nothing.
+
+Weights are swapped into a loaded model in place, so each point costs one evaluation. The
+points are independent: they run side by side on the cores (:func:`evaluation_workers`),
+each on its own copy of the model and one torch thread, so a point's numbers do not depend
+on how many run at once (and a busy machine only slows them down: a two-thread OpenMP team
+waiting for a busy core spins at its barriers, measured 1.8x slower than one thread).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +41,8 @@ from analysis.errors import AnalysisCancelled
 from analysis.mitigate import Mitigation, Tradeoff, _fused, _key, _orient_like
 
 HELD_OUT_SOURCE = "pydoc_data.topics"
+#: Part of every cached point's key: change it when what a point measures changes.
+TRADEOFF_VERSION = "1"
 #: Paragraphs of the held-out text used (spread evenly over the topics).
 HELD_OUT_PARAGRAPHS = 128
 HELD_OUT_MAX_TOKENS = 64
@@ -76,41 +89,72 @@ def _load(folder: Path, family: str) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
+class HeldOut:
+    """The held-out text of the module docstring, tokenized once (a fast tokenizer must not
+    be called from several threads at once); calling it gives a model's held-out loss."""
+
+    def __init__(self, tokenizer, family: str, paragraphs: Sequence[str]) -> None:
+        self.family = family
+        if family == "causal":
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self.batches = [
+                tokenizer(
+                    list(paragraphs[start : start + _BATCH]),
+                    truncation=True,
+                    max_length=HELD_OUT_MAX_TOKENS,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                for start in range(0, len(paragraphs), _BATCH)
+            ]
+            return
+        from demo import _Tokens
+
+        halves = [p.split() for p in paragraphs]
+        self.count = len(paragraphs)
+        self.first = _Tokens(tokenizer, [" ".join(w[: len(w) // 2]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
+        self.second = _Tokens(tokenizer, [" ".join(w[len(w) // 2 :]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> float:
+        if self.family == "causal":
+            total, tokens = 0.0, 0
+            for batch in self.batches:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
+                )
+                total += float(loss)
+                tokens += int((labels != -100).sum())
+            return total / max(1, tokens)
+        from demo import _embed, contrastive_loss
+
+        losses = []
+        for start in range(0, self.count, _BATCH):
+            rows = list(range(start, min(start + _BATCH, self.count)))
+            if len(rows) < 2:
+                continue
+            first, second = _embed(model, self.first.batch(rows)), _embed(model, self.second.batch(rows))
+            losses.append(float(contrastive_loss(first, second)))
+        return sum(losses) / max(1, len(losses))
+
+
 def held_out_loss(model: torch.nn.Module, tokenizer, family: str, paragraphs: Sequence[str]) -> float:
     """The held-out loss of the module docstring for ``model``."""
-    if family == "causal":
-        total, tokens = 0.0, 0
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        for start in range(0, len(paragraphs), _BATCH):
-            batch = tokenizer(
-                list(paragraphs[start : start + _BATCH]),
-                truncation=True,
-                max_length=HELD_OUT_MAX_TOKENS,
-                padding=True,
-                return_tensors="pt",
-            )
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
-            )
-            total += float(loss)
-            tokens += int((labels != -100).sum())
-        return total / max(1, tokens)
-    from demo import _embed, _Tokens, contrastive_loss
+    return HeldOut(tokenizer, family, paragraphs)(model)
 
-    halves = [p.split() for p in paragraphs]
-    first = _Tokens(tokenizer, [" ".join(w[: len(w) // 2]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
-    second = _Tokens(tokenizer, [" ".join(w[len(w) // 2 :]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
-    losses = []
-    for start in range(0, len(paragraphs), _BATCH):
-        rows = list(range(start, min(start + _BATCH, len(paragraphs))))
-        if len(rows) < 2:
-            continue
-        losses.append(float(contrastive_loss(_embed(model, first.batch(rows)), _embed(model, second.batch(rows)))))
-    return sum(losses) / max(1, len(losses))
+
+def evaluation_workers(points: int, model_bytes: int) -> int:
+    """Points evaluated at once: one per core, at most one per point, and as many model
+    copies as fit in a quarter of the memory available now."""
+    import psutil
+
+    from analysis.scheduler import available_cores
+
+    fit = max(1, psutil.virtual_memory().available // 4 // max(1, model_bytes))
+    return max(1, min(available_cores(), points, fit))
 
 
 class _DemoTask:
@@ -129,6 +173,132 @@ class _DemoTask:
         return _evaluate(model, self.queries, self.documents)["mrr"]
 
 
+_digests: dict[tuple, str] = {}
+_digests_lock = threading.Lock()
+
+
+def folder_digest(folder: Path) -> str:
+    """BLAKE3 of the names and bytes of the files directly in ``folder`` (config, weights,
+    tokenizer: what loading it reads), remembered per file version in this process."""
+    from analysis.cache import content_hasher
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    versions = []
+    for path in files:
+        st = path.stat()
+        versions.append((path.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    version = (str(folder), *versions)
+    with _digests_lock:
+        known = _digests.get(version)
+    if known is not None:
+        return known
+    hasher = content_hasher(b"folder\x1f", sum(v[3] for v in versions))
+    for path in files:
+        hasher.update(f"{path.name}\x1f{path.stat().st_size}\x1f".encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                hasher.update(chunk)
+    digest = hasher.hexdigest()
+    with _digests_lock:
+        _digests[version] = digest
+    return digest
+
+
+def _evaluate_points(
+    todo: list[int],
+    lams: list[float | None],
+    labels: list[str],
+    folders: tuple[Path, Path],
+    family: str,
+    mitigation: Mitigation,
+    *,
+    with_task: bool,
+    paragraphs: int,
+    evaluated: dict[int, dict],
+    finished: Callable[[int], None],
+    should_stop: Callable[[], bool] | None,
+    done: Callable[[], int],
+    total: int,
+    meta: dict[str, int],
+) -> None:
+    """Evaluate the points ``todo`` (indices into ``lams``: 0 the base, 1 the fine-tune,
+    others a lambda) into ``evaluated``, side by side; ``meta["swapped"]`` is how many
+    matrices of the mitigation each point puts into the model."""
+    from transformers import AutoTokenizer
+
+    from analysis.pairing import match_names
+
+    base_folder, tuned_folder = folders
+    adapter = mitigation.kind == "adapter"
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    held_out = HeldOut(tokenizer, family, held_out_paragraphs(paragraphs))
+    task = _DemoTask(tokenizer) if with_task else None
+    base_model = _load(base_folder, family) if 0 in todo or adapter else None
+    template = base_model if adapter else _load(tuned_folder, family)
+    params = dict(template.named_parameters())
+    plans = {m.name: m for m in mitigation.plan.matrices}
+    keys = {m.name: _key(m) for m in mitigation.plan.matrices}
+    mapping = match_names(list(plans), list(params))
+    oriented: dict[str, bool] = {}
+    for name, param_name in mapping.items():
+        plan = plans[name]
+        reference = plan.load_base() if adapter else plan.load_tuned().weight
+        oriented[name] = _orient_like(params[param_name].data, reference, reference) is not reference
+    meta["swapped"] = len(mapping)
+
+    def weights_at(index: int) -> Callable[[str], torch.Tensor]:
+        if index == 1:
+            return lambda name: plans[name].load_tuned().weight
+        return lambda name, lam=lams[index]: mitigation.tuned_at(keys[name], lam)
+
+    models = threading.local()
+    lock = threading.Lock()
+    spares = [template] if not adapter else []  # the loaded fine-tune serves one worker
+
+    def model_for_worker() -> torch.nn.Module:
+        if getattr(models, "model", None) is None:
+            with lock:
+                spare = spares.pop() if spares else None
+            models.model = spare if spare is not None else copy.deepcopy(template)
+        return models.model
+
+    def evaluate(index: int) -> None:
+        if should_stop is not None and should_stop():
+            raise AnalysisCancelled(f"trade-off cancelled after {done()} of {total} evaluations")
+        torch.set_num_threads(1)  # per thread: see the module docstring
+        if index == 0:
+            model = base_model
+        else:
+            model = model_for_worker()
+            named = dict(model.named_parameters())
+            weights = weights_at(index)
+            with torch.no_grad():
+                for name, param_name in mapping.items():
+                    weight = weights(name)
+                    named[param_name].data.copy_((weight.T if oriented[name] else weight).to(named[param_name].dtype))
+        point = {
+            "label": labels[index],
+            "lam": lams[index],
+            "loss": held_out(model),
+            "task": task(model) if task else None,
+        }
+        with lock:
+            evaluated[index] = point
+        finished(index)
+
+    model_bytes = sum(p.numel() * p.element_size() for p in template.parameters())
+    workers = evaluation_workers(len(todo), model_bytes)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wse-tradeoff") as pool:
+        futures = [pool.submit(evaluate, index) for index in todo]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def _folder(source) -> Path | None:
     root = Path(source.root)
     return root if root.is_dir() else None
@@ -144,13 +314,11 @@ def evaluate_tradeoff(
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     paragraphs: int = HELD_OUT_PARAGRAPHS,
+    cache=None,
 ) -> Tradeoff:
     """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda
-    (``paragraphs`` of the held-out text)."""
-    from transformers import AutoTokenizer
-
-    from analysis.pairing import match_names
-
+    (``paragraphs`` of the held-out text); points are read from and stored in ``cache``
+    (a :class:`~analysis.cache.SpectrumCache`) when one is given."""
     start = time.perf_counter()
     base_folder = _folder(resolver.open(base))
     adapter = mitigation.kind == "adapter"
@@ -171,62 +339,94 @@ def evaluate_tradeoff(
             [],
             "No trade-off curve: the model stores its experts in fused tensors, which the curve does not swap yet.",
         )
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
-    texts = held_out_paragraphs(paragraphs)
     is_demo = "demo" in resolver.resolve(tuned).summary
-    task = _DemoTask(tokenizer) if is_demo and family == "embedding" else None
+    with_task = is_demo and family == "embedding"
     loss_name = "held-out contrastive loss" if family == "embedding" else "held-out LM loss (nats/token)"
-    total = len(grid) + 2
+    # Every point but lambda = 1, which changes nothing (the rank-r re-factorisation of dW
+    # is dW itself): it repeats the fine-tune's numbers.
+    lams: list[float | None] = [None, 1.0, *grid]
+    labels = ["base", "fine-tune"] + [f"λ = {lam:g}" for lam in grid]
+    todo = [i for i, lam in enumerate(lams) if not (i >= 2 and lam == 1.0)]
+    total = len(labels)
+    lock = threading.Lock()
     done = 0
-    points: list[dict] = []
 
-    def measure(model: torch.nn.Module, label: str, lam: float | None) -> None:
+    def finished(index: int) -> None:
         nonlocal done
-        if should_stop is not None and should_stop():
-            raise AnalysisCancelled(f"trade-off cancelled after {done} of {total} evaluations")
-        loss = held_out_loss(model, tokenizer, family, texts)
-        points.append({"label": label, "lam": lam, "loss": loss, "task": task(model) if task else None})
-        done += 1
+        with lock:
+            done += 1 + (sum(1 for lam in grid if lam == 1.0) if index == 1 else 0)
+            now = done
         if progress is not None:
-            progress(done, total, label)
+            progress(now, total, labels[index])
 
-    model = _load(base_folder, family)
-    measure(model, "base", None)
-    if not adapter:
-        model = _load(tuned_folder, family)
-    params = dict(model.named_parameters())
-    plans = {m.name: m for m in mitigation.plan.matrices}
-    keys = {m.name: _key(m) for m in mitigation.plan.matrices}
-    mapping = match_names(list(plans), list(params))
-    oriented: dict[str, bool] = {}
-    for name, param_name in mapping.items():
-        plan = plans[name]
-        reference = plan.load_base() if adapter else plan.load_tuned().weight
-        oriented[name] = _orient_like(params[param_name].data, reference, reference) is not reference
+    # What a point measures: the evaluation, the base folder, and for the others the
+    # fine-tune's folder (an adapter's, or the full model's) and the mitigation at lambda.
+    s = mitigation.settings
+    common = (TRADEOFF_VERSION, family, str(len(held_out_paragraphs(paragraphs))), str(with_task))
+    base_id = folder_digest(base_folder)
+    tuned_id = folder_digest(Path(resolver.open(tuned).root)) if adapter else folder_digest(tuned_folder)
 
-    def install(weights: Callable[[str], torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param_name in mapping.items():
-                weight = weights(name)
-                params[param_name].data.copy_((weight.T if oriented[name] else weight).to(params[param_name].dtype))
+    def point_key(index: int) -> str:
+        from analysis.cache import derived_digest
 
-    install(lambda name: plans[name].load_tuned().weight)
-    measure(model, "fine-tune", 1.0)
-    fine_tune = points[-1]
-    for lam in grid:
-        if lam == 1.0:
-            # lambda = 1 changes nothing (the rank-r re-factorisation of dW is dW itself).
-            points.append({**fine_tune, "label": "λ = 1"})
-            done += 1
-            if progress is not None:
-                progress(done, total, "λ = 1")
-            continue
-        install(lambda name, lam=lam: mitigation.tuned_at(keys[name], lam))
-        measure(model, f"λ = {lam:g}", float(lam))
+        if index == 0:
+            return derived_digest("tradeoff", *common, base_id)
+        if index == 1:
+            return derived_digest("tradeoff", *common, base_id, tuned_id)
+        setting = f"k={s.top_k},eps={s.eps:g},rule={s.rule},exact={s.exact},lam={lams[index]:g}"
+        return derived_digest("tradeoff", *common, base_id, tuned_id, setting)
+
+    evaluated: dict[int, dict] = {}
+    swapped = 0  # matrices of the mitigation put into the model (none for the base alone)
+    if cache is not None:
+        for index in todo:
+            entry = cache.lookup("tradeoff", point_key(index))
+            if entry is not None:
+                point = dict(entry[1]["point"])
+                count = point.pop("swapped")
+                swapped = count if index else swapped  # the base's entry serves every fine-tune
+                evaluated[index] = {"label": labels[index], "lam": lams[index], **point}
+                finished(index)
+    missing = [i for i in todo if i not in evaluated]
+    if missing:
+        meta: dict[str, int] = {}
+        try:
+            _evaluate_points(
+                missing,
+                lams,
+                labels,
+                (base_folder, tuned_folder),
+                family,
+                mitigation,
+                with_task=with_task,
+                paragraphs=paragraphs,
+                evaluated=evaluated,
+                finished=finished,
+                should_stop=should_stop,
+                done=lambda: done,
+                total=total,
+                meta=meta,
+            )
+        finally:  # what was evaluated is kept, even when cancelled
+            swapped = meta.get("swapped", swapped)
+            if cache is not None:
+                for index in missing:
+                    if index in evaluated:
+                        point = {"loss": evaluated[index]["loss"], "task": evaluated[index]["task"]}
+                        cache.store("tradeoff", point_key(index), {}, {"point": {**point, "swapped": swapped}})
+    points: list[dict] = []
+    for index, label in enumerate(labels):
+        if index in evaluated:
+            points.append(evaluated[index])
+        else:  # lambda = 1: the fine-tune's numbers
+            points.append({**evaluated[1], "label": label})
+    texts = held_out_paragraphs(paragraphs)
+    task = with_task
     note = (
         f"{loss_name} on {len(texts)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "
         "standing for the pre-training distribution"
         + ("; task: MRR on the demo's held-out retrieval split" if task else "; no task metric known for this model")
-        + f"; {len(mapping)} matrices swapped per point."
+        + (f"; {swapped} matrices swapped per point" if swapped else "")
+        + "."
     )
     return Tradeoff(loss_name, "MRR (demo retrieval)" if task else None, points, note, time.perf_counter() - start)

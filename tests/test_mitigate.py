@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from analysis.cache import SpectrumCache
 from analysis.cli import main
 from analysis.errors import InputError
 from analysis.mitigate import MitigationSettings, export_adapter, export_merged, find_intruders, run, zip_folder
@@ -251,6 +252,56 @@ def test_tradeoff_on_a_sentence_embedding_model(tmp_path, resolver, model_root):
     assert curve.task_name is None  # not the demo: no task metric known
     assert "pydoc_data" in curve.note
     assert len(held_out_paragraphs()) == 128
+
+
+def test_tradeoff_of_a_causal_lm_full_fine_tune_is_the_same_on_one_worker_or_two(
+    tmp_path, resolver, model_root, monkeypatch
+):
+    """A causal LM's held-out next-token loss along the grid, for a full fine-tune. The
+    points run side by side on their own model copies, one torch thread each: one worker
+    or two give the same numbers, lambda = 1 repeats the fine-tune's, and lambda = 0 (the
+    intruders removed) and the base differ from it."""
+    from analysis import mitigate_eval
+    from demo import base_model_path
+
+    tokenizer_dir = base_model_path()  # a real WordPiece tokenizer (padding token included)
+    base = factories.make_llama(model_root / "mitigate-llama", vocab_size=30522)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, base / name)
+    tuned = factories.make_full_finetune(base, model_root / "mitigate-llama-ft", relative_noise=0.3)
+    result = run(resolver, str(base), str(tuned), MitigationSettings(lam=0.0, top_k=4, eps=0.9), cache=None)
+    assert any(m.intruders for m in result.mitigation.matrices)
+    grid = (0.0, 0.5, 1.0)
+    curves = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(mitigate_eval, "evaluation_workers", lambda points, size, w=workers: w)
+        curves[workers] = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24)
+    assert curves[1].points == curves[2].points and curves[1].note == curves[2].note
+    points = {p["label"]: p for p in curves[2].points}
+    assert list(points) == ["base", "fine-tune", "λ = 0", "λ = 0.5", "λ = 1"]
+    assert curves[2].loss_name == "held-out LM loss (nats/token)" and curves[2].task_name is None
+    assert points["λ = 1"]["loss"] == points["fine-tune"]["loss"]
+    assert points["λ = 0"]["loss"] != points["fine-tune"]["loss"] != points["base"]["loss"]
+    assert all(4.0 < p["loss"] < 20.0 for p in points.values())  # about ln(30522) = 10.3 for random weights
+
+    # Points are cached by content: a revisit evaluates nothing (no model is even loaded),
+    # other settings evaluate only their lambda points (base and fine-tune are reused).
+    cache = SpectrumCache(tmp_path / "cache")
+    evaluations: list[int] = []
+    real_call = mitigate_eval.HeldOut.__call__
+    monkeypatch.setattr(mitigate_eval.HeldOut, "__call__", lambda self, m: evaluations.append(1) or real_call(self, m))
+    first = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24, cache=cache)
+    assert first.points == curves[2].points and first.note == curves[2].note and len(evaluations) == 4
+    monkeypatch.setattr(mitigate_eval, "_load", lambda *a: pytest.fail("a cached curve loaded a model"))
+    again = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24, cache=cache)
+    assert again.points == first.points and again.note == first.note and len(evaluations) == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(mitigate_eval.HeldOut, "__call__", lambda self, m: evaluations.append(1) or real_call(self, m))
+    other = run(resolver, str(base), str(tuned), MitigationSettings(lam=0.0, top_k=4, eps=0.7), cache=None)
+    changed = evaluate_tradeoff(resolver, str(base), str(tuned), other.mitigation, grid, paragraphs=24, cache=cache)
+    assert len(evaluations) == 6  # lambda 0 and 0.5 only
+    assert changed.points[:2] == first.points[:2]
 
 
 def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_path, resolver):
