@@ -162,6 +162,21 @@ def tradeoff_table(result: MitigationResult) -> pd.DataFrame:
     )
 
 
+def _label_positions(xy: list[tuple[float, float]]) -> list[str]:
+    """Text positions for labelled points: above each, unless that lands on the label of
+    a point close by (within 6% of the spread on both axes), then below, right or left."""
+    xs, ys = [x for x, _ in xy], [y for _, y in xy]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    positions: list[str] = []
+    for i, (x, y) in enumerate(xy):
+        near = {
+            positions[j] for j in range(i) if abs(xy[j][0] - x) < 0.06 * span_x and abs(xy[j][1] - y) < 0.06 * span_y
+        }
+        choices = ("top center", "bottom center", "middle right", "middle left")
+        positions.append(next((c for c in choices if c not in near), "top center"))
+    return positions
+
+
 def tradeoff_figure(result: MitigationResult) -> go.Figure:
     """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric
     for the base, the fine-tune and the mitigated fine-tune at each lambda; without a task
@@ -184,7 +199,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 y=[p["task"] for p in mitigated],
                 mode="lines+markers+text",
                 text=[f"λ={p['lam']:g}" for p in mitigated],
-                textposition="top center",
+                textposition=_label_positions([(p["loss"], p["task"]) for p in mitigated]),
                 name="mitigated",
                 line={"color": AFTER_COLOR},
                 hovertemplate="%{text}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
@@ -203,8 +218,17 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                     hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
                 )
             )
-        fig.update_layout(xaxis={"title": tradeoff.loss_name + "<br>(forgetting: lower is better)"})
-        fig.update_layout(yaxis={"title": tradeoff.task_name})
+        losses = [p["loss"] for p in points]
+        margin = 0.08 * ((max(losses) - min(losses)) or abs(max(losses)) or 1.0)  # labels at the ends
+        fig.update_layout(
+            xaxis={
+                "title": tradeoff.loss_name + "<br>(forgetting: lower is better)",
+                "range": [min(losses) - margin, max(losses) + margin],
+            }
+        )
+        tasks = [p["task"] for p in points if p["task"] is not None]
+        pad = 0.12 * ((max(tasks) - min(tasks)) or abs(max(tasks)) or 1.0)  # room for the labels
+        fig.update_layout(yaxis={"title": tradeoff.task_name, "range": [min(tasks) - pad, max(tasks) + pad]})
     else:
         fig.add_trace(
             go.Scatter(
