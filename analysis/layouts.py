@@ -188,7 +188,20 @@ class ModelLayout:
     def __init__(self, config: dict) -> None:
         self.config = config
         self.model_type = config.get("model_type")
-        info = _meta_info(json.dumps(config, sort_keys=True, default=str)) if config else None
+        self._config_json = json.dumps(config, sort_keys=True, default=str) if config else None
+        self._cache: dict[str, Placement] = {}
+        self._dirty = False
+        self._renamings: list | None = None  # transformers' objects, built only when needed
+        self._converters: list = []
+        stored = _read_stored(self._config_json) if self._config_json else None
+        if stored is not None:
+            self.available, self._prefix, self._meta, self._kinds, self._transposed, self._cache = stored
+            return
+        self._load_info()
+        self._dirty = self._config_json is not None
+
+    def _load_info(self) -> None:
+        info = _meta_info(self._config_json) if self._config_json else None
         self.available = info is not None
         self._renamings, self._converters, self._prefix, self._meta, self._kinds, self._transposed = info or (
             [],
@@ -198,7 +211,32 @@ class ModelLayout:
             {},
             {},
         )
-        self._cache: dict[str, Placement] = {}
+
+    def persist(self) -> None:
+        """Store what this layout found (module kinds, shapes, every placement asked for) for
+        later processes, which then plan without importing transformers (1-2 s a process;
+        see :func:`_stored_path`). Nothing is lost if the cache cannot be written."""
+        if not self._dirty or self._config_json is None:
+            return
+        path = _stored_path(self._config_json)
+        if path is None:
+            return
+        data = {
+            "available": self.available,
+            "prefix": self._prefix,
+            "meta": {name: list(shape) for name, shape in self._meta.items()},
+            "kinds": self._kinds,
+            "transposed": self._transposed,
+            "placements": {name: [p.memory, p.expert, p.part, p.parts] for name, p in self._cache.items()},
+        }
+        try:
+            from analysis.cache import _atomic_write_text
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(path, json.dumps(data, sort_keys=True))
+            self._dirty = False
+        except OSError as exc:  # a read-only or full cache: later processes build it again
+            log.info("cannot store the layout %s: %s", path, exc)
 
     def placement(self, name: str) -> Placement:
         """Where the stored tensor ``name`` lives in memory.
@@ -227,6 +265,9 @@ class ModelLayout:
         if found is not None:
             return found
         placement = Placement(name)
+        if self.available and self._renamings is None:  # read from the store: build it now
+            self._load_info()
+        self._dirty = True
         if self.available:
             try:
                 from transformers.core_model_loading import rename_source_key
@@ -274,6 +315,52 @@ class ModelLayout:
     def memory_shape(self, memory: str) -> tuple[int, ...] | None:
         shape = self._meta.get(memory)
         return None if shape is None else tuple(shape)
+
+
+#: Part of a stored layout's key: change it when what a layout stores changes.
+LAYOUT_VERSION = "1"
+
+
+def _stored_path(config_json: str):
+    """Where the layout of ``config_json`` is stored: in the cache folder, keyed by BLAKE3
+    of the config, transformers' version and :data:`LAYOUT_VERSION` (what transformers
+    says about an architecture is a function of these alone); ``None`` without
+    transformers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from analysis.cache import content_hasher, default_cache_dir
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:
+        return None
+    key = content_hasher(f"layout\x1f{LAYOUT_VERSION}\x1f{transformers_version}\x1f{config_json}".encode())
+    digest = key.hexdigest()
+    return default_cache_dir() / "layouts" / digest[:2] / f"{digest}.json"
+
+
+def _read_stored(config_json: str):
+    """``(available, prefix, meta, kinds, transposed, placements)`` stored by
+    :meth:`ModelLayout.persist`, or ``None`` (not stored, unreadable or malformed)."""
+    path = _stored_path(config_json)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        placements = {
+            name: Placement(str(memory), None if expert is None else int(expert), int(part), int(parts))
+            for name, (memory, expert, part, parts) in data["placements"].items()
+        }
+        meta = {str(name): tuple(int(d) for d in shape) for name, shape in data["meta"].items()}
+        kinds = {str(k): str(v) for k, v in data["kinds"].items()}
+        transposed = {str(k): bool(v) for k, v in data["transposed"].items()}
+        prefix = data["prefix"]
+        return bool(data["available"]), None if prefix is None else str(prefix), meta, kinds, transposed, placements
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.info("ignoring the stored layout %s: %s", path, exc)
+        return None
 
 
 @lru_cache(maxsize=16)

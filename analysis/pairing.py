@@ -137,6 +137,7 @@ def catalogue(
     counts = Counter(s.identity for s in slots)
     if any(c > 1 for c in counts.values()):
         slots = [replace(s, module=_module_path(s.name)) if counts[s.identity] > 1 else s for s in slots]
+    layout.persist()  # the next process plans this architecture without importing transformers
     return slots, skipped
 
 

@@ -11,22 +11,18 @@ a corrupt file, download the JSON report, and time cached re-renders. Screenshot
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
 
+from tests.servers import REPO, streamlit_server
+
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TIMEOUT_MS = 180_000
@@ -35,12 +31,6 @@ if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
 sync_api = pytest.importorskip("playwright.sync_api")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,38 +70,8 @@ def _warm_cache(cache: Path, spec: str) -> None:
 
 @pytest.fixture(scope="module")
 def server(files: dict[str, Path]) -> Iterator[str]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "WSE_CACHE_DIR": str(files["cache"]),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
-    log = open(files["log"], "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read() == b"ok":
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            log.close()
-            raise RuntimeError(f"streamlit did not start:\n{files['log'].read_text()[-3000:]}")
-        time.sleep(0.3)
-    yield url
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        process.kill()
-    log.close()
+    with streamlit_server({"WSE_CACHE_DIR": str(files["cache"])}, files["log"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,7 @@ the address bar. Tiny models (tests/factories.py) keep it light on a 2-core mach
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlparse
@@ -21,10 +17,10 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 
 from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K
+from tests.servers import REPO, streamlit_server
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "load"
 TIMEOUT_MS = 120_000
@@ -64,34 +60,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(models: dict[str, Path]) -> Iterator[str]:
-    from tests.test_browser import _free_port
-
-    port = _free_port()
-    env = {**os.environ, "WSE_CACHE_DIR": str(models["root"] / "cache"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "WSE_ALLOW_LOCAL_PATHS": "1"}  # fmt: skip
-    log_path = models["root"] / "streamlit.log"
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
+    env = {"WSE_CACHE_DIR": str(models["root"] / "cache"), "WSE_ALLOW_LOCAL_PATHS": "1"}
+    with streamlit_server(env, models["root"] / "streamlit.log") as url:
         yield url
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            process.kill()
 
 
 def _sliders(page) -> dict[str, str | None]:

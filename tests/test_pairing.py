@@ -285,3 +285,49 @@ def test_adapted_embeddings_are_reported_but_analysed_only_on_request(tiny_llama
     embedding = next(m for m in everything.matrices if m.name == "model.embed_tokens.weight")
     assert embedding.shape == (100, 32) and embedding.module == "embed_tokens"
     assert everything.summary["non_block_adapted"] == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral", "gpt_oss", "llava"])
+def test_a_stored_layout_plans_exactly_as_transformers_does(family, tmp_path, monkeypatch):
+    """What transformers says about an architecture (renamed names, stacked Mixtral experts,
+    gpt-oss's transposed experts, GPT-2's Conv1D) is stored in the cache, so a later
+    process plans without importing transformers (1-2 s); the plan is the same, and a
+    damaged stored layout is built again."""
+    from analysis import layouts
+    from analysis.pairing import catalogue
+    from tests import families
+
+    families.quiet()
+    folder = families.save(families.build(family), family, tmp_path / "model")
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    layouts._meta_info.cache_clear()
+    built = catalogue(open_source(str(folder)), include_non_block=True)
+    stored = list((tmp_path / "cache" / "layouts").rglob("*.json"))
+    assert len(stored) == 1
+
+    def no_transformers(_config_json):
+        raise AssertionError("a stored layout built the model again")
+
+    monkeypatch.setattr(layouts, "_meta_info", no_transformers)
+    assert catalogue(open_source(str(folder)), include_non_block=True) == built
+    stored[0].write_text('{"available": true, "placements": {"x": [1]}}')
+    monkeypatch.undo()
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    assert catalogue(open_source(str(folder)), include_non_block=True) == built
+    assert json.loads(stored[0].read_text())["placements"]  # written again, whole
+
+
+def test_planning_in_a_new_process_needs_no_transformers_once_its_layout_is_stored(tiny_llama, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from analysis.pipeline import plan_models; "
+        f"plan_models({str(tiny_llama)!r}, [{str(tiny_llama)!r}]); print('transformers' in sys.modules)"
+    )
+    env = {**os.environ, "WSE_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True) for _ in "12"
+    ]
+    assert [r.stdout.split()[-1] for r in runs] == ["True", "False"]

@@ -8,18 +8,14 @@ desktop (1400 x 900) and a phone (390 x 844) size. Screenshots go to
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
-from tests.test_browser import ARTIFACTS, CHROMIUM, REPO, TIMEOUT_MS, _free_port, chart_titles, shot, wait_page
+from tests.servers import streamlit_server
+from tests.test_browser import ARTIFACTS, CHROMIUM, TIMEOUT_MS, chart_titles, shot, wait_page
 from tests.test_series import make_full_series, make_lora_series
 
 pytestmark = pytest.mark.browser
@@ -31,32 +27,9 @@ def series_server(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("series-browser")
     full = make_full_series(tiny_bert, root / "full-run")
     lora = make_lora_series(tiny_bert, root / "lora-run", steps=(1, 2, 3, 4))
-    port = _free_port()
-    env = {**os.environ, "WSE_CACHE_DIR": str(root / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
-    log_path = root / "streamlit.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        params = {"base": str(tiny_bert), "tuned": [f"series:{full}", f"series:{lora}"], "series": f"series:{lora}"}
+    params = {"base": str(tiny_bert), "tuned": [f"series:{full}", f"series:{lora}"], "series": f"series:{lora}"}
+    with streamlit_server({"WSE_CACHE_DIR": str(root / "cache")}, root / "streamlit.log") as url:
         yield url, params
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            process.kill()
 
 
 @pytest.mark.parametrize(("width", "height"), [(1400, 900), (390, 844)])

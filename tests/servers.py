@@ -1,0 +1,55 @@
+"""A real Streamlit server for the browser tests: ``streamlit run app.py`` in a subprocess
+on a free port, waited on through its health endpoint, stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def streamlit_server(env: dict[str, str], log_path: Path, start_timeout_s: float = 60) -> Iterator[str]:
+    """The URL of a dashboard started with ``env`` added to this process's environment
+    (offline: ``HF_HUB_OFFLINE=1``); its output goes to ``log_path``, whose tail is raised
+    if it does not start."""
+    port = free_port()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.time() + start_timeout_s
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                        if response.read() == b"ok":
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                process.kill()
