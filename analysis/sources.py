@@ -30,7 +30,6 @@ and memory-maps one tensor when asked. Every problem a user can cause is an
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -139,11 +138,11 @@ class WeightSource:
         return tensor
 
     def content_digest(self, name: str) -> str:
-        """sha256 of the tensor's dtype, shape and bytes: equal digests, equal tensors."""
-        tensor = self.load(name).contiguous()
-        digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()
+        """:func:`analysis.cache.tensor_digest` of the stored tensor (BLAKE3 of its dtype,
+        shape and bytes): equal digests, equal tensors."""
+        from analysis.cache import tensor_digest
+
+        return tensor_digest(self.load(name))
 
 
 def _config_near(folder: Path) -> dict:
