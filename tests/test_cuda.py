@@ -23,6 +23,7 @@ from analysis.linalg import decompose, decompose_many
 from analysis.pipeline import analyse_matrix
 from analysis.plan import LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import DEFAULT_EPSILONS
+from tests.spectra import reference, trained_like
 
 pytestmark = [
     pytest.mark.cuda,
@@ -30,22 +31,6 @@ pytestmark = [
 ]
 CUDA = torch.device("cuda")
 MARGIN = 1e-3
-
-
-def trained_like(m: int, n: int, seed: int) -> torch.Tensor:
-    """Power-law spikes plus a Gaussian bulk (as in benchmarks/workloads.py), float32."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n) // 4
-    s = 30 * torch.arange(1, k + 1, dtype=torch.float64) ** -0.6
-    left = torch.randn(m, k, generator=g, dtype=torch.float64) * s / m**0.5
-    right = torch.randn(n, k, generator=g, dtype=torch.float64) / n**0.5
-    bulk = torch.randn(m, n, generator=g, dtype=torch.float64) * 2 / (m**0.5 + n**0.5)
-    return (left @ right.T + bulk).float()
-
-
-def reference(w: torch.Tensor):
-    u, s, vt = np.linalg.svd(w.double().cpu().numpy(), full_matrices=False)
-    return u, s, vt.T
 
 
 @pytest.mark.parametrize("method", ["gesvda", "gram", "eig"])

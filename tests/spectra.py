@@ -1,0 +1,24 @@
+"""Test matrices with a trained-like spectrum and their float64 reference decomposition,
+shared by the CPU (``tests/test_eig_path.py``) and CUDA (``tests/test_cuda.py``) checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def trained_like(m: int, n: int, seed: int) -> torch.Tensor:
+    """Power-law spikes plus a Gaussian bulk (as in benchmarks/workloads.py), float32."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n) // 4
+    s = 30 * torch.arange(1, k + 1, dtype=torch.float64) ** -0.6
+    left = torch.randn(m, k, generator=g, dtype=torch.float64) * s / m**0.5
+    right = torch.randn(n, k, generator=g, dtype=torch.float64) / n**0.5
+    bulk = torch.randn(m, n, generator=g, dtype=torch.float64) * 2 / (m**0.5 + n**0.5)
+    return (left @ right.T + bulk).float()
+
+
+def reference(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(U, S, V)`` of ``w`` by NumPy's float64 SVD (on the host, whatever ``w``'s device)."""
+    u, s, vt = np.linalg.svd(w.double().cpu().numpy(), full_matrices=False)
+    return u, s, vt.T
