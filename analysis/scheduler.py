@@ -108,6 +108,53 @@ def _limit_blas(threads: int):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
+class _BlasGate:
+    """Matrices on one outside-torch BLAS thread share the gate; a matrix on more holds it
+    alone.
+
+    OpenBLAS runs a multi-threaded call on fewer threads when another thread of the process
+    is inside OpenBLAS at the time (measured: a two-thread ``dsytrd`` beside two threads
+    doing one-thread calls gave the one-thread bits in 1 of 30 runs), so a matrix that asks
+    for several threads only gets reproducible bits while nothing else computes. One-thread
+    calls run in the caller and do not disturb each other. A waiting multi-threaded matrix
+    goes before newly arriving one-thread ones, so a stream of small matrices (another
+    visitor's job) cannot starve it. Taken inside a pair's cache-entry lock and before any
+    base-entry lock, never while waiting for another thread's entry, so it cannot deadlock.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextmanager
+    def hold(self, alone: bool) -> Iterator[None]:
+        with self._cond:
+            if not alone:
+                self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+                self._sharing += 1
+            else:
+                self._waiting_alone += 1
+                try:
+                    self._cond.wait_for(lambda: not self._alone and not self._sharing)
+                finally:
+                    self._waiting_alone -= 1
+                self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                if alone:
+                    self._alone = False
+                else:
+                    self._sharing -= 1
+                self._cond.notify_all()
+
+
+_blas_gate = _BlasGate()
+
+
 @contextmanager
 def blas_threads(threads: int) -> Iterator[None]:
     """Run the body (one matrix's decompositions) in this thread with ``threads`` threads
@@ -118,20 +165,22 @@ def blas_threads(threads: int) -> Iterator[None]:
     every analysis running in it (two visitors' jobs): one with a large matrix on two
     threads would change the bits of the other's small ones. So the count is set for the
     calling thread only (OpenBLAS's ``openblas_set_num_threads_local``, as torch's own
-    ``set_num_threads`` is per thread), and put back afterwards. Where a BLAS library has no
-    per-thread setting, the process-wide limit is used, one matrix at a time.
+    ``set_num_threads`` is per thread), and put back afterwards; a matrix on more than one
+    thread runs while no other matrix computes (:class:`_BlasGate`). Where a BLAS library
+    has no per-thread setting, the process-wide limit is used, one matrix at a time.
     """
     setters = _blas_libraries()
     if not setters:
         with _blas_global_lock, _limit_blas(threads):
             yield
         return
-    previous = [setter(threads) for setter in setters]
-    try:
-        yield
-    finally:
-        for setter, value in zip(setters, previous, strict=True):
-            setter(value)
+    with _blas_gate.hold(alone=threads > 1):
+        previous = [setter(threads) for setter in setters]
+        try:
+            yield
+        finally:
+            for setter, value in zip(setters, previous, strict=True):
+                setter(value)
 
 
 def _caller_threads() -> int:

@@ -150,7 +150,7 @@ def test_overlapping_analyses_give_the_bytes_they_give_alone(monkeypatch):
             order.append(pair.plan.name)
             if pair.plan.name == "large0":
                 inside.set()
-                release.wait(5.0)  # the small analysis runs meanwhile
+                release.wait(5.0)  # the small analysis starts meanwhile, and waits
             return real(pair, *args)
 
         monkeypatch.setattr(pipeline, "_pair_metrics", pair_metrics)
@@ -158,11 +158,54 @@ def test_overlapping_analyses_give_the_bytes_they_give_alone(monkeypatch):
         thread = threading.Thread(target=lambda: large_beside.extend(fields(analyse_plan(large, device="cpu"))))
         thread.start()
         assert inside.wait(30)
+        timer = threading.Timer(0.3, release.set)
+        timer.start()
         small_beside = fields(analyse_plan(small, device="cpu", workers=2))
-        release.set()
         thread.join(30)
+        timer.join()
     finally:
         torch.set_num_threads(before)
     assert order[0] == "large0" and sorted(order[1:]) == [f"small{i}" for i in range(4)]
     assert small_beside == small_alone
     assert large_beside == large_alone
+
+
+def test_a_multi_threaded_blas_call_is_never_disturbed_by_one_thread_calls_beside_it():
+    """OpenBLAS runs a multi-threaded call on fewer threads when another thread is inside
+    OpenBLAS (without the gate, 5 of 60 repetitions below gave the two-thread bits): a
+    matrix on two BLAS threads waits until no one-thread matrix computes, and gives the same
+    bytes every time while other threads keep computing small ones."""
+    from analysis import scheduler
+    from analysis.linalg import decompose
+
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(5)
+    large, small = torch.randn(320, 288, generator=g), torch.randn(96, 80, generator=g)
+
+    def values() -> bytes:
+        return decompose(large, cpu, "gram", top=20, vectors=torch.float32).values.numpy().tobytes()
+
+    with scheduler.blas_threads(2):
+        alone = values()
+    with scheduler.blas_threads(1):
+        assert values() != alone  # one and two threads differ: else this test proves nothing
+    stop = threading.Event()
+
+    def beside() -> None:
+        while not stop.is_set():
+            with scheduler.blas_threads(1):
+                decompose(small, cpu, "gram", top=10, vectors=torch.float32)
+
+    threads = [threading.Thread(target=beside) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        runs = []
+        for _ in range(60):
+            with scheduler.blas_threads(2):
+                runs.append(values())
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert runs == [alone] * 60
