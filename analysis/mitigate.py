@@ -514,10 +514,23 @@ def run(
         from analysis.mitigate_eval import evaluate_tradeoff
 
         with torch_threads(1):
+            curve = step(3 * n)
             result.tradeoff = evaluate_tradeoff(
-                resolver, base, tuned, mitigation, grid, progress=step(3 * n), should_stop=should_stop, cache=cache
+                resolver,
+                base,
+                tuned,
+                mitigation,
+                grid,
+                progress=lambda done, total, what: curve(done, total, f"{TRADEOFF_STEP}: {what}"),
+                should_stop=should_stop,
+                cache=cache,
             )
     return result
+
+
+#: How progress names the trade-off curve's steps (model evaluations, seconds each where
+#: a matrix takes milliseconds: a page does not extrapolate its time left from them).
+TRADEOFF_STEP = "trade-off curve"
 
 
 def tradeoff_grid(lam: float) -> tuple[float, ...]:

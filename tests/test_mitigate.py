@@ -19,7 +19,15 @@ from safetensors.torch import load_file
 from analysis.cache import SpectrumCache
 from analysis.cli import main
 from analysis.errors import InputError
-from analysis.mitigate import MitigationSettings, export_adapter, export_merged, find_intruders, run, zip_folder
+from analysis.mitigate import (
+    TRADEOFF_STEP,
+    MitigationSettings,
+    export_adapter,
+    export_merged,
+    find_intruders,
+    run,
+    zip_folder,
+)
 from analysis.mitigate_eval import evaluate_tradeoff, held_out_paragraphs
 from analysis.specs import SpecResolver
 from tests import factories
@@ -302,6 +310,16 @@ def test_tradeoff_of_a_causal_lm_full_fine_tune_is_the_same_on_one_worker_or_two
     changed = evaluate_tradeoff(resolver, str(base), str(tuned), other.mitigation, grid, paragraphs=24, cache=cache)
     assert len(evaluations) == 6  # lambda 0 and 0.5 only
     assert changed.points[:2] == first.points[:2]
+
+    # The job's progress names the curve's steps, so a page does not extrapolate the time
+    # left from the milliseconds of a matrix to the seconds of a model evaluation.
+    steps: list[tuple[int, int, str]] = []
+    settings = MitigationSettings(lam=0.0, top_k=4, eps=0.9)
+    run(resolver, str(base), str(tuned), settings, tradeoff=True, cache=cache, progress=lambda *a: steps.append(a))
+    n = len(result.mitigation.matrices)
+    curve_steps = [what for done, _total, what in steps if done > 3 * n]
+    assert curve_steps and all(what.startswith(TRADEOFF_STEP) for what in curve_steps)
+    assert steps[-1][0] == steps[-1][1]
 
 
 def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_path, resolver):

@@ -16,7 +16,7 @@ import streamlit as st
 
 from analysis.cache import default_cache_dir
 from analysis.jobs import Job, JobState
-from analysis.mitigate import MitigationSettings, job_key, mitigation_job
+from analysis.mitigate import TRADEOFF_STEP, MitigationSettings, job_key, mitigation_job
 from ui import runtime, state
 
 LAMBDA_STEP = state.LAMBDA_STEP
@@ -95,7 +95,8 @@ def progress(job: Job) -> None:
         if job.state is JobState.QUEUED or p is None:
             st.progress(0.0, text="Mitigation: waiting for a free worker…")
         else:
-            eta = f", about {p.eta_s:.0f} s left" if p.eta_s is not None and p.done < p.total else ""
+            timed = p.eta_s is not None and p.done < p.total and not p.step.startswith(TRADEOFF_STEP)
+            eta = f", about {p.eta_s:.0f} s left" if timed else ""
             st.progress(p.fraction, text=f"Mitigation: step {p.done} of {p.total} ({p.step}){eta}")
         st.button("Cancel", key="cancel_mitigation", on_click=_cancel, help="Stop the mitigation this page started")
 
