@@ -755,6 +755,18 @@ def effective_rank_figure(
 _LOG_TICKS = [m * 10**e for e in range(7) for m in (1, 2, 5)]
 
 
+def _rank_axis(n_max: int) -> dict:
+    """A log x axis of singular-value ranks 1..``n_max`` with plain 1-2-5 tick labels."""
+    ticks = [t for t in _LOG_TICKS if t <= n_max]
+    return {
+        "title": "rank",
+        "type": "log",
+        "tickvals": ticks,
+        "ticktext": [str(t) for t in ticks],
+        "range": [-0.05, math.log10(n_max * 1.1)],
+    }
+
+
 def _log_sample(n: int, keep: Sequence[int], max_points: int = MAX_SPECTRUM_POINTS) -> np.ndarray:
     """Indices ``0..n-1`` thinned log-evenly to about ``max_points``, ``keep`` always in."""
     if n <= max_points:
@@ -819,19 +831,12 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
         )
     n_intr = len(intruder_ranks)
     n_max = max(len(spectrum), 1)
-    ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
         # Short first line (narrow screens), details below it.
         # The count before the (long) tensor name: a phone's width cuts the end of the line.
         title=f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
         f"{'s' if n_intr != 1 else ''} in the top {len(intr)} at ε = {eps:g} · {matrix.name}</sup>",
-        xaxis={
-            "title": "rank",
-            "type": "log",
-            "tickvals": ticks,
-            "ticktext": [str(t) for t in ticks],
-            "range": [-0.05, math.log10(n_max * 1.1)],
-        },
+        xaxis=_rank_axis(n_max),
         yaxis=_log_axis(shown, title="singular value"),
         height=460,
         legend={"orientation": "h", "y": -0.2},

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis import tables
-from analysis.figures import _LOG_TICKS, INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample
+from analysis.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample, _rank_axis
 from analysis.mitigate import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 
@@ -128,18 +128,11 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
                 hovertemplate="scaled intruder at rank %{x}<br>σ = %{y:.4g}<extra></extra>",
             )
         )
-    ticks = [t for t in _LOG_TICKS if t <= n_max]
     fig.update_layout(
         # Short first line (narrow screens), the tensor name below it.
         title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{len(intruders)} "
         f"component{'s' if len(intruders) != 1 else ''} scaled · {before.name}</sup>",
-        xaxis={
-            "title": "rank",
-            "type": "log",
-            "tickvals": ticks,
-            "ticktext": [str(t) for t in ticks],
-            "range": [-0.05, float(np.log10(n_max * 1.1))],
-        },
+        xaxis=_rank_axis(n_max),
         yaxis=_log_axis(shown, title="singular value"),
         height=420,
         legend={"orientation": "h", "y": -0.25},

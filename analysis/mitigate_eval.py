@@ -141,11 +141,6 @@ class HeldOut:
         return sum(losses) / max(1, len(losses))
 
 
-def held_out_loss(model: torch.nn.Module, tokenizer, family: str, paragraphs: Sequence[str]) -> float:
-    """The held-out loss of the module docstring for ``model``."""
-    return HeldOut(tokenizer, family, paragraphs)(model)
-
-
 def evaluation_workers(points: int, model_bytes: int) -> int:
     """Points evaluated at once: one per core, at most one per point, and as many model
     copies as fit in a quarter of the memory available now."""
@@ -213,7 +208,7 @@ def _evaluate_points(
     mitigation: Mitigation,
     *,
     with_task: bool,
-    paragraphs: int,
+    texts: list[str],
     evaluated: dict[int, dict],
     finished: Callable[[int], None],
     should_stop: Callable[[], bool] | None,
@@ -231,7 +226,7 @@ def _evaluate_points(
     base_folder, tuned_folder = folders
     adapter = mitigation.kind == "adapter"
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
-    held_out = HeldOut(tokenizer, family, held_out_paragraphs(paragraphs))
+    held_out = HeldOut(tokenizer, family, texts)
     task = _DemoTask(tokenizer) if with_task else None
     base_model = _load(base_folder, family) if 0 in todo or adapter else None
     template = base_model if adapter else _load(tuned_folder, family)
@@ -362,7 +357,8 @@ def evaluate_tradeoff(
     # What a point measures: the evaluation, the base folder, and for the others the
     # fine-tune's folder (an adapter's, or the full model's) and the mitigation at lambda.
     s = mitigation.settings
-    common = (TRADEOFF_VERSION, family, str(len(held_out_paragraphs(paragraphs))), str(with_task))
+    texts = held_out_paragraphs(paragraphs)
+    common = (TRADEOFF_VERSION, family, str(len(texts)), str(with_task))
     base_id = folder_digest(base_folder)
     tuned_id = folder_digest(Path(resolver.open(tuned).root)) if adapter else folder_digest(tuned_folder)
 
@@ -399,7 +395,7 @@ def evaluate_tradeoff(
                 family,
                 mitigation,
                 with_task=with_task,
-                paragraphs=paragraphs,
+                texts=texts,
                 evaluated=evaluated,
                 finished=finished,
                 should_stop=should_stop,
@@ -420,13 +416,14 @@ def evaluate_tradeoff(
             points.append(evaluated[index])
         else:  # lambda = 1: the fine-tune's numbers
             points.append({**evaluated[1], "label": label})
-    texts = held_out_paragraphs(paragraphs)
-    task = with_task
+    task_note = "no task metric known for this model"
+    if with_task:
+        task_note = "task: MRR on the demo's held-out retrieval split"
     note = (
         f"{loss_name} on {len(texts)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "
         "standing for the pre-training distribution"
-        + ("; task: MRR on the demo's held-out retrieval split" if task else "; no task metric known for this model")
+        + f"; {task_note}"
         + (f"; {swapped} matrices swapped per point" if swapped else "")
         + "."
     )
-    return Tradeoff(loss_name, "MRR (demo retrieval)" if task else None, points, note, time.perf_counter() - start)
+    return Tradeoff(loss_name, "MRR (demo retrieval)" if with_task else None, points, note, time.perf_counter() - start)

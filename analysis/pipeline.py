@@ -211,8 +211,9 @@ def _compute_on(
     cache: SpectrumCache | None,
     budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> MatrixResult:
-    """:func:`_compute` on the threads the matrix's shape asks for on the CPU
-    (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere."""
+    """The pair's result: found by :func:`_prepare` in the cache, or :func:`_compute` on
+    the threads the matrix's shape asks for on the CPU (:func:`matrix_threads`), whatever
+    else runs in the process; one BLAS thread elsewhere."""
     if pair.result is not None:
         return pair.result
     threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(pair.plan.shape, method, budget)
@@ -402,8 +403,6 @@ def analyse_matrix(
         finally:
             if cache is not None:
                 cache.fingerprints.flush()
-        if pair.result is not None:
-            return pair.result
         return _compute_on(pair, settings, device, method, cache)
 
 
@@ -457,8 +456,6 @@ def analyse_plan(
         return pair
 
     def finish(pair: _Pair) -> MatrixResult:
-        if pair.result is not None:
-            return pair.result
         return _compute_on(pair, settings, device, method, cache, budget)
 
     def stop(done: int) -> None:
@@ -611,9 +608,7 @@ def analyse_pair(
         try:
             torch.set_num_threads(1)  # merging an adapter: as analyse_plan does (determinism)
             pair = _prepare(plan, settings, cache, source=source)
-            result = pair.result
-            if result is None:
-                result = _compute_on(pair, settings, device, method, cache)
+            result = _compute_on(pair, settings, device, method, cache)
         finally:
             if cache is not None:
                 cache.fingerprints.flush()

@@ -21,9 +21,9 @@ import torch
 
 from analysis.linalg import decompose, decompose_many
 from analysis.pipeline import analyse_matrix
-from analysis.plan import LowRankDelta, MatrixPlan, TunedMatrix
+from analysis.plan import MatrixPlan, TunedMatrix
 from analysis.results import DEFAULT_EPSILONS
-from tests.spectra import reference, trained_like
+from tests.spectra import reference, trained_like, trained_pair
 
 pytestmark = [
     pytest.mark.cuda,
@@ -83,17 +83,7 @@ def _plan(base: torch.Tensor, tuned: TunedMatrix, rank: int | None) -> MatrixPla
 @pytest.mark.parametrize("adapter", [False, True], ids=["full", "adapter"])
 def test_cuda_pipeline_agrees_with_float64(adapter, method, monkeypatch):
     monkeypatch.setenv("WSE_SVD_METHOD", method)
-    base = trained_like(768, 512, seed=3)
-    if adapter:
-        g = torch.Generator().manual_seed(4)
-        s1 = float(torch.linalg.matrix_norm(base.double(), ord=2))
-        delta = LowRankDelta(
-            torch.randn(768, 4, generator=g) * s1 / 768**0.5, torch.randn(4, 512, generator=g) / 512**0.5, 1.0
-        )
-        tuned = TunedMatrix(base + delta.dense(), delta)
-    else:
-        tuned = TunedMatrix(base + 0.05 * trained_like(768, 512, seed=5))
-    rank = 4 if adapter else None
+    base, tuned, rank = trained_pair(768, 512, adapter)
     gpu = analyse_matrix(_plan(base, tuned, rank), device="cuda")
     u0, s0, _ = reference(base)
     ut, st, _ = reference(tuned.weight)

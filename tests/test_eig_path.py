@@ -15,9 +15,9 @@ import torch
 from analysis import lapack, linalg
 from analysis.linalg import decompose
 from analysis.pipeline import analyse_matrix
-from analysis.plan import LowRankDelta, MatrixPlan, TunedMatrix
+from analysis.plan import MatrixPlan, TunedMatrix
 from analysis.results import DEFAULT_EPSILONS
-from tests.spectra import reference, trained_like
+from tests.spectra import reference, trained_like, trained_pair
 
 CPU = torch.device("cpu")
 MARGIN = 1e-3
@@ -85,17 +85,7 @@ def _plan(base: torch.Tensor, tuned: TunedMatrix, rank: int | None) -> MatrixPla
 def test_eig_pipeline_agrees_with_float64_and_the_cpu_method(monkeypatch, adapter):
     monkeypatch.setattr(linalg, "SUBSPACE_MIN_SIZE", 256)  # the seeded path, as for a 7B matrix
     monkeypatch.setattr(linalg, "SUBSPACE_MAX_FRACTION", 0.5)  # the top 100 of 256
-    base = trained_like(384, 256, seed=3)
-    if adapter:
-        g = torch.Generator().manual_seed(4)
-        s1 = float(torch.linalg.matrix_norm(base.double(), ord=2))
-        delta = LowRankDelta(
-            torch.randn(384, 4, generator=g) * s1 / 384**0.5, torch.randn(4, 256, generator=g) / 256**0.5, 1.0
-        )
-        tuned = TunedMatrix(base + delta.dense(), delta)
-    else:
-        tuned = TunedMatrix(base + 0.05 * trained_like(384, 256, seed=5))
-    rank = 4 if adapter else None
+    base, tuned, rank = trained_pair(384, 256, adapter)
     monkeypatch.setenv("WSE_SVD_METHOD", "eig")
     eig = analyse_matrix(_plan(base, tuned, rank), device="cpu")
     monkeypatch.setenv("WSE_SVD_METHOD", "gram")
