@@ -38,6 +38,9 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
     for a base that is not cached. On an H200 a float64 ``eigh`` of a 4096 Gram matrix
     takes about what one ``gesvda`` does (108 vs 114 ms, issue 13), but the engine no
     longer computes full ``U`` and ``V`` of the base, the tuned weight and the update.
+    Same-shaped matrices of order up to :data:`BATCH_MAX_ORDER` passed together (the
+    experts of a mixture-of-experts layer) are diagonalised in batched calls
+    (:func:`_batched_gram_spectra`), each getting the bits it gets alone.
 ``gesvda``
     cuSOLVER's ``gesvdaStridedBatched`` through ``torch.linalg.svd(driver="gesvda")``,
     in float32, batched over same-shaped matrices; wide matrices are transposed first
@@ -220,7 +223,7 @@ def decompose(
     only if they are used), and checked against the exact values; it falls back to the
     full decomposition when the check fails.
     """
-    return decompose_many([weight], device, method, vectors=vectors, top=top, seeds=seeds)[0]
+    return decompose_many([weight], device, method, vectors=vectors, top=top, seeds=[seeds])[0]
 
 
 def decompose_many(
@@ -230,13 +233,31 @@ def decompose_many(
     *,
     vectors: torch.dtype = torch.float64,
     top: int | None = None,
-    seeds: Seeds | None = None,
+    seeds: Sequence[Seeds | None] | None = None,
 ) -> list[Spectrum]:
-    """:func:`decompose` for several matrices; ``gesvda`` runs same-shaped ones as one batch."""
+    """:func:`decompose` for several matrices (``seeds``: one entry per matrix, or ``None``).
+
+    ``gesvda`` runs same-shaped matrices as one batch; ``eig`` diagonalises the Gram
+    matrices of same-shaped matrices of order up to :data:`BATCH_MAX_ORDER` in batched
+    calls (:func:`_batched_gram_spectra`), one chunk per :data:`BATCH_MAX_BYTES`.
+    """
     method = method or default_method(device)
+    if seeds is not None and len(seeds) != len(weights):
+        raise ValueError(f"{len(seeds)} seeds for {len(weights)} matrices")
     if method in ("gram", "eig"):
+        spectra: list[Spectrum | None] = [None] * len(weights)
+        if method == "eig":
+            for chunk in _batches([tuple(w.shape) for w in weights], top):
+                found = _batched_gram_spectra([weights[i].to(device) for i in chunk], vectors)
+                for i, spectrum in zip(chunk, found, strict=True):
+                    spectra[i] = spectrum
         native = method == "gram"  # NumPy's syrk and SciPy's tridiagonal routines on the CPU
-        return [_gram_spectrum(w.to(device), vectors, top, seeds, native=native) for w in weights]
+        return [
+            s
+            if s is not None
+            else _gram_spectrum(w.to(device), vectors, top, None if seeds is None else seeds[i], native=native)
+            for i, (w, s) in enumerate(zip(weights, spectra, strict=True))
+        ]
     if method == "svd":
         return [_svd_spectrum(w.to(device)) for w in weights]
     if method == "gesvda":
@@ -249,12 +270,84 @@ def decompose_many(
     raise ValueError(f"unknown SVD method {method!r}; use one of {METHODS}")
 
 
+#: The ``eig`` method diagonalises the Gram matrices of same-shaped matrices whose smaller
+#: side is at most this in batched calls (a mixture-of-experts layer: 128 experts of
+#: 768 x 2048 each; issue 13). Larger ones go one by one: their top vectors may come from
+#: seeded subspace iteration (:data:`SUBSPACE_MIN_SIZE`), and one of them keeps a GPU busy.
+BATCH_MAX_ORDER = 2048
+#: The Gram matrices of one batched call hold at most this many bytes (float64); a larger
+#: group is split into chunks of as many matrices as fit.
+BATCH_MAX_BYTES = 512 * 1024**2
+
+
+def _batches(shapes: Sequence[tuple[int, int]], top: int | None) -> list[list[int]]:
+    """Indices of the matrices the ``eig`` method decomposes together: same-shaped ones of
+    order up to :data:`BATCH_MAX_ORDER` whose ``top`` vectors do not come from subspace
+    iteration, in chunks that fit :data:`BATCH_MAX_BYTES`, in the order given. A matrix of
+    its own shape forms a batch of one (padded, see :func:`_batched_gram_spectra`)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        if min(shape) <= BATCH_MAX_ORDER and not _by_subspace_iteration(min(shape), top):
+            groups.setdefault(shape, []).append(i)
+    chunks = []
+    for shape, indices in groups.items():
+        per_chunk = max(1, BATCH_MAX_BYTES // (8 * min(shape) ** 2))
+        chunks += [indices[start : start + per_chunk] for start in range(0, len(indices), per_chunk)]
+    return chunks
+
+
+def _torch_gram(w: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix by ``torch.mm`` (the ``eig`` method, any device)."""
+    return w @ w.transpose(0, 1) if w.shape[0] <= w.shape[1] else w.transpose(0, 1) @ w
+
+
+def _batched_gram_spectra(weights: Sequence[torch.Tensor], vectors: torch.dtype) -> list[Spectrum]:
+    """The ``eig`` method's full decomposition of same-shaped matrices, diagonalised together.
+
+    What :func:`_gram_spectrum` computes for a matrix of this size (every value from a
+    float64 eigensolver; every vector of the Gram side in ``vectors`` precision), with one
+    ``eigh`` call for the whole batch instead of one per matrix. Each Gram matrix is formed
+    on its own (``torch.mm``, as for a single matrix) and the batch always holds at least
+    two (a lone matrix is joined by a zero one), so a matrix is diagonalised by the same
+    batched routine whatever else is in its batch: torch chooses cuSOLVER's routine by the
+    batch count and the order, and a batched routine decomposes each matrix of its batch
+    independently. ``tests/test_cuda.py`` checks that a matrix gets the same bits in any
+    batch; this keeps a pair's bytes independent of which pairs it was analysed with.
+    """
+    w64 = [w.to(torch.float64) for w in weights]
+    grams = [_torch_gram(w) for w in w64]
+    del w64
+    if len(grams) == 1:
+        grams.append(torch.zeros_like(grams[0]))
+    stacked = torch.stack(grams)
+    del grams
+    if vectors == torch.float64:
+        eigenvalues, eigenvectors = torch.linalg.eigh(stacked)
+    else:
+        eigenvalues = torch.linalg.eigvalsh(stacked)
+        eigenvectors = torch.linalg.eigh(stacked.to(vectors)).eigenvectors
+    del stacked
+    values = eigenvalues.flip(-1).clamp_min(0).sqrt()
+    side = "left" if weights[0].shape[0] <= weights[0].shape[1] else "right"
+    return [
+        # Values are cloned: a view would keep (and a cache entry would store) the batch's.
+        Spectrum(values[i].clone(), **{side: eigenvectors[i]}, weight=w, ascending=True)
+        for i, w in enumerate(weights)
+    ]
+
+
 #: ``top`` vectors are found by subspace iteration only when the spectrum has at least
 #: this many values and ``top`` is at most this fraction of them. Measured on the 2-core
 #: CPU for the top 100 of a fine-tune seeded from its base: 1.5x slower than a full
 #: float64 eigendecomposition at 2048, 2x faster at 4096 (benchmarks/README.md).
 SUBSPACE_MIN_SIZE = 3072
 SUBSPACE_MAX_FRACTION = 0.125
+
+
+def _by_subspace_iteration(size: int, top: int | None) -> bool:
+    """Whether the top vectors of a Gram matrix of this size come from subspace iteration
+    (:func:`top_eigenvectors`) rather than a full eigendecomposition."""
+    return top is not None and size >= SUBSPACE_MIN_SIZE and top <= SUBSPACE_MAX_FRACTION * size
 
 
 def _gram_spectrum(
@@ -269,7 +362,7 @@ def _gram_spectrum(
     w = weight.to(torch.float64)
     m, n = w.shape
     wide = m <= n
-    gram = gram_matrix(w) if native else (w @ w.transpose(0, 1) if wide else w.transpose(0, 1) @ w)
+    gram = gram_matrix(w) if native else _torch_gram(w)
     size = gram.shape[0]
     # The update's vectors (vectors=float32, how many unknown: rank90 of a dense update may
     # be most of a large spectrum) go this way only below SUBSPACE_MIN_SIZE; above, the
@@ -285,7 +378,7 @@ def _gram_spectrum(
         spectrum = _tridiagonal_spectrum(gram, weight, "left" if wide else "right", top)
         if spectrum is not None:
             return spectrum
-    if top is not None and size >= SUBSPACE_MIN_SIZE and top <= SUBSPACE_MAX_FRACTION * size:
+    if _by_subspace_iteration(size, top):
         eigenvalues = torch.linalg.eigvalsh(gram).flip(0)
         start = None
         if seeds is not None:

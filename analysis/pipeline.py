@@ -22,7 +22,15 @@ import torch
 from analysis import metrics
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.linalg import Spectrum, decompose, decompose_many, default_method, low_rank_spectrum, resolve_device
+from analysis.linalg import (
+    BATCH_MAX_ORDER,
+    Spectrum,
+    decompose,
+    decompose_many,
+    default_method,
+    low_rank_spectrum,
+    resolve_device,
+)
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import (
     DEFAULT_EPSILONS,
@@ -211,33 +219,63 @@ def _compute_on(
     cache: SpectrumCache | None,
     budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> MatrixResult:
-    """The pair's result: found by :func:`_prepare` in the cache, or :func:`_compute` on
-    the threads the matrix's shape asks for on the CPU (:func:`matrix_threads`), whatever
-    else runs in the process; one BLAS thread elsewhere."""
-    if pair.result is not None:
-        return pair.result
-    threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(pair.plan.shape, method, budget)
-    if device.type == "cpu":
-        _use_threads(threads)
-    return _compute(pair, settings, device, method, cache, blas)
+    """One pair's result: :func:`_compute_group` of that pair alone."""
+    return _compute_group([pair], settings, device, method, cache, budget)[0]
 
 
-def _compute(
-    pair: _Pair,
+def _compute_group(
+    pairs: Sequence[_Pair],
     settings: AnalysisSettings,
     device: torch.device,
     method: str,
     cache: SpectrumCache | None,
-    blas: int = 1,
-) -> MatrixResult:
-    def compute() -> Entry:
-        with blas_threads(blas):  # this thread's count, whatever runs beside it
-            return _pair_metrics(pair, settings, device, method, cache)
+    budget: int = DEFAULT_MEMORY_BUDGET,
+) -> list[MatrixResult]:
+    """The results of same-shaped pairs (one pair but for the ``eig`` method, see
+    :func:`group_matrices`): those :func:`_prepare` found in the cache, the others computed
+    together (:func:`_group_metrics`), on the threads their shape asks for on the CPU
+    (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere.
 
-    assert pair.base is not None and pair.tuned is not None
-    # _prepare looked the pair up and missed: read again only under the entry's lock.
-    tensors, info = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
-    return _result(pair.plan, tensors, info)
+    Each pair is stored under its own entry's lock; the group is computed when the first
+    pair that is still missing under its lock asks for it, so a pair another process
+    stored meanwhile is read, not computed twice.
+    """
+    todo = [pair for pair in pairs if pair.result is None]
+    if todo:
+        threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(todo[0].plan.shape, method, budget)
+        if device.type == "cpu":
+            _use_threads(threads)
+        computed: list[Entry] = []
+
+        def entry(index: int) -> Entry:
+            if not computed:
+                with blas_threads(blas):  # this thread's count, whatever runs beside it
+                    computed.extend(_group_metrics(todo, settings, device, method, cache))
+            return computed[index]
+
+        for index, pair in enumerate(todo):
+            assert pair.base is not None and pair.tuned is not None
+            # _prepare looked the pair up and missed: read again only under the entry's lock.
+            compute = lambda index=index: entry(index)  # noqa: E731
+            found = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
+            pair.result = _result(pair.plan, *found)
+            pair.base = pair.tuned = None  # the weights are not needed any more
+    return [pair.result for pair in pairs]
+
+
+def _group_metrics(
+    pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+) -> list[Entry]:
+    """Every metric of each pair: the ``eig`` method's spectra of the whole group
+    (:func:`_group_spectra`), else :func:`_pair_metrics` one pair at a time."""
+    if method != "eig":
+        return [_pair_metrics(pair, settings, device, method, cache) for pair in pairs]
+    return [
+        pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
+        for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(
+            pairs, _group_spectra(pairs, settings, device, cache), strict=True
+        )
+    ]
 
 
 def _pair_metrics(
@@ -248,39 +286,91 @@ def _pair_metrics(
     return pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
 
 
+def _on_device(pair: _Pair, device: torch.device) -> tuple[torch.Tensor, TunedMatrix]:
+    """The pair's base and tuned weight on ``device`` (copies from pinned memory overlap)."""
+    base, tuned = pair.base.to(device, non_blocking=True), pair.tuned
+    if device.type == "cuda":
+        tuned = TunedMatrix(tuned.weight.to(device, non_blocking=True), tuned.low_rank)
+    return base, tuned
+
+
+def _seeds(
+    base_spectrum: Spectrum, tuned: TunedMatrix, wanted: int, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """Starting vectors for the tuned weight's top ``wanted``: a fine-tune's top singular
+    vectors lie near the base's (and, for an adapter, in the span of ``B``). A function, as
+    only the subspace iteration of large matrices uses them."""
+
+    def seeds() -> torch.Tensor:
+        start = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
+        if tuned.low_rank is None:
+            return start
+        return torch.cat([tuned.low_rank.B.to(device, torch.float64), start], dim=1)
+
+    return seeds
+
+
+def _group_spectra(
+    pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, cache: SpectrumCache | None
+) -> list[tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]]:
+    """:func:`_pair_spectra` of the ``eig`` method for several pairs at once: the bases that
+    are not cached, the tuned weights and the dense updates each go through one
+    :func:`~analysis.linalg.decompose_many` call, which diagonalises same-shaped small
+    matrices in batches (the many experts of a mixture-of-experts layer, issue 13)."""
+    wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
+    weights = [_on_device(pair, device) for pair in pairs]
+    missing = [i for i, pair in enumerate(pairs) if pair.base_spectrum is None]
+    fresh = dict(zip(missing, decompose_many([weights[i][0] for i in missing], device, "eig"), strict=True))
+    base_spectra = [_base_spectrum(pair, fresh.pop(i, None), device, cache) for i, pair in enumerate(pairs)]
+    del fresh  # their float64 vectors: only the float16 copies are used (peak memory, issue 13)
+    tuned_spectra = decompose_many(
+        [tuned.weight for _, tuned in weights],
+        device,
+        "eig",
+        top=wanted,
+        seeds=[_seeds(b, tuned, wanted, device) for b, (_, tuned) in zip(base_spectra, weights, strict=True)],
+    )
+    dense = [i for i, (_, tuned) in enumerate(weights) if tuned.low_rank is None]
+    # A float64 difference (exact for float32 and bf16 weights) for float64 values; the
+    # update's vectors only feed spans (amplification, similarity): float32.
+    differences = [_float64_difference(weights[i][1].weight, weights[i][0], device) for i in dense]
+    updates = dict(zip(dense, decompose_many(differences, device, "eig", vectors=torch.float32), strict=True))
+    del differences
+    return [
+        (
+            base_spectra[i],
+            tuned_spectra[i],
+            updates[i] if i in updates else low_rank_spectrum(tuned.low_rank, device),
+            base,
+        )
+        for i, (base, tuned) in enumerate(weights)
+    ]
+
+
 def _pair_spectra(
     pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]:
     """The spectra of the base (cached or computed and cached), the tuned weight and the
     update, each with just the vectors the metrics use; and the base weight on ``device``.
 
-    ``gesvda`` (selectable on CUDA): the matrices that need an SVD (the base unless cached,
-    the tuned weight, the update unless low-rank) share a shape and go as one batch.
+    ``gram`` (the CPU default): one matrix at a time, each with the precision its metrics
+    need (``eig``: :func:`_group_spectra`). ``gesvda`` (selectable on CUDA): the matrices
+    that need an SVD (the base unless cached, the tuned weight, the update unless
+    low-rank) share a shape and go as one batch.
     """
-    base, tuned = pair.base.to(device, non_blocking=True), pair.tuned
-    if device.type == "cuda":
-        tuned = TunedMatrix(tuned.weight.to(device, non_blocking=True), tuned.low_rank)
+    base, tuned = _on_device(pair, device)
     wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
-    if method in ("gram", "eig"):  # one matrix at a time; each gets the precision its metrics need
+    if method == "gram":
         fresh = decompose(base, device, method) if pair.base_spectrum is None else None
         base_spectrum = _base_spectrum(pair, fresh, device, cache)
         del fresh  # its float64 vectors: only the float16 copy is used (peak memory, issue 13)
-
-        # A fine-tune's top singular vectors lie near the base's (and, for an adapter, in
-        # the span of B): good seeds when only the top few of a large spectrum are needed.
-        def seeds() -> torch.Tensor:  # only the subspace iteration of large matrices uses them
-            start = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
-            if tuned.low_rank is None:
-                return start
-            return torch.cat([tuned.low_rank.B.to(device, torch.float64), start], dim=1)
-
-        tuned_spectrum = decompose(tuned.weight, device, method, top=wanted, seeds=seeds)
+        tuned_spectrum = decompose(
+            tuned.weight, device, method, top=wanted, seeds=_seeds(base_spectrum, tuned, wanted, device)
+        )
         if tuned.low_rank is not None:
             delta = low_rank_spectrum(tuned.low_rank, device)
         else:
-            # A float64 difference (exact for float32 and bf16 weights) for float64 values;
-            # the update's vectors only feed spans (amplification, similarity): float32.
-            difference = _float64_difference(tuned.weight, base, device)
+            difference = _float64_difference(tuned.weight, base, device)  # float64 values, float32 vectors
             delta = decompose(difference, device, method, vectors=torch.float32)
     else:  # on the GPU the matrices of a pair share a shape: one batched call
         todo = {} if pair.base_spectrum is not None else {"base": base}
@@ -445,45 +535,84 @@ def analyse_plan(
     else:
         workers = default_workers() if workers is None else max(1, workers)
 
-    def prepare(matrix: MatrixPlan) -> _Pair:
+    def prepare(group: tuple[MatrixPlan, ...]) -> list[_Pair]:
         # Preparing runs on one torch thread whatever the worker: loading may merge an
         # adapter (a matrix product), whose bits must not depend on the thread.
         torch.set_num_threads(1)
-        pair = _prepare(
-            matrix, settings, cache, source=plan.tuned_label, base_source=plan.base_label, pin=device.type == "cuda"
-        )
-        pair.write = writer
-        return pair
+        pin = device.type == "cuda"
+        pairs = [_prepare(m, settings, cache, plan.tuned_label, plan.base_label, pin=pin) for m in group]
+        for pair in pairs:
+            pair.write = writer
+        return pairs
 
-    def finish(pair: _Pair) -> MatrixResult:
-        return _compute_on(pair, settings, device, method, cache, budget)
+    def finish(pairs: list[_Pair]) -> list[MatrixResult]:
+        return _compute_group(pairs, settings, device, method, cache, budget)
 
-    def stop(done: int) -> None:
+    done = 0
+
+    def stop(_groups_done: int) -> None:
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
+    def cost(group: tuple[MatrixPlan, ...]) -> int:
+        return sum(working_bytes(m.shape, method, device.type) for m in group)
+
     writer = BackgroundWriter() if cache is not None else None
     with _compute_threads():
-        results = _in_order(
-            plan.matrices,
-            prepare,
-            finish,
-            workers,
-            budget,
-            lambda m: working_bytes(m.shape, method, device.type),
-            before_each=stop,
-        )
+        groups = group_matrices(plan.matrices, method, budget // 2, device.type)
+        results = _in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
         try:
-            for done, (matrix, result) in enumerate(results, start=1):
-                if progress is not None:
-                    progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, time.perf_counter() - start))
-                yield result
+            for group, group_results in results:
+                for matrix, result in zip(group, group_results, strict=True):
+                    done += 1
+                    if progress is not None:
+                        elapsed = time.perf_counter() - start
+                        progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, elapsed))
+                    yield result
         finally:
             results.close()  # waits for the workers, so no digest comes after the flush
             if writer is not None:
                 writer.close()
             if cache is not None:
                 cache.fingerprints.flush()
+
+
+#: Pairs the ``eig`` method analyses together at most (see :func:`group_matrices`).
+MAX_GROUP = 16
+
+
+def group_matrices(
+    matrices: Sequence[MatrixPlan], method: str, max_bytes: int, device_type: str = "cpu"
+) -> list[tuple[MatrixPlan, ...]]:
+    """The plan's matrices in the groups they are analysed in, in plan order.
+
+    For the ``eig`` method (the CUDA default), runs of consecutive same-shaped matrices of
+    order up to :data:`~analysis.linalg.BATCH_MAX_ORDER` (a mixture-of-experts layer's
+    experts) form groups of up to :data:`MAX_GROUP` pairs whose working memory
+    (:func:`working_bytes`) fits ``max_bytes``; their decompositions then run in batched
+    calls (:func:`_group_spectra`). Every other matrix, and every matrix of the other
+    methods, is a group of its own. Which pairs share a group does not change any pair's
+    bytes (:func:`analysis.linalg._batched_gram_spectra`).
+    """
+    groups: list[tuple[MatrixPlan, ...]] = []
+    current: list[MatrixPlan] = []
+    held = 0
+    for matrix in matrices:
+        batchable = method == "eig" and min(matrix.shape) <= BATCH_MAX_ORDER
+        size = working_bytes(matrix.shape, method, device_type)
+        if current and (
+            not batchable or matrix.shape != current[0].shape or len(current) >= MAX_GROUP or held + size > max_bytes
+        ):
+            groups.append(tuple(current))
+            current, held = [], 0
+        current.append(matrix)
+        held += size
+        if not batchable:
+            groups.append(tuple(current))
+            current, held = [], 0
+    if current:
+        groups.append(tuple(current))
+    return groups
 
 
 def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelResult:

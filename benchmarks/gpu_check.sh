@@ -4,7 +4,9 @@
 #   1. pytest tests/test_cuda.py (the CUDA path against float64 references, the memory bound);
 #   2. the ratio benchmark on a 4-layer Llama-7B-shaped slice (28 matrices), engine against
 #      the papers' procedure: cold, cached base, all cached, rank-16 adapter;
-#   3. the engine alone over all 32 layers (224 matrices): whole-model time and peaks.
+#   3. the engine alone over all 32 layers (224 matrices): whole-model time and peaks;
+#   4. one MoE layer of 32 Qwen3-30B-A3B-shaped experts (96 matrices): experts analysed in
+#      groups (batched decompositions) against one pair at a time, bytes compared.
 #
 # Results (logs, JSON and Markdown tables) go to $OUT (default ./gpu-check-out). Each step
 # has its own time limit, so a slow step still leaves the others' results.
@@ -46,5 +48,9 @@ echo "   (steps 1-2: $(( $(date +%s) - start )) s)"
 echo "== 3. the engine alone over all 32 layers"
 timeout 200 "$PY" -m benchmarks.run --workload llama7b-shape --device cuda --layers 32 --engine-only \
     --data-dir "$DATA" --out "$OUT" 2>&1 | tee "$OUT/bench-engine.log"
+echo "   (steps 1-3: $(( $(date +%s) - start )) s)"
+
+echo "== 4. an expert layer: grouped against one pair at a time"
+timeout 150 "$PY" -m benchmarks.experts --device cuda --experts 32 --out "$OUT" 2>&1 | tee "$OUT/bench-experts.log"
 echo "== done in $(( $(date +%s) - start )) s; results in $OUT"
 ls -la "$OUT"

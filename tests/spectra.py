@@ -24,15 +24,16 @@ def reference(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return u, s, vt.T
 
 
-def trained_pair(m: int, n: int, adapter: bool):
+def trained_pair(m: int, n: int, adapter: bool, seed: int = 3):
     """``(base, tuned, adapter rank)``: a trained-like base and either a rank-4 adapter as
-    large as the base's top singular value or a small full-rank update (a full fine-tune)."""
+    large as the base's top singular value or a small full-rank update (a full fine-tune).
+    Other seeds give other pairs of the same shape."""
     from analysis.plan import LowRankDelta, TunedMatrix
 
-    base = trained_like(m, n, seed=3)
+    base = trained_like(m, n, seed=seed)
     if not adapter:
-        return base, TunedMatrix(base + 0.05 * trained_like(m, n, seed=5)), None
-    g = torch.Generator().manual_seed(4)
+        return base, TunedMatrix(base + 0.05 * trained_like(m, n, seed=seed + 2)), None
+    g = torch.Generator().manual_seed(seed + 1)
     s1 = float(torch.linalg.matrix_norm(base.double(), ord=2))
     delta = LowRankDelta(torch.randn(m, 4, generator=g) * s1 / m**0.5, torch.randn(4, n, generator=g) / n**0.5, 1.0)
     return base, TunedMatrix(base + delta.dense(), delta), 4

@@ -121,3 +121,51 @@ def test_gpu_memory_of_a_7b_sized_pair_is_bounded():
     peak = torch.cuda.max_memory_allocated()
     print(f"GPU peak of a 4096 x 4096 pair: {peak / 1024**3:.2f} GiB")
     assert peak < 1.25 * 1024**3
+
+
+@pytest.mark.parametrize("vectors", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("shape", [(24, 40), (768, 2048), (2048, 768)], ids=["order-24", "expert", "expert-down"])
+def test_a_matrix_gets_the_same_bits_in_any_cuda_batch(shape, vectors):
+    """The ``eig`` method diagonalises same-shaped matrices (MoE experts) in batched calls:
+    a matrix must get the same bits alone (padded to a batch of two), in a batch of five
+    and in another batch, or a pair's cached bytes would depend on its companions. Order
+    24 is where torch picks cuSOLVER's ``syevjBatched`` (order <= 32)."""
+    from analysis import linalg
+
+    experts = [trained_like(*shape, seed=20 + i).to(CUDA) for i in range(5)]
+    together = decompose_many(experts, CUDA, "eig", vectors=vectors)
+    alone = [decompose(w, CUDA, "eig", vectors=vectors) for w in experts]
+    others = decompose_many(experts[::-1][:3], CUDA, "eig", vectors=vectors)[::-1]
+    assert linalg.BATCH_MAX_ORDER >= min(shape)
+
+    def bits(spectrum):
+        return spectrum.values.cpu().numpy().tobytes(), spectrum.left(20).cpu().numpy().tobytes()
+
+    assert [bits(s) for s in together] == [bits(s) for s in alone]
+    assert [bits(s) for s in others] == [bits(s) for s in alone[2:]]
+    u, s, _ = reference(experts[0].cpu())
+    np.testing.assert_allclose(together[0].values.cpu().numpy(), s, rtol=1e-8, atol=1e-10 * s[0])
+
+
+def test_cuda_experts_analysed_together_get_the_bytes_each_gets_alone():
+    """An expert layer through the pipeline on CUDA: grouped pairs (batched decompositions)
+    give every pair the bytes it gets analysed alone, and agree with float64."""
+    from analysis.pipeline import analyse_plan
+    from analysis.plan import ComparisonPlan
+
+    pairs = [trained_pair(384, 1024, adapter=i % 2 == 1, seed=40 + i) for i in range(6)]
+    matrices = [
+        MatrixPlan(f"e.{i}.up", 0, "up", (384, 1024), lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r, expert=i)
+        for i, (b, t, r) in enumerate(pairs)
+    ]
+    grouped = list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices), device="cuda"))
+    alone = [analyse_matrix(m, device="cuda") for m in matrices]
+
+    def fields(r) -> bytes:
+        arrays = (r.base_singular_values, r.tuned_singular_values, r.delta_singular_values, r.intruder_scores)
+        return b"".join(a.tobytes() for a in (*arrays, r.similarity, r.delta_left_vectors))
+
+    assert [fields(r) for r in grouped] == [fields(r) for r in alone]
+    for r, (base, tuned, _) in zip(grouped, pairs, strict=True):
+        np.testing.assert_allclose(r.tuned_singular_values[:10], reference(tuned.weight)[1][:10], rtol=1e-4)
+        np.testing.assert_allclose(r.base_singular_values[:10], reference(base)[1][:10], rtol=1e-4)

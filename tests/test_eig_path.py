@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from analysis import lapack, linalg
-from analysis.linalg import decompose
+from analysis.linalg import decompose, decompose_many
 from analysis.pipeline import analyse_matrix
 from analysis.plan import MatrixPlan, TunedMatrix
 from analysis.results import DEFAULT_EPSILONS
@@ -105,3 +105,94 @@ def test_eig_pipeline_agrees_with_float64_and_the_cpu_method(monkeypatch, adapte
     assert eig.rank90 == gram.rank90
     assert eig.effective_rank == pytest.approx(gram.effective_rank, rel=1e-6)
     assert eig.amplification_factor == pytest.approx(gram.amplification_factor, rel=1e-5)
+
+
+def _bits(spectrum: linalg.Spectrum, k: int) -> tuple[bytes, bytes]:
+    return spectrum.values.numpy().tobytes(), spectrum.left(k).numpy().tobytes()
+
+
+@pytest.mark.parametrize("vectors", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_eig_batches_same_shaped_matrices_and_each_keeps_the_bits_it_gets_alone(monkeypatch, torch_only, vectors):
+    """Same-shaped small matrices (a mixture-of-experts layer's experts) are diagonalised in
+    one batched call; a matrix gets the same bits alone, in any batch, in any position."""
+    batches = []
+    real = linalg._batched_gram_spectra
+    monkeypatch.setattr(linalg, "_batched_gram_spectra", lambda ws, v: batches.append(len(ws)) or real(ws, v))
+    experts = [trained_like(96, 160, seed=20 + i) for i in range(5)]
+    odd = trained_like(160, 96, seed=30)  # another shape: a batch of its own
+    together = decompose_many([*experts[:3], odd, *experts[3:]], CPU, "eig", vectors=vectors)
+    assert sorted(batches) == [1, 5]
+    alone = [decompose(w, CPU, "eig", vectors=vectors) for w in experts]
+    reordered = decompose_many(experts[::-1][:3], CPU, "eig", vectors=vectors)[::-1]  # experts 2, 3, 4
+    for got, single in zip([*together[:3], *together[4:]], alone, strict=True):
+        assert _bits(got, 20) == _bits(single, 20)
+    for got, single in zip(reordered, alone[2:], strict=True):
+        assert _bits(got, 20) == _bits(single, 20)
+    for w, spectrum in zip([*experts[:3], odd, *experts[3:]], together, strict=True):
+        u, s, v = reference(w)
+        np.testing.assert_allclose(spectrum.values.numpy(), s, rtol=1e-9, atol=1e-7 * s[0])
+        tol = 1e-6 if vectors == torch.float64 else 1e-4
+        for got, expected in ((spectrum.left(10), u[:, :10]), (spectrum.right(10), v[:, :10])):
+            assert np.abs(np.sum(got.double().numpy() * expected, axis=0)).min() > 1 - tol
+
+
+def test_group_matrices_batches_runs_of_same_shaped_small_matrices():
+    from analysis.pipeline import MAX_GROUP, group_matrices
+
+    def plan(name: str, shape: tuple[int, int]) -> MatrixPlan:
+        return MatrixPlan(name, 0, "q", shape, lambda: None, lambda: None)
+
+    expert, dense, big = (32, 64), (64, 64), (64, linalg.BATCH_MAX_ORDER + 1)
+    matrices = [plan("q", dense), *(plan(f"e{i}", expert) for i in range(MAX_GROUP + 3)), plan("o", dense)]
+    matrices += [plan("big0", (linalg.BATCH_MAX_ORDER + 1,) * 2), plan("big1", (linalg.BATCH_MAX_ORDER + 1,) * 2)]
+    matrices += [plan("tall", big[::-1]), plan("wide", big)]  # order 64: batchable, but two shapes
+    names = [[m.name for m in g] for g in group_matrices(matrices, "eig", 1 << 40)]
+    experts = [f"e{i}" for i in range(MAX_GROUP + 3)]
+    assert names == [["q"], experts[:MAX_GROUP], experts[MAX_GROUP:], ["o"], ["big0"], ["big1"], ["tall"], ["wide"]]
+    assert all(len(g) == 1 for g in group_matrices(matrices, "gram", 1 << 40))  # the CPU method: one by one
+    from analysis.scheduler import working_bytes
+
+    fits_three = 3 * working_bytes(expert, "eig")  # the memory a group may hold
+    sizes = [len(g) for g in group_matrices(matrices[1 : MAX_GROUP + 4], "eig", fits_three)]
+    assert sizes == [3] * ((MAX_GROUP + 3) // 3) + ([(MAX_GROUP + 3) % 3] if (MAX_GROUP + 3) % 3 else [])
+
+
+def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_alone(monkeypatch, tmp_path):
+    """A mixture-of-experts layer through the ``eig`` method: same-shaped experts are
+    decomposed in batches (bases, tuned weights, updates), a pair's bytes equal those it
+    gets analysed alone, and a group of which some pairs are cached computes the rest."""
+    from analysis import pipeline
+    from analysis.cache import SpectrumCache
+    from analysis.pipeline import analyse_plan
+    from analysis.plan import ComparisonPlan
+
+    monkeypatch.setenv("WSE_SVD_METHOD", "eig")
+    pairs = [trained_pair(96, 160, adapter=i % 2 == 1, seed=40 + i) for i in range(6)]
+    matrices = [
+        MatrixPlan(f"e.{i}.up", 0, "up", (96, 160), lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r, expert=i)
+        for i, (b, t, r) in enumerate(pairs)
+    ]
+    plan = ComparisonPlan("base", "tuned", "full", matrices)
+    batches = []
+    real = linalg._batched_gram_spectra
+    monkeypatch.setattr(linalg, "_batched_gram_spectra", lambda ws, v: batches.append(len(ws)) or real(ws, v))
+    grouped = list(analyse_plan(plan, device="cpu"))
+    assert sorted(batches) == [3, 6, 6]  # bases, tuned weights, the three dense updates
+    batches.clear()
+    alone = [pipeline.analyse_matrix(m, device="cpu") for m in matrices]
+    assert batches == [1] * 15  # each pair alone: base, tuned weight, and the update of the three dense ones
+
+    def fields(r) -> bytes:
+        arrays = (r.base_singular_values, r.tuned_singular_values, r.delta_singular_values, r.intruder_scores)
+        return b"".join(a.tobytes() for a in (*arrays, r.similarity, r.delta_left_vectors))
+
+    assert [fields(r) for r in grouped] == [fields(r) for r in alone]
+    for r, (_, tuned, _) in zip(grouped, pairs, strict=True):
+        np.testing.assert_allclose(r.tuned_singular_values, reference(tuned.weight)[1], rtol=1e-6)
+
+    cache = SpectrumCache(tmp_path)
+    list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices[1::2]), device="cpu", cache=cache))
+    batches.clear()
+    cached = list(analyse_plan(plan, device="cpu", cache=cache))
+    assert sorted(batches) == [3, 3, 3]  # only the three pairs not cached were computed
+    assert [fields(r) for r in cached] == [fields(r) for r in alone]

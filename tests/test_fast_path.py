@@ -460,8 +460,8 @@ def test_analysis_threads_are_restored_afterwards(monkeypatch):
         base, tuned = planted_pair(5)
         plan = ComparisonPlan("b", "t", "adapter", [plan_of(f"m{i}", base, tuned) for i in range(6)])
         seen: list[int] = []
-        real = pipeline._compute
-        monkeypatch.setattr(pipeline, "_compute", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+        real = pipeline._group_metrics
+        monkeypatch.setattr(pipeline, "_group_metrics", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
         list(analyse_plan(plan, device="cpu", workers=4))
         assert seen == [1] * 6  # four matrices at once on four cores: one thread each
         assert torch.get_num_threads() == 2
