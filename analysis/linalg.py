@@ -309,10 +309,11 @@ def _batched_gram_spectra(weights: Sequence[torch.Tensor], vectors: torch.dtype)
     ``eigh`` call for the whole batch instead of one per matrix. Each Gram matrix is formed
     on its own (``torch.mm``, as for a single matrix) and the batch always holds at least
     two (a lone matrix is joined by a zero one), so a matrix is diagonalised by the same
-    batched routine whatever else is in its batch: torch chooses cuSOLVER's routine by the
-    batch count and the order, and a batched routine decomposes each matrix of its batch
-    independently. ``tests/test_cuda.py`` checks that a matrix gets the same bits in any
-    batch; this keeps a pair's bytes independent of which pairs it was analysed with.
+    batched routine whatever else is in its batch (torch chooses cuSOLVER's routine by the
+    batch count and the order). A batched routine that decomposes each matrix of its batch
+    on its own then gives a matrix the same bits in any batch, so a pair's bytes do not
+    depend on which pairs it was analysed with: ``tests/test_eig_path.py`` checks this bit
+    for bit on the CPU, ``tests/test_cuda.py`` on cuSOLVER.
     """
     w64 = [w.to(torch.float64) for w in weights]
     grams = [_torch_gram(w) for w in w64]

@@ -65,11 +65,18 @@ class Slot:
     part: int = 0
     parts: int = 1
     stack: str | None = None
+    #: A fused expert slice cut into ``parts`` row blocks, this one block ``part``: the
+    #: matrix a per-expert checkpoint stores on its own (:func:`_to_base_layout`).
+    split: bool = False
+    #: Per-expert matrices joined (rows, in order) into the fused slice a base stores
+    #: (:func:`_to_base_layout`); ``name`` is then the first of them.
+    pieces: tuple[Slot, ...] = ()
 
     @property
     def key(self) -> str:
-        """Names the same matrix across checkpoints of the same architecture and layout."""
-        where = "fused" if self.index is not None else f"{self.part}/{self.parts}"
+        """Names the same matrix across checkpoints of the same architecture and layout (and,
+        once :func:`_to_base_layout` re-cut a fine-tune's experts, of either layout)."""
+        where = "fused" if self.index is not None and not self.split else f"{self.part}/{self.parts}"
         return f"{self.memory}#{self.expert}#{where}"
 
     @property
@@ -190,10 +197,17 @@ def match_names(base_names: list[str], tuned_names: list[str]) -> dict[str, str]
 
 
 def _load_slot(source: WeightSource, slot: Slot) -> torch.Tensor:
-    """The slot's matrix as float32 ``out x in`` (one expert read alone from a fused tensor)."""
+    """The slot's matrix as float32 ``out x in`` (one expert read alone from a fused tensor,
+    and of a split slice only its rows)."""
+    if slot.pieces:
+        return torch.cat([_load_slot(source, piece) for piece in slot.pieces])
     tensor = source.load(slot.name) if slot.index is None else source.load_slice(slot.name, slot.index)
     tensor = tensor.to(torch.float32)
-    return (tensor.T if slot.transpose else tensor).contiguous()
+    tensor = tensor.T if slot.transpose else tensor
+    if slot.split:
+        rows = slot.shape[0]
+        tensor = tensor[slot.part * rows : (slot.part + 1) * rows]
+    return tensor.contiguous()
 
 
 def _load_tuned_full(source: WeightSource, slot: Slot) -> TunedMatrix:
@@ -210,10 +224,15 @@ def _load_tuned_param(adapter: LoraAdapter, module: AdapterModule, base: WeightS
 
 def _slot_digest(source: WeightSource, slot: Slot, stored: StoredDigest) -> str:
     """A digest of what :func:`_load_slot` returns, from the stored tensor's digest."""
+    if slot.pieces:
+        return derived_digest("row-concat", *(_slot_digest(source, piece, stored) for piece in slot.pieces))
     digest = stored(source.file(slot.name), slot.name, partial(source.load, slot.name))
     if slot.index is not None:
         digest = derived_digest("expert-slice", f"index={slot.index}", digest)
-    return derived_digest("oriented-float32", f"transpose={slot.transpose}", digest)
+    digest = derived_digest("oriented-float32", f"transpose={slot.transpose}", digest)
+    if slot.split:
+        digest = derived_digest("row-block", f"part={slot.part}/{slot.parts}", digest)
+    return digest
 
 
 def _full_digests(base: WeightSource, slot: Slot, tuned: WeightSource, tuned_slot: Slot, stored: StoredDigest):
@@ -302,9 +321,57 @@ def _skipped_slots(skipped: list[dict], slots: Iterable[Slot], reason: str, anal
     skipped.extend({"name": n, "reason": reason} for n in names)
 
 
+def _to_base_layout(tuned: list[Slot], base: list[Slot]) -> list[Slot]:
+    """The fine-tune's expert matrices cut as the base stores them, where the two checkpoints
+    use different expert layouts (the hub's per-expert Qwen3-MoE or Mixtral against a
+    transformers 5 state dict with fused ``gate_up_proj`` / ``down_proj``).
+
+    A fused slice of the fine-tune becomes the per-expert matrices the base stores (its row
+    blocks, in the order transformers concatenates them: ``gate_proj`` then ``up_proj``);
+    per-expert matrices of the fine-tune are joined into the fused slice the base stores.
+    Matrices are always the base's, so every name in a plan remains a base tensor. Where the
+    shapes do not tile, nothing changes (and the matrices are listed as unmatched).
+    """
+
+    def per_expert(slots: list[Slot]) -> dict[tuple[str, int], list[Slot]]:
+        fused = {s.memory for s in slots if s.index is not None}
+        found: dict[tuple[str, int], list[Slot]] = defaultdict(list)
+        for s in slots:
+            if s.index is None and s.expert is not None and s.memory not in fused:
+                found[(s.memory, s.expert)].append(s)
+        return {k: sorted(v, key=lambda p: p.part) for k, v in found.items()}
+
+    def tiles(parts: list[Slot], shape: tuple[int, int]) -> bool:
+        return (
+            [p.part for p in parts] == list(range(len(parts)))
+            and all(p.parts == len(parts) and p.shape == (shape[0] // p.parts, shape[1]) for p in parts)
+            and shape[0] % len(parts) == 0
+        )
+
+    base_parts, tuned_parts = per_expert(base), per_expert(tuned)
+    base_fused = {(s.memory, s.expert): s for s in base if s.index is not None}
+    out: list[Slot] = []
+    for slot in tuned:
+        parts = base_parts.get((slot.memory, slot.expert)) if slot.index is not None else None
+        if parts and tiles(parts, slot.shape):  # split this fused slice as the base stores it
+            out.extend(
+                replace(slot, module=p.module, shape=p.shape, part=p.part, parts=p.parts, split=True) for p in parts
+            )
+            continue
+        target = base_fused.get((slot.memory, slot.expert)) if slot.index is None else None
+        pieces = tuned_parts.get((slot.memory, slot.expert)) if target is not None else None
+        if pieces and tiles(pieces, target.shape):  # join the per-expert parts into the base's slice
+            if slot.part == 0:
+                out.append(replace(target, name=slot.name, transpose=False, pieces=tuple(pieces)))
+            continue
+        out.append(slot)
+    return out
+
+
 def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool) -> ComparisonPlan:
     base_slots, skipped = catalogue(base, include_non_block)
     tuned_slots, _ = catalogue(tuned, include_non_block)
+    tuned_slots = _to_base_layout(tuned_slots, base_slots)
     base_by_key = {s.key: s for s in base_slots}
     tuned_by_key = {s.key: s for s in tuned_slots}
     pairs = match_names(list(base_by_key), list(tuned_by_key))
@@ -326,10 +393,10 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
                 digests=partial(_full_digests, base, slot, tuned, tuned_slot),
             )
         )
-    matched_tuned = {tuned_by_key[k].name for k in pairs.values()}
+    matched_tuned = {p.name for k in pairs.values() for p in (tuned_by_key[k].pieces or (tuned_by_key[k],))}
     analysed = {m.name for m in matrices}
     base_unmatched = sorted({s.name for s in base_slots if s.key not in pairs} - analysed)
-    unmatched = base_unmatched + sorted({s.name for s in tuned_slots} - matched_tuned)
+    unmatched = base_unmatched + sorted({p.name for s in tuned_slots for p in (s.pieces or (s,))} - matched_tuned)
     if not matrices and not mismatches:
         raise InputError(
             tuned.label,

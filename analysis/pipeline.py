@@ -236,9 +236,9 @@ def _compute_group(
     together (:func:`_group_metrics`), on the threads their shape asks for on the CPU
     (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere.
 
-    Each pair is stored under its own entry's lock; the group is computed when the first
-    pair that is still missing under its lock asks for it, so a pair another process
-    stored meanwhile is read, not computed twice.
+    Each pair is looked up again and stored under its own entry's lock (one lock held at a
+    time); the group is computed once, when the first pair still missing under its lock
+    asks for it, so a group another process finished meanwhile is read, not computed again.
     """
     todo = [pair for pair in pairs if pair.result is None]
     if todo:
@@ -259,6 +259,7 @@ def _compute_group(
             compute = lambda index=index: entry(index)  # noqa: E731
             found = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
             pair.result = _result(pair.plan, *found)
+        for pair in todo:
             pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
 

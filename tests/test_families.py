@@ -266,3 +266,41 @@ def test_adapters_merge_exactly_as_peft_merge_and_unload(family: str, family_roo
         assert got.shape == want.shape and torch.allclose(got, want.float(), atol=1e-6, rtol=1e-5), matrix.name
         changed += not torch.equal(got, matrix.load_base())
     assert changed == len(plan.matrices)
+
+
+@pytest.mark.parametrize("base_layout", ["per-expert", "fused"])
+def test_a_fine_tune_in_the_other_expert_layout_pairs_expert_by_expert(base_layout: str, tmp_path: Path) -> None:
+    """A base saved in one expert layout and its fine-tune in the other (the hub's
+    per-expert Qwen3-MoE against a transformers 5 state dict, or the reverse): the
+    fine-tune's experts are cut as the base stores them (gate and up split from, or joined
+    into, ``gate_up_proj`` in transformers' order), so every expert matrix is paired, and
+    each pair's matrices and result equal those from a fine-tune saved like its base."""
+    from analysis.pipeline import analyse_plan, plan_models
+
+    families.quiet()
+    model = families.build("qwen3_moe")
+    tuned = copy.deepcopy(model)
+    families.perturb(tuned)
+    saved = {}
+    for layout, family in (("per-expert", "qwen3_moe"), ("fused", "qwen3_moe_fused")):
+        saved[layout] = (families.save(model, family, tmp_path / f"{layout}-base"),)
+        saved[layout] += (families.save(tuned, family, tmp_path / f"{layout}-tuned"),)
+    other = "fused" if base_layout == "per-expert" else "per-expert"
+    (mixed,) = plan_models(str(saved[base_layout][0]), [str(saved[other][1])])
+    (same,) = plan_models(str(saved[base_layout][0]), [str(saved[base_layout][1])])
+    assert not mixed.unmatched and not mixed.shape_mismatches and len(mixed.skipped) == len(same.skipped)
+    identity = lambda m: (m.layer, m.module, m.expert)  # noqa: E731
+    assert sorted(map(identity, mixed.matrices)) == sorted(map(identity, same.matrices))
+    expected = {"gate", "up", "down"} if base_layout == "per-expert" else {"gate_up", "down"}
+    assert {m.module for m in mixed.matrices if m.expert is not None} == expected
+    assert [m.name for m in mixed.matrices] == [m.name for m in same.matrices]  # base tensors
+    by_identity = {identity(m): m for m in same.matrices}
+    for m in mixed.matrices:
+        reference = by_identity[identity(m)]
+        assert torch.equal(m.load_base(), reference.load_base())
+        assert torch.equal(m.load_tuned().weight, reference.load_tuned().weight)
+    results = {identity(r): r for r in analyse_plan(mixed, device="cpu")}
+    for r in analyse_plan(same, device="cpu"):
+        got = results[identity(r)]
+        assert got.delta_singular_values.tobytes() == r.delta_singular_values.tobytes()
+        assert got.intruder_scores.tobytes() == r.intruder_scores.tobytes()

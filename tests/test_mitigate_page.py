@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from analysis import figures_mitigate as fm
 from analysis.mitigate import MitigationSettings, run
 from analysis.specs import SpecResolver
 from tests import factories
@@ -61,6 +62,8 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     table = at.dataframe[0].value
     assert list(table["scaled"]) == [len(m.intruders) for m in expected.mitigation.matrices]
     assert set(table["scaled"]) <= {0, 1}  # top1
+    assert {"stack", "expert"}.isdisjoint(table.columns)  # BERT: one stack, no experts (the CSV keeps them)
+    assert {"stack", "expert"} <= set(fm.matrices_table(expected, 10, 0.5).columns)
     labels = [b.label for b in at.get("download_button")]
     assert "Mitigated adapter (PEFT folder, zip)" in labels and "Merged model (safetensors, zip)" in labels
     params = at.query_params

@@ -195,20 +195,26 @@ def chart(fig, name: str, **kwargs) -> object:
     return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
 
 
+#: Columns of a matrix's identity that only some models have (see :func:`table`).
+IDENTITY_COLUMNS = ("stack", "expert")
+
+
 def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
     """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
 
     An undefined amplification factor (a zero update) is shown as a dash and left empty
-    in the CSV.
+    in the CSV. Identity columns no row fills (``stack`` of a one-stack model, ``expert``
+    of a dense one) are not shown; the CSV keeps them, so its columns are always the same.
     """
     undefined = [c for c in ("amplification_factor",) if c in frame.columns and frame[c].isna().any()]
-    display = frame
+    empty = [c for c in IDENTITY_COLUMNS if c in frame.columns and frame[c].isna().all()]
+    display = frame.drop(columns=empty) if empty else frame
     if {"model", "method"} <= set(frame.columns):
         # The method only where the label does not already say it (the demo's "LoRA r=8");
         # the CSV keeps every value.
         said = [tables.names_method(str(m), str(t)) for m, t in zip(frame["model"], frame["method"], strict=True)]
         if any(said):
-            display = frame.copy()
+            display = display.copy()
             display.loc[said, "method"] = ""
     shown = display.style.format(na_rep="—", subset=undefined) if undefined else display
     st.dataframe(shown, hide_index=not index, **kwargs)
