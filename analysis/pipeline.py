@@ -536,12 +536,12 @@ def analyse_plan(
     else:
         workers = default_workers() if workers is None else max(1, workers)
 
-    def prepare(group: tuple[MatrixPlan, ...]) -> list[_Pair]:
+    def prepare(group: tuple[int, ...]) -> list[_Pair]:
         # Preparing runs on one torch thread whatever the worker: loading may merge an
         # adapter (a matrix product), whose bits must not depend on the thread.
         torch.set_num_threads(1)
         pin = device.type == "cuda"
-        pairs = [_prepare(m, settings, cache, plan.tuned_label, plan.base_label, pin=pin) for m in group]
+        pairs = [_prepare(plan.matrices[i], settings, cache, plan.tuned_label, plan.base_label, pin=pin) for i in group]
         for pair in pairs:
             pair.write = writer
         return pairs
@@ -555,20 +555,23 @@ def analyse_plan(
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"cancelled after {done} of {total} matrices")
 
-    def cost(group: tuple[MatrixPlan, ...]) -> int:
-        return sum(working_bytes(m.shape, method, device.type) for m in group)
+    def cost(group: tuple[int, ...]) -> int:
+        return sum(working_bytes(plan.matrices[i].shape, method, device.type) for i in group)
 
     writer = BackgroundWriter() if cache is not None else None
     with _compute_threads():
         groups = group_matrices(plan.matrices, method, budget // 2, device.type)
         results = _in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
+        ready: dict[int, MatrixResult] = {}  # results of groups that finished ahead of plan order
         try:
             for group, group_results in results:
-                for matrix, result in zip(group, group_results, strict=True):
+                ready.update(zip(group, group_results, strict=True))
+                while done in ready:
+                    result = ready.pop(done)
                     done += 1
                     if progress is not None:
                         elapsed = time.perf_counter() - start
-                        progress(ProgressEvent(plan.tuned_label, done, total, matrix.name, elapsed))
+                        progress(ProgressEvent(plan.tuned_label, done, total, result.name, elapsed))
                     yield result
         finally:
             results.close()  # waits for the workers, so no digest comes after the flush
@@ -584,36 +587,35 @@ MAX_GROUP = 16
 
 def group_matrices(
     matrices: Sequence[MatrixPlan], method: str, max_bytes: int, device_type: str = "cpu"
-) -> list[tuple[MatrixPlan, ...]]:
-    """The plan's matrices in the groups they are analysed in, in plan order.
+) -> list[tuple[int, ...]]:
+    """The plan's matrices (their indices) in the groups they are analysed in, each group
+    in plan order and the groups in the order of their first matrix.
 
-    For the ``eig`` method (the CUDA default), runs of consecutive same-shaped matrices of
-    order up to :data:`~analysis.linalg.BATCH_MAX_ORDER` (a mixture-of-experts layer's
-    experts) form groups of up to :data:`MAX_GROUP` pairs whose working memory
+    For the ``eig`` method (the CUDA default), same-shaped matrices of one layer of one
+    stack and of order up to :data:`~analysis.linalg.BATCH_MAX_ORDER` (a mixture-of-experts
+    layer's experts, which a per-expert checkpoint lists as expert 0's down, gate and up,
+    then expert 1's ...) form groups of up to :data:`MAX_GROUP` pairs whose working memory
     (:func:`working_bytes`) fits ``max_bytes``; their decompositions then run in batched
     calls (:func:`_group_spectra`). Every other matrix, and every matrix of the other
     methods, is a group of its own. Which pairs share a group does not change any pair's
-    bytes (:func:`analysis.linalg._batched_gram_spectra`).
+    bytes (:func:`analysis.linalg._batched_gram_spectra`), and results are still yielded
+    in plan order (:func:`analyse_plan` holds at most one layer's results back).
     """
-    groups: list[tuple[MatrixPlan, ...]] = []
-    current: list[MatrixPlan] = []
-    held = 0
-    for matrix in matrices:
-        batchable = method == "eig" and min(matrix.shape) <= BATCH_MAX_ORDER
+    groups: list[list[int]] = []
+    filling: dict[tuple, tuple[list[int], int]] = {}  # (stack, layer, shape) -> (group, bytes)
+    for index, matrix in enumerate(matrices):
+        if method != "eig" or min(matrix.shape) > BATCH_MAX_ORDER:
+            groups.append([index])
+            continue
+        key = (matrix.stack, matrix.layer, matrix.shape)
         size = working_bytes(matrix.shape, method, device_type)
-        if current and (
-            not batchable or matrix.shape != current[0].shape or len(current) >= MAX_GROUP or held + size > max_bytes
-        ):
-            groups.append(tuple(current))
-            current, held = [], 0
-        current.append(matrix)
-        held += size
-        if not batchable:
-            groups.append(tuple(current))
-            current, held = [], 0
-    if current:
-        groups.append(tuple(current))
-    return groups
+        group, held = filling.get(key, (None, 0))
+        if group is None or len(group) >= MAX_GROUP or held + size > max_bytes:
+            group, held = [], 0
+            groups.append(group)
+        group.append(index)
+        filling[key] = (group, held + size)
+    return [tuple(group) for group in groups]
 
 
 def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelResult:

@@ -136,25 +136,37 @@ def test_eig_batches_same_shaped_matrices_and_each_keeps_the_bits_it_gets_alone(
             assert np.abs(np.sum(got.double().numpy() * expected, axis=0)).min() > 1 - tol
 
 
-def test_group_matrices_batches_runs_of_same_shaped_small_matrices():
+def test_group_matrices_batches_same_shaped_small_matrices_of_a_layer():
     from analysis.pipeline import MAX_GROUP, group_matrices
-
-    def plan(name: str, shape: tuple[int, int]) -> MatrixPlan:
-        return MatrixPlan(name, 0, "q", shape, lambda: None, lambda: None)
-
-    expert, dense, big = (32, 64), (64, 64), (64, linalg.BATCH_MAX_ORDER + 1)
-    matrices = [plan("q", dense), *(plan(f"e{i}", expert) for i in range(MAX_GROUP + 3)), plan("o", dense)]
-    matrices += [plan("big0", (linalg.BATCH_MAX_ORDER + 1,) * 2), plan("big1", (linalg.BATCH_MAX_ORDER + 1,) * 2)]
-    matrices += [plan("tall", big[::-1]), plan("wide", big)]  # order 64: batchable, but two shapes
-    names = [[m.name for m in g] for g in group_matrices(matrices, "eig", 1 << 40)]
-    experts = [f"e{i}" for i in range(MAX_GROUP + 3)]
-    assert names == [["q"], experts[:MAX_GROUP], experts[MAX_GROUP:], ["o"], ["big0"], ["big1"], ["tall"], ["wide"]]
-    assert all(len(g) == 1 for g in group_matrices(matrices, "gram", 1 << 40))  # the CPU method: one by one
     from analysis.scheduler import working_bytes
 
-    fits_three = 3 * working_bytes(expert, "eig")  # the memory a group may hold
-    sizes = [len(g) for g in group_matrices(matrices[1 : MAX_GROUP + 4], "eig", fits_three)]
-    assert sizes == [3] * ((MAX_GROUP + 3) // 3) + ([(MAX_GROUP + 3) % 3] if (MAX_GROUP + 3) % 3 else [])
+    def plan(name: str, layer: int, shape: tuple[int, int]) -> MatrixPlan:
+        return MatrixPlan(name, layer, "m", shape, lambda: None, lambda: None)
+
+    # A per-expert checkpoint's order: each expert's down, gate and up in turn, then layer 1.
+    gate, down, big = (32, 64), (64, 32), (linalg.BATCH_MAX_ORDER + 1,) * 2
+    experts = MAX_GROUP + 2
+    matrices = [plan("q", 0, (64, 64)), plan("big", 0, big)]
+    for e in range(experts):
+        matrices += [plan(f"d{e}", 0, down), plan(f"g{e}", 0, gate), plan(f"u{e}", 0, gate)]
+    matrices += [plan("d-next-layer", 1, down), plan("g-next-layer", 1, gate)]
+    names = [[matrices[i].name for i in g] for g in group_matrices(matrices, "eig", 1 << 40)]
+    gates_and_ups = [n for e in range(experts) for n in (f"g{e}", f"u{e}")]
+    assert names == [
+        ["q"],
+        ["big"],
+        [f"d{e}" for e in range(MAX_GROUP)],
+        gates_and_ups[:MAX_GROUP],
+        gates_and_ups[MAX_GROUP : 2 * MAX_GROUP],
+        [f"d{e}" for e in range(MAX_GROUP, experts)],
+        gates_and_ups[2 * MAX_GROUP :],
+        ["d-next-layer"],
+        ["g-next-layer"],
+    ]
+    assert all(len(g) == 1 for g in group_matrices(matrices, "gram", 1 << 40))  # the CPU method: one by one
+    fits_three = 3 * working_bytes(gate, "eig")  # the memory a group may hold
+    sizes = [len(g) for g in group_matrices(matrices[2:], "eig", fits_three)]
+    assert max(sizes) == 3 and sum(sizes) == len(matrices) - 2
 
 
 def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_alone(monkeypatch, tmp_path):
@@ -167,20 +179,25 @@ def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_al
     from analysis.plan import ComparisonPlan
 
     monkeypatch.setenv("WSE_SVD_METHOD", "eig")
-    pairs = [trained_pair(96, 160, adapter=i % 2 == 1, seed=40 + i) for i in range(6)]
+    # Each expert's down (160 x 96) then up (96 x 160), as a per-expert checkpoint lists them.
+    shapes = [(160, 96), (96, 160)] * 3
+    pairs = [trained_pair(*shape, adapter=i % 4 == 1, seed=40 + i) for i, shape in enumerate(shapes)]
     matrices = [
-        MatrixPlan(f"e.{i}.up", 0, "up", (96, 160), lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r, expert=i)
-        for i, (b, t, r) in enumerate(pairs)
+        MatrixPlan(f"e.{i // 2}.{i % 2}", 0, "m", s, lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r, expert=i)
+        for i, ((b, t, r), s) in enumerate(zip(pairs, shapes, strict=True))
     ]
     plan = ComparisonPlan("base", "tuned", "full", matrices)
     batches = []
     real = linalg._batched_gram_spectra
     monkeypatch.setattr(linalg, "_batched_gram_spectra", lambda ws, v: batches.append(len(ws)) or real(ws, v))
-    grouped = list(analyse_plan(plan, device="cpu"))
-    assert sorted(batches) == [3, 6, 6]  # bases, tuned weights, the three dense updates
+    events = []
+    grouped = list(analyse_plan(plan, device="cpu", progress=events.append))
+    assert [r.name for r in grouped] == [m.name for m in matrices] == [e.matrix for e in events]  # plan order
+    # Per shape: bases and tuned weights of 3 pairs; dense updates: 3 downs, 1 up (1 adapter).
+    assert sorted(batches) == [1, 3, 3, 3, 3, 3]
     batches.clear()
     alone = [pipeline.analyse_matrix(m, device="cpu") for m in matrices]
-    assert batches == [1] * 15  # each pair alone: base, tuned weight, and the update of the three dense ones
+    assert batches == [1] * 16  # each pair alone: base, tuned weight, and the update of the four dense ones
 
     def fields(r) -> bytes:
         arrays = (r.base_singular_values, r.tuned_singular_values, r.delta_singular_values, r.intruder_scores)
@@ -191,8 +208,8 @@ def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_al
         np.testing.assert_allclose(r.tuned_singular_values, reference(tuned.weight)[1], rtol=1e-6)
 
     cache = SpectrumCache(tmp_path)
-    list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices[1::2]), device="cpu", cache=cache))
+    list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices[2:4]), device="cpu", cache=cache))
     batches.clear()
     cached = list(analyse_plan(plan, device="cpu", cache=cache))
-    assert sorted(batches) == [3, 3, 3]  # only the three pairs not cached were computed
+    assert sorted(batches) == [2, 2, 2, 2, 2]  # only the pairs not cached: downs 0, 4 and adapters 1, 5
     assert [fields(r) for r in cached] == [fields(r) for r in alone]
