@@ -268,23 +268,26 @@ def test_adapters_merge_exactly_as_peft_merge_and_unload(family: str, family_roo
     assert changed == len(plan.matrices)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("base_layout", ["per-expert", "fused"])
-def test_a_fine_tune_in_the_other_expert_layout_pairs_expert_by_expert(base_layout: str, tmp_path: Path) -> None:
+def test_a_fine_tune_in_the_other_expert_layout_pairs_expert_by_expert(
+    family: str, base_layout: str, tmp_path: Path
+) -> None:
     """A base saved in one expert layout and its fine-tune in the other (the hub's
-    per-expert Qwen3-MoE against a transformers 5 state dict, or the reverse): the
+    per-expert Qwen3-MoE or Mixtral against a transformers 5 state dict, or the reverse): the
     fine-tune's experts are cut as the base stores them (gate and up split from, or joined
     into, ``gate_up_proj`` in transformers' order), so every expert matrix is paired, and
     each pair's matrices and result equal those from a fine-tune saved like its base."""
     from analysis.pipeline import analyse_plan, plan_models
 
     families.quiet()
-    model = families.build("qwen3_moe")
+    model = families.build(family)
     tuned = copy.deepcopy(model)
     families.perturb(tuned)
     saved = {}
-    for layout, family in (("per-expert", "qwen3_moe"), ("fused", "qwen3_moe_fused")):
-        saved[layout] = (families.save(model, family, tmp_path / f"{layout}-base"),)
-        saved[layout] += (families.save(tuned, family, tmp_path / f"{layout}-tuned"),)
+    for layout, how in (("per-expert", family), ("fused", "qwen3_moe_fused")):  # fused: the state dict as is
+        saved[layout] = (families.save(model, how, tmp_path / f"{layout}-base"),)
+        saved[layout] += (families.save(tuned, how, tmp_path / f"{layout}-tuned"),)
     other = "fused" if base_layout == "per-expert" else "per-expert"
     (mixed,) = plan_models(str(saved[base_layout][0]), [str(saved[other][1])])
     (same,) = plan_models(str(saved[base_layout][0]), [str(saved[base_layout][1])])
