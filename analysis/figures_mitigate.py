@@ -170,6 +170,21 @@ def _label_positions(xy: list[tuple[float, float]]) -> list[str]:
     return positions
 
 
+def _lambda_labels(points: list[dict]) -> list[str]:
+    """``λ=...`` for each point, once per position: points that land on the same spot
+    (nothing scaled at these settings, so every λ gives the fine-tune) share one label,
+    ``λ=0–1`` for three or more, instead of labels piled on each other."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(points):
+        groups.setdefault((round(p["loss"], 9), p["task"] if p["task"] is None else round(p["task"], 9)), []).append(i)
+    labels = [""] * len(points)
+    for members in groups.values():
+        lams = sorted(points[i]["lam"] for i in members)
+        shown = f"{lams[0]:g}–{lams[-1]:g}" if len(lams) > 2 else ", ".join(f"{lam:g}" for lam in lams)
+        labels[members[0]] = f"λ={shown}"
+    return labels
+
+
 def tradeoff_figure(result: MitigationResult) -> go.Figure:
     """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric
     for the base, the fine-tune and the mitigated fine-tune at each lambda; without a task
@@ -191,11 +206,12 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 x=[p["loss"] for p in mitigated],
                 y=[p["task"] for p in mitigated],
                 mode="lines+markers+text",
-                text=[f"λ={p['lam']:g}" for p in mitigated],
+                text=_lambda_labels(mitigated),
                 textposition=_label_positions([(p["loss"], p["task"]) for p in mitigated]),
+                customdata=[p["lam"] for p in mitigated],
                 name="mitigated",
                 line={"color": AFTER_COLOR},
-                hovertemplate="%{text}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
+                hovertemplate="λ=%{customdata:g}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
             )
         )
         for p, color in zip(fixed, (BASE_COLOR, BEFORE_COLOR), strict=False):

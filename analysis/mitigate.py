@@ -627,6 +627,13 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
     for matrix in mitigation.plan.matrices:
         target = by_plan.get(matrix.name)
         if target is None:
+            if matrix.expert is not None:  # paired across expert layouts (pairing._to_base_layout)
+                raise InputError(
+                    tuned,
+                    f"stores its experts in another layout than the base (per expert against fused), so "
+                    f"{matrix.name} cannot be written back into it; export from a fine-tune saved in the "
+                    "base's layout",
+                )
             raise InputError(tuned, f"the merged model has no tensor for {matrix.name}")
         stored = replaced[target] if target in replaced else source.load(target)
         reference = matrix.load_base() if source is base_source else matrix.load_tuned().weight

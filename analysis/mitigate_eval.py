@@ -199,6 +199,10 @@ def folder_digest(folder: Path) -> str:
     return digest
 
 
+class _NoCurve(Exception):
+    """Why no trade-off curve can be measured for these models (found once they are loaded)."""
+
+
 def _evaluate_points(
     todo: list[int],
     lams: list[float | None],
@@ -226,6 +230,11 @@ def _evaluate_points(
     base_folder, tuned_folder = folders
     adapter = mitigation.kind == "adapter"
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    if not tokenizer("held-out text")["input_ids"]:  # transformers builds an empty one where none is stored
+        raise _NoCurve(
+            "No trade-off curve: the base model's folder has no tokenizer (tokenizing text gives no tokens), "
+            "so its held-out loss cannot be measured."
+        )
     held_out = HeldOut(tokenizer, family, texts)
     task = _DemoTask(tokenizer) if with_task else None
     base_model = _load(base_folder, family) if 0 in todo or adapter else None
@@ -234,6 +243,13 @@ def _evaluate_points(
     plans = {m.name: m for m in mitigation.plan.matrices}
     keys = {m.name: _key(m) for m in mitigation.plan.matrices}
     mapping = match_names(list(plans), list(params))
+    missing = [name for name in plans if name not in mapping]
+    if missing:  # swapping only the others would show a curve for a different mitigation
+        raise _NoCurve(
+            f"No trade-off curve: {len(missing)} of the {len(plans)} mitigated matrices (such as {missing[0]}) are "
+            "not parameters of the model as transformers loads it (experts stored one by one are fused in memory), "
+            "and the curve does not swap them yet."
+        )
     oriented: dict[str, bool] = {}
     for name, param_name in mapping.items():
         plan = plans[name]
@@ -403,6 +419,8 @@ def evaluate_tradeoff(
                 total=total,
                 meta=meta,
             )
+        except _NoCurve as reason:
+            return Tradeoff(loss_name, None, [], str(reason), time.perf_counter() - start)
         finally:  # what was evaluated is kept, even when cancelled
             swapped = meta.get("swapped", swapped)
             if cache is not None:

@@ -67,6 +67,13 @@ refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta
 c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
           help="‖exported ΔW − exact mitigated ΔW‖_F / ‖exact mitigated ΔW‖_F (rank-r truncation)")  # fmt: skip
 
+if totals["intruders_scaled"] == 0:
+    st.info(
+        f"No intruder dimension among the top {k} singular vectors of any matrix at ε = {eps:g}: nothing was "
+        "scaled, so the mitigated model is the fine-tune and its curves lie on the fine-tune's. A larger ε or k "
+        "finds more candidates.",
+        icon=":material/info:",
+    )
 views.chart(fm.sweep_figure(result, int(k), float(eps)), "mitigation-intruders-vs-eps")
 st.subheader("Per matrix")
 views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")

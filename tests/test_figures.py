@@ -717,3 +717,27 @@ def test_series_trend_groups_keep_stacks_apart_and_count_every_matrix_once(famil
                 assert all(g.split(" ")[0] in stacks for g in table["group"])
         if by == "matrix":
             assert table["group"].nunique() == len(models[0].matrices)
+
+
+def test_tradeoff_labels_points_that_coincide_once():
+    """Nothing scaled (every λ gives the fine-tune): one label for the pile, not five on top
+    of each other; distinct points keep their own; hover still names each λ."""
+    from types import SimpleNamespace
+
+    from analysis.figures_mitigate import tradeoff_figure
+
+    def figure(points):
+        points = [{"label": "base", "lam": None, "loss": 2.2, "task": 0.4}] + points
+        tradeoff = SimpleNamespace(points=points, task_name="MRR", loss_name="held-out loss", note="")
+        return tradeoff_figure(SimpleNamespace(tradeoff=tradeoff))
+
+    lams = [0.0, 0.25, 0.5, 0.75, 1.0]
+    same = [{"label": f"λ = {lam:g}", "lam": lam, "loss": 2.0754, "task": 0.572} for lam in lams]
+    fine_tune = {"label": "fine-tune", "lam": 1.0, "loss": 2.0754, "task": 0.572}
+    mitigated = figure([fine_tune, *same]).data[0]
+    assert [t for t in mitigated.text if t] == ["λ=0–1"]
+    assert list(mitigated.customdata) == lams
+    apart = [{"label": f"λ = {lam:g}", "lam": lam, "loss": 2.0 + lam / 10, "task": 0.5 + lam / 10} for lam in lams]
+    assert list(figure([fine_tune, *apart]).data[0].text) == [f"λ={lam:g}" for lam in lams]
+    two = [{**same[0]}, {**same[1]}, {**apart[4]}]
+    assert list(figure([fine_tune, *two]).data[0].text) == ["λ=0, 0.25", "", "λ=1"]

@@ -377,3 +377,46 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
     assert len({m.key for m in lora.mitigation.matrices}) == len(lora.mitigation.matrices)
     with pytest.raises(InputError, match="fused expert tensors; export the merged model instead"):
         export_adapter(lora.mitigation, resolver, str(adapter), tmp_path / "adapter-out")
+
+
+def test_a_curve_that_cannot_swap_every_matrix_says_why_instead_of_drawing(tmp_path, resolver):
+    """A Qwen3-MoE checkpoint stored per expert (as the hub ships it) is fused in memory by
+    transformers: the curve cannot put the mitigated experts into the model, and says so
+    rather than drawing a curve of only the other matrices. A folder without a tokenizer
+    (transformers then builds an empty one) gets its own reason. A fine-tune saved in
+    another expert layout than its base is analysed and mitigated, but not written back."""
+    import copy
+
+    import transformers as tf
+
+    from demo import base_model_path
+    from tests import families
+
+    families.quiet()
+    config = tf.Qwen3MoeConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, vocab_size=30522,
+    )  # fmt: skip
+    model = tf.Qwen3MoeForCausalLM(config)
+    tuned_model = copy.deepcopy(model)
+    families.perturb(tuned_model, scale=0.5)
+    base = families.save(model, "qwen3_moe", tmp_path / "base")
+    tuned = families.save(tuned_model, "qwen3_moe", tmp_path / "tuned")
+    settings = MitigationSettings(lam=0.0, top_k=4, eps=0.9)
+    result = run(resolver, str(base), str(tuned), settings, cache=None)
+    assert any(m.intruders for m in result.mitigation.matrices if m.expert is not None)
+
+    curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0], paragraphs=4)
+    assert curve.points == [] and "no tokenizer" in curve.note
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (base_model_path() / name).is_file():
+            shutil.copy2(base_model_path() / name, base / name)
+    curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0], paragraphs=4)
+    assert curve.points == [] and "fused in memory" in curve.note and "experts.0." in curve.note
+
+    fused = families.save(tuned_model, "qwen3_moe_fused", tmp_path / "tuned-fused")
+    across = run(resolver, str(base), str(fused), settings, cache=None)
+    assert [m.intruders for m in across.mitigation.matrices] == [m.intruders for m in result.mitigation.matrices]
+    with pytest.raises(InputError, match="another layout than the base"):
+        export_merged(across.mitigation, resolver, str(base), str(fused), tmp_path / "merged")

@@ -64,6 +64,7 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     assert set(table["scaled"]) <= {0, 1}  # top1
     assert {"stack", "expert"}.isdisjoint(table.columns)  # BERT: one stack, no experts (the CSV keeps them)
     assert {"stack", "expert"} <= set(fm.matrices_table(expected, 10, 0.5).columns)
+    assert not [i for i in at.info if "nothing was scaled" in i.value]
     labels = [b.label for b in at.get("download_button")]
     assert "Mitigated adapter (PEFT folder, zip)" in labels and "Merged model (safetensors, zip)" in labels
     params = at.query_params
@@ -82,6 +83,15 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     )
     assert metrics(at)["Intruders at ε = 0.5"] == str(zero.counts([0.5])["after"][0])
     assert any("No trade-off curve" in c.value or "Trade-off curve" in c.value for c in at.caption)
+    # At a tiny eps no vector is an intruder: the page says nothing was scaled, and why.
+    none = run(SpecResolver(allow_local_paths=True), str(tiny_bert), str(adapter),
+               MitigationSettings(lam=0.0, eps=0.05, rule="top1"), cache=None)  # fmt: skip
+    assert none.mitigation.totals()["intruders_scaled"] == 0
+    at.slider(key="w_eps").set_value(0.05).run()
+    wait_for_jobs()
+    at.run()
+    assert metrics(at)["Intruders scaled"] == "0"
+    assert [i for i in at.info if "nothing was scaled" in i.value]
 
 
 def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapter) -> None:

@@ -195,6 +195,11 @@ def chart(fig, name: str, **kwargs) -> object:
     return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
 
 
+def _plain(value: object) -> str:
+    """A cell of a column with missing values, as the table shows the others (6 digits)."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 #: Columns of a matrix's identity that only some models have (see :func:`table`).
 IDENTITY_COLUMNS = ("stack", "expert")
 
@@ -202,13 +207,14 @@ IDENTITY_COLUMNS = ("stack", "expert")
 def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
     """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
 
-    An undefined amplification factor (a zero update) is shown as a dash and left empty
-    in the CSV. Identity columns no row fills (``stack`` of a one-stack model, ``expert``
-    of a dense one) are not shown; the CSV keeps them, so its columns are always the same.
+    A value that does not exist (the amplification factor of a zero update, the λ of the
+    base model) is shown as a dash, not Streamlit's grey "None", and left empty in the CSV.
+    Identity columns no row fills (``stack`` of a one-stack model, ``expert`` of a dense
+    one) are not shown; the CSV keeps them, so its columns are always the same.
     """
-    undefined = [c for c in ("amplification_factor",) if c in frame.columns and frame[c].isna().any()]
     empty = [c for c in IDENTITY_COLUMNS if c in frame.columns and frame[c].isna().all()]
     display = frame.drop(columns=empty) if empty else frame
+    undefined = [c for c in display.columns if display[c].isna().any()]
     if {"model", "method"} <= set(frame.columns):
         # The method only where the label does not already say it (the demo's "LoRA r=8");
         # the CSV keeps every value.
@@ -216,7 +222,7 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
         if any(said):
             display = display.copy()
             display.loc[said, "method"] = ""
-    shown = display.style.format(na_rep="—", subset=undefined) if undefined else display
+    shown = display.style.format(_plain, na_rep="—", subset=undefined) if undefined else display
     st.dataframe(shown, hide_index=not index, **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
