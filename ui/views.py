@@ -196,8 +196,11 @@ def chart(fig, name: str, **kwargs) -> object:
 
 
 def _plain(value: object) -> str:
-    """A cell of a column with missing values, as the table shows the others (6 digits)."""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    """A cell as Streamlit shows a table without missing values (floats to 4 decimals,
+    trailing zeros dropped), so a table with a dash in it looks like one without."""
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1e15 else f"{value:g}"
+    return str(value)
 
 
 #: Columns of a matrix's identity that only some models have (see :func:`table`).
@@ -222,7 +225,11 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
         if any(said):
             display = display.copy()
             display.loc[said, "method"] = ""
-    shown = display.style.format(_plain, na_rep="—", subset=undefined) if undefined else display
+    if undefined:  # every float column alike, so that the table reads as one without dashes
+        floats = [c for c in display.columns if pd.api.types.is_float_dtype(display[c])]
+        shown = display.style.format(_plain, na_rep="—", subset=list(dict.fromkeys(undefined + floats)))
+    else:
+        shown = display
     st.dataframe(shown, hide_index=not index, **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
