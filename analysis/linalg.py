@@ -322,11 +322,7 @@ def _batched_gram_spectra(weights: Sequence[torch.Tensor], vectors: torch.dtype)
         grams.append(torch.zeros_like(grams[0]))
     stacked = torch.stack(grams)
     del grams
-    if vectors == torch.float64:
-        eigenvalues, eigenvectors = torch.linalg.eigh(stacked)
-    else:
-        eigenvalues = torch.linalg.eigvalsh(stacked)
-        eigenvectors = torch.linalg.eigh(stacked.to(vectors)).eigenvectors
+    eigenvalues, eigenvectors = _eigh(stacked, vectors)
     del stacked
     values = eigenvalues.flip(-1).clamp_min(0).sqrt()
     side = "left" if weights[0].shape[0] <= weights[0].shape[1] else "right"
@@ -343,6 +339,15 @@ def _batched_gram_spectra(weights: Sequence[torch.Tensor], vectors: torch.dtype)
 #: float64 eigendecomposition at 2048, 2x faster at 4096 (benchmarks/README.md).
 SUBSPACE_MIN_SIZE = 3072
 SUBSPACE_MAX_FRACTION = 0.125
+
+
+def _eigh(gram: torch.Tensor, vectors: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues (float64) and eigenvectors in ``vectors`` precision of one
+    float64 Gram matrix or a batch of them: a float32 solve for the vectors, where float32
+    is enough, beside a float64 values-only one."""
+    if vectors == torch.float64:
+        return torch.linalg.eigh(gram)
+    return torch.linalg.eigvalsh(gram), torch.linalg.eigh(gram.to(vectors)).eigenvectors
 
 
 def _by_subspace_iteration(size: int, top: int | None) -> bool:
@@ -391,11 +396,7 @@ def _gram_spectrum(
             side = {"left" if wide else "right": found}
             return Spectrum(values, **side, weight=weight)
     del w
-    if vectors == torch.float64:
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    else:
-        eigenvalues = torch.linalg.eigvalsh(gram)
-        eigenvectors = torch.linalg.eigh(gram.to(vectors)).eigenvectors
+    eigenvalues, eigenvectors = _eigh(gram, vectors)
     del gram
     values = eigenvalues.flip(0).clamp_min(0).sqrt()
     side = {"left" if wide else "right": eigenvectors}
