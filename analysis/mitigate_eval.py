@@ -33,12 +33,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from analysis.errors import AnalysisCancelled
-from analysis.mitigate import Mitigation, Tradeoff, _fused, _key, _orient_like
+from analysis.mitigate import Mitigation, Tradeoff, _key
+from analysis.plan import MatrixPlan
 
 HELD_OUT_SOURCE = "pydoc_data.topics"
 #: Part of every cached point's key: change it when what a point measures changes.
@@ -199,6 +201,64 @@ def folder_digest(folder: Path) -> str:
     return digest
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where a plan's matrix lives among a loaded model's parameters: ``param``, and in it
+    the expert ``expert`` of a fused ``[E, ., .]`` tensor, rows (or, transposed, columns)
+    block ``part`` of ``parts`` (a per-expert ``gate_proj`` inside the fused
+    ``gate_up_proj``), stored transposed or not."""
+
+    param: str
+    expert: int | None
+    part: int
+    parts: int
+    transposed: bool
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The matrix's elements inside ``tensor`` (a view: writing it writes the model)."""
+        if self.expert is not None and tensor.dim() == 3:
+            tensor = tensor[self.expert]
+        if self.parts > 1:
+            side = 1 if self.transposed else 0
+            size = tensor.shape[side] // self.parts
+            tensor = tensor.narrow(side, self.part * size, size)
+        return tensor
+
+
+def _places(plans: dict[str, MatrixPlan], params: dict, folder: Path, adapter: bool) -> dict[str, _Place]:
+    """Each plan matrix's place in the loaded model (:class:`_Place`), by plan key.
+
+    Stored names are mapped to parameters by transformers' own conversion mapping
+    (:class:`~analysis.layouts.ModelLayout`, which knows that the hub's per-expert
+    ``experts.3.gate_proj.weight`` is part 0 of expert 3 of the fused ``experts.gate_up_proj``),
+    then matched to the parameter names; every place is checked against the plan's own
+    weight (the fine-tune's, or for an adapter the base's), element for element, in either
+    orientation. A matrix without a place that passes the check is left out.
+    """
+    from analysis.layouts import ModelLayout
+    from analysis.pairing import match_names
+
+    layout = ModelLayout(json.loads((folder / "config.json").read_text()))
+    placements = {key: layout.placement(m.name) for key, m in plans.items()}
+    memory = match_names(sorted({p.memory for p in placements.values()}), list(params))
+    found: dict[str, _Place] = {}
+    for key, m in plans.items():
+        placement = placements[key]
+        param = memory.get(placement.memory)
+        if param is None:
+            continue
+        expert = m.expert if placement.expert is None else placement.expert
+        reference = m.load_base() if adapter else m.load_tuned().weight
+        for transposed in (False, True):
+            place = _Place(param, expert, placement.part, placement.parts, transposed)
+            candidate = place.view(params[param].data)
+            candidate = candidate.T if transposed else candidate
+            if tuple(candidate.shape) == tuple(reference.shape) and torch.equal(candidate.float(), reference):
+                found[key] = place
+                break
+    return found
+
+
 class _NoCurve(Exception):
     """Why no trade-off curve can be measured for these models (found once they are loaded)."""
 
@@ -225,8 +285,6 @@ def _evaluate_points(
     matrices of the mitigation each point puts into the model."""
     from transformers import AutoTokenizer
 
-    from analysis.pairing import match_names
-
     base_folder, tuned_folder = folders
     adapter = mitigation.kind == "adapter"
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
@@ -240,27 +298,20 @@ def _evaluate_points(
     base_model = _load(base_folder, family) if 0 in todo or adapter else None
     template = base_model if adapter else _load(tuned_folder, family)
     params = dict(template.named_parameters())
-    plans = {m.name: m for m in mitigation.plan.matrices}
-    keys = {m.name: _key(m) for m in mitigation.plan.matrices}
-    mapping = match_names(list(plans), list(params))
-    missing = [name for name in plans if name not in mapping]
+    plans = {_key(m): m for m in mitigation.plan.matrices}
+    places = _places(plans, params, (base_folder if adapter else tuned_folder), adapter)
+    missing = [key for key in plans if key not in places]
     if missing:  # swapping only the others would show a curve for a different mitigation
         raise _NoCurve(
-            f"No trade-off curve: {len(missing)} of the {len(plans)} mitigated matrices (such as {missing[0]}) are "
-            "not parameters of the model as transformers loads it (experts stored one by one are fused in memory), "
-            "and the curve does not swap them yet."
+            f"No trade-off curve: {len(missing)} of the {len(plans)} mitigated matrices (such as {missing[0]}) were "
+            "not found in the model as transformers loads it, so the curve cannot put them in."
         )
-    oriented: dict[str, bool] = {}
-    for name, param_name in mapping.items():
-        plan = plans[name]
-        reference = plan.load_base() if adapter else plan.load_tuned().weight
-        oriented[name] = _orient_like(params[param_name].data, reference, reference) is not reference
-    meta["swapped"] = len(mapping)
+    meta["swapped"] = len(places)
 
     def weights_at(index: int) -> Callable[[str], torch.Tensor]:
         if index == 1:
-            return lambda name: plans[name].load_tuned().weight
-        return lambda name, lam=lams[index]: mitigation.tuned_at(keys[name], lam)
+            return lambda key: plans[key].load_tuned().weight
+        return lambda key, lam=lams[index]: mitigation.tuned_at(key, lam)
 
     models = threading.local()
     lock = threading.Lock()
@@ -284,9 +335,10 @@ def _evaluate_points(
             named = dict(model.named_parameters())
             weights = weights_at(index)
             with torch.no_grad():
-                for name, param_name in mapping.items():
-                    weight = weights(name)
-                    named[param_name].data.copy_((weight.T if oriented[name] else weight).to(named[param_name].dtype))
+                for key, place in places.items():
+                    target = place.view(named[place.param].data)
+                    weight = weights(key)
+                    target.copy_((weight.T if place.transposed else weight).to(target.dtype))
         point = {
             "label": labels[index],
             "lam": lams[index],
@@ -342,13 +394,6 @@ def evaluate_tradeoff(
             [],
             "No trade-off curve: it needs model folders that transformers loads as a causal language model or a "
             "sentence-transformers embedding model.",
-        )
-    if _fused(mitigation.plan):
-        return Tradeoff(
-            "held-out loss",
-            None,
-            [],
-            "No trade-off curve: the model stores its experts in fused tensors, which the curve does not swap yet.",
         )
     is_demo = "demo" in resolver.resolve(tuned).summary
     with_task = is_demo and family == "embedding"

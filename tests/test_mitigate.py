@@ -369,9 +369,7 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
         torch.testing.assert_close(
             written[m.name][m.expert].float(), result.mitigation.tuned(m.key).weight, atol=1e-5, rtol=1e-5
         )
-    # What cannot handle fused experts yet says so: no trade-off curve, no adapter export.
-    curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0])
-    assert curve.points == [] and "fused" in curve.note
+    # What cannot handle fused experts yet says so: no adapter export.
     adapter, _, _ = families.make_adapter(model, "qwen3_moe_fused", "all", tmp_path / "adapter")
     lora = run(resolver, str(base), str(adapter), MitigationSettings(lam=0.0, top_k=4, eps=0.9), cache=None)
     assert len({m.key for m in lora.mitigation.matrices}) == len(lora.mitigation.matrices)
@@ -379,16 +377,20 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
         export_adapter(lora.mitigation, resolver, str(adapter), tmp_path / "adapter-out")
 
 
-def test_a_curve_that_cannot_swap_every_matrix_says_why_instead_of_drawing(tmp_path, resolver):
-    """A Qwen3-MoE checkpoint stored per expert (as the hub ships it) is fused in memory by
-    transformers: the curve cannot put the mitigated experts into the model, and says so
-    rather than drawing a curve of only the other matrices. A folder without a tokenizer
-    (transformers then builds an empty one) gets its own reason. A fine-tune saved in
-    another expert layout than its base is analysed and mitigated, but not written back."""
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_the_curve_puts_every_expert_into_the_model_transformers_loads(tmp_path, resolver, layout):
+    """Transformers holds Qwen3-MoE's experts fused (``experts.gate_up_proj [E, 2I, H]``)
+    whether the checkpoint stores them per expert (as the hub ships it) or fused: the
+    curve puts every mitigated matrix, each expert's gate and up included, into its place
+    in the loaded model (checked against the fine-tune's own weights, element for element),
+    so lambda = 1 repeats the fine-tune and lambda = 0 moves. A folder without a tokenizer
+    (transformers then builds an empty one) gets a reason instead of a crash. A fine-tune
+    saved in the other expert layout than its base is mitigated alike, but not written back."""
     import copy
 
     import transformers as tf
 
+    from analysis import mitigate_eval
     from demo import base_model_path
     from tests import families
 
@@ -400,11 +402,13 @@ def test_a_curve_that_cannot_swap_every_matrix_says_why_instead_of_drawing(tmp_p
     model = tf.Qwen3MoeForCausalLM(config)
     tuned_model = copy.deepcopy(model)
     families.perturb(tuned_model, scale=0.5)
-    base = families.save(model, "qwen3_moe", tmp_path / "base")
-    tuned = families.save(tuned_model, "qwen3_moe", tmp_path / "tuned")
+    how = "qwen3_moe" if layout == "per-expert" else "qwen3_moe_fused"
+    base = families.save(model, how, tmp_path / "base")
+    tuned = families.save(tuned_model, how, tmp_path / "tuned")
     settings = MitigationSettings(lam=0.0, top_k=4, eps=0.9)
     result = run(resolver, str(base), str(tuned), settings, cache=None)
-    assert any(m.intruders for m in result.mitigation.matrices if m.expert is not None)
+    experts = [m for m in result.mitigation.matrices if m.expert is not None]
+    assert any(m.intruders for m in experts)
 
     curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0], paragraphs=4)
     assert curve.points == [] and "no tokenizer" in curve.note
@@ -412,11 +416,20 @@ def test_a_curve_that_cannot_swap_every_matrix_says_why_instead_of_drawing(tmp_p
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (base_model_path() / name).is_file():
             shutil.copy2(base_model_path() / name, base / name)
-    curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0], paragraphs=4)
-    assert curve.points == [] and "fused in memory" in curve.note and "experts.0." in curve.note
+    places = []
+    real = mitigate_eval._places
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mitigate_eval, "_places", lambda *a: places.append(real(*a)) or places[-1])
+        curve = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, [0.0, 1.0], paragraphs=4)
+    assert len(places[0]) == len(result.mitigation.matrices)  # every matrix, experts included, has its place
+    assert {p.param.rsplit(".", 1)[-1] for p in places[0].values()} >= {"gate_up_proj", "down_proj"}
+    assert f"{len(result.mitigation.matrices)} matrices swapped per point" in curve.note
+    points = {p["label"]: p for p in curve.points}
+    assert points["λ = 1"]["loss"] == points["fine-tune"]["loss"] != points["λ = 0"]["loss"]
 
-    fused = families.save(tuned_model, "qwen3_moe_fused", tmp_path / "tuned-fused")
-    across = run(resolver, str(base), str(fused), settings, cache=None)
-    assert [m.intruders for m in across.mitigation.matrices] == [m.intruders for m in result.mitigation.matrices]
-    with pytest.raises(InputError, match="another layout than the base"):
-        export_merged(across.mitigation, resolver, str(base), str(fused), tmp_path / "merged")
+    if layout == "per-expert":
+        fused = families.save(tuned_model, "qwen3_moe_fused", tmp_path / "tuned-fused")
+        across = run(resolver, str(base), str(fused), settings, cache=None)
+        assert [m.intruders for m in across.mitigation.matrices] == [m.intruders for m in result.mitigation.matrices]
+        with pytest.raises(InputError, match="another layout than the base"):
+            export_merged(across.mitigation, resolver, str(base), str(fused), tmp_path / "merged")
