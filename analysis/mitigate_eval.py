@@ -44,7 +44,9 @@ from analysis.plan import MatrixPlan
 
 HELD_OUT_SOURCE = "pydoc_data.topics"
 #: Part of every cached point's key: change it when what a point measures changes.
-TRADEOFF_VERSION = "1"
+#: 2: every matrix is placed in the loaded model or no curve is drawn (version 1 swapped
+#: only the matrices whose stored name was a parameter: per-expert MoE points lacked experts).
+TRADEOFF_VERSION = "2"
 #: Paragraphs of the held-out text used (spread evenly over the topics).
 HELD_OUT_PARAGRAPHS = 128
 HELD_OUT_MAX_TOKENS = 64
