@@ -41,16 +41,16 @@ timeout 120 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs -s 2>&
 echo "   (step 1: $(( $(date +%s) - start )) s)"
 
 echo "== 2. ratios on a 4-layer slice"
-timeout 200 "$PY" -m benchmarks.run --workload llama7b-shape --device cuda --layers 4 --guard-matrices 7 \
+timeout 190 "$PY" -m benchmarks.run --workload llama7b-shape --device cuda --layers 4 --guard-matrices 7 \
     --data-dir "$DATA" --out "$OUT" 2>&1 | tee "$OUT/bench-slice.log"
 echo "   (steps 1-2: $(( $(date +%s) - start )) s)"
 
 echo "== 3. the engine alone over all 32 layers"
-timeout 200 "$PY" -m benchmarks.run --workload llama7b-shape --device cuda --layers 32 --engine-only \
+timeout 190 "$PY" -m benchmarks.run --workload llama7b-shape --device cuda --layers 32 --engine-only \
     --data-dir "$DATA" --out "$OUT" 2>&1 | tee "$OUT/bench-engine.log"
 echo "   (steps 1-3: $(( $(date +%s) - start )) s)"
 
 echo "== 4. an expert layer: grouped against one pair at a time"
-timeout 150 "$PY" -m benchmarks.experts --device cuda --experts 32 --out "$OUT" 2>&1 | tee "$OUT/bench-experts.log"
+timeout 80 "$PY" -m benchmarks.experts --device cuda --experts 32 --out "$OUT" 2>&1 | tee "$OUT/bench-experts.log"
 echo "== done in $(( $(date +%s) - start )) s; results in $OUT"
 ls -la "$OUT"
