@@ -25,7 +25,6 @@ from analysis.errors import AnalysisCancelled, InputError
 from analysis.linalg import (
     BATCH_MAX_ORDER,
     Spectrum,
-    decompose,
     decompose_many,
     default_method,
     low_rank_spectrum,
@@ -267,24 +266,17 @@ def _compute_group(
 def _group_metrics(
     pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> list[Entry]:
-    """Every metric of each pair: the ``eig`` method's spectra of the whole group
-    (:func:`_group_spectra`), else :func:`_pair_metrics` one pair at a time."""
-    if method != "eig":
-        return [_pair_metrics(pair, settings, device, method, cache) for pair in pairs]
+    """Every metric of each pair: its spectra (:func:`_group_spectra` for the ``gram`` and
+    ``eig`` methods, :func:`_pair_spectra` pair by pair for the SVD drivers), then
+    :func:`pair_metrics`."""
+    if method in ("gram", "eig"):
+        spectra = _group_spectra(pairs, settings, device, method, cache)
+    else:
+        spectra = [_pair_spectra(pair, device, method, cache) for pair in pairs]
     return [
         pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
-        for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(
-            pairs, _group_spectra(pairs, settings, device, cache), strict=True
-        )
+        for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(pairs, spectra, strict=True)
     ]
-
-
-def _pair_metrics(
-    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
-) -> Entry:
-    """Every metric of one pair: its spectra (:func:`_pair_spectra`), then :func:`pair_metrics`."""
-    base_spectrum, tuned_spectrum, delta, base = _pair_spectra(pair, settings, device, method, cache)
-    return pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
 
 
 def _on_device(pair: _Pair, device: torch.device) -> tuple[torch.Tensor, TunedMatrix]:
@@ -312,22 +304,27 @@ def _seeds(
 
 
 def _group_spectra(
-    pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, cache: SpectrumCache | None
+    pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> list[tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]]:
-    """:func:`_pair_spectra` of the ``eig`` method for several pairs at once: the bases that
-    are not cached, the tuned weights and the dense updates each go through one
-    :func:`~analysis.linalg.decompose_many` call, which diagonalises same-shaped small
-    matrices in batches (the many experts of a mixture-of-experts layer, issue 13)."""
+    """The spectra of each pair's base (cached or computed and cached), tuned weight and
+    update, each with just the vectors the metrics use, and the base weight on ``device``:
+    the ``gram`` (CPU) and ``eig`` (CUDA) methods.
+
+    The bases that are not cached, the tuned weights and the dense updates each go through
+    one :func:`~analysis.linalg.decompose_many` call, which with ``eig`` diagonalises
+    same-shaped small matrices in batches (a group of a mixture-of-experts layer's experts,
+    :func:`group_matrices`, issue 13); ``gram`` groups hold one pair.
+    """
     wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
     weights = [_on_device(pair, device) for pair in pairs]
     missing = [i for i, pair in enumerate(pairs) if pair.base_spectrum is None]
-    fresh = dict(zip(missing, decompose_many([weights[i][0] for i in missing], device, "eig"), strict=True))
+    fresh = dict(zip(missing, decompose_many([weights[i][0] for i in missing], device, method), strict=True))
     base_spectra = [_base_spectrum(pair, fresh.pop(i, None), device, cache) for i, pair in enumerate(pairs)]
     del fresh  # their float64 vectors: only the float16 copies are used (peak memory, issue 13)
     tuned_spectra = decompose_many(
         [tuned.weight for _, tuned in weights],
         device,
-        "eig",
+        method,
         top=wanted,
         seeds=[_seeds(b, tuned, wanted, device) for b, (_, tuned) in zip(base_spectra, weights, strict=True)],
     )
@@ -335,7 +332,7 @@ def _group_spectra(
     # A float64 difference (exact for float32 and bf16 weights) for float64 values; the
     # update's vectors only feed spans (amplification, similarity): float32.
     differences = [_float64_difference(weights[i][1].weight, weights[i][0], device) for i in dense]
-    updates = dict(zip(dense, decompose_many(differences, device, "eig", vectors=torch.float32), strict=True))
+    updates = dict(zip(dense, decompose_many(differences, device, method, vectors=torch.float32), strict=True))
     del differences
     return [
         (
@@ -349,41 +346,21 @@ def _group_spectra(
 
 
 def _pair_spectra(
-    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+    pair: _Pair, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]:
-    """The spectra of the base (cached or computed and cached), the tuned weight and the
-    update, each with just the vectors the metrics use; and the base weight on ``device``.
-
-    ``gram`` (the CPU default): one matrix at a time, each with the precision its metrics
-    need (``eig``: :func:`_group_spectra`). ``gesvda`` (selectable on CUDA): the matrices
-    that need an SVD (the base unless cached, the tuned weight, the update unless
-    low-rank) share a shape and go as one batch.
-    """
+    """:func:`_group_spectra` of one pair for the SVD drivers (``gesvda``, ``svd``): the
+    matrices that need an SVD (the base unless cached, the tuned weight, the update unless
+    low-rank) share a shape and go as one call (one batch with ``gesvda`` on CUDA)."""
     base, tuned = _on_device(pair, device)
-    wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
-    if method == "gram":
-        fresh = decompose(base, device, method) if pair.base_spectrum is None else None
-        base_spectrum = _base_spectrum(pair, fresh, device, cache)
-        del fresh  # its float64 vectors: only the float16 copy is used (peak memory, issue 13)
-        tuned_spectrum = decompose(
-            tuned.weight, device, method, top=wanted, seeds=_seeds(base_spectrum, tuned, wanted, device)
-        )
-        if tuned.low_rank is not None:
-            delta = low_rank_spectrum(tuned.low_rank, device)
-        else:
-            difference = _float64_difference(tuned.weight, base, device)  # float64 values, float32 vectors
-            delta = decompose(difference, device, method, vectors=torch.float32)
-    else:  # on the GPU the matrices of a pair share a shape: one batched call
-        todo = {} if pair.base_spectrum is not None else {"base": base}
-        todo["tuned"] = tuned.weight.to(device)
-        if tuned.low_rank is None:
-            todo["delta"] = tuned.weight.to(device) - base
-        spectra = dict(zip(todo, decompose_many(list(todo.values()), device, method), strict=True))
-        del todo
-        base_spectrum = _base_spectrum(pair, spectra.get("base"), device, cache)
-        tuned_spectrum = spectra["tuned"]
-        delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
-    return base_spectrum, tuned_spectrum, delta, base
+    todo = {} if pair.base_spectrum is not None else {"base": base}
+    todo["tuned"] = tuned.weight.to(device)
+    if tuned.low_rank is None:
+        todo["delta"] = tuned.weight.to(device) - base
+    spectra = dict(zip(todo, decompose_many(list(todo.values()), device, method), strict=True))
+    del todo
+    base_spectrum = _base_spectrum(pair, spectra.get("base"), device, cache)
+    delta = spectra["delta"] if tuned.low_rank is None else low_rank_spectrum(tuned.low_rank, device)
+    return base_spectrum, spectra["tuned"], delta, base
 
 
 def pair_metrics(

@@ -94,13 +94,13 @@ def test_blas_threads_are_limited_in_every_analysis_of_a_process(monkeypatch):
 
     monkeypatch.setattr(scheduler, "_blas_local", [spy(setter) for setter in setters])
     seen: list[int | None] = []
-    real = pipeline._pair_metrics
+    real = pipeline._group_spectra  # one pair per group with the CPU's gram method
 
-    def pair_metrics(*args):
+    def group_spectra(*args):
         seen.append(getattr(local, "threads", None))
         return real(*args)
 
-    monkeypatch.setattr(pipeline, "_pair_metrics", pair_metrics)
+    monkeypatch.setattr(pipeline, "_group_spectra", group_spectra)
     for _ in range(3):
         list(analyse_plan(_plan(4), device="cpu", workers=2))
     assert seen == [1] * 12, seen
@@ -144,16 +144,17 @@ def test_overlapping_analyses_give_the_bytes_they_give_alone(monkeypatch):
 
         inside, release = threading.Event(), threading.Event()
         order: list[str] = []
-        real = pipeline._pair_metrics
+        real = pipeline._group_spectra  # one pair per group with the CPU's gram method
 
-        def pair_metrics(pair, *args):
+        def group_spectra(pairs, *args):
+            (pair,) = pairs
             order.append(pair.plan.name)
             if pair.plan.name == "large0":
                 inside.set()
                 release.wait(5.0)  # the small analysis starts meanwhile, and waits
-            return real(pair, *args)
+            return real(pairs, *args)
 
-        monkeypatch.setattr(pipeline, "_pair_metrics", pair_metrics)
+        monkeypatch.setattr(pipeline, "_group_spectra", group_spectra)
         large_beside: list[bytes] = []
         thread = threading.Thread(target=lambda: large_beside.extend(fields(analyse_plan(large, device="cpu"))))
         thread.start()
