@@ -2,8 +2,8 @@
 
 Issue 13 asks the GPU engine to batch the many small matrices of MoE models. This builds
 one layer of Qwen3-30B-A3B-shaped experts in memory (``gate_proj``/``up_proj`` 768 x 2048,
-``down_proj`` 2048 x 768 by default; every expert a full fine-tune of its base, with the
-slowly decaying spectrum of trained weights) and times, in one process:
+``down_proj`` 2048 x 768 by default; every expert a full fine-tune of its base, weights
+shaped like trained ones by :func:`benchmarks.workloads.synthetic_weight`) and times, in one process:
 
 - the papers' procedure (:func:`benchmarks.baseline.intruder_scores`: two default-driver
   SVDs per matrix) on the first few matrices, for the per-matrix baseline;
@@ -34,15 +34,9 @@ from analysis import pipeline
 from analysis.linalg import resolve_device
 from analysis.plan import ComparisonPlan, MatrixPlan, TunedMatrix
 from benchmarks.baseline import intruder_scores
+from benchmarks.workloads import synthetic_weight
 
-
-def _trained_like(m: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """A random matrix with a power-law spectrum (``s_i ~ i^-0.5``), as trained weights have."""
-    k = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, k, generator=generator)).Q
-    v = torch.linalg.qr(torch.randn(n, k, generator=generator)).Q
-    s = torch.arange(1, k + 1, dtype=torch.float32) ** -0.5
-    return (u * s) @ v.T
+CPU = torch.device("cpu")
 
 
 def expert_layer(experts: int, shape: tuple[int, int], seed: int = 0) -> list[MatrixPlan]:
@@ -51,8 +45,8 @@ def expert_layer(experts: int, shape: tuple[int, int], seed: int = 0) -> list[Ma
     matrices = []
     for e in range(experts):
         for module, (m, n) in (("gate", shape), ("up", shape), ("down", shape[::-1])):
-            base = _trained_like(m, n, g)
-            tuned = TunedMatrix(base + 0.02 * _trained_like(m, n, g))
+            base = synthetic_weight(m, n, g, CPU)
+            tuned = TunedMatrix(base + 0.02 * synthetic_weight(m, n, g, CPU))
             name = f"model.layers.0.mlp.experts.{e}.{module}_proj.weight"
             matrices.append(MatrixPlan(name, 0, module, (m, n), lambda b=base: b, lambda t=tuned: t, expert=e))
     return matrices
