@@ -155,15 +155,18 @@ def tradeoff_table(result: MitigationResult) -> pd.DataFrame:
     )
 
 
-def _label_positions(xy: list[tuple[float, float]]) -> list[str]:
+def _label_positions(xy: list[tuple[float, float]], labels: list[str]) -> list[str]:
     """Text positions for labelled points: above each, unless that lands on the label of
-    a point close by (within 6% of the spread on both axes), then below, right or left."""
+    a point close by (within 6% of the spread on both axes), then below, right or left.
+    A point without a label (it shares one, :func:`_lambda_labels`) takes no position."""
     xs, ys = [x for x, _ in xy], [y for _, y in xy]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     positions: list[str] = []
     for i, (x, y) in enumerate(xy):
         near = {
-            positions[j] for j in range(i) if abs(xy[j][0] - x) < 0.06 * span_x and abs(xy[j][1] - y) < 0.06 * span_y
+            positions[j]
+            for j in range(i)
+            if labels[j] and abs(xy[j][0] - x) < 0.06 * span_x and abs(xy[j][1] - y) < 0.06 * span_y
         }
         choices = ("top center", "bottom center", "middle right", "middle left")
         positions.append(next((c for c in choices if c not in near), "top center"))
@@ -201,13 +204,14 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
     mitigated = [p for p in points if p["lam"] is not None and p["label"] != "fine-tune"]
     fixed = [p for p in points if p["label"] in ("base", "fine-tune")]
     if tradeoff.task_name:
+        labels = _lambda_labels(mitigated)
         fig.add_trace(
             go.Scatter(
                 x=[p["loss"] for p in mitigated],
                 y=[p["task"] for p in mitigated],
                 mode="lines+markers+text",
-                text=_lambda_labels(mitigated),
-                textposition=_label_positions([(p["loss"], p["task"]) for p in mitigated]),
+                text=labels,
+                textposition=_label_positions([(p["loss"], p["task"]) for p in mitigated], labels),
                 customdata=[p["lam"] for p in mitigated],
                 name="mitigated",
                 line={"color": AFTER_COLOR},

@@ -741,3 +741,9 @@ def test_tradeoff_labels_points_that_coincide_once():
     assert list(figure([fine_tune, *apart]).data[0].text) == [f"λ={lam:g}" for lam in lams]
     two = [{**same[0]}, {**same[1]}, {**apart[4]}]
     assert list(figure([fine_tune, *two]).data[0].text) == ["λ=0, 0.25", "", "λ=1"]
+    # A point beside a pile: the pile's one label is above, so this one goes below (the
+    # unlabelled points of the pile claim no position).
+    beside = [{**same[0]}, {**same[1]}, {**same[2], "lam": 0.5, "loss": 2.0755}, {**apart[4]}]
+    shown = figure([fine_tune, *beside]).data[0]
+    assert list(shown.text) == ["λ=0, 0.25", "", "λ=0.5", "λ=1"]
+    assert list(shown.textposition)[:3:2] == ["top center", "bottom center"]
