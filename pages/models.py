@@ -72,7 +72,7 @@ with st.container(border=True):
             }
             for m in manifest.models
         ]
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder="—")
         st.button("Use the demo", on_click=use_demo, key="use_demo")
     job = runtime.demo_job()
     building = job is not None and not job.state.finished
@@ -314,10 +314,10 @@ for spec in selection.tuned:
         if adapter:
             shown = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern")
             st.write({k: adapter.get(k) for k in shown if k in adapter})
-        st.dataframe(preview["matrices"], hide_index=True)
+        st.dataframe(preview["matrices"], hide_index=True, placeholder="—")
         if len(preview["skipped"]):
             st.write("Not analysed, by reason:")
-            st.dataframe(preview["skipped"], hide_index=True)
+            st.dataframe(preview["skipped"], hide_index=True, placeholder="—")
         if preview["unmatched"]:
             st.write("Present on one side only (not analysed):", ", ".join(preview["unmatched"]))
         if preview["shape_mismatches"]:

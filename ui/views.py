@@ -195,14 +195,6 @@ def chart(fig, name: str, **kwargs) -> object:
     return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
 
 
-def _plain(value: object) -> str:
-    """A cell as Streamlit shows a table without missing values (floats to 4 decimals,
-    trailing zeros dropped), so a table with a dash in it looks like one without."""
-    if isinstance(value, float):
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1e15 else f"{value:g}"
-    return str(value)
-
-
 #: Columns of a matrix's identity that only some models have (see :func:`table`).
 IDENTITY_COLUMNS = ("stack", "expert")
 
@@ -211,13 +203,13 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
     """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
 
     A value that does not exist (the amplification factor of a zero update, the λ of the
-    base model) is shown as a dash, not Streamlit's grey "None", and left empty in the CSV.
+    base model) is shown as a dash (Streamlit's ``placeholder``), not a grey "None", and is
+    left empty in the CSV.
     Identity columns no row fills (``stack`` of a one-stack model, ``expert`` of a dense
     one) are not shown; the CSV keeps them, so its columns are always the same.
     """
     empty = [c for c in IDENTITY_COLUMNS if c in frame.columns and frame[c].isna().all()]
     display = frame.drop(columns=empty) if empty else frame
-    undefined = [c for c in display.columns if display[c].isna().any()]
     if {"model", "method"} <= set(frame.columns):
         # The method only where the label does not already say it (the demo's "LoRA r=8");
         # the CSV keeps every value.
@@ -225,12 +217,7 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
         if any(said):
             display = display.copy()
             display.loc[said, "method"] = ""
-    if undefined:  # every float column alike, so that the table reads as one without dashes
-        floats = [c for c in display.columns if pd.api.types.is_float_dtype(display[c])]
-        shown = display.style.format(_plain, na_rep="—", subset=list(dict.fromkeys(undefined + floats)))
-    else:
-        shown = display
-    st.dataframe(shown, hide_index=not index, **kwargs)
+    st.dataframe(display, hide_index=not index, placeholder="—", **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
     )
