@@ -216,6 +216,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 name="mitigated",
                 line={"color": AFTER_COLOR},
                 hovertemplate="λ=%{customdata:g}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
+                cliponaxis=False,  # a label at the axis end may reach into the margin (phones)
             )
         )
         for p, color in zip(fixed, (BASE_COLOR, BEFORE_COLOR), strict=False):
@@ -229,6 +230,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                     name=p["label"],
                     marker={"size": 12, "color": color, "symbol": "diamond"},
                     hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
+                    cliponaxis=False,
                 )
             )
         losses = [p["loss"] for p in points]
