@@ -63,6 +63,7 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     assert list(table["scaled"]) == [len(m.intruders) for m in expected.mitigation.matrices]
     assert set(table["scaled"]) <= {0, 1}  # top1
     assert {"stack", "expert"}.isdisjoint(table.columns)  # BERT: one stack, no experts (the CSV keeps them)
+    assert at.dataframe[0].proto.placeholder == "—"  # a missing value reads as a dash, not "None"
     assert {"stack", "expert"} <= set(fm.matrices_table(expected, 10, 0.5).columns)
     assert not [i for i in at.info if "nothing was scaled" in i.value]
     labels = [b.label for b in at.get("download_button")]
