@@ -2,7 +2,7 @@
 
 The engine never imports Streamlit. Public entry points:
 
-- :func:`analysis.sources.open_source` -- a hub id, folder, file or adapter -> weights.
+- :func:`analysis.sources.open_location` -- a hub id, folder, file or adapter -> weights.
 - :func:`analysis.pairing.plan_comparison` -- pair base and tuned matrices.
 - :func:`analysis.pipeline.compare` -- run a whole comparison (cached, on the best device).
 - :mod:`analysis.metrics` -- the metrics of docs/metrics.md as pure functions.

@@ -112,17 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster RAY_ADDRESS names) or an address such as ray://head:10001; every node must read the models",
     )
 
-    demo = commands.add_parser(
-        "demo",
-        help="build the offline demo (a real base model, its full fine-tune and LoRA adapters)",
-        description="Fine-tune the bundled all-MiniLM-L6-v2 on a retrieval task built from the Python standard "
-        "library, fully and with LoRA at several ranks, into the cache folder. Finds an existing build and "
-        "returns at once.",
+    moved = commands.add_parser(
+        "demo", help="moved: the offline demo is built by its own command, python -m demo", add_help=False
     )
-    demo.add_argument("--root", type=Path, default=None, help="where to build (default <cache dir>/demo)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's own)")
-    demo.add_argument("--force", action="store_true", help="rebuild even if a build exists")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    moved.add_argument("rest", nargs=argparse.REMAINDER)
     _add_mitigate_parser(commands)
     return parser
 
@@ -187,7 +180,7 @@ def _run_mitigate(args: argparse.Namespace) -> int:
     import json
 
     from analysis.cache import SpectrumCache, default_cache_dir
-    from analysis.mitigate import MitigationSettings, export_adapter, export_merged, run
+    from analysis.mitigation import MitigationSettings, export_adapter, export_merged, run
     from analysis.specs import SpecResolver
 
     if args.eps == 0:
@@ -240,7 +233,8 @@ def _run_mitigate(args: argparse.Namespace) -> int:
 
 def _run_report(args: argparse.Namespace) -> int:
     from analysis.cache import SpectrumCache, default_cache_dir
-    from analysis.pipeline import AnalysisSettings, compare
+    from analysis.compare import compare
+    from analysis.pipeline import AnalysisSettings
     from analysis.report import to_report, write_report
 
     cache = None if args.no_cache else SpectrumCache((args.cache_dir or default_cache_dir()) / "spectra")
@@ -268,26 +262,13 @@ def _run_report(args: argparse.Namespace) -> int:
         include_non_block=args.include_non_block,
         settings=AnalysisSettings(max_top_k=max(args.top_k, AnalysisSettings.max_top_k), side=args.side),
     )
-    if args.ray is not None:
-        from analysis import distributed
-
-        result = distributed.compare(args.base, args.tuned, address=args.ray, **options)
-    else:
-        result = compare(args.base, args.tuned, **options)
+    result = compare(args.base, args.tuned, ray=args.ray, **options)
     try:
         write_report(to_report(result), args.out)
     except OSError as exc:
         raise InputError(args.out, f"cannot write the report: {exc.strerror or exc}") from None
     if not args.quiet:
         print(f"wrote {args.out} ({len(result.models)} models, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return 0
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from demo import build_demo
-
-    manifest = build_demo(args.root, steps=args.steps, progress=not args.quiet, force=args.force)
-    print(manifest.describe())
     return 0
 
 
@@ -298,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_report(args)
         if args.command == "mitigate":
             return _run_mitigate(args)
-        return _run_demo(args)
+        raise InputError("demo", "the offline demo is built by its own command: python -m demo [--force] [--steps N]")
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,10 @@ from analysis.pipeline import (
     ProgressEvent,
     analyse_pair,
     model_result,
-    plan_models,
 )
 from analysis.plan import ComparisonPlan, MatrixPlan
 from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult, MatrixResult
+from analysis.specs import SpecResolver, default_demo_root
 
 #: The least work a task gets, as the cost ``m * n * min(m, n)`` of its pairs (the flops of
 #: their decompositions up to a constant): a 512 x 512 pair, some 0.1 s on one CPU core,
@@ -85,7 +85,7 @@ class PlanRequest:
 
     ``resolver`` (a :class:`~analysis.specs.SpecResolver`) is set for the dashboard's
     ``demo:`` and ``upload:`` specs; its folders must be readable on every node. Without
-    it the specs are opened as the command line does (:func:`analysis.pipeline.plan_models`).
+    it the specs are opened as the command line does (:meth:`analysis.specs.SpecResolver.plan_models`).
     """
 
     base: str
@@ -103,8 +103,8 @@ class PlanRequest:
     def plan(self) -> ComparisonPlan:
         if self.resolver is not None:
             return self.resolver.plan(self.base, self.tuned, include_non_block=self.include_non_block)
-        (plan,) = plan_models(
-            self.base, [self.tuned], allow_local_paths=self.allow_local_paths, include_non_block=self.include_non_block
+        (plan,) = SpecResolver(allow_local_paths=self.allow_local_paths).plan_models(
+            self.base, [self.tuned], include_non_block=self.include_non_block
         )
         return plan
 
@@ -112,10 +112,6 @@ class PlanRequest:
 def dashboard_request(resolver, base: str, tuned: str) -> PlanRequest:
     """A :class:`PlanRequest` for the dashboard's specs, its demo folder fixed at the driver
     (a worker's own ``WSE_CACHE_DIR`` must not decide what ``demo:base`` names)."""
-    from dataclasses import replace
-
-    from demo import default_demo_root
-
     pinned = replace(resolver, demo_root=resolver.demo_root or default_demo_root())
     return PlanRequest(base, tuned, allow_local_paths=pinned.allow_local_paths, resolver=pinned)
 
@@ -472,7 +468,7 @@ def compare(
     cpus_per_task: int = 1,
     stats: RayRunStats | None = None,
 ) -> ComparisonResult:
-    """:func:`analysis.pipeline.compare` on the Ray cluster at ``address`` (:func:`connect`).
+    """:func:`analysis.compare.compare` on the Ray cluster at ``address`` (:func:`connect`).
 
     Every fine-tune is planned here first (bad input fails before any task starts), then
     all of them are analysed together (:func:`analyse_plans`). ``cache`` is the driver's
@@ -483,7 +479,9 @@ def compare(
         raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
     if any(not 0 < eps <= 1 for eps in epsilons):
         raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
-    plans = plan_models(base, tuned, allow_local_paths=allow_local_paths, include_non_block=include_non_block)
+    plans = SpecResolver(allow_local_paths=allow_local_paths).plan_models(
+        base, tuned, include_non_block=include_non_block
+    )
     requests = [PlanRequest(base, t, include_non_block, allow_local_paths) for t in tuned]
     connect(address)
     matrices = analyse_plans(

@@ -32,24 +32,20 @@ from analysis.linalg import (
 )
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import (
-    DEFAULT_EPSILONS,
-    DEFAULT_TOP_K,
-    ComparisonResult,
     MatrixResult,
     ModelResult,
 )
-from analysis.scheduler import (  # noqa: F401 (available_cores, cpu_parallelism, default_workers: re-exported)
+from analysis.scheduler import (
     DEFAULT_MEMORY_BUDGET,
     BackgroundWriter,
-    _compute_threads,
-    _in_order,
-    _now,
-    _use_threads,
-    available_cores,
     blas_threads,
+    compute_threads,
     cpu_parallelism,
     default_workers,
+    in_order,
     matrix_threads,
+    run_now,
+    use_threads,
     working_bytes,
 )
 
@@ -94,7 +90,6 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
-_DEFAULT_CACHE = object()
 
 
 @dataclass
@@ -139,7 +134,7 @@ def _base_spectrum(pair: _Pair, fresh: Spectrum | None, device: torch.device, ca
     stored = stored_base_spectrum(fresh)
     if cache is not None:
         entry = _base_entry(stored)
-        (pair.write or _now)(lambda: cache.store("base", pair.base_key, entry))
+        (pair.write or run_now)(lambda: cache.store("base", pair.base_key, entry))
     return stored
 
 
@@ -243,7 +238,7 @@ def _compute_group(
     if todo:
         threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(todo[0].plan.shape, method, budget)
         if device.type == "cpu":
-            _use_threads(threads)
+            use_threads(threads)
         computed: list[Entry] = []
 
         def entry(index: int) -> Entry:
@@ -464,7 +459,7 @@ def analyse_matrix(
     """
     device = resolve_device(device)
     method = default_method(device)
-    with _compute_threads():
+    with compute_threads():
         try:
             torch.set_num_threads(1)  # merging an adapter: as analyse_plan does
             pair = _prepare(plan, settings, cache)
@@ -536,9 +531,9 @@ def analyse_plan(
         return sum(working_bytes(plan.matrices[i].shape, method, device.type) for i in group)
 
     writer = BackgroundWriter() if cache is not None else None
-    with _compute_threads():
+    with compute_threads():
         groups = group_matrices(plan.matrices, method, budget // 2, device.type)
-        results = _in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
+        results = in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
         ready: dict[int, MatrixResult] = {}  # results of groups that finished ahead of plan order
         try:
             for group, group_results in results:
@@ -611,92 +606,6 @@ def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelRes
     )
 
 
-def plan_models(
-    base: str, tuned: Sequence[str], *, allow_local_paths: bool = True, include_non_block: bool = False
-) -> list[ComparisonPlan]:
-    """Open every source and pair it with the base, before any heavy work runs.
-
-    Bad input anywhere (a missing file, a wrong base, an unsupported adapter) raises
-    :class:`InputError` here, so a long run never fails half way for a typo.
-    """
-    from analysis.adapters import is_adapter
-    from analysis.pairing import plan_comparison
-    from analysis.plan import require_matrices
-    from analysis.sources import open_source
-
-    base_source = open_source(base, allow_local_paths=allow_local_paths)
-    if is_adapter(base_source):
-        raise InputError(base, "is a LoRA adapter; the base must be a full model (apply adapters as TUNED)")
-    return [
-        require_matrices(
-            plan_comparison(
-                base_source, open_source(spec, allow_local_paths=allow_local_paths), include_non_block=include_non_block
-            )
-        )
-        for spec in tuned
-    ]
-
-
-def compare(
-    base: str,
-    tuned: Sequence[str],
-    *,
-    top_k: int = DEFAULT_TOP_K,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
-    device: torch.device | str = "auto",
-    cache: SpectrumCache | None | object = _DEFAULT_CACHE,
-    progress: ProgressCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    allow_local_paths: bool = True,
-    include_non_block: bool = False,
-    settings: AnalysisSettings | None = None,
-) -> ComparisonResult:
-    """Compare a base model with one or more fine-tunes: every metric, every matrix.
-
-    Parameters
-    ----------
-    base, tuned:
-        Hub ids, local folders, ``.safetensors`` files; a ``tuned`` that is a PEFT or
-        kohya LoRA adapter is applied to ``base``; a ``tuned`` that is a checkpoint series
-        (:mod:`analysis.series`) becomes one model per checkpoint, in step order, each
-        with its ``step``.
-    top_k, epsilons:
-        Intruder counts are reported among the top ``top_k`` tuned vectors at each eps.
-    device:
-        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-    cache:
-        A :class:`SpectrumCache`; the default is the one under ``$WSE_CACHE_DIR`` (or
-        ``cache/``); ``None`` computes everything afresh and stores nothing.
-    progress, should_stop:
-        See :func:`analyse_plan`.
-    """
-    settings = settings or AnalysisSettings(max_top_k=max(top_k, AnalysisSettings.max_top_k))
-    if not 1 <= top_k <= settings.max_top_k:
-        raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
-    if any(not 0 < eps <= 1 for eps in epsilons):
-        raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
-    store = SpectrumCache() if cache is _DEFAULT_CACHE else cache
-    device = resolve_device(device)
-    from analysis.series import expand
-
-    members = expand(tuned, allow_local_paths=allow_local_paths)  # a series: each checkpoint, in step order
-    specs = [spec for spec, _, _ in members]
-    plans = plan_models(base, specs, allow_local_paths=allow_local_paths, include_non_block=include_non_block)
-    result = ComparisonResult(base=base, top_k=top_k, epsilons=[float(e) for e in epsilons])
-    for plan, (_, step, series_label) in zip(plans, members, strict=True):
-        matrices = list(
-            analyse_plan(
-                plan, settings=settings, device=device, cache=store, progress=progress, should_stop=should_stop
-            )
-        )
-        model = model_result(plan, matrices)
-        if step is not None:
-            model.step = step
-            model.summary["series"] = series_label
-        result.models.append(model)
-    return result
-
-
 def analyse_pair(
     plan: MatrixPlan,
     *,
@@ -713,7 +622,7 @@ def analyse_pair(
     found under the returned key, into the driver's cache).
     """
     method = default_method(device)
-    with _compute_threads():
+    with compute_threads():
         try:
             torch.set_num_threads(1)  # merging an adapter: as analyse_plan does (determinism)
             pair = _prepare(plan, settings, cache, source=source)

@@ -96,6 +96,16 @@ class MatrixPlan:
     expert: int | None = None
 
 
+def matrix_key(matrix) -> str:
+    """The string that picks one matrix of a model (pickers, the URL, clicks, CSV, exports).
+
+    The tensor name, plus ``#<expert>`` for a mixture-of-experts slice: a fused 3-D
+    expert tensor holds every expert under one name, so the name alone is not unique.
+    ``matrix`` is anything with ``name`` and ``expert`` (a plan, a result, a mitigation).
+    """
+    return matrix.name if matrix.expert is None else f"{matrix.name}#{matrix.expert}"
+
+
 @dataclass(frozen=True)
 class ShapeMismatch:
     name: str

@@ -178,7 +178,7 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:

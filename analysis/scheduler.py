@@ -208,18 +208,18 @@ def matrix_threads(shape: tuple[int, int], method: str, budget: int = DEFAULT_ME
     return threads, lapack.threads_for(order, threads)
 
 
-def _use_threads(threads: int) -> None:
+def use_threads(threads: int) -> None:
     """Compute in this thread with ``threads`` torch threads (OpenMP and MKL settings are
     per thread: a fresh worker thread would run its first LAPACK call on as many threads
-    as cores). Inside :func:`_compute_threads` only, which restores the caller's count.
+    as cores). Inside :func:`compute_threads` only, which restores the caller's count.
     (The BLAS libraries outside torch: :func:`blas_threads`.)"""
     torch.set_num_threads(threads)
 
 
 @contextmanager
-def _compute_threads() -> Iterator[None]:
+def compute_threads() -> Iterator[None]:
     """Keep the caller's torch thread count while matrices set their own
-    (:func:`_use_threads`); restore it afterwards.
+    (:func:`use_threads`); restore it afterwards.
 
     Overlapping analyses (two dashboard jobs) share the setting; the last to finish
     restores what was there before.
@@ -242,13 +242,13 @@ def _compute_threads() -> Iterator[None]:
 def torch_threads(threads: int) -> Iterator[None]:
     """Run the body (torch code only) with ``threads`` torch threads in this thread; the
     caller's setting comes back afterwards (shared with overlapping analyses as
-    :func:`_compute_threads`)."""
-    with _compute_threads():
-        _use_threads(threads)
+    :func:`compute_threads`)."""
+    with compute_threads():
+        use_threads(threads)
         yield
 
 
-def _now(task: Callable[[], None]) -> None:
+def run_now(task: Callable[[], None]) -> None:
     task()
 
 
@@ -287,12 +287,12 @@ def working_bytes(shape: tuple[int, int], method: str, device_type: str = "cpu")
     return 32 * m * n + 24 * min(m, n) ** 2
 
 
-#: Items queued per worker thread (see :func:`_in_order`); it took an adapter's analysis
+#: Items queued per worker thread (see :func:`in_order`); it took an adapter's analysis
 #: on the demo from 0.52 s to 0.48 s on 2 cores.
 QUEUE_PER_WORKER = 4
 
 
-def _in_order(
+def in_order(
     items: Sequence[T],
     prepare: Callable[[T], P],
     finish: Callable[[P], R],

@@ -1,7 +1,9 @@
 """Where weights come from: a hub id, a local folder or file, or a LoRA adapter.
 
-:func:`open_source` turns what a user typed into something that hands out one tensor at
-a time. Resolution order:
+:func:`open_location` turns a hub id or a local path into something that hands out one
+tensor at a time (:class:`analysis.specs.SpecResolver`, the one door from any model name
+to weights, calls it for names that are not ``demo:``, ``upload:`` or ``series:``).
+Resolution order:
 
 1. An existing local path (only when ``allow_local_paths``; hosted instances turn it off
    so visitors cannot name server paths):
@@ -39,21 +41,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from analysis.errors import InputError
-
-# Re-exported: the file-format readers lived here before they moved to analysis.readers.
-from analysis.readers import (  # noqa: F401
-    _MAX_HEADER_BYTES,
-    _SAFETENSORS_DTYPES,
+from analysis.readers import (
     ADAPTER_CONFIG,
     HUB_PATTERNS,
     PYTORCH_BIN,
     PYTORCH_BIN_INDEX,
     SAFETENSORS_INDEX,
     TensorInfo,
-    _read_json,
     load_safetensors_slice,
     load_safetensors_tensor,
     load_torch_state_dict,
+    read_json,
     read_safetensors_header,
 )
 
@@ -64,7 +62,7 @@ if TYPE_CHECKING:
 class WeightSource:
     """The tensors of one checkpoint, read lazily one at a time.
 
-    Build it with :func:`open_source`. ``label`` is the spec as the user gave it (a hub
+    Build it with :func:`open_location`. ``label`` is the spec as the user gave it (a hub
     id or a path); ``root`` the folder or file it resolved to; ``config`` the parsed
     ``config.json`` next to the weights, or ``{}``. Tensors are returned in the dtype
     they are stored in; :mod:`analysis.pairing` upcasts to float32.
@@ -147,12 +145,12 @@ class WeightSource:
 
 def _config_near(folder: Path) -> dict:
     config = folder / "config.json"
-    return _read_json(config) if config.is_file() else {}
+    return read_json(config) if config.is_file() else {}
 
 
 def _source_from_index(label: str, folder: Path, index_path: Path, *, pickle_shards: bool) -> WeightSource:
     """A sharded checkpoint: ``weight_map`` in the index names the shard of each tensor."""
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(index_path, "has no 'weight_map' (is it a sharded checkpoint index?)")
@@ -255,6 +253,22 @@ def open_file(label: str, path: Path) -> WeightSource | LoraAdapter:
     return WeightSource(label, path, tensors, _config_near(path.parent))
 
 
+def local_path(spec: str, allow_local_paths: bool) -> Path | None:
+    """The existing file or folder ``spec`` names on this server, or ``None``.
+
+    Nothing touches the file system when local paths are off (no ``~user`` expansion,
+    no existence check); a spec no file system call can take (``~nosuchuser``, a name
+    over 255 characters, a NUL byte) names nothing.
+    """
+    if not allow_local_paths:
+        return None
+    try:
+        path = Path(spec).expanduser()
+        return path if path.exists() else None
+    except (OSError, RuntimeError, ValueError):  # no such user, name too long, NUL byte
+        return None
+
+
 # A hub id: "name" or "org/name", optionally "@revision" (huggingface_hub validates the rest).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")
 
@@ -345,14 +359,15 @@ def _download_hub(spec: str) -> Path:
     return Path(folder)
 
 
-def open_source(spec: str | os.PathLike, *, allow_local_paths: bool = True) -> WeightSource | LoraAdapter:
-    """Open a base model, a fine-tune or an adapter for analysis.
+def open_location(spec: str | os.PathLike, *, allow_local_paths: bool = True) -> WeightSource | LoraAdapter:
+    """Open a hub model or a local folder or file (base, fine-tune or adapter) for analysis.
 
     Parameters
     ----------
     spec:
         A local folder or ``.safetensors`` file, or a hub model id (``org/name`` or
-        ``org/name@revision``). See the module docstring for the resolution order.
+        ``org/name@revision``), already checked by :func:`analysis.specs.check_spec`.
+        See the module docstring for the resolution order.
     allow_local_paths:
         ``False`` on hosted instances: any path-like spec is refused, and a spec that
         could be both (``org/name``) is always taken as a hub id.
@@ -367,16 +382,10 @@ def open_source(spec: str | os.PathLike, *, allow_local_paths: bool = True) -> W
     InputError
         Anything wrong with the spec or its files, named in the message.
     """
-    from analysis.specs import check_spec, local_path
-
     label = os.fspath(spec)
-    text = check_spec(label)
+    text = label.strip()
     if not text:
         raise InputError("(empty)", "no model given: expected a hub model id, a folder or a .safetensors file")
-    if text.startswith("demo:"):  # the offline demo's models, named as in the dashboard
-        from analysis.specs import SpecResolver
-
-        return SpecResolver(allow_local_paths=True).open(text)
     if allow_local_paths:
         path = local_path(text, allow_local_paths)
         if path is not None and path.is_dir():

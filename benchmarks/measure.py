@@ -24,7 +24,8 @@ import psutil
 import torch
 
 from analysis.cache import SpectrumCache
-from analysis.pipeline import analyse_plan, plan_models
+from analysis.compare import plan_models
+from analysis.pipeline import analyse_plan
 from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K
 from benchmarks import baseline
 

@@ -92,7 +92,8 @@ def write_checkpoint(out: Path, layers: int, experts: int, layout: str, seed: in
 
 def run(layers: int, experts: int, layout: str, workdir: Path, analyse: bool = True) -> dict:
     from analysis.cache import SpectrumCache
-    from analysis.pipeline import analyse_plan, model_result, plan_models
+    from analysis.compare import plan_models
+    from analysis.pipeline import analyse_plan, model_result
     from analysis.report import to_report, write_report
     from analysis.results import ComparisonResult
 

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from analysis.cache import SpectrumCache
-from analysis.pipeline import AnalysisSettings, analyse_plan, plan_models
+from analysis.compare import plan_models
+from analysis.pipeline import AnalysisSettings, analyse_plan
 from benchmarks.workloads import demo_workload
 
 

@@ -129,14 +129,14 @@ def seed_cache(source: Path, target: Path, base_files: list[Path]) -> None:
 
 
 def matrix_sizes(workload: Workload, tuned: str) -> dict[str, int]:
-    from analysis.pipeline import plan_models
+    from analysis.compare import plan_models
 
     (plan,) = plan_models(str(workload.base), [str(workload.fine_tune(tuned).path)])
     return {m.name: m.shape[0] * m.shape[1] for m in plan.matrices}
 
 
 def matrix_names(workload: Workload, tuned: str) -> list[str]:
-    from analysis.pipeline import plan_models
+    from analysis.compare import plan_models
 
     (plan,) = plan_models(str(workload.base), [str(workload.fine_tune(tuned).path)])
     return [m.name for m in plan.matrices]
@@ -177,7 +177,7 @@ def agreement(engine: dict, baseline: dict) -> dict:
 
 def float64_reference(workload: Workload, tuned: str, names: list[str], device: torch.device) -> dict:
     """Scores, top singular values of base, tuned and update, all from float64 SVDs."""
-    from analysis.pipeline import plan_models
+    from analysis.compare import plan_models
 
     (plan,) = plan_models(str(workload.base), [str(workload.fine_tune(tuned).path)])
     by_name = {m.name: m for m in plan.matrices}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures, tables
 from analysis.results import DEFAULT_EPSILONS
+from charts import figures, tables
 from ui import state, views
 
 selection, models = views.results()

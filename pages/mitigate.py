@@ -1,7 +1,7 @@
 """Mitigate: scale a fine-tune's intruder dimensions down, see what it does, export it.
 
 Shuttleworth et al. 2024 (section 6, Fig. 8); PEFT's ``reduce_intruder_dimension``. The
-engine is :mod:`analysis.mitigate`; this page selects, starts the job, shows.
+engine is :mod:`analysis.mitigation`; this page selects, starts the job, shows.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import json
 
 import streamlit as st
 
-from analysis import figures_mitigate as fm
-from analysis import tables
-from analysis.jobs import JobState
-from analysis.mitigate import MitigationSettings
+from analysis.mitigation import MitigationSettings
+from charts import mitigation as fm
+from charts import tables
+from hosting.jobs import JobState
 from ui import mitigation, runtime, state, views
 
 state.ensure_app_navigation()

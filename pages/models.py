@@ -5,18 +5,17 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import tables
 from analysis.errors import InputError
-from analysis.jobs import JobState
-from analysis.series import (
+from analysis.specs import DEMO_PREFIX, is_upload_spec
+from analysis.specs.series import (
     SERIES_PREFIX,
     checkpoint_folders,
     demo_checkpoint_root,
     is_series_folder,
     is_series_spec,
 )
-from analysis.specs import DEMO_PREFIX
-from analysis.uploads import is_upload_spec
+from charts import tables
+from hosting.jobs import JobState
 from ui import runtime, state, views
 
 state.ensure_app_navigation()

@@ -1,4 +1,4 @@
-"""Checkpoint series: watch a fine-tune happen, step by step (analysis.series).
+"""Checkpoint series: watch a fine-tune happen, step by step (analysis.specs.series).
 
 Select the series, start (or join) one job per checkpoint, then show its metrics against
 training step, a layer x module grid with a step slider and one matrix's similarity
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures, tables
 from analysis.errors import InputError
-from analysis.jobs import JobState
-from analysis.series import SERIES_PREFIX, checkpoint_folders, demo_checkpoint_root, is_series_spec
 from analysis.specs import DEMO_PREFIX
+from analysis.specs.series import SERIES_PREFIX, checkpoint_folders, demo_checkpoint_root, is_series_spec
+from charts import figures, tables
+from hosting.jobs import JobState
 from ui import runtime, state, views
 
 state.ensure_app_navigation()

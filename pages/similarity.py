@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import figures, tables
+from charts import figures, tables
 from ui import views
 
 selection, models = views.results()

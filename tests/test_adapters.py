@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from analysis.adapters import LoraAdapter, lora_scale, merge_lora, pattern_key
 from analysis.errors import InputError
 from analysis.pairing import plan_comparison
-from analysis.sources import open_source
+from analysis.specs import open_model
 from tests import factories
 
 # (model kind, adapter variant) pairs PEFT itself creates and merges.
@@ -37,8 +37,8 @@ def test_merged_weight_equals_peft_merge_and_unload(kind, variant, peft_adapter,
     base_dir = request.getfixturevalue(f"tiny_{kind}")
     adapter_dir = peft_adapter(kind, variant)
     reference = factories.peft_merged_state_dict(base_dir, adapter_dir)
-    base = open_source(base_dir)
-    plan = plan_comparison(base, open_source(adapter_dir), include_non_block=True)
+    base = open_model(base_dir)
+    plan = plan_comparison(base, open_model(adapter_dir), include_non_block=True)
     assert plan.kind == "adapter" and not plan.shape_mismatches
 
     changed = {
@@ -71,7 +71,7 @@ def test_dora_rows_have_the_learned_magnitude(tiny_llama, peft_adapter):
     """DoRA (Liu et al. 2024, eq. 5): each output row of the merged weight has norm m."""
     adapter_dir = peft_adapter("llama", "dora")
     saved = load_file(adapter_dir / "adapter_model.safetensors")
-    plan = plan_comparison(open_source(tiny_llama), open_source(adapter_dir))
+    plan = plan_comparison(open_model(tiny_llama), open_model(adapter_dir))
     assert len(plan.matrices) == 4
     for matrix in plan.matrices:
         tuned = matrix.load_tuned()
@@ -81,9 +81,9 @@ def test_dora_rows_have_the_learned_magnitude(tiny_llama, peft_adapter):
 
 
 def test_scales_follow_rslora_and_patterns(peft_adapter):
-    plain = open_source(peft_adapter("llama", "lora"))
-    rslora = open_source(peft_adapter("llama", "rslora"))
-    patterns = open_source(peft_adapter("llama", "patterns"))
+    plain = open_model(peft_adapter("llama", "lora"))
+    rslora = open_model(peft_adapter("llama", "rslora"))
+    patterns = open_model(peft_adapter("llama", "patterns"))
     assert plain.modules["model.layers.0.self_attn.q_proj"].scale == 2.0  # alpha 8 / r 4
     assert rslora.modules["model.layers.0.self_attn.q_proj"].scale == 4.0  # alpha 8 / sqrt(4)
     # rank_pattern {"layers.1.*q_proj": 8}, alpha_pattern {"v_proj": 12, "layers.1.*q_proj": 20}
@@ -134,8 +134,8 @@ def test_bin_adapter_equals_safetensors_adapter(tiny_llama, tmp_path):
     safe = factories.make_lora_adapter(tiny_llama, tmp_path / "safe")
     binary = factories.make_lora_adapter(tiny_llama, tmp_path / "bin", safe_serialization=False)
     assert (binary / "adapter_model.bin").exists() and not (binary / "adapter_model.safetensors").exists()
-    base = open_source(tiny_llama)
-    a, b = plan_comparison(base, open_source(safe)), plan_comparison(base, open_source(binary))
+    base = open_model(tiny_llama)
+    a, b = plan_comparison(base, open_model(safe)), plan_comparison(base, open_model(binary))
     assert [m.name for m in a.matrices] == [m.name for m in b.matrices]
     for x, y in zip(a.matrices, b.matrices, strict=True):
         assert torch.equal(x.load_tuned().weight, y.load_tuned().weight)
@@ -147,7 +147,7 @@ def test_settings_are_documented_data(peft_adapter):
     from analysis.adapters import LoraSettings
 
     assert all(f.metadata.get("help") for f in fields(LoraSettings))
-    settings = open_source(peft_adapter("bert", "modules_to_save")).settings
+    settings = open_model(peft_adapter("bert", "modules_to_save")).settings
     assert settings.modules_to_save == ["intermediate.dense"]
     assert sorted(settings.target_modules) == ["query", "value"]
 
@@ -156,9 +156,9 @@ def test_settings_are_documented_data(peft_adapter):
 
 
 def test_kohya_update_is_alpha_over_rank_up_down(tiny_llama, tiny_llama_kohya):
-    adapter = open_source(tiny_llama_kohya)
+    adapter = open_model(tiny_llama_kohya)
     assert isinstance(adapter, LoraAdapter) and adapter.format == "kohya"
-    plan = plan_comparison(open_source(tiny_llama), adapter)
+    plan = plan_comparison(open_model(tiny_llama), adapter)
     assert sorted(m.name for m in plan.matrices) == [
         f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in ("q", "v")
     ]
@@ -176,7 +176,7 @@ def test_kohya_update_is_alpha_over_rank_up_down(tiny_llama, tiny_llama_kohya):
 
 def test_kohya_without_alpha_uses_alpha_equal_rank(tiny_gpt2, tmp_path):
     path = factories.make_kohya_lora(tiny_gpt2, tmp_path / "gpt2.safetensors", alpha=None, r=3)
-    plan = plan_comparison(open_source(tiny_gpt2), open_source(path))
+    plan = plan_comparison(open_model(tiny_gpt2), open_model(path))
     names = sorted(m.name for m in plan.matrices)
     assert names == ["transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_proj.weight"] + [
         "transformer.h.1.attn.c_proj.weight",
@@ -198,14 +198,14 @@ def test_kohya_without_alpha_uses_alpha_equal_rank(tiny_gpt2, tmp_path):
 def test_non_lora_peft_adapters_are_rejected(kind, variant, peft_type, peft_adapter):
     folder = peft_adapter(kind, variant)
     with pytest.raises(InputError, match=f"peft_type is {peft_type}: only LoRA adapters") as info:
-        open_source(folder)
+        open_model(folder)
     assert info.value.source.endswith("adapter_config.json")
 
 
 def test_untrained_adapter_is_rejected(tiny_bert, tmp_path):
     folder = factories.make_lora_adapter(tiny_bert, tmp_path / "untrained", untrained=True)
     with pytest.raises(InputError, match="the adapter's update is zero: lora_B is all zeros") as info:
-        open_source(folder)
+        open_model(folder)
     assert info.value.source == str(folder)
 
 
@@ -214,7 +214,7 @@ def test_kohya_with_zero_up_is_rejected(tiny_llama, tmp_path):
     tensors = {k: torch.zeros_like(v) if "lora_up" in k else v for k, v in load_file(path).items()}
     save_file(tensors, path)
     with pytest.raises(InputError, match="lora_up is all zeros"):
-        open_source(path)
+        open_model(path)
 
 
 def _edited_adapter(source, tmp_path, **changes):
@@ -238,7 +238,7 @@ def _edited_adapter(source, tmp_path, **changes):
 )
 def test_unsupported_or_inconsistent_configs_are_rejected(tiny_bert_lora, tmp_path, change, message):
     with pytest.raises(InputError, match=message):
-        open_source(_edited_adapter(tiny_bert_lora, tmp_path, **change))
+        open_model(_edited_adapter(tiny_bert_lora, tmp_path, **change))
 
 
 def test_adapter_folder_without_weights(tiny_bert_lora, tmp_path):
@@ -246,7 +246,7 @@ def test_adapter_folder_without_weights(tiny_bert_lora, tmp_path):
     folder.mkdir()
     shutil.copy(tiny_bert_lora / "adapter_config.json", folder)
     with pytest.raises(InputError, match="no adapter_model.safetensors"):
-        open_source(folder)
+        open_model(folder)
 
 
 def test_factor_with_missing_partner(tiny_bert_lora, tmp_path):
@@ -256,4 +256,4 @@ def test_factor_with_missing_partner(tiny_bert_lora, tmp_path):
     del tensors["base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"]
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(InputError, match="'encoder.layer.1.attention.self.value' has no lora_B weight"):
-        open_source(folder)
+        open_model(folder)

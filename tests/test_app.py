@@ -87,7 +87,7 @@ def metrics(at: AppTest) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def engine_result(tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path):
     """The same comparison through the engine's public API, for cross-checking."""
-    from analysis.pipeline import compare
+    from analysis.compare import compare
 
     return compare(str(tiny_bert), [str(tiny_bert_lora), str(tiny_bert_full_ft)], cache=None)
 
@@ -366,7 +366,7 @@ def test_progress_and_cancel_of_a_running_analysis(
     import threading
 
     from analysis.errors import AnalysisCancelled
-    from analysis.jobs import JobState, Progress
+    from hosting.jobs import JobState, Progress
     from ui import runtime
 
     release = threading.Event()
@@ -419,7 +419,7 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
 
     import demo
     from analysis.errors import AnalysisCancelled
-    from analysis.jobs import JobState
+    from hosting.jobs import JobState
     from ui import runtime
 
     stepped, calls = threading.Event(), []
@@ -622,7 +622,7 @@ def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_r
 
     import demo
     from analysis.errors import AnalysisCancelled
-    from analysis.jobs import JobState
+    from hosting.jobs import JobState
     from tests.app_fixtures import make_standin_demo
     from ui import runtime
 

@@ -61,7 +61,7 @@ def _warm_cache(cache: Path, spec: str) -> None:
     from analysis.cache import SpectrumCache
     from analysis.pipeline import analyse_plan
     from analysis.specs import SpecResolver
-    from analysis.uploads import UploadStore
+    from hosting.uploads import UploadStore
 
     resolver = SpecResolver(uploads=UploadStore(cache / "uploads"), demo_root=cache / "demo")
     for _ in analyse_plan(resolver.plan("demo:base", spec), cache=SpectrumCache(cache / "spectra")):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from analysis.cache import SpectrumCache
 from analysis.cli import main
-from analysis.pipeline import compare
+from analysis.compare import compare
 
 REPO = Path(__file__).resolve().parent.parent
 

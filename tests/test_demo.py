@@ -17,7 +17,10 @@ import pytest
 import torch
 
 import demo
+import demo.build
+import demo.training
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.mitigation.heldout import retrieval_metrics
 from analysis.results import ComparisonResult
 from demo import DemoManifest, build_demo, demo_manifest
 from tests.demo_fixture import DEMO_BUILD_TIMEOUT_S, demo_build  # noqa: F401  (pytest fixture)
@@ -28,7 +31,7 @@ pytestmark = [pytest.mark.timeout(DEMO_BUILD_TIMEOUT_S), pytest.mark.xdist_group
 
 @pytest.fixture(scope="module")
 def demo_comparison(demo_build: DemoManifest) -> ComparisonResult:  # noqa: F811
-    from analysis.pipeline import compare
+    from analysis.compare import compare
 
     return compare(str(demo_build.base.path), demo_build.tuned_paths, epsilons=[0.5], device="cpu", cache=None)
 
@@ -148,7 +151,7 @@ def test_adapters_load_with_peft_and_change_the_model(demo_build: DemoManifest) 
 @pytest.fixture
 def one_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-model, one-step demo: the file contract without the training time."""
-    monkeypatch.setattr(demo, "FINE_TUNES", (demo.FINE_TUNES[1],))
+    monkeypatch.setattr(demo.build, "FINE_TUNES", (demo.FINE_TUNES[1],))
 
 
 def test_an_interrupted_rebuild_keeps_the_finished_build(tmp_path: Path, one_recipe, monkeypatch) -> None:
@@ -160,7 +163,7 @@ def test_an_interrupted_rebuild_keeps_the_finished_build(tmp_path: Path, one_rec
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_fine_tune", crash)
+    monkeypatch.setattr(demo.build, "fine_tune", crash)
     with pytest.raises(KeyboardInterrupt):
         build_demo(root, steps=1, progress=False, force=True)
     assert demo_manifest(root) == first
@@ -172,7 +175,7 @@ def test_an_interrupted_first_build_leaves_no_demo(tmp_path: Path, one_recipe, m
     def crash(*args, **kwargs):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(demo, "_fine_tune", crash)
+    monkeypatch.setattr(demo.build, "fine_tune", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         build_demo(tmp_path / "demo", steps=1, progress=False)
     assert demo_manifest(tmp_path / "demo") is None
@@ -207,13 +210,13 @@ def test_other_steps_rebuild_and_builds_are_bit_identical(tmp_path: Path, one_re
 def test_concurrent_builds_train_once(tmp_path: Path, one_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two callers at once (two dashboard sessions, two processes): one builds, one waits."""
     trained = []
-    fine_tune = demo._fine_tune
+    fine_tune = demo.build.fine_tune
 
     def counting(recipe, *args, **kwargs):
         trained.append(recipe.name)
         return fine_tune(recipe, *args, **kwargs)
 
-    monkeypatch.setattr(demo, "_fine_tune", counting)
+    monkeypatch.setattr(demo.build, "fine_tune", counting)
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: build_demo(tmp_path / "demo", steps=1, progress=False), range(2)))
     assert trained == ["lora-r1"]
@@ -259,7 +262,7 @@ def test_a_folder_that_is_not_a_demo_is_never_replaced(tmp_path: Path) -> None:
 def test_retrieval_metrics_by_hand() -> None:
     # Query 0 ranks its document first, query 1 second, query 2 third.
     similarity = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.7, 0.1], [0.5, 0.6, 0.4]])
-    scores = demo.retrieval_metrics(similarity)
+    scores = retrieval_metrics(similarity)
     assert scores["recall@1"] == pytest.approx(1 / 3)
     assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
 
@@ -267,8 +270,9 @@ def test_retrieval_metrics_by_hand() -> None:
 @pytest.fixture
 def two_recipes(monkeypatch: pytest.MonkeyPatch) -> None:
     """LoRA r=1 and r=8 only, a checkpoint every step: the publishing contract, quickly."""
-    monkeypatch.setattr(demo, "FINE_TUNES", demo.FINE_TUNES[1:3])
-    monkeypatch.setattr(demo, "CHECKPOINT_EVERY", 1)
+    monkeypatch.setattr(demo.build, "FINE_TUNES", demo.FINE_TUNES[1:3])
+    monkeypatch.setattr(demo.training, "CHECKPOINT_EVERY", 1)
+    monkeypatch.setattr(demo.build, "CHECKPOINT_EVERY", 1)
 
 
 def test_each_fine_tune_is_published_when_done_and_a_stopped_build_resumes(
@@ -287,17 +291,17 @@ def test_each_fine_tune_is_published_when_done_and_a_stopped_build_resumes(
     assert seen == [0, 0, 1]
     partial = demo_manifest(root)
     assert partial is not None and not partial.complete and [m.name for m in partial.fine_tunes] == ["lora-r1"]
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "lora-r1", "manifest.json"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "heldout.json", "lora-r1", "manifest.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]
 
     trained = []
-    fine_tune = demo._fine_tune
+    fine_tune = demo.build.fine_tune
 
     def counting(recipe, *args, **kwargs):
         trained.append(recipe.name)
         return fine_tune(recipe, *args, **kwargs)
 
-    monkeypatch.setattr(demo, "_fine_tune", counting)
+    monkeypatch.setattr(demo.build, "fine_tune", counting)
     done = build_demo(root, steps=2, progress=False)
     assert trained == ["lora-r8"] and done.complete
     assert [m.name for m in done.fine_tunes] == ["lora-r1", "lora-r8"]

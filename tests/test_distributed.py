@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from analysis import distributed
 from analysis.cache import SpectrumCache
 from analysis.cli import main
+from analysis.compare import compare
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.pipeline import compare
 from analysis.results import ComparisonResult, MatrixResult
 from tests import factories
 
@@ -125,10 +125,10 @@ def test_driver_writes_results_when_the_cache_is_not_shared(
 
 
 def test_dashboard_jobs_run_on_ray_when_asked(tiny_llama: Path, tiny_llama_lora: Path, tmp_path: Path) -> None:
-    from analysis.jobs import JobManager, JobState, comparison_job
     from analysis.pipeline import AnalysisSettings
     from analysis.specs import SpecResolver
-    from analysis.uploads import UploadStore
+    from hosting.jobs import JobManager, JobState, comparison_job
+    from hosting.uploads import UploadStore
 
     resolver = SpecResolver(uploads=UploadStore(tmp_path / "uploads"), demo_root=tmp_path / "demo")
     base, tuned = str(tiny_llama), str(tiny_llama_lora)
@@ -244,7 +244,7 @@ def test_local_runs_never_import_ray() -> None:
     import subprocess
     import sys
 
-    code = "import sys, analysis.pipeline, analysis.jobs, analysis.cli; print('ray' in sys.modules)"
+    code = "import sys, analysis.pipeline, hosting.jobs, analysis.cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -163,10 +163,10 @@ def test_expert_slices_are_what_the_forward_pass_applies(family: str, family_roo
     """Each fused expert slice, as the plan hands it out (``out x in``), is the map the
     experts module applies: ``F.linear(x, W)`` reproduces the module's own computation."""
     from analysis.pairing import plan_comparison
-    from analysis.sources import open_source
+    from analysis.specs import open_model
 
     entry = built(family, family_root)
-    plan = plan_comparison(open_source(entry["base"]), open_source(entry["full"]))
+    plan = plan_comparison(open_model(entry["base"]), open_model(entry["full"]))
     experts = entry["model"].model.layers[0].mlp.experts
     x = torch.randn(5, families.H, generator=torch.Generator().manual_seed(0))
     for expert in range(4):
@@ -196,7 +196,8 @@ def test_peft_intruder_detector_on_gpt2_matches_side_right(family_root: Path) ->
     from peft import PeftModel
     from peft.tuners.lora.intruders import reduce_intruder_dimension
 
-    from analysis.pipeline import AnalysisSettings, compare
+    from analysis.compare import compare
+    from analysis.pipeline import AnalysisSettings
 
     entry = built("gpt2", family_root)
     messages: list[str] = []
@@ -222,9 +223,9 @@ def test_peft_intruder_detector_on_gpt2_matches_side_right(family_root: Path) ->
 
 def test_zero_update_amplification_is_null_and_shown_as_missing(tiny_llama: Path, tmp_path: Path) -> None:
     """Undefined stays undefined: a fine-tune equal to its base has no amplification factor."""
-    from analysis import figures, tables
-    from analysis.pipeline import compare
+    from analysis.compare import compare
     from analysis.report import to_report
+    from charts import figures, tables
 
     result = compare(str(tiny_llama), [str(tiny_llama)], cache=None)
     matrices = result.models[0].matrices
@@ -245,11 +246,11 @@ def test_adapters_merge_exactly_as_peft_merge_and_unload(family: str, family_roo
     PEFT's own ``merge_and_unload()`` weight to float32 round-off, whatever the base's
     checkpoint naming (LLaVA) or expert layout (per-expert, fused, ``[E, in, out]``)."""
     from analysis.pairing import plan_comparison
-    from analysis.sources import open_source
+    from analysis.specs import open_model
 
     entry = built(family, family_root)
     memory = {n: t.detach() for n, t in entry["model"].state_dict().items()}
-    plan = plan_comparison(open_source(entry["base"]), open_source(entry["all"]))
+    plan = plan_comparison(open_model(entry["base"]), open_model(entry["all"]))
     stored = _stored(entry["base"])
     changed = 0
     for matrix in plan.matrices:
@@ -278,7 +279,8 @@ def test_a_fine_tune_in_the_other_expert_layout_pairs_expert_by_expert(
     fine-tune's experts are cut as the base stores them (gate and up split from, or joined
     into, ``gate_up_proj`` in transformers' order), so every expert matrix is paired, and
     each pair's matrices and result equal those from a fine-tune saved like its base."""
-    from analysis.pipeline import analyse_plan, plan_models
+    from analysis.compare import plan_models
+    from analysis.pipeline import analyse_plan
 
     families.quiet()
     model = families.build(family)

@@ -23,9 +23,10 @@ from analysis import linalg, metrics
 from analysis.cache import SpectrumCache, tensor_digest
 from analysis.errors import InputError
 from analysis.linalg import NULL_SPACE_RELATIVE, decompose, default_method, low_rank_spectrum, top_eigenvectors
-from analysis.pipeline import _in_order, analyse_matrix, analyse_plan, stored_base_spectrum
+from analysis.pipeline import analyse_matrix, analyse_plan, stored_base_spectrum
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import DEFAULT_EPSILONS
+from analysis.scheduler import in_order
 
 CPU = torch.device("cpu")
 MARGIN = 1e-3
@@ -364,10 +365,10 @@ def test_in_order_bounds_concurrency_by_memory_and_raises_in_order():
     def no_stop(done):
         return None
 
-    got = list(_in_order(list(range(3)), run, keep, 2, budget=100, cost=lambda i: 60, before_each=no_stop))
+    got = list(in_order(list(range(3)), run, keep, 2, budget=100, cost=lambda i: 60, before_each=no_stop))
     assert [r for _, r in got] == [0, 10, 20] and peak[0] == 1  # two would exceed the budget
     peak[0] = 0
-    results = _in_order(list(range(6)), run, keep, 2, budget=100, cost=lambda i: 10, before_each=no_stop)
+    results = in_order(list(range(6)), run, keep, 2, budget=100, cost=lambda i: 10, before_each=no_stop)
     assert [next(results)[1] for _ in range(3)] == [0, 10, 20] and peak[0] == 2
     with pytest.raises(ValueError, match="item 3"):
         next(results)
@@ -385,7 +386,7 @@ def test_single_worker_reads_the_next_matrix_while_computing():
         events.append(("finish", item, threading.current_thread().name))
         return item
 
-    got = list(_in_order(list(range(3)), prepare, finish, 1, 10**9, lambda i: 1, lambda done: None))
+    got = list(in_order(list(range(3)), prepare, finish, 1, 10**9, lambda i: 1, lambda done: None))
     assert [r for _, r in got] == [0, 1, 2]
     order = [(kind, item) for kind, item, _ in events]
     assert order.index(("prepare", 1)) < order.index(("finish", 0))
@@ -393,7 +394,7 @@ def test_single_worker_reads_the_next_matrix_while_computing():
     assert all(name == threading.current_thread().name for kind, _, name in events if kind == "finish")
     # ...but not when two prepared matrices would not fit the memory budget together
     events.clear()
-    list(_in_order(list(range(3)), prepare, finish, 1, 100, lambda i: 60, lambda done: None))
+    list(in_order(list(range(3)), prepare, finish, 1, 100, lambda i: 60, lambda done: None))
     order = [(kind, item) for kind, item, _ in events]
     assert order.index(("prepare", 1)) > order.index(("finish", 0))
 
@@ -476,7 +477,7 @@ def test_analysis_threads_are_restored_afterwards(monkeypatch):
 def test_fully_cached_run_reads_no_weights(tmp_path, request, monkeypatch, base, tuned):
     """Real files: the second run finds every pair through the fingerprint index alone."""
     from analysis.adapters import LoraAdapter
-    from analysis.pipeline import plan_models
+    from analysis.compare import plan_models
     from analysis.sources import WeightSource
 
     base_path, tuned_path = request.getfixturevalue(base), request.getfixturevalue(tuned)
@@ -499,7 +500,7 @@ def test_fully_cached_run_reads_no_weights(tmp_path, request, monkeypatch, base,
 def test_plan_digests_tell_apart_what_differs(tmp_path, tiny_llama, tiny_llama_full_ft, tiny_llama_lora, peft_adapter):
     """Equal digests only for equal matrices: same base, another fine-tune, another adapter."""
     from analysis.cache import FingerprintIndex
-    from analysis.pipeline import plan_models
+    from analysis.compare import plan_models
 
     index = FingerprintIndex(tmp_path)
     variants = [tiny_llama_full_ft, tiny_llama_lora, peft_adapter("llama", "rslora")]

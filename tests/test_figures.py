@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import figures, metrics, tables
+from analysis import metrics
 from analysis.results import DEFAULT_EPSILONS, MatrixResult, ModelResult
+from charts import figures, tables
 
 OUT, IN = 48, 40
 
@@ -366,7 +367,7 @@ def test_similarity_figure_keeps_its_labels_apart(lora_model: ModelResult) -> No
 def test_mitigation_spectra_have_clean_log_ticks_and_a_short_title(lora_model: ModelResult) -> None:
     """Seen in the browser: Plotly's own log ticks printed "5, 2, 1, 5, 2 ..." on both
     axes, and the title was the whole tensor name (cut on a phone)."""
-    from analysis import figures_mitigate
+    from charts import mitigation as figures_mitigate
 
     matrix = lora_model.matrices[0]
     fig = figures_mitigate.spectra_figure(matrix, matrix, [0, 1], label="LoRA run")
@@ -724,7 +725,7 @@ def test_tradeoff_labels_points_that_coincide_once():
     of each other; distinct points keep their own; hover still names each λ."""
     from types import SimpleNamespace
 
-    from analysis.figures_mitigate import tradeoff_figure
+    from charts.mitigation import tradeoff_figure
 
     def figure(points):
         points = [{"label": "base", "lam": None, "loss": 2.2, "task": 0.4}] + points

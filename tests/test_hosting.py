@@ -22,10 +22,11 @@ from analysis import cache as cache_module
 from analysis.cache import SpectrumCache
 from analysis.cli import main
 from analysis.config import env_flag, env_number
-from analysis.errors import InputError, public_message, say_once, server_places
-from analysis.jobs import JobManager, JobState
+from analysis.errors import InputError, say_once
 from analysis.specs import SpecResolver
-from analysis.uploads import MAX_UNPACKED_BYTES, UploadStore
+from hosting.jobs import JobManager, JobState
+from hosting.public import public_message, server_places
+from hosting.uploads import MAX_UNPACKED_BYTES, UploadStore
 from tests import factories
 
 REPO = Path(__file__).resolve().parent.parent
@@ -330,8 +331,8 @@ def test_jobs_stop_when_no_visitor_is_left() -> None:
 
 
 def test_legend_names_the_method_once() -> None:
-    from analysis.figures import _legend_name
     from analysis.results import ModelResult
+    from charts.figures import _legend_name
 
     def model(label: str) -> ModelResult:
         summary = {"label": label, "adapter": {"r": 1, "lora_alpha": 2}, "lora_rank": 1}

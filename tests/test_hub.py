@@ -10,15 +10,16 @@ from analysis import sources
 from analysis.adapters import LoraAdapter
 from analysis.errors import InputError
 from analysis.pairing import plan_comparison
-from analysis.sources import WeightSource, open_source
+from analysis.sources import WeightSource
+from analysis.specs import open_model
 
 
 def test_hub_id_resolves_from_the_cache_offline(offline_hub, tiny_bert):
-    source = open_source("tiny-org/bert")
+    source = open_model("tiny-org/bert")
     assert isinstance(source, WeightSource)
     assert source.label == "tiny-org/bert"
     assert offline_hub in source.root.parents and "snapshots" in source.root.parts
-    local = open_source(tiny_bert)
+    local = open_model(tiny_bert)
     assert source.names() == local.names()
     name = "encoder.layer.1.attention.self.key.weight"
     assert torch.equal(source.load(name), local.load(name))
@@ -27,39 +28,39 @@ def test_hub_id_resolves_from_the_cache_offline(offline_hub, tiny_bert):
 
 def test_hub_ids_work_with_local_paths_disabled(offline_hub):
     plan = plan_comparison(
-        open_source("tiny-org/bert", allow_local_paths=False), open_source("tiny-org/bert-ft", allow_local_paths=False)
+        open_model("tiny-org/bert", allow_local_paths=False), open_model("tiny-org/bert-ft", allow_local_paths=False)
     )
     assert plan.base_label == "tiny-org/bert" and plan.tuned_label == "tiny-org/bert-ft"
     assert len(plan.matrices) == 12
 
 
 def test_sharded_hub_repo(offline_hub, tiny_llama):
-    source = open_source("tiny-org/llama-sharded")
+    source = open_model("tiny-org/llama-sharded")
     assert len({source.file(n) for n in source.names()}) > 2
-    assert source.names() == open_source(tiny_llama).names()
+    assert source.names() == open_model(tiny_llama).names()
 
 
 def test_hub_adapter_is_applied_to_a_hub_base(offline_hub):
-    adapter = open_source("tiny-org/llama-lora")
+    adapter = open_model("tiny-org/llama-lora")
     assert isinstance(adapter, LoraAdapter) and adapter.label == "tiny-org/llama-lora"
-    plan = plan_comparison(open_source("tiny-org/llama"), adapter)
+    plan = plan_comparison(open_model("tiny-org/llama"), adapter)
     assert plan.kind == "adapter" and len(plan.matrices) == 4
 
 
 def test_unknown_id_offline_is_a_clear_error(offline_hub):
     with pytest.raises(InputError, match="not in the local hub cache and the hub is offline") as info:
-        open_source("tiny-org/does-not-exist")
+        open_model("tiny-org/does-not-exist")
     assert info.value.source == "tiny-org/does-not-exist"
 
 
 def test_unknown_revision_offline(offline_hub):
     with pytest.raises(InputError, match="not in the local hub cache"):
-        open_source("tiny-org/bert@v9")
+        open_model("tiny-org/bert@v9")
 
 
 def test_pickle_only_hub_repo_is_not_loaded(offline_hub):
     with pytest.raises(InputError, match=r"has no \.safetensors weights on the hub .*pytorch_model\.bin"):
-        open_source("tiny-org/bert-bin-only")
+        open_model("tiny-org/bert-bin-only")
 
 
 def test_a_local_folder_named_like_a_hub_id_is_ignored_when_paths_are_disabled(
@@ -72,14 +73,14 @@ def test_a_local_folder_named_like_a_hub_id_is_ignored_when_paths_are_disabled(
 
     shutil.copytree(tiny_llama, impostor)
     monkeypatch.chdir(tmp_path)
-    assert open_source("tiny-org/bert", allow_local_paths=False).config["model_type"] == "bert"
-    assert open_source("tiny-org/bert").config["model_type"] == "llama"  # local paths first when allowed
+    assert open_model("tiny-org/bert", allow_local_paths=False).config["model_type"] == "bert"
+    assert open_model("tiny-org/bert").config["model_type"] == "llama"  # local paths first when allowed
 
 
 @pytest.mark.parametrize("spec", ["not a model id!", "org/name/extra/parts", "-leading-dash"])
 def test_invalid_ids(offline_hub, spec):
     with pytest.raises(InputError, match="no such file or folder|neither an existing local path nor a valid hub"):
-        open_source(spec)
+        open_model(spec)
 
 
 def _http_error(cls, status: int):
@@ -115,7 +116,7 @@ def test_hub_errors_are_translated(monkeypatch, error, message):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no file listing: no network
     with pytest.raises(InputError, match=message) as info:
-        sources.open_source("org/name")
+        sources.open_location("org/name")
     assert info.value.source == "org/name"
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.jobs import Job, JobManager, JobState, Progress
+from hosting.jobs import Job, JobManager, JobState, Progress
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Intruder mitigation (analysis.mitigate) against PEFT's ``reduce_intruder_dimension``.
+"""Intruder mitigation (analysis.mitigation) against PEFT's ``reduce_intruder_dimension``.
 
 References: PEFT 0.21's own procedure on adapters PEFT saved, PEFT's ``merge_and_unload``
 of the exported folder, and the papers' intruder count (two float32 ``torch.linalg.svd``)
@@ -19,18 +19,18 @@ from safetensors.torch import load_file
 from analysis.cache import SpectrumCache
 from analysis.cli import main
 from analysis.errors import InputError
-from analysis.mitigate import (
+from analysis.mitigation import (
     TRADEOFF_STEP,
     MitigationSettings,
     export_adapter,
     export_merged,
     find_intruders,
     run,
-    zip_folder,
 )
-from analysis.mitigate_eval import evaluate_tradeoff, held_out_paragraphs
+from analysis.mitigation.tradeoff import evaluate_tradeoff, held_out_paragraphs
 from analysis.specs import SpecResolver
 from tests import factories
+from ui.mitigation import zip_folder
 
 EPSILONS = (0.3, 0.5, 0.7)
 
@@ -269,7 +269,7 @@ def test_tradeoff_of_a_causal_lm_full_fine_tune_is_the_same_on_one_worker_or_two
     points run side by side on their own model copies, one torch thread each: one worker
     or two give the same numbers, lambda = 1 repeats the fine-tune's, and lambda = 0 (the
     intruders removed) and the base differ from it."""
-    from analysis import mitigate_eval
+    from analysis.mitigation import tradeoff as mitigate_eval
     from demo import base_model_path
 
     tokenizer_dir = base_model_path()  # a real WordPiece tokenizer (padding token included)
@@ -328,8 +328,8 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
     another expert of the same tensor."""
     import copy
 
-    from analysis import figures_mitigate as fm
-    from analysis import tables
+    from charts import mitigation as fm
+    from charts import tables
     from tests import families
 
     families.quiet()
@@ -390,7 +390,7 @@ def test_the_curve_puts_every_expert_into_the_model_transformers_loads(tmp_path,
 
     import transformers as tf
 
-    from analysis import mitigate_eval
+    from analysis.mitigation import tradeoff as mitigate_eval
     from demo import base_model_path
     from tests import families
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis import figures_mitigate as fm
-from analysis.mitigate import MitigationSettings, run
+from analysis.mitigation import MitigationSettings, run
 from analysis.specs import SpecResolver
+from charts import mitigation as fm
 from tests import factories
 from tests.test_app import APP, figures, metrics, wait_for_jobs
 
@@ -100,8 +100,8 @@ def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapt
 
     from analysis.cache import default_cache_dir
     from analysis.errors import AnalysisCancelled
-    from analysis.jobs import JobState, Progress
-    from analysis.mitigate import job_key
+    from hosting.jobs import JobState, Progress
+    from hosting.jobs import mitigation_key as job_key
     from ui import runtime
 
     release = threading.Event()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from analysis.errors import InputError
 from analysis.pairing import block_index, match_names, module_kind, plan_comparison
-from analysis.sources import open_source
+from analysis.specs import open_model
 from tests import factories
 
 
@@ -20,7 +20,7 @@ def _modules(plan) -> dict[str, tuple[int | None, str, tuple[int, int]]]:
 
 
 def test_bert_full_finetune_pairs_every_block_matrix(tiny_bert, tiny_bert_full_ft):
-    plan = plan_comparison(open_source(tiny_bert), open_source(tiny_bert_full_ft))
+    plan = plan_comparison(open_model(tiny_bert), open_model(tiny_bert_full_ft))
     assert plan.kind == "full" and plan.base_label == str(tiny_bert)
     modules = _modules(plan)
     assert len(modules) == 12  # 2 blocks x (q, k, v, attn out, mlp in, mlp out)
@@ -40,7 +40,7 @@ def test_bert_full_finetune_pairs_every_block_matrix(tiny_bert, tiny_bert_full_f
 
 
 def test_non_block_weights_only_on_request(tiny_bert, tiny_bert_full_ft):
-    plan = plan_comparison(open_source(tiny_bert), open_source(tiny_bert_full_ft), include_non_block=True)
+    plan = plan_comparison(open_model(tiny_bert), open_model(tiny_bert_full_ft), include_non_block=True)
     extra = {m.name: (m.layer, m.module, m.shape) for m in plan.matrices if m.layer is None}
     assert extra == {
         "embeddings.word_embeddings.weight": (None, "word_embeddings", (100, 32)),
@@ -52,7 +52,7 @@ def test_non_block_weights_only_on_request(tiny_bert, tiny_bert_full_ft):
 
 
 def test_gpt2_conv1d_is_transposed_to_out_by_in(tiny_gpt2, tiny_gpt2_full_ft):
-    plan = plan_comparison(open_source(tiny_gpt2), open_source(tiny_gpt2_full_ft))
+    plan = plan_comparison(open_model(tiny_gpt2), open_model(tiny_gpt2_full_ft))
     modules = _modules(plan)
     assert modules == {
         f"transformer.h.{i}.{name}.weight": (i, kind, shape)
@@ -71,7 +71,7 @@ def test_gpt2_conv1d_is_transposed_to_out_by_in(tiny_gpt2, tiny_gpt2_full_ft):
 
 
 def test_llama_layout(tiny_llama, tiny_llama_full_ft):
-    plan = plan_comparison(open_source(tiny_llama), open_source(tiny_llama_full_ft), include_non_block=True)
+    plan = plan_comparison(open_model(tiny_llama), open_model(tiny_llama_full_ft), include_non_block=True)
     modules = _modules(plan)
     assert modules["model.layers.0.self_attn.q_proj.weight"] == (0, "query", (32, 32))
     assert modules["model.layers.0.self_attn.k_proj.weight"] == (0, "key", (16, 32))
@@ -146,7 +146,7 @@ def test_block_index():
 
 def test_prefix_in_tuned_only_still_pairs(tiny_bert, tiny_bert_cls):
     """``BertModel`` names have no prefix; ``BertForSequenceClassification`` adds ``bert.``."""
-    plan = plan_comparison(open_source(tiny_bert), open_source(tiny_bert_cls), include_non_block=True)
+    plan = plan_comparison(open_model(tiny_bert), open_model(tiny_bert_cls), include_non_block=True)
     assert len([m for m in plan.matrices if m.layer is not None]) == 12
     assert "pooler.dense.weight" in _modules(plan)
     assert plan.unmatched == ["classifier.weight"]
@@ -154,7 +154,7 @@ def test_prefix_in_tuned_only_still_pairs(tiny_bert, tiny_bert_cls):
     matrix = plan.matrices[0]
     assert torch.equal(matrix.load_base(), matrix.load_tuned().weight)
 
-    reverse = plan_comparison(open_source(tiny_bert_cls), open_source(tiny_bert))
+    reverse = plan_comparison(open_model(tiny_bert_cls), open_model(tiny_bert))
     assert [m.name for m in reverse.matrices][0] == "bert.encoder.layer.0.attention.output.dense.weight"
     assert len(reverse.matrices) == 12
 
@@ -166,9 +166,9 @@ def test_match_names_with_model_prefix_on_one_side():
 
 
 def test_adapter_trained_on_a_prefixed_model_pairs_with_a_bare_base(tiny_bert_cls, tiny_bert, peft_adapter):
-    adapter = open_source(peft_adapter("bert_cls", "lora"))
+    adapter = open_model(peft_adapter("bert_cls", "lora"))
     assert next(iter(adapter.modules)).startswith("bert.")
-    plan = plan_comparison(open_source(tiny_bert), adapter)
+    plan = plan_comparison(open_model(tiny_bert), adapter)
     assert sorted(m.name for m in plan.matrices) == [
         f"encoder.layer.{i}.attention.self.{p}.weight" for i in (0, 1) for p in ("query", "value")
     ]
@@ -184,7 +184,7 @@ def test_unmatched_and_shape_mismatches_are_listed_never_analysed(tiny_llama, ti
     save_file(tensors, folder / "model.safetensors")
     shutil.copy(tiny_llama_full_ft / "config.json", folder)
 
-    plan = plan_comparison(open_source(tiny_llama), open_source(folder))
+    plan = plan_comparison(open_model(tiny_llama), open_model(folder))
     names = {m.name for m in plan.matrices}
     assert len(names) == 12
     assert "model.layers.1.mlp.up_proj.weight" not in names
@@ -200,9 +200,9 @@ def test_unmatched_and_shape_mismatches_are_listed_never_analysed(tiny_llama, ti
 
 
 def test_sharded_and_bf16_pair_like_the_original(tiny_llama, tiny_llama_sharded, tiny_llama_bf16):
-    base = open_source(tiny_llama)
-    sharded = plan_comparison(base, open_source(tiny_llama_sharded))
-    bf16 = plan_comparison(open_source(tiny_llama_bf16), open_source(tiny_llama))
+    base = open_model(tiny_llama)
+    sharded = plan_comparison(base, open_model(tiny_llama_sharded))
+    bf16 = plan_comparison(open_model(tiny_llama_bf16), open_model(tiny_llama))
     assert [m.name for m in sharded.matrices] == [m.name for m in bf16.matrices]
     assert len(sharded.matrices) == 14
     for matrix in sharded.matrices:
@@ -215,7 +215,7 @@ def test_sharded_and_bf16_pair_like_the_original(tiny_llama, tiny_llama_sharded,
 
 
 def test_adapter_plan_summary_shows_settings_before_any_work(tiny_llama, peft_adapter):
-    plan = plan_comparison(open_source(tiny_llama), open_source(peft_adapter("llama", "patterns")))
+    plan = plan_comparison(open_model(tiny_llama), open_model(peft_adapter("llama", "patterns")))
     summary = plan.summary
     assert summary["architecture"] == "LlamaForCausalLM" and summary["model_type"] == "llama"
     assert summary["matched_matrices"] == 14
@@ -234,7 +234,7 @@ def test_adapter_plan_summary_shows_settings_before_any_work(tiny_llama, peft_ad
 
 
 def test_dora_and_modules_to_save_are_full_replacements(tiny_bert, peft_adapter):
-    plan = plan_comparison(open_source(tiny_bert), open_source(peft_adapter("bert", "modules_to_save")))
+    plan = plan_comparison(open_model(tiny_bert), open_model(peft_adapter("bert", "modules_to_save")))
     replaced = next(m for m in plan.matrices if m.name == "encoder.layer.0.intermediate.dense.weight")
     assert replaced.adapter_rank is None and replaced.shape == (128, 32)
     tuned = replaced.load_tuned()
@@ -243,7 +243,7 @@ def test_dora_and_modules_to_save_are_full_replacements(tiny_bert, peft_adapter)
 
 
 def test_merged_lora_checkpoint_is_a_full_comparison(tiny_llama, tiny_llama_merged_lora):
-    plan = plan_comparison(open_source(tiny_llama), open_source(tiny_llama_merged_lora))
+    plan = plan_comparison(open_model(tiny_llama), open_model(tiny_llama_merged_lora))
     changed = [m.name for m in plan.matrices if not torch.equal(m.load_base(), m.load_tuned().weight)]
     assert plan.kind == "full"
     assert sorted(changed) == [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in ("q", "v")]
@@ -254,7 +254,7 @@ def test_merged_lora_checkpoint_is_a_full_comparison(tiny_llama, tiny_llama_merg
 
 def test_adapter_for_another_architecture(tiny_bert, tiny_llama_lora):
     with pytest.raises(InputError, match=r"none of the adapter's 4 modules .* exists in the base model") as info:
-        plan_comparison(open_source(tiny_bert), open_source(tiny_llama_lora))
+        plan_comparison(open_model(tiny_bert), open_model(tiny_llama_lora))
     assert info.value.source == str(tiny_llama_lora)
     assert "it was trained on" in str(info.value)
 
@@ -262,26 +262,26 @@ def test_adapter_for_another_architecture(tiny_bert, tiny_llama_lora):
 def test_adapter_for_a_same_family_model_of_another_size(tiny_llama, tmp_path, peft_adapter):
     wider = factories.make_llama(tmp_path / "wider", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(InputError, match=r"does not fit the base model .*: 4 of 4 adapted matrices have other shapes"):
-        plan_comparison(open_source(wider), open_source(peft_adapter("llama", "lora")))
+        plan_comparison(open_model(wider), open_model(peft_adapter("llama", "lora")))
 
 
 def test_adapter_modules_missing_from_the_base_blocks(tiny_llama, tmp_path, peft_adapter):
     shallow = factories.make_llama(tmp_path / "shallow", num_hidden_layers=1)
     with pytest.raises(InputError, match=r"2 adapted module\(s\) do not exist in the base model .*model.layers.1"):
-        plan_comparison(open_source(shallow), open_source(peft_adapter("llama", "lora")))
+        plan_comparison(open_model(shallow), open_model(peft_adapter("llama", "lora")))
 
 
 def test_full_finetune_of_another_model_shares_nothing(tiny_bert, tiny_gpt2):
     with pytest.raises(InputError, match="shares no weight matrix with the base model"):
-        plan_comparison(open_source(tiny_bert), open_source(tiny_gpt2))
+        plan_comparison(open_model(tiny_bert), open_model(tiny_gpt2))
 
 
 def test_adapted_embeddings_are_reported_but_analysed_only_on_request(tiny_llama, peft_adapter):
-    adapter = open_source(peft_adapter("llama", "embedding"))
-    blocks = plan_comparison(open_source(tiny_llama), adapter)
+    adapter = open_model(peft_adapter("llama", "embedding"))
+    blocks = plan_comparison(open_model(tiny_llama), adapter)
     assert [m.layer for m in blocks.matrices] == [0, 0, 1, 1]
     assert blocks.summary["non_block_adapted"] == ["model.embed_tokens.weight"]
-    everything = plan_comparison(open_source(tiny_llama), adapter, include_non_block=True)
+    everything = plan_comparison(open_model(tiny_llama), adapter, include_non_block=True)
     embedding = next(m for m in everything.matrices if m.name == "model.embed_tokens.weight")
     assert embedding.shape == (100, 32) and embedding.module == "embed_tokens"
     assert everything.summary["non_block_adapted"] == []
@@ -301,7 +301,7 @@ def test_a_stored_layout_plans_exactly_as_transformers_does(family, tmp_path, mo
     folder = families.save(families.build(family), family, tmp_path / "model")
     monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
     layouts._meta_info.cache_clear()
-    built = catalogue(open_source(str(folder)), include_non_block=True)
+    built = catalogue(open_model(str(folder)), include_non_block=True)
     stored = list((tmp_path / "cache" / "layouts").rglob("*.json"))
     assert len(stored) == 1
 
@@ -309,11 +309,11 @@ def test_a_stored_layout_plans_exactly_as_transformers_does(family, tmp_path, mo
         raise AssertionError("a stored layout built the model again")
 
     monkeypatch.setattr(layouts, "_meta_info", no_transformers)
-    assert catalogue(open_source(str(folder)), include_non_block=True) == built
+    assert catalogue(open_model(str(folder)), include_non_block=True) == built
     stored[0].write_text('{"available": true, "placements": {"x": [1]}}')
     monkeypatch.undo()
     monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
-    assert catalogue(open_source(str(folder)), include_non_block=True) == built
+    assert catalogue(open_model(str(folder)), include_non_block=True) == built
     assert json.loads(stored[0].read_text())["placements"]  # written again, whole
 
 
@@ -323,7 +323,7 @@ def test_planning_in_a_new_process_needs_no_transformers_once_its_layout_is_stor
     import sys
 
     code = (
-        "import sys; from analysis.pipeline import plan_models; "
+        "import sys; from analysis.compare import plan_models; "
         f"plan_models({str(tiny_llama)!r}, [{str(tiny_llama)!r}]); print('transformers' in sys.modules)"
     )
     env = {**os.environ, "WSE_CACHE_DIR": str(tmp_path / "cache")}

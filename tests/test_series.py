@@ -1,4 +1,4 @@
-"""Checkpoint series (analysis.series): detection, steps, the CLI, cache reuse, figures.
+"""Checkpoint series (analysis.specs.series): detection, steps, the CLI, cache reuse, figures.
 
 Every series here is real: tiny BERT checkpoints saved with safetensors (full fine-tunes
 whose update grows with the step) or PEFT adapters saved by ``save_pretrained``, each
@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from analysis import figures, tables
 from analysis.cache import SpectrumCache
 from analysis.cli import main
+from analysis.compare import compare
 from analysis.errors import InputError
-from analysis.pipeline import compare
-from analysis.series import (
+from analysis.specs.series import (
     checkpoint_step,
     expand,
     is_series_folder,
     resolve_series,
     step_from_name,
 )
+from charts import figures, tables
 from tests import factories
 
 FULL_STEPS = (20, 5, 10)  # written out of order: the series must sort them numerically
@@ -192,8 +192,8 @@ def test_demo_series_opens_checkpoints_the_demo_saved(tiny_bert: Path, lora_seri
     checkpoints of a real PEFT series)."""
     from analysis.adapters import LoraAdapter
     from analysis.specs import SpecResolver
-    from analysis.uploads import UploadStore
     from demo import MANIFEST_NAME, DemoManifest, DemoModel
+    from hosting.uploads import UploadStore
 
     root = tmp_path / "demo"
     final = factories.make_lora_adapter(tiny_bert, root / "lora-r2", r=2, seed=9)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from analysis.pipeline import compare
+from analysis.compare import compare
 from tests.test_app import APP, figures, wait_for_jobs
 from tests.test_series import make_full_series
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save
 
 from analysis.specs import SpecResolver
-from analysis.uploads import UploadStore
+from hosting.uploads import UploadStore
 
 
 def test_a_rewritten_local_folder_gets_a_new_version(tmp_path: Path, tiny_bert_full_ft: Path) -> None:

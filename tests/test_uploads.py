@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from analysis.errors import InputError
-from analysis.uploads import UploadStore, check_safetensors, safe_name
+from hosting.uploads import UploadStore, check_safetensors, safe_name
 
 
 def _tensors_bytes() -> bytes:
@@ -68,11 +68,11 @@ def test_adapter_zip_and_loose_files_get_the_same_id(store: UploadStore, tiny_be
 
 def test_stored_adapter_opens_as_a_lora_adapter(store: UploadStore, tiny_bert_lora: Path) -> None:
     from analysis.adapters import LoraAdapter
-    from analysis.sources import open_source
+    from analysis.specs import open_model
 
     files = _adapter_files(tiny_bert_lora)
     stored = store.add([("adapter.zip", _zip(files))])
-    assert isinstance(open_source(stored.path), LoraAdapter)
+    assert isinstance(open_model(stored.path), LoraAdapter)
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "adapter_model.bin", "model.pt", "weights.pkl", "x.ckpt"])

@@ -3,20 +3,22 @@
 The view's own parameters (lambda, rule, exact rank, trade-off curve) are controls of the
 one view (:data:`ui.state.CONTROLS`, drawn with :func:`ui.state.widget`), in the URL like
 every other; k, eps, the fine-tune and the matrix are the shared selection's. The mitigation runs as a job of the
-server's :class:`~analysis.jobs.JobManager` like every other analysis; a Cancel button
+server's :class:`~hosting.jobs.JobManager` like every other analysis; a Cancel button
 withdraws this session's interest.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
+import zipfile
 from pathlib import Path
 
 import streamlit as st
 
 from analysis.cache import default_cache_dir
-from analysis.jobs import Job, JobState
-from analysis.mitigate import TRADEOFF_STEP, MitigationSettings, job_key, mitigation_job
+from analysis.mitigation import TRADEOFF_STEP, MitigationSettings, export_adapter, export_merged
+from hosting.jobs import Job, JobState, mitigation_job, mitigation_key
 from ui import runtime, state
 
 LAMBDA_STEP = state.LAMBDA_STEP
@@ -61,7 +63,7 @@ def track(base: str, tuned: str, settings: MitigationSettings, curve: bool, *, s
     """The job of this mitigation, started (or joined) when ``start``."""
     resolver = runtime.resolver()
     versions = (resolver.version(base), resolver.version(tuned))
-    key = (*job_key(base, tuned, settings, curve, runtime.device()), str(default_cache_dir()), versions)
+    key = (*mitigation_key(base, tuned, settings, curve, runtime.device()), str(default_cache_dir()), versions)
     jobs = runtime.manager()
     job = jobs.get(key)
     stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
@@ -113,7 +115,6 @@ def failed(job: Job) -> None:
 
 def export_zip(result, base: str, tuned: str, merged: bool) -> bytes:
     """The mitigated adapter (PEFT folder) or merged model, zipped (built on click)."""
-    from analysis.mitigate import export_adapter, export_merged, zip_folder
 
     resolver = runtime.resolver()
     with tempfile.TemporaryDirectory(prefix="wse-mitigate-") as tmp:
@@ -123,3 +124,13 @@ def export_zip(result, base: str, tuned: str, merged: bool) -> bytes:
         else:
             export_adapter(result.mitigation, resolver, tuned, out)
         return zip_folder(out)
+
+
+def zip_folder(folder: Path) -> bytes:
+    """The files of ``folder`` as a zip (for a download button)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()

@@ -1,6 +1,6 @@
 """Server-wide resources and the jobs behind the current selection.
 
-One :class:`~analysis.jobs.JobManager`, one spectrum cache and one spec resolver per
+One :class:`~hosting.jobs.JobManager`, one spectrum cache and one spec resolver per
 server process (``st.cache_resource``), shared by every session: a second visitor asking
 for a comparison that is running or done joins it. Analyses never run in a page script.
 """
@@ -18,13 +18,15 @@ import streamlit as st
 
 from analysis.cache import SpectrumCache, default_cache_dir
 from analysis.config import env_number
-from analysis.errors import InputError, public_message, say_once, server_places
-from analysis.jobs import Job, JobManager, JobState, comparison_job, comparison_key
-from analysis.pipeline import AnalysisSettings, available_cores, model_result
+from analysis.errors import InputError, say_once
+from analysis.pipeline import AnalysisSettings, model_result
 from analysis.results import ModelResult
-from analysis.series import Series, is_series_spec, resolve_series
-from analysis.specs import DEMO_PREFIX, SpecResolver, local_paths_allowed
-from analysis.uploads import UPLOAD_PREFIX, UploadStore, is_upload_spec
+from analysis.scheduler import available_cores
+from analysis.specs import DEMO_PREFIX, UPLOAD_PREFIX, SpecResolver, is_upload_spec, local_paths_allowed
+from analysis.specs.series import Series, is_series_spec, resolve_series
+from hosting.jobs import Job, JobManager, JobState, comparison_job, comparison_key
+from hosting.public import public_message, server_places
+from hosting.uploads import UploadStore
 
 SETTINGS = AnalysisSettings()
 
@@ -352,8 +354,8 @@ def demo_state():
 def _build_demo(job: Job):
     import time
 
-    from analysis.jobs import Progress
     from demo import build_demo
+    from hosting.jobs import Progress
 
     started = time.time()
 

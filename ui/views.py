@@ -3,7 +3,7 @@
 A page reads top to bottom as: ``selection, results = views.results()`` (starts or joins
 the analysis, shows progress and errors, stops the page until something is there to
 show), draw the selection controls it uses, then charts and tables from
-:mod:`analysis.figures` and :mod:`analysis.tables`.
+:mod:`charts.figures` and :mod:`charts.tables`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import streamlit as st
 
-from analysis import figures, tables
-from analysis.jobs import JobState
 from analysis.report import to_report
 from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
+from charts import figures, tables
+from hosting.jobs import JobState
 from ui import runtime, state
 from ui.state import Selection
 
@@ -162,7 +162,7 @@ def model_control(models: Sequence[ModelResult], label: str = "Fine-tune", name:
 
 def matrix_control(models: Sequence[ModelResult]) -> str:
     """Sidebar choice of one matrix (by stack, layer, module and expert), shared by the
-    detail pages; returns its :func:`analysis.tables.matrix_key`."""
+    detail pages; returns its :func:`charts.tables.matrix_key`."""
     seen: dict[str, MatrixResult] = {}
     for model in models:
         for m in model.matrices:
@@ -181,7 +181,7 @@ def matrix_control(models: Sequence[ModelResult]) -> str:
 
 
 def find_matrix(model: ModelResult, key: str) -> MatrixResult | None:
-    """The matrix of ``model`` with this :func:`analysis.tables.matrix_key`, if analysed."""
+    """The matrix of ``model`` with this :func:`charts.tables.matrix_key`, if analysed."""
     return next((m for m in model.matrices if tables.matrix_key(m) == key), None)
 
 
@@ -226,7 +226,7 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
 def overview_grids(
     models: Sequence[ModelResult], metric: str, k: int, eps: float, on_open: Callable[[int, str], None]
 ) -> None:
-    """The overview's grids (:func:`analysis.figures.overview_sections`), a panel per fine-tune.
+    """The overview's grids (:func:`charts.figures.overview_sections`), a panel per fine-tune.
 
     Panels have a fixed height and sit in rows of columns; Streamlit stacks columns on
     narrow screens, so a phone shows one full-width panel per row instead of slivers.

@@ -1,6 +1,6 @@
 """LoRA adapters: read PEFT and kohya files, and apply them to base weights.
 
-A :class:`LoraAdapter` is what :func:`analysis.sources.open_source` returns for a PEFT
+A :class:`LoraAdapter` is what :func:`analysis.sources.open_location` returns for a PEFT
 adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, or
 ``adapter_model.bin`` read with ``weights_only``) or a kohya/sd-scripts LoRA
 ``.safetensors`` file. It knows, per adapted module, its factors and how they combine
@@ -50,8 +50,8 @@ from analysis.errors import InputError
 from analysis.plan import LowRankDelta, StoredDigest, TunedMatrix
 from analysis.readers import (
     TensorInfo,
-    _read_json,
     load_safetensors_tensor,
+    read_json,
 )
 
 # LoraConfig switches that turn on a LoRA variant whose merge is not plain LoRA or DoRA.
@@ -117,7 +117,7 @@ class LoraSettings:
     @classmethod
     def from_adapter_config(cls, path: Path) -> LoraSettings:
         """Read and check ``adapter_config.json``; refuse anything that is not mergeable LoRA."""
-        config = _read_json(path)
+        config = read_json(path)
         peft_type = str(config.get("peft_type") or "").upper()
         if peft_type != "LORA":
             shown = peft_type or "missing"

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.errors import InputError
+from analysis.specs.names import DEMO_PREFIX
 
 SERIES_PREFIX = "series:"
 #: Subfolders the transformers Trainer writes every ``save_steps`` (``checkpoint-{global_step}``).
@@ -211,8 +212,6 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
     if not body:
         raise InputError(spec, "names no checkpoints (expected series:FOLDER, series:org/name@rev1,rev2 or a list)")
     allowed = resolver.allow_local_paths if resolver is not None else allow_local_paths is not False
-    from analysis.specs import DEMO_PREFIX
-
     if body.startswith(DEMO_PREFIX) and "," not in body:
         if resolver is None:
             raise InputError(spec, "demo series open only in the dashboard")

@@ -9,7 +9,7 @@ hostile input on a hosted instance, so:
   picked along with an adapter folder is skipped); ``.bin``, ``.pt`` and other
   pickle-based checkpoints are refused with a message saying how to convert.
 - **Zips are unpacked by hand,** member by member: no absolute paths, no ``..``, no
-  symbolic links, no nested folders, at most :data:`MAX_FILES` files and
+  symbolic links, no nested folders, at most :data:`MAXFILES_DIR` files and
   :data:`MAX_UNPACKED_BYTES` bytes (counted as they are read, not trusted from the
   archive's header, so a zip bomb stops at the cap).
 - **Checked before stored:** every ``.safetensors`` header must parse and describe
@@ -22,7 +22,8 @@ hostile input on a hosted instance, so:
   same id whether zipped or not. Files are written into a staging folder and renamed
   into place, so readers never see half an upload.
 
-Every problem is an :class:`~analysis.errors.InputError` naming the file.
+Every problem is an :class:`~analysis.errors.InputError` naming the file. The layout of
+the store is :mod:`analysis.specs.uploads`'s, which the engine reads.
 """
 
 from __future__ import annotations
@@ -38,19 +39,24 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from filelock import FileLock
 
-from analysis.cache import default_cache_dir
+from analysis.config import env_number
 from analysis.errors import InputError
-from analysis.sources import read_safetensors_header
+from analysis.readers import read_safetensors_header
+from analysis.specs.uploads import (
+    DIGEST_PATTERN,
+    FILES_DIR,
+    META_NAME,
+    StoredUpload,
+    UploadFolder,
+)
 
-UPLOAD_PREFIX = "upload:"
 #: Most files one upload (or one zip) may hold.
-MAX_FILES = 32
+MAXFILES_DIR = 32
 #: Most bytes one upload may hold once unpacked: the same 500 MB as the upload itself
 #: (``.streamlit/config.toml``'s ``maxUploadSize``), so a small zip that unpacks to more
 #: is refused at the cap, counted as it is written.
@@ -65,45 +71,7 @@ RECENT_USE_S = 3600.0
 
 KEPT_SUFFIXES = (".json", ".safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
-_META = "upload.json"
-_FILES = "files"
-
-
-@dataclass(frozen=True)
-class StoredUpload:
-    """One stored upload. ``path`` is what :func:`analysis.sources.open_source` is given:
-    the folder for a set of files, the file itself for a single ``.safetensors``."""
-
-    digest: str
-    path: Path
-    files: tuple[str, ...]
-    size_bytes: int
-    uploaded_as: tuple[str, ...] = ()
-
-    @property
-    def spec(self) -> str:
-        """How the upload is named in the dashboard and in shared URLs."""
-        return UPLOAD_PREFIX + self.digest
-
-    @property
-    def is_adapter(self) -> bool:
-        return "adapter_config.json" in self.files
-
-    @property
-    def label(self) -> str:
-        """A short human name: what was uploaded, plus the start of the content hash."""
-        names = self.uploaded_as or self.files
-        if len(names) == 1:
-            shown = names[0]
-        else:
-            shown = "PEFT adapter" if self.is_adapter else "model files"
-        return f"{shown} [{self.digest[:8]}]"
-
-
-def is_upload_spec(spec: str) -> bool:
-    return spec.startswith(UPLOAD_PREFIX)
 
 
 def safe_name(name: str) -> str:
@@ -121,8 +89,6 @@ def check_safetensors(path: Path, display_name: str) -> None:
 
 
 def _budget_from_env() -> int:
-    from analysis.config import env_number
-
     return int(env_number("WSE_UPLOAD_BUDGET_GB", DEFAULT_STORE_BUDGET_GB) * 1024**3)
 
 
@@ -148,8 +114,9 @@ def _refuse_suffix(name: str) -> None:
         )
 
 
-class UploadStore:
-    """Uploaded files kept by content hash under ``root`` (default ``<cache dir>/uploads``).
+class UploadStore(UploadFolder):
+    """Uploaded files checked and kept by content hash under ``root`` (default
+    ``<cache dir>/uploads``); :class:`~analysis.specs.uploads.UploadFolder` reads them.
 
     Parameters
     ----------
@@ -168,11 +135,11 @@ class UploadStore:
         self,
         root: Path | str | None = None,
         *,
-        max_files: int = MAX_FILES,
+        max_files: int = MAXFILES_DIR,
         max_bytes: int = MAX_UNPACKED_BYTES,
         budget_bytes: int | None = None,
     ) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir() / "uploads"
+        super().__init__(root)
         self.max_files = max_files
         self.max_bytes = max_bytes
         self.budget_bytes = budget_bytes if budget_bytes is not None else _budget_from_env()
@@ -194,7 +161,7 @@ class UploadStore:
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
         try:
-            target = staging / _FILES
+            target = staging / FILES_DIR
             target.mkdir()
             zips = [name for name, _ in files if name.lower().endswith(".zip")]
             if zips:
@@ -211,15 +178,15 @@ class UploadStore:
                 "size_bytes": sum(p.stat().st_size for p in written.values()),
                 "uploaded_as": [safe_name(name) for name, _ in files],
             }
-            (staging / _META).write_text(json.dumps(meta, indent=1))
+            (staging / META_NAME).write_text(json.dumps(meta, indent=1))
             final = self.root / digest
             with FileLock(str(self.root / ".store.lock")):
-                if not (final / _META).exists():
+                if not (final / META_NAME).exists():
                     self._make_room(meta["size_bytes"], keep=digest)
                 try:
                     os.rename(staging, final)
                 except OSError:
-                    if not (final / _META).exists():
+                    if not (final / META_NAME).exists():
                         raise
                     # Same content stored before (or concurrently): keep the existing copy.
                     shutil.rmtree(staging, ignore_errors=True)
@@ -341,11 +308,11 @@ class UploadStore:
         """``(last used, bytes, folder)`` of every stored upload, least recently used first."""
         entries = []
         for folder in self.root.iterdir() if self.root.is_dir() else ():
-            if not _DIGEST.match(folder.name):
+            if not DIGEST_PATTERN.match(folder.name):
                 continue
             try:
-                last_used = (folder / _META).stat().st_mtime
-                size = int(json.loads((folder / _META).read_text())["size_bytes"])
+                last_used = (folder / META_NAME).stat().st_mtime
+                size = int(json.loads((folder / META_NAME).read_text())["size_bytes"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # half removed, or not ours: neither counted nor touched
             entries.append((last_used, size, folder))
@@ -382,32 +349,6 @@ class UploadStore:
                 f"does not fit: this server keeps at most {gb:.3g} GB of uploads and the rest were used within the "
                 "last hour; try again later or run the dashboard locally",
             )
-
-    # -- reading ------------------------------------------------------------------------
-    def get(self, spec_or_digest: str) -> StoredUpload:
-        """The stored upload named ``upload:<sha256>`` (or just the digest)."""
-        digest = spec_or_digest.removeprefix(UPLOAD_PREFIX)
-        if not _DIGEST.match(digest):
-            raise InputError(spec_or_digest, "is not a valid upload id (expected upload:<64 hex digits>)")
-        folder = self.root / digest
-        try:
-            meta = json.loads((folder / _META).read_text())
-        except (OSError, json.JSONDecodeError):
-            raise InputError(
-                spec_or_digest, "is not stored on this server (uploads are kept per server; upload the files again)"
-            ) from None
-        with contextlib.suppress(OSError):  # "last used", for eviction; a read-only store still works
-            os.utime(folder / _META)
-        names = tuple(meta["files"])
-        files = folder / _FILES
-        single = len(names) == 1 and names[0].endswith(".safetensors")
-        return StoredUpload(
-            digest,
-            files / names[0] if single else files,
-            names,
-            int(meta["size_bytes"]),
-            tuple(meta.get("uploaded_as", ())),
-        )
 
 
 def _member_parts(zip_name: str, member: zipfile.ZipInfo) -> tuple[str, ...] | None:

@@ -1,7 +1,7 @@
 """Figures and tables of the Mitigate page (pure: results in, figure/frame out).
 
 Intruder mitigation: Shuttleworth et al. 2024 (arXiv:2410.21228), section 6 and Fig. 8;
-the procedure is :mod:`analysis.mitigate`.
+the procedure is :mod:`analysis.mitigation`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analysis import tables
-from analysis.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample, _rank_axis
-from analysis.mitigate import MitigationResult
+from analysis.mitigation import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
+from charts import tables
+from charts.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample, _rank_axis
 
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"

@@ -1,14 +1,7 @@
-"""What a model "spec" in the dashboard means, and opening it safely.
+"""The one door from a model name ("spec", :mod:`analysis.specs.names`) to opened weights.
 
-A spec is the string that names a model in the dashboard's selection and in shared URLs:
-
-- ``demo:<name>``: a model of the offline demo (:mod:`demo`), e.g. ``demo:base``,
-  ``demo:lora-r8``;
-- ``upload:<sha256>``: files uploaded in the page (:mod:`analysis.uploads`);
-- ``series:...``: the checkpoints of one training run (:mod:`analysis.series`);
-- anything else: a hub id, or a local folder or file when local paths are allowed.
-
-Demo and upload specs name files the *server* chose, so they open even where visitors may
+The command line, the dashboard and Ray workers all open models through
+:class:`SpecResolver`. Demo and upload specs name files the *server* chose, so they open even where visitors may
 not name local paths (``WSE_ALLOW_LOCAL_PATHS=0``); uploads are read without pickle.
 Every problem is an :class:`~analysis.errors.InputError`.
 """
@@ -17,51 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis.adapters import LoraAdapter, is_adapter
 from analysis.errors import InputError
+from analysis.pairing import plan_comparison
 from analysis.plan import ComparisonPlan, require_matrices
-from analysis.uploads import UploadStore, is_upload_spec
-
-DEMO_PREFIX = "demo:"
-
-
-#: The longest spec taken: longer ones are refused before any file system call.
-MAX_SPEC_LENGTH = 1024
-
-
-def local_path(spec: str, allow_local_paths: bool) -> Path | None:
-    """The existing file or folder ``spec`` names on this server, or ``None``.
-
-    Nothing touches the file system when local paths are off (no ``~user`` expansion,
-    no existence check); a spec no file system call can take (``~nosuchuser``, a name
-    over 255 characters, a NUL byte) names nothing.
-    """
-    if not allow_local_paths:
-        return None
-    try:
-        path = Path(spec).expanduser()
-        return path if path.exists() else None
-    except (OSError, RuntimeError, ValueError):  # no such user, name too long, NUL byte
-        return None
-
-
-def check_spec(spec: str) -> str:
-    """``spec`` stripped, or an :class:`InputError` for one no source could have."""
-    text = spec.strip()
-    if len(text) > MAX_SPEC_LENGTH:
-        raise InputError(text[:40] + "…", f"is {len(text)} characters long; a model name has at most {MAX_SPEC_LENGTH}")
-    if "\x00" in text:
-        raise InputError(text.replace("\x00", "?"), "contains a NUL character")
-    return text
-
-
-def local_paths_allowed() -> bool:
-    """``WSE_ALLOW_LOCAL_PATHS`` is not ``0``/``false``/``no`` (hosted instances set ``0``)."""
-    from analysis.config import env_flag
-
-    return env_flag("WSE_ALLOW_LOCAL_PATHS", True)
+from analysis.sources import WeightSource, local_path, open_file, open_folder, open_location
+from analysis.specs.demo import DemoManifest, demo_manifest
+from analysis.specs.names import DEMO_PREFIX, check_spec, local_paths_allowed
+from analysis.specs.series import SERIES_PREFIX, demo_checkpoint_path, resolve_series, step_from_name
+from analysis.specs.uploads import UploadFolder, is_upload_spec
 
 
 @dataclass(frozen=True)
@@ -84,38 +46,53 @@ class SpecResolver:
 
     Parameters
     ----------
-    uploads:
-        Where uploads are stored.
-    demo_root:
+    uploads : UploadFolder
+        Where uploads are stored (the dashboard passes its
+        :class:`hosting.uploads.UploadStore`, which also stores them).
+    demo_root : pathlib.Path, optional
         Where the demo was built (``None``: its default, ``<cache dir>/demo``).
-    allow_local_paths:
+    allow_local_paths : bool
         Whether visitors may name server paths; default from ``WSE_ALLOW_LOCAL_PATHS``.
+
+    Examples
+    --------
+    A folder written by ``save_pretrained`` opens as a :class:`~analysis.sources.WeightSource`
+    whose label is the name as given:
+
+    >>> import tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> folder = tempfile.mkdtemp()
+    >>> save_file({"layers.0.q_proj.weight": torch.eye(4)}, f"{folder}/model.safetensors")
+    >>> source = SpecResolver(allow_local_paths=True).open(folder)
+    >>> source.names()
+    ['layers.0.q_proj.weight']
+    >>> SpecResolver(allow_local_paths=False).open(folder)
+    Traceback (most recent call last):
+    ...
+    analysis.errors.InputError: ...: local paths are disabled on this server; give a Hugging Face hub model id instead
     """
 
-    uploads: UploadStore = field(default_factory=UploadStore)
+    uploads: UploadFolder = field(default_factory=UploadFolder)
     demo_root: Path | None = None
     allow_local_paths: bool = field(default_factory=local_paths_allowed)
 
-    def demo(self):
+    def demo(self) -> DemoManifest | None:
         """The built demo's manifest, or ``None`` when it has not been built yet."""
-        from demo import demo_manifest
-
         return demo_manifest(self.demo_root)
 
-    def resolve(self, spec: str) -> ResolvedSpec:
-        spec = check_spec(spec)
+    def resolve(self, spec: str | os.PathLike) -> ResolvedSpec:
+        """What ``spec`` names: its label, the server-chosen path (demo, upload) and what is known of it."""
+        spec = check_spec(os.fspath(spec))
         if spec.startswith(DEMO_PREFIX):
             manifest = self.demo()
             if manifest is None:
-                raise InputError(spec, "the offline demo is not built on this server; run: python -m analysis demo")
+                raise InputError(spec, "the offline demo is not built on this server; run: python -m demo")
             name, _, checkpoint = spec.removeprefix(DEMO_PREFIX).partition("/")
             try:
                 model = manifest.model(name)
             except KeyError as exc:
                 raise InputError(spec, str(exc.args[0])) from None
-            if checkpoint:  # one checkpoint the demo saved while training (analysis.series)
-                from analysis.series import demo_checkpoint_path, step_from_name
-
+            if checkpoint:  # one checkpoint the demo saved while training (analysis.specs.series)
                 path = demo_checkpoint_path(model, checkpoint)
                 label = f"{model.label} · step {step_from_name(checkpoint)}"
                 return ResolvedSpec(spec, label, path, {"label": label})
@@ -124,9 +101,7 @@ class SpecResolver:
             if model.r:
                 summary["lora_rank"] = model.r
             return ResolvedSpec(spec, model.label, Path(model.path), summary)
-        if spec.startswith("series:"):  # checkpoints of one run (analysis.series); jobs run per checkpoint
-            from analysis.series import resolve_series
-
+        if spec.startswith(SERIES_PREFIX):  # checkpoints of one run (analysis.specs.series); jobs run per checkpoint
             series = resolve_series(spec, self)
             label = f"{series.label} (series of {len(series.checkpoints)})"
             return ResolvedSpec(spec, label, None, {"label": label})
@@ -176,20 +151,37 @@ class SpecResolver:
         except InputError:
             return spec
 
-    def open(self, spec: str):
+    def open(self, spec: str | os.PathLike) -> WeightSource | LoraAdapter:
         """Open ``spec`` as a :class:`~analysis.sources.WeightSource` or ``LoraAdapter``.
 
         The source's label is the spec, so results and reports name models the way the
-        URL does (``demo:lora-r8``, ``upload:<sha256>``) and never a server path.
+        URL does (``demo:lora-r8``, ``upload:<sha256>``) and never a server path. A hub
+        id or a local path is opened by :func:`analysis.sources.open_location`; folders
+        the server chose (demo, uploads) are read without pickle.
         """
-        from analysis.sources import open_file, open_folder, open_source
-
         resolved = self.resolve(spec)
         if resolved.path is None:
-            return open_source(spec, allow_local_paths=self.allow_local_paths)
+            return open_location(spec, allow_local_paths=self.allow_local_paths)
         if resolved.path.is_dir():
             return open_folder(spec, resolved.path, allow_pickle=False)
         return open_file(spec, resolved.path)
+
+    def plan_models(
+        self, base: str, tuned: Sequence[str], *, include_non_block: bool = False
+    ) -> list[ComparisonPlan]:
+        """Open every model and pair each fine-tune with the base, before any heavy work runs.
+
+        Bad input anywhere (a missing file, a wrong base, an unsupported adapter) raises
+        :class:`~analysis.errors.InputError` here, so a long run never fails half way for a
+        typo. The base is opened once.
+        """
+        base_source = self.open(base)
+        if is_adapter(base_source):
+            raise InputError(base, "is a LoRA adapter; the base must be a full model (apply adapters as TUNED)")
+        return [
+            require_matrices(plan_comparison(base_source, self.open(spec), include_non_block=include_non_block))
+            for spec in tuned
+        ]
 
     def plan(self, base: str, tuned: str, *, include_non_block: bool = False) -> ComparisonPlan:
         """Pair ``tuned`` with ``base`` (light: reads headers and adapter configs only).
@@ -197,13 +189,25 @@ class SpecResolver:
         The plan's ``summary`` gains the tuned model's display ``label`` and what the
         server knows about it (:attr:`ResolvedSpec.summary`).
         """
-        from analysis.adapters import is_adapter
-        from analysis.pairing import plan_comparison
-
-        base_source = self.open(base)
-        if is_adapter(base_source):
-            raise InputError(base, "is a LoRA adapter; the base must be a full model (add adapters as fine-tunes)")
-        plan = plan_comparison(base_source, self.open(tuned), include_non_block=include_non_block)
+        (plan,) = self.plan_models(base, [tuned], include_non_block=include_non_block)
         plan.base_label, plan.tuned_label = base, tuned
         plan.summary = {**plan.summary, **self.resolve(tuned).summary}
-        return require_matrices(plan)
+        return plan
+
+
+def open_model(spec: str | os.PathLike, *, allow_local_paths: bool = True) -> WeightSource | LoraAdapter:
+    """Open one model name with a :class:`SpecResolver` (the command line's local-path rule).
+
+    Parameters
+    ----------
+    spec : str or path
+        Any model name the resolver understands.
+    allow_local_paths : bool, default True
+        ``False`` refuses local folders and files, as a hosted dashboard does.
+
+    Returns
+    -------
+    WeightSource or LoraAdapter
+        The opened weights (an adapter is applied later, when paired with a base).
+    """
+    return SpecResolver(allow_local_paths=allow_local_paths).open(spec)

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from analysis import distributed, mitigation
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.mitigation import MitigationSettings
+from analysis.pipeline import analyse_plan, model_result
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +301,6 @@ def comparison_job(
     instead (:mod:`analysis.distributed`): results are published as tasks finish, and a
     stop cancels the outstanding tasks.
     """
-    from analysis.pipeline import analyse_plan, model_result
 
     def run(job: Job):
         plan = resolver.plan(base, tuned)
@@ -321,8 +323,6 @@ def comparison_job(
         return model_result(plan, matrices)
 
     def _on_ray(job: Job, plan):
-        from analysis import distributed
-
         distributed.connect(ray_address)
         (matrices,) = distributed.analyse_plans(
             [plan],
@@ -337,3 +337,34 @@ def comparison_job(
         return model_result(plan, matrices)
 
     return run
+
+
+def mitigation_key(base: str, tuned: str, settings: MitigationSettings, tradeoff: bool, device: str) -> tuple:
+    """The background job of one mitigation (what makes two requests the same)."""
+    return ("mitigate", base, tuned, settings.signature(), bool(tradeoff), device)
+
+
+def mitigation_job(
+    resolver, base: str, tuned: str, settings: MitigationSettings, *, tradeoff: bool, device="auto", cache=None
+):
+    """A job function running :func:`analysis.mitigation.run` with progress and cancel."""
+
+    def job_fn(job):
+        start = time.perf_counter()
+
+        def progress(done: int, total: int, what: str) -> None:
+            job.report(Progress(done, total, what, time.perf_counter() - start))
+
+        return mitigation.run(
+            resolver,
+            base,
+            tuned,
+            settings,
+            device=device,
+            cache=cache,
+            tradeoff=tradeoff,
+            progress=progress,
+            should_stop=job.should_stop,
+        )
+
+    return job_fn

@@ -1,7 +1,7 @@
 """Plotly figure builders for the dashboard: results in, figure out.
 
 Pure functions (no Streamlit, no I/O), so the same charts can be drawn in a notebook.
-Each figure is drawn from the matching table of :mod:`analysis.tables`, which is also
+Each figure is drawn from the matching table of :mod:`charts.tables`, which is also
 what the page offers as CSV. Large heatmaps are reduced here, on the server, before
 anything reaches a browser (:func:`reduce_heatmap`).
 
@@ -23,8 +23,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from analysis import tables
 from analysis.results import MatrixResult, ModelResult
+from charts import tables
 
 #: Largest heatmap side sent to a browser; bigger ones are reduced by block maximum.
 MAX_HEATMAP_SIDE = 128
@@ -184,7 +184,7 @@ def _facet_grid(n_panels: int, max_cols: int = 3) -> tuple[int, int]:
 class OverviewSection:
     """One grid of the overview, drawn once per fine-tune with the same rows and columns.
 
-    ``title`` names the grid (:func:`analysis.tables.section_title`), ``panels`` holds one
+    ``title`` names the grid (:func:`charts.tables.section_title`), ``panels`` holds one
     figure per fine-tune that has matrices in it (``model_indices`` says which), and
     ``columns`` is how many panels fit side by side on a wide screen (narrow grids three,
     wide expert grids fewer).
@@ -350,7 +350,7 @@ def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: f
     a single one for a one-stack model), and one layer x expert grid per mixture-of-
     experts module beside it (the router and any shared expert sit in the module grid).
     Each grid is drawn once per fine-tune, all with the same rows, columns and colour
-    scale, from :func:`analysis.tables.overview_table`. ``metric`` is ``intruders``
+    scale, from :func:`charts.tables.overview_table`. ``metric`` is ``intruders``
     (count among the top ``k`` tuned vectors at ``eps``, Shuttleworth et al. Def. 3.1),
     ``effective_rank`` or ``rank90`` of the update. Every cell's selectable point has
     ``customdata`` ``[model index, matrix key, tensor name, short label, value]``, so a
@@ -899,7 +899,7 @@ def amplification_figure(
     return fig
 
 
-# -- checkpoint series (analysis.series) ------------------------------------------------------
+# -- checkpoint series (analysis.specs.series) ------------------------------------------------------
 def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> dict:
     """A Plotly slider whose positions show the frames named after ``steps``."""
     return {
@@ -943,7 +943,7 @@ def _play_button() -> dict:
 def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     """Intruders, effective rank, rank90 and ``||dW||_F`` of a series against training step.
 
-    ``table`` is :func:`analysis.tables.series_table`; one line per group (the whole
+    ``table`` is :func:`charts.tables.series_table`; one line per group (the whole
     model, a layer, a module kind or a matrix), the same colour in all four panels.
     Intruders appear and grow with training (Shuttleworth et al. 2024, sec. 5); the
     update's rank grows with data (Biderman et al. 2024, Fig. 6).
@@ -987,7 +987,7 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
 def series_grid_figure(table, metric: str, label: str = "", step: int | None = None) -> go.Figure:
     """The overview's grids of ``metric`` with one animation frame per training step.
 
-    ``table`` is :func:`analysis.tables.series_grid_table`: one layer x module grid per stack
+    ``table`` is :func:`charts.tables.series_grid_table`: one layer x module grid per stack
     and one layer x expert grid per mixture-of-experts module (the overview's convention,
     :func:`overview_sections`), stacked top to bottom; every matrix is one cell of its grid
     and no cell holds two. The colour scale is shared by every grid and step, so colours
@@ -1079,7 +1079,7 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
 def series_similarity_figure(
     models: Sequence[ModelResult], matrix: str, label: str = "", step: int | None = None
 ) -> go.Figure:
-    """``|Ut^T U0|`` of one matrix (its :func:`analysis.tables.matrix_key`) at each checkpoint
+    """``|Ut^T U0|`` of one matrix (its :func:`charts.tables.matrix_key`) at each checkpoint
     of a series, one frame per step, opening at ``step`` (the last when ``None`` or absent).
 
     The similarity block of :func:`similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;

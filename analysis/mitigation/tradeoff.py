@@ -39,137 +39,62 @@ from pathlib import Path
 import torch
 
 from analysis.errors import AnalysisCancelled
-from analysis.mitigate import Mitigation, Tradeoff, _key
-from analysis.plan import MatrixPlan
+from analysis.mitigation.heldout import (
+    HELD_OUT_PARAGRAPHS,
+    HELD_OUT_SOURCE,
+    HeldOut,
+    RetrievalTask,
+    evaluation_workers,
+    held_out_paragraphs,
+    load_model,
+    model_family,
+)
+from analysis.mitigation.procedure import Mitigation
+from analysis.plan import MatrixPlan, matrix_key
+from analysis.specs.demo import held_out_task_path
 
-HELD_OUT_SOURCE = "pydoc_data.topics"
+#: The lambda grid of the trade-off curve (Fig. 8 of the paper scans the same range).
+LAMBDA_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: How progress names the trade-off curve's steps (model evaluations, seconds each where
+#: a matrix takes milliseconds: a page does not extrapolate its time left from them).
+TRADEOFF_STEP = "trade-off curve"
+
+
+def tradeoff_grid(lam: float) -> tuple[float, ...]:
+    """:data:`LAMBDA_GRID` with the chosen ``lam``."""
+    return tuple(sorted({*LAMBDA_GRID, round(float(lam), 4)}))
+
+
+@dataclass
+class Tradeoff:
+    """Paper Fig. 8: held-out loss (forgetting) and task metric along the lambda grid.
+
+    ``points`` are ``{"label", "lam", "loss", "task"}`` for the base (``lam`` None), the
+    fine-tune (``lam`` 1) and the mitigated fine-tune at each ``lam`` of the grid; ``task``
+    is ``None`` where the fine-tune's metric is not known. ``note`` says what was measured
+    (or why nothing could be).
+    """
+
+    loss_name: str
+    task_name: str | None
+    points: list[dict]
+    note: str
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "loss": self.loss_name,
+            "task": self.task_name,
+            "points": self.points,
+            "note": self.note,
+            "seconds": self.seconds,
+        }
+
+
 #: Part of every cached point's key: change it when what a point measures changes.
 #: 2: every matrix is placed in the loaded model or no curve is drawn (version 1 swapped
 #: only the matrices whose stored name was a parameter: per-expert MoE points lacked experts).
 TRADEOFF_VERSION = "2"
-#: Paragraphs of the held-out text used (spread evenly over the topics).
-HELD_OUT_PARAGRAPHS = 128
-HELD_OUT_MAX_TOKENS = 64
-_BATCH = 32
-
-
-def held_out_paragraphs(count: int = HELD_OUT_PARAGRAPHS) -> list[str]:
-    """``count`` paragraphs of at least 16 words from Python's documentation topics,
-    whitespace-normalised, taken evenly from all of them in sorted order (deterministic)."""
-    from pydoc_data.topics import topics
-
-    paragraphs = []
-    for key in sorted(topics):
-        for block in topics[key].split("\n\n"):
-            words = block.split()
-            if len(words) >= 16 and not block.startswith(" "):  # prose, not code or grammar
-                paragraphs.append(" ".join(words))
-    if len(paragraphs) <= count:
-        return paragraphs
-    stride = len(paragraphs) / count
-    return [paragraphs[int(i * stride)] for i in range(count)]
-
-
-def model_family(folder: Path) -> str | None:
-    """``causal`` (a ``*ForCausalLM``/``*LMHeadModel``), ``embedding`` (a
-    sentence-transformers folder), or ``None``: no held-out loss is defined here."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    architectures = config.get("architectures") or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return "causal"
-    if (folder / "modules.json").is_file() or (folder / "config_sentence_transformers.json").is_file():
-        return "embedding"
-    return None
-
-
-def _load(folder: Path, family: str) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    cls = AutoModelForCausalLM if family == "causal" else AutoModel
-    model = cls.from_pretrained(folder, dtype=torch.float32)
-    return model.eval()
-
-
-class HeldOut:
-    """The held-out text of the module docstring, tokenized once (a fast tokenizer must not
-    be called from several threads at once); calling it gives a model's held-out loss."""
-
-    def __init__(self, tokenizer, family: str, paragraphs: Sequence[str]) -> None:
-        self.family = family
-        if family == "causal":
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            self.batches = [
-                tokenizer(
-                    list(paragraphs[start : start + _BATCH]),
-                    truncation=True,
-                    max_length=HELD_OUT_MAX_TOKENS,
-                    padding=True,
-                    return_tensors="pt",
-                )
-                for start in range(0, len(paragraphs), _BATCH)
-            ]
-            return
-        from demo import _Tokens
-
-        halves = [p.split() for p in paragraphs]
-        self.count = len(paragraphs)
-        self.first = _Tokens(tokenizer, [" ".join(w[: len(w) // 2]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
-        self.second = _Tokens(tokenizer, [" ".join(w[len(w) // 2 :]) for w in halves], HELD_OUT_MAX_TOKENS // 2)
-
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> float:
-        if self.family == "causal":
-            total, tokens = 0.0, 0
-            for batch in self.batches:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
-                )
-                total += float(loss)
-                tokens += int((labels != -100).sum())
-            return total / max(1, tokens)
-        from demo import _embed, contrastive_loss
-
-        losses = []
-        for start in range(0, self.count, _BATCH):
-            rows = list(range(start, min(start + _BATCH, self.count)))
-            if len(rows) < 2:
-                continue
-            first, second = _embed(model, self.first.batch(rows)), _embed(model, self.second.batch(rows))
-            losses.append(float(contrastive_loss(first, second)))
-        return sum(losses) / max(1, len(losses))
-
-
-def evaluation_workers(points: int, model_bytes: int) -> int:
-    """Points evaluated at once: one per core, at most one per point, and as many model
-    copies as fit in a quarter of the memory available now."""
-    import psutil
-
-    from analysis.scheduler import available_cores
-
-    fit = max(1, psutil.virtual_memory().available // 4 // max(1, model_bytes))
-    return max(1, min(available_cores(), points, fit))
-
-
-class _DemoTask:
-    """The demo's held-out retrieval task, evaluated by the demo's own code."""
-
-    def __init__(self, tokenizer) -> None:
-        from demo import DOC_MAX_TOKENS, QUERY_MAX_TOKENS, _Tokens, harvest_stdlib_pairs, split_pairs
-
-        _train, held_out = split_pairs(harvest_stdlib_pairs())
-        self.queries = _Tokens(tokenizer, [p.query for p in held_out], QUERY_MAX_TOKENS)
-        self.documents = _Tokens(tokenizer, [p.document for p in held_out], DOC_MAX_TOKENS)
-
-    def __call__(self, model: torch.nn.Module) -> float:
-        from demo import _evaluate
-
-        return _evaluate(model, self.queries, self.documents)["mrr"]
 
 
 _digests: dict[tuple, str] = {}
@@ -273,7 +198,7 @@ def _evaluate_points(
     family: str,
     mitigation: Mitigation,
     *,
-    with_task: bool,
+    task_file: Path | None,
     texts: list[str],
     evaluated: dict[int, dict],
     finished: Callable[[int], None],
@@ -296,11 +221,11 @@ def _evaluate_points(
             "so its held-out loss cannot be measured."
         )
     held_out = HeldOut(tokenizer, family, texts)
-    task = _DemoTask(tokenizer) if with_task else None
-    base_model = _load(base_folder, family) if 0 in todo or adapter else None
-    template = base_model if adapter else _load(tuned_folder, family)
+    task = RetrievalTask.from_file(tokenizer, task_file) if task_file is not None else None
+    base_model = load_model(base_folder, family) if 0 in todo or adapter else None
+    template = base_model if adapter else load_model(tuned_folder, family)
     params = dict(template.named_parameters())
-    plans = {_key(m): m for m in mitigation.plan.matrices}
+    plans = {matrix_key(m): m for m in mitigation.plan.matrices}
     places = _places(plans, params, (base_folder if adapter else tuned_folder), adapter)
     missing = [key for key in plans if key not in places]
     if missing:  # swapping only the others would show a curve for a different mitigation
@@ -364,6 +289,14 @@ def _evaluate_points(
             raise
 
 
+def _demo_task_file(resolver, tuned: str) -> Path | None:
+    """The demo's held-out retrieval task (:mod:`analysis.specs.demo`) when ``tuned`` is a demo model."""
+    if "demo" not in resolver.resolve(tuned).summary:
+        return None
+    manifest = resolver.demo()
+    return held_out_task_path(manifest) if manifest is not None else None
+
+
 def _folder(source) -> Path | None:
     root = Path(source.root)
     return root if root.is_dir() else None
@@ -397,8 +330,8 @@ def evaluate_tradeoff(
             "No trade-off curve: it needs model folders that transformers loads as a causal language model or a "
             "sentence-transformers embedding model.",
         )
-    is_demo = "demo" in resolver.resolve(tuned).summary
-    with_task = is_demo and family == "embedding"
+    task_file = _demo_task_file(resolver, tuned) if family == "embedding" else None
+    with_task = task_file is not None
     loss_name = "held-out contrastive loss" if family == "embedding" else "held-out LM loss (nats/token)"
     # Every point but lambda = 1, which changes nothing (the rank-r re-factorisation of dW
     # is dW itself): it repeats the fine-tune's numbers.
@@ -425,7 +358,7 @@ def evaluate_tradeoff(
     base_id = folder_digest(base_folder)
     tuned_id = folder_digest(Path(resolver.open(tuned).root)) if adapter else folder_digest(tuned_folder)
 
-    def point_key(index: int) -> str:
+    def pointmatrix_key(index: int) -> str:
         from analysis.cache import derived_digest
 
         if index == 0:
@@ -439,7 +372,7 @@ def evaluate_tradeoff(
     swapped = 0  # matrices of the mitigation put into the model (none for the base alone)
     if cache is not None:
         for index in todo:
-            entry = cache.lookup("tradeoff", point_key(index))
+            entry = cache.lookup("tradeoff", pointmatrix_key(index))
             if entry is not None:
                 point = dict(entry[1]["point"])
                 count = point.pop("swapped")
@@ -457,7 +390,7 @@ def evaluate_tradeoff(
                 (base_folder, tuned_folder),
                 family,
                 mitigation,
-                with_task=with_task,
+                task_file=task_file,
                 texts=texts,
                 evaluated=evaluated,
                 finished=finished,
@@ -474,7 +407,7 @@ def evaluate_tradeoff(
                 for index in missing:
                     if index in evaluated:
                         point = {"loss": evaluated[index]["loss"], "task": evaluated[index]["task"]}
-                        cache.store("tradeoff", point_key(index), {}, {"point": {**point, "swapped": swapped}})
+                        cache.store("tradeoff", pointmatrix_key(index), {}, {"point": {**point, "swapped": swapped}})
     points: list[dict] = []
     for index, label in enumerate(labels):
         if index in evaluated:

@@ -1,6 +1,6 @@
 """Tidy tables of comparison results: the numbers behind every chart.
 
-Each dashboard chart is drawn from one of these tables (:mod:`analysis.figures`), and the
+Each dashboard chart is drawn from one of these tables (:mod:`charts.figures`), and the
 same table is what its "Download CSV" button writes, so a downloaded file always holds
 exactly the numbers on screen. Pure functions: results in, :class:`pandas.DataFrame`
 out; nothing here loads weights or imports Streamlit.
@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from analysis import metrics
+from analysis.plan import matrix_key
 from analysis.results import MatrixResult, ModelResult
 
 #: The order modules are shown in: attention first, then MLP, as they run in a block.
@@ -53,15 +54,6 @@ def module_order(modules: Iterable[str]) -> list[str]:
 def layer_label(layer: int | None) -> str:
     """How a layer is named on an axis: its block index, or ``other`` outside blocks."""
     return "other" if layer is None else str(layer)
-
-
-def matrix_key(matrix: MatrixResult) -> str:
-    """The string that picks one matrix of a model (pickers, the URL, clicks, CSV).
-
-    The tensor name, plus ``#<expert>`` for a mixture-of-experts slice: a fused 3-D
-    expert tensor holds every expert under one name, so the name alone is not unique.
-    """
-    return matrix.name if matrix.expert is None else f"{matrix.name}#{matrix.expert}"
 
 
 def matrix_title(matrix: MatrixResult) -> str:
@@ -509,7 +501,7 @@ def skipped_table(skipped: Iterable[dict], examples: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["reason", "tensors", "examples"])
 
 
-# -- checkpoint series (analysis.series) ------------------------------------------------------
+# -- checkpoint series (analysis.specs.series) ------------------------------------------------------
 #: How the series trends are grouped: one line for the whole model, per layer, per module kind
 #: or per matrix.
 SERIES_GROUPINGS: tuple[str, ...] = ("model", "layer", "module", "matrix")

@@ -1,0 +1,293 @@
+"""Building the demo: train every recipe, publish each fine-tune as it is finished.
+
+See :mod:`demo` for the layout written; the manifest's format is
+:mod:`analysis.specs.demo`'s, which the engine reads.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from tqdm import tqdm
+
+from analysis.errors import AnalysisCancelled, InputError
+from analysis.mitigation.heldout import SIMILARITY_SCALE, RetrievalTask, TokenizedTexts, evaluate_retrieval
+from analysis.specs.demo import (
+    HELD_OUT_TASK_NAME,
+    MANIFEST_NAME,
+    DemoManifest,
+    DemoModel,
+    base_model_path,
+    default_demo_root,
+    demo_manifest,
+)
+from demo.task import DOC_MAX_TOKENS, QUERY_MAX_TOKENS, harvest_stdlib_pairs, split_pairs
+from demo.training import (
+    BATCH_SIZE,
+    CHECKPOINT_EVERY,
+    CHECKPOINTS_DIR,
+    DEFAULT_STEPS,
+    FINE_TUNES,
+    SEED,
+    FineTuneRecipe,
+    batch_order,
+    checkpoint_steps,
+    fine_tune,
+    training_environment,
+)
+
+#: ``on_step(done, total, what)`` after each training step of a demo build.
+StepCallback = Callable[[int, int, str], None]
+
+
+def build_demo(
+    root: Path | None = None,
+    *,
+    steps: int | None = None,
+    progress: bool = True,
+    force: bool = False,
+    on_step: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DemoManifest:
+    """Build the offline demo into ``root`` (default ``<cache dir>/demo``), once.
+
+    A complete build made with the same number of ``steps`` is found and returned at
+    once (unless ``force``). Otherwise the corpus is harvested, the base evaluated and
+    every recipe of :data:`FINE_TUNES` trained for ``steps`` steps (default
+    :data:`DEFAULT_STEPS`). With no complete build in ``root``, each fine-tune is
+    published into ``root`` as soon as it is trained (a partial build left by a stopped
+    one is resumed); over a complete build, everything is built in a temporary folder
+    beside ``root`` that replaces it only when finished. ``progress`` shows tqdm bars on
+    stderr; ``on_step(done, total, what)`` is called after every training step (the
+    dashboard's progress bar), and ``should_stop()`` before each: when it returns true
+    the build raises :class:`~analysis.errors.AnalysisCancelled`, keeping only the
+    fine-tunes that were finished.
+    """
+    root = Path(root) if root is not None else default_demo_root()
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    if steps < 1:
+        raise InputError("--steps", f"must be at least 1, got {steps}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        existing = _finished_build(root)
+        if existing is not None and existing.complete and existing.steps == steps and not force:
+            if not (root / HELD_OUT_TASK_NAME).is_file():  # a build from before the task file was written
+                write_held_out_task(root)
+            return existing
+        if root.exists() and not (root / MANIFEST_NAME).is_file() and (not root.is_dir() or any(root.iterdir())):
+            raise InputError(root, "exists and is not a demo build; choose a new or empty folder for the demo")
+        # Left behind by a build that was killed outright; nobody else builds while we hold the lock.
+        for stale in (*root.parent.glob(f".{root.name}.building-*"), *root.parent.glob(f".{root.name}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+        try:
+            if existing is not None and existing.complete:
+                _build(staging, steps=steps, progress=progress, on_step=on_step, should_stop=should_stop)
+                _replace_dir(staging, root)
+            else:
+                partial = existing if existing is not None and existing.steps == steps and not force else None
+                if partial is None and root.exists():
+                    shutil.rmtree(root)
+                _build(
+                    root,
+                    steps=steps,
+                    progress=progress,
+                    on_step=on_step,
+                    should_stop=should_stop,
+                    scratch=staging,
+                    resume=partial,
+                )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        built = demo_manifest(root)
+    assert built is not None and built.complete, f"{root} was just built"
+    return built
+
+
+def write_held_out_task(root: Path, held_out=None) -> None:
+    """Write the held-out split as a :class:`~analysis.mitigation.heldout.RetrievalTask`
+    file, which the engine's trade-off curve evaluates the demo's fine-tunes on."""
+    if held_out is None:
+        _train, held_out = split_pairs(harvest_stdlib_pairs())
+    root.mkdir(parents=True, exist_ok=True)
+    RetrievalTask.write(
+        root / HELD_OUT_TASK_NAME,
+        [p.query for p in held_out],
+        [p.document for p in held_out],
+        QUERY_MAX_TOKENS,
+        DOC_MAX_TOKENS,
+    )
+
+
+def _finished_build(root: Path) -> DemoManifest | None:
+    """:func:`demo_manifest`, treating an unreadable manifest as no build (it is rebuilt)."""
+    try:
+        return demo_manifest(root)
+    except InputError:
+        return None
+
+
+def _write_manifest(manifest: DemoManifest, folder: Path) -> None:
+    """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(folder / MANIFEST_NAME)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing what was there, never leaving a mix."""
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(trash / target.name)
+        new.rename(target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def _build(
+    target: Path,
+    *,
+    steps: int,
+    progress: bool,
+    recipes: Sequence[FineTuneRecipe] | None = None,
+    on_step: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    scratch: Path | None = None,
+    resume: DemoManifest | None = None,
+) -> DemoManifest:
+    """Harvest the task, evaluate the base, train and save every recipe into ``target``.
+
+    With ``scratch``, each fine-tune (and its checkpoints) is trained there and moved
+    into ``target`` when complete, and ``manifest.json`` is rewritten after each one
+    (``complete`` false until the last); fine-tunes of ``resume`` (a partial build of
+    the same steps) are kept, not trained again. Without it everything is written
+    straight into ``target`` (a staging folder) and the manifest once, at the end.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    recipes = FINE_TUNES if recipes is None else recipes
+    kept = {m.name: m for m in resume.fine_tunes} if resume is not None else {}
+    todo = [recipe for recipe in recipes if recipe.name not in kept]
+    start = time.perf_counter() - (resume.build_seconds if resume is not None else 0.0)
+    base_path = base_model_path()
+    train, held_out = split_pairs(harvest_stdlib_pairs())
+    if not train or not held_out:
+        raise InputError(sysconfig.get_paths()["stdlib"], "yields no documented functions to build the demo task from")
+    write_held_out_task(target, held_out)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    train_q = TokenizedTexts(tokenizer, [p.query for p in train], QUERY_MAX_TOKENS)
+    train_d = TokenizedTexts(tokenizer, [p.document for p in train], DOC_MAX_TOKENS)
+    eval_q = TokenizedTexts(tokenizer, [p.query for p in held_out], QUERY_MAX_TOKENS)
+    eval_d = TokenizedTexts(tokenizer, [p.document for p in held_out], DOC_MAX_TOKENS)
+    batches = batch_order(len(train), steps)
+    import peft
+    import transformers
+
+    task = {
+        "description": "retrieve a Python standard-library function's docstring from its qualified name and "
+        "signature (held-out packages, in-batch negatives)",
+        "train_pairs": len(train),
+        "eval_pairs": len(held_out),
+        "eval_packages": sorted({p.package for p in held_out}),
+        "query_max_tokens": QUERY_MAX_TOKENS,
+        "doc_max_tokens": DOC_MAX_TOKENS,
+        "similarity_scale": SIMILARITY_SCALE,
+        "seed": SEED,
+        "checkpoint_every": CHECKPOINT_EVERY,
+    }
+
+    def manifest(base: DemoModel, finished: dict[str, DemoModel], threads: int) -> DemoManifest:
+        return DemoManifest(
+            root=target,
+            base=base,
+            fine_tunes=tuple(finished[r.name] for r in recipes if r.name in finished),
+            steps=steps,
+            build_seconds=round(time.perf_counter() - start, 2),
+            task=task,
+            environment={
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                # Float sums, hence the last digits of the results, depend on the thread count.
+                "torch_threads": str(threads),
+            },
+            complete=len(finished) == len(recipes),
+        )
+
+    finished = dict(kept)
+    with (
+        training_environment(),
+        tqdm(total=steps * len(todo), desc="demo", unit="step", disable=not progress, file=sys.stderr) as bar,
+    ):
+        total, done = steps * len(todo), 0
+
+        def step_done(what: str) -> None:
+            nonlocal done
+            done += 1
+            bar.set_postfix_str(what, refresh=False)
+            bar.update()
+            if on_step is not None:
+                on_step(done, total, what)
+
+        def stop_here() -> None:
+            if should_stop is not None and should_stop():
+                raise AnalysisCancelled(f"the demo build was stopped after {done} of {total} training steps")
+
+        threads = torch.get_num_threads()
+        if resume is not None:
+            base = resume.base
+        else:
+            base_scores = evaluate_retrieval(AutoModel.from_pretrained(base_path), eval_q, eval_d)
+            base = DemoModel("base", "all-MiniLM-L6-v2 (base)", base_path, "full", base_scores)
+        for recipe in todo:
+            t0 = time.perf_counter()
+            work = scratch if scratch is not None else target
+            checkpoint_dir = work / CHECKPOINTS_DIR / recipe.name
+            model = fine_tune(
+                recipe, base_path, train_q, train_d, batches, step_done, stop_here, checkpoint_dir=checkpoint_dir
+            )
+            scores = evaluate_retrieval(model, eval_q, eval_d)
+            model.save_pretrained(work / recipe.name)
+            if recipe.kind == "full":
+                tokenizer.save_pretrained(work / recipe.name)
+            if scratch is not None:  # publish: move the finished fine-tune and its checkpoints into place
+                for relative in (Path(recipe.name), Path(CHECKPOINTS_DIR) / recipe.name):
+                    destination = target / relative
+                    if destination.exists():  # left by a build killed while moving
+                        shutil.rmtree(destination)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    (scratch / relative).rename(destination)
+            final = target / CHECKPOINTS_DIR / recipe.name
+            finished[recipe.name] = DemoModel(
+                recipe.name,
+                recipe.label,
+                target / recipe.name,
+                recipe.kind,
+                scores,
+                r=recipe.r,
+                lora_alpha=recipe.lora_alpha,
+                use_rslora=recipe.use_rslora,
+                lr=recipe.lr,
+                steps=steps,
+                batch_size=BATCH_SIZE,
+                train_seconds=round(time.perf_counter() - t0, 2),
+                checkpoints=tuple((step, final / f"checkpoint-{step}") for step in checkpoint_steps(steps)),
+            )
+            if scratch is not None:
+                _write_manifest(manifest(base, finished, threads), target)
+    built = manifest(base, finished, threads)
+    _write_manifest(built, target)
+    return built
