@@ -21,11 +21,11 @@ from analysis.adapters.base import (
     LoraSettings,
     lora_scale,
     merge_lora,
+    merge_param_lora,
     pattern_key,
 )
 from analysis.adapters.kohya import KOHYA_PREFIXES
 from analysis.adapters.peft_lora import PEFT_PREFIX
-from analysis.adapters.raw_params import merge_param_lora
 
 
 @dataclass(frozen=True)

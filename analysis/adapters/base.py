@@ -264,6 +264,38 @@ def merge_lora(
     return TunedMatrix(dora_factor * updated, None)
 
 
+def merge_param_lora(
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    expert: int,
+    experts: int,
+    rows: tuple[int, int] | None = None,
+) -> TunedMatrix:
+    """One expert of a LoRA on a raw parameter merged as PEFT's ``merge_and_unload()`` does.
+
+    PEFT 0.21's ``ParamWrapper`` (``peft/tuners/lora/layer.py``: ``update_layer``,
+    ``get_delta_weight``) keeps one ``lora_A`` of ``(r * E) x in`` and one ``lora_B`` of
+    ``out x (r * E)`` for a parameter of ``E`` experts; expert ``e``'s update is
+    ``scale * B_e @ A_e`` in the ``out x in`` orientation of the forward pass, with
+    ``A_e = A.reshape(E, r, in)[e]`` (rows ``e*r .. e*r+r-1``) and
+    ``B_e = B.reshape(out, r, E)[:, :, e]`` (columns ``e, e+E, e+2E, ...``); PEFT's
+    einsum writes it to ``[E, out, in]`` or, for ``is_transposed`` experts, ``[E, in, out]``.
+    A 2-D parameter is ``E = 1``: plain LoRA. ``rows`` selects the rows of the update
+    that belong to ``base`` when the base stores the expert split (Mixtral's ``w1``/``w3``
+    concatenated into ``gate_up_proj`` by transformers' conversion mapping).
+
+    ``base`` is the float32 ``out x in`` weight (or its ``rows``).
+    """
+    rank = A.shape[0] // experts
+    A_e = A.reshape(experts, rank, A.shape[-1])[expert]
+    B_e = B.reshape(B.shape[0], rank, experts)[:, :, expert]
+    if rows is not None:
+        B_e = B_e[rows[0] : rows[1]]
+    return merge_lora(base, B_e.contiguous(), A_e.contiguous(), scale)
+
+
 class LoraAdapter:
     """A LoRA adapter read from disk; apply it with :meth:`tuned`.
 
@@ -390,8 +422,6 @@ class LoraAdapter:
     ) -> TunedMatrix:
         """One expert slice of a raw-parameter LoRA (:func:`merge_param_lora`) applied to ``base``."""
         assert module.A is not None and module.B is not None
-        from analysis.adapters.raw_params import merge_param_lora
-
         return merge_param_lora(base, self.load(module.A), self.load(module.B), scale, expert, experts, rows)
 
     def param_digest(self, module: AdapterModule, base_digest: str, stored: StoredDigest, rule: str) -> str:
@@ -416,20 +446,3 @@ class LoraAdapter:
             self.root,
             f"the adapter's update is zero: {zero_name} is all zeros in every module, was it saved before training?",
         )
-
-    # -- construction (one module per format: analysis.adapters.peft_lora, .kohya) ----------
-
-    @classmethod
-    def from_peft_folder(cls, folder: Path, *, label: str | None = None, allow_pickle: bool = True) -> LoraAdapter:
-        """A PEFT adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``)."""
-        from analysis.adapters.peft_lora import open_peft_folder
-
-        return open_peft_folder(folder, label=label, allow_pickle=allow_pickle)
-
-    @classmethod
-    def from_kohya_file(cls, path: Path, *, label: str | None = None) -> LoraAdapter:
-        """A kohya/sd-scripts LoRA ``.safetensors``: ``<name>.lora_down.weight``,
-        ``<name>.lora_up.weight`` and optional scalar ``<name>.alpha`` per module."""
-        from analysis.adapters.kohya import open_kohya_file
-
-        return open_kohya_file(path, label=label)

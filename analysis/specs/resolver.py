@@ -166,9 +166,7 @@ class SpecResolver:
             return open_folder(spec, resolved.path, allow_pickle=False)
         return open_file(spec, resolved.path)
 
-    def plan_models(
-        self, base: str, tuned: Sequence[str], *, include_non_block: bool = False
-    ) -> list[ComparisonPlan]:
+    def plan_models(self, base: str, tuned: Sequence[str], *, include_non_block: bool = False) -> list[ComparisonPlan]:
         """Open every model and pair each fine-tune with the base, before any heavy work runs.
 
         Bad input anywhere (a missing file, a wrong base, an unsupported adapter) raises
