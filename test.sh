@@ -10,4 +10,6 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 export HF_HUB_OFFLINE=1
+# The layers and forbidden imports of docs/architecture.md (pyproject.toml, [tool.importlinter]).
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

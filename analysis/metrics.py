@@ -42,13 +42,28 @@ def intruder_scores(tuned_left: torch.Tensor, base_left: torch.Tensor) -> tuple[
 
     Parameters
     ----------
-    tuned_left : (m, k) tensor, the top-k tuned left singular vectors.
-    base_left : (m, n) tensor, all base left singular vectors.
+    tuned_left : torch.Tensor of shape (m, k)
+        The top-k tuned left singular vectors.
+    base_left : torch.Tensor of shape (m, n)
+        All base left singular vectors.
 
     Returns
     -------
-    scores : (k,) float64 array, the best |cosine| of each tuned vector, clipped to [0, 1].
-    best_match : (k,) int64 array, the base index attaining it.
+    scores : ndarray of shape (k,), float64
+        The best |cosine| of each tuned vector, clipped to [0, 1].
+    best_match : ndarray of shape (k,), int64
+        The base index attaining it.
+
+    Examples
+    --------
+    A tuned vector halfway between two base axes matches each with cosine 1/sqrt(2):
+
+    >>> import torch
+    >>> base = torch.eye(3)
+    >>> tuned = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2**-0.5, 2**-0.5]]).T
+    >>> scores, best = intruder_scores(tuned, base)
+    >>> scores.round(4).tolist(), best.tolist()
+    ([1.0, 0.7071], [0, 1])
     """
     sims = (tuned_left.transpose(0, 1) @ base_left.to(tuned_left.dtype)).abs()
     best, idx = sims.max(dim=1)
@@ -64,12 +79,35 @@ def count_intruders(scores: ArrayLike, epsilon: float) -> int:
     Shuttleworth et al. 2024, Def. 3.1: ``Ut[:, j]`` is an intruder at threshold
     ``eps`` iff ``max_i |<Ut[:, j], U0[:, i]>| < eps``. ``scores`` are the outputs of
     :func:`intruder_scores` for the top-k tuned vectors.
+
+    Parameters
+    ----------
+    scores : array-like of shape (k,)
+        Best-match cosines of the top-k tuned vectors.
+    epsilon : float
+        The threshold ``eps`` (the paper's default is 0.5).
+
+    Returns
+    -------
+    int
+        How many scores lie strictly below ``epsilon``.
+
+    Examples
+    --------
+    >>> count_intruders([0.99, 0.42, 0.71, 0.08], 0.5)
+    2
     """
     return int(np.count_nonzero(_as_numpy(scores) < epsilon))
 
 
 def intruder_counts(scores: ArrayLike, epsilons: Sequence[float]) -> list[int]:
-    """:func:`count_intruders` at every ``eps`` of a sweep grid."""
+    """:func:`count_intruders` at every ``eps`` of a sweep grid.
+
+    Examples
+    --------
+    >>> intruder_counts([0.99, 0.42, 0.71, 0.08], [0.1, 0.5, 0.9])
+    [1, 2, 3]
+    """
     return [count_intruders(scores, eps) for eps in epsilons]
 
 
@@ -78,6 +116,12 @@ def similarity_matrix(tuned_left: torch.Tensor, base_left: torch.Tensor, n: int)
 
     Shuttleworth et al. 2024, Fig. 1 and 3. ``n`` is clipped to the number of
     available columns of each side.
+
+    Examples
+    --------
+    >>> import torch
+    >>> similarity_matrix(torch.eye(3)[:, [1, 0, 2]], torch.eye(3), 2).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
     """
     t = tuned_left[:, :n]
     b = base_left[:, :n].to(t.dtype)
@@ -90,6 +134,25 @@ def effective_rank(singular_values: ArrayLike) -> float:
     ``p_i = s_i / sum(s)``, ``erank = exp(-sum_i p_i ln p_i)`` over the nonzero
     singular values. Shuttleworth et al. apply it to the update ``dW``. Returns 0 for
     an all-zero matrix.
+
+    Parameters
+    ----------
+    singular_values : array-like
+        The singular values of the matrix (any order).
+
+    Returns
+    -------
+    float
+        Between 1 (rank one) and the number of nonzero values (all equal).
+
+    Examples
+    --------
+    >>> effective_rank([3.0, 0.0, 0.0])
+    1.0
+    >>> round(effective_rank([1.0, 1.0, 1.0, 1.0]), 6)
+    4.0
+    >>> effective_rank([0.0, 0.0])
+    0.0
     """
     s = _as_numpy(singular_values)
     s = s[s > 0]
@@ -105,6 +168,13 @@ def rank_at_variance(singular_values: ArrayLike, fraction: float = 0.9) -> int:
     Biderman et al. 2024 (rank needed to explain 90% of the variance of the update;
     ``rank90`` with the default ``fraction``). Singular values must be in descending
     order. Returns 0 for an all-zero matrix.
+
+    Examples
+    --------
+    >>> rank_at_variance([3.0, 0.9, 0.3], 0.9)
+    1
+    >>> rank_at_variance([3.0, 0.9, 0.3], 0.95)
+    2
     """
     energy = _as_numpy(singular_values) ** 2
     total = energy.sum()
@@ -117,12 +187,24 @@ def rank_at_variance(singular_values: ArrayLike, fraction: float = 0.9) -> int:
 
 
 def rank90(singular_values: ArrayLike) -> int:
-    """``rank90`` of Biderman et al. 2024: :func:`rank_at_variance` at 0.9."""
+    """``rank90`` of Biderman et al. 2024: :func:`rank_at_variance` at 0.9.
+
+    Examples
+    --------
+    >>> rank90([1.0, 1.0, 1.0, 1.0])
+    4
+    """
     return rank_at_variance(singular_values, 0.9)
 
 
 def stable_rank(singular_values: ArrayLike) -> float:
-    """Stable rank ``||dW||_F^2 / s_1^2`` (0 for an all-zero matrix)."""
+    """Stable rank ``||dW||_F^2 / s_1^2`` (0 for an all-zero matrix).
+
+    Examples
+    --------
+    >>> stable_rank([2.0, 1.0, 1.0])
+    1.5
+    """
     s = _as_numpy(singular_values)
     if s.size == 0 or s.max() <= 0:
         return 0.0
@@ -130,7 +212,13 @@ def stable_rank(singular_values: ArrayLike) -> float:
 
 
 def frobenius_norm(singular_values: ArrayLike) -> float:
-    """``||dW||_F = sqrt(sum_i s_i^2)`` from the singular values."""
+    """``||dW||_F = sqrt(sum_i s_i^2)`` from the singular values.
+
+    Examples
+    --------
+    >>> frobenius_norm([3.0, 4.0])
+    5.0
+    """
     return float(np.sqrt(np.sum(_as_numpy(singular_values) ** 2)))
 
 
@@ -141,9 +229,24 @@ def subspace_similarity(P: torch.Tensor, Q: torch.Tensor) -> np.ndarray:
     and ``Q_j`` are the first ``i`` and ``j`` columns of two orthonormal bases (the
     top singular vectors of two updates of the same matrix). Values lie in [0, 1].
 
+    Parameters
+    ----------
+    P, Q : torch.Tensor of shape (m, i) and (m, j)
+        Orthonormal columns, most important first.
+
     Returns
     -------
-    phi : (P.shape[1], Q.shape[1]) float64 array with ``phi[i-1, j-1] = phi(i, j)``.
+    phi : ndarray of shape (P.shape[1], Q.shape[1]), float64
+        ``phi[i-1, j-1] = phi(i, j)``.
+
+    Examples
+    --------
+    Two bases that share their first direction and swap the next two:
+
+    >>> import torch
+    >>> phi = subspace_similarity(torch.eye(4)[:, :3], torch.eye(4)[:, [0, 2, 1]])
+    >>> phi.round(3).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 0.5, 1.0], [1.0, 1.0, 1.0]]
     """
     m = (P.transpose(0, 1) @ Q.to(P.dtype)).to(torch.float64) ** 2
     overlap = m.cumsum(0).cumsum(1)
@@ -162,6 +265,31 @@ def amplification_factor(
     update amplifies directions that the pre-trained weight barely uses. Returns
     ``inf`` when ``W_base`` has no energy in those directions and ``dW != 0``, and
     ``None`` for a zero update, where it is undefined (0 / 0: there are no directions).
+
+    Parameters
+    ----------
+    delta_fro : float
+        ``||dW||_F``.
+    delta_left, delta_right : torch.Tensor of shape (out, r) and (in, r)
+        The top-``r`` left and right singular vectors of ``dW``.
+    base_weight : torch.Tensor of shape (out, in)
+        The pre-trained weight.
+
+    Returns
+    -------
+    float or None
+        The factor; ``None`` for a zero update.
+
+    Examples
+    --------
+    An update of norm 10 along a direction the base weight scales by 2:
+
+    >>> import torch
+    >>> u, v = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0], [1.0]])
+    >>> amplification_factor(10.0, u, v, torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
+    5.0
+    >>> amplification_factor(0.0, u, v, torch.eye(2)) is None
+    True
     """
     if delta_fro == 0:
         return None

@@ -237,16 +237,19 @@ def merge_lora(
 ) -> TunedMatrix:
     """The LoRA/DoRA-merged weight, exactly as PEFT's ``merge_and_unload`` computes it.
 
+    Hu et al. 2021 (LoRA, eq. 3: ``W + (alpha / r) B A``); Liu et al. 2024 (DoRA, eq. 5).
+    PEFT 0.21: ``LoraLayer.get_delta_weight`` and ``DoraLinearLayer.get_weight_norm``.
+
     Parameters
     ----------
-    base:
-        ``W``, float32, ``out x in`` (rows are outputs, as ``torch.nn.Linear`` stores it).
-    B, A:
-        ``out x r`` and ``r x in`` float32 factors.
-    scale:
+    base : torch.Tensor of shape (out, in), float32
+        ``W``, rows are outputs, as ``torch.nn.Linear`` stores it.
+    B, A : torch.Tensor of shape (out, r) and (r, in), float32
+        The adapter's factors.
+    scale : float
         From :func:`lora_scale` (or kohya's ``alpha / r``).
-    magnitude:
-        DoRA's ``lora_magnitude_vector`` (length ``out``), or ``None`` for plain LoRA.
+    magnitude : torch.Tensor of shape (out,), optional
+        DoRA's ``lora_magnitude_vector``; ``None`` for plain LoRA.
 
     Returns
     -------
@@ -254,6 +257,20 @@ def merge_lora(
         ``W + scale * B @ A`` with its exact low-rank factors for LoRA; for DoRA
         ``(m / ||W + dW||_row)[:, None] * (W + dW)``, the per-row L2 norm over the input
         dimension (``DoraLinearLayer.get_weight_norm``), with no low-rank form.
+
+    Examples
+    --------
+    >>> import torch
+    >>> W = torch.zeros(2, 3)
+    >>> B, A = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0, 0.0, -1.0]])
+    >>> merged = merge_lora(W, B, A, scale=lora_scale(lora_alpha=16, r=8, use_rslora=False))
+    >>> merged.weight.tolist()
+    [[2.0, 0.0, -2.0], [4.0, 0.0, -4.0]]
+    >>> merged.low_rank.rank
+    1
+    >>> dora = merge_lora(W + 1, B, A, scale=2.0, magnitude=torch.tensor([1.0, 1.0]))
+    >>> torch.linalg.norm(dora.weight, dim=1).round(decimals=4).tolist()  # DoRA: row norms = magnitude
+    [1.0, 1.0]
     """
     delta = LowRankDelta(B, A, float(scale))
     updated = base + delta.dense()
