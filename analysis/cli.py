@@ -112,10 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster RAY_ADDRESS names) or an address such as ray://head:10001; every node must read the models",
     )
 
-    moved = commands.add_parser(
-        "demo", help="moved: the offline demo is built by its own command, python -m demo", add_help=False
-    )
-    moved.add_argument("rest", nargs=argparse.REMAINDER)
+    commands.add_parser("demo", help="moved: the offline demo is built by its own command, python -m demo")
     _add_mitigate_parser(commands)
     return parser
 
@@ -273,13 +270,17 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # whatever options follow: the command moved
+        print(
+            "error: the offline demo is built by its own command: python -m demo [--force] [--steps N]", file=sys.stderr
+        )
+        return EXIT_BAD_INPUT
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "report":
-            return _run_report(args)
         if args.command == "mitigate":
             return _run_mitigate(args)
-        raise InputError("demo", "the offline demo is built by its own command: python -m demo [--force] [--steps N]")
+        return _run_report(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

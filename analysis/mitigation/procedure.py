@@ -235,9 +235,29 @@ def refactor(update: torch.Tensor, scale: float, rank: int) -> LowRankDelta:
     return LowRankDelta(B.contiguous(), A.contiguous(), float(scale))
 
 
-def _intruder_part(components: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def scale_intruders(
+    weight: torch.Tensor, components: tuple[torch.Tensor, torch.Tensor, torch.Tensor], lam: float
+) -> torch.Tensor:
+    """Step 3: ``W_t + (lam - 1) * sum_{j intruder} s_j u_j v_j^T`` (paper section 6).
+
+    Parameters
+    ----------
+    weight : torch.Tensor of shape (out, in)
+        The fine-tuned weight ``W + dW``.
+    components : tuple of torch.Tensor
+        ``(U_I, S_I, Vh_I)``: the intruders' singular vectors and values of ``weight``.
+    lam : float
+        1 keeps the intruders, 0 removes them.
+
+    Returns
+    -------
+    torch.Tensor
+        The mitigated weight (``weight`` itself when there is no intruder).
+    """
     U, S, Vh = components
-    return (U * S) @ Vh
+    if S.numel() == 0:
+        return weight
+    return weight + (lam - 1.0) * ((U * S) @ Vh)
 
 
 def _refactor_at(item: _Mitigated, lam: float, exact: bool) -> LowRankDelta:
@@ -245,7 +265,7 @@ def _refactor_at(item: _Mitigated, lam: float, exact: bool) -> LowRankDelta:
     assert original is not None
     base = item.plan.load_base()
     merged = base + original.dense()
-    mitigated = merged + (lam - 1.0) * _intruder_part(item.components)
+    mitigated = scale_intruders(merged, item.components, lam)
     rank = original.rank + (len(item.components[1]) if exact else 0)
     return refactor(mitigated - base, original.scale, min(rank, min(base.shape)))
 
@@ -255,9 +275,7 @@ def _mitigated_tuned(item: _Mitigated, lam: float) -> TunedMatrix:
     if item.low_rank is not None:
         return TunedMatrix(base + item.low_rank.dense(), item.low_rank)
     tuned = item.plan.load_tuned().weight
-    if item.components[1].numel() == 0:
-        return TunedMatrix(tuned, None)
-    return TunedMatrix(tuned + (lam - 1.0) * _intruder_part(item.components), None)
+    return TunedMatrix(scale_intruders(tuned, item.components, lam), None)
 
 
 def mitigate_matrix(
@@ -296,16 +314,13 @@ def mitigate_matrix(
         summary.intruders, summary.intruder_values, summary.mitigated = [], np.zeros(0), False
         return summary, _Mitigated(plan, empty, None, None)
     if low_rank is None:  # a full fine-tune: W_mit = W_t + (lam - 1) * intruder part
-        mitigated = merged + (settings.lam - 1.0) * _intruder_part(components) if intruders else merged
+        mitigated = scale_intruders(merged, components, settings.lam)
         summary.delta_fro_exact = summary.delta_fro_after = float(torch.linalg.norm(mitigated.double() - base.double()))
         return summary, _Mitigated(plan, components, None, None)
     if not intruders:
         # PEFT copies the factors unchanged when a layer has no intruder.
         return summary, _Mitigated(plan, components, low_rank, low_rank)
-    # PEFT's own expressions: B_I @ A_I = U_I S_I V_I^T with sqrt(S) on each side.
-    B_intruder = U[:, intruders] @ torch.diag(S)[intruders, :].sqrt()
-    A_intruder = (torch.diag(S)[:, intruders]).sqrt() @ Vh[intruders, :]
-    W_mitigated = merged + (settings.lam - 1) * (B_intruder @ A_intruder)
+    W_mitigated = scale_intruders(merged, components, settings.lam)
     dW_mitigated = W_mitigated - base
     new_rank = min(low_rank.rank + (len(intruders) if settings.exact else 0), min(base.shape))
     factors = refactor(dW_mitigated, low_rank.scale, new_rank)
