@@ -1,12 +1,18 @@
 """Weight-spectrum explorer engine: what did a fine-tune do to a model's weights?
 
-The engine never imports Streamlit. Public entry points:
+The engine imports no Streamlit, Plotly or pandas (import contracts in ``pyproject.toml``).
+Public entry points:
 
-- :func:`analysis.sources.open_location` -- a hub id, folder, file or adapter -> weights.
+- :func:`analysis.compare.compare` -- model names in, a whole comparison out (cached, on the
+  best device, or on a Ray cluster).
+- :class:`analysis.specs.SpecResolver` -- the one door from a model name to opened weights.
 - :func:`analysis.pairing.plan_comparison` -- pair base and tuned matrices.
-- :func:`analysis.pipeline.compare` -- run a whole comparison (cached, on the best device).
 - :mod:`analysis.metrics` -- the metrics of docs/metrics.md as pure functions.
+- :func:`analysis.adapters.merge_lora` -- PEFT's LoRA / DoRA merge rule.
+- :mod:`analysis.mitigation` -- intruder mitigation (Shuttleworth et al. 2024, section 6).
 - :func:`analysis.report.to_report` -- the JSON report of the command line.
+
+See ``docs/architecture.md`` for where each formula lives.
 """
 
 #: Version of what cache entries hold and how they are keyed (the cache folder is

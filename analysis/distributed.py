@@ -20,7 +20,7 @@ the plans into Ray tasks. Nothing heavy travels through the driver:
 - Each pair runs :func:`analysis.pipeline.analyse_pair`, the very function a local run
   uses, so results equal the local engine's field by field; only results come back.
 
-Where results are cached (README, "Scale-out on Ray"):
+Where results are cached (docs/ray.md):
 
 - ``shared``: the workers use the driver's cache folder directly (digests, base
   spectra, pair results, file locks against computing one entry twice). Automatic on a

@@ -13,7 +13,7 @@ Measures, on local Ray instances started here (no dashboard):
   ``--repeat`` after a warm-up run that starts the workers and imports torch. The local
   engine on the same machine is shown for reference.
 
-The worked estimate for a 70B base in README ("Scale-out on Ray") is built from these
+The worked estimate for a 70B base in docs/ray.md is built from these
 per-task overheads and the per-shape GPU costs measured in issue 13.
 """
 

@@ -192,7 +192,7 @@ def test_peft_intruder_detector_on_gpt2_matches_side_right(family_root: Path) ->
     """PEFT's own detector (``peft.tuners.lora.intruders.reduce_intruder_dimension``)
     decomposes the weight as the layer stores it. GPT-2's ``Conv1D`` stores ``in x out``,
     so its "left" singular vectors are the input space of the ``out x in`` matrix: its
-    counts are the engine's ``--side right`` counts there (README, "Supported models")."""
+    counts are the engine's ``--side right`` counts there (docs/models.md)."""
     from peft import PeftModel
     from peft.tuners.lora.intruders import reduce_intruder_dimension
 
