@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from analysis.mitigation import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 from charts import tables
-from charts.figures import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, _log_axis, _log_sample, _rank_axis
+from charts.style import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, log_axis, log_sample, rank_axis
 
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"
@@ -22,7 +22,22 @@ BASE_COLOR = "#7f7f7f"
 
 def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame:
     """Per matrix: intruders scaled, intruders before/after at ``eps`` among the top ``k``
-    (the pipeline's counts), ``||dW||_F`` before/after and the re-factorisation error."""
+    (the pipeline's counts), ``||dW||_F`` before/after and the re-factorisation error.
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per matrix the mitigation looked at.
+    """
     before = {tables.matrix_key(m): m for m in result.before.matrices}
     after = {tables.matrix_key(m): m for m in result.after.matrices}
     rows = []
@@ -50,12 +65,40 @@ def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame
 
 
 def counts_table(result: MitigationResult, k: int) -> pd.DataFrame:
+    """Total intruders among the top ``k`` at each eps, before and after the mitigation.
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``eps``, ``before``, ``after`` at :data:`analysis.results.DEFAULT_EPSILONS`.
+    """
     counts = result.counts(DEFAULT_EPSILONS, k)
     return pd.DataFrame({"eps": counts["eps"], "before": counts["before"], "after": counts["after"]})
 
 
 def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
-    """Total intruders among the top ``k`` vs eps, before and after the mitigation."""
+    """Total intruders among the top ``k`` vs eps, before and after the mitigation.
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The current threshold, marked by a dotted line.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     frame = counts_table(result, k)
     fig = go.Figure()
     for column, name, color, dash in (
@@ -90,7 +133,23 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
     """Singular values of the base, the tuned and the mitigated weight (log scales, ticks at
     1-2-5 only); the components that were scaled are marked at their rank in the tuned
     spectrum. The base is a thick pale line under the others, so it shows where the
-    mitigated spectrum lies on it."""
+    mitigated spectrum lies on it.
+
+    Parameters
+    ----------
+    before : MatrixResult
+        The matrix in the fine-tune's analysis.
+    after : MatrixResult
+        The same matrix after the mitigation.
+    intruders : list of int
+        0-based tuned ranks of the components that were scaled.
+    label : str
+        The fine-tune's label, put before the matrix in the title.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
     fig = go.Figure()
     shown: list[float] = []
     n_max = 1
@@ -101,7 +160,7 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
     ):
         values = np.asarray(values, dtype=float)
         n_max = max(n_max, len(values))
-        idx = _log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
+        idx = log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
         keep = values[idx] > 0
         shown.extend(values[idx][keep].tolist())
         fig.add_trace(
@@ -132,8 +191,8 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
         # Short first line (narrow screens), the tensor name below it.
         title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{len(intruders)} "
         f"component{'s' if len(intruders) != 1 else ''} scaled · {before.name}</sup>",
-        xaxis=_rank_axis(n_max),
-        yaxis=_log_axis(shown, title="singular value"),
+        xaxis=rank_axis(n_max),
+        yaxis=log_axis(shown, title="singular value"),
         height=420,
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": 60},
@@ -142,6 +201,18 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
 
 
 def tradeoff_table(result: MitigationResult) -> pd.DataFrame:
+    """The trade-off points of :func:`tradeoff_figure`: held-out loss and task metric per lambda.
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``model``, ``lambda``, ``held-out loss``, ``task`` (empty when not computed).
+    """
     tradeoff = result.tradeoff
     if tradeoff is None:
         return pd.DataFrame(columns=["model", "lambda", "held-out loss", "task"])
@@ -191,7 +262,18 @@ def _lambda_labels(points: list[dict]) -> list[str]:
 def tradeoff_figure(result: MitigationResult) -> go.Figure:
     """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric
     for the base, the fine-tune and the mitigated fine-tune at each lambda; without a task
-    metric, the held-out loss against lambda."""
+    metric, the held-out loss against lambda.
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A message instead when the trade-off was not computed.
+    """
     tradeoff = result.tradeoff
     fig = go.Figure()
     if tradeoff is None or not tradeoff.points:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from charts import figures, tables
+from charts import comparison, overview_tables, tables
 from ui import state, views
 
 selection, models = views.results()
@@ -36,7 +36,7 @@ metric = state.widget(
     default="effective_rank",
     options=["effective_rank", "rank90"],
     horizontal=True,
-    format_func=figures.OVERVIEW_METRICS.get,
+    format_func=overview_tables.OVERVIEW_METRICS.get,
 )
 log_y = state.widget(
     st.toggle,
@@ -46,7 +46,7 @@ log_y = state.widget(
     help="A full fine-tune's update has hundreds of directions, a LoRA r=1 update one: a linear axis flattens "
     "the adapters to zero.",
 )
-views.chart(figures.effective_rank_figure(models, metric, log_y=log_y), f"{metric}-by-layer")
+views.chart(comparison.effective_rank_figure(models, metric, log_y=log_y), f"{metric}-by-layer")
 frame = tables.matrix_table(models)[
     [
         "model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.results import DEFAULT_EPSILONS
-from charts import figures, tables
+from charts import comparison, tables
 from ui import state, views
 
 selection, models = views.results()
@@ -41,10 +41,10 @@ names = {
     if m.module in chosen_modules and tables.layer_label(m.layer) in chosen_layers and m.stack in chosen_stacks
 }
 epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
-views.chart(figures.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")
+views.chart(comparison.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")
 views.table(tables.sweep_table(models, k, epsilons, names), "intruders-vs-eps")
 
 by = state.widget(st.radio, "Break down by", "by", default="none", options=["none", "layer", "module"], horizontal=True)
 if by != "none":
-    views.chart(figures.breakdown_figure(models, k, eps, by, names), f"intruders-by-{by}")
+    views.chart(comparison.breakdown_figure(models, k, eps, by, names), f"intruders-by-{by}")
     views.table(tables.breakdown_table(models, k, eps, by, names), f"intruders-by-{by}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from charts import figures, tables
+from charts import overview, overview_tables, tables
 from ui import state, views
 
 SIMILARITY_PAGE = "pages/similarity.py"
@@ -31,8 +31,8 @@ metric = state.widget(
     "Colour by",
     "metric",
     default="intruders",
-    options=list(figures.OVERVIEW_METRICS),
-    format_func=figures.OVERVIEW_METRICS.get,
+    options=list(overview_tables.OVERVIEW_METRICS),
+    format_func=overview_tables.OVERVIEW_METRICS.get,
 )
 metric = metric or "intruders"
 specs = [m.source for m in models]
@@ -45,7 +45,7 @@ def open_matrix(index: int, matrix: str) -> None:
     st.session_state.wse_goto = SIMILARITY_PAGE
 
 
-st.subheader(figures.overview_title(metric, k, eps))
+st.subheader(overview.overview_title(metric, k, eps))
 views.overview_grids(models, metric, k, eps, on_open=open_matrix)
 
 with st.expander("Open a matrix (without clicking the grid)"):
@@ -69,7 +69,7 @@ with st.expander("Open a matrix (without clicking the grid)"):
     c3.button("Open", on_click=open_selected, key="overview_open")
 
 st.subheader("Per fine-tune totals")
-views.chart(figures.totals_figure(models, k, eps), "overview-totals")
+views.chart(overview.totals_figure(models, k, eps), "overview-totals")
 views.table(tables.totals_table(models, k, eps), "totals")
 
 with st.expander("Every matrix of every fine-tune"):

@@ -12,7 +12,7 @@ import streamlit as st
 from analysis.errors import InputError
 from analysis.specs import DEMO_PREFIX
 from analysis.specs.series import SERIES_PREFIX, checkpoint_folders, demo_checkpoint_root, is_series_spec
-from charts import figures, tables
+from charts import series, series_tables
 from hosting.jobs import JobState
 from ui import runtime, state, views
 
@@ -94,12 +94,12 @@ by = state.widget(
     "Lines",
     "lines",
     default="model",
-    options=list(tables.SERIES_GROUPINGS),
+    options=list(series_tables.SERIES_GROUPINGS),
     horizontal=True,
     format_func={"model": "Whole model", "layer": "Per layer", "module": "Per module", "matrix": "Per matrix"}.get,
 )
-trend = tables.series_table(models, k, eps, by)
-views.chart(figures.series_trend_figure(trend, by, found.label), "series-trends")
+trend = series_tables.series_table(models, k, eps, by)
+views.chart(series.series_trend_figure(trend, by, found.label), "series-trends")
 views.table(trend, "series-trends")
 
 st.subheader("Layer × module, step by step")
@@ -108,11 +108,11 @@ metric = state.widget(
     "Measure",
     "grid",
     default="intruders",
-    options=list(tables.SERIES_METRICS),
+    options=list(series_tables.SERIES_METRICS),
     horizontal=True,
-    format_func=tables.SERIES_METRICS.get,
+    format_func=series_tables.SERIES_METRICS.get,
 )
-steps = [m.step for m in tables.by_step(models) if m.step is not None]
+steps = [m.step for m in series_tables.by_step(models) if m.step is not None]
 # The step both step-by-step charts open at (their own sliders move from there); a link's
 # step not analysed yet shows the last one so far, and stays in the link.
 wanted = state.get("step")
@@ -120,11 +120,11 @@ step = state.widget(
     st.select_slider, "Open at step", "step", default=steps[-1], options=steps,
     shown=steps[-1] if wanted is not None and wanted not in steps else None,
 ) if len(steps) > 1 else (steps[0] if steps else None)  # fmt: skip
-grid = tables.series_grid_table(models, metric, k, eps)
-views.chart(figures.series_grid_figure(grid, metric, found.label, step=step), "series-grid")
+grid = series_tables.series_grid_table(models, metric, k, eps)
+views.chart(series.series_grid_figure(grid, metric, found.label, step=step), "series-grid")
 views.table(grid, "series-grid")
 
 st.subheader("One matrix across steps")
 matrix = views.matrix_control(models)
-views.chart(figures.series_similarity_figure(models, matrix, found.label, step=step), "series-similarity")
-views.table(tables.series_similarity_table(models, matrix, k, eps), "series-similarity")
+views.chart(series.series_similarity_figure(models, matrix, found.label, step=step), "series-similarity")
+views.table(series_tables.series_similarity_table(models, matrix, k, eps), "series-similarity")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from charts import figures, tables
+from charts import matrix_tables, spectra, tables
 from ui import views
 
 selection, models = views.results()
@@ -24,13 +24,13 @@ matrix = views.find_matrix(model, name)
 if matrix is None:
     st.info(f"{name} was not analysed for {label} (an adapter only changes the modules it targets).")
     st.stop()
-views.chart(figures.similarity_figure(matrix, k, eps, label=label), f"similarity-{tables.matrix_key(matrix)}")
+views.chart(spectra.similarity_figure(matrix, k, eps, label=label), f"similarity-{tables.matrix_key(matrix)}")
 
-intr = tables.intruder_table(matrix, k, eps)
+intr = matrix_tables.intruder_table(matrix, k, eps)
 c1, c2, c3 = st.columns(3)
 c1.metric("Intruder dimensions", int(intr["intruder"].sum()), help=f"among the top {len(intr)} at ε = {eps:g}")
 c2.metric("Effective rank of ΔW", f"{matrix.effective_rank:.1f}")
 c3.metric("rank90 of ΔW", matrix.rank90)
 views.table(intr, f"intruders-{tables.matrix_key(matrix)}")
 with st.expander(f"Similarity matrix as numbers ({matrix.similarity.shape[0]} × {matrix.similarity.shape[1]})"):
-    views.table(tables.similarity_table(matrix), f"similarity-{tables.matrix_key(matrix)}", index=True)
+    views.table(matrix_tables.similarity_table(matrix), f"similarity-{tables.matrix_key(matrix)}", index=True)

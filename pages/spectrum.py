@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from charts import figures, tables
+from charts import matrix_tables, spectra, tables
 from ui import views
 
 selection, models = views.results()
@@ -24,10 +24,10 @@ matrix = views.find_matrix(model, name)
 if matrix is None:
     st.info(f"{name} was not analysed for {label} (an adapter only changes the modules it targets).")
     st.stop()
-views.chart(figures.spectrum_figure(matrix, k, eps, label=label), f"spectrum-{tables.matrix_key(matrix)}")
+views.chart(spectra.spectrum_figure(matrix, k, eps, label=label), f"spectrum-{tables.matrix_key(matrix)}")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("‖ΔW‖_F", f"{matrix.delta_fro:.4g}")
 c2.metric("Stable rank of ΔW", f"{matrix.stable_rank:.2f}")
 c3.metric("Effective rank of ΔW", f"{matrix.effective_rank:.1f}")
 c4.metric("rank90 of ΔW", matrix.rank90)
-views.table(tables.spectrum_table(matrix), f"spectrum-{tables.matrix_key(matrix)}")
+views.table(matrix_tables.spectrum_table(matrix), f"spectrum-{tables.matrix_key(matrix)}")

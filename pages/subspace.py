@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from charts import figures, tables
+from charts import comparison, matrix_tables, spectra, tables
 from ui import state, views
 
 selection, models = views.results()
@@ -22,7 +22,7 @@ if len(models) < 2:
 else:
     # Open on two adapters of different rank, as in Hu et al., unless a second fine-tune
     # was chosen already (here or by the link this session was opened with).
-    pair = tables.subspace_default_pair(models)
+    pair = matrix_tables.subspace_default_pair(models)
     if pair is not None and not st.session_state.get("sel_other"):
         state.set("model", models[pair[0]].source)
         state.set("other", models[pair[1]].source)
@@ -35,14 +35,14 @@ else:
         missing = labels[first.source] if a is None else labels[second.source]
         st.info(f"{name} was not analysed for {missing}; choose a matrix both fine-tunes changed.")
     else:
-        phi = tables.subspace_similarity(a, b)
-        views.chart(figures.subspace_figure(phi, labels[first.source], labels[second.source], name), f"subspace-{name}")
+        phi = matrix_tables.subspace_similarity(a, b)
+        views.chart(spectra.subspace_figure(phi, labels[first.source], labels[second.source], name), f"subspace-{name}")
         if phi.size:
             c1, c2 = st.columns(2)
             c1.metric("φ(1, 1): top directions", f"{phi[0, 0]:.3f}")
             c2.metric(f"φ({phi.shape[0]}, {phi.shape[1]})", f"{phi[-1, -1]:.3f}")
         with st.expander("φ(i, j) as numbers"):
-            views.table(tables.phi_table(phi), f"subspace-{name}", index=True)
+            views.table(matrix_tables.phi_table(phi), f"subspace-{name}", index=True)
 
 views.report_download(selection, models)
 
@@ -53,5 +53,5 @@ st.caption(
     "barely uses."
 )
 amp_log = state.widget(st.toggle, "Log scale", "logamp", default=True, help="Factors often span decades.")
-views.chart(figures.amplification_figure(models, log_y=amp_log), "amplification")
+views.chart(comparison.amplification_figure(models, log_y=amp_log), "amplification")
 views.table(tables.amplification_table(models), "amplification")

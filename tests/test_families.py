@@ -225,7 +225,7 @@ def test_zero_update_amplification_is_null_and_shown_as_missing(tiny_llama: Path
     """Undefined stays undefined: a fine-tune equal to its base has no amplification factor."""
     from analysis.compare import compare
     from analysis.report import to_report
-    from charts import figures, tables
+    from charts import comparison, tables
 
     result = compare(str(tiny_llama), [str(tiny_llama)], cache=None)
     matrices = result.models[0].matrices
@@ -236,7 +236,7 @@ def test_zero_update_amplification_is_null_and_shown_as_missing(tiny_llama: Path
     json.dumps(report, allow_nan=False)
     table = tables.amplification_table(result.models)
     assert table["amplification_factor"].isna().all()
-    figures.amplification_figure(result.models)  # draws, with no bar for an undefined factor
+    comparison.amplification_figure(result.models)  # draws, with no bar for an undefined factor
     assert tables.matrix_table(result.models, k=10, eps=0.5)["amplification_factor"].isna().all()
 
 

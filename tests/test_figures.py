@@ -19,7 +19,7 @@ import torch
 
 from analysis import metrics
 from analysis.results import DEFAULT_EPSILONS, MatrixResult, ModelResult
-from charts import figures, tables
+from charts import comparison, matrix_tables, overview, series, series_tables, spectra, style, tables
 
 OUT, IN = 48, 40
 
@@ -150,7 +150,7 @@ def panel_cells(fig) -> list[dict]:
 
 
 def test_overview_grid_shows_counts_per_layer_and_module(lora_model: ModelResult, full_model: ModelResult) -> None:
-    (section,) = figures.overview_sections([lora_model, full_model], "intruders", k=10, eps=0.5)
+    (section,) = overview.overview_sections([lora_model, full_model], "intruders", k=10, eps=0.5)
     assert section.model_indices == [0, 1] and section.columns == 2
     lora, full = section.panels
     assert list(lora.layout.xaxis.ticktext) == ["query", "value"] and list(lora.layout.yaxis.ticktext) == ["0", "1"]
@@ -175,14 +175,14 @@ def test_overview_grid_shows_counts_per_layer_and_module(lora_model: ModelResult
     # How each was trained, below its name, only where the name does not say it already.
     assert [p.layout.title.text for p in section.panels] == ["LoRA run<br><sup>LoRA r=4</sup>", "Full FT"]
     assert lora.layout.coloraxis.cmax == full.layout.coloraxis.cmax == 2
-    assert figures.overview_title("intruders", 10, 0.5) == "Intruder dimensions (top 10, ε = 0.5)"
+    assert overview.overview_title("intruders", 10, 0.5) == "Intruder dimensions (top 10, ε = 0.5)"
 
 
 def test_every_overview_panel_puts_layer_zero_on_top(lora_model: ModelResult, full_model: ModelResult) -> None:
     """The upside-down bug (only the first panel's layer axis was reversed): every panel
     sets the same explicit range, so the row labelled 0 is the top row everywhere."""
     models = [lora_model, full_model, lora_model, full_model]
-    (section,) = figures.overview_sections(models, "intruders", k=10, eps=0.5)
+    (section,) = overview.overview_sections(models, "intruders", k=10, eps=0.5)
     assert len(section.panels) == 4 and section.columns == 3
     for panel in section.panels:
         assert list(panel.layout.yaxis.range) == [1.5, -0.5] and panel.layout.yaxis.autorange is False
@@ -191,14 +191,14 @@ def test_every_overview_panel_puts_layer_zero_on_top(lora_model: ModelResult, fu
 
 
 def test_overview_effective_rank_grid(lora_model: ModelResult) -> None:
-    (section,) = figures.overview_sections([lora_model], "effective_rank", k=10, eps=0.5)
+    (section,) = overview.overview_sections([lora_model], "effective_rank", k=10, eps=0.5)
     grid = section.panels[0].data[0]
     # A 2-direction update of equal strength has effective rank 2.
     assert grid.z[0][0] == pytest.approx(2.0, abs=1e-6)
     assert grid.z[1][1] == pytest.approx(1.0, abs=1e-6)
     assert grid.text[0][0] == "2.0"
     with pytest.raises(ValueError, match="metric must be one of"):
-        figures.overview_sections([lora_model], "nonsense", 10, 0.5)
+        overview.overview_sections([lora_model], "nonsense", 10, 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def test_overview_cells_count_every_matrix_once(family: str, proto: MatrixResult
     # A second fine-tune that changed only the attention and the first layer's rest.
     partial = _family(proto, [i for i in FAMILIES[family] if i[1] == 0 or "att" in i[2]], 500, _tensor_name)
     models = [full, partial]
-    sections = figures.overview_sections(models, "intruders", k=10, eps=0.5)
+    sections = overview.overview_sections(models, "intruders", k=10, eps=0.5)
     assert [s.title for s in sections] == FAMILY_SECTIONS[family]
     cells = [cell for s in sections for panel in s.panels for cell in panel_cells(panel)]
     drawn = [(c["model"], c["key"]) for c in cells]
@@ -298,30 +298,30 @@ def test_moe_keys_tell_experts_of_one_fused_tensor_apart(proto: MatrixResult) ->
 def test_overview_stays_readable_with_eight_fine_tunes_and_a_hundred_layers(proto: MatrixResult) -> None:
     identities = [(None, n, m, None) for n in range(100) for m in (*ATTENTION, "gate", "up", "down")]
     models = [_family(proto, identities, f, _tensor_name) for f in range(8)]
-    (section,) = figures.overview_sections(models, "intruders", k=10, eps=0.5)
+    (section,) = overview.overview_sections(models, "intruders", k=10, eps=0.5)
     assert len(section.panels) == 8 and section.columns == 3
-    one = figures.overview_sections(models[:1], "intruders", k=10, eps=0.5)[0].panels[0]
+    one = overview.overview_sections(models[:1], "intruders", k=10, eps=0.5)[0].panels[0]
     panel = section.panels[0]
     assert panel.layout.height == one.layout.height < 1000  # the height depends on layers, not on fine-tunes
     assert list(panel.layout.xaxis.ticktext) == [*ATTENTION, "gate", "up", "down"]  # every module named
-    assert len(panel.layout.yaxis.tickvals) <= figures.OVERVIEW_MAX_TICKS
+    assert len(panel.layout.yaxis.tickvals) <= overview.OVERVIEW_MAX_TICKS
     assert panel.data[0].texttemplate is None  # no unreadable cell text in 7-pixel rows
     assert len(panel_cells(panel)) == 700
-    six = figures.overview_sections([models[0]], "intruders", 10, 0.5)
+    six = overview.overview_sections([models[0]], "intruders", 10, 0.5)
     small = _family(proto, FAMILIES["dense decoder"], 2, _tensor_name)
-    assert figures.overview_sections([small], "intruders", 10, 0.5)[0].panels[0].data[0].texttemplate == "%{text}"
+    assert overview.overview_sections([small], "intruders", 10, 0.5)[0].panels[0].data[0].texttemplate == "%{text}"
     assert six[0].columns == 1
 
 
 def test_overview_figure_json_names_each_cell(lora_model: ModelResult) -> None:
-    (section,) = figures.overview_sections([lora_model], "intruders", k=10, eps=0.5)
+    (section,) = overview.overview_sections([lora_model], "intruders", k=10, eps=0.5)
     points = json.loads(section.panels[0].to_json())["data"][1]  # what the browser gets
     assert points["customdata"][0] == [0, lora_model.matrices[0].name, lora_model.matrices[0].name, "L0 query", "2"]
     assert "%{customdata[2]}" in points["hovertemplate"] and "%{customdata[3]}" in points["hovertemplate"]
 
 
 def test_totals_figure(lora_model: ModelResult, full_model: ModelResult) -> None:
-    fig = figures.totals_figure([lora_model, full_model], k=10, eps=0.5)
+    fig = overview.totals_figure([lora_model, full_model], k=10, eps=0.5)
     assert [list(t.y) for t in fig.data] == [[3], [0]]
     assert fig.data[0].marker.pattern.shape == "/" and fig.data[1].marker.pattern.shape == ""
     first, below = fig.layout.title.text.split("<br>")  # short first line: a phone cut the long one
@@ -330,19 +330,19 @@ def test_totals_figure(lora_model: ModelResult, full_model: ModelResult) -> None
 
 def test_similarity_figure_marks_intruder_rows(lora_model: ModelResult) -> None:
     matrix = lora_model.matrices[0]
-    fig = figures.similarity_figure(matrix, k=10, eps=0.5, label="LoRA run")
+    fig = spectra.similarity_figure(matrix, k=10, eps=0.5, label="LoRA run")
     (sim,) = heatmaps(fig)
     # The heatmap follows k (at least 10 ranks), up to the N the engine keeps (16 here).
     assert np.asarray(sim.z).shape == (10, 10)
     np.testing.assert_allclose(np.asarray(sim.z), matrix.similarity[:10, :10], atol=1e-6)
     for k, side in ((3, 10), (12, 12), (16, 16), (100, 16)):
-        (sim,) = heatmaps(figures.similarity_figure(matrix, k=k, eps=0.5))
+        (sim,) = heatmaps(spectra.similarity_figure(matrix, k=k, eps=0.5))
         assert np.asarray(sim.z).shape == (side, side), k
     markers = [t for t in fig.data if t.type == "scatter"][0]
     assert list(markers.y) == [1, 2]  # the two planted directions are the top-2 tuned vectors
     bars = [t for t in fig.data if t.type == "bar"][0]
     assert len(bars.x) == 10 and max(bars.x[:2]) < 0.5 and min(bars.x[2:]) > 0.5
-    assert bars.marker.color[:3] == (figures.INTRUDER_COLOR, figures.INTRUDER_COLOR, "#4c78a8")
+    assert bars.marker.color[:3] == (style.INTRUDER_COLOR, style.INTRUDER_COLOR, "#4c78a8")
     assert "2 intruders in the top 10 at ε = 0.5" in fig.layout.title.text
     assert any(s.x0 == 0.5 and s.x1 == 0.5 for s in fig.layout.shapes)  # the eps line
 
@@ -353,7 +353,7 @@ def test_similarity_figure_keeps_its_labels_apart(lora_model: ModelResult) -> No
     figure's own coordinates inside a bottom margin that holds both; ε is in the axis title;
     the count comes before the long tensor name (a phone cuts the end of the line)."""
     matrix = lora_model.matrices[0]
-    fig = figures.similarity_figure(matrix, k=10, eps=0.35, label="LoRA run")
+    fig = spectra.similarity_figure(matrix, k=10, eps=0.35, label="LoRA run")
     (sim,) = heatmaps(fig)
     bar = sim.colorbar
     assert bar.orientation == "h" and bar.yref == "container" and bar.yanchor == "bottom" and bar.y < 0.1
@@ -385,22 +385,22 @@ def test_mitigation_spectra_have_clean_log_ticks_and_a_short_title(lora_model: M
 def test_reduce_heatmap_keeps_block_maxima() -> None:
     z = np.zeros((300, 250))
     z[137, 5] = 0.9
-    reduced, block = figures.reduce_heatmap(z, max_side=100)
+    reduced, block = style.reduce_heatmap(z, max_side=100)
     assert block == 3 and reduced.shape == (100, 84)
     assert reduced[137 // 3, 5 // 3] == 0.9 and reduced.sum() == pytest.approx(0.9)
-    same, block = figures.reduce_heatmap(np.eye(5), max_side=100)
+    same, block = style.reduce_heatmap(np.eye(5), max_side=100)
     assert block == 1 and np.array_equal(same, np.eye(5))
 
 
 def test_large_similarity_heatmap_is_reduced_before_the_browser(lora_model: ModelResult) -> None:
     big = lora_model.matrices[0]
     big = MatrixResult(**{**big.__dict__, "similarity": np.random.default_rng(0).random((512, 512))})
-    (sim,) = heatmaps(figures.similarity_figure(big, k=512, eps=0.5))
+    (sim,) = heatmaps(spectra.similarity_figure(big, k=512, eps=0.5))
     assert np.asarray(sim.z).shape == (128, 128) and sim.dx == 4
 
 
 def test_sweep_figure_sums_over_matrices(lora_model: ModelResult, full_model: ModelResult) -> None:
-    fig = figures.sweep_figure([lora_model, full_model], k=10, epsilons=DEFAULT_EPSILONS, eps=0.5)
+    fig = comparison.sweep_figure([lora_model, full_model], k=10, epsilons=DEFAULT_EPSILONS, eps=0.5)
     lora, full = fig.data
     assert list(lora.x) == list(DEFAULT_EPSILONS)
     assert lora.y[DEFAULT_EPSILONS.index(0.5)] == 3
@@ -410,28 +410,28 @@ def test_sweep_figure_sums_over_matrices(lora_model: ModelResult, full_model: Mo
     assert lora.line.dash != full.line.dash and lora.marker.symbol != full.marker.symbol
     assert full.marker.size < lora.marker.size
     assert fig.layout.yaxis.range[0] < 0
-    only_first = figures.sweep_figure([lora_model], 10, [0.5], matrices={lora_model.matrices[0].name})
+    only_first = comparison.sweep_figure([lora_model], 10, [0.5], matrices={lora_model.matrices[0].name})
     assert list(only_first.data[0].y) == [2]
 
 
 def test_breakdown_by_layer_and_module(lora_model: ModelResult) -> None:
-    by_layer = figures.breakdown_figure([lora_model], k=10, eps=0.5, by="layer")
+    by_layer = comparison.breakdown_figure([lora_model], k=10, eps=0.5, by="layer")
     assert list(by_layer.data[0].x) == ["0", "1"] and list(by_layer.data[0].y) == [2, 1]
-    by_module = figures.breakdown_figure([lora_model], k=10, eps=0.5, by="module")
+    by_module = comparison.breakdown_figure([lora_model], k=10, eps=0.5, by="module")
     assert list(by_module.data[0].x) == ["query", "value"] and list(by_module.data[0].y) == [2, 1]
     with pytest.raises(ValueError):
         tables.breakdown_table([lora_model], 10, 0.5, by="head")
 
 
 def test_effective_rank_figure_tells_full_ft_and_lora_apart(lora_model: ModelResult, full_model: ModelResult) -> None:
-    fig = figures.effective_rank_figure([lora_model, full_model], "rank90")
+    fig = comparison.effective_rank_figure([lora_model, full_model], "rank90")
     lines = [t for t in fig.data if t.type == "scatter"]
     assert len(lines) == 4  # 2 fine-tunes x 2 module panels
     lora_query, lora_value, full_query, _ = lines
     assert lora_query.name == "LoRA run (LoRA r=4)" and lora_query.line.dash != full_query.line.dash
     assert lora_query.marker.symbol != full_query.marker.symbol
     assert fig.layout.yaxis.type == "log"  # the default: rank 1 and rank 300 both readable
-    assert figures.effective_rank_figure([lora_model, full_model], "rank90", log_y=False).layout.yaxis.type != "log"
+    assert comparison.effective_rank_figure([lora_model, full_model], "rank90", log_y=False).layout.yaxis.type != "log"
     assert lora_query.y[0] == 2 and lora_value.y[1] == 1  # the planted 2- and 1-direction updates
     assert full_query.y[0] > 10  # a dense update needs many directions for 90% of its energy
     assert [s.y0 for s in fig.layout.shapes] == [4, 4]  # LoRA rank line in both panels
@@ -439,7 +439,7 @@ def test_effective_rank_figure_tells_full_ft_and_lora_apart(lora_model: ModelRes
 
 def test_spectrum_figure_marks_intruders_where_they_rank(lora_model: ModelResult) -> None:
     matrix = lora_model.matrices[0]
-    fig = figures.spectrum_figure(matrix, k=10, eps=0.5)
+    fig = spectra.spectrum_figure(matrix, k=10, eps=0.5)
     tuned, base, update, intr = fig.data
     assert fig.layout.yaxis.type == "log"
     # The base is drawn over the tuned spectrum, dashed and in another colour.
@@ -452,7 +452,7 @@ def test_spectrum_figure_marks_intruders_where_they_rank(lora_model: ModelResult
 
 
 def test_long_spectra_are_thinned_but_keep_intruders() -> None:
-    idx = figures._log_sample(100_000, keep=[5000], max_points=500)
+    idx = style.log_sample(100_000, keep=[5000], max_points=500)
     assert len(idx) <= 501 and 5000 in idx and idx[0] == 0 and idx[-1] == 99_999
 
 
@@ -460,15 +460,15 @@ def test_subspace_similarity_of_an_update_with_itself_and_with_another(
     lora_model: ModelResult, full_model: ModelResult
 ) -> None:
     a = lora_model.matrices[0]
-    phi = tables.subspace_similarity(a, a)
+    phi = matrix_tables.subspace_similarity(a, a)
     assert phi.shape == (2, 2)  # only the update's 2 real directions are compared
     np.testing.assert_allclose(np.diag(phi), 1.0, atol=1e-3)
-    cross = tables.subspace_similarity(a, full_model.matrices[0])
+    cross = matrix_tables.subspace_similarity(a, full_model.matrices[0])
     assert cross.shape == (2, 32)
     # The planted directions are random with respect to a dense update: phi(1, 1) is small,
     # and phi(i, 32) is the share of P_i inside a 32 of 48 dims subspace.
     assert cross[0, 0] < 0.3 and 0.4 < cross[1, 31] < 0.95
-    fig = figures.subspace_figure(cross, "LoRA run", "Full FT", a.name)
+    fig = spectra.subspace_figure(cross, "LoRA run", "Full FT", a.name)
     assert "left singular vectors of ΔW" in fig.layout.title.text
     # The first line stays short (a phone cut the tensor name off it); the name is below.
     first, below = fig.layout.title.text.split("<br>")
@@ -481,7 +481,7 @@ def test_amplification_table_and_figure(lora_model: ModelResult) -> None:
     assert list(table["r"]) == [4, 4, 4, 4]
     # Planted directions are orthogonal to W's top directions: strongly amplified.
     assert table["amplification_factor"].iloc[0] > 5
-    fig = figures.amplification_figure([lora_model])
+    fig = comparison.amplification_figure([lora_model])
     # One facet per module, layers along x, matrices named by their short label.
     query, value = fig.data
     np.testing.assert_allclose(query.y, table.loc[table["module"] == "query", "amplification_factor"])
@@ -509,14 +509,14 @@ def test_labels_and_methods() -> None:
 
 
 def test_chart_config_names_the_png() -> None:
-    config = figures.chart_config("overview-intruders")
+    config = style.chart_config("overview-intruders")
     assert config["toImageButtonOptions"] == {"format": "png", "filename": "overview-intruders", "scale": 2}
 
 
 def test_empty_results_give_a_message_not_an_error() -> None:
     empty = ModelResult(source="x", kind="full")
-    assert figures.overview_sections([empty], "intruders", 10, 0.5) == []
-    assert figures.sweep_figure([], 10, [0.5]).layout.annotations[0].text == "No fine-tunes analysed yet"
+    assert overview.overview_sections([empty], "intruders", 10, 0.5) == []
+    assert comparison.sweep_figure([], 10, [0.5]).layout.annotations[0].text == "No fine-tunes analysed yet"
 
 
 def test_breakdown_keeps_each_stack_apart(proto: MatrixResult) -> None:
@@ -580,23 +580,23 @@ def test_a_one_point_series_is_a_marker(lora_model: ModelResult) -> None:
     """A rank-1 update has one singular value: a line through one point is invisible."""
     m = lora_model.matrices[0]
     rank1 = MatrixResult(**{**m.__dict__, "delta_singular_values": np.array([3.0] + [0.0] * 39)})
-    update = figures.spectrum_figure(rank1, k=10, eps=0.5).data[2]
+    update = spectra.spectrum_figure(rank1, k=10, eps=0.5).data[2]
     assert update.mode == "markers" and list(update.y) == [3.0]
 
 
 def test_log_ticks_are_clean_numbers() -> None:
-    values, text = figures.log_ticks(3e-5, 40.0)
+    values, text = style.log_ticks(3e-5, 40.0)
     assert text == ["1e-4", "0.001", "0.01", "0.1", "1", "10"] and values[0] == pytest.approx(1e-4)
-    values, text = figures.log_ticks(1.5, 60.0)  # under two decades: 2 and 5 added, still labelled
+    values, text = style.log_ticks(1.5, 60.0)  # under two decades: 2 and 5 added, still labelled
     assert text == ["2", "5", "10", "20", "50"]
-    _, text = figures.log_ticks(1e-12, 1e6)  # many decades: at most about 8 labels
+    _, text = style.log_ticks(1e-12, 1e6)  # many decades: at most about 8 labels
     assert len(text) <= 8 and all("µ" not in t for t in text)
 
 
 def test_many_fine_tunes_and_layers_stay_apart(lora_model: ModelResult, full_model: ModelResult) -> None:
     """Eight fine-tunes: eight colours, dashes and markers; six modules wrap into rows."""
     models = [ModelResult(**{**m.__dict__, "source": f"m{i}"}) for i, m in enumerate([lora_model, full_model] * 4)]
-    fig = figures.sweep_figure(models, 10, DEFAULT_EPSILONS)
+    fig = comparison.sweep_figure(models, 10, DEFAULT_EPSILONS)
     styles = {(t.line.color, t.line.dash, t.marker.symbol) for t in fig.data}
     assert len(fig.data) == 8 and len(styles) == 8 and len({t.name for t in fig.data}) == 8
     six = [
@@ -604,7 +604,7 @@ def test_many_fine_tunes_and_layers_stay_apart(lora_model: ModelResult, full_mod
         for m in lora_model.matrices
         for mod in ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
     ]
-    grid = figures.effective_rank_figure([ModelResult(**{**lora_model.__dict__, "matrices": six})])
+    grid = comparison.effective_rank_figure([ModelResult(**{**lora_model.__dict__, "matrices": six})])
     assert {t.xaxis for t in grid.data} == {"x", "x2", "x3", "x4", "x5", "x6"}
     assert grid.layout.xaxis4.domain == grid.layout.xaxis.domain  # the fourth panel starts a second row
 
@@ -614,10 +614,10 @@ def test_subspace_opens_on_two_adapters_of_different_rank() -> None:
         return ModelResult(source=name, kind="adapter" if r else "full", summary={"adapter": {"r": r}} if r else {})
 
     demo = [model("full", None), model("r1", 1), model("r8", 8), model("r64", 64)]
-    assert tables.subspace_default_pair(demo) == (2, 3)  # r=8 against r=64, as in Hu et al.
-    assert tables.subspace_default_pair(demo[:3]) == (1, 2)
-    assert tables.subspace_default_pair(demo[:2]) == (0, 1)
-    assert tables.subspace_default_pair(demo[:1]) is None
+    assert matrix_tables.subspace_default_pair(demo) == (2, 3)  # r=8 against r=64, as in Hu et al.
+    assert matrix_tables.subspace_default_pair(demo[:3]) == (1, 2)
+    assert matrix_tables.subspace_default_pair(demo[:2]) == (0, 1)
+    assert matrix_tables.subspace_default_pair(demo[:1]) is None
 
 
 @pytest.mark.parametrize("family", ["t5", "moe", "vlm"])
@@ -632,9 +632,9 @@ def test_rank_and_amplification_draw_every_matrix_as_its_own_point(
     partial = _family(proto, [i for i in FAMILIES[family] if i[1] == 0], 7, _tensor_name)
     models = [full, partial]
     if which == "amplification":
-        fig = figures.amplification_figure(models, log_y=False)
+        fig = comparison.amplification_figure(models, log_y=False)
     else:
-        fig = figures.effective_rank_figure(models, which, log_y=False)
+        fig = comparison.effective_rank_figure(models, which, log_y=False)
     points = [(t.legendgroup, t.xaxis, x, label) for t in fig.data for x, label in zip(t.x, t.customdata, strict=True)]
     labels = tables.model_labels(models)
     expected = {(labels[i], m.short_label) for i, model in enumerate(models) for m in model.matrices}
@@ -667,11 +667,11 @@ def test_series_grid_puts_every_matrix_in_its_own_cell(family: str, proto: Matri
     cell per matrix at every step (an encoder's and a decoder's layer 0, or eight experts of
     one fused tensor, never merge), each cell's value that matrix's."""
     models = _series(proto, family)
-    table = tables.series_grid_table(models, "intruders", 10, 0.5)
+    table = series_tables.series_grid_table(models, "intruders", 10, 0.5)
     assert len(table) == sum(len(m.matrices) for m in models)
     assert not table.duplicated(["step", "section", "row", "column"]).any()
     assert list(dict.fromkeys(table["section"])) == FAMILY_SECTIONS[family]
-    fig = figures.series_grid_figure(table, "intruders")
+    fig = series.series_grid_figure(table, "intruders")
     assert len(fig.data) == len(FAMILY_SECTIONS[family])
     for model, frame in zip(models, fig.frames, strict=True):
         cells = {}
@@ -687,13 +687,13 @@ def test_series_similarity_picks_one_expert_of_a_fused_tensor(proto: MatrixResul
     models = _series(proto, "moe")
     expert = next(m for m in models[0].matrices if m.expert == 5 and m.module == "down" and m.layer == 1)
     key = tables.matrix_key(expert)
-    table = tables.series_similarity_table(models, key, 10, 0.5)
+    table = series_tables.series_similarity_table(models, key, 10, 0.5)
     assert sorted(table["step"].unique()) == [10, 20, 30] and len(table) == 3 * 10
     picked = [next(m for m in model.matrices if tables.matrix_key(m) == key) for model in models]
     assert table["best_match_score"].tolist() == pytest.approx(
         [float(s) for m in picked for s in m.intruder_scores[:10]]
     )
-    fig = figures.series_similarity_figure(models, key)
+    fig = series.series_similarity_figure(models, key)
     assert [f.name for f in fig.frames] == ["10", "20", "30"] and "L1 E5 down" in fig.layout.title.text
 
 
@@ -703,8 +703,8 @@ def test_series_trend_groups_keep_stacks_apart_and_count_every_matrix_once(famil
     decoder's layer 0 or query are two lines); per matrix, each matrix (each expert) is its
     own line; every grouping counts every matrix exactly once per step."""
     models = _series(proto, family)
-    for by in tables.SERIES_GROUPINGS:
-        table = tables.series_table(models, 10, 0.5, by)
+    for by in series_tables.SERIES_GROUPINGS:
+        table = series_tables.series_table(models, 10, 0.5, by)
         for model in models:
             rows = table[table["step"] == model.step]
             assert rows["matrices"].sum() == len(model.matrices)

@@ -332,11 +332,11 @@ def test_jobs_stop_when_no_visitor_is_left() -> None:
 
 def test_legend_names_the_method_once() -> None:
     from analysis.results import ModelResult
-    from charts.figures import _legend_name
+    from charts.style import legend_name
 
     def model(label: str) -> ModelResult:
         summary = {"label": label, "adapter": {"r": 1, "lora_alpha": 2}, "lora_rank": 1}
         return ModelResult(source="demo:x", kind="adapter", matrices=[], summary=summary)
 
-    assert _legend_name("LoRA r=1", model("LoRA r=1")) == "LoRA r=1"
-    assert _legend_name("my-adapter", model("my-adapter")) == "my-adapter (LoRA r=1)"
+    assert legend_name("LoRA r=1", model("LoRA r=1")) == "LoRA r=1"
+    assert legend_name("my-adapter", model("my-adapter")) == "my-adapter (LoRA r=1)"

@@ -24,7 +24,7 @@ from analysis.specs.series import (
     resolve_series,
     step_from_name,
 )
-from charts import figures, tables
+from charts import series, series_tables
 from tests import factories
 
 FULL_STEPS = (20, 5, 10)  # written out of order: the series must sort them numerically
@@ -165,23 +165,23 @@ def test_adapter_series(tiny_bert: Path, lora_series: Path) -> None:
 def test_series_figures_show_every_checkpoint(tiny_bert: Path, full_series: Path) -> None:
     models = compare(str(tiny_bert), [str(full_series)], cache=None).models
     steps = [5, 10, 20]
-    for by in tables.SERIES_GROUPINGS:
-        table = tables.series_table(models, k=10, eps=0.5, by=by)
+    for by in series_tables.SERIES_GROUPINGS:
+        table = series_tables.series_table(models, k=10, eps=0.5, by=by)
         assert sorted(table["step"].unique()) == steps
-        fig = figures.series_trend_figure(table, by)
+        fig = series.series_trend_figure(table, by)
         groups = table["group"].nunique()
         assert len(fig.data) == 4 * groups
         assert all(list(trace.x) == steps for trace in fig.data)
-    whole = tables.series_table(models, k=10, eps=0.5)
+    whole = series_tables.series_table(models, k=10, eps=0.5)
     assert whole["matrices"].tolist() == [len(models[0].matrices)] * 3
     assert whole["intruders"].tolist() == [m.total_intruders(10, 0.5) for m in models]
-    for metric in tables.SERIES_METRICS:
-        grid = figures.series_grid_figure(tables.series_grid_table(models, metric, 10, 0.5), metric)
+    for metric in series_tables.SERIES_METRICS:
+        grid = series.series_grid_figure(series_tables.series_grid_table(models, metric, 10, 0.5), metric)
         assert [f.name for f in grid.frames] == [str(s) for s in steps]
         assert [s["label"] for s in grid.layout.sliders[0].steps] == [str(s) for s in steps]
         assert grid.data[0].z.shape == (2, len(set(m.module for m in models[0].matrices)))
     name = models[0].matrices[0].name
-    sim = figures.series_similarity_figure(models, name)
+    sim = series.series_similarity_figure(models, name)
     assert [f.name for f in sim.frames] == [str(s) for s in steps]
     assert sim.layout.sliders[0].active == 2
 

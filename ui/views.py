@@ -3,7 +3,7 @@
 A page reads top to bottom as: ``selection, results = views.results()`` (starts or joins
 the analysis, shows progress and errors, stops the page until something is there to
 show), draw the selection controls it uses, then charts and tables from
-:mod:`charts.figures` and :mod:`charts.tables`.
+the chart modules of :mod:`charts` and :mod:`charts.tables`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import streamlit as st
 
 from analysis.report import to_report
 from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
-from charts import figures, tables
+from charts import overview, style, tables
 from hosting.jobs import JobState
 from ui import runtime, state
 from ui.state import Selection
@@ -192,7 +192,7 @@ def chart(fig, name: str, **kwargs) -> object:
     background); the figures only fix colours that carry meaning.
     """
     kwargs.setdefault("theme", "streamlit")
-    return st.plotly_chart(fig, config=figures.chart_config(name), **kwargs)
+    return st.plotly_chart(fig, config=style.chart_config(name), **kwargs)
 
 
 #: Columns of a matrix's identity that only some models have (see :func:`table`).
@@ -226,14 +226,14 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
 def overview_grids(
     models: Sequence[ModelResult], metric: str, k: int, eps: float, on_open: Callable[[int, str], None]
 ) -> None:
-    """The overview's grids (:func:`charts.figures.overview_sections`), a panel per fine-tune.
+    """The overview's grids (:func:`charts.overview.overview_sections`), a panel per fine-tune.
 
     Panels have a fixed height and sit in rows of columns; Streamlit stacks columns on
     narrow screens, so a phone shows one full-width panel per row instead of slivers.
     A click on a cell calls ``on_open(model index, matrix key)``.
     """
     labels = tables.model_labels(models)
-    sections = figures.overview_sections(models, metric, k, eps)
+    sections = overview.overview_sections(models, metric, k, eps)
     if not sections:
         st.info("No matrices analysed yet.")
 

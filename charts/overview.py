@@ -1,0 +1,341 @@
+"""The Overview page's charts: every analysed matrix of every fine-tune as a grid cell,
+and the total intruder dimensions per fine-tune.
+
+Pure functions (no Streamlit, no I/O), drawn from :func:`charts.overview_tables.overview_table`
+and :func:`charts.tables.totals_table`, which are also what the page offers as CSV.
+
+References: intruder dimensions, Shuttleworth et al. 2024 (arXiv:2410.21228, Def. 3.1);
+effective rank, Roy & Vetterli 2007; rank90, Biderman et al. 2024 (arXiv:2405.09673).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+
+from analysis.results import ModelResult
+from charts import overview_tables, tables
+from charts.style import empty_figure, layer_sort, legend_name, metric_colorscale, model_style, thinned
+
+
+@dataclass(frozen=True)
+class OverviewSection:
+    """One grid of the overview, drawn once per fine-tune with the same rows and columns.
+
+    ``title`` names the grid (:func:`charts.overview_tables.section_title`), ``panels`` holds one
+    figure per fine-tune that has matrices in it (``model_indices`` says which), and
+    ``columns`` is how many panels fit side by side on a wide screen (narrow grids three,
+    wide expert grids fewer).
+    """
+
+    title: str
+    panels: list[go.Figure]
+    model_indices: list[int]
+    columns: int
+
+
+#: Grid cells are this many pixels high (fewer for deep models), so a panel's height
+#: depends on its layers only, never on how many fine-tunes share the page.
+OVERVIEW_CELL_PX = (7, 22)
+#: The least height of a grid's cells (and so of its colour bar), in pixels.
+OVERVIEW_MIN_GRID_PX = 90
+#: Cell text only where a cell can hold it: at most this many columns, cells this high.
+OVERVIEW_TEXT_MAX_COLUMNS = 12
+OVERVIEW_TEXT_MIN_PX = 14
+#: At most this many tick labels on the layer and expert axes (every module is named).
+OVERVIEW_MAX_TICKS = 25
+
+
+def _cell_positions(cells, rows: list[str], columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column index of each cell of ``cells`` in the ``rows`` x ``columns`` grid.
+
+    Raises ``ValueError`` when two matrices land in one cell.
+    """
+    row_of = {r: i for i, r in enumerate(rows)}
+    col_of = {c: j for j, c in enumerate(columns)}
+    ii = np.fromiter((row_of[r] for r in cells["row"]), dtype=np.int64, count=len(cells))
+    jj = np.fromiter((col_of[c] for c in cells["column"]), dtype=np.int64, count=len(cells))
+    flat = ii * len(columns) + jj
+    _, first = np.unique(flat, return_index=True)
+    if len(first) != len(flat):
+        twice = cells.iloc[int(np.setdiff1d(np.arange(len(flat)), first)[0])]
+        raise ValueError(f"two matrices in one overview cell: {twice['label']} ({twice['matrix']})")
+    return ii, jj
+
+
+def _cell_px(n_rows: int) -> int:
+    """How many pixels high a grid's cells are, from its number of rows (layers)."""
+    cell_px = max(OVERVIEW_CELL_PX[0], min(OVERVIEW_CELL_PX[1], 640 // max(1, n_rows)))
+    # A model of one to four layers gets taller cells: the colour bar beside the grid
+    # is as tall as the grid, and its tick labels overlapped below about 90 px.
+    return max(cell_px, min(2 * OVERVIEW_CELL_PX[1], math.ceil(OVERVIEW_MIN_GRID_PX / max(1, n_rows))))
+
+
+def _panel_heatmap(z: np.ndarray, ii: np.ndarray, jj: np.ndarray, shown: np.ndarray, readable: bool) -> go.Heatmap:
+    """The grid's colours on integer coordinates, with each value written in its cell if ``readable``."""
+    if readable:
+        text = np.full(z.shape, "", dtype=object)
+        text[ii, jj] = shown
+        style = {"text": text, "texttemplate": "%{text}", "textfont": {"size": 10}}
+    else:
+        style = {}
+    return go.Heatmap(
+        z=z,
+        x=np.arange(z.shape[1]),
+        y=np.arange(z.shape[0]),
+        coloraxis="coloraxis",
+        xgap=1,
+        ygap=1,
+        hoverinfo="skip",
+        **style,
+    )
+
+
+def _panel_points(cells, ii: np.ndarray, jj: np.ndarray, shown: np.ndarray, cell_px: int, metric: str) -> go.Scatter:
+    """One invisible, selectable marker per cell, carrying the matrix it stands for.
+
+    Heatmap cells cannot be selected in Plotly, so each cell carries an invisible marker
+    that can: clicking a cell selects it (and shows its hover text).
+    """
+    name = overview_tables.OVERVIEW_METRICS[metric]
+    customdata = np.empty((len(cells), 5), dtype=object)
+    customdata[:, 0] = cells["model_index"].to_numpy()
+    customdata[:, 1] = cells["matrix"].to_numpy()
+    customdata[:, 2] = cells["name"].to_numpy()
+    customdata[:, 3] = cells["label"].to_numpy()
+    customdata[:, 4] = shown
+    return go.Scatter(
+        x=jj,
+        y=ii,
+        mode="markers",
+        marker={"symbol": "square", "size": max(cell_px, 10), "opacity": 0},
+        customdata=customdata,
+        showlegend=False,
+        hovertemplate="<b>%{customdata[3]}</b><br>%{customdata[2]}<br>" + name + ": %{customdata[4]}<extra></extra>",
+    )
+
+
+def _panel_axes(fig: go.Figure, rows: list[str], columns: list[str], experts: bool) -> None:
+    """Ticks at the grid's rows (layers, first on top) and columns (modules or experts)."""
+    col_ticks = list(range(len(columns))) if not experts else thinned(len(columns), OVERVIEW_MAX_TICKS)
+    row_ticks = thinned(len(rows), OVERVIEW_MAX_TICKS)
+    fig.update_xaxes(
+        tickvals=col_ticks,
+        ticktext=[columns[j] for j in col_ticks],
+        tickangle=0 if experts else -45,
+        tickfont={"size": 10},
+        range=[-0.5, len(columns) - 0.5],
+        title_text="expert" if experts else None,
+        fixedrange=True,
+        showgrid=False,
+        zeroline=False,
+    )
+    fig.update_yaxes(
+        tickvals=row_ticks,
+        ticktext=[rows[i] for i in row_ticks],
+        tickfont={"size": 10},
+        range=[len(rows) - 0.5, -0.5],
+        autorange=False,
+        title_text="layer",
+        fixedrange=True,
+        showgrid=False,
+        zeroline=False,
+    )
+
+
+def _panel_layout(
+    fig: go.Figure, columns: list[str], *, height: int, experts: bool, metric: str, zmax: float, title: str
+) -> None:
+    """Title, colour scale, size and click behaviour of a panel ``height`` pixels of grid high."""
+    longest = max((len(c) for c in columns), default=1)
+    bottom = 36 + (int(6.2 * longest * 0.71) if not experts else 0)
+    fig.update_layout(
+        title={
+            "text": title,
+            "font": {"size": 13},
+            "x": 0,
+            "xanchor": "left",
+            # Just above the grid (not from the top edge, where two lines can be cut off).
+            "yref": "paper",
+            "y": 1,
+            "yanchor": "bottom",
+            "pad": {"b": 12},
+        },
+        coloraxis={
+            "colorscale": metric_colorscale(metric),
+            "cmin": 0,
+            "cmax": max(zmax, 1),
+            "colorbar": {"thickness": 10, "len": 0.9, "outlinewidth": 0, "tickfont": {"size": 9}},
+        },
+        height=height + 50 + bottom + (14 if experts else 0),
+        margin={"t": 50, "b": bottom + (14 if experts else 0), "l": 48, "r": 8},
+        hovermode="closest",
+        hoverdistance=-1,
+        clickmode="event+select",
+    )
+
+
+def _overview_panel(
+    cells, rows: list[str], columns: list[str], *, experts: bool, metric: str, zmax: float, title: str
+) -> go.Figure:
+    """One fine-tune's grid: a heatmap and, on the same cells, one selectable point each.
+
+    Both traces are placed on integer coordinates (row ``i``, column ``j``) from the one
+    ``rows``/``columns`` order, and the layer axis range is set explicitly (first row on
+    top) on every panel: no panel can map a row label to another layer's values.
+    """
+    ii, jj = _cell_positions(cells, rows, columns)
+    values = cells["value"].to_numpy(dtype=np.float64)
+    z = np.full((len(rows), len(columns)), np.nan)
+    z[ii, jj] = values
+    digits = ".1f" if metric == "effective_rank" else ".0f"
+    shown = np.array([format(v, digits) for v in values], dtype=object)
+    cell_px = _cell_px(len(rows))
+    readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
+    fig = go.Figure()
+    fig.add_trace(_panel_heatmap(z, ii, jj, shown, readable))
+    fig.add_trace(_panel_points(cells, ii, jj, shown, cell_px, metric))
+    _panel_axes(fig, rows, columns, experts)
+    _panel_layout(fig, columns, height=len(rows) * cell_px, experts=experts, metric=metric, zmax=zmax, title=title)
+    return fig
+
+
+def _short(label: str, most: int = 40) -> str:
+    """``label`` cut to ``most`` characters (with an ellipsis)."""
+    return label if len(label) <= most else label[: most - 1] + "…"
+
+
+def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> list[OverviewSection]:
+    """The overview: every analysed matrix of every fine-tune as one cell of a grid.
+
+    One layer x module grid per stack of the model (encoder, decoder, vision, language;
+    a single one for a one-stack model), and one layer x expert grid per mixture-of-
+    experts module beside it (the router and any shared expert sit in the module grid).
+    Each grid is drawn once per fine-tune, all with the same rows, columns and colour
+    scale, from :func:`charts.overview_tables.overview_table`. ``metric`` is ``intruders``
+    (count among the top ``k`` tuned vectors at ``eps``, Shuttleworth et al. Def. 3.1),
+    ``effective_rank`` or ``rank90`` of the update. Every cell's selectable point has
+    ``customdata`` ``[model index, matrix key, tensor name, short label, value]``, so a
+    click can open that matrix and its hover names it. No two matrices share a cell.
+
+    Parameters
+    ----------
+    models : sequence of ModelResult
+        The fine-tunes, in the order they are drawn.
+    metric : str
+        One of :data:`charts.overview_tables.OVERVIEW_METRICS`.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+
+    Returns
+    -------
+    list of OverviewSection
+        Empty when no matrix has been analysed.
+    """
+    table = overview_tables.overview_table(models, metric, k, eps)
+    if table.empty:
+        return []
+    zmax = float(table["value"].max())
+    labels = tables.model_labels(models)
+    everything = tables.identity_order(m for model in models for m in model.matrices)
+    stacks = list(dict.fromkeys(m.stack for m in everything))
+    modules = tables.module_order(m.module for m in everything)
+    order = [(stack, None) for stack in stacks]
+    order += [
+        (stack, module)
+        for stack in stacks
+        for module in modules
+        if any(m.stack == stack and m.expert is not None and m.module == module for m in everything)
+    ]
+    order.sort(key=lambda s: stacks.index(s[0]))  # each stack's expert grids right after its module grid
+    sections = []
+    for section in order:
+        title = overview_tables.section_title(section)
+        part = table[table["section"] == title]
+        experts = section[1] is not None
+        rows = sorted(part["row"].unique(), key=layer_sort)
+        if experts:
+            columns = sorted(part["column"].unique(), key=int)
+        else:
+            columns = tables.module_order(part["column"])
+        panels, indices = [], []
+        for index, label in enumerate(labels):
+            cells = part[part["model_index"] == index]
+            if cells.empty:
+                continue
+            method = tables.training_method(models[index])
+            note = "" if tables.names_method(label, method) else f"<br><sup>{method}</sup>"
+            panel_title = f"{_short(label)}{note}"
+            panels.append(
+                _overview_panel(cells, rows, columns, experts=experts, metric=metric, zmax=zmax, title=panel_title)
+            )
+            indices.append(index)
+        width = 3 if len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS else (2 if len(columns) <= 40 else 1)
+        sections.append(OverviewSection(title, panels, indices, max(1, min(width, len(panels)))))
+    return sections
+
+
+def overview_title(metric: str, k: int, eps: float) -> str:
+    """The overview's heading for ``metric`` (with k and eps for intruder counts).
+
+    Parameters
+    ----------
+    metric : str
+        One of :data:`charts.overview_tables.OVERVIEW_METRICS`.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+
+    Returns
+    -------
+    str
+    """
+    return overview_tables.OVERVIEW_METRICS[metric] + (f" (top {k}, ε = {eps:g})" if metric == "intruders" else "")
+
+
+def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figure:
+    """Per-model total intruder dimensions at (k, eps), coloured by fine-tune.
+
+    Parameters
+    ----------
+    models : sequence of ModelResult
+        The fine-tunes, in the order they are drawn.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    table = tables.totals_table(models, k, eps)
+    # Short first line (a phone cut the long one), the settings below it.
+    title = f"Intruder dimensions per fine-tune<br><sup>top {k}, ε = {eps:g}, summed over every matrix</sup>"
+    if table.empty:
+        return empty_figure(title, "No fine-tunes analysed yet")
+    fig = go.Figure()
+    for index, (model, row) in enumerate(zip(models, table.itertuples(), strict=True)):
+        style = model_style(index, model)
+        fig.add_trace(
+            go.Bar(
+                x=[row.model],
+                y=[row.intruders],
+                name=legend_name(row.model, model),
+                text=[row.intruders],
+                textposition="outside",
+                marker_color=style["color"],
+                marker_pattern_shape=style["pattern"],
+                hovertemplate=f"{row.model}<br>{row.method}<br>{row.intruders} intruders over "
+                f"{row.matrices} matrices<extra></extra>",
+            )
+        )
+    fig.update_layout(title=title, yaxis_title="intruder dimensions", showlegend=True, height=360)
+    return fig

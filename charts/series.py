@@ -1,0 +1,322 @@
+"""The Series page's charts: a fine-tune's checkpoints against training step.
+
+Metric trends by step, the overview's grids and one matrix's similarity heatmap with a
+frame per step. Pure functions (no Streamlit, no I/O), drawn from the tables of
+:mod:`charts.series_tables`, which are also what the page offers as CSV.
+
+References: intruder dimensions, Shuttleworth et al. 2024 (arXiv:2410.21228, Def. 3.1,
+sec. 5); the update's rank over training, Biderman et al. 2024 (arXiv:2405.09673, Fig. 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.results import MatrixResult, ModelResult
+from charts import series_tables, tables
+from charts.style import PALETTE, empty_figure, layer_sort, metric_colorscale, rank_heatmap, reduce_heatmap
+
+
+def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> dict:
+    """A Plotly slider whose positions show the frames named after ``steps``."""
+    return {
+        "active": active,
+        "currentvalue": {"prefix": prefix},
+        "pad": {"t": 40},
+        "steps": [
+            {
+                "label": str(step),
+                "method": "animate",
+                "args": [[str(step)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}],
+            }
+            for step in steps
+        ],
+    }
+
+
+def _opening(steps: list[int], step: int | None) -> int:
+    """Index of the frame a series chart opens at: ``step``'s, or the last step's when
+    ``step`` is ``None`` or not among ``steps``."""
+    return steps.index(step) if step in steps else len(steps) - 1
+
+
+def _series_title(label: str, what: str) -> str:
+    """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
+    return f"{label}<br><sup>{what}</sup>" if label else what
+
+
+def _play_button() -> dict:
+    return {
+        "type": "buttons",
+        "showactive": False,
+        "x": 0,
+        "y": -0.08,
+        "xanchor": "right",
+        "yanchor": "top",
+        "buttons": [
+            {
+                "label": "▶",
+                "method": "animate",
+                "args": [None, {"frame": {"duration": 600, "redraw": True}, "fromcurrent": True}],
+            }
+        ],
+    }
+
+
+def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
+    """Intruders, effective rank, rank90 and ``||dW||_F`` of a series against training step.
+
+    ``table`` is :func:`charts.series_tables.series_table`; one line per group (the whole
+    model, a layer, a module kind or a matrix), the same colour in all four panels.
+    Intruders appear and grow with training (Shuttleworth et al. 2024, sec. 5); the
+    update's rank grows with data (Biderman et al. 2024, Fig. 6).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The series table.
+    by : str
+        How ``table`` is grouped (named in the title).
+    label : str
+        The series' name, over the title.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    if table.empty:
+        return empty_figure("Checkpoint series", "No checkpoint has results yet.")
+    names = list(series_tables.SERIES_METRICS)
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        shared_xaxes=True,
+        vertical_spacing=0.12,
+        subplot_titles=list(series_tables.SERIES_METRICS.values()),
+    )
+    groups = list(dict.fromkeys(table["group"]))
+    for g, group in enumerate(groups):
+        rows = table[table["group"] == group].sort_values("step")
+        color = PALETTE[g % len(PALETTE)]
+        for i, metric in enumerate(names):
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["step"],
+                    y=rows[metric],
+                    mode="lines+markers",
+                    name=group,
+                    legendgroup=group,
+                    showlegend=i == 0,
+                    line={"color": color},
+                    hovertemplate=f"{group}<br>step %{{x}}<br>{metric} = %{{y:.4g}}<extra></extra>",
+                ),
+                row=i // 2 + 1,
+                col=i % 2 + 1,
+            )
+    fig.update_xaxes(title_text="training step", row=2)
+    grouping = {"model": "whole model", "layer": "per layer", "module": "per module", "matrix": "per matrix"}
+    fig.update_layout(
+        title=_series_title(label, f"the update against training step ({grouping.get(by, by)})"),
+        height=620,
+        legend={"orientation": "h", "y": -0.15},
+        margin={"t": 90},
+    )
+    return fig
+
+
+def _grid_shapes(table) -> dict[str, tuple[list[str], list[str]]]:
+    """The rows (layers) and columns (modules or experts) of each grid of a series grid table,
+    in the order the grids are met; raises ``ValueError`` when two matrices share a cell."""
+    shapes = {}
+    for section in dict.fromkeys(table["section"]):
+        part = table[table["section"] == section]
+        rows = sorted(part["row"].unique(), key=layer_sort)
+        experts = part["expert"].notna().all()
+        columns = sorted(part["column"].unique(), key=int) if experts else tables.module_order(part["column"])
+        shapes[section] = (rows, columns)
+    twice = table.duplicated(["step", "section", "row", "column"])
+    if twice.any():
+        first = table[twice].iloc[0]
+        raise ValueError(f"two matrices in one series grid cell: {first['label']} ({first['matrix']})")
+    return shapes
+
+
+def _grid_heatmaps(table, shapes: dict[str, tuple[list[str], list[str]]], metric: str, step: int) -> list[go.Heatmap]:
+    """One heatmap per grid of ``shapes`` holding ``metric`` at ``step``, each on its own axes."""
+    now = table[table["step"] == step]
+    out = []
+    for n, (section, (rows, columns)) in enumerate(shapes.items()):
+        cells = now[now["section"] == section]
+        z = np.full((len(rows), len(columns)), np.nan)
+        text = np.full(z.shape, "", dtype=object)
+        ii = [rows.index(r) for r in cells["row"]]
+        jj = [columns.index(c) for c in cells["column"]]
+        z[ii, jj] = cells[metric].to_numpy(dtype=float)
+        text[ii, jj] = cells["label"].to_numpy()
+        out.append(
+            go.Heatmap(
+                z=z,
+                x=columns,
+                y=rows,
+                customdata=text,
+                coloraxis="coloraxis",
+                xgap=1,
+                ygap=1,
+                xaxis=f"x{n + 1 if n else ''}",
+                yaxis=f"y{n + 1 if n else ''}",
+                hovertemplate=f"%{{customdata}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
+            )
+        )
+    return out
+
+
+def _grid_subplots(shapes: dict[str, tuple[list[str], list[str]]]) -> tuple[go.Figure, int]:
+    """The grids stacked top to bottom, each as high as its layers need; also the plot's height.
+
+    Pixels: each grid 28 per layer (at least 60), 70 between grids for ticks and a title.
+    """
+    sections = list(shapes)
+    panels = [max(60, 28 * len(shapes[s][0])) for s in sections]
+    gap = 70
+    plot_px = sum(panels) + gap * (len(sections) - 1)
+    fig = make_subplots(
+        rows=len(sections),
+        cols=1,
+        subplot_titles=sections if len(sections) > 1 else None,
+        row_heights=panels,
+        vertical_spacing=gap / plot_px if len(sections) > 1 else 0.0,
+    )
+    return fig, plot_px
+
+
+def series_grid_figure(table, metric: str, label: str = "", step: int | None = None) -> go.Figure:
+    """The overview's grids of ``metric`` with one animation frame per training step.
+
+    ``table`` is :func:`charts.series_tables.series_grid_table`: one layer x module grid per
+    stack and one layer x expert grid per mixture-of-experts module (the overview's
+    convention, :func:`charts.overview.overview_sections`), stacked top to bottom; every
+    matrix is one cell of its grid and no cell holds two. The colour scale is shared by
+    every grid and step, so colours compare across the slider; it opens at ``step`` (the
+    last step when ``None`` or not among the table's). Hover names the matrix.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The series grid table.
+    metric : str
+        The metric drawn (its column in ``table``, one of
+        :data:`charts.series_tables.SERIES_METRICS`).
+    label : str
+        The series' name, over the title.
+    step : int or None
+        The step the slider opens at.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One heatmap per grid, a frame per step, a step slider and a play button (a message
+        when ``table`` is empty).
+    """
+    if table.empty:
+        return empty_figure("Checkpoint series", "No checkpoint has results yet.")
+    steps = sorted(table["step"].unique().tolist())
+    shapes = _grid_shapes(table)
+    sections = list(shapes)
+    values = table[metric].astype(float)
+    zmin, zmax = (
+        (0.0, max(1.0, float(values.max()))) if metric == "intruders" else (float(values.min()), float(values.max()))
+    )
+    title = series_tables.SERIES_METRICS[metric]
+    active = _opening(steps, step)
+    fig, plot_px = _grid_subplots(shapes)
+    for n, trace in enumerate(_grid_heatmaps(table, shapes, metric, steps[active])):
+        fig.add_trace(trace, row=n + 1, col=1)
+    fig.frames = [
+        go.Frame(data=_grid_heatmaps(table, shapes, metric, s), traces=list(range(len(sections))), name=str(s))
+        for s in steps
+    ]
+    fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    for n, section in enumerate(sections):
+        if section.endswith("layer × expert"):
+            fig.update_xaxes(title_text="expert", title_standoff=4, row=n + 1, col=1)
+    fig.update_annotations(font_size=12)
+    fig.update_layout(
+        title=_series_title(label, f"{title} per layer and module, by step"),
+        coloraxis={"colorscale": metric_colorscale(metric), "cmin": zmin, "cmax": zmax,
+                   "colorbar": {"title": metric}},
+        margin={"t": 100, "b": 150},
+        height=plot_px + 250,
+        sliders=[_step_slider(steps, active)],
+        updatemenus=[_play_button()],
+    )  # fmt: skip
+    return fig
+
+
+def series_similarity_figure(
+    models: Sequence[ModelResult], matrix: str, label: str = "", step: int | None = None
+) -> go.Figure:
+    """``|Ut^T U0|`` of one matrix (its :func:`charts.tables.matrix_key`) at each checkpoint
+    of a series, one frame per step, opening at ``step`` (the last when ``None`` or absent).
+
+    The similarity block of :func:`charts.spectra.similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
+    rows tuned rank, columns base rank), reduced to :data:`charts.style.MAX_HEATMAP_SIDE`; the slider
+    shows how the tuned singular vectors drift away from the base ones as training goes on.
+
+    Parameters
+    ----------
+    models : sequence of ModelResult
+        The checkpoints of one series, each with its ``step``.
+    matrix : str
+        The matrix's key.
+    label : str
+        The series' name, over the title.
+    step : int or None
+        The step the slider opens at.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A frame per step with the matrix, a step slider and a play button (a message when
+        no checkpoint has the matrix).
+    """
+    found = [
+        (model.step, m)
+        for model in series_tables.by_step(models)
+        for m in model.matrices
+        if tables.matrix_key(m) == matrix
+    ]
+    if not found:
+        return empty_figure("Similarity across steps", f"No checkpoint has results for {matrix} yet.")
+    steps = [step for step, _ in found]
+
+    def heatmap(step: int, matrix: MatrixResult) -> go.Heatmap:
+        z, block = reduce_heatmap(np.asarray(matrix.similarity, dtype=np.float64))
+        return rank_heatmap(
+            z,
+            block,
+            colorscale="Blues",
+            colorbar={"title": "|cos|"},
+            hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
+        )
+
+    active = _opening(steps, step)
+    first = found[active][1]
+    fig = go.Figure(
+        data=[heatmap(*found[active])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found]
+    )
+    n = first.similarity.shape[0]
+    fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
+    fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
+    fig.update_layout(
+        title=_series_title(label, f"{first.short_label}: |Uₜᵀ U₀| by training step"),
+        margin={"t": 90},
+        height=560,
+        sliders=[_step_slider(steps, active)],
+        updatemenus=[_play_button()],
+    )
+    return fig

@@ -1,0 +1,304 @@
+"""Charts of one matrix: its similarity heatmap, its spectra, and the subspace similarity
+of two updates of it.
+
+Pure functions (no Streamlit, no I/O), drawn from :func:`charts.matrix_tables.intruder_table`,
+:func:`charts.matrix_tables.spectrum_table` and :func:`charts.matrix_tables.subspace_similarity`, which
+are also what the pages offer as CSV. Large heatmaps are reduced here, on the server, before
+anything reaches a browser (:func:`charts.style.reduce_heatmap`).
+
+References: intruder dimensions and the similarity matrix, Shuttleworth et al. 2024
+(arXiv:2410.21228, Def. 3.1, Fig. 1/3); subspace similarity, Hu et al. 2021
+(arXiv:2106.09685, sec. 7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.results import MatrixResult
+from charts import matrix_tables
+from charts.style import (
+    INTRUDER_COLOR,
+    empty_figure,
+    log_axis,
+    log_sample,
+    rank_axis,
+    rank_heatmap,
+    reduce_heatmap,
+    series_mode,
+    thinned,
+)
+
+
+def _intruder_title(matrix: MatrixResult, label: str, n_intr: int, top: int, eps: float) -> str:
+    """The title of a one-matrix chart: ``label: short label`` over the intruder count and the tensor name.
+
+    Parameters
+    ----------
+    matrix : MatrixResult
+        The matrix drawn.
+    label : str
+        The fine-tune's label (left out when empty).
+    n_intr : int
+        How many intruder dimensions there are among the top ``top`` tuned vectors.
+    top : int
+        How many tuned vectors were searched for intruders.
+    eps : float
+        The threshold on the best match.
+
+    Returns
+    -------
+    str
+        Two lines: a short first one (narrow screens), the details below it.
+    """
+    # The count before the (long) tensor name: a phone's width cuts the end of the line.
+    return (
+        f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {top} at ε = {eps:g} · {matrix.name}</sup>"
+    )
+
+
+def _similarity_heatmap(z: np.ndarray, block: int) -> go.Heatmap:
+    """The reduced ``|Ut^T U0|`` block, its colour bar lying under the panels."""
+    return rank_heatmap(
+        z,
+        block,
+        colorscale="Blues",
+        # Below the panels and their axis titles (placed in the figure's own
+        # coordinates, so it never sits on them), so narrow screens keep the width
+        # for the heatmap.
+        colorbar={
+            "title": {"text": "|cos|", "side": "right"},
+            "orientation": "h",
+            "yref": "container",
+            "y": 0.02,
+            "yanchor": "bottom",
+            "len": 0.5,
+            "thickness": 10,
+        },
+        hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
+    )
+
+
+def _intruder_marks(rows_intr) -> go.Scatter:
+    """A red triangle at the left edge of the heatmap on each intruder's row."""
+    return go.Scatter(
+        x=np.full(len(rows_intr), 0.0),
+        y=rows_intr["tuned_rank"],
+        mode="markers",
+        marker={"symbol": "triangle-right", "size": 12, "color": INTRUDER_COLOR},
+        name="intruder",
+        hovertemplate="tuned rank %{y}: intruder<extra></extra>",
+    )
+
+
+def _best_match_bars(intr, is_intruder: np.ndarray) -> go.Bar:
+    """Each tuned vector's best match with the base, a horizontal bar per tuned rank (intruders red)."""
+    return go.Bar(
+        x=intr["best_match_score"],
+        y=intr["tuned_rank"],
+        orientation="h",
+        name="best match",
+        marker_color=np.where(is_intruder, INTRUDER_COLOR, "#4c78a8").tolist(),
+        customdata=intr["best_match_base_rank"],
+        showlegend=False,
+        hovertemplate="tuned rank %{y}<br>best match %{x:.3f} (base rank %{customdata})<extra></extra>",
+    )
+
+
+def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -> go.Figure:
+    """``|Ut^T U0|`` heatmap for one matrix, with each tuned vector's best match beside it.
+
+    Left: the top-N by top-N similarity block (Shuttleworth et al. Fig. 1/3; rows tuned
+    rank, columns base rank), reduced to :data:`charts.style.MAX_HEATMAP_SIDE` by block
+    maxima. Right: ``score_j = max_i |<Ut[:, j], U0[:, i]>|`` over **all** base vectors for
+    the top ``k`` tuned vectors, with the ``eps`` line; intruders (``score_j < eps``) are
+    red in both panels. The heatmap follows ``k``: its top ``max(k, 10)`` ranks, up to the
+    ``N`` the engine keeps (``AnalysisSettings.similarity_size``).
+
+    Parameters
+    ----------
+    matrix : MatrixResult
+        The matrix drawn.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+    label : str
+        The fine-tune's label, put before the matrix in the title.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        The two panels side by side, sharing the tuned-rank axis.
+    """
+    full = np.asarray(matrix.similarity, dtype=np.float64)
+    n = min(max(k, 10), full.shape[0])
+    sim = full[:n, : min(n, full.shape[1])]
+    z, block = reduce_heatmap(sim)
+    intr = matrix_tables.intruder_table(matrix, k, eps)
+    n_rows = max(sim.shape[0], len(intr))
+    reduced = f" (max over {block}×{block} blocks)" if block > 1 else ""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        column_widths=[0.72, 0.28],
+        horizontal_spacing=0.04,
+        subplot_titles=[
+            f"|Uₜᵀ U₀|, top {sim.shape[0]} × {sim.shape[1]}{reduced}",
+            f"best |cos|, top {len(intr)}",
+        ],
+    )
+    fig.add_trace(_similarity_heatmap(z, block), row=1, col=1)
+    is_intruder = intr["intruder"].to_numpy()
+    rows_intr = intr[is_intruder]
+    if len(rows_intr):
+        fig.add_trace(_intruder_marks(rows_intr), row=1, col=1)
+    fig.add_trace(_best_match_bars(intr, is_intruder), row=1, col=2)
+    fig.add_vline(x=eps, line_dash="dash", line_color=INTRUDER_COLOR, row=1, col=2)
+    fig.update_yaxes(range=[n_rows + 0.5, 0.5], title_text="tuned singular vector (rank)", row=1, col=1)
+    fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
+    # The bars fill the panel: the dashed ε line is named in the axis title, not over a bar.
+    fig.update_xaxes(range=[0, 1.05], title_text=f"max |cos|<br>(ε = {eps:g})", row=1, col=2)
+    fig.update_layout(
+        title=_intruder_title(matrix, label, int(is_intruder.sum()), len(intr), eps),
+        height=max(460, min(940, 12 * n_rows + 200)),
+        showlegend=False,
+        margin={"b": 120},
+    )
+    return fig
+
+
+def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -> go.Figure:
+    """Singular values of base, tuned and update for one matrix on log scales.
+
+    The base is a thick dashed grey line drawn over the tuned one (solid blue), so where
+    fine-tuning left the spectrum alone both still show; a series with one point (the
+    update of a rank-1 LoRA) is a marker. Intruder dimensions among the top ``k`` tuned
+    vectors (Shuttleworth et al. Def. 3.1) are marked on the tuned spectrum at the rank
+    where they sit.
+
+    Parameters
+    ----------
+    matrix : MatrixResult
+        One analysed matrix.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+    label : str
+        The fine-tune's label, put before the matrix in the title (left out when empty).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    spectrum = matrix_tables.spectrum_table(matrix)
+    intr = matrix_tables.intruder_table(matrix, k, eps)
+    intruder_ranks = intr.loc[intr["intruder"], "tuned_rank"].to_numpy()
+    fig = go.Figure()
+    lines = (
+        ("tuned", "Wₜ (tuned)", "#1f77b4", "solid", 2.0, "circle"),
+        ("base", "W₀ (base)", "#8c8c8c", "dash", 3.0, "square"),
+        ("update", "ΔW (update)", "#ff7f0e", "dot", 2.5, "diamond"),
+    )
+    shown = []
+    for column, name, color, dash, width, symbol in lines:
+        values = spectrum[column].to_numpy()
+        n = int(np.count_nonzero(~np.isnan(values)))
+        idx = log_sample(n, intruder_ranks - 1 if column == "tuned" else [])
+        values = values[idx]
+        positive = values > 0
+        shown.extend(values[positive].tolist())
+        fig.add_trace(
+            go.Scatter(
+                x=idx[positive] + 1,
+                y=values[positive],
+                mode=series_mode(int(positive.sum())),
+                name=name,
+                line={"color": color, "dash": dash, "width": width},
+                marker={"color": color, "symbol": symbol, "size": 10 if positive.sum() <= 1 else 6},
+                opacity=0.9,
+                hovertemplate=f"{name}<br>rank %{{x}}: σ = %{{y:.4g}}<extra></extra>",
+            )
+        )
+    if len(intruder_ranks):
+        rows = intr[intr["intruder"]]
+        fig.add_trace(
+            go.Scatter(
+                x=rows["tuned_rank"],
+                y=rows["singular_value"],
+                mode="markers+text",
+                name=f"intruder (ε = {eps:g})",
+                marker={"symbol": "x", "size": 13, "color": INTRUDER_COLOR, "line": {"width": 2}},
+                text=[f"#{r}" for r in rows["tuned_rank"]],
+                textposition="top right",
+                customdata=np.stack([rows["best_match_score"], rows["best_match_base_rank"]], axis=1),
+                hovertemplate="intruder at tuned rank %{x}<br>σ = %{y:.4g}<br>best match %{customdata[0]:.3f} "
+                "(base rank %{customdata[1]})<extra></extra>",
+            )
+        )
+    n_max = max(len(spectrum), 1)
+    fig.update_layout(
+        title=_intruder_title(matrix, label, len(intruder_ranks), len(intr), eps),
+        xaxis=rank_axis(n_max),
+        yaxis=log_axis(shown, title="singular value"),
+        height=460,
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def _integer_ticks(n: int, most: int = 10) -> list[int]:
+    """Ticks 1, step+1, ... up to ``n`` (no fractional ranks on short axes)."""
+    return [i + 1 for i in thinned(n, most)]
+
+
+def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: str) -> go.Figure:
+    """Heatmap of ``phi(i, j)`` (Hu et al. 2021, eq. 4) between two updates of a matrix.
+
+    ``phi(i, j) = ||P_i^T Q_j||_F^2 / min(i, j)`` over the left singular vectors of each
+    update ``dW`` (rows: the first update's top ``i``; columns: the second's top ``j``).
+
+    Parameters
+    ----------
+    phi : numpy.ndarray
+        :func:`charts.matrix_tables.subspace_similarity` of the two updates.
+    label_a, label_b : str
+        The labels of the first (rows) and the second (columns) fine-tune.
+    matrix_name : str
+        The tensor name, under the title.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        The heatmap, or a message when either update is zero.
+    """
+    # Short first line (a phone cuts a long one); the tensor name below it.
+    title = f"Subspace similarity φ(i, j) of ΔW<br><sup>{matrix_name}</sup>"
+    if phi.size == 0:
+        return empty_figure(title, "One of the two updates is zero: no subspace to compare")
+    z, block = reduce_heatmap(phi)
+    fig = go.Figure(
+        rank_heatmap(
+            z,
+            block,
+            colorscale="Viridis",
+            colorbar={"title": "φ"},
+            hovertemplate=f"i = %{{y}} ({label_a})<br>j = %{{x}} ({label_b})<br>φ = %{{z:.3f}}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title.replace("</sup>", " · left singular vectors of ΔW</sup>"),
+        xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": _integer_ticks(phi.shape[1])},
+        yaxis={
+            "title": f"i: top-i directions of {label_a}",
+            "autorange": "reversed",
+            "tickvals": _integer_ticks(phi.shape[0]),
+        },
+        height=max(380, min(720, 14 * phi.shape[0] + 160)),
+    )
+    return fig
