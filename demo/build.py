@@ -21,6 +21,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.files import atomic_write_text
 from analysis.mitigation.heldout import SIMILARITY_SCALE, RetrievalTask, TokenizedTexts, evaluate_retrieval
 from analysis.specs.demo import (
     HELD_OUT_TASK_NAME,
@@ -139,10 +140,7 @@ def _finished_build(root: Path) -> DemoManifest | None:
 
 def _write_manifest(manifest: DemoManifest, folder: Path) -> None:
     """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(folder / MANIFEST_NAME)
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n", private=False)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
