@@ -42,7 +42,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from analysis import ALGORITHM_VERSION
+from analysis.config import env_number, env_text
 from analysis.errors import InputError
+from analysis.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +63,12 @@ Entry = tuple[dict[str, torch.Tensor], dict]
 
 def default_cache_dir() -> Path:
     """``$WSE_CACHE_DIR`` if set, else ``cache/`` in the repository."""
-    env = os.environ.get("WSE_CACHE_DIR")
+    env = env_text("WSE_CACHE_DIR")
     return Path(env).expanduser() if env else REPO_ROOT / "cache"
 
 
 def default_budget_bytes() -> int:
     """``$WSE_CACHE_BUDGET_GB`` (a float, in GiB) if set, else 20 GiB."""
-    from analysis.config import env_number
-
     gb = env_number("WSE_CACHE_BUDGET_GB", -1.0)
     return int(gb * 1024**3) if gb >= 0 else DEFAULT_BUDGET_BYTES
 
@@ -112,18 +112,6 @@ def derived_digest(kind: str, *parts: str) -> str:
     derived digests mean equal matrices (see :attr:`analysis.plan.MatrixPlan.digests`).
     """
     return content_hasher("\x1f".join((kind, *parts)).encode()).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FingerprintIndex:
@@ -179,7 +167,7 @@ class FingerprintIndex:
                 merged = self._read(version) | self._known[version]
                 self._known[version] = merged
                 try:
-                    _atomic_write_text(self._path(version), json.dumps(merged, sort_keys=True))
+                    atomic_write_text(self._path(version), json.dumps(merged, sort_keys=True))
                 except OSError as exc:  # a read-only cache still works, it just re-hashes
                     log.warning("cannot write the fingerprint index %s: %s", self._path(version), exc)
             self._dirty.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from analysis.errors import InputError
 
@@ -36,11 +37,20 @@ def env_flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
         return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise InputError(name, f"must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+    value = _switch(raw)
+    if value is None:
+        raise InputError(name, f"must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+    return value
+
+
+def env_switch(name: str) -> bool | None:
+    """``$name`` as a yes/no switch where any other value (or none) leaves the choice to the
+    caller: ``True`` for ``1/true/yes/on``, ``False`` for ``0/false/no/off``, else ``None``."""
+    return _switch(os.environ.get(name, "").strip().lower())
+
+
+def _switch(raw: str) -> bool | None:
+    return True if raw in _TRUE else False if raw in _FALSE else None
 
 
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -50,4 +60,19 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
         return default
     if raw not in choices:
         raise InputError(name, f"must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def env_text(
+    name: str, default: str | None = None, *, strip: bool = False, pattern: str | None = None, expected: str = ""
+) -> str | None:
+    """``$name`` as it is (without surrounding blanks with ``strip``), ``default`` when unset
+    or empty; with ``pattern``, a value that does not match it whole is refused (the error
+    says it ``must be {expected}``)."""
+    raw = os.environ.get(name, "")
+    raw = raw.strip() if strip else raw
+    if not raw:
+        return default
+    if pattern is not None and not re.fullmatch(pattern, raw):
+        raise InputError(name, f"must be {expected}, got {raw!r}")
     return raw

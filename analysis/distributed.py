@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from analysis.cache import SpectrumCache
+from analysis.config import env_switch, env_text
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.pipeline import (
     AnalysisSettings,
@@ -187,12 +188,10 @@ def cache_mode(cache: SpectrumCache | None) -> str:
     """``none``, ``shared`` or ``driver`` (module docstring)."""
     if cache is None:
         return "none"
-    flag = os.environ.get("WSE_RAY_SHARED_CACHE", "").strip().lower()
-    if flag in ("1", "true", "yes", "on"):
-        return "shared"
-    if flag in ("0", "false", "no", "off"):
-        return "driver"
-    return "shared" if _single_local_node() else "driver"
+    shared = env_switch("WSE_RAY_SHARED_CACHE")  # any other value: decided here, as unset
+    if shared is None:
+        shared = _single_local_node()
+    return "shared" if shared else "driver"
 
 
 def node_cache_dir(chosen: str | None = None) -> Path:
@@ -408,7 +407,7 @@ def analyse_plans(
         cache_mode=mode,
         cache_root=None if cache is None else str(cache.root),
         cache_budget=None if cache is None else cache.budget_bytes,
-        node_cache=os.environ.get("WSE_RAY_NODE_CACHE") or None,
+        node_cache=env_text("WSE_RAY_NODE_CACHE"),
     )
     pending = {}
     for task in tasks:

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from analysis.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -230,10 +232,7 @@ class ModelLayout:
             "placements": {name: [p.memory, p.expert, p.part, p.parts] for name, p in self._cache.items()},
         }
         try:
-            from analysis.cache import _atomic_write_text
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(path, json.dumps(data, sort_keys=True))
+            atomic_write_text(path, json.dumps(data, sort_keys=True))
             self._dirty = False
         except OSError as exc:  # a read-only or full cache: later processes build it again
             log.info("cannot store the layout %s: %s", path, exc)

@@ -55,13 +55,13 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from analysis import lapack
+from analysis.config import env_choice
 from analysis.errors import InputError
 from analysis.plan import LowRankDelta
 
@@ -88,12 +88,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def default_method(device: torch.device) -> str:
     """``$WSE_SVD_METHOD`` if set, else ``eig`` on CUDA and ``gram`` elsewhere."""
-    method = os.environ.get("WSE_SVD_METHOD", "").strip()
-    if method:
-        if method not in METHODS:
-            raise InputError("WSE_SVD_METHOD", f"unknown SVD method {method!r}; use one of {', '.join(METHODS)}")
-        return method
-    return "eig" if device.type == "cuda" else "gram"
+    method = env_choice("WSE_SVD_METHOD", "", METHODS)
+    return method or ("eig" if device.type == "cuda" else "gram")
 
 
 class Spectrum:

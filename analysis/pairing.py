@@ -23,136 +23,21 @@ matrix is ``out x in``; embeddings are kept as stored (``vocab x dim``).
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from functools import partial
-
-import torch
 
 from analysis.adapters import AdapterModule, LoraAdapter, is_adapter
 from analysis.adapters.raw_params import resolve_param_wrapper
-from analysis.cache import derived_digest
 from analysis.errors import InputError
-from analysis.layouts import CONV1D_MODEL_TYPES, ModelLayout, block_index, expert_index, skip_reason, stack_label
+from analysis.layouts import CONV1D_MODEL_TYPES, ModelLayout, block_index
 from analysis.layouts import module_label as module_kind
 from analysis.plan import ComparisonPlan, MatrixPlan, ShapeMismatch, StoredDigest, TunedMatrix
+from analysis.slots import Slot, catalogue, load_slot, slot_digest, to_base_layout
 from analysis.sources import WeightSource
 
 __all__ = ["CONV1D_MODEL_TYPES", "block_index", "match_names", "module_kind", "plan_comparison"]
-
-
-@dataclass
-class Slot:
-    """One matrix of a checkpoint: a stored 2-D tensor, or one expert of a fused 3-D one.
-
-    ``name`` is the stored tensor, ``memory`` its parameter name in memory (transformers'
-    conversion mapping), ``index`` the expert slice of a 3-D tensor (``None``: the whole
-    2-D tensor), ``transpose`` whether the stored matrix is ``in x out`` (GPT-2 ``Conv1D``,
-    ``is_transposed`` experts), ``shape`` the ``out x in`` shape. ``part``/``parts``: a
-    per-expert tensor that transformers concatenates with others into ``memory``.
-    """
-
-    name: str
-    memory: str
-    layer: int | None
-    module: str
-    shape: tuple[int, int]
-    transpose: bool
-    index: int | None = None
-    expert: int | None = None
-    part: int = 0
-    parts: int = 1
-    stack: str | None = None
-    #: A fused expert slice cut into ``parts`` row blocks, this one block ``part``: the
-    #: matrix a per-expert checkpoint stores on its own (:func:`_to_base_layout`).
-    split: bool = False
-    #: Per-expert matrices joined (rows, in order) into the fused slice a base stores
-    #: (:func:`_to_base_layout`); ``name`` is then the first of them.
-    pieces: tuple[Slot, ...] = ()
-
-    @property
-    def key(self) -> str:
-        """Names the same matrix across checkpoints of the same architecture and layout (and,
-        once :func:`_to_base_layout` re-cut a fine-tune's experts, of either layout)."""
-        where = "fused" if self.index is not None and not self.split else f"{self.part}/{self.parts}"
-        return f"{self.memory}#{self.expert}#{where}"
-
-    @property
-    def identity(self) -> tuple:
-        return (self.stack, self.layer, self.module, self.expert)
-
-
-def catalogue(
-    source: WeightSource, include_non_block: bool = False, layout: ModelLayout | None = None
-) -> tuple[list[Slot], list[dict]]:
-    """Every matrix of ``source`` (:class:`Slot`), and every other tensor with its reason.
-
-    A fused ``[E, out, in]`` (or ``is_transposed`` ``[E, in, out]``) expert tensor gives one
-    slot per expert. Stacks are named only when the blocks lie in more than one stack;
-    identities that would still collide fall back to the module path inside the block.
-    """
-    layout = layout or ModelLayout(source.config)
-    slots: list[Slot] = []
-    skipped: list[dict] = []
-    for name in source.names():
-        shape = source.shape(name)
-        placement = layout.placement(name)
-        kind = layout.module_kind(placement.memory)
-        layer = block_index(name)
-        reason = skip_reason(
-            name, shape, source.dtype(name).is_floating_point, kind, layer is not None, include_non_block
-        )
-        if reason is not None:
-            skipped.append({"name": name, "reason": reason})
-            continue
-        module = module_kind(name)
-        stack = stack_label(placement.memory) if layer is not None else None
-        if len(shape) == 3:
-            transposed = layout.experts_transposed(placement.memory)
-            oriented = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
-            slots.extend(
-                Slot(name, placement.memory, layer, module, oriented, transposed, index=e, expert=e, stack=stack)
-                for e in range(shape[0])
-            )
-            continue
-        conv = (
-            layout.is_conv1d(placement.memory)
-            if layout.available
-            else (source.config.get("model_type") in CONV1D_MODEL_TYPES and layer is not None)
-        )
-        expert = placement.expert if placement.expert is not None else expert_index(name)
-        slots.append(
-            Slot(
-                name,
-                placement.memory,
-                layer,
-                module,
-                (shape[1], shape[0]) if conv else (shape[0], shape[1]),
-                conv,
-                expert=expert,
-                part=placement.part,
-                parts=placement.parts,
-                stack=stack,
-            )
-        )
-    stacks = {s.stack for s in slots if s.layer is not None}
-    if len(stacks) <= 1:
-        for slot in slots:
-            slot.stack = None
-    counts = Counter(s.identity for s in slots)
-    if any(c > 1 for c in counts.values()):
-        slots = [replace(s, module=_module_path(s.name)) if counts[s.identity] > 1 else s for s in slots]
-    layout.persist()  # the next process plans this architecture without importing transformers
-    return slots, skipped
-
-
-def _module_path(name: str) -> str:
-    """The module path inside its block (``attention.self.query``), to tell matrices apart."""
-    match = re.search(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.(.*)$", name)
-    path = match.group(1) if match else name
-    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.", path).removesuffix(".weight")
 
 
 def _candidate_prefixes(names: Iterable[str]) -> list[str]:
@@ -196,56 +81,29 @@ def match_names(base_names: list[str], tuned_names: list[str]) -> dict[str, str]
     return best
 
 
-def _load_slot(source: WeightSource, slot: Slot) -> torch.Tensor:
-    """The slot's matrix as float32 ``out x in`` (one expert read alone from a fused tensor,
-    and of a split slice only its rows)."""
-    if slot.pieces:
-        return torch.cat([_load_slot(source, piece) for piece in slot.pieces])
-    tensor = source.load(slot.name) if slot.index is None else source.load_slice(slot.name, slot.index)
-    tensor = tensor.to(torch.float32)
-    tensor = tensor.T if slot.transpose else tensor
-    if slot.split:
-        rows = slot.shape[0]
-        tensor = tensor[slot.part * rows : (slot.part + 1) * rows]
-    return tensor.contiguous()
-
-
 def _load_tuned_full(source: WeightSource, slot: Slot) -> TunedMatrix:
-    return TunedMatrix(_load_slot(source, slot), None)
+    return TunedMatrix(load_slot(source, slot), None)
 
 
 def _load_tuned_adapter(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot) -> TunedMatrix:
-    return adapter.tuned(module, _load_slot(base, slot), stored_transposed=slot.transpose)
+    return adapter.tuned(module, load_slot(base, slot), stored_transposed=slot.transpose)
 
 
 def _load_tuned_param(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot, rule: dict):
-    return adapter.tuned_param(module, _load_slot(base, slot), **rule)
-
-
-def _slot_digest(source: WeightSource, slot: Slot, stored: StoredDigest) -> str:
-    """A digest of what :func:`_load_slot` returns, from the stored tensor's digest."""
-    if slot.pieces:
-        return derived_digest("row-concat", *(_slot_digest(source, piece, stored) for piece in slot.pieces))
-    digest = stored(source.file(slot.name), slot.name, partial(source.load, slot.name))
-    if slot.index is not None:
-        digest = derived_digest("expert-slice", f"index={slot.index}", digest)
-    digest = derived_digest("oriented-float32", f"transpose={slot.transpose}", digest)
-    if slot.split:
-        digest = derived_digest("row-block", f"part={slot.part}/{slot.parts}", digest)
-    return digest
+    return adapter.tuned_param(module, load_slot(base, slot), **rule)
 
 
 def _full_digests(base: WeightSource, slot: Slot, tuned: WeightSource, tuned_slot: Slot, stored: StoredDigest):
-    return _slot_digest(base, slot, stored), _slot_digest(tuned, tuned_slot, stored)
+    return slot_digest(base, slot, stored), slot_digest(tuned, tuned_slot, stored)
 
 
 def _adapter_digests(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot, stored):
-    base_digest = _slot_digest(base, slot, stored)
+    base_digest = slot_digest(base, slot, stored)
     return base_digest, adapter.tuned_digest(module, base_digest, stored, stored_transposed=slot.transpose)
 
 
 def _param_digests(adapter: LoraAdapter, module: AdapterModule, base: WeightSource, slot: Slot, rule: dict, stored):
-    base_digest = _slot_digest(base, slot, stored)
+    base_digest = slot_digest(base, slot, stored)
     return base_digest, adapter.param_digest(module, base_digest, stored, repr(sorted(rule.items())))
 
 
@@ -321,57 +179,10 @@ def _skipped_slots(skipped: list[dict], slots: Iterable[Slot], reason: str, anal
     skipped.extend({"name": n, "reason": reason} for n in names)
 
 
-def _to_base_layout(tuned: list[Slot], base: list[Slot]) -> list[Slot]:
-    """The fine-tune's expert matrices cut as the base stores them, where the two checkpoints
-    use different expert layouts (the hub's per-expert Qwen3-MoE or Mixtral against a
-    transformers 5 state dict with fused ``gate_up_proj`` / ``down_proj``).
-
-    A fused slice of the fine-tune becomes the per-expert matrices the base stores (its row
-    blocks, in the order transformers concatenates them: ``gate_proj`` then ``up_proj``);
-    per-expert matrices of the fine-tune are joined into the fused slice the base stores.
-    Matrices are always the base's, so every name in a plan remains a base tensor. Where the
-    shapes do not tile, nothing changes (and the matrices are listed as unmatched).
-    """
-
-    def per_expert(slots: list[Slot]) -> dict[tuple[str, int], list[Slot]]:
-        fused = {s.memory for s in slots if s.index is not None}
-        found: dict[tuple[str, int], list[Slot]] = defaultdict(list)
-        for s in slots:
-            if s.index is None and s.expert is not None and s.memory not in fused:
-                found[(s.memory, s.expert)].append(s)
-        return {k: sorted(v, key=lambda p: p.part) for k, v in found.items()}
-
-    def tiles(parts: list[Slot], shape: tuple[int, int]) -> bool:
-        return (
-            [p.part for p in parts] == list(range(len(parts)))
-            and all(p.parts == len(parts) and p.shape == (shape[0] // p.parts, shape[1]) for p in parts)
-            and shape[0] % len(parts) == 0
-        )
-
-    base_parts, tuned_parts = per_expert(base), per_expert(tuned)
-    base_fused = {(s.memory, s.expert): s for s in base if s.index is not None}
-    out: list[Slot] = []
-    for slot in tuned:
-        parts = base_parts.get((slot.memory, slot.expert)) if slot.index is not None else None
-        if parts and tiles(parts, slot.shape):  # split this fused slice as the base stores it
-            out.extend(
-                replace(slot, module=p.module, shape=p.shape, part=p.part, parts=p.parts, split=True) for p in parts
-            )
-            continue
-        target = base_fused.get((slot.memory, slot.expert)) if slot.index is None else None
-        pieces = tuned_parts.get((slot.memory, slot.expert)) if target is not None else None
-        if pieces and tiles(pieces, target.shape):  # join the per-expert parts into the base's slice
-            if slot.part == 0:
-                out.append(replace(target, name=slot.name, transpose=False, pieces=tuple(pieces)))
-            continue
-        out.append(slot)
-    return out
-
-
 def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool) -> ComparisonPlan:
     base_slots, skipped = catalogue(base, include_non_block)
     tuned_slots, _ = catalogue(tuned, include_non_block)
-    tuned_slots = _to_base_layout(tuned_slots, base_slots)
+    tuned_slots = to_base_layout(tuned_slots, base_slots)
     base_by_key = {s.key: s for s in base_slots}
     tuned_by_key = {s.key: s for s in tuned_slots}
     pairs = match_names(list(base_by_key), list(tuned_by_key))
@@ -388,7 +199,7 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
         matrices.append(
             _matrix(
                 slot,
-                load_base=partial(_load_slot, base, slot),
+                load_base=partial(load_slot, base, slot),
                 load_tuned=partial(_load_tuned_full, tuned, tuned_slot),
                 digests=partial(_full_digests, base, slot, tuned, tuned_slot),
             )
@@ -422,53 +233,99 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
 def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: bool) -> ComparisonPlan:
     layout = ModelLayout(base.config)
     slots, skipped = catalogue(base, include_non_block=True, layout=layout)
-    whole = [s for s in slots if s.index is None]
+    pairs, by_name = _adapter_pairs(adapter, [s for s in slots if s.index is None])
+    found = _module_matrices(base, adapter, pairs, by_name, include_non_block)
+    found.matrices.extend(_param_matrices(base, adapter, layout, slots, found.matched))
+    _check_adapter_fits(base, adapter, found, len(pairs))
+    matrices = sorted(found.matrices, key=_sort_key)
+    _adapter_skipped(skipped, slots, {m.name for m in matrices}, {m.name for m in found.mismatches}, include_non_block)
+    unmatched = [adapter.unmatched_name(m) for m in _missing_modules(adapter, found.matched)]
+    summary = _base_summary(base) | {
+        "matched_matrices": len(matrices),
+        "unmatched": len(unmatched),
+        "shape_mismatches": len(found.mismatches),
+        "skipped": len(skipped),
+        "adapter": _adapter_summary(adapter),
+        # Adapted outside the blocks (embeddings, heads): shown with include_non_block=True.
+        "non_block_adapted": sorted(found.non_block),
+        "ignored_adapter_tensors": list(adapter.ignored),
+    }
+    plan = ComparisonPlan(base.label, adapter.label, "adapter", matrices, unmatched, found.mismatches, summary)
+    plan.skipped = skipped
+    return plan
+
+
+def _adapter_pairs(adapter: LoraAdapter, whole: list[Slot]) -> tuple[dict[str, str], dict[str, Slot]]:
+    """``{base name: adapter module}`` for the adapter's ordinary modules, and the slots by
+    the base names used (stored names, or for PEFT possibly names in memory)."""
     regular = {m: mod for m, mod in adapter.modules.items() if not mod.param_wrapper}
     if adapter.naming is not None:  # the format's own module naming (kohya)
         by_name = {s.name: s for s in whole}
-        pairs = adapter.naming(list(by_name), regular)
-    else:
-        # PEFT names modules as they are in memory; adapters saved before a layout change
-        # (transformers 4's per-expert Mixtral modules) as stored: the naming that
-        # explains more of the adapter wins.
-        module_weights = {f"{m}.weight": m for m in regular}
-        stored = {s.name: s for s in whole}
-        memory = {s.memory: s for s in whole if s.parts == 1 and s.memory.endswith(".weight")}
-        pairs, by_name = {}, stored
-        for names in (memory, stored):
-            found = match_names(list(names), list(module_weights))
-            if len(found) > len(pairs):
-                pairs, by_name = found, names
-        pairs = {b: module_weights[t] for b, t in pairs.items()}
-    matrices: list[MatrixPlan] = []
-    mismatches: list[ShapeMismatch] = []
-    matched: set[str] = set()
-    non_block: list[str] = []
+        return adapter.naming(list(by_name), regular), by_name
+    # PEFT names modules as they are in memory; adapters saved before a layout change
+    # (transformers 4's per-expert Mixtral modules) as stored: the naming that
+    # explains more of the adapter wins.
+    module_weights = {f"{m}.weight": m for m in regular}
+    stored = {s.name: s for s in whole}
+    memory = {s.memory: s for s in whole if s.parts == 1 and s.memory.endswith(".weight")}
+    pairs, by_name = {}, stored
+    for names in (memory, stored):
+        found = match_names(list(names), list(module_weights))
+        if len(found) > len(pairs):
+            pairs, by_name = found, names
+    return {b: module_weights[t] for b, t in pairs.items()}, by_name
+
+
+@dataclass
+class _AdapterMatches:
+    """What pairing an adapter's modules with the base found (:func:`_module_matrices`)."""
+
+    matrices: list[MatrixPlan] = field(default_factory=list)
+    mismatches: list[ShapeMismatch] = field(default_factory=list)
+    matched: set[str] = field(default_factory=set)  # adapter modules that found their matrix
+    non_block: list[str] = field(default_factory=list)  # adapted, outside the blocks, left out
+
+
+def _module_matrices(
+    base: WeightSource, adapter: LoraAdapter, pairs: dict[str, str], by_name: dict[str, Slot], include_non_block: bool
+) -> _AdapterMatches:
+    """The matrices of the adapter's ordinary modules (:func:`_adapter_pairs`), their shapes
+    checked against the base's."""
+    found = _AdapterMatches()
     for name, module_name in pairs.items():
         slot = by_name[name]
         module = adapter.modules[module_name]
-        matched.add(module_name)
+        found.matched.add(module_name)
         expected = adapter.delta_shape(module)
         replacement = adapter.replacement_shape(module)
         stored = base.shape(slot.name)
         if (expected is not None and expected != slot.shape) or (replacement is not None and replacement != stored):
-            mismatches.append(ShapeMismatch(slot.name, slot.shape, expected or replacement))
+            found.mismatches.append(ShapeMismatch(slot.name, slot.shape, expected or replacement))
             continue
         if slot.layer is None and not include_non_block:
-            non_block.append(slot.name)
+            found.non_block.append(slot.name)
             continue
-        matrices.append(
+        found.matrices.append(
             _matrix(
                 slot,
-                load_base=partial(_load_slot, base, slot),
+                load_base=partial(load_slot, base, slot),
                 load_tuned=partial(_load_tuned_adapter, adapter, module, base, slot),
                 adapter_rank=module.rank,
                 digests=partial(_adapter_digests, adapter, module, base, slot),
             )
         )
+    return found
+
+
+def _param_matrices(
+    base: WeightSource, adapter: LoraAdapter, layout: ModelLayout, slots: list[Slot], matched: set[str]
+) -> list[MatrixPlan]:
+    """The matrices of the adapter's parameter wrappers (PEFT's ``target_parameters``: fused
+    experts and other raw parameters), adding the modules placed to ``matched``."""
     by_memory: dict[str, list[Slot]] = defaultdict(list)
     for slot in slots:
         by_memory[slot.memory].append(slot)
+    matrices: list[MatrixPlan] = []
     for module_name, module in adapter.modules.items():
         if module_name in matched or not (module.param_wrapper or adapter.settings.target_parameters):
             continue
@@ -491,16 +348,26 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
             matrices.append(
                 _matrix(
                     slot,
-                    load_base=partial(_load_slot, base, slot),
+                    load_base=partial(load_slot, base, slot),
                     load_tuned=partial(_load_tuned_param, adapter, module, base, slot, rule),
                     adapter_rank=a_rank // experts,
                     digests=partial(_param_digests, adapter, module, base, slot, rule),
                 )
             )
-    missing = sorted(m for m in adapter.modules if m not in matched)
+    return matrices
+
+
+def _missing_modules(adapter: LoraAdapter, matched: set[str]) -> list[str]:
+    return sorted(m for m in adapter.modules if m not in matched)
+
+
+def _check_adapter_fits(base: WeightSource, adapter: LoraAdapter, found: _AdapterMatches, paired: int) -> None:
+    """Refuse an adapter made for another base: none of its modules found, block modules
+    missing, or most of the ``paired`` matrices of other shapes."""
+    missing = _missing_modules(adapter, found.matched)
     trained_on = adapter.settings.base_model_name_or_path
     hint = f" (it was trained on {trained_on})" if trained_on else ""
-    if not matched:
+    if not found.matched:
         example = missing[0] if missing else "?"
         raise InputError(
             adapter.label,
@@ -514,17 +381,21 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
             f"{len(missing_in_blocks)} adapted module(s) do not exist in the base model {base.label}, "
             f"e.g. {missing_in_blocks[0]!r}: wrong base model{hint}?",
         )
-    if mismatches and len(mismatches) * 2 >= len(pairs):
+    mismatches = found.mismatches
+    if mismatches and len(mismatches) * 2 >= paired:
         first = mismatches[0]
         raise InputError(
             adapter.label,
-            f"does not fit the base model {base.label}: {len(mismatches)} of {len(pairs)} adapted matrices have "
+            f"does not fit the base model {base.label}: {len(mismatches)} of {paired} adapted matrices have "
             f"other shapes, e.g. {first.name} is {first.base_shape} in the base but {first.tuned_shape} in the "
             f"adapter{hint}",
         )
-    matrices.sort(key=_sort_key)
-    analysed = {m.name for m in matrices}
-    mismatched = {m.name for m in mismatches}
+
+
+def _adapter_skipped(
+    skipped: list[dict], slots: list[Slot], analysed: set[str], mismatched: set[str], include_non_block: bool
+) -> None:
+    """Add the base tensors an adapter plan does not analyse, each with its reason."""
     outside = [s for s in slots if s.layer is None and not include_non_block]
     _skipped_slots(
         skipped, outside, "outside the numbered transformer blocks (embedding, head, pooler, projector)", analysed
@@ -536,20 +407,6 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
         "not adapted (the adapter leaves it unchanged)",
         analysed,
     )
-    unmatched = [adapter.unmatched_name(m) for m in missing]
-    summary = _base_summary(base) | {
-        "matched_matrices": len(matrices),
-        "unmatched": len(unmatched),
-        "shape_mismatches": len(mismatches),
-        "skipped": len(skipped),
-        "adapter": _adapter_summary(adapter),
-        # Adapted outside the blocks (embeddings, heads): shown with include_non_block=True.
-        "non_block_adapted": sorted(non_block),
-        "ignored_adapter_tensors": list(adapter.ignored),
-    }
-    plan = ComparisonPlan(base.label, adapter.label, "adapter", matrices, unmatched, mismatches, summary)
-    plan.skipped = skipped
-    return plan
 
 
 def _adapter_summary(adapter: LoraAdapter) -> dict:

@@ -1,35 +1,34 @@
 """Run a whole comparison: plan, per-matrix spectra (cached), metrics, progress.
 
-The maths of each matrix pair reads like the paper (:func:`analyse_matrix`): SVD the base
-and the tuned weight, score the top tuned left singular vectors against every base one,
-take the spectrum of the update. Speed wraps it without hiding it: the base SVD is
-cached by content (so every fine-tune of the same base reuses it), a whole pair's result
-is cached by the digests of both weights, and a LoRA update's spectrum comes from its
-factors.
+The maths of each matrix pair reads like the paper (:func:`analyse_matrix`, with the
+metrics of :mod:`analysis.pair_metrics`): SVD the base and the tuned weight, score the top
+tuned left singular vectors against every base one, take the spectrum of the update.
+Speed wraps it without hiding it: the base SVD is cached by content (so every fine-tune
+of the same base reuses it), a whole pair's result is cached by the digests of both
+weights, and a LoRA update's spectrum comes from its factors.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from analysis import metrics
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.grouping import group_matrices
 from analysis.linalg import (
-    BATCH_MAX_ORDER,
     Spectrum,
     decompose_many,
     default_method,
     low_rank_spectrum,
     resolve_device,
 )
+from analysis.pair_metrics import AnalysisSettings, matrix_result, pair_metrics
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import (
     MatrixResult,
@@ -50,25 +49,6 @@ from analysis.scheduler import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AnalysisSettings:
-    """What is kept per matrix; part of every pair's cache key.
-
-    ``max_top_k`` tuned vectors are scored for intruders (any ``k`` up to it can then be
-    shown without recomputation); ``similarity_size`` is N of the ``N x N`` similarity
-    block; ``delta_vectors`` left singular vectors of the update are kept for subspace
-    similarity; ``side`` picks left (default, docs/metrics.md) or right singular vectors.
-    """
-
-    max_top_k: int = 100
-    similarity_size: int = 100
-    delta_vectors: int = 64
-    side: Literal["left", "right"] = "left"
-
-    def signature(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
 
 
 @dataclass(frozen=True)
@@ -170,7 +150,7 @@ def _prepare(
     if cache is not None:
         entry = cache.lookup("pair", pair.pair_key)
         if entry is not None:
-            pair.result = _result(plan, *entry)
+            pair.result = matrix_result(plan, *entry)
             return pair
     if base is None or tuned is None:
         base, tuned = plan.load_base(), plan.load_tuned()
@@ -226,7 +206,7 @@ def _compute_group(
     budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> list[MatrixResult]:
     """The results of same-shaped pairs (one pair but for the ``eig`` method, see
-    :func:`group_matrices`): those :func:`_prepare` found in the cache, the others computed
+    :func:`~analysis.grouping.group_matrices`): those :func:`_prepare` found in the cache, the others computed
     together (:func:`_group_metrics`), on the threads their shape asks for on the CPU
     (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere.
 
@@ -252,7 +232,7 @@ def _compute_group(
             # _prepare looked the pair up and missed: read again only under the entry's lock.
             compute = lambda index=index: entry(index)  # noqa: E731
             found = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
-            pair.result = _result(pair.plan, *found)
+            pair.result = matrix_result(pair.plan, *found)
         for pair in todo:
             pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
@@ -308,7 +288,7 @@ def _group_spectra(
     The bases that are not cached, the tuned weights and the dense updates each go through
     one :func:`~analysis.linalg.decompose_many` call, which with ``eig`` diagonalises
     same-shaped small matrices in batches (a group of a mixture-of-experts layer's experts,
-    :func:`group_matrices`, issue 13); ``gram`` groups hold one pair.
+    :func:`~analysis.grouping.group_matrices`, issue 13); ``gram`` groups hold one pair.
     """
     wanted = max(settings.max_top_k, settings.similarity_size)  # tuned vectors the metrics use
     weights = [_on_device(pair, device) for pair in pairs]
@@ -358,54 +338,6 @@ def _pair_spectra(
     return base_spectrum, spectra["tuned"], delta, base
 
 
-def pair_metrics(
-    base: torch.Tensor,
-    base_spectrum: Spectrum,
-    tuned_spectrum: Spectrum,
-    delta: Spectrum,
-    settings: AnalysisSettings,
-    adapter_rank: int | None,
-) -> Entry:
-    """The metrics of DESIGN.md for one matrix pair, from ``W0 = U0 S0 V0^T`` (the base's
-    spectrum, every left vector), ``Wt = Ut St Vt^T`` (the tuned weight's, top vectors) and
-    ``dW = Wt - W0`` (the update's), as the papers define them.
-
-    Returns the entry the cache stores: spectra, intruder scores, the similarity block, the
-    update's top vectors and the amplification factor; the update's scalar metrics are
-    derived from its values whenever the entry is read (:func:`_result`).
-    """
-    # Shuttleworth et al. 2024, Def. 3.1: top-k tuned left vectors against every base one.
-    U0 = base_spectrum.left().float()
-    k = min(settings.max_top_k, tuned_spectrum.rank_bound)
-    Ut = tuned_spectrum.left(max(k, settings.similarity_size)).float()
-    scores, best_match = metrics.intruder_scores(Ut[:, :k], U0)
-    similarity = metrics.similarity_matrix(Ut, U0, settings.similarity_size)
-    del U0, Ut
-
-    Sd = delta.values.double()
-    update = metrics.update_metrics(Sd)  # derived again when read (_result), never stored
-    delta_fro, rank90 = update["delta_fro"], update["rank90"]
-    # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
-    # rank that explains 90% of its update (Biderman et al.).
-    amp_rank = min(adapter_rank or rank90, int(torch.count_nonzero(Sd)))
-    amplification = metrics.amplification_factor(
-        delta_fro, delta.left(amp_rank).float(), delta.right(amp_rank).float(), base
-    )
-
-    tensors = {
-        "base_s": base_spectrum.values,
-        "tuned_s": tuned_spectrum.values.float(),
-        "delta_s": Sd,  # float64: the update's metrics are derived from it when read
-        "scores": torch.from_numpy(scores.astype(np.float32)),
-        "best_match": torch.from_numpy(best_match),
-        "similarity": torch.from_numpy(similarity),
-        "delta_u": delta.left(settings.delta_vectors).to(torch.float16),
-    }
-    # Only what needs the vectors is stored beside the spectra; see _result.
-    info = {"amplification_factor": amplification, "amplification_rank": amp_rank}
-    return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
-
-
 def _float64_difference(tuned: torch.Tensor, base: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tuned - base`` in float64 (exact for float32 and bf16 weights). On the CPU by NumPy,
     which casts inside its loop: 0.5 ms for 384 x 1536 where torch's promoting subtraction
@@ -414,32 +346,6 @@ def _float64_difference(tuned: torch.Tensor, base: torch.Tensor, device: torch.d
         if tuned.dtype in (torch.float32, torch.float64) and base.dtype in (torch.float32, torch.float64):
             return torch.from_numpy(np.subtract(tuned.numpy(), base.numpy(), dtype=np.float64))
     return tuned.to(device, torch.float64) - base.to(device, torch.float64)
-
-
-def _result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
-    """A pair's result from its entry: the stored spectra and scores, and the metrics that
-    follow from the update's singular values (:func:`analysis.metrics.update_metrics`)
-    derived here, so that a changed or added metric needs no recomputation."""
-    arrays = {name: t.numpy() for name, t in tensors.items()}
-    stored = {name: info[name] for name in ("amplification_factor", "amplification_rank")}
-    return MatrixResult(
-        name=plan.name,
-        layer=plan.layer,
-        module=plan.module,
-        shape=plan.shape,
-        base_singular_values=arrays["base_s"],
-        tuned_singular_values=arrays["tuned_s"],
-        delta_singular_values=arrays["delta_s"],
-        intruder_scores=arrays["scores"].astype(np.float64),
-        best_match=arrays["best_match"],
-        similarity=arrays["similarity"],
-        delta_left_vectors=arrays["delta_u"],
-        adapter_rank=plan.adapter_rank,
-        stack=plan.stack,
-        expert=plan.expert,
-        **metrics.update_metrics(arrays["delta_s"]),
-        **stored,
-    )
 
 
 def analyse_matrix(
@@ -499,14 +405,7 @@ def analyse_plan(
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     start = time.perf_counter()
     total = len(plan.matrices)
-    if device.type == "cpu":
-        largest = max((working_bytes(m.shape, method) for m in plan.matrices), default=1)
-        alone = any(matrix_threads(m.shape, method, budget)[0] > 1 for m in plan.matrices)
-        # A matrix that gets every core runs alone; the others of its plan then follow one
-        # by one too (each on its own thread count, so that results do not depend on it).
-        workers = 1 if alone else cpu_parallelism(largest, budget, total, workers)[0]
-    else:
-        workers = default_workers() if workers is None else max(1, workers)
+    workers = _plan_workers(plan, device, method, budget, workers)
 
     def prepare(group: tuple[int, ...]) -> list[_Pair]:
         # Preparing runs on one torch thread whatever the worker: loading may merge an
@@ -534,17 +433,13 @@ def analyse_plan(
     with compute_threads():
         groups = group_matrices(plan.matrices, method, budget // 2, device.type)
         results = in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
-        ready: dict[int, MatrixResult] = {}  # results of groups that finished ahead of plan order
         try:
-            for group, group_results in results:
-                ready.update(zip(group, group_results, strict=True))
-                while done in ready:
-                    result = ready.pop(done)
-                    done += 1
-                    if progress is not None:
-                        elapsed = time.perf_counter() - start
-                        progress(ProgressEvent(plan.tuned_label, done, total, result.name, elapsed))
-                    yield result
+            for result in _in_plan_order(results):
+                done += 1
+                if progress is not None:
+                    elapsed = time.perf_counter() - start
+                    progress(ProgressEvent(plan.tuned_label, done, total, result.name, elapsed))
+                yield result
         finally:
             results.close()  # waits for the workers, so no digest comes after the flush
             if writer is not None:
@@ -553,41 +448,27 @@ def analyse_plan(
                 cache.fingerprints.flush()
 
 
-#: Pairs the ``eig`` method analyses together at most (see :func:`group_matrices`).
-MAX_GROUP = 16
+def _plan_workers(plan: ComparisonPlan, device: torch.device, method: str, budget: int, workers: int | None) -> int:
+    """How many matrices :func:`analyse_plan` analyses at once (``workers`` as asked, if any)."""
+    if device.type != "cpu":
+        return default_workers() if workers is None else max(1, workers)
+    largest = max((working_bytes(m.shape, method) for m in plan.matrices), default=1)
+    alone = any(matrix_threads(m.shape, method, budget)[0] > 1 for m in plan.matrices)
+    # A matrix that gets every core runs alone; the others of its plan then follow one
+    # by one too (each on its own thread count, so that results do not depend on it).
+    return 1 if alone else cpu_parallelism(largest, budget, len(plan.matrices), workers)[0]
 
 
-def group_matrices(
-    matrices: Sequence[MatrixPlan], method: str, max_bytes: int, device_type: str = "cpu"
-) -> list[tuple[int, ...]]:
-    """The plan's matrices (their indices) in the groups they are analysed in, each group
-    in plan order and the groups in the order of their first matrix.
-
-    For the ``eig`` method (the CUDA default), same-shaped matrices of one layer of one
-    stack and of order up to :data:`~analysis.linalg.BATCH_MAX_ORDER` (a mixture-of-experts
-    layer's experts, which a per-expert checkpoint lists as expert 0's down, gate and up,
-    then expert 1's ...) form groups of up to :data:`MAX_GROUP` pairs whose working memory
-    (:func:`working_bytes`) fits ``max_bytes``; their decompositions then run in batched
-    calls (:func:`_group_spectra`). Every other matrix, and every matrix of the other
-    methods, is a group of its own. Which pairs share a group does not change any pair's
-    bytes (:func:`analysis.linalg._batched_gram_spectra`), and results are still yielded
-    in plan order (:func:`analyse_plan` holds at most one layer's results back).
-    """
-    groups: list[list[int]] = []
-    filling: dict[tuple, tuple[list[int], int]] = {}  # (stack, layer, shape) -> (group, bytes)
-    for index, matrix in enumerate(matrices):
-        if method != "eig" or min(matrix.shape) > BATCH_MAX_ORDER:
-            groups.append([index])
-            continue
-        key = (matrix.stack, matrix.layer, matrix.shape)
-        size = working_bytes(matrix.shape, method, device_type)
-        group, held = filling.get(key, (None, 0))
-        if group is None or len(group) >= MAX_GROUP or held + size > max_bytes:
-            group, held = [], 0
-            groups.append(group)
-        group.append(index)
-        filling[key] = (group, held + size)
-    return [tuple(group) for group in groups]
+def _in_plan_order(results: Iterable[tuple[tuple[int, ...], list[MatrixResult]]]) -> Iterator[MatrixResult]:
+    """The results of groups (their matrices' indices, their results), as the groups finish,
+    in plan order: results of groups that finished ahead of plan order are held back."""
+    ready: dict[int, MatrixResult] = {}
+    following = 0
+    for group, group_results in results:
+        ready.update(zip(group, group_results, strict=True))
+        while following in ready:
+            yield ready.pop(following)
+            following += 1
 
 
 def model_result(plan: ComparisonPlan, matrices: list[MatrixResult]) -> ModelResult:

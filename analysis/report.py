@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from analysis.files import atomic_write_text
 from analysis.results import ComparisonResult, MatrixResult, ModelResult
 
 REPORT_SCHEMA_VERSION = 1
@@ -69,13 +68,4 @@ def to_report(result: ComparisonResult) -> dict:
 
 def write_report(report: dict, path: Path | str) -> None:
     """Write atomically, so an interrupted run never leaves half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=False, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False, default=str))

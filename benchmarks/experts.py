@@ -7,7 +7,7 @@ shaped like trained ones by :func:`benchmarks.workloads.synthetic_weight`) and t
 
 - the papers' procedure (:func:`benchmarks.baseline.intruder_scores`: two default-driver
   SVDs per matrix) on the first few matrices, for the per-matrix baseline;
-- the engine with same-shaped experts analysed in groups (:data:`analysis.pipeline.MAX_GROUP`
+- the engine with same-shaped experts analysed in groups (:data:`analysis.grouping.MAX_GROUP`
   pairs; their decompositions in batched calls), cold, no cache;
 - the engine with every pair on its own (``MAX_GROUP = 1``), cold, no cache.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from analysis import pipeline
+from analysis import grouping, pipeline
 from analysis.linalg import resolve_device
 from analysis.plan import ComparisonPlan, MatrixPlan, TunedMatrix
 from benchmarks.baseline import intruder_scores
@@ -58,8 +58,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _engine(matrices: list[MatrixPlan], device: torch.device, group: int) -> tuple[float, list[bytes], int]:
-    saved = pipeline.MAX_GROUP
-    pipeline.MAX_GROUP = group
+    saved = grouping.MAX_GROUP
+    grouping.MAX_GROUP = group
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -69,7 +69,7 @@ def _engine(matrices: list[MatrixPlan], device: torch.device, group: int) -> tup
         _sync(device)
         seconds = time.perf_counter() - start
     finally:
-        pipeline.MAX_GROUP = saved
+        grouping.MAX_GROUP = saved
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     fields = [
         b"".join(
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(matrices)} matrices ({args.experts} experts x gate, up, down of {m}x{n}) on {device}", flush=True)
 
     warm = expert_layer(1, (m, n), seed=1)  # CUDA context, cuSOLVER handles, first-call costs
-    _engine(warm, device, pipeline.MAX_GROUP)
+    _engine(warm, device, grouping.MAX_GROUP)
     for matrix in warm[:1]:
         intruder_scores(matrix.load_base().to(device), matrix.load_tuned().weight.to(device))
 
@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     _sync(device)
     baseline = (time.perf_counter() - start) / len(sample)
 
-    grouped_s, grouped, grouped_peak = _engine(matrices, device, pipeline.MAX_GROUP)
+    grouped_s, grouped, grouped_peak = _engine(matrices, device, grouping.MAX_GROUP)
     single_s, single, single_peak = _engine(matrices, device, 1)
     same = grouped == single
     count = len(matrices)
     rows = [
         (f"papers' procedure (per matrix, first {len(sample)})", baseline, 1.0, None),
-        (f"engine, groups of {pipeline.MAX_GROUP}", grouped_s / count, grouped_s / count / baseline, grouped_peak),
+        (f"engine, groups of {grouping.MAX_GROUP}", grouped_s / count, grouped_s / count / baseline, grouped_peak),
         ("engine, one pair at a time", single_s / count, single_s / count / baseline, single_peak),
     ]
     print("\n| run | ms per matrix | ratio to the papers' procedure | GPU peak MiB |\n|---|---:|---:|---:|")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "matrices": count,
             "shape": [m, n],
-            "group": pipeline.MAX_GROUP,
+            "group": grouping.MAX_GROUP,
             "baseline_s_per_matrix": baseline,
             "grouped_s": grouped_s,
             "single_s": single_s,

@@ -14,13 +14,16 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
 from tqdm import tqdm
 
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.files import atomic_write_text
 from analysis.mitigation.heldout import SIMILARITY_SCALE, RetrievalTask, TokenizedTexts, evaluate_retrieval
 from analysis.specs.demo import (
     HELD_OUT_TASK_NAME,
@@ -31,7 +34,7 @@ from analysis.specs.demo import (
     default_demo_root,
     demo_manifest,
 )
-from demo.task import DOC_MAX_TOKENS, QUERY_MAX_TOKENS, harvest_stdlib_pairs, split_pairs
+from demo.task import DOC_MAX_TOKENS, QUERY_MAX_TOKENS, DocPair, harvest_stdlib_pairs, split_pairs
 from demo.training import (
     BATCH_SIZE,
     CHECKPOINT_EVERY,
@@ -139,10 +142,7 @@ def _finished_build(root: Path) -> DemoManifest | None:
 
 def _write_manifest(manifest: DemoManifest, folder: Path) -> None:
     """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(folder / MANIFEST_NAME)
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n", private=False)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -175,38 +175,12 @@ def _build(
     the same steps) are kept, not trained again. Without it everything is written
     straight into ``target`` (a staging folder) and the manifest once, at the end.
     """
-    from transformers import AutoModel, AutoTokenizer
-
     recipes = FINE_TUNES if recipes is None else recipes
     kept = {m.name: m for m in resume.fine_tunes} if resume is not None else {}
     todo = [recipe for recipe in recipes if recipe.name not in kept]
     start = time.perf_counter() - (resume.build_seconds if resume is not None else 0.0)
-    base_path = base_model_path()
-    train, held_out = split_pairs(harvest_stdlib_pairs())
-    if not train or not held_out:
-        raise InputError(sysconfig.get_paths()["stdlib"], "yields no documented functions to build the demo task from")
-    write_held_out_task(target, held_out)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    train_q = TokenizedTexts(tokenizer, [p.query for p in train], QUERY_MAX_TOKENS)
-    train_d = TokenizedTexts(tokenizer, [p.document for p in train], DOC_MAX_TOKENS)
-    eval_q = TokenizedTexts(tokenizer, [p.query for p in held_out], QUERY_MAX_TOKENS)
-    eval_d = TokenizedTexts(tokenizer, [p.document for p in held_out], DOC_MAX_TOKENS)
-    batches = batch_order(len(train), steps)
-    import peft
-    import transformers
-
-    task = {
-        "description": "retrieve a Python standard-library function's docstring from its qualified name and "
-        "signature (held-out packages, in-batch negatives)",
-        "train_pairs": len(train),
-        "eval_pairs": len(held_out),
-        "eval_packages": sorted({p.package for p in held_out}),
-        "query_max_tokens": QUERY_MAX_TOKENS,
-        "doc_max_tokens": DOC_MAX_TOKENS,
-        "similarity_scale": SIMILARITY_SCALE,
-        "seed": SEED,
-        "checkpoint_every": CHECKPOINT_EVERY,
-    }
+    data = _task_data(target, steps)
+    task = _task_summary(data)
 
     def manifest(base: DemoModel, finished: dict[str, DemoModel], threads: int) -> DemoManifest:
         return DemoManifest(
@@ -216,14 +190,7 @@ def _build(
             steps=steps,
             build_seconds=round(time.perf_counter() - start, 2),
             task=task,
-            environment={
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "peft": peft.__version__,
-                # Float sums, hence the last digits of the results, depend on the thread count.
-                "torch_threads": str(threads),
-            },
+            environment=_environment(threads),
             complete=len(finished) == len(recipes),
         )
 
@@ -232,62 +199,162 @@ def _build(
         training_environment(),
         tqdm(total=steps * len(todo), desc="demo", unit="step", disable=not progress, file=sys.stderr) as bar,
     ):
-        total, done = steps * len(todo), 0
-
-        def step_done(what: str) -> None:
-            nonlocal done
-            done += 1
-            bar.set_postfix_str(what, refresh=False)
-            bar.update()
-            if on_step is not None:
-                on_step(done, total, what)
-
-        def stop_here() -> None:
-            if should_stop is not None and should_stop():
-                raise AnalysisCancelled(f"the demo build was stopped after {done} of {total} training steps")
-
+        counter = _StepCounter(bar, steps * len(todo), on_step, should_stop)
         threads = torch.get_num_threads()
-        if resume is not None:
-            base = resume.base
-        else:
-            base_scores = evaluate_retrieval(AutoModel.from_pretrained(base_path), eval_q, eval_d)
-            base = DemoModel("base", "all-MiniLM-L6-v2 (base)", base_path, "full", base_scores)
+        base = resume.base if resume is not None else _evaluate_base(data)
         for recipe in todo:
-            t0 = time.perf_counter()
-            work = scratch if scratch is not None else target
-            checkpoint_dir = work / CHECKPOINTS_DIR / recipe.name
-            model = fine_tune(
-                recipe, base_path, train_q, train_d, batches, step_done, stop_here, checkpoint_dir=checkpoint_dir
-            )
-            scores = evaluate_retrieval(model, eval_q, eval_d)
-            model.save_pretrained(work / recipe.name)
-            if recipe.kind == "full":
-                tokenizer.save_pretrained(work / recipe.name)
-            if scratch is not None:  # publish: move the finished fine-tune and its checkpoints into place
-                for relative in (Path(recipe.name), Path(CHECKPOINTS_DIR) / recipe.name):
-                    destination = target / relative
-                    if destination.exists():  # left by a build killed while moving
-                        shutil.rmtree(destination)
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    (scratch / relative).rename(destination)
-            final = target / CHECKPOINTS_DIR / recipe.name
-            finished[recipe.name] = DemoModel(
-                recipe.name,
-                recipe.label,
-                target / recipe.name,
-                recipe.kind,
-                scores,
-                r=recipe.r,
-                lora_alpha=recipe.lora_alpha,
-                use_rslora=recipe.use_rslora,
-                lr=recipe.lr,
-                steps=steps,
-                batch_size=BATCH_SIZE,
-                train_seconds=round(time.perf_counter() - t0, 2),
-                checkpoints=tuple((step, final / f"checkpoint-{step}") for step in checkpoint_steps(steps)),
-            )
+            finished[recipe.name] = _train_recipe(recipe, data, target, scratch, steps, counter)
             if scratch is not None:
                 _write_manifest(manifest(base, finished, threads), target)
     built = manifest(base, finished, threads)
     _write_manifest(built, target)
     return built
+
+
+@dataclass
+class _TaskData:
+    """The demo task, tokenized for the base model (:func:`_task_data`)."""
+
+    base_path: Path
+    tokenizer: Any
+    train: list[DocPair]
+    held_out: list[DocPair]
+    train_q: TokenizedTexts
+    train_d: TokenizedTexts
+    eval_q: TokenizedTexts
+    eval_d: TokenizedTexts
+    batches: list[list[int]]
+
+
+def _task_data(target: Path, steps: int) -> _TaskData:
+    """Harvest and split the task, write its held-out split into ``target``, tokenize it
+    and draw the batches of ``steps`` training steps."""
+    from transformers import AutoTokenizer
+
+    base_path = base_model_path()
+    train, held_out = split_pairs(harvest_stdlib_pairs())
+    if not train or not held_out:
+        raise InputError(sysconfig.get_paths()["stdlib"], "yields no documented functions to build the demo task from")
+    write_held_out_task(target, held_out)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    return _TaskData(
+        base_path,
+        tokenizer,
+        train,
+        held_out,
+        train_q=TokenizedTexts(tokenizer, [p.query for p in train], QUERY_MAX_TOKENS),
+        train_d=TokenizedTexts(tokenizer, [p.document for p in train], DOC_MAX_TOKENS),
+        eval_q=TokenizedTexts(tokenizer, [p.query for p in held_out], QUERY_MAX_TOKENS),
+        eval_d=TokenizedTexts(tokenizer, [p.document for p in held_out], DOC_MAX_TOKENS),
+        batches=batch_order(len(train), steps),
+    )
+
+
+def _task_summary(data: _TaskData) -> dict:
+    """The manifest's description of the task."""
+    return {
+        "description": "retrieve a Python standard-library function's docstring from its qualified name and "
+        "signature (held-out packages, in-batch negatives)",
+        "train_pairs": len(data.train),
+        "eval_pairs": len(data.held_out),
+        "eval_packages": sorted({p.package for p in data.held_out}),
+        "query_max_tokens": QUERY_MAX_TOKENS,
+        "doc_max_tokens": DOC_MAX_TOKENS,
+        "similarity_scale": SIMILARITY_SCALE,
+        "seed": SEED,
+        "checkpoint_every": CHECKPOINT_EVERY,
+    }
+
+
+def _environment(threads: int) -> dict[str, str]:
+    """The manifest's Python and library versions."""
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        # Float sums, hence the last digits of the results, depend on the thread count.
+        "torch_threads": str(threads),
+    }
+
+
+class _StepCounter:
+    """Counts the build's training steps on its tqdm ``bar`` and for ``on_step``, and asks
+    ``should_stop`` before each step."""
+
+    def __init__(self, bar, total: int, on_step: StepCallback | None, should_stop: Callable[[], bool] | None):
+        self.bar, self.total, self.on_step, self.should_stop = bar, total, on_step, should_stop
+        self.done = 0
+
+    def step_done(self, what: str) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(what, refresh=False)
+        self.bar.update()
+        if self.on_step is not None:
+            self.on_step(self.done, self.total, what)
+
+    def stop_here(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise AnalysisCancelled(f"the demo build was stopped after {self.done} of {self.total} training steps")
+
+
+def _evaluate_base(data: _TaskData) -> DemoModel:
+    from transformers import AutoModel
+
+    base_scores = evaluate_retrieval(AutoModel.from_pretrained(data.base_path), data.eval_q, data.eval_d)
+    return DemoModel("base", "all-MiniLM-L6-v2 (base)", data.base_path, "full", base_scores)
+
+
+def _train_recipe(
+    recipe: FineTuneRecipe, data: _TaskData, target: Path, scratch: Path | None, steps: int, counter: _StepCounter
+) -> DemoModel:
+    """Train ``recipe``, evaluate and save it (in ``scratch``, then moved into ``target``,
+    or straight into ``target``)."""
+    t0 = time.perf_counter()
+    work = scratch if scratch is not None else target
+    checkpoint_dir = work / CHECKPOINTS_DIR / recipe.name
+    model = fine_tune(
+        recipe,
+        data.base_path,
+        data.train_q,
+        data.train_d,
+        data.batches,
+        counter.step_done,
+        counter.stop_here,
+        checkpoint_dir=checkpoint_dir,
+    )
+    scores = evaluate_retrieval(model, data.eval_q, data.eval_d)
+    model.save_pretrained(work / recipe.name)
+    if recipe.kind == "full":
+        data.tokenizer.save_pretrained(work / recipe.name)
+    if scratch is not None:
+        _publish(scratch, target, recipe.name)
+    final = target / CHECKPOINTS_DIR / recipe.name
+    return DemoModel(
+        recipe.name,
+        recipe.label,
+        target / recipe.name,
+        recipe.kind,
+        scores,
+        r=recipe.r,
+        lora_alpha=recipe.lora_alpha,
+        use_rslora=recipe.use_rslora,
+        lr=recipe.lr,
+        steps=steps,
+        batch_size=BATCH_SIZE,
+        train_seconds=round(time.perf_counter() - t0, 2),
+        checkpoints=tuple((step, final / f"checkpoint-{step}") for step in checkpoint_steps(steps)),
+    )
+
+
+def _publish(scratch: Path, target: Path, name: str) -> None:
+    """Move a finished fine-tune and its checkpoints from ``scratch`` into place in ``target``."""
+    for relative in (Path(name), Path(CHECKPOINTS_DIR) / name):
+        destination = target / relative
+        if destination.exists():  # left by a build killed while moving
+            shutil.rmtree(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        (scratch / relative).rename(destination)

@@ -137,7 +137,7 @@ def test_eig_batches_same_shaped_matrices_and_each_keeps_the_bits_it_gets_alone(
 
 
 def test_group_matrices_batches_same_shaped_small_matrices_of_a_layer():
-    from analysis.pipeline import MAX_GROUP, group_matrices
+    from analysis.grouping import MAX_GROUP, group_matrices
     from analysis.scheduler import working_bytes
 
     def plan(name: str, layer: int, shape: tuple[int, int]) -> MatrixPlan:

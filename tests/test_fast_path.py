@@ -292,9 +292,9 @@ def test_fingerprint_index_writes_in_batches(tmp_path, monkeypatch):
     file.write_bytes(b"0" * 64)
     index = SpectrumCache(tmp_path / "cache").fingerprints
     writes: list[str] = []
-    real_write = cache_module._atomic_write_text
+    real_write = cache_module.atomic_write_text
     monkeypatch.setattr(
-        cache_module, "_atomic_write_text", lambda path, text: writes.append(text) or real_write(path, text)
+        cache_module, "atomic_write_text", lambda path, text: writes.append(text) or real_write(path, text)
     )
     tensors = {f"t{i}": torch.full((3,), float(i)) for i in range(50)}
     for name, tensor in tensors.items():

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from analysis import cache as cache_module
 from analysis.cache import SpectrumCache
 from analysis.cli import main
-from analysis.config import env_flag, env_number
+from analysis.config import env_flag, env_number, env_switch, env_text
 from analysis.errors import InputError, say_once
+from analysis.files import atomic_write_text
 from analysis.specs import SpecResolver
 from hosting.jobs import JobManager, JobState
 from hosting.public import public_message, server_places
@@ -204,8 +205,36 @@ def test_configuration_readers() -> None:
             env_number("WSE_TEST_VALUE", 3, minimum=5)
         with pytest.raises(InputError, match="WSE_TEST_VALUE"):
             env_flag("WSE_TEST_VALUE", True)
+        assert env_switch("WSE_TEST_VALUE") is None  # neither yes nor no: the caller decides
+        os.environ["WSE_TEST_VALUE"] = " Off "
+        assert env_switch("WSE_TEST_VALUE") is False and env_flag("WSE_TEST_VALUE", True) is False
+        assert env_text("WSE_TEST_VALUE") == " Off " and env_text("WSE_TEST_VALUE", strip=True) == "Off"
+        with pytest.raises(InputError, match="WSE_TEST_VALUE: must be on or auto, got .Off."):
+            env_text("WSE_TEST_VALUE", strip=True, pattern="on|auto", expected="on or auto")
+        os.environ["WSE_TEST_VALUE"] = ""
+        assert env_text("WSE_TEST_VALUE") is None and env_text("WSE_TEST_VALUE", "auto") == "auto"
     finally:
         del os.environ["WSE_TEST_VALUE"]
+    assert env_switch("WSE_TEST_VALUE") is None and env_text("WSE_TEST_VALUE", "x") == "x"
+
+
+def test_atomic_write_text_leaves_no_temporary_file(tmp_path) -> None:
+    target = tmp_path / "new" / "file.json"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second", private=False)
+    assert target.read_text() == "second" and [p.name for p in target.parent.iterdir()] == ["file.json"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    atomic_write_text(target, "third")
+    assert target.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(target, "\ud800")  # a lone surrogate: nothing written, nothing left
+    assert target.read_text() == "third" and [p.name for p in target.parent.iterdir()] == ["file.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # -- the cache: read-only, full, tampered with -------------------------------------------

@@ -301,7 +301,7 @@ def test_tradeoff_of_a_causal_lm_full_fine_tune_is_the_same_on_one_worker_or_two
     monkeypatch.setattr(mitigate_eval.HeldOut, "__call__", lambda self, m: evaluations.append(1) or real_call(self, m))
     first = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24, cache=cache)
     assert first.points == curves[2].points and first.note == curves[2].note and len(evaluations) == 4
-    monkeypatch.setattr(mitigate_eval, "_load", lambda *a: pytest.fail("a cached curve loaded a model"))
+    monkeypatch.setattr(mitigate_eval, "load_model", lambda *a: pytest.fail("a cached curve loaded a model"))
     again = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24, cache=cache)
     assert again.points == first.points and again.note == first.note and len(evaluations) == 4
     monkeypatch.undo()

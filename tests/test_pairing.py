@@ -294,7 +294,7 @@ def test_a_stored_layout_plans_exactly_as_transformers_does(family, tmp_path, mo
     process plans without importing transformers (1-2 s); the plan is the same, and a
     damaged stored layout is built again."""
     from analysis import layouts
-    from analysis.pairing import catalogue
+    from analysis.slots import catalogue
     from tests import families
 
     families.quiet()

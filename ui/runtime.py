@@ -8,7 +8,6 @@ for a comparison that is running or done joins it. Analyses never run in a page 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ from dataclasses import dataclass, replace
 import streamlit as st
 
 from analysis.cache import SpectrumCache, default_cache_dir
-from analysis.config import env_number
+from analysis.config import env_number, env_text
 from analysis.errors import InputError, say_once
 from analysis.pipeline import AnalysisSettings, model_result
 from analysis.results import ModelResult
@@ -33,14 +32,11 @@ SETTINGS = AnalysisSettings()
 
 def device() -> str:
     """``WSE_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda[:n]``."""
-    value = os.environ.get("WSE_DEVICE", "").strip() or "auto"
-    if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", value):
-        raise InputError("WSE_DEVICE", f"must be auto, cpu or cuda, got {value!r}")
-    return value
+    return env_text("WSE_DEVICE", "auto", strip=True, pattern=r"auto|cpu|cuda(:\d+)?", expected="auto, cpu or cuda")
 
 
 #: A Ray cluster to run analyses on (``local``, ``auto`` or an address); unset: this process.
-RAY_ADDRESS = os.environ.get("WSE_RAY_ADDRESS") or None
+RAY_ADDRESS = env_text("WSE_RAY_ADDRESS")
 
 
 @st.cache_resource(show_spinner=False)
@@ -388,7 +384,7 @@ def ensure_demo(follow: bool) -> None:
     if error is not None or (manifest is not None and manifest.complete):
         return
     job = demo_job()
-    if job is None and os.environ.get("WSE_DEMO_AUTOBUILD", "1") != "0":
+    if job is None and env_text("WSE_DEMO_AUTOBUILD", "1") != "0":
         job = start_demo_build()
     elif job is not None and not job.state.finished:
         job.watch(session_id())

@@ -74,7 +74,7 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
     for matrix in mitigation.plan.matrices:
         target = by_plan.get(matrix.name)
         if target is None:
-            if matrix.expert is not None:  # paired across expert layouts (pairing._to_base_layout)
+            if matrix.expert is not None:  # paired across expert layouts (analysis.slots.to_base_layout)
                 raise InputError(
                     tuned,
                     f"stores its experts in another layout than the base (per expert against fused), so "

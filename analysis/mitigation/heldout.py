@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from analysis.files import atomic_write_text
+
 #: Similarity scale of MultipleNegativesRankingLoss (sentence-transformers' default),
 #: i.e. a softmax temperature of 0.05.
 SIMILARITY_SCALE = 20.0
@@ -221,9 +223,7 @@ class RetrievalTask:
             "query_max_tokens": query_max,
             "doc_max_tokens": doc_max,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n", private=False)
 
     @classmethod
     def from_file(cls, tokenizer: Any, path: Path) -> RetrievalTask:

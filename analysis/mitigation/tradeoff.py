@@ -190,26 +190,45 @@ class _NoCurve(Exception):
     """Why no trade-off curve can be measured for these models (found once they are loaded)."""
 
 
-def _evaluate_points(
-    todo: list[int],
-    lams: list[float | None],
-    labels: list[str],
-    folders: tuple[Path, Path],
-    family: str,
-    mitigation: Mitigation,
-    *,
-    task_file: Path | None,
-    texts: list[str],
-    evaluated: dict[int, dict],
-    finished: Callable[[int], None],
-    should_stop: Callable[[], bool] | None,
-    done: Callable[[], int],
-    total: int,
-    meta: dict[str, int],
-) -> None:
-    """Evaluate the points ``todo`` (indices into ``lams``: 0 the base, 1 the fine-tune,
-    others a lambda) into ``evaluated``, side by side; ``meta["swapped"]`` is how many
-    matrices of the mitigation each point puts into the model."""
+class _Steps:
+    """Counts the curve's finished points for ``progress(done, total, label)``; the
+    fine-tune's point also counts for the grid's lambda = 1 points, which repeat it."""
+
+    def __init__(self, labels: list[str], grid: Sequence[float], progress: Callable[[int, int, str], None] | None):
+        self.labels = labels
+        self.total = len(labels)
+        self.repeats = sum(1 for lam in grid if lam == 1.0)
+        self.progress = progress
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def finished(self, index: int) -> None:
+        with self._lock:
+            self.done += 1 + (self.repeats if index == 1 else 0)
+            now = self.done
+        if self.progress is not None:
+            self.progress(now, self.total, self.labels[index])
+
+
+@dataclass
+class _Bench:
+    """What evaluating the points needs, loaded once (:func:`_load_bench`): the held-out
+    loss, the task (or ``None``), the base model (where a point needs it), the model whose
+    copies get the mitigated weights, the plan's matrices by key and their places in it."""
+
+    held_out: HeldOut
+    task: RetrievalTask | None
+    base_model: torch.nn.Module | None
+    template: torch.nn.Module
+    plans: dict[str, MatrixPlan]
+    places: dict[str, _Place]
+
+
+def _load_bench(
+    todo: list[int], folders: tuple[Path, Path], family: str, mitigation: Mitigation, task_file: Path | None, texts
+) -> _Bench:
+    """Tokenizer, held-out text, task and models for the points ``todo``; raises
+    :class:`_NoCurve` where the base has no tokenizer or a matrix has no place in the model."""
     from transformers import AutoTokenizer
 
     base_folder, tuned_folder = folders
@@ -233,51 +252,90 @@ def _evaluate_points(
             f"No trade-off curve: {len(missing)} of the {len(plans)} mitigated matrices (such as {missing[0]}) were "
             "not found in the model as transformers loads it, so the curve cannot put them in."
         )
-    meta["swapped"] = len(places)
+    return _Bench(held_out, task, base_model, template, plans, places)
+
+
+class _Copies:
+    """One model per worker thread: the loaded fine-tune for the first (not for an adapter,
+    whose template is the base model the base's point uses), copies of it for the others."""
+
+    def __init__(self, template: torch.nn.Module, adapter: bool) -> None:
+        self.template = template
+        self.spares = [template] if not adapter else []
+        self.models = threading.local()
+        self.lock = threading.Lock()
+
+    def model(self) -> torch.nn.Module:
+        if getattr(self.models, "model", None) is None:
+            with self.lock:
+                spare = self.spares.pop() if self.spares else None
+            self.models.model = spare if spare is not None else copy.deepcopy(self.template)
+        return self.models.model
+
+
+def _swap_in(model: torch.nn.Module, places: dict[str, _Place], weights: Callable[[str], torch.Tensor]) -> None:
+    """Write each matrix's weight (by plan key) into its place in ``model``."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, place in places.items():
+            target = place.view(named[place.param].data)
+            weight = weights(key)
+            target.copy_((weight.T if place.transposed else weight).to(target.dtype))
+
+
+def _evaluate_points(
+    todo: list[int],
+    lams: list[float | None],
+    folders: tuple[Path, Path],
+    family: str,
+    mitigation: Mitigation,
+    *,
+    task_file: Path | None,
+    texts: list[str],
+    evaluated: dict[int, dict],
+    steps: _Steps,
+    should_stop: Callable[[], bool] | None,
+    meta: dict[str, int],
+) -> None:
+    """Evaluate the points ``todo`` (indices into ``lams``: 0 the base, 1 the fine-tune,
+    others a lambda) into ``evaluated``, side by side; ``meta["swapped"]`` is how many
+    matrices of the mitigation each point puts into the model."""
+    bench = _load_bench(todo, folders, family, mitigation, task_file, texts)
+    meta["swapped"] = len(bench.places)
 
     def weights_at(index: int) -> Callable[[str], torch.Tensor]:
         if index == 1:
-            return lambda key: plans[key].load_tuned().weight
+            return lambda key: bench.plans[key].load_tuned().weight
         return lambda key, lam=lams[index]: mitigation.tuned_at(key, lam)
 
-    models = threading.local()
+    copies = _Copies(bench.template, mitigation.kind == "adapter")
     lock = threading.Lock()
-    spares = [template] if not adapter else []  # the loaded fine-tune serves one worker
-
-    def model_for_worker() -> torch.nn.Module:
-        if getattr(models, "model", None) is None:
-            with lock:
-                spare = spares.pop() if spares else None
-            models.model = spare if spare is not None else copy.deepcopy(template)
-        return models.model
 
     def evaluate(index: int) -> None:
         if should_stop is not None and should_stop():
-            raise AnalysisCancelled(f"trade-off cancelled after {done()} of {total} evaluations")
+            raise AnalysisCancelled(f"trade-off cancelled after {steps.done} of {steps.total} evaluations")
         torch.set_num_threads(1)  # per thread: see the module docstring
         if index == 0:
-            model = base_model
+            model = bench.base_model
         else:
-            model = model_for_worker()
-            named = dict(model.named_parameters())
-            weights = weights_at(index)
-            with torch.no_grad():
-                for key, place in places.items():
-                    target = place.view(named[place.param].data)
-                    weight = weights(key)
-                    target.copy_((weight.T if place.transposed else weight).to(target.dtype))
+            model = copies.model()
+            _swap_in(model, bench.places, weights_at(index))
         point = {
-            "label": labels[index],
+            "label": steps.labels[index],
             "lam": lams[index],
-            "loss": held_out(model),
-            "task": task(model) if task else None,
+            "loss": bench.held_out(model),
+            "task": bench.task(model) if bench.task else None,
         }
         with lock:
             evaluated[index] = point
-        finished(index)
+        steps.finished(index)
 
-    model_bytes = sum(p.numel() * p.element_size() for p in template.parameters())
-    workers = evaluation_workers(len(todo), model_bytes)
+    model_bytes = sum(p.numel() * p.element_size() for p in bench.template.parameters())
+    _side_by_side(evaluate, todo, evaluation_workers(len(todo), model_bytes))
+
+
+def _side_by_side(evaluate: Callable[[int], None], todo: list[int], workers: int) -> None:
+    """``evaluate`` each of ``todo`` on ``workers`` threads; the first error cancels the rest."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wse-tradeoff") as pool:
         futures = [pool.submit(evaluate, index) for index in todo]
         try:
@@ -300,6 +358,70 @@ def _demo_task_file(resolver, tuned: str) -> Path | None:
 def _folder(source) -> Path | None:
     root = Path(source.root)
     return root if root.is_dir() else None
+
+
+@dataclass(frozen=True)
+class _PointKeys:
+    """The cache key of each point: what it measures (the evaluation, the base folder, and
+    for the others the fine-tune's folder, an adapter's or the full model's) and, for a
+    lambda point, the mitigation's settings at that lambda."""
+
+    common: tuple[str, ...]
+    base_id: str
+    tuned_id: str
+    mitigation: Mitigation
+    lams: list[float | None]
+
+    def __call__(self, index: int) -> str:
+        from analysis.cache import derived_digest
+
+        if index == 0:
+            return derived_digest("tradeoff", *self.common, self.base_id)
+        if index == 1:
+            return derived_digest("tradeoff", *self.common, self.base_id, self.tuned_id)
+        s = self.mitigation.settings
+        setting = f"k={s.top_k},eps={s.eps:g},rule={s.rule},exact={s.exact},lam={self.lams[index]:g}"
+        return derived_digest("tradeoff", *self.common, self.base_id, self.tuned_id, setting)
+
+
+def _cached_points(cache, todo: list[int], key: _PointKeys, evaluated: dict[int, dict], steps: _Steps) -> int:
+    """Read the points of ``todo`` found in ``cache`` into ``evaluated``; returns how many
+    matrices their fine-tune points swapped (0 if none)."""
+    swapped = 0
+    if cache is None:
+        return swapped
+    for index in todo:
+        entry = cache.lookup("tradeoff", key(index))
+        if entry is not None:
+            point = dict(entry[1]["point"])
+            count = point.pop("swapped")
+            swapped = count if index else swapped  # the base's entry serves every fine-tune
+            evaluated[index] = {"label": steps.labels[index], "lam": key.lams[index], **point}
+            steps.finished(index)
+    return swapped
+
+
+def _store_points(cache, indices: list[int], key: _PointKeys, evaluated: dict[int, dict], swapped: int) -> None:
+    """Store the points of ``indices`` that were evaluated in ``cache`` (if any)."""
+    if cache is None:
+        return
+    for index in indices:
+        if index in evaluated:
+            point = {"loss": evaluated[index]["loss"], "task": evaluated[index]["task"]}
+            cache.store("tradeoff", key(index), {}, {"point": {**point, "swapped": swapped}})
+
+
+def _note(loss_name: str, texts: list[str], with_task: bool, swapped: int) -> str:
+    task_note = "no task metric known for this model"
+    if with_task:
+        task_note = "task: MRR on the demo's held-out retrieval split"
+    return (
+        f"{loss_name} on {len(texts)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "
+        "standing for the pre-training distribution"
+        + f"; {task_note}"
+        + (f"; {swapped} matrices swapped per point" if swapped else "")
+        + "."
+    )
 
 
 def evaluate_tradeoff(
@@ -336,49 +458,14 @@ def evaluate_tradeoff(
     # Every point but lambda = 1, which changes nothing (the rank-r re-factorisation of dW
     # is dW itself): it repeats the fine-tune's numbers.
     lams: list[float | None] = [None, 1.0, *grid]
-    labels = ["base", "fine-tune"] + [f"λ = {lam:g}" for lam in grid]
+    steps = _Steps(["base", "fine-tune"] + [f"λ = {lam:g}" for lam in grid], grid, progress)
     todo = [i for i, lam in enumerate(lams) if not (i >= 2 and lam == 1.0)]
-    total = len(labels)
-    lock = threading.Lock()
-    done = 0
-
-    def finished(index: int) -> None:
-        nonlocal done
-        with lock:
-            done += 1 + (sum(1 for lam in grid if lam == 1.0) if index == 1 else 0)
-            now = done
-        if progress is not None:
-            progress(now, total, labels[index])
-
-    # What a point measures: the evaluation, the base folder, and for the others the
-    # fine-tune's folder (an adapter's, or the full model's) and the mitigation at lambda.
-    s = mitigation.settings
     texts = held_out_paragraphs(paragraphs)
-    common = (TRADEOFF_VERSION, family, str(len(texts)), str(with_task))
     base_id = folder_digest(base_folder)
     tuned_id = folder_digest(Path(resolver.open(tuned).root)) if adapter else folder_digest(tuned_folder)
-
-    def pointmatrix_key(index: int) -> str:
-        from analysis.cache import derived_digest
-
-        if index == 0:
-            return derived_digest("tradeoff", *common, base_id)
-        if index == 1:
-            return derived_digest("tradeoff", *common, base_id, tuned_id)
-        setting = f"k={s.top_k},eps={s.eps:g},rule={s.rule},exact={s.exact},lam={lams[index]:g}"
-        return derived_digest("tradeoff", *common, base_id, tuned_id, setting)
-
+    key = _PointKeys((TRADEOFF_VERSION, family, str(len(texts)), str(with_task)), base_id, tuned_id, mitigation, lams)
     evaluated: dict[int, dict] = {}
-    swapped = 0  # matrices of the mitigation put into the model (none for the base alone)
-    if cache is not None:
-        for index in todo:
-            entry = cache.lookup("tradeoff", pointmatrix_key(index))
-            if entry is not None:
-                point = dict(entry[1]["point"])
-                count = point.pop("swapped")
-                swapped = count if index else swapped  # the base's entry serves every fine-tune
-                evaluated[index] = {"label": labels[index], "lam": lams[index], **point}
-                finished(index)
+    swapped = _cached_points(cache, todo, key, evaluated, steps)  # none for the base alone
     missing = [i for i in todo if i not in evaluated]
     if missing:
         meta: dict[str, int] = {}
@@ -386,42 +473,24 @@ def evaluate_tradeoff(
             _evaluate_points(
                 missing,
                 lams,
-                labels,
                 (base_folder, tuned_folder),
                 family,
                 mitigation,
                 task_file=task_file,
                 texts=texts,
                 evaluated=evaluated,
-                finished=finished,
+                steps=steps,
                 should_stop=should_stop,
-                done=lambda: done,
-                total=total,
                 meta=meta,
             )
         except _NoCurve as reason:
             return Tradeoff(loss_name, None, [], str(reason), time.perf_counter() - start)
         finally:  # what was evaluated is kept, even when cancelled
             swapped = meta.get("swapped", swapped)
-            if cache is not None:
-                for index in missing:
-                    if index in evaluated:
-                        point = {"loss": evaluated[index]["loss"], "task": evaluated[index]["task"]}
-                        cache.store("tradeoff", pointmatrix_key(index), {}, {"point": {**point, "swapped": swapped}})
-    points: list[dict] = []
-    for index, label in enumerate(labels):
-        if index in evaluated:
-            points.append(evaluated[index])
-        else:  # lambda = 1: the fine-tune's numbers
-            points.append({**evaluated[1], "label": label})
-    task_note = "no task metric known for this model"
-    if with_task:
-        task_note = "task: MRR on the demo's held-out retrieval split"
-    note = (
-        f"{loss_name} on {len(texts)} paragraphs of Python's documentation topics ({HELD_OUT_SOURCE}), "
-        "standing for the pre-training distribution"
-        + f"; {task_note}"
-        + (f"; {swapped} matrices swapped per point" if swapped else "")
-        + "."
-    )
+            _store_points(cache, missing, key, evaluated, swapped)
+    # lambda = 1: the fine-tune's numbers
+    points = [
+        evaluated[i] if i in evaluated else {**evaluated[1], "label": label} for i, label in enumerate(steps.labels)
+    ]
+    note = _note(loss_name, texts, with_task, swapped)
     return Tradeoff(loss_name, "MRR (demo retrieval)" if with_task else None, points, note, time.perf_counter() - start)

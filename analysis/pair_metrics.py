@@ -1,0 +1,114 @@
+"""One matrix pair's metrics, as the papers define them, and the result read back.
+
+:func:`pair_metrics` computes what a pair's cache entry holds from the spectra of the
+base, the tuned weight and the update; :func:`matrix_result` turns such an entry into a
+:class:`~analysis.results.MatrixResult`, deriving the metrics that follow from the
+update's singular values. :class:`AnalysisSettings` says how much of each is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from analysis import metrics
+from analysis.cache import Entry
+from analysis.linalg import Spectrum
+from analysis.plan import MatrixPlan
+from analysis.results import MatrixResult
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What is kept per matrix; part of every pair's cache key.
+
+    ``max_top_k`` tuned vectors are scored for intruders (any ``k`` up to it can then be
+    shown without recomputation); ``similarity_size`` is N of the ``N x N`` similarity
+    block; ``delta_vectors`` left singular vectors of the update are kept for subspace
+    similarity; ``side`` picks left (default, docs/metrics.md) or right singular vectors.
+    """
+
+    max_top_k: int = 100
+    similarity_size: int = 100
+    delta_vectors: int = 64
+    side: Literal["left", "right"] = "left"
+
+    def signature(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+
+
+def pair_metrics(
+    base: torch.Tensor,
+    base_spectrum: Spectrum,
+    tuned_spectrum: Spectrum,
+    delta: Spectrum,
+    settings: AnalysisSettings,
+    adapter_rank: int | None,
+) -> Entry:
+    """The metrics of DESIGN.md for one matrix pair, from ``W0 = U0 S0 V0^T`` (the base's
+    spectrum, every left vector), ``Wt = Ut St Vt^T`` (the tuned weight's, top vectors) and
+    ``dW = Wt - W0`` (the update's), as the papers define them.
+
+    Returns the entry the cache stores: spectra, intruder scores, the similarity block, the
+    update's top vectors and the amplification factor; the update's scalar metrics are
+    derived from its values whenever the entry is read (:func:`matrix_result`).
+    """
+    # Shuttleworth et al. 2024, Def. 3.1: top-k tuned left vectors against every base one.
+    U0 = base_spectrum.left().float()
+    k = min(settings.max_top_k, tuned_spectrum.rank_bound)
+    Ut = tuned_spectrum.left(max(k, settings.similarity_size)).float()
+    scores, best_match = metrics.intruder_scores(Ut[:, :k], U0)
+    similarity = metrics.similarity_matrix(Ut, U0, settings.similarity_size)
+    del U0, Ut
+
+    Sd = delta.values.double()
+    update = metrics.update_metrics(Sd)  # derived again when read (matrix_result), never stored
+    delta_fro, rank90 = update["delta_fro"], update["rank90"]
+    # Hu et al. 7.3 take r = the adapter's rank; a full fine-tune has none, so use the
+    # rank that explains 90% of its update (Biderman et al.).
+    amp_rank = min(adapter_rank or rank90, int(torch.count_nonzero(Sd)))
+    amplification = metrics.amplification_factor(
+        delta_fro, delta.left(amp_rank).float(), delta.right(amp_rank).float(), base
+    )
+
+    tensors = {
+        "base_s": base_spectrum.values,
+        "tuned_s": tuned_spectrum.values.float(),
+        "delta_s": Sd,  # float64: the update's metrics are derived from it when read
+        "scores": torch.from_numpy(scores.astype(np.float32)),
+        "best_match": torch.from_numpy(best_match),
+        "similarity": torch.from_numpy(similarity),
+        "delta_u": delta.left(settings.delta_vectors).to(torch.float16),
+    }
+    # Only what needs the vectors is stored beside the spectra; see matrix_result.
+    info = {"amplification_factor": amplification, "amplification_rank": amp_rank}
+    return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
+
+
+def matrix_result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
+    """A pair's result from its entry: the stored spectra and scores, and the metrics that
+    follow from the update's singular values (:func:`analysis.metrics.update_metrics`)
+    derived here, so that a changed or added metric needs no recomputation."""
+    arrays = {name: t.numpy() for name, t in tensors.items()}
+    stored = {name: info[name] for name in ("amplification_factor", "amplification_rank")}
+    return MatrixResult(
+        name=plan.name,
+        layer=plan.layer,
+        module=plan.module,
+        shape=plan.shape,
+        base_singular_values=arrays["base_s"],
+        tuned_singular_values=arrays["tuned_s"],
+        delta_singular_values=arrays["delta_s"],
+        intruder_scores=arrays["scores"].astype(np.float64),
+        best_match=arrays["best_match"],
+        similarity=arrays["similarity"],
+        delta_left_vectors=arrays["delta_u"],
+        adapter_rank=plan.adapter_rank,
+        stack=plan.stack,
+        expert=plan.expert,
+        **metrics.update_metrics(arrays["delta_s"]),
+        **stored,
+    )
