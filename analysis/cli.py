@@ -231,7 +231,7 @@ def _run_mitigate(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from analysis.cache import SpectrumCache, default_cache_dir
     from analysis.compare import compare
-    from analysis.pipeline import AnalysisSettings
+    from analysis.pair_metrics import AnalysisSettings
     from analysis.report import to_report, write_report
 
     cache = None if args.no_cache else SpectrumCache((args.cache_dir or default_cache_dir()) / "spectra")

@@ -16,7 +16,8 @@ from analysis import distributed
 from analysis.cache import SpectrumCache
 from analysis.errors import InputError
 from analysis.linalg import resolve_device
-from analysis.pipeline import AnalysisSettings, ProgressCallback, analyse_plan, model_result
+from analysis.pair_metrics import AnalysisSettings
+from analysis.pipeline import ProgressCallback, analyse_plan, model_result
 from analysis.plan import ComparisonPlan
 from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult
 from analysis.specs import SpecResolver

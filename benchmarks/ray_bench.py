@@ -27,7 +27,8 @@ from pathlib import Path
 
 from analysis.cache import SpectrumCache
 from analysis.compare import plan_models
-from analysis.pipeline import AnalysisSettings, analyse_plan
+from analysis.pair_metrics import AnalysisSettings
+from analysis.pipeline import analyse_plan
 from benchmarks.workloads import demo_workload
 
 

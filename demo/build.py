@@ -141,7 +141,11 @@ def _finished_build(root: Path) -> DemoManifest | None:
 
 
 def _write_manifest(manifest: DemoManifest, folder: Path) -> None:
-    """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file)."""
+    """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file),
+    with the held-out task file beside it the first time (nothing is written before a
+    fine-tune is finished, so a stopped first build leaves no folder)."""
+    if not (folder / HELD_OUT_TASK_NAME).is_file():
+        write_held_out_task(folder)
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n", private=False)
 
 
@@ -179,7 +183,7 @@ def _build(
     kept = {m.name: m for m in resume.fine_tunes} if resume is not None else {}
     todo = [recipe for recipe in recipes if recipe.name not in kept]
     start = time.perf_counter() - (resume.build_seconds if resume is not None else 0.0)
-    data = _task_data(target, steps)
+    data = _task_data(steps)
     task = _task_summary(data)
 
     def manifest(base: DemoModel, finished: dict[str, DemoModel], threads: int) -> DemoManifest:
@@ -226,16 +230,14 @@ class _TaskData:
     batches: list[list[int]]
 
 
-def _task_data(target: Path, steps: int) -> _TaskData:
-    """Harvest and split the task, write its held-out split into ``target``, tokenize it
-    and draw the batches of ``steps`` training steps."""
+def _task_data(steps: int) -> _TaskData:
+    """Harvest and split the task, tokenize it and draw the batches of ``steps`` training steps."""
     from transformers import AutoTokenizer
 
     base_path = base_model_path()
     train, held_out = split_pairs(harvest_stdlib_pairs())
     if not train or not held_out:
         raise InputError(sysconfig.get_paths()["stdlib"], "yields no documented functions to build the demo task from")
-    write_held_out_task(target, held_out)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     return _TaskData(
         base_path,

@@ -125,7 +125,7 @@ def test_driver_writes_results_when_the_cache_is_not_shared(
 
 
 def test_dashboard_jobs_run_on_ray_when_asked(tiny_llama: Path, tiny_llama_lora: Path, tmp_path: Path) -> None:
-    from analysis.pipeline import AnalysisSettings
+    from analysis.pair_metrics import AnalysisSettings
     from analysis.specs import SpecResolver
     from hosting.jobs import JobManager, JobState, comparison_job
     from hosting.uploads import UploadStore

@@ -197,7 +197,7 @@ def test_peft_intruder_detector_on_gpt2_matches_side_right(family_root: Path) ->
     from peft.tuners.lora.intruders import reduce_intruder_dimension
 
     from analysis.compare import compare
-    from analysis.pipeline import AnalysisSettings
+    from analysis.pair_metrics import AnalysisSettings
 
     entry = built("gpt2", family_root)
     messages: list[str] = []

@@ -11,7 +11,8 @@ import torch
 from analysis import metrics
 from analysis.cache import SpectrumCache
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.pipeline import AnalysisSettings, ProgressEvent, analyse_matrix, analyse_plan, model_result
+from analysis.pair_metrics import AnalysisSettings
+from analysis.pipeline import ProgressEvent, analyse_matrix, analyse_plan, model_result
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.report import to_report
 from analysis.results import ComparisonResult

@@ -18,7 +18,8 @@ import streamlit as st
 from analysis.cache import SpectrumCache, default_cache_dir
 from analysis.config import env_number, env_text
 from analysis.errors import InputError, say_once
-from analysis.pipeline import AnalysisSettings, model_result
+from analysis.pair_metrics import AnalysisSettings
+from analysis.pipeline import model_result
 from analysis.results import ModelResult
 from analysis.scheduler import available_cores
 from analysis.specs import DEMO_PREFIX, UPLOAD_PREFIX, SpecResolver, is_upload_spec, local_paths_allowed

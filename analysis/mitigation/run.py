@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from analysis.adapters import LoraAdapter
 from analysis.mitigation.procedure import Mitigation, MitigationSettings, mitigate_plan, mitigated_plan
 from analysis.mitigation.tradeoff import TRADEOFF_STEP, Tradeoff, evaluate_tradeoff, tradeoff_grid
-from analysis.pipeline import AnalysisSettings, analyse_plan, model_result
+from analysis.pair_metrics import AnalysisSettings
+from analysis.pipeline import analyse_plan, model_result
 from analysis.plan import ComparisonPlan, matrix_key
 from analysis.results import DEFAULT_EPSILONS, ModelResult
 from analysis.scheduler import torch_threads
