@@ -95,10 +95,7 @@ def matrix_result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict
     arrays = {name: t.numpy() for name, t in tensors.items()}
     stored = {name: info[name] for name in ("amplification_factor", "amplification_rank")}
     return MatrixResult(
-        name=plan.name,
-        layer=plan.layer,
-        module=plan.module,
-        shape=plan.shape,
+        id=plan.id,
         base_singular_values=arrays["base_s"],
         tuned_singular_values=arrays["tuned_s"],
         delta_singular_values=arrays["delta_s"],
@@ -107,8 +104,6 @@ def matrix_result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict
         similarity=arrays["similarity"],
         delta_left_vectors=arrays["delta_u"],
         adapter_rank=plan.adapter_rank,
-        stack=plan.stack,
-        expert=plan.expert,
         **metrics.update_metrics(arrays["delta_s"]),
         **stored,
     )

@@ -31,6 +31,7 @@ from functools import partial
 from analysis.adapters import AdapterModule, LoraAdapter, is_adapter
 from analysis.adapters.raw_params import resolve_param_wrapper
 from analysis.errors import InputError
+from analysis.identity import MatrixId
 from analysis.layouts import CONV1D_MODEL_TYPES, ModelLayout, block_index
 from analysis.layouts import module_label as module_kind
 from analysis.plan import ComparisonPlan, MatrixPlan, ShapeMismatch, StoredDigest, TunedMatrix
@@ -162,15 +163,8 @@ def _sort_key(plan: MatrixPlan) -> tuple:
 
 
 def _matrix(slot: Slot, **kwargs) -> MatrixPlan:
-    return MatrixPlan(
-        name=slot.name,
-        layer=slot.layer,
-        module=slot.module,
-        shape=slot.shape,
-        stack=slot.stack,
-        expert=slot.expert,
-        **kwargs,
-    )
+    matrix = MatrixId(slot.name, slot.layer, slot.module, tuple(slot.shape), stack=slot.stack, expert=slot.expert)
+    return MatrixPlan(matrix, **kwargs)
 
 
 def _skipped_slots(skipped: list[dict], slots: Iterable[Slot], reason: str, analysed: set[str]) -> None:

@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from analysis.identity import IdentifiedMatrix, MatrixId
+
 
 @dataclass(frozen=True)
 class LowRankDelta:
@@ -63,15 +65,8 @@ StoredDigest = Callable[[Path, str, Callable[[], torch.Tensor]], str]
 
 
 @dataclass(frozen=True)
-class MatrixPlan:
-    """One base/tuned matrix pair to analyse.
-
-    ``name`` is the tensor name in the *base* checkpoint; ``layer`` the block index
-    (``None`` for matrices outside numbered blocks, only present when non-block
-    matrices were requested); ``module`` the kind: ``query``, ``key``, ``value``,
-    ``qkv`` (fused), ``attn_out``, ``gate``, ``up``, ``gate_up`` (fused), ``down``,
-    ``mlp_in``, ``mlp_out``, or the last name component when unknown. ``shape`` is
-    ``(out, in)`` after any transposition.
+class MatrixPlan(IdentifiedMatrix):
+    """One base/tuned matrix pair to analyse: its :class:`MatrixId` and how to load it.
 
     ``digests`` (optional) names the content of the pair without loading it: called with
     a :data:`StoredDigest`, it returns digests of the base and the tuned matrix *as
@@ -81,29 +76,11 @@ class MatrixPlan:
     single weight. ``None``: the pipeline loads both matrices and hashes them.
     """
 
-    name: str
-    layer: int | None
-    module: str
-    shape: tuple[int, int]
+    id: MatrixId
     load_base: Callable[[], torch.Tensor]
     load_tuned: Callable[[], TunedMatrix]
     adapter_rank: int | None = None
     digests: Callable[[StoredDigest], tuple[str, str]] | None = None
-    #: The stack (``encoder``, ``decoder``, ``vision``, ``language``, ...) or ``None`` for a
-    #: one-stack model; with ``layer``, ``module`` and ``expert`` unique within a plan.
-    stack: str | None = None
-    #: The mixture-of-experts expert index, ``None`` outside expert weights.
-    expert: int | None = None
-
-
-def matrix_key(matrix) -> str:
-    """The string that picks one matrix of a model (pickers, the URL, clicks, CSV, exports).
-
-    The tensor name, plus ``#<expert>`` for a mixture-of-experts slice: a fused 3-D
-    expert tensor holds every expert under one name, so the name alone is not unique.
-    ``matrix`` is anything with ``name`` and ``expert`` (a plan, a result, a mitigation).
-    """
-    return matrix.name if matrix.expert is None else f"{matrix.name}#{matrix.expert}"
 
 
 @dataclass(frozen=True)

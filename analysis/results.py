@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from analysis import metrics
+from analysis.identity import IdentifiedMatrix, MatrixId
 
 DEFAULT_TOP_K = 10
 DEFAULT_EPSILON = 0.5
@@ -21,7 +22,7 @@ DEFAULT_EPSILONS: tuple[float, ...] = tuple(round(0.10 + 0.05 * i, 2) for i in r
 
 
 @dataclass
-class MatrixResult:
+class MatrixResult(IdentifiedMatrix):
     """Every metric of docs/metrics.md for one base/tuned matrix pair.
 
     Vectors are stored only as far as the views need them: ``intruder_scores`` for the
@@ -30,10 +31,7 @@ class MatrixResult:
     and the top left singular vectors of the update for subspace similarity.
     """
 
-    name: str
-    layer: int | None
-    module: str
-    shape: tuple[int, int]
+    id: MatrixId
     base_singular_values: np.ndarray
     tuned_singular_values: np.ndarray
     delta_singular_values: np.ndarray
@@ -53,17 +51,6 @@ class MatrixResult:
     amplification_factor: float | None
     amplification_rank: int
     adapter_rank: int | None = None
-    #: Which stack of the model the matrix lives in (``encoder``, ``decoder``, ``vision``,
-    #: ``language``, ...), ``None`` for a one-stack model. (stack, layer, module, expert) is
-    #: unique within a model.
-    stack: str | None = None
-    #: The mixture-of-experts expert index, ``None`` outside expert weights.
-    expert: int | None = None
-
-    @property
-    def identity(self) -> tuple[str | None, int | None, str, int | None]:
-        """(stack, layer, module, expert): where the matrix lives, unique within a model."""
-        return (self.stack, self.layer, self.module, self.expert)
 
     @property
     def short_label(self) -> str:

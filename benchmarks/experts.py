@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from analysis import grouping, pipeline
+from analysis.identity import MatrixId
 from analysis.linalg import resolve_device
 from analysis.plan import ComparisonPlan, MatrixPlan, TunedMatrix
 from benchmarks.baseline import intruder_scores
@@ -48,7 +49,9 @@ def expert_layer(experts: int, shape: tuple[int, int], seed: int = 0) -> list[Ma
             base = synthetic_weight(m, n, g, CPU)
             tuned = TunedMatrix(base + 0.02 * synthetic_weight(m, n, g, CPU))
             name = f"model.layers.0.mlp.experts.{e}.{module}_proj.weight"
-            matrices.append(MatrixPlan(name, 0, module, (m, n), lambda b=base: b, lambda t=tuned: t, expert=e))
+            matrices.append(
+                MatrixPlan(MatrixId(name, 0, module, (m, n), expert=e), lambda b=base: b, lambda t=tuned: t)
+            )
     return matrices
 
 

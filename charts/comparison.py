@@ -50,7 +50,7 @@ def sweep_figure(
     eps : float or None
         The current threshold, marked by a dotted line.
     matrices : collection of str or None
-        Matrix keys (:func:`charts.tables.matrix_key`) to keep; ``None`` keeps every analysed matrix.
+        Matrix keys (:attr:`analysis.identity.MatrixId.key`) to keep; ``None`` keeps every analysed matrix.
 
     Returns
     -------
@@ -106,7 +106,7 @@ def breakdown_figure(
     by : str
         ``"layer"`` or ``"module"``.
     matrices : collection of str or None
-        Matrix keys (:func:`charts.tables.matrix_key`) to keep; ``None`` keeps every analysed matrix.
+        Matrix keys (:attr:`analysis.identity.MatrixId.key`) to keep; ``None`` keeps every analysed matrix.
 
     Returns
     -------
@@ -309,7 +309,7 @@ def amplification_figure(
     models : sequence of ModelResult
         The fine-tunes, in the order they are drawn.
     matrices : collection of str or None
-        Matrix keys (:func:`charts.tables.matrix_key`) to keep; ``None`` keeps every analysed matrix.
+        Matrix keys (:attr:`analysis.identity.MatrixId.key`) to keep; ``None`` keeps every analysed matrix.
     log_y : bool
         Whether the y axis is logarithmic.
 

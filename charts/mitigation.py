@@ -38,8 +38,8 @@ def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame
     pandas.DataFrame
         One row per matrix the mitigation looked at.
     """
-    before = {tables.matrix_key(m): m for m in result.before.matrices}
-    after = {tables.matrix_key(m): m for m in result.after.matrices}
+    before = {m.key: m for m in result.before.matrices}
+    after = {m.key: m for m in result.after.matrices}
     rows = []
     for m in result.mitigation.matrices:
         b, a = before.get(m.key), after.get(m.key)

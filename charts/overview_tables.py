@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from analysis.plan import matrix_key
 from analysis.results import MatrixResult, ModelResult
 from charts.tables import IDENTITY_COLUMNS, identity_order, layer_label, model_labels, training_method
 
@@ -92,7 +91,7 @@ def grid_cell(matrix: MatrixResult) -> dict:
         "section": section_title(overview_section(matrix)),
         "row": layer_label(matrix.layer),
         "column": matrix.module if matrix.expert is None else str(matrix.expert),
-        "matrix": matrix_key(matrix),
+        "matrix": matrix.key,
         "name": matrix.name,
         "stack": matrix.stack,
         "layer": layer_label(matrix.layer),

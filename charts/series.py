@@ -260,7 +260,7 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
 def series_similarity_figure(
     models: Sequence[ModelResult], matrix: str, label: str = "", step: int | None = None
 ) -> go.Figure:
-    """``|Ut^T U0|`` of one matrix (its :func:`charts.tables.matrix_key`) at each checkpoint
+    """``|Ut^T U0|`` of one matrix (its :attr:`analysis.identity.MatrixId.key`) at each checkpoint
     of a series, one frame per step, opening at ``step`` (the last when ``None`` or absent).
 
     The similarity block of :func:`charts.spectra.similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
@@ -284,12 +284,7 @@ def series_similarity_figure(
         A frame per step with the matrix, a step slider and a play button (a message when
         no checkpoint has the matrix).
     """
-    found = [
-        (model.step, m)
-        for model in series_tables.by_step(models)
-        for m in model.matrices
-        if tables.matrix_key(m) == matrix
-    ]
+    found = [(model.step, m) for model in series_tables.by_step(models) for m in model.matrices if m.key == matrix]
     if not found:
         return empty_figure("Similarity across steps", f"No checkpoint has results for {matrix} yet.")
     steps = [step for step, _ in found]

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.plan import matrix_key
 from analysis.results import MatrixResult, ModelResult
 from charts.matrix_tables import intruder_table
 from charts.overview_tables import OVERVIEW_METRICS, grid_cell
@@ -115,7 +114,7 @@ def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: f
     (:func:`charts.overview_tables.overview_table`): ``section`` names the grid (one layer x module grid per stack,
     one layer x expert grid per mixture-of-experts module), ``row`` and ``column`` the cell,
     so (``step``, ``section``, ``row``, ``column``) is unique. ``matrix`` is the
-    :func:`matrix_key`; the last column is ``metric`` (one of :data:`SERIES_METRICS`).
+    :attr:`~analysis.identity.MatrixId.key`; the last column is ``metric`` (one of :data:`SERIES_METRICS`).
 
     Parameters
     ----------
@@ -144,7 +143,7 @@ def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: f
 
 
 def series_similarity_table(models: Sequence[ModelResult], matrix: str, k: int, eps: float) -> pd.DataFrame:
-    """Each checkpoint's top ``k`` tuned vectors of one matrix (its :func:`matrix_key`): best
+    """Each checkpoint's top ``k`` tuned vectors of one matrix (its :attr:`~analysis.identity.MatrixId.key`): best
     match with the base and whether it is an intruder at ``eps`` (:func:`charts.matrix_tables.intruder_table` per
     step).
 
@@ -153,7 +152,7 @@ def series_similarity_table(models: Sequence[ModelResult], matrix: str, k: int, 
     models : sequence of ModelResult
         The checkpoints of one series, each with its ``step``.
     matrix : str
-        The matrix's :func:`matrix_key`.
+        The matrix's :attr:`~analysis.identity.MatrixId.key`.
     k : int
         How many top tuned singular vectors are searched for intruders.
     eps : float
@@ -169,7 +168,7 @@ def series_similarity_table(models: Sequence[ModelResult], matrix: str, k: int, 
         intruder_table(m, k, eps).assign(step=model.step)
         for model in by_step(models)
         for m in model.matrices
-        if matrix_key(m) == matrix
+        if m.key == matrix
     ]
     if not frames:
         return pd.DataFrame(columns=["step"])

@@ -22,7 +22,6 @@ from collections.abc import Collection, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.plan import matrix_key
 from analysis.results import MatrixResult, ModelResult
 
 #: The order modules are shown in: attention first, then MLP, as they run in a block.
@@ -280,7 +279,7 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
                 {
                     "model": label,
                     "method": method,
-                    "matrix": matrix_key(m),
+                    "matrix": m.key,
                     "stack": m.stack,
                     "layer": layer_label(m.layer),
                     "module": m.module,
@@ -356,7 +355,7 @@ def sweep_table(
 ) -> pd.DataFrame:
     """Intruder counts summed over the chosen matrices, one row per (model, eps).
 
-    ``matrices`` restricts the sum to those matrices (:func:`matrix_key`; ``None``: all analysed).
+    ``matrices`` restricts the sum to those matrices (:attr:`~analysis.identity.MatrixId.key`; ``None``: all analysed).
 
     Parameters
     ----------
@@ -367,7 +366,7 @@ def sweep_table(
     epsilons : sequence of float
         The thresholds to count at.
     matrices : collection of str or None
-        Matrix keys (:func:`matrix_key`) to keep; ``None`` keeps every analysed matrix.
+        Matrix keys (:attr:`~analysis.identity.MatrixId.key`) to keep; ``None`` keeps every analysed matrix.
 
     Returns
     -------
@@ -376,7 +375,7 @@ def sweep_table(
     """
     rows = []
     for label, model in zip(model_labels(models), models, strict=True):
-        chosen = [m for m in model.matrices if matrices is None or matrix_key(m) in matrices]
+        chosen = [m for m in model.matrices if matrices is None or m.key in matrices]
         totals = np.zeros(len(epsilons), dtype=np.int64)
         for m in chosen:
             totals += np.asarray(m.intruder_counts(k, list(epsilons)), dtype=np.int64)
@@ -416,7 +415,7 @@ def breakdown_table(
     by : str
         ``"layer"`` or ``"module"``.
     matrices : collection of str or None
-        Matrix keys (:func:`matrix_key`) to keep; ``None`` keeps every analysed matrix.
+        Matrix keys (:attr:`~analysis.identity.MatrixId.key`) to keep; ``None`` keeps every analysed matrix.
 
     Returns
     -------
@@ -445,7 +444,7 @@ def amplification_table(models: Sequence[ModelResult], matrices: Collection[str]
     models : sequence of ModelResult
         The fine-tunes, in the order they are drawn.
     matrices : collection of str or None
-        Matrix keys (:func:`matrix_key`) to keep; ``None`` keeps every analysed matrix.
+        Matrix keys (:attr:`~analysis.identity.MatrixId.key`) to keep; ``None`` keeps every analysed matrix.
 
     Returns
     -------
@@ -455,13 +454,13 @@ def amplification_table(models: Sequence[ModelResult], matrices: Collection[str]
     rows = []
     for label, model in zip(model_labels(models), models, strict=True):
         for m in model.matrices:
-            if matrices is not None and matrix_key(m) not in matrices:
+            if matrices is not None and m.key not in matrices:
                 continue
             rows.append(
                 {
                     "model": label,
                     "method": training_method(model),
-                    "matrix": matrix_key(m),
+                    "matrix": m.key,
                     "stack": m.stack,
                     "layer": layer_label(m.layer),
                     "module": m.module,

@@ -35,7 +35,7 @@ chosen_stacks = stacks
 if len(stacks) > 1:  # encoder/decoder, vision/language: layer 0 of each is its own matrix
     chosen_stacks = state.widget(st.multiselect, "Stacks", "stacks", options=stacks)
 names = {
-    tables.matrix_key(m)
+    m.key
     for model in models
     for m in model.matrices
     if m.module in chosen_modules and tables.layer_label(m.layer) in chosen_layers and m.stack in chosen_stacks

@@ -245,7 +245,7 @@ def plan_preview(base: str, tuned: str, uploads_root: str) -> dict:
         "matrices": pd.DataFrame(
             [
                 {
-                    "matrix": tables.matrix_key(m),  # one expert of a fused tensor: name#expert
+                    "matrix": m.key,  # one expert of a fused tensor: name#expert
                     # stack and expert: filled by engines that know them (one-stack, dense: empty)
                     "stack": getattr(m, "stack", None),
                     "layer": m.layer,

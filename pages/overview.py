@@ -53,7 +53,7 @@ with st.expander("Open a matrix (without clicking the grid)"):
     c1, c2, c3 = st.columns([2, 3, 1], vertical_alignment="bottom")
     spec = c1.selectbox("Fine-tune", specs, format_func=labels.get, key="overview_open_model")
     chosen = next(m for m in models if m.source == spec)
-    by_key = {tables.matrix_key(m): m for m in tables.identity_order(chosen.matrices)}
+    by_key = {m.key: m for m in tables.identity_order(chosen.matrices)}
     name = c2.selectbox(
         "Matrix",
         list(by_key),

@@ -24,13 +24,13 @@ matrix = views.find_matrix(model, name)
 if matrix is None:
     st.info(f"{name} was not analysed for {label} (an adapter only changes the modules it targets).")
     st.stop()
-views.chart(spectra.similarity_figure(matrix, k, eps, label=label), f"similarity-{tables.matrix_key(matrix)}")
+views.chart(spectra.similarity_figure(matrix, k, eps, label=label), f"similarity-{matrix.key}")
 
 intr = matrix_tables.intruder_table(matrix, k, eps)
 c1, c2, c3 = st.columns(3)
 c1.metric("Intruder dimensions", int(intr["intruder"].sum()), help=f"among the top {len(intr)} at ε = {eps:g}")
 c2.metric("Effective rank of ΔW", f"{matrix.effective_rank:.1f}")
 c3.metric("rank90 of ΔW", matrix.rank90)
-views.table(intr, f"intruders-{tables.matrix_key(matrix)}")
+views.table(intr, f"intruders-{matrix.key}")
 with st.expander(f"Similarity matrix as numbers ({matrix.similarity.shape[0]} × {matrix.similarity.shape[1]})"):
-    views.table(matrix_tables.similarity_table(matrix), f"similarity-{tables.matrix_key(matrix)}", index=True)
+    views.table(matrix_tables.similarity_table(matrix), f"similarity-{matrix.key}", index=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.identity import MatrixId
 from analysis.linalg import decompose, decompose_many
 from analysis.pipeline import analyse_matrix
 from analysis.plan import MatrixPlan, TunedMatrix
@@ -76,7 +77,7 @@ def test_batched_gesvda_equals_one_by_one():
 
 
 def _plan(base: torch.Tensor, tuned: TunedMatrix, rank: int | None) -> MatrixPlan:
-    return MatrixPlan("m", 0, "q", tuple(base.shape), lambda: base.clone(), lambda: tuned, adapter_rank=rank)
+    return MatrixPlan(MatrixId("m", 0, "q", tuple(base.shape)), lambda: base.clone(), lambda: tuned, adapter_rank=rank)
 
 
 @pytest.mark.parametrize("method", ["eig", "gesvda"])
@@ -155,7 +156,9 @@ def test_cuda_experts_analysed_together_get_the_bytes_each_gets_alone():
 
     pairs = [trained_pair(384, 1024, adapter=i % 2 == 1, seed=40 + i) for i in range(6)]
     matrices = [
-        MatrixPlan(f"e.{i}.up", 0, "up", (384, 1024), lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r, expert=i)
+        MatrixPlan(
+            MatrixId(f"e.{i}.up", 0, "up", (384, 1024), expert=i), lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r
+        )
         for i, (b, t, r) in enumerate(pairs)
     ]
     grouped = list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices), device="cuda"))

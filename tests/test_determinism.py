@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from analysis import scheduler
 from analysis.cache import SpectrumCache
+from analysis.identity import MatrixId
 from analysis.pipeline import analyse_matrix, analyse_plan, model_result
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.report import to_report
@@ -30,7 +31,12 @@ def _adapter_pairs(count: int, m: int = 384, n: int = 1536, r: int = 64) -> list
         delta = LowRankDelta(torch.randn(m, r, generator=g) * 0.05, torch.randn(r, n, generator=g) * 0.05, 2.0)
         tuned = TunedMatrix(base + delta.dense(), delta)
         plans.append(
-            MatrixPlan(f"layer.{i}.w", i, "mlp_in", (m, n), lambda b=base: b.clone(), lambda t=tuned: t, adapter_rank=r)
+            MatrixPlan(
+                MatrixId(f"layer.{i}.w", i, "mlp_in", (m, n)),
+                lambda b=base: b.clone(),
+                lambda t=tuned: t,
+                adapter_rank=r,
+            )
         )
     return plans
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from analysis import lapack, linalg
+from analysis.identity import MatrixId
 from analysis.linalg import decompose, decompose_many
 from analysis.pipeline import analyse_matrix
 from analysis.plan import MatrixPlan, TunedMatrix
@@ -78,7 +79,7 @@ def test_eig_falls_back_to_a_full_eigh_when_the_residual_check_fails(monkeypatch
 
 
 def _plan(base: torch.Tensor, tuned: TunedMatrix, rank: int | None) -> MatrixPlan:
-    return MatrixPlan("m", 0, "q", tuple(base.shape), lambda: base.clone(), lambda: tuned, adapter_rank=rank)
+    return MatrixPlan(MatrixId("m", 0, "q", tuple(base.shape)), lambda: base.clone(), lambda: tuned, adapter_rank=rank)
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["full", "adapter"])
@@ -141,7 +142,7 @@ def test_group_matrices_batches_same_shaped_small_matrices_of_a_layer():
     from analysis.scheduler import working_bytes
 
     def plan(name: str, layer: int, shape: tuple[int, int]) -> MatrixPlan:
-        return MatrixPlan(name, layer, "m", shape, lambda: None, lambda: None)
+        return MatrixPlan(MatrixId(name, layer, "m", shape), lambda: None, lambda: None)
 
     # A per-expert checkpoint's order: each expert's down, gate and up in turn, then layer 1.
     gate, down, big = (32, 64), (64, 32), (linalg.BATCH_MAX_ORDER + 1,) * 2
@@ -183,7 +184,9 @@ def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_al
     shapes = [(160, 96), (96, 160)] * 3
     pairs = [trained_pair(*shape, adapter=i % 4 == 1, seed=40 + i) for i, shape in enumerate(shapes)]
     matrices = [
-        MatrixPlan(f"e.{i // 2}.{i % 2}", 0, "m", s, lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r, expert=i)
+        MatrixPlan(
+            MatrixId(f"e.{i // 2}.{i % 2}", 0, "m", s, expert=i), lambda b=b: b.clone(), lambda t=t: t, adapter_rank=r
+        )
         for i, ((b, t, r), s) in enumerate(zip(pairs, shapes, strict=True))
     ]
     plan = ComparisonPlan("base", "tuned", "full", matrices)

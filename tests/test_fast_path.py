@@ -22,6 +22,7 @@ from analysis import cache as cache_module
 from analysis import linalg, metrics
 from analysis.cache import SpectrumCache, tensor_digest
 from analysis.errors import InputError
+from analysis.identity import MatrixId
 from analysis.linalg import NULL_SPACE_RELATIVE, decompose, default_method, low_rank_spectrum, top_eigenvectors
 from analysis.pipeline import analyse_matrix, analyse_plan, stored_base_spectrum
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
@@ -198,7 +199,7 @@ def plan_of(name: str, base: torch.Tensor, tuned: TunedMatrix, loads: list | Non
             loads.append(("tuned", name))
         return tuned
 
-    return MatrixPlan(name, 0, name, tuple(base.shape), load_base, load_tuned, **kwargs)
+    return MatrixPlan(MatrixId(name, 0, name, tuple(base.shape)), load_base, load_tuned, **kwargs)
 
 
 def planted_pair(seed: int, m: int = 96, n: int = 64):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from analysis import metrics
+from analysis.identity import MatrixId
 from analysis.results import DEFAULT_EPSILONS, MatrixResult, ModelResult
 from charts import comparison, matrix_tables, overview, series, series_tables, spectra, style, tables
 
@@ -44,10 +45,7 @@ def matrix_result(
     r = adapter_rank or r90
     fro = metrics.frobenius_norm(Sd)
     return MatrixResult(
-        name=name,
-        layer=layer,
-        module=module,
-        shape=tuple(base.shape),
+        MatrixId(name, layer, module, tuple(base.shape), stack=stack, expert=expert),
         base_singular_values=S0.numpy(),
         tuned_singular_values=St.numpy(),
         delta_singular_values=Sd.numpy(),
@@ -62,8 +60,6 @@ def matrix_result(
         amplification_factor=metrics.amplification_factor(fro, Ud[:, :r], Vdh[:r].T, base),
         amplification_rank=r,
         adapter_rank=adapter_rank,
-        stack=stack,
-        expert=expert,
     )
 
 
@@ -213,11 +209,7 @@ def _family(proto: MatrixResult, identities: list[tuple], seed: int, name) -> Mo
     matrices = [
         replace(
             proto,
-            name=name(stack, layer, module, expert),
-            layer=layer,
-            module=module,
-            stack=stack,
-            expert=expert,
+            id=MatrixId(name(stack, layer, module, expert), layer, module, proto.shape, stack=stack, expert=expert),
             intruder_scores=rng.random(20),
         )
         for stack, layer, module, expert in identities
@@ -267,12 +259,12 @@ def test_overview_cells_count_every_matrix_once(family: str, proto: MatrixResult
     assert [s.title for s in sections] == FAMILY_SECTIONS[family]
     cells = [cell for s in sections for panel in s.panels for cell in panel_cells(panel)]
     drawn = [(c["model"], c["key"]) for c in cells]
-    expected = [(i, tables.matrix_key(m)) for i, model in enumerate(models) for m in model.matrices]
+    expected = [(i, m.key) for i, model in enumerate(models) for m in model.matrices]
     assert len(drawn) == len(set(drawn)) == len(expected) and set(drawn) == set(expected)
     for s in sections:  # one heatmap value per selectable point, none elsewhere
         for panel in s.panels:
             assert np.count_nonzero(~np.isnan(np.asarray(panel.data[0].z, dtype=float))) == len(panel.data[1].x)
-    by_key = {(i, tables.matrix_key(m)): m for i, model in enumerate(models) for m in model.matrices}
+    by_key = {(i, m.key): m for i, model in enumerate(models) for m in model.matrices}
     for cell in cells:
         m = by_key[(cell["model"], cell["key"])]
         assert cell["row"] == str(m.layer) and cell["label"] == m.short_label and cell["name"] == m.name
@@ -283,8 +275,8 @@ def test_overview_cells_count_every_matrix_once(family: str, proto: MatrixResult
 def test_moe_keys_tell_experts_of_one_fused_tensor_apart(proto: MatrixResult) -> None:
     model = _family(proto, FAMILIES["moe"], 3, _tensor_name)
     experts = [m for m in model.matrices if m.expert is not None and m.layer == 0 and m.module == "down"]
-    assert len({m.name for m in experts}) == 1 and len({tables.matrix_key(m) for m in experts}) == 8
-    assert tables.matrix_key(experts[5]) == "model.layers.0.mlp.experts.down_proj#5"
+    assert len({m.name for m in experts}) == 1 and len({m.key for m in experts}) == 8
+    assert experts[5].key == "model.layers.0.mlp.experts.down_proj#5"
     assert tables.describe_matrix(experts[5]) == "layer 0 · down · expert 5"
     assert tables.matrix_title(experts[5]) == "model.layers.0.mlp.experts.down_proj · expert 5"
     t5 = _family(proto, FAMILIES["t5"], 4, _tensor_name)
@@ -394,7 +386,7 @@ def test_reduce_heatmap_keeps_block_maxima() -> None:
 
 def test_large_similarity_heatmap_is_reduced_before_the_browser(lora_model: ModelResult) -> None:
     big = lora_model.matrices[0]
-    big = MatrixResult(**{**big.__dict__, "similarity": np.random.default_rng(0).random((512, 512))})
+    big = replace(big, similarity=np.random.default_rng(0).random((512, 512)))
     (sim,) = heatmaps(spectra.similarity_figure(big, k=512, eps=0.5))
     assert np.asarray(sim.z).shape == (128, 128) and sim.dx == 4
 
@@ -579,7 +571,7 @@ def test_skipped_tensors_counted_by_reason() -> None:
 def test_a_one_point_series_is_a_marker(lora_model: ModelResult) -> None:
     """A rank-1 update has one singular value: a line through one point is invisible."""
     m = lora_model.matrices[0]
-    rank1 = MatrixResult(**{**m.__dict__, "delta_singular_values": np.array([3.0] + [0.0] * 39)})
+    rank1 = replace(m, delta_singular_values=np.array([3.0] + [0.0] * 39))
     update = spectra.spectrum_figure(rank1, k=10, eps=0.5).data[2]
     assert update.mode == "markers" and list(update.y) == [3.0]
 
@@ -600,7 +592,7 @@ def test_many_fine_tunes_and_layers_stay_apart(lora_model: ModelResult, full_mod
     styles = {(t.line.color, t.line.dash, t.marker.symbol) for t in fig.data}
     assert len(fig.data) == 8 and len(styles) == 8 and len({t.name for t in fig.data}) == 8
     six = [
-        MatrixResult(**{**m.__dict__, "name": f"{mod}.{m.layer}", "module": mod})
+        replace(m, id=replace(m.id, name=f"{mod}.{m.layer}", module=mod))
         for m in lora_model.matrices
         for mod in ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
     ]
@@ -686,10 +678,10 @@ def test_series_grid_puts_every_matrix_in_its_own_cell(family: str, proto: Matri
 def test_series_similarity_picks_one_expert_of_a_fused_tensor(proto: MatrixResult) -> None:
     models = _series(proto, "moe")
     expert = next(m for m in models[0].matrices if m.expert == 5 and m.module == "down" and m.layer == 1)
-    key = tables.matrix_key(expert)
+    key = expert.key
     table = series_tables.series_similarity_table(models, key, 10, 0.5)
     assert sorted(table["step"].unique()) == [10, 20, 30] and len(table) == 3 * 10
-    picked = [next(m for m in model.matrices if tables.matrix_key(m) == key) for model in models]
+    picked = [next(m for m in model.matrices if m.key == key) for model in models]
     assert table["best_match_score"].tolist() == pytest.approx(
         [float(s) for m in picked for s in m.intruder_scores[:10]]
     )

@@ -329,7 +329,6 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
     import copy
 
     from charts import mitigation as fm
-    from charts import tables
     from tests import families
 
     families.quiet()
@@ -344,8 +343,8 @@ def test_each_expert_of_a_fused_tensor_is_mitigated_and_exported_as_itself(tmp_p
     keys = [m.key for m in result.mitigation.matrices]
     assert len(set(keys)) == len(keys)
     # The analysis "before" is the fine-tune's own matrix, "after" the mitigated one of the same expert.
-    before = {tables.matrix_key(m): m for m in result.before.matrices}
-    after = {tables.matrix_key(m): m for m in result.after.matrices}
+    before = {m.key: m for m in result.before.matrices}
+    after = {m.key: m for m in result.after.matrices}
     assert set(before) == set(after) == set(keys)
     stored_base, stored_tuned = load_file(str(base / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     scaled = 0

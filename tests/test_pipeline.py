@@ -11,6 +11,7 @@ import torch
 from analysis import metrics
 from analysis.cache import SpectrumCache
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.identity import MatrixId
 from analysis.pair_metrics import AnalysisSettings
 from analysis.pipeline import ProgressEvent, analyse_matrix, analyse_plan, model_result
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
@@ -22,10 +23,7 @@ CPU = torch.device("cpu")
 
 def make_plan(name: str, base: torch.Tensor, tuned: TunedMatrix, adapter_rank=None, layer=0) -> MatrixPlan:
     return MatrixPlan(
-        name=name,
-        layer=layer,
-        module=name.rsplit(".", 1)[-1],
-        shape=tuple(base.shape),
+        MatrixId(name, layer, name.rsplit(".", 1)[-1], tuple(base.shape)),
         load_base=lambda: base.clone(),
         load_tuned=lambda: tuned,
         adapter_rank=adapter_rank,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from analysis.cache import SpectrumCache
+from analysis.identity import MatrixId
 from analysis.pipeline import analyse_plan
 from analysis.plan import ComparisonPlan, MatrixPlan, TunedMatrix
 
@@ -18,7 +19,7 @@ def _plan(count: int = 3) -> ComparisonPlan:
         g = torch.Generator().manual_seed(70 + i)
         base = torch.randn(48, 32, generator=g)
         tuned = TunedMatrix(base + 0.1 * torch.randn(48, 32, generator=g))
-        matrices.append(MatrixPlan(f"m{i}", i, "q", (48, 32), lambda b=base: b.clone(), lambda t=tuned: t))
+        matrices.append(MatrixPlan(MatrixId(f"m{i}", i, "q", (48, 32)), lambda b=base: b.clone(), lambda t=tuned: t))
     return ComparisonPlan("b", "t", "full", matrices)
 
 
@@ -123,7 +124,9 @@ def test_overlapping_analyses_give_the_bytes_they_give_alone(monkeypatch):
             g = torch.Generator().manual_seed(90 + i)
             base = torch.randn(*shape, generator=g, dtype=torch.float64).float()
             tuned = TunedMatrix(base + 0.1 * torch.randn(*shape, generator=g))
-            matrices.append(MatrixPlan(f"{name}{i}", i, "q", shape, lambda b=base: b.clone(), lambda t=tuned: t))
+            matrices.append(
+                MatrixPlan(MatrixId(f"{name}{i}", i, "q", shape), lambda b=base: b.clone(), lambda t=tuned: t)
+            )
         return ComparisonPlan("b", name, "full", matrices)
 
     def fields(results) -> list[bytes]:

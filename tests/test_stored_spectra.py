@@ -13,6 +13,7 @@ import torch
 
 from analysis import metrics
 from analysis.cache import SpectrumCache
+from analysis.identity import MatrixId
 from analysis.pipeline import analyse_plan
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 
@@ -28,7 +29,9 @@ def _plans() -> list[MatrixPlan]:
         else:
             tuned, rank = TunedMatrix(base + 0.05 * torch.randn(96, 64, generator=g)), None
         plans.append(
-            MatrixPlan(f"m{i}", i, "q", (96, 64), lambda b=base: b.clone(), lambda t=tuned: t, adapter_rank=rank)
+            MatrixPlan(
+                MatrixId(f"m{i}", i, "q", (96, 64)), lambda b=base: b.clone(), lambda t=tuned: t, adapter_rank=rank
+            )
         )
     return plans
 

@@ -3,7 +3,7 @@
 The selection is: the base and the fine-tunes (as specs: ``demo:...``,
 ``upload:<sha256>``, hub ids or paths), the fine-tune shown by single-model views
 (``model``), the second one for subspace similarity (``other``), the matrix (its
-:func:`charts.tables.matrix_key`: a tensor name of the base, plus ``#<expert>`` for one
+:attr:`analysis.identity.MatrixId.key`: a tensor name of the base, plus ``#<expert>`` for one
 expert of a fused tensor), ``k`` and ``eps``, and the page controls (:data:`CONTROLS`: colour-by,
 break-down, module and layer filters, rank measure, log axes, the series page's lines, grid
 measure and step, the Mitigate page's lambda, rule, exact rank and curve). This module is the one place a

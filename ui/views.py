@@ -162,12 +162,12 @@ def model_control(models: Sequence[ModelResult], label: str = "Fine-tune", name:
 
 def matrix_control(models: Sequence[ModelResult]) -> str:
     """Sidebar choice of one matrix (by stack, layer, module and expert), shared by the
-    detail pages; returns its :func:`charts.tables.matrix_key`."""
+    detail pages; returns its :attr:`analysis.identity.MatrixId.key`."""
     seen: dict[str, MatrixResult] = {}
     for model in models:
         for m in model.matrices:
-            seen.setdefault(tables.matrix_key(m), m)
-    names = [tables.matrix_key(m) for m in tables.identity_order(seen.values())]
+            seen.setdefault(m.key, m)
+    names = [m.key for m in tables.identity_order(seen.values())]
 
     with st.sidebar:
         return state.widget(
@@ -181,8 +181,8 @@ def matrix_control(models: Sequence[ModelResult]) -> str:
 
 
 def find_matrix(model: ModelResult, key: str) -> MatrixResult | None:
-    """The matrix of ``model`` with this :func:`charts.tables.matrix_key`, if analysed."""
-    return next((m for m in model.matrices if tables.matrix_key(m) == key), None)
+    """The matrix of ``model`` with this :attr:`analysis.identity.MatrixId.key`, if analysed."""
+    return next((m for m in model.matrices if m.key == key), None)
 
 
 def chart(fig, name: str, **kwargs) -> object:

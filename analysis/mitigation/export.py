@@ -18,7 +18,7 @@ import torch
 
 from analysis.errors import InputError
 from analysis.mitigation.procedure import Mitigation
-from analysis.plan import ComparisonPlan, matrix_key
+from analysis.plan import ComparisonPlan
 
 
 def _side_files(folder: Path, skip: Callable[[Path], bool]) -> list[Path]:
@@ -84,7 +84,7 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
             raise InputError(tuned, f"the merged model has no tensor for {matrix.name}")
         stored = replaced[target] if target in replaced else source.load(target)
         reference = matrix.load_base() if source is base_source else matrix.load_tuned().weight
-        weight = mitigation.tuned(matrix_key(matrix)).weight
+        weight = mitigation.tuned(matrix.key).weight
         if stored.dim() == 3 and matrix.expert is not None:  # one expert's slice of a fused tensor
             stored = stored.clone() if target not in replaced else stored
             stored[matrix.expert] = _orient_like(stored[matrix.expert], reference, weight).to(stored.dtype)

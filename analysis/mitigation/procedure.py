@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from analysis.errors import AnalysisCancelled, InputError
-from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix, matrix_key
+from analysis.identity import IdentifiedMatrix, MatrixId
+from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 
 Rule = Literal["peft", "top1"]
 RULES: tuple[str, ...] = ("peft", "top1")
@@ -83,7 +84,7 @@ class MitigationSettings:
 
 
 @dataclass
-class MatrixMitigation:
+class MatrixMitigation(IdentifiedMatrix):
     """What the mitigation did to one matrix (plain numbers, cheap to keep and show).
 
     ``intruders`` are indices into the singular vectors of ``W + dW`` (0 = largest),
@@ -96,10 +97,7 @@ class MatrixMitigation:
     or ``modules_to_save`` weight), which is then exported unchanged.
     """
 
-    name: str
-    layer: int | None
-    module: str
-    shape: tuple[int, int]
+    id: MatrixId
     intruders: list[int]
     scores: np.ndarray
     intruder_values: np.ndarray
@@ -110,15 +108,6 @@ class MatrixMitigation:
     rank: int | None = None
     new_rank: int | None = None
     mitigated: bool = True
-    #: Where the matrix lives beside ``layer`` and ``module`` (:class:`MatrixPlan`).
-    stack: str | None = None
-    expert: int | None = None
-
-    @property
-    def key(self) -> str:
-        """The matrix's key (:func:`analysis.plan.matrix_key`): the tensor name, plus
-        ``#<expert>`` for one expert of a fused 3-D tensor, whose name is shared by all."""
-        return matrix_key(self)
 
     @property
     def refactor_rel_error(self) -> float:
@@ -292,10 +281,7 @@ def mitigate_matrix(
     intruders, scores, (U, S, Vh) = find_intruders(base, merged, settings.top_k, settings.eps, settings.rule)
     components = (U[:, intruders].contiguous(), S[intruders].contiguous(), Vh[intruders].contiguous())
     summary = MatrixMitigation(
-        name=plan.name,
-        layer=plan.layer,
-        module=plan.module,
-        shape=tuple(plan.shape),
+        id=plan.id,
         intruders=list(intruders),
         scores=scores.numpy().astype(np.float64),
         intruder_values=components[1].numpy().astype(np.float64),
@@ -305,8 +291,6 @@ def mitigate_matrix(
         refactor_error=0.0,
         rank=rank,
         new_rank=rank,
-        stack=plan.stack,
-        expert=plan.expert,
     )
     if adapter_without_factors:
         # DoRA or a modules_to_save replacement: not a LoRA layer, left as it is.
@@ -354,9 +338,9 @@ def mitigate_plan(
             raise AnalysisCancelled(f"mitigation cancelled after {done} of {total} matrices")
         summary, tensors = mitigate_matrix(matrix, settings, plan.kind)
         result.matrices.append(summary)
-        result._tensors[matrix_key(matrix)] = tensors
+        result._tensors[matrix.key] = tensors
         if progress is not None:
-            progress(done + 1, total, matrix_key(matrix))
+            progress(done + 1, total, matrix.key)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -368,7 +352,7 @@ def mitigated_plan(mitigation: Mitigation) -> ComparisonPlan:
     content-addressed and a mitigated matrix equal to the fine-tune's is found there.
     """
     plan = mitigation.plan
-    matrices = [replace(m, load_tuned=partial(mitigation.tuned, matrix_key(m)), digests=None) for m in plan.matrices]
+    matrices = [replace(m, load_tuned=partial(mitigation.tuned, m.key), digests=None) for m in plan.matrices]
     label = f"{plan.tuned_label} (mitigated {mitigation.settings.signature()})"
     summary = {**plan.summary, "label": f"{plan.summary.get('label', plan.tuned_label)} · mitigated"}
     summary["mitigation"] = {"settings": mitigation.settings.signature(), **mitigation.totals()}

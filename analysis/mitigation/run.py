@@ -16,7 +16,7 @@ from analysis.mitigation.procedure import Mitigation, MitigationSettings, mitiga
 from analysis.mitigation.tradeoff import TRADEOFF_STEP, Tradeoff, evaluate_tradeoff, tradeoff_grid
 from analysis.pair_metrics import AnalysisSettings
 from analysis.pipeline import analyse_plan, model_result
-from analysis.plan import ComparisonPlan, matrix_key
+from analysis.plan import ComparisonPlan
 from analysis.results import DEFAULT_EPSILONS, ModelResult
 from analysis.scheduler import torch_threads
 
@@ -48,8 +48,8 @@ class MitigationResult:
     def to_json(self) -> dict:
         """Per matrix and in total, JSON-able (the CLI writes it as ``mitigation.json``)."""
         s = self.mitigation.settings
-        after = {matrix_key(m): m for m in self.after.matrices}
-        before = {matrix_key(m): m for m in self.before.matrices}
+        after = {m.key: m for m in self.after.matrices}
+        before = {m.key: m for m in self.before.matrices}
         eps = list(DEFAULT_EPSILONS)
         rows = []
         for m in self.mitigation.matrices:

@@ -50,7 +50,7 @@ from analysis.mitigation.heldout import (
     model_family,
 )
 from analysis.mitigation.procedure import Mitigation
-from analysis.plan import MatrixPlan, matrix_key
+from analysis.plan import MatrixPlan
 from analysis.specs.demo import held_out_task_path
 
 #: The lambda grid of the trade-off curve (Fig. 8 of the paper scans the same range).
@@ -244,7 +244,7 @@ def _load_bench(
     base_model = load_model(base_folder, family) if 0 in todo or adapter else None
     template = base_model if adapter else load_model(tuned_folder, family)
     params = dict(template.named_parameters())
-    plans = {matrix_key(m): m for m in mitigation.plan.matrices}
+    plans = {m.key: m for m in mitigation.plan.matrices}
     places = _places(plans, params, (base_folder if adapter else tuned_folder), adapter)
     missing = [key for key in plans if key not in places]
     if missing:  # swapping only the others would show a curve for a different mitigation
