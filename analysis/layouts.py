@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from analysis.cache import content_hasher, default_cache_dir
 from analysis.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,6 @@ def _stored_path(config_json: str):
     says about an architecture is a function of these alone); ``None`` without
     transformers."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from analysis.cache import content_hasher, default_cache_dir
 
     try:
         transformers_version = version("transformers")

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from analysis.errors import InputError
 from analysis.identity import IdentifiedMatrix, MatrixId
 
 
@@ -116,8 +117,6 @@ class ComparisonPlan:
 def require_matrices(plan: ComparisonPlan) -> ComparisonPlan:
     """``plan``, or an :class:`~analysis.errors.InputError` when base and fine-tune share
     no analysable matrix (no shape in common): an empty report would look like a result."""
-    from analysis.errors import InputError
-
     if not plan.matrices:
         raise InputError(
             plan.tuned_label,

@@ -36,10 +36,11 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from analysis.adapters import LoraAdapter, open_adapter_file, open_adapter_folder
+from analysis.cache import tensor_digest
 from analysis.errors import InputError
 from analysis.readers import (
     ADAPTER_CONFIG,
@@ -54,9 +55,6 @@ from analysis.readers import (
     read_json,
     read_safetensors_header,
 )
-
-if TYPE_CHECKING:
-    from analysis.adapters import LoraAdapter
 
 
 class WeightSource:
@@ -138,8 +136,6 @@ class WeightSource:
     def content_digest(self, name: str) -> str:
         """:func:`analysis.cache.tensor_digest` of the stored tensor (BLAKE3 of its dtype,
         shape and bytes): equal digests, equal tensors."""
-        from analysis.cache import tensor_digest
-
         return tensor_digest(self.load(name))
 
 
@@ -209,8 +205,6 @@ def _source_from_files(label: str, folder: Path, files: list[Path]) -> WeightSou
 
 def open_folder(label: str, folder: Path, *, allow_pickle: bool) -> WeightSource | LoraAdapter:
     """A checkpoint or adapter folder (see the module docstring for the order tried)."""
-    from analysis.adapters import open_adapter_folder
-
     adapter = open_adapter_folder(label, folder, allow_pickle)
     if adapter is not None:
         return adapter
@@ -245,7 +239,6 @@ def open_file(label: str, path: Path) -> WeightSource | LoraAdapter:
         )
     tensors = read_safetensors_header(path)
     names = list(tensors)
-    from analysis.adapters import open_adapter_file
 
     adapter = open_adapter_file(label, path, names)
     if adapter is not None:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from analysis.adapters import LoraAdapter
 from analysis.errors import InputError
 from analysis.mitigation.procedure import Mitigation
+from analysis.pairing import match_names
 from analysis.plan import ComparisonPlan
 
 
@@ -62,9 +64,6 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
     they are). Dtypes are kept.
     """
     from safetensors.torch import save_file
-
-    from analysis.adapters import LoraAdapter
-    from analysis.pairing import match_names
 
     base_source = resolver.open(base)
     source = base_source if isinstance(resolver.open(tuned), LoraAdapter) else resolver.open(tuned)
@@ -116,9 +115,6 @@ def export_adapter(mitigation: Mitigation, resolver, tuned: str, out: Path) -> P
     scaling, so ``scale * B @ A`` is the mitigated update.
     """
     from safetensors.torch import load_file, save_file
-
-    from analysis.adapters import LoraAdapter
-    from analysis.pairing import match_names
 
     adapter = resolver.open(tuned)
     if not isinstance(adapter, LoraAdapter) or mitigation.kind != "adapter":

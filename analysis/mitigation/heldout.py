@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from analysis import scheduler
 from analysis.files import atomic_write_text
 
 #: Similarity scale of MultipleNegativesRankingLoss (sentence-transformers' default),
@@ -196,10 +197,8 @@ def evaluation_workers(points: int, model_bytes: int) -> int:
     copies as fit in a quarter of the memory available now."""
     import psutil
 
-    from analysis.scheduler import available_cores
-
     fit = max(1, psutil.virtual_memory().available // 4 // max(1, model_bytes))
-    return max(1, min(available_cores(), points, fit))
+    return max(1, min(scheduler.available_cores(), points, fit))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ from pathlib import Path
 
 import torch
 
+from analysis.cache import content_hasher, derived_digest
 from analysis.errors import AnalysisCancelled
+from analysis.layouts import ModelLayout
 from analysis.mitigation.heldout import (
     HELD_OUT_PARAGRAPHS,
     HELD_OUT_SOURCE,
@@ -50,6 +52,7 @@ from analysis.mitigation.heldout import (
     model_family,
 )
 from analysis.mitigation.procedure import Mitigation
+from analysis.pairing import match_names
 from analysis.plan import MatrixPlan
 from analysis.specs.demo import held_out_task_path
 
@@ -104,8 +107,6 @@ _digests_lock = threading.Lock()
 def folder_digest(folder: Path) -> str:
     """BLAKE3 of the names and bytes of the files directly in ``folder`` (config, weights,
     tokenizer: what loading it reads), remembered per file version in this process."""
-    from analysis.cache import content_hasher
-
     files = sorted(p for p in folder.iterdir() if p.is_file())
     versions = []
     for path in files:
@@ -162,9 +163,6 @@ def _places(plans: dict[str, MatrixPlan], params: dict, folder: Path, adapter: b
     weight (the fine-tune's, or for an adapter the base's), element for element, in either
     orientation. A matrix without a place that passes the check is left out.
     """
-    from analysis.layouts import ModelLayout
-    from analysis.pairing import match_names
-
     layout = ModelLayout(json.loads((folder / "config.json").read_text()))
     placements = {key: layout.placement(m.name) for key, m in plans.items()}
     memory = match_names(sorted({p.memory for p in placements.values()}), list(params))
@@ -373,8 +371,6 @@ class _PointKeys:
     lams: list[float | None]
 
     def __call__(self, index: int) -> str:
-        from analysis.cache import derived_digest
-
         if index == 0:
             return derived_digest("tradeoff", *self.common, self.base_id)
         if index == 1:
