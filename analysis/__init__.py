@@ -1,4 +1,4 @@
-"""Weight-spectrum explorer engine: what did a fine-tune do to a model's weights?
+"""Weight-spectrum explorer engine: what a fine-tune did to a model's weights.
 
 The engine imports no Streamlit, Plotly or pandas (import contracts in ``pyproject.toml``).
 Public entry points:

@@ -1,3 +1,5 @@
+"""``python -m analysis``: the command line, :func:`analysis.cli.main`."""
+
 import sys
 
 from analysis.cli import main

@@ -93,8 +93,9 @@ PARALLEL_HASH_MIN_BYTES = 1 << 20
 
 
 def content_hasher(prefix: bytes = b"", size: int = 0):
-    """A BLAKE3 hasher (cryptographic, 256-bit) fed ``prefix``; multi-threaded for ``size``
-    bytes from :data:`PARALLEL_HASH_MIN_BYTES` on.
+    """A BLAKE3 hasher (cryptographic, 256-bit) fed ``prefix``.
+
+    Multi-threaded for ``size`` bytes from :data:`PARALLEL_HASH_MIN_BYTES` on.
 
     Cache keys must be collision-resistant against crafted files (a hosted cache is shared
     by visitors who upload weights), so never a non-cryptographic hash; BLAKE3 reads at
@@ -230,13 +231,13 @@ class SpectrumCache:
 
     Parameters
     ----------
-    root:
+    root : pathlib.Path or str, optional
         Folder to keep entries in (created on first write). Default:
         :func:`default_cache_dir` ``/ "spectra"``.
-    budget_bytes:
+    budget_bytes : int, optional
         Total size above which least-recently-used entries are evicted after a write.
         Default: :func:`default_budget_bytes`.
-    lock_timeout_s:
+    lock_timeout_s : float, default 600.0
         How long to wait for another process computing the same entry before
         computing it here too.
     """
@@ -421,6 +422,7 @@ class SpectrumCache:
 
     # -- housekeeping -------------------------------------------------------------------
     def entries(self) -> list[Path]:
+        """The stored entry files (``.safetensors``; half-written ``.tmp-`` files left out)."""
         if not self.root.exists():
             return []
         return [p for p in self.root.rglob("*.safetensors") if not p.name.startswith(".tmp-") and p.is_file()]
@@ -435,9 +437,11 @@ class SpectrumCache:
         return [p for p in self.root.rglob("*") if p.is_file()]
 
     def evict(self) -> int:
-        """Delete least-recently-used entries until the cache (every file it keeps, lock
-        files and fingerprints included) fits its budget; lock files of entries no longer
-        stored go too."""
+        """Delete least-recently-used entries until the cache fits its budget.
+
+        The size counts every file the cache keeps, lock files and fingerprints included;
+        lock files of entries no longer stored go too. Returns how many entries were removed.
+        """
         entries = set(self.entries())
         for lock in self.root.rglob("*.lock") if self.root.exists() else []:
             if lock.with_suffix(".safetensors") not in entries and time.time() - (_mtime(lock) or 0) > 60:
@@ -465,6 +469,7 @@ class SpectrumCache:
         return removed
 
     def clear(self) -> None:
+        """Delete every stored entry."""
         for path in self.entries():
             path.unlink(missing_ok=True)
         with self._stats_lock:

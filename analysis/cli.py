@@ -41,6 +41,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m analysis`` argument parser, with its ``report`` and ``mitigate`` commands."""
     parser = argparse.ArgumentParser(
         prog="python -m analysis",
         description="Weight-spectrum explorer: what did a fine-tune (or a LoRA adapter) do to a model's weights?",
@@ -270,6 +271,19 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success; :data:`EXIT_BAD_INPUT` (2) for bad input or a disk error, printed as
+        one ``error:`` line; 130 when interrupted.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # whatever options follow: the command moved
         print(

@@ -30,8 +30,10 @@ DEFAULT_CACHE = object()
 def plan_models(
     base: str, tuned: Sequence[str], *, allow_local_paths: bool = True, include_non_block: bool = False
 ) -> list[ComparisonPlan]:
-    """:meth:`SpecResolver.plan_models <analysis.specs.SpecResolver.plan_models>` with the
-    command line's resolver (local paths allowed unless ``allow_local_paths`` is false)."""
+    """:meth:`SpecResolver.plan_models <analysis.specs.SpecResolver.plan_models>` with the command line's resolver.
+
+    Local paths are allowed unless ``allow_local_paths`` is false.
+    """
     return SpecResolver(allow_local_paths=allow_local_paths).plan_models(
         base, tuned, include_non_block=include_non_block
     )

@@ -44,8 +44,10 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def env_switch(name: str) -> bool | None:
-    """``$name`` as a yes/no switch where any other value (or none) leaves the choice to the
-    caller: ``True`` for ``1/true/yes/on``, ``False`` for ``0/false/no/off``, else ``None``."""
+    """``$name`` as a yes/no switch where any other value (or none) leaves the choice to the caller.
+
+    ``True`` for ``1/true/yes/on``, ``False`` for ``0/false/no/off``, else ``None``.
+    """
     return _switch(os.environ.get(name, "").strip().lower())
 
 
@@ -66,9 +68,11 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 def env_text(
     name: str, default: str | None = None, *, strip: bool = False, pattern: str | None = None, expected: str = ""
 ) -> str | None:
-    """``$name`` as it is (without surrounding blanks with ``strip``), ``default`` when unset
-    or empty; with ``pattern``, a value that does not match it whole is refused (the error
-    says it ``must be {expected}``)."""
+    """``$name`` as it is (without surrounding blanks with ``strip``), ``default`` when unset or empty.
+
+    With ``pattern``, a value that does not match it whole is refused (the error says it
+    ``must be {expected}``).
+    """
     raw = os.environ.get(name, "")
     raw = raw.strip() if strip else raw
     if not raw:

@@ -102,6 +102,7 @@ class PlanRequest:
         return (self.base, self.tuned, self.include_non_block, self.allow_local_paths, where)
 
     def plan(self) -> ComparisonPlan:
+        """Plan the comparison from the specs, with ``resolver`` or as the command line does."""
         if self.resolver is not None:
             return self.resolver.plan(self.base, self.tuned, include_non_block=self.include_non_block)
         (plan,) = SpecResolver(allow_local_paths=self.allow_local_paths).plan_models(
@@ -111,8 +112,10 @@ class PlanRequest:
 
 
 def dashboard_request(resolver, base: str, tuned: str) -> PlanRequest:
-    """A :class:`PlanRequest` for the dashboard's specs, its demo folder fixed at the driver
-    (a worker's own ``WSE_CACHE_DIR`` must not decide what ``demo:base`` names)."""
+    """A :class:`PlanRequest` for the dashboard's specs, its demo folder fixed at the driver.
+
+    A worker's own ``WSE_CACHE_DIR`` must not decide what ``demo:base`` names.
+    """
     pinned = replace(resolver, demo_root=resolver.demo_root or default_demo_root())
     return PlanRequest(base, tuned, allow_local_paths=pinned.allow_local_paths, resolver=pinned)
 
@@ -195,8 +198,11 @@ def cache_mode(cache: SpectrumCache | None) -> str:
 
 
 def node_cache_dir(chosen: str | None = None) -> Path:
-    """Where a worker keeps digests and base spectra in ``driver`` mode: ``chosen`` (the
-    driver's ``WSE_RAY_NODE_CACHE``, the same path on every node), else ``<tmp>/wse-ray-cache``."""
+    """Where a worker keeps digests and base spectra in ``driver`` mode.
+
+    ``chosen`` (the driver's ``WSE_RAY_NODE_CACHE``, the same path on every node), else
+    ``<tmp>/wse-ray-cache``.
+    """
     return Path(chosen).expanduser() if chosen else Path(tempfile.gettempdir()) / "wse-ray-cache"
 
 
@@ -250,8 +256,10 @@ def split(plans: Sequence[ComparisonPlan], slots: int) -> list[Task]:
 
 
 def _identity(matrix: MatrixPlan) -> str:
-    """What names a matrix across plans of the same base: its base tensor name (and, where
-    pairing sets one, the expert of a fused expert tensor)."""
+    """What names a matrix across plans of the same base.
+
+    Its base tensor name (and, where pairing sets one, the expert of a fused expert tensor).
+    """
     expert = getattr(matrix, "expert", None)
     return matrix.name if expert is None else f"{matrix.name}#{expert}"
 
@@ -262,8 +270,11 @@ _PLANS_KEPT = 16
 
 
 def _worker_plan(run: str, request: PlanRequest) -> ComparisonPlan:
-    """``request.plan()`` once per run and worker process (a worker runs many tasks of a
-    run; a later run plans again, so files rewritten in between are seen)."""
+    """``request.plan()`` once per run and worker process.
+
+    A worker runs many tasks of a run; a later run plans again, so files rewritten in
+    between are seen.
+    """
     key = (run, request.key())
     with _plans_lock:
         plan = _plans.get(key)
@@ -337,8 +348,10 @@ def run_task(task: TaskInput) -> list[tuple]:
 
 
 def _pick(plan: ComparisonPlan, index: int, name: str, shape: tuple[int, int], request: PlanRequest) -> MatrixPlan:
-    """The worker's matrix ``index``, if it is the driver's (same key and shape): plans of
-    the same files list the same matrices in the same order."""
+    """The worker's matrix ``index``, if it is the driver's (same key and shape).
+
+    Plans of the same files list the same matrices in the same order.
+    """
     if 0 <= index < len(plan.matrices):
         matrix = plan.matrices[index]
         if _identity(matrix) == name and tuple(matrix.shape) == tuple(shape):

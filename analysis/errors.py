@@ -15,9 +15,9 @@ class InputError(Exception):
 
     Parameters
     ----------
-    source:
+    source : object
         The file, folder or hub id the problem is in, as the user would recognise it.
-    problem:
+    problem : str
         One plain sentence saying what is wrong (no traceback, no repr soup).
     """
 

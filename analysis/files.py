@@ -8,13 +8,23 @@ from pathlib import Path
 
 
 def atomic_write_text(path: Path | str, text: str, *, private: bool = True) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: into a new file beside it, moved into
-    place with ``os.replace``, so readers see the old file or the whole new one (never
-    half of it, nor two writers' bytes mixed). The folder is created if missing.
+    """Write ``text`` (UTF-8) to ``path`` atomically.
 
-    ``private``: the file is readable by its owner only (``0600``, what
-    :func:`tempfile.mkstemp` makes); otherwise it gets the mode a plain ``open(path, "w")``
-    gives (``0666`` less the umask). A failed write leaves no temporary file behind.
+    The text goes into a new file beside it, moved into place with ``os.replace``, so
+    readers see the old file or the whole new one (never half of it, nor two writers'
+    bytes mixed). The folder is created if missing. A failed write leaves no temporary
+    file behind.
+
+    Parameters
+    ----------
+    path : pathlib.Path or str
+        The file written.
+    text : str
+        Its new content.
+    private : bool, default True
+        The file is readable by its owner only (``0600``, what :func:`tempfile.mkstemp`
+        makes); otherwise it gets the mode a plain ``open(path, "w")`` gives (``0666``
+        less the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

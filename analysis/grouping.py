@@ -19,9 +19,9 @@ MAX_GROUP = 16
 def group_matrices(
     matrices: Sequence[MatrixPlan], method: str, max_bytes: int, device_type: str = "cpu"
 ) -> list[tuple[int, ...]]:
-    """The plan's matrices (their indices) in the groups they are analysed in, each group
-    in plan order and the groups in the order of their first matrix.
+    """The plan's matrices (their indices) in the groups they are analysed in.
 
+    Each group is in plan order and the groups in the order of their first matrix.
     For the ``eig`` method (the CUDA default), same-shaped matrices of one layer of one
     stack and of order up to :data:`~analysis.linalg.BATCH_MAX_ORDER` (a mixture-of-experts
     layer's experts, which a per-expert checkpoint lists as expert 0's down, gate and up,

@@ -140,8 +140,10 @@ class Tridiagonal:
 
     @functools.cached_property
     def splits(self) -> bool:
-        """Whether the tridiagonal matrix falls apart into blocks (inverse iteration as one
-        block would then be wrong)."""
+        """Whether the tridiagonal matrix falls apart into blocks.
+
+        Inverse iteration as one block would then be wrong.
+        """
         return bool(np.any(np.abs(self._e[: self.n - 1]) <= np.finfo(np.float64).eps * self._scale))
 
     def top(self, k: int) -> np.ndarray | None:

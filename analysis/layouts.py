@@ -124,18 +124,23 @@ _NUMBERS = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 def _template(name: str) -> str:
-    """The name with every block and expert number replaced by 0: labels, stacks and skip
-    rules do not depend on them, so they are computed once per template (an 18,000-matrix
-    MoE model has a few dozen templates)."""
+    """The name with every block and expert number replaced by 0.
+
+    Labels, stacks and skip rules do not depend on them, so they are computed once per
+    template (an 18,000-matrix MoE model has a few dozen templates).
+    """
     return _NUMBERS.sub("0", name)
 
 
 def module_label(name: str) -> str:
-    """What a block weight does: ``query``, ``key``, ``value``, ``qkv``, ``attn_out``,
-    ``self_attn_out``/``cross_attn_out`` (T5), ``cross_query``..., ``gate``, ``up``,
-    ``gate_up``, ``down``, ``mlp_in``, ``mlp_out``, ``router``, ``shared_*``, or the last
-    name component (without ``.weight``) when the layout is unknown. Expert weights get
-    the label of their projection (the expert index is a separate part of the identity)."""
+    """What a block weight does, as a short label.
+
+    ``query``, ``key``, ``value``, ``qkv``, ``attn_out``, ``self_attn_out``/``cross_attn_out``
+    (T5), ``cross_query``..., ``gate``, ``up``, ``gate_up``, ``down``, ``mlp_in``, ``mlp_out``,
+    ``router``, ``shared_*``, or the last name component (without ``.weight``) when the
+    layout is unknown. Expert weights get the label of their projection (the expert index
+    is a separate part of the identity).
+    """
     return _module_label(_template(name))
 
 
@@ -216,9 +221,12 @@ class ModelLayout:
         )
 
     def persist(self) -> None:
-        """Store what this layout found (module kinds, shapes, every placement asked for) for
-        later processes, which then plan without importing transformers (1-2 s a process;
-        see :func:`_stored_path`). Nothing is lost if the cache cannot be written."""
+        """Store what this layout found for later processes.
+
+        What is stored (module kinds, shapes, every placement asked for) lets them plan
+        without importing transformers (1-2 s a process; see :func:`_stored_path`). Nothing
+        is lost if the cache cannot be written.
+        """
         if not self._dirty or self._config_json is None:
             return
         path = _stored_path(self._config_json)
@@ -287,14 +295,20 @@ class ModelLayout:
         return placement
 
     def module_kind(self, memory: str) -> str | None:
-        """``embedding``, ``conv1d``, ``linear``, ``experts`` or ``None`` (unknown) for a
-        parameter in memory."""
+        """The kind of module a parameter in memory belongs to.
+
+        ``embedding``, ``conv1d``, ``linear``, ``experts`` or ``None`` (unknown).
+        """
         if not self.available:
             return None
         module = memory.rsplit(".", 1)[0]
         return self._kinds.get(module)
 
     def is_conv1d(self, memory: str) -> bool:
+        """Whether a parameter in memory is a transformers ``Conv1D`` weight (stored ``in x out``).
+
+        Without the module kind, decided by :data:`CONV1D_MODEL_TYPES` for block weights.
+        """
         kind = self.module_kind(memory)
         if kind is not None:
             return kind == "conv1d"
@@ -313,6 +327,7 @@ class ModelLayout:
         return [n for n in self._meta if n.startswith(head) and "." not in n[len(head) :]]
 
     def memory_shape(self, memory: str) -> tuple[int, ...] | None:
+        """The shape of a parameter in memory as the meta model has it, or ``None`` when unknown."""
         shape = self._meta.get(memory)
         return None if shape is None else tuple(shape)
 
@@ -322,10 +337,12 @@ LAYOUT_VERSION = "1"
 
 
 def _stored_path(config_json: str):
-    """Where the layout of ``config_json`` is stored: in the cache folder, keyed by BLAKE3
-    of the config, transformers' version and :data:`LAYOUT_VERSION` (what transformers
-    says about an architecture is a function of these alone); ``None`` without
-    transformers."""
+    """Where the layout of ``config_json`` is stored; ``None`` without transformers.
+
+    In the cache folder, keyed by BLAKE3 of the config, transformers' version and
+    :data:`LAYOUT_VERSION` (what transformers says about an architecture is a function of
+    these alone).
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -338,8 +355,10 @@ def _stored_path(config_json: str):
 
 
 def _read_stored(config_json: str):
-    """``(available, prefix, meta, kinds, transposed, placements)`` stored by
-    :meth:`ModelLayout.persist`, or ``None`` (not stored, unreadable or malformed)."""
+    """``(available, prefix, meta, kinds, transposed, placements)`` stored by :meth:`ModelLayout.persist`.
+
+    ``None`` when not stored, unreadable or malformed.
+    """
     path = _stored_path(config_json)
     if path is None:
         return None

@@ -277,10 +277,13 @@ BATCH_MAX_BYTES = 512 * 1024**2
 
 
 def _batches(shapes: Sequence[tuple[int, int]], top: int | None) -> list[list[int]]:
-    """Indices of the matrices the ``eig`` method decomposes together: same-shaped ones of
-    order up to :data:`BATCH_MAX_ORDER` whose ``top`` vectors do not come from subspace
-    iteration, in chunks that fit :data:`BATCH_MAX_BYTES`, in the order given. A matrix of
-    its own shape forms a batch of one (padded, see :func:`_batched_gram_spectra`)."""
+    """Indices of the matrices the ``eig`` method decomposes together.
+
+    Same-shaped ones of order up to :data:`BATCH_MAX_ORDER` whose ``top`` vectors do not
+    come from subspace iteration, in chunks that fit :data:`BATCH_MAX_BYTES`, in the order
+    given. A matrix of its own shape forms a batch of one (padded, see
+    :func:`_batched_gram_spectra`).
+    """
     groups: dict[tuple[int, int], list[int]] = {}
     for i, shape in enumerate(shapes):
         if min(shape) <= BATCH_MAX_ORDER and not _by_subspace_iteration(min(shape), top):
@@ -338,17 +341,21 @@ SUBSPACE_MAX_FRACTION = 0.125
 
 
 def _eigh(gram: torch.Tensor, vectors: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending eigenvalues (float64) and eigenvectors in ``vectors`` precision of one
-    float64 Gram matrix or a batch of them: a float32 solve for the vectors, where float32
-    is enough, beside a float64 values-only one."""
+    """Ascending eigenvalues (float64) and eigenvectors (``vectors`` precision) of float64 Gram matrices.
+
+    One Gram matrix or a batch of them: a float32 solve for the vectors, where float32 is
+    enough, beside a float64 values-only one.
+    """
     if vectors == torch.float64:
         return torch.linalg.eigh(gram)
     return torch.linalg.eigvalsh(gram), torch.linalg.eigh(gram.to(vectors)).eigenvectors
 
 
 def _by_subspace_iteration(size: int, top: int | None) -> bool:
-    """Whether the top vectors of a Gram matrix of this size come from subspace iteration
-    (:func:`top_eigenvectors`) rather than a full eigendecomposition."""
+    """Whether a Gram matrix of this size gets its top vectors by subspace iteration (:func:`top_eigenvectors`).
+
+    Otherwise they come from a full eigendecomposition.
+    """
     return top is not None and size >= SUBSPACE_MIN_SIZE and top <= SUBSPACE_MAX_FRACTION * size
 
 

@@ -37,6 +37,7 @@ class AnalysisSettings:
     side: Literal["left", "right"] = "left"
 
     def signature(self) -> str:
+        """The settings as ``name=value`` pairs in name order, comma-separated (for cache keys)."""
         return ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
 
 
@@ -48,9 +49,10 @@ def pair_metrics(
     settings: AnalysisSettings,
     adapter_rank: int | None,
 ) -> Entry:
-    """The metrics of DESIGN.md for one matrix pair, from ``W0 = U0 S0 V0^T`` (the base's
-    spectrum, every left vector), ``Wt = Ut St Vt^T`` (the tuned weight's, top vectors) and
-    ``dW = Wt - W0`` (the update's), as the papers define them.
+    """The metrics of DESIGN.md for one matrix pair, as the papers define them.
+
+    From ``W0 = U0 S0 V0^T`` (the base's spectrum, every left vector), ``Wt = Ut St Vt^T``
+    (the tuned weight's, top vectors) and ``dW = Wt - W0`` (the update's).
 
     Returns the entry the cache stores: spectra, intruder scores, the similarity block, the
     update's top vectors and the amplification factor; the update's scalar metrics are
@@ -89,9 +91,12 @@ def pair_metrics(
 
 
 def matrix_result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
-    """A pair's result from its entry: the stored spectra and scores, and the metrics that
-    follow from the update's singular values (:func:`analysis.metrics.update_metrics`)
-    derived here, so that a changed or added metric needs no recomputation."""
+    """A pair's result from its entry.
+
+    The stored spectra and scores, and the metrics that follow from the update's singular
+    values (:func:`analysis.metrics.update_metrics`) derived here, so that a changed or
+    added metric needs no recomputation.
+    """
     arrays = {name: t.numpy() for name, t in tensors.items()}
     stored = {name: info[name] for name in ("amplification_factor", "amplification_rank")}
     return MatrixResult(

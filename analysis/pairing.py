@@ -122,12 +122,12 @@ def plan_comparison(
 
     Parameters
     ----------
-    base:
+    base : WeightSource
         The pre-trained model.
-    tuned:
+    tuned : WeightSource or LoraAdapter
         A full fine-tune or merged checkpoint (:class:`WeightSource`), or a LoRA adapter
         to apply to ``base`` (:class:`LoraAdapter`).
-    include_non_block:
+    include_non_block : bool, default False
         Also analyse 2-D weights outside the numbered blocks (embeddings, LM head,
         pooler, classifier).
 
@@ -250,8 +250,11 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
 
 
 def _adapter_pairs(adapter: LoraAdapter, whole: list[Slot]) -> tuple[dict[str, str], dict[str, Slot]]:
-    """``{base name: adapter module}`` for the adapter's ordinary modules, and the slots by
-    the base names used (stored names, or for PEFT possibly names in memory)."""
+    """``{base name: adapter module}`` for the adapter's ordinary modules, and the slots.
+
+    The slots are keyed by the base names used (stored names, or for PEFT possibly names
+    in memory).
+    """
     regular = {m: mod for m, mod in adapter.modules.items() if not mod.param_wrapper}
     if adapter.naming is not None:  # the format's own module naming (kohya)
         by_name = {s.name: s for s in whole}
@@ -283,8 +286,10 @@ class _AdapterMatches:
 def _module_matrices(
     base: WeightSource, adapter: LoraAdapter, pairs: dict[str, str], by_name: dict[str, Slot], include_non_block: bool
 ) -> _AdapterMatches:
-    """The matrices of the adapter's ordinary modules (:func:`_adapter_pairs`), their shapes
-    checked against the base's."""
+    """The matrices of the adapter's ordinary modules (:func:`_adapter_pairs`).
+
+    Their shapes are checked against the base's.
+    """
     found = _AdapterMatches()
     for name, module_name in pairs.items():
         slot = by_name[name]
@@ -314,8 +319,11 @@ def _module_matrices(
 def _param_matrices(
     base: WeightSource, adapter: LoraAdapter, layout: ModelLayout, slots: list[Slot], matched: set[str]
 ) -> list[MatrixPlan]:
-    """The matrices of the adapter's parameter wrappers (PEFT's ``target_parameters``: fused
-    experts and other raw parameters), adding the modules placed to ``matched``."""
+    """The matrices of the adapter's parameter wrappers, adding the modules placed to ``matched``.
+
+    Parameter wrappers are PEFT's ``target_parameters``: fused experts and other raw
+    parameters.
+    """
     by_memory: dict[str, list[Slot]] = defaultdict(list)
     for slot in slots:
         by_memory[slot.memory].append(slot)
@@ -356,8 +364,11 @@ def _missing_modules(adapter: LoraAdapter, matched: set[str]) -> list[str]:
 
 
 def _check_adapter_fits(base: WeightSource, adapter: LoraAdapter, found: _AdapterMatches, paired: int) -> None:
-    """Refuse an adapter made for another base: none of its modules found, block modules
-    missing, or most of the ``paired`` matrices of other shapes."""
+    """Refuse an adapter made for another base.
+
+    The signs: none of its modules found, block modules missing, or most of the ``paired``
+    matrices of other shapes.
+    """
     missing = _missing_modules(adapter, found.matched)
     trained_on = adapter.settings.base_model_name_or_path
     hint = f" (it was trained on {trained_on})" if trained_on else ""

@@ -172,8 +172,11 @@ def _prepare(
 
 
 def _all_finite(weight: torch.Tensor) -> bool:
-    """No NaN or infinity in ``weight``. NumPy's check on a CPU float tensor: 0.05 ms for
-    384 x 1536, where ``torch.isfinite(w).all()`` takes 1.2 ms (it builds temporaries)."""
+    """No NaN or infinity in ``weight``.
+
+    NumPy's check on a CPU float tensor: 0.05 ms for 384 x 1536, where
+    ``torch.isfinite(w).all()`` takes 1.2 ms (it builds temporaries).
+    """
     if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64):
         return bool(np.isfinite(weight.detach().numpy()).all())
     return bool(torch.isfinite(weight).all())
@@ -205,9 +208,11 @@ def _compute_group(
     cache: SpectrumCache | None,
     budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> list[MatrixResult]:
-    """The results of same-shaped pairs (one pair but for the ``eig`` method, see
-    :func:`~analysis.grouping.group_matrices`): those :func:`_prepare` found in the cache, the others computed
-    together (:func:`_group_metrics`), on the threads their shape asks for on the CPU
+    """The results of same-shaped pairs, from the cache or computed together.
+
+    One pair but for the ``eig`` method, see :func:`~analysis.grouping.group_matrices`.
+    Those :func:`_prepare` found in the cache are read, the others computed together
+    (:func:`_group_metrics`), on the threads their shape asks for on the CPU
     (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere.
 
     Each pair is looked up again and stored under its own entry's lock (one lock held at a
@@ -241,9 +246,11 @@ def _compute_group(
 def _group_metrics(
     pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> list[Entry]:
-    """Every metric of each pair: its spectra (:func:`_group_spectra` for the ``gram`` and
-    ``eig`` methods, :func:`_pair_spectra` pair by pair for the SVD drivers), then
-    :func:`pair_metrics`."""
+    """Every metric of each pair: its spectra, then :func:`pair_metrics`.
+
+    The spectra come from :func:`_group_spectra` for the ``gram`` and ``eig`` methods,
+    :func:`_pair_spectra` pair by pair for the SVD drivers.
+    """
     if method in ("gram", "eig"):
         spectra = _group_spectra(pairs, settings, device, method, cache)
     else:
@@ -265,9 +272,11 @@ def _on_device(pair: _Pair, device: torch.device) -> tuple[torch.Tensor, TunedMa
 def _seeds(
     base_spectrum: Spectrum, tuned: TunedMatrix, wanted: int, device: torch.device
 ) -> Callable[[], torch.Tensor]:
-    """Starting vectors for the tuned weight's top ``wanted``: a fine-tune's top singular
-    vectors lie near the base's (and, for an adapter, in the span of ``B``). A function, as
-    only the subspace iteration of large matrices uses them."""
+    """Starting vectors for the tuned weight's top ``wanted``.
+
+    A fine-tune's top singular vectors lie near the base's (and, for an adapter, in the
+    span of ``B``). A function, as only the subspace iteration of large matrices uses them.
+    """
 
     def seeds() -> torch.Tensor:
         start = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
@@ -281,9 +290,10 @@ def _seeds(
 def _group_spectra(
     pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> list[tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]]:
-    """The spectra of each pair's base (cached or computed and cached), tuned weight and
-    update, each with just the vectors the metrics use, and the base weight on ``device``:
-    the ``gram`` (CPU) and ``eig`` (CUDA) methods.
+    """The spectra of each pair's base, tuned weight and update by the ``gram`` (CPU) and ``eig`` (CUDA) methods.
+
+    The base's is cached or computed and cached; each spectrum has just the vectors the
+    metrics use; the base weight is returned too, on ``device``.
 
     The bases that are not cached, the tuned weights and the dense updates each go through
     one :func:`~analysis.linalg.decompose_many` call, which with ``eig`` diagonalises
@@ -323,9 +333,11 @@ def _group_spectra(
 def _pair_spectra(
     pair: _Pair, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]:
-    """:func:`_group_spectra` of one pair for the SVD drivers (``gesvda``, ``svd``): the
-    matrices that need an SVD (the base unless cached, the tuned weight, the update unless
-    low-rank) share a shape and go as one call (one batch with ``gesvda`` on CUDA)."""
+    """:func:`_group_spectra` of one pair for the SVD drivers (``gesvda``, ``svd``).
+
+    The matrices that need an SVD (the base unless cached, the tuned weight, the update
+    unless low-rank) share a shape and go as one call (one batch with ``gesvda`` on CUDA).
+    """
     base, tuned = _on_device(pair, device)
     todo = {} if pair.base_spectrum is not None else {"base": base}
     todo["tuned"] = tuned.weight.to(device)
@@ -339,9 +351,11 @@ def _pair_spectra(
 
 
 def _float64_difference(tuned: torch.Tensor, base: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tuned - base`` in float64 (exact for float32 and bf16 weights). On the CPU by NumPy,
-    which casts inside its loop: 0.5 ms for 384 x 1536 where torch's promoting subtraction
-    takes 0.9 ms."""
+    """``tuned - base`` in float64 (exact for float32 and bf16 weights).
+
+    On the CPU by NumPy, which casts inside its loop: 0.5 ms for 384 x 1536 where torch's
+    promoting subtraction takes 0.9 ms.
+    """
     if device.type == "cpu" and tuned.device.type == base.device.type == "cpu":
         if tuned.dtype in (torch.float32, torch.float64) and base.dtype in (torch.float32, torch.float64):
             return torch.from_numpy(np.subtract(tuned.numpy(), base.numpy(), dtype=np.float64))
@@ -388,17 +402,38 @@ def analyse_plan(
 ) -> Iterator[MatrixResult]:
     """Analyse a plan's matrices, yielding each result in plan order as soon as it is ready.
 
-    ``workers`` threads (default on CPU :func:`cpu_parallelism`, on a GPU
-    :func:`default_workers`) each take a whole matrix --
-    digests, cache lookups, loading, SVDs, metrics -- so independent SVDs use separate
-    cores; with ``workers=1`` a reader thread prepares the next matrix (digests, cache
-    lookups, loading) while the calling thread computes this one. A matrix starts only
-    while the estimated working
-    memory of those running fits ``memory_budget`` bytes (default
-    :data:`DEFAULT_MEMORY_BUDGET`; one always may), so host memory stays bounded however
-    large the model. ``progress`` is called after each matrix; ``should_stop`` is polled
-    before each one starts and raises :class:`~analysis.errors.AnalysisCancelled` when it
-    returns true.
+    Each worker thread takes a whole matrix -- digests, cache lookups, loading, SVDs,
+    metrics -- so independent SVDs use separate cores; with ``workers=1`` a reader thread
+    prepares the next matrix (digests, cache lookups, loading) while the calling thread
+    computes this one. A matrix starts only while the estimated working memory of those
+    running fits ``memory_budget``, so host memory stays bounded however large the model.
+
+    Parameters
+    ----------
+    plan : ComparisonPlan
+        The paired matrices of one base and one fine-tune.
+    settings : AnalysisSettings, optional
+        What is kept per matrix (part of every cache key).
+    device : {"auto", "cpu", "cuda"} or torch.device, default "auto"
+        Where the decompositions run (``auto``: CUDA when present).
+    cache : SpectrumCache or None, optional
+        Where base spectra and results are looked up and stored; ``None`` stores nothing.
+    progress : callable, optional
+        Called with a :class:`ProgressEvent` after each matrix.
+    should_stop : callable, optional
+        Polled before each matrix starts; when it returns true,
+        :class:`~analysis.errors.AnalysisCancelled` is raised.
+    workers : int, optional
+        Worker threads (default on CPU :func:`cpu_parallelism`, on a GPU
+        :func:`default_workers`).
+    memory_budget : int, optional
+        Bytes the estimated working memory of the running matrices must fit (default
+        :data:`DEFAULT_MEMORY_BUDGET`; one matrix always may run).
+
+    Yields
+    ------
+    MatrixResult
+        One per matrix of ``plan``, in plan order.
     """
     device = resolve_device(device)
     method = default_method(device)
@@ -460,8 +495,11 @@ def _plan_workers(plan: ComparisonPlan, device: torch.device, method: str, budge
 
 
 def _in_plan_order(results: Iterable[tuple[tuple[int, ...], list[MatrixResult]]]) -> Iterator[MatrixResult]:
-    """The results of groups (their matrices' indices, their results), as the groups finish,
-    in plan order: results of groups that finished ahead of plan order are held back."""
+    """The results of groups (their matrices' indices, their results) in plan order.
+
+    Yielded as the groups finish: results of groups that finished ahead of plan order are
+    held back.
+    """
     ready: dict[int, MatrixResult] = {}
     following = 0
     for group, group_results in results:

@@ -38,6 +38,7 @@ class LowRankDelta:
 
     @property
     def rank(self) -> int:
+        """``r``: the number of rows of ``A`` (columns of ``B``)."""
         return int(self.A.shape[0])
 
     def dense(self) -> torch.Tensor:
@@ -86,6 +87,8 @@ class MatrixPlan(IdentifiedMatrix):
 
 @dataclass(frozen=True)
 class ShapeMismatch:
+    """A tensor both checkpoints hold with different shapes (listed, never analysed)."""
+
     name: str
     base_shape: tuple[int, ...]
     tuned_shape: tuple[int, ...]
@@ -115,8 +118,11 @@ class ComparisonPlan:
 
 
 def require_matrices(plan: ComparisonPlan) -> ComparisonPlan:
-    """``plan``, or an :class:`~analysis.errors.InputError` when base and fine-tune share
-    no analysable matrix (no shape in common): an empty report would look like a result."""
+    """Return ``plan``, or refuse a pair that shares no analysable matrix.
+
+    An :class:`~analysis.errors.InputError` when base and fine-tune have no matrix (no shape)
+    in common: an empty report would look like a result.
+    """
     if not plan.matrices:
         raise InputError(
             plan.tuned_label,

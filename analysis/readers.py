@@ -1,6 +1,7 @@
-"""File-format readers: safetensors headers and tensors, weights-only ``pytorch_model.bin``,
-JSON configs. Shared by :mod:`analysis.sources` (checkpoints) and :mod:`analysis.adapters`
-(adapter files), which therefore do not import each other.
+"""File-format readers: safetensors headers and tensors, weights-only ``pytorch_model.bin``, JSON configs.
+
+Shared by :mod:`analysis.sources` (checkpoints) and :mod:`analysis.adapters` (adapter
+files), which therefore do not import each other.
 """
 
 from __future__ import annotations
@@ -137,8 +138,10 @@ def load_safetensors_tensor(path: Path, name: str) -> torch.Tensor:
 
 
 def load_safetensors_slice(path: Path, name: str, index: int) -> torch.Tensor:
-    """``tensor[index]`` of a stored tensor (one expert of a fused ``[E, ...]`` tensor),
-    read through safetensors' ``get_slice`` so the other experts stay on disk."""
+    """``tensor[index]`` of a stored tensor (one expert of a fused ``[E, ...]`` tensor).
+
+    Read through safetensors' ``get_slice``, so the other experts stay on disk.
+    """
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             return handle.get_slice(name)[index]
@@ -179,6 +182,7 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; an :class:`InputError` when unreadable, not JSON or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:

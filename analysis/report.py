@@ -39,6 +39,11 @@ def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dic
 
 
 def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
+    """One fine-tune of the report: its matrices (:func:`matrix_entry`), what was not analysed, and totals.
+
+    ``totals`` holds the intruder count summed over the matrices at each of ``epsilons``
+    and the mean effective rank (0 without matrices).
+    """
     per_matrix = [m.intruder_counts(top_k, epsilons) for m in model.matrices]
     totals = [sum(m[i] for m in per_matrix) for i in range(len(epsilons))]
     mean_erank = sum(m.effective_rank for m in model.matrices) / len(model.matrices) if model.matrices else 0.0

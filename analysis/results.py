@@ -87,6 +87,7 @@ class ModelResult:
 
     @property
     def label(self) -> str:
+        """How the model is named in charts: its summary's ``label``, else its source."""
         return self.summary.get("label", self.source)
 
     def total_intruders(self, k: int, eps: float) -> int:
@@ -96,6 +97,8 @@ class ModelResult:
 
 @dataclass
 class ComparisonResult:
+    """A whole comparison: the base as given, the settings, and one result per fine-tune."""
+
     base: str
     top_k: int
     epsilons: list[float]

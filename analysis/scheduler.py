@@ -1,5 +1,7 @@
-"""Scheduling and thread control of an analysis: which matrices run at once, on how many
-threads, within what memory, and what runs beside them (reading ahead, cache writes).
+"""Scheduling and thread control of an analysis.
+
+Which matrices run at once, on how many threads, within what memory, and what runs
+beside them (reading ahead, cache writes).
 
 The maths is in :mod:`analysis.pipeline`; this module decides only where and when it
 runs, never what it computes: every matrix gets thread counts that depend on its own
@@ -34,8 +36,11 @@ def available_cores() -> int:
 
 
 def default_workers() -> int:
-    """Matrices analysed at once on a GPU: one, its weights read ahead by a reader thread;
-    two when torch uses only part of the cores. (CPU: see :func:`cpu_parallelism`.)"""
+    """Matrices analysed at once on a GPU (CPU: see :func:`cpu_parallelism`).
+
+    One, its weights read ahead by a reader thread; two when torch uses only part of the
+    cores.
+    """
     return max(1, min(2, available_cores() // max(1, torch.get_num_threads())))
 
 
@@ -73,9 +78,10 @@ _blas_global_lock = threading.Lock()
 
 
 def _blas_libraries() -> list:
-    """``openblas_set_num_threads_local`` of every OpenBLAS outside torch, or ``[]`` when
-    one of the BLAS libraries loaded has no per-thread setting (then :func:`blas_threads`
-    limits them for the whole process instead).
+    """``openblas_set_num_threads_local`` of every OpenBLAS outside torch, or ``[]``.
+
+    ``[]`` when one of the BLAS libraries loaded has no per-thread setting (then
+    :func:`blas_threads` limits them for the whole process instead).
 
     SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
     Gram products of :func:`analysis.linalg.gram_matrix`) are the ones that matter:
@@ -101,16 +107,17 @@ def _blas_libraries() -> list:
 
 
 def _limit_blas(threads: int):
-    """Limit the BLAS libraries outside torch to ``threads`` for the whole process (the
-    fallback of :func:`blas_threads`); a handle that restores them."""
+    """Limit the BLAS libraries outside torch to ``threads`` for the whole process.
+
+    The fallback of :func:`blas_threads`; returns a handle that restores them.
+    """
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=threads, user_api="blas")
 
 
 class _BlasGate:
-    """Matrices on one outside-torch BLAS thread share the gate; a matrix on more holds it
-    alone.
+    """Matrices on one outside-torch BLAS thread share the gate; a matrix on more holds it alone.
 
     OpenBLAS runs a multi-threaded call on fewer threads when another thread of the process
     is inside OpenBLAS at the time (measured: a two-thread ``dsytrd`` beside two threads
@@ -157,8 +164,9 @@ _blas_gate = _BlasGate()
 
 @contextmanager
 def blas_threads(threads: int) -> Iterator[None]:
-    """Run the body (one matrix's decompositions) in this thread with ``threads`` threads
-    in the BLAS libraries outside torch.
+    """Run the body (one matrix's decompositions) with ``threads`` threads in the BLAS libraries outside torch.
+
+    The setting holds in this thread.
 
     LAPACK's results depend on its thread count in the last bits (``dsytrd`` on one thread
     differs from two), and an OpenBLAS thread count set for the whole process is shared by
@@ -209,17 +217,20 @@ def matrix_threads(shape: tuple[int, int], method: str, budget: int = DEFAULT_ME
 
 
 def use_threads(threads: int) -> None:
-    """Compute in this thread with ``threads`` torch threads (OpenMP and MKL settings are
-    per thread: a fresh worker thread would run its first LAPACK call on as many threads
-    as cores). Inside :func:`compute_threads` only, which restores the caller's count.
-    (The BLAS libraries outside torch: :func:`blas_threads`.)"""
+    """Compute in this thread with ``threads`` torch threads.
+
+    OpenMP and MKL settings are per thread: a fresh worker thread would run its first
+    LAPACK call on as many threads as cores. Inside :func:`compute_threads` only, which
+    restores the caller's count. (The BLAS libraries outside torch: :func:`blas_threads`.)
+    """
     torch.set_num_threads(threads)
 
 
 @contextmanager
 def compute_threads() -> Iterator[None]:
-    """Keep the caller's torch thread count while matrices set their own
-    (:func:`use_threads`); restore it afterwards.
+    """Keep the caller's torch thread count while matrices set their own; restore it afterwards.
+
+    Matrices set theirs with :func:`use_threads`.
 
     Overlapping analyses (two dashboard jobs) share the setting; the last to finish
     restores what was there before.
@@ -240,23 +251,28 @@ def compute_threads() -> Iterator[None]:
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """Run the body (torch code only) with ``threads`` torch threads in this thread; the
-    caller's setting comes back afterwards (shared with overlapping analyses as
-    :func:`compute_threads`)."""
+    """Run the body (torch code only) with ``threads`` torch threads in this thread.
+
+    The caller's setting comes back afterwards (shared with overlapping analyses as
+    :func:`compute_threads`).
+    """
     with compute_threads():
         use_threads(threads)
         yield
 
 
 def run_now(task: Callable[[], None]) -> None:
+    """Run ``task`` at once in this thread (a cache write where no :class:`BackgroundWriter` is used)."""
     task()
 
 
 class BackgroundWriter:
-    """Runs cache writes (and the device-to-host copies inside them) on one thread, off
-    the critical path: a base entry of a 7B-sized matrix is 32 MiB of float16 vectors to
-    copy, checksum and write while the next matrix decomposes. :meth:`close` waits for
-    every write and raises the first write's error, if any."""
+    """Runs cache writes (and the device-to-host copies inside them) on one thread, off the critical path.
+
+    A base entry of a 7B-sized matrix is 32 MiB of float16 vectors to copy, checksum and
+    write while the next matrix decomposes. :meth:`close` waits for every write and raises
+    the first write's error, if any.
+    """
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wse-writer")
@@ -264,11 +280,13 @@ class BackgroundWriter:
         self._lock = threading.Lock()
 
     def __call__(self, task: Callable[[], None]) -> None:
+        """Queue ``task`` (a cache write) on the writer thread."""
         with self._lock:
             self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
             self._futures.append(self._executor.submit(task))
 
     def close(self) -> None:
+        """Wait for every write; raise the first write's error, if any."""
         self._executor.shutdown(wait=True)
         for future in self._futures:
             future.result()

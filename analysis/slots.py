@@ -1,6 +1,8 @@
-"""The matrices of a checkpoint (:class:`Slot`): what :func:`catalogue` finds in its file
-headers, how one is loaded (:func:`load_slot`) and digested (:func:`slot_digest`), and a
-fine-tune's expert matrices re-cut as its base stores them (:func:`to_base_layout`).
+"""The matrices of a checkpoint (:class:`Slot`).
+
+What :func:`catalogue` finds in its file headers, how one is loaded (:func:`load_slot`)
+and digested (:func:`slot_digest`), and a fine-tune's expert matrices re-cut as its base
+stores them (:func:`to_base_layout`).
 
 A slot is a stored 2-D tensor or one expert of a fused 3-D one, oriented ``out x in``
 (GPT-2 ``Conv1D`` weights and ``is_transposed`` experts are transposed when loaded).
@@ -53,13 +55,16 @@ class Slot:
 
     @property
     def key(self) -> str:
-        """Names the same matrix across checkpoints of the same architecture and layout (and,
-        once :func:`to_base_layout` re-cut a fine-tune's experts, of either layout)."""
+        """Names the same matrix across checkpoints of the same architecture and layout.
+
+        Once :func:`to_base_layout` re-cut a fine-tune's experts, across either layout too.
+        """
         where = "fused" if self.index is not None and not self.split else f"{self.part}/{self.parts}"
         return f"{self.memory}#{self.expert}#{where}"
 
     @property
     def identity(self) -> tuple:
+        """Where the matrix sits in the model: ``(stack, layer, module, expert)``."""
         return (self.stack, self.layer, self.module, self.expert)
 
 
@@ -135,8 +140,10 @@ def _module_path(name: str) -> str:
 
 
 def load_slot(source: WeightSource, slot: Slot) -> torch.Tensor:
-    """The slot's matrix as float32 ``out x in`` (one expert read alone from a fused tensor,
-    and of a split slice only its rows)."""
+    """The slot's matrix as float32 ``out x in``.
+
+    One expert is read alone from a fused tensor, and of a split slice only its rows.
+    """
     if slot.pieces:
         return torch.cat([load_slot(source, piece) for piece in slot.pieces])
     tensor = source.load(slot.name) if slot.index is None else source.load_slice(slot.name, slot.index)
@@ -162,9 +169,11 @@ def slot_digest(source: WeightSource, slot: Slot, stored: StoredDigest) -> str:
 
 
 def to_base_layout(tuned: list[Slot], base: list[Slot]) -> list[Slot]:
-    """The fine-tune's expert matrices cut as the base stores them, where the two checkpoints
-    use different expert layouts (the hub's per-expert Qwen3-MoE or Mixtral against a
-    transformers 5 state dict with fused ``gate_up_proj`` / ``down_proj``).
+    """The fine-tune's expert matrices cut as the base stores them.
+
+    Needed where the two checkpoints use different expert layouts (the hub's per-expert
+    Qwen3-MoE or Mixtral against a transformers 5 state dict with fused ``gate_up_proj`` /
+    ``down_proj``).
 
     A fused slice of the fine-tune becomes the per-expert matrices the base stores (its row
     blocks, in the order transformers concatenates them: ``gate_proj`` then ``up_proj``);

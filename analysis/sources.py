@@ -98,9 +98,11 @@ class WeightSource:
             raise KeyError(f"{self.label} has no tensor {name!r}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name``, from the file header."""
         return self._info(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor ``name``, from the file header."""
         return self._info(name).dtype
 
     def file(self, name: str) -> Path:
@@ -117,8 +119,10 @@ class WeightSource:
         return tensor
 
     def load_slice(self, name: str, index: int) -> torch.Tensor:
-        """``tensor[index]`` (one expert of a fused ``[E, ...]`` tensor), as stored; from a
-        safetensors file only that slice is read."""
+        """``tensor[index]`` (one expert of a fused ``[E, ...]`` tensor), as stored.
+
+        From a safetensors file only that slice is read.
+        """
         info = self._info(name)
         if not 0 <= index < info.shape[0]:
             raise IndexError(f"{name!r} has {info.shape[0]} slices, not {index + 1}")
@@ -134,8 +138,10 @@ class WeightSource:
         return tensor
 
     def content_digest(self, name: str) -> str:
-        """:func:`analysis.cache.tensor_digest` of the stored tensor (BLAKE3 of its dtype,
-        shape and bytes): equal digests, equal tensors."""
+        """:func:`analysis.cache.tensor_digest` of the stored tensor: equal digests, equal tensors.
+
+        The digest is BLAKE3 of its dtype, shape and bytes.
+        """
         return tensor_digest(self.load(name))
 
 
@@ -357,11 +363,11 @@ def open_location(spec: str | os.PathLike, *, allow_local_paths: bool = True) ->
 
     Parameters
     ----------
-    spec:
+    spec : str or os.PathLike
         A local folder or ``.safetensors`` file, or a hub model id (``org/name`` or
         ``org/name@revision``), already checked by :func:`analysis.specs.check_spec`.
         See the module docstring for the resolution order.
-    allow_local_paths:
+    allow_local_paths : bool, default True
         ``False`` on hosted instances: any path-like spec is refused, and a spec that
         could be both (``org/name``) is always taken as a hub id.
 

@@ -1,5 +1,7 @@
-"""Charts that put the fine-tunes side by side over their matrices: intruder dimensions
-against eps and by layer or module, effective rank, rank90 and amplification factor by layer.
+"""Charts that put the fine-tunes side by side over their matrices.
+
+Intruder dimensions against eps and by layer or module, effective rank, rank90 and
+amplification factor by layer.
 
 Pure functions (no Streamlit, no I/O), each drawn from the matching table of
 :mod:`charts.tables` (:func:`~charts.tables.sweep_table`, :func:`~charts.tables.breakdown_table`,
@@ -147,8 +149,11 @@ def _facet_grid(n_panels: int, max_cols: int = 3) -> tuple[int, int]:
 
 
 def _facets(table) -> list[tuple[str | None, str, bool]]:
-    """The facets of a per-matrix table: ``(stack, module, experts)``, stacks as first met,
-    modules in block order, an expert module's facet after the module's own."""
+    """The facets of a per-matrix table: ``(stack, module, experts)``.
+
+    Stacks as first met, modules in block order, an expert module's facet after the
+    module's own.
+    """
     stacks = list(dict.fromkeys(None if pd.isna(s) else s for s in table["stack"]))
     modules = tables.module_order(table["module"])
     found = {
@@ -182,15 +187,17 @@ def _module_facets(
     rank_lines: bool = False,
     max_cols: int = 3,
 ) -> go.Figure:
-    """``column`` by layer, one facet per stack and module (wrapping after ``max_cols``),
-    one series per fine-tune with its own colour, dash and marker; hover names the matrix
+    """``column`` by layer, one facet per stack and module (wrapping after ``max_cols``).
+
+    One series per fine-tune with its own colour, dash and marker; hover names the matrix
     by its short label (``decoder L3 cross_attn_out``, ``L3 E17 down``).
 
     Every matrix is its own point: an encoder's and a decoder's layer 0 are in different
     facets (``encoder · query``, ``decoder · query``), and the experts of a mixture-of-
     experts module get a facet of their own (``experts of down``) where each expert is one
     marker at its layer (no line: many points share a layer). ``rank_lines`` adds a dotted
-    line at each LoRA's rank ``r``."""
+    line at each LoRA's rank ``r``.
+    """
     facets = _facets(table)
     layers = sorted(table["layer"].unique(), key=layer_sort)
     n_rows, n_cols = _facet_grid(len(facets), max_cols)
@@ -263,12 +270,12 @@ def _module_facets(
 def effective_rank_figure(
     models: Sequence[ModelResult], metric: str = "effective_rank", log_y: bool = True
 ) -> go.Figure:
-    """Effective rank or rank90 of every update by layer, one facet per stack and module
-    (experts of a module in a facet of their own, one marker each).
+    """Effective rank or rank90 of every update by layer, one facet per stack and module.
 
-    All fine-tunes side by side, each with its own colour, dash and marker; the LoRA
-    rank ``r`` (the most a LoRA update's rank can be) as a dotted line. ``log_y`` (the
-    default) keeps rank-1 and rank-8 updates readable beside a full fine-tune's hundreds.
+    Experts of a module are in a facet of their own, one marker each. All fine-tunes side
+    by side, each with its own colour, dash and marker; the LoRA rank ``r`` (the most a
+    LoRA update's rank can be) as a dotted line. ``log_y`` (the default) keeps rank-1 and
+    rank-8 updates readable beside a full fine-tune's hundreds.
     Effective rank: Roy & Vetterli 2007 on ``dW`` as in Shuttleworth et al.; rank90:
     Biderman et al. 2024.
 
@@ -299,10 +306,11 @@ def effective_rank_figure(
 def amplification_figure(
     models: Sequence[ModelResult], matrices: Collection[str] | None = None, log_y: bool = True
 ) -> go.Figure:
-    """Amplification factor per matrix (Hu et al. 2021, sec. 7.3) by layer, one facet per
-    stack and module (experts in their own facet, one marker each) and one series per
-    fine-tune (every fine-tune in the legend), every matrix its own point, named by its
-    short label (``L3 mlp_in``) in the hover.
+    """Amplification factor per matrix (Hu et al. 2021, sec. 7.3) by layer.
+
+    One facet per stack and module (experts in their own facet, one marker each) and one
+    series per fine-tune (every fine-tune in the legend), every matrix its own point, named
+    by its short label (``L3 mlp_in``) in the hover.
 
     Parameters
     ----------

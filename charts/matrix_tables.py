@@ -1,6 +1,7 @@
-"""Tables of one matrix, and of two updates of one matrix: its spectra, its tuned vectors'
-best matches with the base, its similarity block, and the subspace similarity of two
-updates of it.
+"""Tables of one matrix, and of two updates of one matrix.
+
+Its spectra, its tuned vectors' best matches with the base, its similarity block, and
+the subspace similarity of two updates of it.
 
 The numbers behind :mod:`charts.spectra`'s charts, and what their "Download CSV" buttons
 write. Pure functions: a :class:`MatrixResult` in, a :class:`pandas.DataFrame` (or array)

@@ -21,8 +21,10 @@ BASE_COLOR = "#7f7f7f"
 
 
 def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame:
-    """Per matrix: intruders scaled, intruders before/after at ``eps`` among the top ``k``
-    (the pipeline's counts), ``||dW||_F`` before/after and the re-factorisation error.
+    """What the mitigation did, per matrix.
+
+    Intruders scaled, intruders before/after at ``eps`` among the top ``k`` (the pipeline's
+    counts), ``||dW||_F`` before/after and the re-factorisation error.
 
     Parameters
     ----------
@@ -130,9 +132,10 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
 
 
 def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
-    """Singular values of the base, the tuned and the mitigated weight (log scales, ticks at
-    1-2-5 only); the components that were scaled are marked at their rank in the tuned
-    spectrum. The base is a thick pale line under the others, so it shows where the
+    """Singular values of the base, the tuned and the mitigated weight.
+
+    Log scales, ticks at 1-2-5 only; the components that were scaled are marked at their
+    rank in the tuned spectrum. The base is a thick pale line under the others, so it shows where the
     mitigated spectrum lies on it.
 
     Parameters
@@ -227,9 +230,12 @@ def tradeoff_table(result: MitigationResult) -> pd.DataFrame:
 
 
 def _label_positions(xy: list[tuple[float, float]], labels: list[str]) -> list[str]:
-    """Text positions for labelled points: above each, unless that lands on the label of
-    a point close by (within 6% of the spread on both axes), then below, right or left.
-    A point without a label (it shares one, :func:`_lambda_labels`) takes no position."""
+    """Text positions for labelled points.
+
+    Above each, unless that lands on the label of a point close by (within 6% of the
+    spread on both axes), then below, right or left. A point without a label (it shares
+    one, :func:`_lambda_labels`) takes no position.
+    """
     xs, ys = [x for x, _ in xy], [y for _, y in xy]
     span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     positions: list[str] = []
@@ -245,9 +251,12 @@ def _label_positions(xy: list[tuple[float, float]], labels: list[str]) -> list[s
 
 
 def _lambda_labels(points: list[dict]) -> list[str]:
-    """``λ=...`` for each point, once per position: points that land on the same spot
-    (nothing scaled at these settings, so every λ gives the fine-tune) share one label,
-    ``λ=0–1`` for three or more, instead of labels piled on each other."""
+    """``λ=...`` for each point, once per position.
+
+    Points that land on the same spot (nothing scaled at these settings, so every λ gives
+    the fine-tune) share one label, ``λ=0–1`` for three or more, instead of labels piled on
+    each other.
+    """
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(points):
         groups.setdefault((round(p["loss"], 9), p["task"] if p["task"] is None else round(p["task"], 9)), []).append(i)
@@ -260,8 +269,9 @@ def _lambda_labels(points: list[dict]) -> list[str]:
 
 
 def tradeoff_figure(result: MitigationResult) -> go.Figure:
-    """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric
-    for the base, the fine-tune and the mitigated fine-tune at each lambda; without a task
+    """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric.
+
+    For the base, the fine-tune and the mitigated fine-tune at each lambda; without a task
     metric, the held-out loss against lambda.
 
     Parameters

@@ -1,5 +1,7 @@
-"""The Overview page's charts: every analysed matrix of every fine-tune as a grid cell,
-and the total intruder dimensions per fine-tune.
+"""The Overview page's charts.
+
+Every analysed matrix of every fine-tune as a grid cell, and the total intruder
+dimensions per fine-tune.
 
 Pure functions (no Streamlit, no I/O), drawn from :func:`charts.overview_tables.overview_table`
 and :func:`charts.tables.totals_table`, which are also what the page offers as CSV.

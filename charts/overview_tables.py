@@ -39,8 +39,10 @@ OVERVIEW_COLUMNS: tuple[str, ...] = (
 
 
 def overview_section(matrix: MatrixResult) -> tuple[str | None, str | None]:
-    """Which overview grid a matrix is drawn in: ``(stack, None)`` for its stack's
-    layer x module grid, ``(stack, module)`` for the layer x expert grid of an expert module.
+    """Which overview grid a matrix is drawn in.
+
+    ``(stack, None)`` for its stack's layer x module grid, ``(stack, module)`` for the
+    layer x expert grid of an expert module.
 
     Parameters
     ----------
@@ -74,8 +76,10 @@ def section_title(section: tuple[str | None, str | None]) -> str:
 
 
 def grid_cell(matrix: MatrixResult) -> dict:
-    """Where a matrix sits in an overview-style grid (:func:`overview_section` as text, row,
-    column) and its identity: the columns the overview and the series grid share.
+    """Where a matrix sits in an overview-style grid, and its identity.
+
+    The place is :func:`overview_section` as text, row and column: the columns the overview
+    and the series grid share.
 
     Parameters
     ----------

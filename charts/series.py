@@ -39,8 +39,10 @@ def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> di
 
 
 def _opening(steps: list[int], step: int | None) -> int:
-    """Index of the frame a series chart opens at: ``step``'s, or the last step's when
-    ``step`` is ``None`` or not among ``steps``."""
+    """Index of the frame a series chart opens at.
+
+    ``step``'s, or the last step's when ``step`` is ``None`` or not among ``steps``.
+    """
     return steps.index(step) if step in steps else len(steps) - 1
 
 
@@ -129,8 +131,10 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
 
 
 def _grid_shapes(table) -> dict[str, tuple[list[str], list[str]]]:
-    """The rows (layers) and columns (modules or experts) of each grid of a series grid table,
-    in the order the grids are met; raises ``ValueError`` when two matrices share a cell."""
+    """The rows (layers) and columns (modules or experts) of each grid of a series grid table.
+
+    In the order the grids are met; raises ``ValueError`` when two matrices share a cell.
+    """
     shapes = {}
     for section in dict.fromkeys(table["section"]):
         part = table[table["section"] == section]
@@ -260,8 +264,9 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
 def series_similarity_figure(
     models: Sequence[ModelResult], matrix: str, label: str = "", step: int | None = None
 ) -> go.Figure:
-    """``|Ut^T U0|`` of one matrix (its :attr:`analysis.identity.MatrixId.key`) at each checkpoint
-    of a series, one frame per step, opening at ``step`` (the last when ``None`` or absent).
+    """``|Ut^T U0|`` of one matrix (its :attr:`~analysis.identity.MatrixId.key`) at each checkpoint of a series.
+
+    One frame per step, opening at ``step`` (the last when ``None`` or absent).
 
     The similarity block of :func:`charts.spectra.similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
     rows tuned rank, columns base rank), reduced to :data:`charts.style.MAX_HEATMAP_SIDE`; the slider

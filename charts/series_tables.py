@@ -1,5 +1,6 @@
-"""Tidy tables of a checkpoint series (:mod:`analysis.specs.series`): the numbers behind
-the Series page's charts (:mod:`charts.series`) and its CSV downloads.
+"""Tidy tables of a checkpoint series (:mod:`analysis.specs.series`).
+
+The numbers behind the Series page's charts (:mod:`charts.series`) and its CSV downloads.
 
 Pure functions: the checkpoints' results in, :class:`pandas.DataFrame` out. Each
 checkpoint is a :class:`ModelResult` with its training ``step``; the per-matrix metrics
@@ -55,8 +56,9 @@ def _series_group(matrix: MatrixResult, by: str) -> str:
 
 
 def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "model") -> pd.DataFrame:
-    """Metrics of each checkpoint of a series against its step, grouped ``by`` one of
-    :data:`SERIES_GROUPINGS`: the whole model; a layer or a module kind of one stack
+    """Metrics of each checkpoint of a series against its step, grouped ``by`` one of :data:`SERIES_GROUPINGS`.
+
+    The groups: the whole model; a layer or a module kind of one stack
     (``encoder L0``, ``decoder query``: stacks never share a group), with every expert of the
     layer or module in it; or one matrix (its short label, so each expert its own line).
 
@@ -110,10 +112,11 @@ SERIES_GRID_COLUMNS: tuple[str, ...] = ("step", "section", "row", "column", "mat
 
 
 def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> pd.DataFrame:
-    """One row per checkpoint and matrix, placed in its grid cell as the overview places it
-    (:func:`charts.overview_tables.overview_table`): ``section`` names the grid (one layer x module grid per stack,
-    one layer x expert grid per mixture-of-experts module), ``row`` and ``column`` the cell,
-    so (``step``, ``section``, ``row``, ``column``) is unique. ``matrix`` is the
+    """One row per checkpoint and matrix, placed in its grid cell as the overview places it.
+
+    As :func:`charts.overview_tables.overview_table` does: ``section`` names the grid (one
+    layer x module grid per stack, one layer x expert grid per mixture-of-experts module),
+    ``row`` and ``column`` the cell, so (``step``, ``section``, ``row``, ``column``) is unique. ``matrix`` is the
     :attr:`~analysis.identity.MatrixId.key`; the last column is ``metric`` (one of :data:`SERIES_METRICS`).
 
     Parameters
@@ -143,9 +146,10 @@ def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: f
 
 
 def series_similarity_table(models: Sequence[ModelResult], matrix: str, k: int, eps: float) -> pd.DataFrame:
-    """Each checkpoint's top ``k`` tuned vectors of one matrix (its :attr:`~analysis.identity.MatrixId.key`): best
-    match with the base and whether it is an intruder at ``eps`` (:func:`charts.matrix_tables.intruder_table` per
-    step).
+    """Each checkpoint's top ``k`` tuned vectors of one matrix (its :attr:`~analysis.identity.MatrixId.key`).
+
+    Their best match with the base and whether each is an intruder at ``eps``
+    (:func:`charts.matrix_tables.intruder_table` per step).
 
     Parameters
     ----------

@@ -1,5 +1,4 @@
-"""Charts of one matrix: its similarity heatmap, its spectra, and the subspace similarity
-of two updates of it.
+"""Charts of one matrix: its similarity heatmap, its spectra, and the subspace similarity of two updates of it.
 
 Pure functions (no Streamlit, no I/O), drawn from :func:`charts.matrix_tables.intruder_table`,
 :func:`charts.matrix_tables.spectrum_table` and :func:`charts.matrix_tables.subspace_similarity`, which

@@ -74,8 +74,10 @@ def empty_figure(title: str, message: str) -> go.Figure:
 
 # -- one look per fine-tune ----------------------------------------------------------------------
 def model_style(index: int, model: ModelResult) -> dict:
-    """Colour per fine-tune; LoRA dashed with diamonds and hatched bars, full fine-tuning
-    solid circles and plain bars.
+    """Colour and marks per fine-tune.
+
+    LoRA dashed with diamonds and hatched bars, full fine-tuning solid circles and plain
+    bars.
 
     Parameters
     ----------
@@ -115,8 +117,9 @@ def metric_colorscale(metric: str) -> str:
 
 
 def legend_name(label: str, model: ModelResult) -> str:
-    """``label (method)``, or the label alone when it names the method already
-    (the demo's "LoRA r=1", never "LoRA r=1 (LoRA r=1)").
+    """``label (method)``, or the label alone when it names the method already.
+
+    The demo's "LoRA r=1", never "LoRA r=1 (LoRA r=1)".
 
     Parameters
     ----------
@@ -162,7 +165,9 @@ def series_style(index: int, model: ModelResult) -> dict:
 
 
 def series_mode(n_points: int) -> str:
-    """Markers where a line cannot be seen (a single point), lines and markers for short
+    """The scatter mode for a series of ``n_points``.
+
+    Markers where a line cannot be seen (a single point), lines and markers for short
     series, plain lines for long ones.
 
     Parameters

@@ -1,5 +1,7 @@
-"""Tidy tables of comparison results: the numbers behind every chart, and how fine-tunes
-and matrices are named and ordered in them.
+"""Tidy tables of comparison results.
+
+The numbers behind every chart, and how fine-tunes and matrices are named and ordered
+in them.
 
 Each dashboard chart is drawn from a table: the per-fine-tune and per-matrix tables here
 (drawn by :mod:`charts.overview` and :mod:`charts.comparison`), a single matrix's in
@@ -121,8 +123,9 @@ def identity_order(matrices: Iterable[MatrixResult]) -> list[MatrixResult]:
 
 
 def describe_matrix(matrix: MatrixResult) -> str:
-    """A picker's words for a matrix: ``layer 3 · value``, ``decoder · layer 1 · cross_attn_out``,
-    ``layer 0 · down · expert 5``.
+    """A picker's words for a matrix.
+
+    ``layer 3 · value``, ``decoder · layer 1 · cross_attn_out``, ``layer 0 · down · expert 5``.
 
     Parameters
     ----------
@@ -230,8 +233,10 @@ def training_method(model: ModelResult) -> str:
 
 
 def names_method(label: str, method: str) -> bool:
-    """Whether a fine-tune's ``label`` already says its :func:`training_method` (the demo's
-    "LoRA r=8", "Full fine-tuning"), so views print the method only where it adds something.
+    """Whether a fine-tune's ``label`` already says its :func:`training_method`.
+
+    As the demo's "LoRA r=8", "Full fine-tuning" do; views print the method only where it
+    adds something.
 
     Parameters
     ----------

@@ -118,8 +118,10 @@ def build_demo(
 
 
 def write_held_out_task(root: Path, held_out=None) -> None:
-    """Write the held-out split as a :class:`~analysis.mitigation.heldout.RetrievalTask`
-    file, which the engine's trade-off curve evaluates the demo's fine-tunes on."""
+    """Write the held-out split as a :class:`~analysis.mitigation.heldout.RetrievalTask` file.
+
+    The engine's trade-off curve evaluates the demo's fine-tunes on it.
+    """
     if held_out is None:
         _train, held_out = split_pairs(harvest_stdlib_pairs())
     root.mkdir(parents=True, exist_ok=True)
@@ -141,9 +143,11 @@ def _finished_build(root: Path) -> DemoManifest | None:
 
 
 def _write_manifest(manifest: DemoManifest, folder: Path) -> None:
-    """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file),
-    with the held-out task file beside it the first time (nothing is written before a
-    fine-tune is finished, so a stopped first build leaves no folder)."""
+    """Write ``manifest.json`` into ``folder`` atomically (readers never see half a file).
+
+    The held-out task file goes beside it the first time (nothing is written before a
+    fine-tune is finished, so a stopped first build leaves no folder).
+    """
     if not (folder / HELD_OUT_TASK_NAME).is_file():
         write_held_out_task(folder)
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n", private=False)
@@ -284,8 +288,10 @@ def _environment(threads: int) -> dict[str, str]:
 
 
 class _StepCounter:
-    """Counts the build's training steps on its tqdm ``bar`` and for ``on_step``, and asks
-    ``should_stop`` before each step."""
+    """Counts the build's training steps on its tqdm ``bar`` and for ``on_step``.
+
+    It asks ``should_stop`` before each step.
+    """
 
     def __init__(self, bar, total: int, on_step: StepCallback | None, should_stop: Callable[[], bool] | None):
         self.bar, self.total, self.on_step, self.should_stop = bar, total, on_step, should_stop
@@ -313,8 +319,10 @@ def _evaluate_base(data: _TaskData) -> DemoModel:
 def _train_recipe(
     recipe: FineTuneRecipe, data: _TaskData, target: Path, scratch: Path | None, steps: int, counter: _StepCounter
 ) -> DemoModel:
-    """Train ``recipe``, evaluate and save it (in ``scratch``, then moved into ``target``,
-    or straight into ``target``)."""
+    """Train ``recipe``, evaluate and save it.
+
+    Saved in ``scratch``, then moved into ``target``, or straight into ``target``.
+    """
     t0 = time.perf_counter()
     work = scratch if scratch is not None else target
     checkpoint_dir = work / CHECKPOINTS_DIR / recipe.name

@@ -35,6 +35,7 @@ class DocPair:
 
     @property
     def package(self) -> str:
+        """The top-level package of :attr:`module` (what the held-out split is chosen by)."""
         return self.module.split(".")[0]
 
 

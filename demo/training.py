@@ -91,8 +91,11 @@ FINE_TUNES: tuple[FineTuneRecipe, ...] = (
 
 @contextlib.contextmanager
 def training_environment() -> Iterator[None]:
-    """Deterministic algorithms on torch's threads (at most 8), and no library chatter
-    on stderr beside the demo's own progress bar; all restored afterwards."""
+    """Deterministic, quiet training; all restored afterwards.
+
+    Deterministic algorithms on torch's threads (at most 8), and no library chatter on
+    stderr beside the demo's own progress bar.
+    """
     from transformers.utils import logging as transformers_logging
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -158,9 +161,11 @@ def checkpoint_steps(steps: int) -> list[int]:
 
 
 def _save_checkpoint(model: torch.nn.Module, folder: Path, step: int, steps: int, history: list[dict]) -> None:
-    """``folder`` as the transformers Trainer writes ``checkpoint-<step>``: the weights (a
-    PEFT adapter or a safetensors model, by ``save_pretrained``) and ``trainer_state.json``
-    with ``global_step`` and the loss history so far."""
+    """``folder`` as the transformers Trainer writes ``checkpoint-<step>``.
+
+    The weights (a PEFT adapter or a safetensors model, by ``save_pretrained``) and
+    ``trainer_state.json`` with ``global_step`` and the loss history so far.
+    """
     model.save_pretrained(folder)
     state = {"global_step": step, "max_steps": steps, "train_batch_size": BATCH_SIZE, "log_history": history}
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
@@ -176,8 +181,11 @@ def fine_tune(
     stop_here: Callable[[], None],
     checkpoint_dir: Path | None = None,
 ) -> torch.nn.Module:
-    """Train ``recipe`` on ``batches``; with ``checkpoint_dir``, save
-    ``checkpoint_dir/checkpoint-<step>`` at each of :func:`checkpoint_steps`."""
+    """Train ``recipe`` on ``batches``.
+
+    With ``checkpoint_dir``, save ``checkpoint_dir/checkpoint-<step>`` at each of
+    :func:`checkpoint_steps`.
+    """
     torch.manual_seed(SEED + zlib.crc32(recipe.name.encode()))
     model = _trainable_model(recipe, base_path)
     # Dropout off: the runs are short and deterministic comparisons matter more here.

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
+    """Where a job is: queued, running, or finished as done, failed or cancelled."""
+
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -43,6 +45,7 @@ class JobState(StrEnum):
 
     @property
     def finished(self) -> bool:
+        """Whether the job has ended (done, failed or cancelled)."""
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -57,6 +60,7 @@ class Progress:
 
     @property
     def fraction(self) -> float:
+        """``done / total``, 0 while the total is unknown (zero)."""
         return self.done / self.total if self.total else 0.0
 
     @property
@@ -104,6 +108,7 @@ class Job:
 
     @property
     def watchers(self) -> frozenset[str]:
+        """The watchers (sessions) waiting for the job now."""
         with self._lock:
             return frozenset(self._watchers)
 
@@ -112,10 +117,12 @@ class Job:
         return self._done.wait(timeout)
 
     def should_stop(self) -> bool:
+        """Whether the job was asked to stop (no watcher left, or cancelled); the worker polls it."""
         return self._stop.is_set()
 
     # -- interest and cancelling ----------------------------------------------------------
     def watch(self, watcher: str) -> None:
+        """Register ``watcher``'s interest in the job."""
         with self._lock:
             self._watchers.add(watcher)
 
@@ -137,9 +144,11 @@ class Job:
 
     # -- writing (the worker) -------------------------------------------------------------
     def report(self, progress: Progress) -> None:
+        """Set the job's progress (the worker only)."""
         self.progress = progress
 
     def publish(self, item: Any) -> None:
+        """Add ``item`` to the results published so far, :meth:`items` (the worker only)."""
         with self._lock:
             self._items.append(item)
 
@@ -158,10 +167,10 @@ class JobManager:
 
     Parameters
     ----------
-    max_workers:
+    max_workers : int, default 1
         Jobs running at once; the rest wait in order. SVDs already use every core, so
         more than one or two only helps with a GPU.
-    keep_finished:
+    keep_finished : int, default 32
         Finished jobs kept (so a revisit or a second visitor gets the result at once);
         older ones are forgotten, their spectra stay in the persistent cache.
     """
@@ -194,10 +203,12 @@ class JobManager:
         return job
 
     def get(self, key: Hashable) -> Job | None:
+        """The job of ``key``, running or kept after finishing, or ``None``."""
         with self._lock:
             return self._jobs.get(key)
 
     def jobs(self) -> list[Job]:
+        """Every job the manager knows: running, queued and the finished ones kept."""
         with self._lock:
             return list(self._jobs.values())
 
@@ -211,8 +222,10 @@ class JobManager:
         return sum(1 for job in self.jobs() if job.owner == watcher and not job.state.finished)
 
     def reap(self, alive: Callable[[str], bool]) -> list[Job]:
-        """Withdraw every watcher for which ``alive(watcher)`` is false (a closed tab);
-        stop each unfinished job nobody is left waiting for. Returns the jobs stopped."""
+        """Withdraw every watcher for which ``alive(watcher)`` is false (a closed tab).
+
+        Each unfinished job nobody is left waiting for is stopped. Returns the jobs stopped.
+        """
         stopped = []
         for job in self.jobs():
             if job.state.finished:
@@ -243,6 +256,7 @@ class JobManager:
             return self._reaper
 
     def shutdown(self) -> None:
+        """Cancel every job and wait for the running ones to end."""
         for job in self.jobs():
             job.cancel()
         self._pool.shutdown(wait=True, cancel_futures=False)

@@ -82,9 +82,11 @@ def safe_name(name: str) -> str:
 
 
 def check_safetensors(path: Path, display_name: str) -> None:
-    """Raise :class:`InputError` unless ``path`` is a complete, well-formed safetensors file
-    (:func:`analysis.sources.read_safetensors_header`, which also checks dtypes and that
-    the file ends exactly where its last tensor does), naming it ``display_name``."""
+    """Raise :class:`InputError`, naming ``display_name``, unless ``path`` is a complete safetensors file.
+
+    Complete and well-formed by :func:`analysis.sources.read_safetensors_header`, which
+    also checks dtypes and that the file ends exactly where its last tensor does.
+    """
     read_safetensors_header(path, display_name=display_name, exact_end=True)
 
 
@@ -115,16 +117,18 @@ def _refuse_suffix(name: str) -> None:
 
 
 class UploadStore(UploadFolder):
-    """Uploaded files checked and kept by content hash under ``root`` (default
-    ``<cache dir>/uploads``); :class:`~analysis.specs.uploads.UploadFolder` reads them.
+    """Uploaded files checked and kept by content hash under ``root`` (default ``<cache dir>/uploads``).
+
+    :class:`~analysis.specs.uploads.UploadFolder` reads them.
 
     Parameters
     ----------
-    root:
+    root : pathlib.Path or str, optional
         The folder holding one sub-folder per upload.
-    max_files, max_bytes:
-        Caps on one upload (files, and bytes once unpacked).
-    budget_bytes:
+    max_files, max_bytes : int, optional
+        Caps on one upload (files, and bytes once unpacked); default :data:`MAXFILES_DIR`
+        and :data:`MAX_UNPACKED_BYTES`.
+    budget_bytes : int, optional
         Cap on all stored uploads together (default ``$WSE_UPLOAD_BUDGET_GB``, 20 GB).
         Storing one past it first removes the least recently used uploads, never one used
         in the last :data:`RECENT_USE_S` seconds; when that cannot make room the upload is

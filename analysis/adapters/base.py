@@ -69,8 +69,11 @@ _UNSUPPORTED_VARIANTS = {
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """How an adapter's factors combine with the base weights: PEFT's ``LoraConfig``
-    fields that matter for the merged weight, as read from ``adapter_config.json``."""
+    """How an adapter's factors combine with the base weights.
+
+    The fields of PEFT's ``LoraConfig`` that matter for the merged weight, as read from
+    ``adapter_config.json``.
+    """
 
     peft_type: str = field(
         default="LORA", metadata={"help": "PEFT method; only LORA (incl. rsLoRA, DoRA) is supported."}
@@ -163,10 +166,13 @@ def _is_number(value: object) -> bool:
 
 
 def check_lora_values(path: object, config: dict) -> None:
-    """Refuse, as one :class:`InputError` naming the field, an ``adapter_config.json``
-    whose ``r``/``lora_alpha`` are not numbers or whose ``rank_pattern``/``alpha_pattern``
-    have keys that are not regular expressions or values that are not numbers (each is
-    used as PEFT uses it: :func:`pattern_key`, :func:`lora_scale`)."""
+    """Refuse an ``adapter_config.json`` with values PEFT could not use.
+
+    The refusal is one :class:`InputError` naming the field: ``r``/``lora_alpha`` that
+    are not numbers, or ``rank_pattern``/``alpha_pattern`` with keys that are not regular
+    expressions or values that are not numbers (each is used as PEFT uses it:
+    :func:`pattern_key`, :func:`lora_scale`).
+    """
     r = config.get("r", 8)
     if not (_is_number(r) and int(r) == r and r > 0):
         raise InputError(path, f"r must be a positive whole number, got {r!r}")
@@ -189,8 +195,11 @@ def check_lora_values(path: object, config: dict) -> None:
 
 
 def pattern_key(pattern_keys: Sequence[str], module: str) -> str:
-    """PEFT's ``get_pattern_key`` (``peft/utils/other.py``, 0.21): the first key ``k``
-    for which ``re.match(rf"(.*\\.)?({k})$", module)`` matches, else ``module`` itself."""
+    r"""PEFT's ``get_pattern_key`` (``peft/utils/other.py``, 0.21).
+
+    The first key ``k`` for which ``re.match(rf"(.*\.)?({k})$", module)`` matches, else
+    ``module`` itself.
+    """
     for key in pattern_keys:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
@@ -229,6 +238,7 @@ class AdapterModule:
 
     @property
     def has_factors(self) -> bool:
+        """Whether the module has LoRA factors ``A``/``B`` (``False``: a pure replacement)."""
         return self.A is not None
 
 
@@ -353,6 +363,7 @@ class LoraAdapter:
 
     @property
     def config(self) -> dict:
+        """The adapter's settings as plain JSON-able data (:meth:`LoraSettings.summary`)."""
         return self.settings.summary()
 
     def load(self, key: str) -> torch.Tensor:
@@ -387,14 +398,17 @@ class LoraAdapter:
         return self._tensors[module.B].shape, self._tensors[module.A].shape
 
     def delta_shape(self, module: AdapterModule) -> tuple[int, int] | None:
-        """The ``out x in`` shape of this module's update in the plan's orientation
-        (for embeddings the stored ``vocab x dim``), or ``None`` for a pure replacement."""
+        """The ``out x in`` shape of this module's update in the plan's orientation.
+
+        For embeddings the stored ``vocab x dim``; ``None`` for a pure replacement.
+        """
         if not module.has_factors:
             return None
         (out_dim, _), (_, in_dim) = self.factor_shapes(module)
         return (in_dim, out_dim) if module.layer_type == "embedding" else (out_dim, in_dim)
 
     def replacement_shape(self, module: AdapterModule) -> tuple[int, ...] | None:
+        """The stored shape of this module's replacement weight, or ``None`` when it has none."""
         return None if module.replacement is None else self._tensors[module.replacement].shape
 
     def tuned(self, module: AdapterModule, base: torch.Tensor, *, stored_transposed: bool = False) -> TunedMatrix:

@@ -1,6 +1,8 @@
-"""kohya/sd-scripts LoRA files (``networks/lora.py``): ``<name>.lora_down.weight``,
-``<name>.lora_up.weight`` and an optional scalar ``<name>.alpha`` per module;
-``W' = W + alpha / r * up @ down``."""
+"""kohya/sd-scripts LoRA files (``networks/lora.py``).
+
+Per module: ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and an optional scalar
+``<name>.alpha``; ``W' = W + alpha / r * up @ down``.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ KOHYA_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_unet_
 
 
 def open_kohya_file(path: Path, *, label: str | None = None) -> LoraAdapter:
-    """A kohya/sd-scripts LoRA ``.safetensors``: ``<name>.lora_down.weight``,
-    ``<name>.lora_up.weight`` and optional scalar ``<name>.alpha`` per module."""
+    """A kohya/sd-scripts LoRA ``.safetensors``, opened as a :class:`LoraAdapter`.
+
+    Per module: ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and an optional
+    scalar ``<name>.alpha``.
+    """
     label = label or str(path)
     tensors = read_safetensors_header(path)
     modules: dict[str, AdapterModule] = {}
@@ -72,6 +77,7 @@ def _strip_kohya_prefix(name: str) -> str:
 
 
 def is_kohya_lora(names: list[str]) -> bool:
+    """Whether tensor ``names`` (a file's header) hold kohya ``lora_down``/``lora_up`` weights."""
     return any(n.endswith((".lora_down.weight", ".lora_up.weight")) for n in names)
 
 
@@ -86,6 +92,7 @@ def open_folder(label: str, folder: Path, allow_pickle: bool) -> LoraAdapter | N
 
 
 def open_file(label: str, path: Path, names: list[str]) -> LoraAdapter | None:
+    """A ``.safetensors`` file whose tensor ``names`` are a kohya LoRA, else ``None``."""
     return open_kohya_file(path, label=label) if is_kohya_lora(names) else None
 
 

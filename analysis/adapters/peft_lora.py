@@ -1,6 +1,9 @@
-"""PEFT LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
-weights-only ``adapter_model.bin``), keys ``base_model.model.<module>.lora_A.weight`` ...
-(see :mod:`analysis.adapters.base` for the merge rules)."""
+"""PEFT LoRA adapters.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` (or a weights-only
+``adapter_model.bin``), keys ``base_model.model.<module>.lora_A.weight`` ... (see
+:mod:`analysis.adapters.base` for the merge rules).
+"""
 
 from __future__ import annotations
 

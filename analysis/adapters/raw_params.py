@@ -1,5 +1,7 @@
-"""LoRA on raw parameters (PEFT's ``target_parameters``, ``ParamWrapper``): fused MoE
-expert tensors and other bare ``nn.Parameter`` weights."""
+"""LoRA on raw parameters (PEFT's ``target_parameters``, ``ParamWrapper``).
+
+Fused MoE expert tensors and other bare ``nn.Parameter`` weights.
+"""
 
 from __future__ import annotations
 

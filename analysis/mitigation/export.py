@@ -45,8 +45,10 @@ def _fused(plan: ComparisonPlan) -> bool:
 
 
 def _orient_like(stored: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (plan orientation) in the orientation ``stored`` has, found from the data:
-    ``reference`` is what the plan hands out for ``stored``."""
+    """``weight`` (plan orientation) in the orientation ``stored`` has, found from the data.
+
+    ``reference`` is what the plan hands out for ``stored``.
+    """
     if tuple(stored.shape) == tuple(reference.shape) and torch.equal(stored.to(torch.float32), reference):
         return weight
     if tuple(stored.shape) == tuple(reference.T.shape) and torch.equal(stored.to(torch.float32).T, reference):
@@ -55,8 +57,10 @@ def _orient_like(stored: torch.Tensor, reference: torch.Tensor, weight: torch.Te
 
 
 def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: Path) -> Path:
-    """Write the mitigated model as a plain checkpoint: ``out/model.safetensors`` plus the
-    config and tokenizer files of the model folder (loads with ``from_pretrained``).
+    """Write the mitigated model as a plain checkpoint (loads with ``from_pretrained``).
+
+    The checkpoint is ``out/model.safetensors`` plus the config and tokenizer files of the
+    model folder.
 
     Every tensor of the model is written: for a full fine-tune the fine-tune's with the
     mitigated matrices replaced; for an adapter the base's with every adapted matrix
@@ -105,8 +109,9 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
 
 
 def export_adapter(mitigation: Mitigation, resolver, tuned: str, out: Path) -> Path:
-    """Write the mitigated adapter as a PEFT folder (``adapter_config.json`` +
-    ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads.
+    """Write the mitigated adapter as a PEFT folder that ``PeftModel.from_pretrained`` loads.
+
+    The folder holds ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     The original adapter's tensors are copied, ``lora_A``/``lora_B`` (or the embedding
     factors) of each mitigated module replaced by the new factors in the stored dtype.

@@ -39,6 +39,7 @@ class TokenizedTexts:
         return len(self.ids)
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The texts ``indices`` as one padded batch: ``input_ids``, ``attention_mask``, ``token_type_ids``."""
         rows = [self.ids[i] for i in indices]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -104,8 +105,10 @@ _BATCH = 32
 
 
 def held_out_paragraphs(count: int = HELD_OUT_PARAGRAPHS) -> list[str]:
-    """``count`` paragraphs of at least 16 words from Python's documentation topics,
-    whitespace-normalised, taken evenly from all of them in sorted order (deterministic)."""
+    """``count`` paragraphs of at least 16 words from Python's documentation topics.
+
+    Whitespace-normalised, taken evenly from all of them in sorted order (deterministic).
+    """
     from pydoc_data.topics import topics
 
     paragraphs = []
@@ -121,8 +124,11 @@ def held_out_paragraphs(count: int = HELD_OUT_PARAGRAPHS) -> list[str]:
 
 
 def model_family(folder: Path) -> str | None:
-    """``causal`` (a ``*ForCausalLM``/``*LMHeadModel``), ``embedding`` (a
-    sentence-transformers folder), or ``None``: no held-out loss is defined here."""
+    """The model family of ``folder``, which decides its held-out loss.
+
+    ``causal`` (a ``*ForCausalLM``/``*LMHeadModel``), ``embedding`` (a sentence-transformers
+    folder), or ``None``: no held-out loss is defined here.
+    """
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -145,8 +151,11 @@ def load_model(folder: Path, family: str) -> torch.nn.Module:
 
 
 class HeldOut:
-    """The held-out text of the module docstring, tokenized once (a fast tokenizer must not
-    be called from several threads at once); calling it gives a model's held-out loss."""
+    """The held-out text of the module docstring, tokenized once.
+
+    A fast tokenizer must not be called from several threads at once. Calling it gives a
+    model's held-out loss.
+    """
 
     def __init__(self, tokenizer, family: str, paragraphs: Sequence[str]) -> None:
         self.family = family
@@ -171,6 +180,12 @@ class HeldOut:
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> float:
+        """The held-out loss of ``model``.
+
+        ``causal``: the next-token cross-entropy per token; ``embedding``: the mean
+        :func:`contrastive_loss` of each paragraph's first half against its second half,
+        over batches of more than one paragraph.
+        """
         if self.family == "causal":
             total, tokens = 0.0, 0
             for batch in self.batches:
@@ -193,8 +208,11 @@ class HeldOut:
 
 
 def evaluation_workers(points: int, model_bytes: int) -> int:
-    """Points evaluated at once: one per core, at most one per point, and as many model
-    copies as fit in a quarter of the memory available now."""
+    """How many points are evaluated at once.
+
+    One per core, at most one per point, and as many model copies as fit in a quarter of
+    the memory available now.
+    """
     import psutil
 
     fit = max(1, psutil.virtual_memory().available // 4 // max(1, model_bytes))
@@ -234,4 +252,5 @@ class RetrievalTask:
         )
 
     def __call__(self, model: torch.nn.Module) -> float:
+        """The mean reciprocal rank of ``model`` on this task (:func:`evaluate_retrieval`)."""
         return evaluate_retrieval(model, self.queries, self.documents)["mrr"]

@@ -56,10 +56,13 @@ RULES: tuple[str, ...] = ("peft", "top1")
 
 @dataclass(frozen=True)
 class MitigationSettings:
-    """``lam`` scales the intruder components (1 keeps them, 0 removes them); intruders
-    are sought among the top ``top_k`` singular vectors of ``W + dW`` at threshold ``eps``;
+    """How intruders are found and scaled; the defaults are PEFT's.
+
+    ``lam`` scales the intruder components (1 keeps them, 0 removes them); intruders are
+    sought among the top ``top_k`` singular vectors of ``W + dW`` at threshold ``eps``;
     ``rule`` picks all of them (``peft``) or the top one (``top1``); ``exact`` keeps rank
-    ``r + n`` instead of truncating an adapter back to ``r``. PEFT's defaults."""
+    ``r + n`` instead of truncating an adapter back to ``r``.
+    """
 
     lam: float = 0.75
     top_k: int = 10
@@ -80,6 +83,7 @@ class MitigationSettings:
         return self
 
     def signature(self) -> str:
+        """The settings as one line, ``lam=...,k=...,eps=...,rule=...,exact=...`` (labels, job keys)."""
         return f"lam={self.lam:g},k={self.top_k},eps={self.eps:g},rule={self.rule},exact={self.exact}"
 
 
@@ -147,11 +151,15 @@ class Mitigation:
 
     @property
     def kind(self) -> str:
+        """The plan's kind: ``full`` (a fine-tuned checkpoint) or ``adapter``."""
         return self.plan.kind
 
     def totals(self) -> dict[str, float]:
-        """Totals over the matrices: intruders scaled, ``||dW||_F`` before/after (root of
-        the sum of squares), and the re-factorisation error likewise."""
+        """Totals over the matrices.
+
+        Intruders scaled, ``||dW||_F`` before/after (root of the sum of squares), and the
+        re-factorisation error likewise.
+        """
         sq = lambda values: math.sqrt(sum(v * v for v in values))  # noqa: E731
         return {
             "matrices": len(self.matrices),
@@ -164,8 +172,10 @@ class Mitigation:
         }
 
     def tuned(self, key: str) -> TunedMatrix:
-        """The mitigated tuned weight of the matrix with this key (:attr:`MatrixMitigation.key`),
-        as the plan orients it."""
+        """The mitigated tuned weight of the matrix with this key, as the plan orients it.
+
+        ``key`` is :attr:`MatrixMitigation.key`.
+        """
         item = self._tensors[key]
         return _mitigated_tuned(item, self.settings.lam)
 
@@ -216,8 +226,10 @@ def find_intruders(
 
 
 def refactor(update: torch.Tensor, scale: float, rank: int) -> LowRankDelta:
-    """Step 4: ``update / scale`` as rank-``rank`` factors ``B = U sqrt(S)``,
-    ``A = sqrt(S) V^T`` (PEFT shares the singular values equally), scale kept."""
+    """Step 4: ``update / scale`` as rank-``rank`` factors, scale kept.
+
+    ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` (PEFT shares the singular values equally).
+    """
     U_dW, S_dW, V_dW = torch.linalg.svd(update / scale, full_matrices=False)
     B = U_dW[:, :rank] @ torch.diag(S_dW[:rank]).sqrt()
     A = torch.diag(S_dW[:rank]).sqrt() @ V_dW[:rank]

@@ -24,8 +24,10 @@ from analysis.scheduler import torch_threads
 def intruder_table(
     before: ModelResult, after: ModelResult, k: int, epsilons: Sequence[float] = DEFAULT_EPSILONS
 ) -> dict[str, list[int]]:
-    """Total intruders among the top ``k`` at each eps, before and after (from the
-    pipeline's results of the fine-tune and of the mitigated fine-tune)."""
+    """Total intruders among the top ``k`` at each eps, before and after.
+
+    From the pipeline's results of the fine-tune and of the mitigated fine-tune.
+    """
     return {
         "eps": [float(e) for e in epsilons],
         "before": [sum(m.intruder_counts(k, [e])[0] for m in before.matrices) for e in epsilons],
@@ -43,6 +45,7 @@ class MitigationResult:
     tradeoff: Tradeoff | None = None
 
     def counts(self, epsilons: Sequence[float] = DEFAULT_EPSILONS, k: int | None = None) -> dict[str, list[int]]:
+        """:func:`intruder_table` of this mitigation (``k`` defaults to the settings' ``top_k``)."""
         return intruder_table(self.before, self.after, k or self.mitigation.settings.top_k, epsilons)
 
     def to_json(self) -> dict:
@@ -116,9 +119,11 @@ def analyse(
 
 
 def plan_for(resolver, base: str, tuned: str) -> ComparisonPlan:
-    """The plan mitigation works on: every LoRA layer of an adapter (as PEFT's procedure
-    does, including those outside the numbered blocks), the block matrices of a full
-    fine-tune."""
+    """The plan mitigation works on.
+
+    Every LoRA layer of an adapter (as PEFT's procedure does, including those outside the
+    numbered blocks), the block matrices of a full fine-tune.
+    """
     include_non_block = isinstance(resolver.open(tuned), LoraAdapter)
     return resolver.plan(base, tuned, include_non_block=include_non_block)
 

