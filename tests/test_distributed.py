@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from analysis import distributed
 from analysis.cache import SpectrumCache
 from analysis.cli import main
-from analysis.compare import compare
+from analysis.compare import compare, plan_models
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.results import ComparisonResult, MatrixResult
 from tests import factories
@@ -221,7 +221,7 @@ def test_cancel_stops_outstanding_tasks_and_keeps_finished_results(
     base, ft = wide_llama
     local = {m.name: m for m in compare(str(base), [str(ft)], cache=None).models[0].matrices}
     monkeypatch.setattr(distributed, "MIN_TASK_COST", 1)
-    plans = distributed.plan_models(str(base), [str(ft)])
+    plans = plan_models(str(base), [str(ft)])
     got: list[MatrixResult] = []
     stats = distributed.RayRunStats()
     with pytest.raises(AnalysisCancelled, match="cancelled after"):
@@ -254,7 +254,7 @@ def test_tasks_hold_every_fine_tune_of_a_base_matrix(
 ) -> None:
     """A base matrix and its pairs in every fine-tune share one task (so its decomposition is
     computed once and read from the cache by the other pairs); large ones alone, small grouped."""
-    plans = distributed.plan_models(str(tiny_llama), [str(tiny_llama_full_ft), str(tiny_llama_lora)])
+    plans = plan_models(str(tiny_llama), [str(tiny_llama_full_ft), str(tiny_llama_lora)])
     pairs = [(m, i) for m, plan in enumerate(plans) for i in range(len(plan.matrices))]
     for slots in (1, 2, 64):
         tasks = distributed.split(plans, slots)
@@ -303,7 +303,7 @@ def test_fused_expert_slices_are_each_their_own_pair(tmp_path: Path, monkeypatch
     fused = [m for m in local.models[0].matrices if m.expert is not None]
     assert len({m.name for m in fused}) < len(fused)  # many matrices share a tensor name
     monkeypatch.setattr(distributed, "MIN_TASK_COST", 1)  # small groups: several tasks
-    plans = distributed.plan_models(str(base), specs)
+    plans = plan_models(str(base), specs)
     assert len(distributed.split(plans, 2)) > 1  # several tasks: matrices really travel
     far = distributed.compare(str(base), specs, address=None, cache=None)
     assert_same(local, far)
