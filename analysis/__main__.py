@@ -1,7 +1,12 @@
-"""``python -m analysis``: the command line, :func:`analysis.cli.main`."""
+"""``python -m analysis``: the command line, :func:`cli.main.main`.
+
+The one module of the engine's folder that imports a layer above it (``pyproject.toml``'s
+import contracts name this import): the command line composes the engine with the charts
+and the demo, and ``python -m analysis`` is the name users know it by.
+"""
 
 import sys
 
-from analysis.cli import main
+from cli import main
 
 sys.exit(main())

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("analysis", "charts", "hosting", "ui", "pages", "demo")
+PACKAGES = ("analysis", "charts", "hosting", "ui", "cli", "pages", "demo")
 OURS = PACKAGES
 #: Functions over this many lines (the body, docstring not counted) are split, except
 #: declarative ones: argument parsers and tables of constants.
 MAX_FUNCTION_LINES = 80
-DECLARATIVE = {("analysis/cli.py", "build_parser"), ("demo/__main__.py", "build_parser")}
+DECLARATIVE = {("cli/main.py", "build_parser")}
 MAX_MODULE_LINES = 600
 
 
@@ -104,7 +104,9 @@ def test_the_contracts_hold() -> None:
         ("analysis/results.py", "import charts.tables", "Layers"),
         ("analysis/cache.py", "import demo", "Layers"),
         ("charts/tables.py", "import hosting.jobs", "Layers"),
-        ("hosting/jobs.py", "import streamlit", "Charts, hosting and the demo import no Streamlit"),
+        ("hosting/jobs.py", "import streamlit", "Charts, hosting, the command line and the demo import no Streamlit"),
+        ("analysis/report.py", "import cli", "Layers"),
+        ("cli/main.py", "import ui.state", "Layers"),
         ("analysis/errors.py", "import analysis.cache", "No import cycles"),
     ],
 )

@@ -12,8 +12,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from analysis.cache import SpectrumCache
-from analysis.cli import main
 from analysis.compare import compare
+from cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from analysis import distributed
 from analysis.cache import SpectrumCache
-from analysis.cli import main
 from analysis.compare import compare, plan_models
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.results import ComparisonResult, MatrixResult
+from cli import main
 from tests import factories
 
 ray = pytest.importorskip("ray")
@@ -244,7 +244,7 @@ def test_local_runs_never_import_ray() -> None:
     import subprocess
     import sys
 
-    code = "import sys, analysis.pipeline, hosting.jobs, analysis.cli; print('ray' in sys.modules)"
+    code = "import sys, analysis.pipeline, hosting.jobs, cli; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from analysis.cli import main
+from cli import main
 from tests import families
 
 _BLOCK_WORDS = ("layers", "layer", "h", "blocks", "block")

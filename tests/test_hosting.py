@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from analysis import cache as cache_module
 from analysis.cache import SpectrumCache
-from analysis.cli import main
 from analysis.config import env_flag, env_number, env_switch, env_text
 from analysis.errors import InputError, say_once
 from analysis.files import atomic_write_text
 from analysis.specs import SpecResolver
+from cli import main
 from hosting.jobs import JobManager, JobState
 from hosting.public import public_message, server_places
 from hosting.uploads import MAX_UNPACKED_BYTES, UploadStore

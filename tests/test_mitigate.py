@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from analysis.cache import SpectrumCache
-from analysis.cli import main
 from analysis.errors import InputError
 from analysis.mitigation import (
     TRADEOFF_STEP,
@@ -29,6 +28,7 @@ from analysis.mitigation import (
 )
 from analysis.mitigation.tradeoff import evaluate_tradeoff, held_out_paragraphs
 from analysis.specs import SpecResolver
+from cli import main
 from tests import factories
 from ui.mitigation import zip_folder
 

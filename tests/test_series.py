@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from analysis.cache import SpectrumCache
-from analysis.cli import main
 from analysis.compare import compare
 from analysis.errors import InputError
 from analysis.specs.series import (
@@ -25,6 +24,7 @@ from analysis.specs.series import (
     step_from_name,
 )
 from charts import series, series_tables
+from cli import main
 from tests import factories
 
 FULL_STEPS = (20, 5, 10)  # written out of order: the series must sort them numerically

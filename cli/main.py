@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from analysis.errors import InputError
 from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K
+from demo import cli as demo_cli
 
 EXIT_BAD_INPUT = 2
 
@@ -113,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster RAY_ADDRESS names) or an address such as ray://head:10001; every node must read the models",
     )
 
-    commands.add_parser("demo", help="moved: the offline demo is built by its own command, python -m demo")
+    demo_cli.add_arguments(
+        commands.add_parser(
+            "demo",
+            help="build the offline demo (a real base model, its full fine-tune and LoRA adapters)",
+            description=demo_cli.DESCRIPTION,
+        )
+    )
     _add_mitigate_parser(commands)
     return parser
 
@@ -284,16 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success; :data:`EXIT_BAD_INPUT` (2) for bad input or a disk error, printed as
         one ``error:`` line; 130 when interrupted.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:  # whatever options follow: the command moved
-        print(
-            "error: the offline demo is built by its own command: python -m demo [--force] [--steps N]", file=sys.stderr
-        )
-        return EXIT_BAD_INPUT
     args = build_parser().parse_args(argv)
     try:
         if args.command == "mitigate":
             return _run_mitigate(args)
+        if args.command == "demo":
+            return demo_cli.run(args)
         return _run_report(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
