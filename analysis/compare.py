@@ -39,6 +39,15 @@ def plan_models(
     )
 
 
+def settings_for(top_k: int) -> AnalysisSettings:
+    """The :class:`~analysis.pair_metrics.AnalysisSettings` :func:`compare` analyses with for ``top_k``.
+
+    Part of every pair's cache key, so whatever analyses with these settings (the command
+    line, :class:`analysis.training.SpectrumCallback`) shares the cache entries.
+    """
+    return AnalysisSettings(max_top_k=max(top_k, AnalysisSettings.max_top_k))
+
+
 def compare(
     base: str,
     tuned: Sequence[str],
@@ -131,7 +140,7 @@ def compare(
             include_non_block=include_non_block,
             settings=settings,
         )
-    settings = settings or AnalysisSettings(max_top_k=max(top_k, AnalysisSettings.max_top_k))
+    settings = settings or settings_for(top_k)
     if not 1 <= top_k <= settings.max_top_k:
         raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
     if any(not 0 < eps <= 1 for eps in epsilons):
