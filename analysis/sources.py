@@ -105,6 +105,10 @@ class WeightSource:
         """The stored dtype of tensor ``name``, from the file header."""
         return self._info(name).dtype
 
+    def tensor_dtypes(self) -> dict[str, torch.dtype]:
+        """Every tensor's stored dtype, by name, from the file headers (nothing is read)."""
+        return {name: info.dtype for name, info in self._tensors.items()}
+
     def file(self, name: str) -> Path:
         """The file the tensor is stored in (a shard for sharded checkpoints)."""
         return self._info(name).file

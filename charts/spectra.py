@@ -148,7 +148,7 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
         horizontal_spacing=0.04,
         subplot_titles=[
             f"|Uₜᵀ U₀|, top {sim.shape[0]} × {sim.shape[1]}{reduced}",
-            f"best |cos|, top {len(intr)}",
+            "best |cos|",  # short: a longer one overlapped the heatmap's title on a phone
         ],
     )
     fig.add_trace(_similarity_heatmap(z, block), row=1, col=1)

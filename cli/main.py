@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from analysis.errors import InputError
-from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K
+from analysis.results import DEFAULT_EPSILON, DEFAULT_EPSILONS, DEFAULT_TOP_K
 from demo import cli as demo_cli
 
 EXIT_BAD_INPUT = 2
@@ -70,7 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
         "folders (a Trainer output_dir) or series:org/name@rev1,rev2 is a series: one model per checkpoint, "
         "in step order, each with its step",
     )
-    report.add_argument("--out", required=True, type=Path, help="where to write the JSON report")
+    report.add_argument("--out", type=Path, help="where to write the JSON report (needed unless --html is given)")
+    report.add_argument(
+        "--html",
+        type=Path,
+        metavar="PATH",
+        help="also (or, without --out, only) write an HTML report: one file that opens offline in any browser, "
+        "with the overview grids, intruders vs eps, effective rank, the spectra of the matrices that changed most, "
+        "the totals and the provenance (stored dtypes, content digests, version, date); about 5 MB, most of it "
+        "the embedded plotly.js",
+    )
+    report.add_argument(
+        "--eps",
+        type=_unit_interval,
+        default=DEFAULT_EPSILON,
+        help=f"the eps of the HTML report's grids, totals and matrix charts (default {DEFAULT_EPSILON:g}; "
+        "its intruders-vs-eps chart covers --epsilons)",
+    )
     report.add_argument(
         "--top-k",
         type=_positive_int,
@@ -257,6 +273,10 @@ def _run_report(args: argparse.Namespace) -> int:
         if event.done == event.total:
             bar.close()
 
+    if args.out is None and args.html is None:
+        raise InputError("--out", "give --out (the JSON report), --html (the HTML report) or both")
+    if args.html is not None and args.eps == 0:
+        raise InputError("--eps", "must be above 0")
     start = time.perf_counter()
     options = dict(
         top_k=args.top_k,
@@ -268,13 +288,46 @@ def _run_report(args: argparse.Namespace) -> int:
         settings=AnalysisSettings(max_top_k=max(args.top_k, AnalysisSettings.max_top_k), side=args.side),
     )
     result = compare(args.base, args.tuned, ray=args.ray, **options)
-    try:
-        write_report(to_report(result), args.out)
-    except OSError as exc:
-        raise InputError(args.out, f"cannot write the report: {exc.strerror or exc}") from None
+    written = []
+    if args.out is not None:
+        try:
+            write_report(to_report(result), args.out)
+        except OSError as exc:
+            raise InputError(args.out, f"cannot write the report: {exc.strerror or exc}") from None
+        written.append(str(args.out))
+    if args.html is not None:
+        _write_html(args, result, cache)
+        written.append(f"{args.html} ({args.html.stat().st_size / 2**20:.1f} MiB)")  # mostly plotly.js
     if not args.quiet:
-        print(f"wrote {args.out} ({len(result.models)} models, {time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        elapsed = time.perf_counter() - start
+        print(f"wrote {', '.join(written)} ({len(result.models)} models, {elapsed:.1f} s)", file=sys.stderr)
     return 0
+
+
+def _write_html(args: argparse.Namespace, result, cache) -> None:
+    """The HTML report of ``result`` (:func:`charts.html_report.html_report`) at ``args.html``."""
+    from analysis.files import atomic_write_text
+    from analysis.provenance import comparison_provenance
+    from analysis.specs import SpecResolver
+    from charts.html_report import html_report, reproduce_command
+
+    # With the cache, every digest is in its fingerprint index already; without, the tensors are hashed again.
+    stored = cache.fingerprints.digest if cache is not None else None
+    provenance = comparison_provenance(SpecResolver(allow_local_paths=True), result, stored=stored)
+    if cache is not None:
+        cache.fingerprints.flush()
+    settings = {
+        "singular vectors compared": f"{args.side} (the {'output' if args.side == 'left' else 'input'} space)",
+        "matrices analysed": "every 2-D weight" if args.include_non_block else "the numbered blocks' 2-D weights",
+        "command": reproduce_command(
+            result, args.eps, side=args.side, include_non_block=args.include_non_block, html_path=str(args.html)
+        ),
+    }
+    text = html_report(result, args.eps, provenance=provenance, settings=settings)
+    try:
+        atomic_write_text(args.html, text, private=False)
+    except OSError as exc:
+        raise InputError(args.html, f"cannot write the HTML report: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -529,7 +529,7 @@ def test_demo_report_download_hides_server_paths(demo_cache: Path, monkeypatch: 
     import sysconfig
 
     from ui.state import Selection
-    from ui.views import report_json
+    from ui.views import report_html, report_json
 
     monkeypatch.setenv("WSE_CACHE_DIR", str(demo_cache))
     monkeypatch.setenv("WSE_ALLOW_LOCAL_PATHS", "0")
@@ -547,6 +547,9 @@ def test_demo_report_download_hides_server_paths(demo_cache: Path, monkeypatch: 
     assert packages not in text and str(demo_cache) not in text  # ... which never reaches a visitor
     assert "<python packages>/" in text
     assert json.loads(text)["models"][0]["source"] == "demo:lora-r8"
+    page = report_html(Selection("demo:base", ("demo:lora-r8",), None, None, None, 10, 0.5), [lora])
+    assert packages not in page and str(demo_cache) not in page  # nor through the HTML report
+    assert "<code>demo:lora-r8</code>" in page and 'id="provenance"' in page
 
 
 def test_every_control_is_in_the_url(

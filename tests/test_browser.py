@@ -4,7 +4,7 @@ One server for the module, with ``WSE_CACHE_DIR`` in a temporary folder holding 
 demo build (tests/app_fixtures.py: the real all-MiniLM-L6-v2 base, a full "fine-tune" and
 LoRA adapters of it). The tests open the app, visit every page, click a grid cell, upload a
 PEFT adapter through the file chooser, open a shared URL in a fresh browser context, upload
-a corrupt file, download the JSON report, and time cached re-renders. Screenshots go to
+a corrupt file, download the JSON and HTML reports, time cached re-renders. Screenshots go to
 ``test-artifacts/browser/`` (gitignored).
 """
 
@@ -416,6 +416,30 @@ def test_json_report_downloads(server: str, page) -> None:
     assert [len(m["matrices"]) for m in report["models"]] == [36, 12, 12]
     eps = report["epsilons"].index(0.5)
     assert sum(m["intruders"][eps] for m in report["models"][2]["matrices"]) == 96  # r = 8 in each of 12
+
+
+def test_html_report_downloads_and_opens_offline(server: str, page, browser, tmp_path: Path) -> None:
+    from tests.test_html_report import open_offline
+
+    page.goto(server)
+    wait_page(page, "Overview")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download HTML report").click()
+    assert download.value.suggested_filename == "weight-spectrum-report.html"
+    path = tmp_path / "report.html"
+    download.value.save_as(path)
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "demo:lora-r8" in text
+    report, context, left, errors = open_offline(browser, path, width=390)
+    try:
+        assert left == [] and errors == []
+        assert report.locator(".chart").count() == 1 + 2 * 3 + 3 + 2 * 3 * 3  # 3 fine-tunes at k = 10, eps = 0.5
+        intruders = report.locator('#totals tr[data-spec="demo:lora-r8"] [data-key="intruders"]').inner_text()
+        assert intruders == "96"  # as the JSON report: r = 8 in each of 12
+        digests = report.locator("#provenance tbody tr td:nth-child(5)").all_inner_texts()
+        assert len(digests) == 4 and all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests)
+    finally:
+        context.close()
 
 
 def test_cached_views_redraw_in_about_a_second(server: str, page) -> None:

@@ -15,9 +15,14 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import streamlit as st
 
+from analysis.errors import InputError
+from analysis.plan import StoredDigest
+from analysis.provenance import comparison_provenance
 from analysis.report import to_report
 from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
+from analysis.specs import SpecResolver
 from charts import overview, style, tables
+from charts.html_report import html_report, reproduce_command
 from hosting.jobs import JobState
 from ui import runtime, state
 from ui.state import Selection
@@ -280,8 +285,35 @@ def report_json(selection: Selection, models: Sequence[ModelResult]) -> str:
     return text if runtime.resolver().allow_local_paths else runtime.friendly(text, short_hashes=False)
 
 
+def report_html(
+    selection: Selection,
+    models: Sequence[ModelResult],
+    resolver: SpecResolver | None = None,
+    stored: StoredDigest | None = None,
+) -> str:
+    """The HTML report (:func:`charts.html_report.html_report`) of what is shown: the selection's base,
+    fine-tunes, k and eps, with every model's stored dtypes and content digest (from ``stored``, the
+    server cache's fingerprint index: nothing is read again). Resolver and index are passed in: this
+    runs on the download button's own thread."""
+    epsilons = sorted({*DEFAULT_EPSILONS, round(selection.eps, 2)})
+    result = ComparisonResult(base=selection.base, top_k=selection.k, epsilons=epsilons, models=list(models))
+    try:
+        provenance = comparison_provenance(resolver or runtime.resolver(), result, stored=stored)
+    except (InputError, OSError):  # a model changed or vanished since: the report says it has no provenance
+        provenance = None
+    settings = {
+        "singular vectors compared": f"{runtime.SETTINGS.side} (the output space)"
+        if runtime.SETTINGS.side == "left"
+        else runtime.SETTINGS.side,
+        "made by": "the dashboard's Download HTML report button",
+        "command": reproduce_command(result, selection.eps, side=runtime.SETTINGS.side),
+    }
+    return html_report(result, selection.eps, provenance=provenance, settings=settings)
+
+
 def report_download(selection: Selection, models: Sequence[ModelResult]) -> None:
-    """A sidebar button downloading :func:`report_json` (built only when clicked)."""
+    """Sidebar buttons downloading :func:`report_json` and :func:`report_html` (each built only when clicked)."""
+    resolver, fingerprints = runtime.resolver(), runtime.spectrum_cache().fingerprints
     with st.sidebar:
         st.download_button(
             "Download JSON report",
@@ -292,6 +324,18 @@ def report_download(selection: Selection, models: Sequence[ModelResult]) -> None
             on_click="ignore",
             help=f"Every matrix of every fine-tune, intruder counts among the top {selection.k} at "
             "ε = 0.10 … 0.90 (the format of python -m analysis report).",
+        )
+        st.download_button(
+            "Download HTML report",
+            lambda: report_html(selection, models, resolver, fingerprints.digest),
+            file_name="weight-spectrum-report.html",
+            mime="text/html",
+            key="report_html",
+            on_click="ignore",
+            help=f"One file that opens offline in any browser (about 5 MB, most of it plotly.js): the overview, "
+            f"intruders vs ε, effective rank, the matrices that changed most and the totals at top {selection.k}, "
+            f"ε = {selection.eps:g}, with the models' stored dtypes and content digests (python -m analysis report "
+            "--html).",
         )
 
 

@@ -366,6 +366,10 @@ class LoraAdapter:
         """The adapter's settings as plain JSON-able data (:meth:`LoraSettings.summary`)."""
         return self.settings.summary()
 
+    def tensor_dtypes(self) -> dict[str, torch.dtype]:
+        """Every adapter tensor's stored dtype, by key, from the file header (nothing is read)."""
+        return {key: info.dtype for key, info in self._tensors.items()}
+
     def load(self, key: str) -> torch.Tensor:
         """One adapter tensor, as float32."""
         info = self._tensors[key]
