@@ -328,7 +328,7 @@ def run_task(task: TaskInput) -> list[tuple]:
     cache = _worker_cache(task)
     out: list[tuple] = []
     # Each matrix sets its own thread counts (torch's and the BLAS libraries' outside it,
-    # per thread: analysis.scheduler.blas_threads) from its shape, as in a local run.
+    # held for the matrix: analysis.scheduler.blas_threads) from its shape, as in a local run.
     try:
         for model, index, name, shape in task.pairs:
             request = task.requests[model]
