@@ -11,6 +11,7 @@ from __future__ import annotations
 import streamlit as st
 
 from ui import runtime, state
+from ui.text import escape_markdown
 
 st.set_page_config(page_title="Weight-spectrum explorer", page_icon="📈", layout="wide")
 # A session opened without a link naming models starts on the demo; on a server that has
@@ -55,8 +56,8 @@ with st.sidebar:
     if selection.complete:
         resolver = runtime.resolver()
         st.caption(
-            f"**Base:** {resolver.label(selection.base)}  \n**Fine-tunes:** "
-            + ", ".join(resolver.label(t) for t in selection.tuned)
+            f"**Base:** {escape_markdown(resolver.label(selection.base))}  \n**Fine-tunes:** "
+            + ", ".join(escape_markdown(resolver.label(t)) for t in selection.tuned)
         )
     st.caption("The address bar holds this exact view: copy it to share.")
 
