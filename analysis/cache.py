@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from analysis import ALGORITHM_VERSION
-from analysis.config import env_number, env_text
+from analysis.config import env_folder, env_number
 from analysis.errors import InputError
 from analysis.files import atomic_write_text
 
@@ -62,9 +62,8 @@ Entry = tuple[dict[str, torch.Tensor], dict]
 
 
 def default_cache_dir() -> Path:
-    """``$WSE_CACHE_DIR`` if set, else ``cache/`` in the repository."""
-    env = env_text("WSE_CACHE_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / "cache"
+    """``$WSE_CACHE_DIR`` if set (a folder: a file there is refused), else ``cache/`` in the repository."""
+    return env_folder("WSE_CACHE_DIR") or REPO_ROOT / "cache"
 
 
 def default_budget_bytes() -> int:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 
 import streamlit as st
 
-from analysis.cache import SpectrumCache, default_cache_dir
-from analysis.config import env_number, env_text
+from analysis.cache import SpectrumCache, default_budget_bytes, default_cache_dir
+from analysis.config import env_flag, env_number, env_text
 from analysis.errors import InputError, say_once
 from analysis.pair_metrics import AnalysisSettings
 from analysis.pipeline import model_result
@@ -38,6 +38,34 @@ def device() -> str:
 
 #: A Ray cluster to run analyses on (``local``, ``auto`` or an address); unset: this process.
 RAY_ADDRESS = env_text("WSE_RAY_ADDRESS")
+
+
+def check_settings() -> None:
+    """Read every ``WSE_*`` setting the dashboard uses, each through its checked reader.
+
+    Called first thing in every run of ``app.py``, so a typo is one plain line naming the
+    variable and its value on whatever page is opened (:class:`InputError`), not a
+    redacted exception when some visitor first starts an analysis or uploads a file.
+    """
+    import torch
+
+    from analysis.distributed import ray_settings
+    from analysis.linalg import default_method
+
+    local_paths_allowed()
+    default_cache_dir()
+    default_budget_bytes()
+    resolver()  # its upload store reads WSE_UPLOAD_BUDGET_GB
+    _max_jobs()
+    _max_jobs_per_visitor()
+    _upload_limits()
+    _demo_autobuild()
+    wanted = device()
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("WSE_DEVICE", f"asks for {wanted!r}, but this machine has no CUDA device")
+    default_method(torch.device("cuda" if wanted.startswith("cuda") else "cpu"))  # WSE_SVD_METHOD
+    if RAY_ADDRESS:
+        ray_settings()
 
 
 @st.cache_resource(show_spinner=False)
@@ -141,12 +169,17 @@ def upload_quota(size: int, *, count: bool = False) -> None:
         used[0] += 1
         used[1] += size
         return
-    most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
-    megabytes = env_number("WSE_UPLOAD_MB_PER_VISITOR", 2000, minimum=1)
+    most, megabytes = _upload_limits()
     if used[0] >= most:
         raise InputError("your uploads", f"one visitor may add at most {most}")
     if used[1] + size > megabytes * 1024**2:
         raise InputError("your uploads", f"one visitor may upload at most {megabytes:g} MB in all")
+
+
+def _upload_limits() -> tuple[int, float]:
+    """``WSE_UPLOADS_PER_VISITOR`` (uploads) and ``WSE_UPLOAD_MB_PER_VISITOR`` (megabytes)."""
+    most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
+    return most, env_number("WSE_UPLOAD_MB_PER_VISITOR", 2000, minimum=1)
 
 
 def demo_defaults() -> tuple[str, list[str]]:
@@ -379,18 +412,23 @@ def cancel_demo_build() -> None:
 def ensure_demo(follow: bool) -> None:
     """On a server without a complete demo, build it in the background (once per server
     process: a cancelled build is resumed only when asked; ``WSE_DEMO_AUTOBUILD=0`` turns
-    this off, leaving the Models page's button). ``follow``: this session
+    this off, as ``false``, ``no`` or ``off`` do, leaving the Models page's button). ``follow``: this session
     opened on the demo (no link named models), so its selection grows with the build."""
     manifest, error = demo_state()
     if error is not None or (manifest is not None and manifest.complete):
         return
     job = demo_job()
-    if job is None and env_text("WSE_DEMO_AUTOBUILD", "1") != "0":
+    if job is None and _demo_autobuild():
         job = start_demo_build()
     elif job is not None and not job.state.finished:
         job.watch(session_id())
     if follow and job is not None and not job.state.finished and DEMO_FOLLOW not in st.session_state:
         st.session_state[DEMO_FOLLOW] = ()
+
+
+def _demo_autobuild() -> bool:
+    """``WSE_DEMO_AUTOBUILD``: build the demo in the background on a server without one (default on)."""
+    return env_flag("WSE_DEMO_AUTOBUILD", True)
 
 
 def follow_demo() -> None:
