@@ -209,26 +209,37 @@ class UploadStore(UploadFolder):
             clean = safe_name(name)
             if clean in written:
                 raise InputError(name, "was uploaded twice")
-            total += self._copy(name, data, target / clean, self.max_bytes - total)
+            total += self._copy(name, data, target / clean, total, "upload")
             written[clean] = target / clean
         return written
 
-    def _copy(self, name: str, data: bytes | BinaryIO, dest: Path, budget: int) -> int:
-        """Stream ``data`` to ``dest``, stopping with an error past ``budget`` bytes."""
+    def _too_large(self, name: str, size: int, upload: str) -> InputError:
+        """The error for a file of ``size`` bytes (so far) that took the upload past the cap.
+
+        The file itself when it alone is larger; else the upload (``upload``: its name),
+        whose files together are.
+        """
+        cap = f"the {self.max_bytes // 1024**2} MB an upload may hold"
+        if size > self.max_bytes:
+            return InputError(name, f"is larger than {cap}")
+        return InputError(upload, f"the upload's files together are larger than {cap}")
+
+    def _copy(self, name: str, data: bytes | BinaryIO, dest: Path, before: int, upload: str) -> int:
+        """Stream ``data`` to ``dest``, stopping with an error once ``before`` bytes and it pass the cap."""
         size = 0
         with open(dest, "xb") as out:
             if isinstance(data, bytes | bytearray | memoryview):
                 data_bytes = bytes(data)
-                if len(data_bytes) > budget:
-                    raise InputError(name, f"is larger than the {self.max_bytes // 1024**2} MB an upload may hold")
+                if before + len(data_bytes) > self.max_bytes:
+                    raise self._too_large(name, len(data_bytes), upload)
                 out.write(data_bytes)
                 return len(data_bytes)
             if hasattr(data, "seek"):
                 data.seek(0)
             while chunk := data.read(_CHUNK):
                 size += len(chunk)
-                if size > budget:
-                    raise InputError(name, f"is larger than the {self.max_bytes // 1024**2} MB an upload may hold")
+                if before + size > self.max_bytes:
+                    raise self._too_large(name, size, upload)
                 out.write(chunk)
         return size
 
@@ -277,7 +288,7 @@ class UploadStore(UploadFolder):
                     raise InputError(zip_name, f"holds {name} twice")
                 try:
                     with archive.open(member) as stream:
-                        total += self._copy(f"{zip_name}:{name}", stream, target / clean, self.max_bytes - total)
+                        total += self._copy(f"{zip_name}:{name}", stream, target / clean, total, zip_name)
                 except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as exc:
                     raise InputError(zip_name, f"could not be unpacked ({name}: {exc})") from None
                 written[clean] = target / clean
