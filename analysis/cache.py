@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -70,6 +71,26 @@ def default_budget_bytes() -> int:
     """``$WSE_CACHE_BUDGET_GB`` (a float, in GiB) if set, else 20 GiB."""
     gb = env_number("WSE_CACHE_BUDGET_GB", -1.0)
     return int(gb * 1024**3) if gb >= 0 else DEFAULT_BUDGET_BYTES
+
+
+def io_error(error: Exception) -> OSError | None:
+    """The ``OSError`` inside a ``SafetensorError`` of a failed write, or ``None``.
+
+    safetensors reports the disk's errors as its own, ``"... I/O error: No space left on
+    device (os error 28) ..."``, not as ``OSError``.
+
+    Parameters
+    ----------
+    error : Exception
+        What ``safetensors`` raised.
+
+    Returns
+    -------
+    OSError or None
+        An ``OSError`` with the same ``errno``, or ``None`` when the message names none.
+    """
+    found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(error))
+    return OSError(int(found.group(2)), found.group(1)) if found else None
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -325,11 +346,14 @@ class SpectrumCache:
             # (Self-healing). Skipping it saves ~10 ms per entry, a third of a small SVD.
             save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             self._forget(tmp)
-            if exc.errno in _FULL:
+            error = exc if isinstance(exc, OSError) else io_error(exc)
+            if error is None:  # safetensors' own problem, not the disk's
+                raise
+            if error.errno in _FULL:
                 raise self.full_error() from None
-            self._read_only(exc)
+            self._read_only(error)
             return
         except BaseException:
             self._forget(tmp)
@@ -403,16 +427,14 @@ class SpectrumCache:
                 raise self.full_error() from None
             self._read_only(exc)
             return self._compute_and_store(kind, key, compute)
-        try:
-            with lock:
-                entry = self.get(kind, key)
-                if entry is not None:
-                    self._count("hits")
-                    return entry
-                return self._compute_and_store(kind, key, compute)
-        except Timeout:
-            log.warning("timed out waiting for %s/%s; computing it here as well", kind, key)
+        try:  # acquired once above, released once here: a `with lock` on top would hold it twice
+            entry = self.get(kind, key)
+            if entry is not None:
+                self._count("hits")
+                return entry
             return self._compute_and_store(kind, key, compute)
+        finally:
+            lock.release()
 
     def _compute_and_store(self, kind: str, key: str, compute: Callable[[], Entry]) -> Entry:
         tensors, info = compute()

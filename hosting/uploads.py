@@ -29,6 +29,7 @@ the store is :mod:`analysis.specs.uploads`'s, which the engine reads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -92,6 +93,31 @@ def check_safetensors(path: Path, display_name: str) -> None:
 
 def _budget_from_env() -> int:
     return int(env_number("WSE_UPLOAD_BUDGET_GB", DEFAULT_STORE_BUDGET_GB) * 1024**3)
+
+
+def disk_error(exc: OSError) -> InputError:
+    """The one line for an upload the server's disk could not take (``exc`` from writing it).
+
+    A full disk and a read-only one in plain words; another error by its description. The
+    server's folders are not named.
+
+    Parameters
+    ----------
+    exc : OSError
+        What writing the upload raised.
+
+    Returns
+    -------
+    InputError
+        ``upload: could not be stored: ...``.
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the server's disk; try again later"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the server's upload folder is read-only"
+    else:
+        why = exc.strerror or type(exc).__name__
+    return InputError("upload", f"could not be stored: {why}")
 
 
 def _check_json(path: Path, display_name: str) -> None:
@@ -162,6 +188,13 @@ class UploadStore(UploadFolder):
             raise InputError("upload", "no files were uploaded")
         if len(files) > self.max_files:
             raise InputError("upload", f"{len(files)} files uploaded; at most {self.max_files} are accepted")
+        try:
+            return self._store(files)
+        except OSError as exc:  # the server's disk, not the visitor's files: said plainly
+            raise disk_error(exc) from None
+
+    def _store(self, files: list[tuple[str, bytes | BinaryIO]]) -> StoredUpload:
+        """:meth:`add` past the checks of the list itself."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
         try:
