@@ -4,15 +4,26 @@ Declares the pages (``st.navigation``) and loads the shared selection (from the 
 shared link, else the offline demo). Each page in ``pages/`` reads the selection, asks
 the engine (``analysis``) and draws; the analyses themselves run in a background job
 manager shared by every visitor (``ui.runtime``).
+
+A bad ``WSE_*`` setting, or bad input no page caught, is one plain line in the page (an
+:class:`~analysis.errors.InputError` caught here), never Streamlit's redacted exception.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
+from analysis.errors import InputError
 from ui import runtime, state
+from ui.text import escape_markdown
 
 st.set_page_config(page_title="Weight-spectrum explorer", page_icon="📈", layout="wide")
+try:
+    runtime.check_settings()
+except InputError as exc:  # the server's own configuration: say which variable, and stop
+    st.error(escape_markdown(str(exc)))
+    st.caption("This server's settings need fixing (docs/hosting.md, Limits); nothing else runs until then.")
+    st.stop()
 # A session opened without a link naming models starts on the demo; on a server that has
 # none yet, the demo builds in the background and the selection grows with each fine-tune.
 opened_on_demo = not st.session_state.get("sel_loaded") and not st.query_params.get("base")
@@ -55,10 +66,13 @@ with st.sidebar:
     if selection.complete:
         resolver = runtime.resolver()
         st.caption(
-            f"**Base:** {resolver.label(selection.base)}  \n**Fine-tunes:** "
-            + ", ".join(resolver.label(t) for t in selection.tuned)
+            f"**Base:** {escape_markdown(resolver.label(selection.base))}  \n**Fine-tunes:** "
+            + ", ".join(escape_markdown(resolver.label(t)) for t in selection.tuned)
         )
     st.caption("The address bar holds this exact view: copy it to share.")
 
 state.mark_app_run()
-page.run()
+try:
+    page.run()
+except InputError as exc:  # bad input a page did not catch: a plain line, not a redacted traceback
+    st.error(escape_markdown(runtime.friendly(str(exc))))

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -42,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from analysis import ALGORITHM_VERSION
-from analysis.config import env_number, env_text
+from analysis.config import env_folder, env_number
 from analysis.errors import InputError
 from analysis.files import atomic_write_text
 
@@ -62,15 +63,34 @@ Entry = tuple[dict[str, torch.Tensor], dict]
 
 
 def default_cache_dir() -> Path:
-    """``$WSE_CACHE_DIR`` if set, else ``cache/`` in the repository."""
-    env = env_text("WSE_CACHE_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / "cache"
+    """``$WSE_CACHE_DIR`` if set (a folder: a file there is refused), else ``cache/`` in the repository."""
+    return env_folder("WSE_CACHE_DIR") or REPO_ROOT / "cache"
 
 
 def default_budget_bytes() -> int:
     """``$WSE_CACHE_BUDGET_GB`` (a float, in GiB) if set, else 20 GiB."""
     gb = env_number("WSE_CACHE_BUDGET_GB", -1.0)
     return int(gb * 1024**3) if gb >= 0 else DEFAULT_BUDGET_BYTES
+
+
+def io_error(error: Exception) -> OSError | None:
+    """The ``OSError`` inside a ``SafetensorError`` of a failed write, or ``None``.
+
+    safetensors reports the disk's errors as its own, ``"... I/O error: No space left on
+    device (os error 28) ..."``, not as ``OSError``.
+
+    Parameters
+    ----------
+    error : Exception
+        What ``safetensors`` raised.
+
+    Returns
+    -------
+    OSError or None
+        An ``OSError`` with the same ``errno``, or ``None`` when the message names none.
+    """
+    found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(error))
+    return OSError(int(found.group(2)), found.group(1)) if found else None
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -326,11 +346,14 @@ class SpectrumCache:
             # (Self-healing). Skipping it saves ~10 ms per entry, a third of a small SVD.
             save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             self._forget(tmp)
-            if exc.errno in _FULL:
+            error = exc if isinstance(exc, OSError) else io_error(exc)
+            if error is None:  # safetensors' own problem, not the disk's
+                raise
+            if error.errno in _FULL:
                 raise self.full_error() from None
-            self._read_only(exc)
+            self._read_only(error)
             return
         except BaseException:
             self._forget(tmp)
@@ -404,16 +427,14 @@ class SpectrumCache:
                 raise self.full_error() from None
             self._read_only(exc)
             return self._compute_and_store(kind, key, compute)
-        try:
-            with lock:
-                entry = self.get(kind, key)
-                if entry is not None:
-                    self._count("hits")
-                    return entry
-                return self._compute_and_store(kind, key, compute)
-        except Timeout:
-            log.warning("timed out waiting for %s/%s; computing it here as well", kind, key)
+        try:  # acquired once above, released once here: a `with lock` on top would hold it twice
+            entry = self.get(kind, key)
+            if entry is not None:
+                self._count("hits")
+                return entry
             return self._compute_and_store(kind, key, compute)
+        finally:
+            lock.release()
 
     def _compute_and_store(self, kind: str, key: str, compute: Callable[[], Entry]) -> Entry:
         tensors, info = compute()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 
 from analysis.errors import InputError
 
@@ -44,11 +45,18 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def env_switch(name: str) -> bool | None:
-    """``$name`` as a yes/no switch where any other value (or none) leaves the choice to the caller.
+    """``$name`` as a yes/no switch that may also be left to the caller.
 
-    ``True`` for ``1/true/yes/on``, ``False`` for ``0/false/no/off``, else ``None``.
+    ``True`` for ``1/true/yes/on``, ``False`` for ``0/false/no/off``, ``None`` when unset,
+    empty or ``auto``; anything else (``maybe``) is refused, naming the variable.
     """
-    return _switch(os.environ.get(name, "").strip().lower())
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw or raw == "auto":
+        return None
+    value = _switch(raw)
+    if value is None:
+        raise InputError(name, f"must be one of {'/'.join(_TRUE)}, {'/'.join(_FALSE)} or auto, got {raw!r}")
+    return value
 
 
 def _switch(raw: str) -> bool | None:
@@ -80,3 +88,24 @@ def env_text(
     if pattern is not None and not re.fullmatch(pattern, raw):
         raise InputError(name, f"must be {expected}, got {raw!r}")
     return raw
+
+
+def env_folder(name: str, *, absolute: bool = False) -> Path | None:
+    """``$name`` as a folder (``~`` expanded), ``None`` when unset or empty.
+
+    Refused, naming the variable and the value: a path that is a file, or lies inside one
+    (it could never be created), and with ``absolute`` a relative path (a path every
+    machine must read the same way). A folder that does not exist yet is fine: it is
+    created when first written.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if absolute and not path.is_absolute():
+        raise InputError(name, f"must be an absolute path (the same on every machine), got {raw!r}")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies inside the file {str(existing)!r}"
+        raise InputError(name, f"must be a folder, got {raw!r}, which {where}")
+    return path

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from analysis.cache import SpectrumCache
-from analysis.config import env_switch, env_text
+from analysis.config import env_folder, env_switch
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.pipeline import (
     AnalysisSettings,
@@ -131,6 +131,7 @@ def connect(address: str | None) -> None:
     address (``ray://host:10001``, ``host:6379``). ``None``: Ray must be running in this
     process already (tests). An unreachable cluster is an :class:`InputError`.
     """
+    ray_settings()  # a typo is one line before any cluster is joined or started
     try:
         import ray
     except ImportError:
@@ -187,11 +188,22 @@ def _single_local_node() -> bool:
     return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
 
 
+def ray_settings() -> tuple[bool | None, str | None]:
+    """``WSE_RAY_SHARED_CACHE`` and ``WSE_RAY_NODE_CACHE``, checked.
+
+    The first is a yes/no switch (``None``: unset or ``auto``, decided by
+    :func:`cache_mode`), the second an absolute folder, the same path on every node
+    (``None``: unset). A bad value of either raises :class:`InputError` naming it.
+    """
+    node_cache = env_folder("WSE_RAY_NODE_CACHE", absolute=True)
+    return env_switch("WSE_RAY_SHARED_CACHE"), None if node_cache is None else str(node_cache)
+
+
 def cache_mode(cache: SpectrumCache | None) -> str:
     """``none``, ``shared`` or ``driver`` (module docstring)."""
     if cache is None:
         return "none"
-    shared = env_switch("WSE_RAY_SHARED_CACHE")  # any other value: decided here, as unset
+    shared = ray_settings()[0]
     if shared is None:
         shared = _single_local_node()
     return "shared" if shared else "driver"
@@ -328,7 +340,7 @@ def run_task(task: TaskInput) -> list[tuple]:
     cache = _worker_cache(task)
     out: list[tuple] = []
     # Each matrix sets its own thread counts (torch's and the BLAS libraries' outside it,
-    # per thread: analysis.scheduler.blas_threads) from its shape, as in a local run.
+    # held for the matrix: analysis.scheduler.blas_threads) from its shape, as in a local run.
     try:
         for model, index, name, shape in task.pairs:
             request = task.requests[model]
@@ -420,7 +432,7 @@ def analyse_plans(
         cache_mode=mode,
         cache_root=None if cache is None else str(cache.root),
         cache_budget=None if cache is None else cache.budget_bytes,
-        node_cache=env_text("WSE_RAY_NODE_CACHE"),
+        node_cache=ray_settings()[1],
     )
     pending = {}
     for task in tasks:

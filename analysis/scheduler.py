@@ -73,20 +73,24 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
-_blas_local: list | None = None  # per-thread thread-count setters, found once
+_blas_local: list | None = None  # the BLAS libraries' thread-count setters, found once
 _blas_global_lock = threading.Lock()
 
 
 def _blas_libraries() -> list:
     """``openblas_set_num_threads_local`` of every OpenBLAS outside torch, or ``[]``.
 
-    ``[]`` when one of the BLAS libraries loaded has no per-thread setting (then
-    :func:`blas_threads` limits them for the whole process instead).
+    ``[]`` when one of the BLAS libraries loaded has no such setter (then
+    :func:`blas_threads` limits them through threadpoolctl, one matrix at a time).
 
     SciPy's OpenBLAS (the tridiagonal routines of :mod:`analysis.lapack`) and NumPy's (the
     Gram products of :func:`analysis.linalg.gram_matrix`) are the ones that matter:
-    importing :mod:`analysis.linalg` loaded both. Found once (1.5 ms); a call costs
-    microseconds, so it is set per matrix.
+    importing :mod:`analysis.linalg` loaded both. Despite its name the setter sets the
+    count of the whole process in the pthreads builds NumPy and SciPy ship (it calls
+    ``openblas_set_num_threads``; only OpenMP builds keep a count per thread); it returns
+    the count it replaced. It is called directly, as threadpoolctl's own setter quietly does
+    nothing from any thread but the first one that used it while that one lives. Found
+    once (1.5 ms); a call costs microseconds, so it is set per matrix.
     """
     global _blas_local
     if _blas_local is None:
@@ -117,16 +121,22 @@ def _limit_blas(threads: int):
 
 
 class _BlasGate:
-    """Matrices on one outside-torch BLAS thread share the gate; a matrix on more holds it alone.
+    """The thread count of the BLAS libraries outside torch, held for the matrices computing.
 
-    OpenBLAS runs a multi-threaded call on fewer threads when another thread of the process
-    is inside OpenBLAS at the time (measured: a two-thread ``dsytrd`` beside two threads
-    doing one-thread calls gave the one-thread bits in 1 of 30 runs), so a matrix that asks
-    for several threads only gets reproducible bits while nothing else computes. One-thread
-    calls run in the caller and do not disturb each other. A waiting multi-threaded matrix
-    goes before newly arriving one-thread ones, so a stream of small matrices (another
-    visitor's job) cannot starve it. Taken inside a pair's cache-entry lock and before any
-    base-entry lock, never while waiting for another thread's entry, so it cannot deadlock.
+    That count is one for the whole process: OpenBLAS's ``openblas_set_num_threads_local``
+    sets the global count in the pthreads builds NumPy and SciPy ship (it calls
+    ``openblas_set_num_threads``). So matrices on one thread share the gate, and the count
+    is set to one when the first of them comes in and put back (the caller's) when the last
+    one leaves, never while one computes: a matrix that put back the count it found when it
+    was done used to change the count under the one still computing beside it (two threads
+    for the rest of its reduction, other last bits: three runs of the demo's full fine-tune
+    wrote three reports). A matrix on several threads holds the gate alone, as OpenBLAS also
+    runs a multi-threaded call on fewer threads when another thread of the process is inside
+    OpenBLAS (measured: a two-thread ``dsytrd`` beside two threads doing one-thread calls
+    gave the one-thread bits in 1 of 30 runs). A waiting multi-threaded matrix goes before
+    newly arriving one-thread ones, so a stream of small matrices (another visitor's job)
+    cannot starve it. Taken inside a pair's cache-entry lock and before any base-entry lock,
+    never while waiting for another thread's entry, so it cannot deadlock.
     """
 
     def __init__(self) -> None:
@@ -134,29 +144,49 @@ class _BlasGate:
         self._sharing = 0
         self._alone = False
         self._waiting_alone = 0
+        self._saved: list[int] = []  # the counts found when the gate was last idle
+
+    def _enter(self, threads: int) -> None:
+        """Wait for this matrix's turn and set the count (the gate's lock is held)."""
+        if threads == 1:
+            self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
+        else:
+            self._waiting_alone += 1
+            try:
+                self._cond.wait_for(lambda: not self._alone and not self._sharing)
+            finally:
+                self._waiting_alone -= 1
+        # Set from this thread too when others compute (to the one they have): in the
+        # OpenMP builds a thread's own count is what counts.
+        found = [setter(threads) for setter in _blas_libraries()]
+        if not self._sharing:  # idle until now: the caller's counts, put back when idle again
+            self._saved = found
+        if threads == 1:
+            self._sharing += 1
+        else:
+            self._alone = True
+
+    def _leave(self, threads: int) -> None:
+        if threads == 1:
+            self._sharing -= 1
+        else:
+            self._alone = False
+        if not self._sharing and not self._alone:  # idle: the caller's counts again
+            for setter, count in zip(_blas_libraries(), self._saved, strict=True):
+                setter(count)
+        self._cond.notify_all()
 
     @contextmanager
-    def hold(self, alone: bool) -> Iterator[None]:
+    def hold(self, threads: int) -> Iterator[None]:
+        """Compute the body with ``threads`` BLAS threads (one: beside others; more: alone)."""
+        threads = max(1, threads)
         with self._cond:
-            if not alone:
-                self._cond.wait_for(lambda: not self._alone and not self._waiting_alone)
-                self._sharing += 1
-            else:
-                self._waiting_alone += 1
-                try:
-                    self._cond.wait_for(lambda: not self._alone and not self._sharing)
-                finally:
-                    self._waiting_alone -= 1
-                self._alone = True
+            self._enter(threads)
         try:
             yield
         finally:
             with self._cond:
-                if alone:
-                    self._alone = False
-                else:
-                    self._sharing -= 1
-                self._cond.notify_all()
+                self._leave(threads)
 
 
 _blas_gate = _BlasGate()
@@ -166,29 +196,20 @@ _blas_gate = _BlasGate()
 def blas_threads(threads: int) -> Iterator[None]:
     """Run the body (one matrix's decompositions) with ``threads`` threads in the BLAS libraries outside torch.
 
-    The setting holds in this thread.
-
     LAPACK's results depend on its thread count in the last bits (``dsytrd`` on one thread
-    differs from two), and an OpenBLAS thread count set for the whole process is shared by
-    every analysis running in it (two visitors' jobs): one with a large matrix on two
-    threads would change the bits of the other's small ones. So the count is set for the
-    calling thread only (OpenBLAS's ``openblas_set_num_threads_local``, as torch's own
-    ``set_num_threads`` is per thread), and put back afterwards; a matrix on more than one
-    thread runs while no other matrix computes (:class:`_BlasGate`). Where a BLAS library
-    has no per-thread setting, the process-wide limit is used, one matrix at a time.
+    differs from two, from order 224 on), and that count is one for the whole process,
+    shared by every analysis running in it (two visitors' jobs). Matrices on one thread run
+    side by side at a count of one; a matrix on more runs while no other matrix computes
+    (:class:`_BlasGate`). The caller's count is back once no matrix computes. Where a BLAS
+    library has no setter of its own (:func:`_blas_libraries`), the limit is set through
+    threadpoolctl, one matrix at a time.
     """
-    setters = _blas_libraries()
-    if not setters:
+    if not _blas_libraries():
         with _blas_global_lock, _limit_blas(threads):
             yield
         return
-    with _blas_gate.hold(alone=threads > 1):
-        previous = [setter(threads) for setter in setters]
-        try:
-            yield
-        finally:
-            for setter, value in zip(setters, previous, strict=True):
-                setter(value)
+    with _blas_gate.hold(threads):
+        yield
 
 
 def _caller_threads() -> int:

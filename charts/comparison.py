@@ -24,7 +24,16 @@ from plotly.subplots import make_subplots
 
 from analysis.results import ModelResult
 from charts import overview_tables, tables
-from charts.style import empty_figure, layer_sort, legend_name, log_axis, model_style, series_mode, series_style
+from charts.style import (
+    chart_text,
+    empty_figure,
+    layer_sort,
+    legend_name,
+    log_axis,
+    model_style,
+    series_mode,
+    series_style,
+)
 
 
 def sweep_figure(
@@ -74,7 +83,7 @@ def sweep_figure(
                 name=legend_name(label, model),
                 line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
                 marker={"symbol": style["symbol"], "size": style["size"], "line": {"width": 1}},
-                hovertemplate=f"{label}<br>ε = %{{x:.2f}}: %{{y}} intruders<extra></extra>",
+                hovertemplate=f"{chart_text(label)}<br>ε = %{{x:.2f}}: %{{y}} intruders<extra></extra>",
             )
         )
     if eps is not None:
@@ -125,7 +134,7 @@ def breakdown_figure(
         style = model_style(index, model)
         fig.add_trace(
             go.Bar(
-                x=order,
+                x=[chart_text(o) for o in order],
                 y=rows["intruders"].fillna(0),
                 name=legend_name(label, model),
                 marker_color=style["color"],
@@ -166,8 +175,8 @@ def _facets(table) -> list[tuple[str | None, str, bool]]:
 def _facet_title(facet: tuple[str | None, str, bool]) -> str:
     """A facet's subplot title: ``decoder · query``, ``experts of down``."""
     stack, module, experts = facet
-    what = f"experts of {module}" if experts else module
-    return f"{stack} · {what}" if stack else what
+    what = f"experts of {chart_text(module)}" if experts else chart_text(module)
+    return f"{chart_text(stack)} · {what}" if stack else what
 
 
 def _in_facet(rows, facet: tuple[str | None, str, bool]):
@@ -228,7 +237,7 @@ def _module_facets(
                     name=legend_name(label, model),
                     legendgroup=label,
                     showlegend=pos == 0,
-                    customdata=list(sub["label"]),
+                    customdata=[chart_text(label) for label in sub["label"]],
                     line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
                     marker={
                         "symbol": style["symbol"],
@@ -236,7 +245,7 @@ def _module_facets(
                         "color": style["color"],
                         "opacity": 0.7 if facet[2] else 1.0,  # experts at one layer overlap
                     },
-                    hovertemplate=f"{label}<br>%{{customdata}}<br>{name}: %{{y:.3g}}<extra></extra>",
+                    hovertemplate=f"{chart_text(label)}<br>%{{customdata}}<br>{name}: %{{y:.3g}}<extra></extra>",
                 ),
                 row=pos // n_cols + 1,
                 col=pos % n_cols + 1,

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from analysis.mitigation import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 from charts import tables
-from charts.style import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, log_axis, log_sample, rank_axis
+from charts.style import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, chart_text, log_axis, log_sample, rank_axis
 
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"
@@ -192,8 +192,8 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
         )
     fig.update_layout(
         # Short first line (narrow screens), the tensor name below it.
-        title=f"{label + ': ' if label else ''}{before.short_label}<br><sup>{len(intruders)} "
-        f"component{'s' if len(intruders) != 1 else ''} scaled · {before.name}</sup>",
+        title=f"{chart_text(label) + ': ' if label else ''}{chart_text(before.short_label)}<br><sup>{len(intruders)} "
+        f"component{'s' if len(intruders) != 1 else ''} scaled · {chart_text(before.name)}</sup>",
         xaxis=rank_axis(n_max),
         yaxis=log_axis(shown, title="singular value"),
         height=420,
@@ -288,7 +288,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
     fig = go.Figure()
     if tradeoff is None or not tradeoff.points:
         fig.add_annotation(
-            text=(tradeoff.note if tradeoff else "not computed"), showarrow=False, xref="paper", yref="paper"
+            text=chart_text(tradeoff.note if tradeoff else "not computed"), showarrow=False, xref="paper", yref="paper"
         )
         fig.update_layout(height=200, xaxis={"visible": False}, yaxis={"visible": False})
         return fig

@@ -21,7 +21,15 @@ import plotly.graph_objects as go
 
 from analysis.results import ModelResult
 from charts import overview_tables, tables
-from charts.style import empty_figure, layer_sort, legend_name, metric_colorscale, model_style, thinned
+from charts.style import (
+    chart_text,
+    empty_figure,
+    layer_sort,
+    legend_name,
+    metric_colorscale,
+    model_style,
+    thinned,
+)
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,8 @@ def _panel_points(cells, ii: np.ndarray, jj: np.ndarray, shown: np.ndarray, cell
     customdata = np.empty((len(cells), 5), dtype=object)
     customdata[:, 0] = cells["model_index"].to_numpy()
     customdata[:, 1] = cells["matrix"].to_numpy()
-    customdata[:, 2] = cells["name"].to_numpy()
-    customdata[:, 3] = cells["label"].to_numpy()
+    customdata[:, 2] = [chart_text(name) for name in cells["name"]]  # shown in the hover
+    customdata[:, 3] = [chart_text(label) for label in cells["label"]]
     customdata[:, 4] = shown
     return go.Scatter(
         x=jj,
@@ -127,7 +135,7 @@ def _panel_axes(fig: go.Figure, rows: list[str], columns: list[str], experts: bo
     row_ticks = thinned(len(rows), OVERVIEW_MAX_TICKS)
     fig.update_xaxes(
         tickvals=col_ticks,
-        ticktext=[columns[j] for j in col_ticks],
+        ticktext=[chart_text(columns[j]) for j in col_ticks],
         tickangle=0 if experts else -45,
         tickfont={"size": 10},
         range=[-0.5, len(columns) - 0.5],
@@ -138,7 +146,7 @@ def _panel_axes(fig: go.Figure, rows: list[str], columns: list[str], experts: bo
     )
     fig.update_yaxes(
         tickvals=row_ticks,
-        ticktext=[rows[i] for i in row_ticks],
+        ticktext=[chart_text(rows[i]) for i in row_ticks],
         tickfont={"size": 10},
         range=[len(rows) - 0.5, -0.5],
         autorange=False,
@@ -272,8 +280,8 @@ def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: f
             if cells.empty:
                 continue
             method = tables.training_method(models[index])
-            note = "" if tables.names_method(label, method) else f"<br><sup>{method}</sup>"
-            panel_title = f"{_short(label)}{note}"
+            note = "" if tables.names_method(label, method) else f"<br><sup>{chart_text(method)}</sup>"
+            panel_title = f"{chart_text(_short(label))}{note}"
             panels.append(
                 _overview_panel(cells, rows, columns, experts=experts, metric=metric, zmax=zmax, title=panel_title)
             )
@@ -328,14 +336,14 @@ def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figur
         style = model_style(index, model)
         fig.add_trace(
             go.Bar(
-                x=[row.model],
+                x=[chart_text(row.model)],
                 y=[row.intruders],
                 name=legend_name(row.model, model),
                 text=[row.intruders],
                 textposition="outside",
                 marker_color=style["color"],
                 marker_pattern_shape=style["pattern"],
-                hovertemplate=f"{row.model}<br>{row.method}<br>{row.intruders} intruders over "
+                hovertemplate=f"{chart_text(row.model)}<br>{chart_text(row.method)}<br>{row.intruders} intruders over "
                 f"{row.matrices} matrices<extra></extra>",
             )
         )

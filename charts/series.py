@@ -18,7 +18,15 @@ from plotly.subplots import make_subplots
 
 from analysis.results import MatrixResult, ModelResult
 from charts import series_tables, tables
-from charts.style import PALETTE, empty_figure, layer_sort, metric_colorscale, rank_heatmap, reduce_heatmap
+from charts.style import (
+    PALETTE,
+    chart_text,
+    empty_figure,
+    layer_sort,
+    metric_colorscale,
+    rank_heatmap,
+    reduce_heatmap,
+)
 
 
 def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> dict:
@@ -48,7 +56,7 @@ def _opening(steps: list[int], step: int | None) -> int:
 
 def _series_title(label: str, what: str) -> str:
     """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
-    return f"{label}<br><sup>{what}</sup>" if label else what
+    return f"{chart_text(label)}<br><sup>{what}</sup>" if label else what
 
 
 def _play_button() -> dict:
@@ -110,11 +118,11 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
                     x=rows["step"],
                     y=rows[metric],
                     mode="lines+markers",
-                    name=group,
+                    name=chart_text(group),
                     legendgroup=group,
                     showlegend=i == 0,
                     line={"color": color},
-                    hovertemplate=f"{group}<br>step %{{x}}<br>{metric} = %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{metric} = %{{y:.4g}}<extra></extra>",
                 ),
                 row=i // 2 + 1,
                 col=i % 2 + 1,
@@ -160,12 +168,12 @@ def _grid_heatmaps(table, shapes: dict[str, tuple[list[str], list[str]]], metric
         ii = [rows.index(r) for r in cells["row"]]
         jj = [columns.index(c) for c in cells["column"]]
         z[ii, jj] = cells[metric].to_numpy(dtype=float)
-        text[ii, jj] = cells["label"].to_numpy()
+        text[ii, jj] = [chart_text(label) for label in cells["label"]]
         out.append(
             go.Heatmap(
                 z=z,
-                x=columns,
-                y=rows,
+                x=[chart_text(c) for c in columns],
+                y=[chart_text(r) for r in rows],
                 customdata=text,
                 coloraxis="coloraxis",
                 xgap=1,
@@ -190,7 +198,7 @@ def _grid_subplots(shapes: dict[str, tuple[list[str], list[str]]]) -> tuple[go.F
     fig = make_subplots(
         rows=len(sections),
         cols=1,
-        subplot_titles=sections if len(sections) > 1 else None,
+        subplot_titles=[chart_text(s) for s in sections] if len(sections) > 1 else None,
         row_heights=panels,
         vertical_spacing=gap / plot_px if len(sections) > 1 else 0.0,
     )
@@ -313,7 +321,7 @@ def series_similarity_figure(
     fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
     fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
     fig.update_layout(
-        title=_series_title(label, f"{first.short_label}: |Uₜᵀ U₀| by training step"),
+        title=_series_title(label, f"{chart_text(first.short_label)}: |Uₜᵀ U₀| by training step"),
         margin={"t": 90},
         height=560,
         sliders=[_step_slider(steps, active)],

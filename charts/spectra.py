@@ -20,6 +20,7 @@ from analysis.results import MatrixResult
 from charts import matrix_tables
 from charts.style import (
     INTRUDER_COLOR,
+    chart_text,
     empty_figure,
     log_axis,
     log_sample,
@@ -54,8 +55,8 @@ def _intruder_title(matrix: MatrixResult, label: str, n_intr: int, top: int, eps
     """
     # The count before the (long) tensor name: a phone's width cuts the end of the line.
     return (
-        f"{label + ': ' if label else ''}{matrix.short_label}<br><sup>{n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {top} at ε = {eps:g} · {matrix.name}</sup>"
+        f"{chart_text(label) + ': ' if label else ''}{chart_text(matrix.short_label)}<br><sup>{n_intr} intruder"
+        f"{'s' if n_intr != 1 else ''} in the top {top} at ε = {eps:g} · {chart_text(matrix.name)}</sup>"
     )
 
 
@@ -277,7 +278,8 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
         The heatmap, or a message when either update is zero.
     """
     # Short first line (a phone cuts a long one); the tensor name below it.
-    title = f"Subspace similarity φ(i, j) of ΔW<br><sup>{matrix_name}</sup>"
+    label_a, label_b = chart_text(label_a), chart_text(label_b)
+    title = f"Subspace similarity φ(i, j) of ΔW<br><sup>{chart_text(matrix_name)}</sup>"
     if phi.size == 0:
         return empty_figure(title, "One of the two updates is zero: no subspace to compare")
     z, block = reduce_heatmap(phi)

@@ -8,6 +8,7 @@ anything reaches a browser. Pure functions (no Streamlit, no I/O).
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 
@@ -116,6 +117,29 @@ def metric_colorscale(metric: str) -> str:
     return "Reds" if metric == "intruders" else "Viridis"
 
 
+def chart_text(text: object) -> str:
+    """``text`` (anything, as ``str``) as Plotly shows it: literally.
+
+    Plotly renders a subset of HTML in every text it draws (titles, legends, hover labels,
+    tick labels, annotations: ``<a href>``, ``<b>``, ``<br>``, entities), so a model name
+    from a shared link, an upload's name or a model's files could be a link in a chart.
+    Its ``&``, ``<`` and ``>`` become entities, which Plotly shows as those characters.
+    Every name placed into a figure's text goes through this; the markup the figures add
+    themselves (``<br><sup>``) is added around it.
+
+    Parameters
+    ----------
+    text : object
+        A name, a label, an error: anything from outside the server.
+
+    Returns
+    -------
+    str
+        The text with ``&``, ``<`` and ``>`` as ``&amp;``, ``&lt;`` and ``&gt;``.
+    """
+    return html.escape(str(text), quote=False)
+
+
 def legend_name(label: str, model: ModelResult) -> str:
     """``label (method)``, or the label alone when it names the method already.
 
@@ -131,10 +155,10 @@ def legend_name(label: str, model: ModelResult) -> str:
     Returns
     -------
     str
-        The legend entry.
+        The legend entry, as chart text (:func:`chart_text`).
     """
     method = tables.training_method(model)
-    return label if tables.names_method(label, method) else f"{label} ({method})"
+    return chart_text(label if tables.names_method(label, method) else f"{label} ({method})")
 
 
 def series_style(index: int, model: ModelResult) -> dict:

@@ -29,6 +29,7 @@ the store is :mod:`analysis.specs.uploads`'s, which the engine reads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -92,6 +93,31 @@ def check_safetensors(path: Path, display_name: str) -> None:
 
 def _budget_from_env() -> int:
     return int(env_number("WSE_UPLOAD_BUDGET_GB", DEFAULT_STORE_BUDGET_GB) * 1024**3)
+
+
+def disk_error(exc: OSError) -> InputError:
+    """The one line for an upload the server's disk could not take (``exc`` from writing it).
+
+    A full disk and a read-only one in plain words; another error by its description. The
+    server's folders are not named.
+
+    Parameters
+    ----------
+    exc : OSError
+        What writing the upload raised.
+
+    Returns
+    -------
+    InputError
+        ``upload: could not be stored: ...``.
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the server's disk; try again later"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the server's upload folder is read-only"
+    else:
+        why = exc.strerror or type(exc).__name__
+    return InputError("upload", f"could not be stored: {why}")
 
 
 def _check_json(path: Path, display_name: str) -> None:
@@ -162,6 +188,13 @@ class UploadStore(UploadFolder):
             raise InputError("upload", "no files were uploaded")
         if len(files) > self.max_files:
             raise InputError("upload", f"{len(files)} files uploaded; at most {self.max_files} are accepted")
+        try:
+            return self._store(files)
+        except OSError as exc:  # the server's disk, not the visitor's files: said plainly
+            raise disk_error(exc) from None
+
+    def _store(self, files: list[tuple[str, bytes | BinaryIO]]) -> StoredUpload:
+        """:meth:`add` past the checks of the list itself."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
         try:
@@ -209,26 +242,37 @@ class UploadStore(UploadFolder):
             clean = safe_name(name)
             if clean in written:
                 raise InputError(name, "was uploaded twice")
-            total += self._copy(name, data, target / clean, self.max_bytes - total)
+            total += self._copy(name, data, target / clean, total, "upload")
             written[clean] = target / clean
         return written
 
-    def _copy(self, name: str, data: bytes | BinaryIO, dest: Path, budget: int) -> int:
-        """Stream ``data`` to ``dest``, stopping with an error past ``budget`` bytes."""
+    def _too_large(self, name: str, size: int, upload: str) -> InputError:
+        """The error for a file of ``size`` bytes (so far) that took the upload past the cap.
+
+        The file itself when it alone is larger; else the upload (``upload``: its name),
+        whose files together are.
+        """
+        cap = f"the {self.max_bytes // 1024**2} MB an upload may hold"
+        if size > self.max_bytes:
+            return InputError(name, f"is larger than {cap}")
+        return InputError(upload, f"the upload's files together are larger than {cap}")
+
+    def _copy(self, name: str, data: bytes | BinaryIO, dest: Path, before: int, upload: str) -> int:
+        """Stream ``data`` to ``dest``, stopping with an error once ``before`` bytes and it pass the cap."""
         size = 0
         with open(dest, "xb") as out:
             if isinstance(data, bytes | bytearray | memoryview):
                 data_bytes = bytes(data)
-                if len(data_bytes) > budget:
-                    raise InputError(name, f"is larger than the {self.max_bytes // 1024**2} MB an upload may hold")
+                if before + len(data_bytes) > self.max_bytes:
+                    raise self._too_large(name, len(data_bytes), upload)
                 out.write(data_bytes)
                 return len(data_bytes)
             if hasattr(data, "seek"):
                 data.seek(0)
             while chunk := data.read(_CHUNK):
                 size += len(chunk)
-                if size > budget:
-                    raise InputError(name, f"is larger than the {self.max_bytes // 1024**2} MB an upload may hold")
+                if before + size > self.max_bytes:
+                    raise self._too_large(name, size, upload)
                 out.write(chunk)
         return size
 
@@ -277,7 +321,7 @@ class UploadStore(UploadFolder):
                     raise InputError(zip_name, f"holds {name} twice")
                 try:
                     with archive.open(member) as stream:
-                        total += self._copy(f"{zip_name}:{name}", stream, target / clean, self.max_bytes - total)
+                        total += self._copy(f"{zip_name}:{name}", stream, target / clean, total, zip_name)
                 except (zipfile.BadZipFile, RuntimeError, OSError, EOFError) as exc:
                     raise InputError(zip_name, f"could not be unpacked ({name}: {exc})") from None
                 written[clean] = target / clean

@@ -6,6 +6,7 @@ import streamlit as st
 
 from charts import comparison, overview_tables, tables
 from ui import state, views
+from ui.text import escape_markdown
 
 selection, models = views.results()
 views.report_download(selection, models)
@@ -22,11 +23,12 @@ totals = tables.totals_table(models, selection.k, selection.eps)
 cols = st.columns(len(models))
 for col, row in zip(cols, totals.itertuples(), strict=True):
     col.metric(
-        row.model,
+        escape_markdown(row.model),
         f"{row.mean_effective_rank:.1f}",
-        help=f"{row.method}: mean effective rank over {row.matrices} matrices; mean rank90 {row.mean_rank90:.1f}",
+        help=f"{escape_markdown(row.method)}: mean effective rank over {row.matrices} matrices; "
+        f"mean rank90 {row.mean_rank90:.1f}",
     )
-    method = "" if tables.names_method(row.model, row.method) else f"{row.method}, "
+    method = "" if tables.names_method(row.model, row.method) else f"{escape_markdown(row.method)}, "
     col.caption(f"{method}mean of {row.matrices} matrices")
 
 metric = state.widget(

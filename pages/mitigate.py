@@ -15,6 +15,7 @@ from charts import mitigation as fm
 from charts import tables
 from hosting.jobs import JobState
 from ui import mitigation, runtime, state, views
+from ui.text import escape_markdown
 
 state.ensure_app_navigation()
 selection = state.current()
@@ -100,7 +101,7 @@ if result.tradeoff is None:
     st.caption("Tick *Trade-off curve* in the sidebar to run the model across a λ grid.")
 else:
     views.chart(fm.tradeoff_figure(result), "mitigation-tradeoff")
-    st.caption(f"{result.tradeoff.note} ({result.tradeoff.seconds:.1f} s)")
+    st.caption(f"{escape_markdown(result.tradeoff.note)} ({result.tradeoff.seconds:.1f} s)")
     if result.tradeoff.points:
         views.table(fm.tradeoff_table(result), "mitigation-tradeoff")
 

@@ -17,6 +17,7 @@ from analysis.specs.series import (
 from charts import tables
 from hosting.jobs import JobState
 from ui import runtime, state, views
+from ui.text import escape_markdown
 
 state.ensure_app_navigation()
 resolver = runtime.resolver()
@@ -51,7 +52,7 @@ with st.container(border=True):
     st.subheader("Offline demo")
     views.demo_build_status()
     if demo_error:
-        st.error(runtime.friendly(demo_error))
+        st.error(escape_markdown(runtime.friendly(demo_error)))
     if manifest is not None:
         st.write(
             f"all-MiniLM-L6-v2 fine-tuned on: {manifest.task.get('description', '')} ({manifest.steps} steps each)."
@@ -76,7 +77,7 @@ with st.container(border=True):
     job = runtime.demo_job()
     building = job is not None and not job.state.finished
     if job is not None and job.state is JobState.FAILED:
-        st.error(f"Building the demo failed: {runtime.friendly(job.error or '')}")
+        st.error(f"Building the demo failed: {escape_markdown(runtime.friendly(job.error or ''))}")
     if not building and (manifest is None or not manifest.complete):
         st.info(
             "The offline demo is not complete: "
@@ -169,7 +170,7 @@ with st.expander("Add a checkpoint series (one fine-tune at several training ste
     )
     c2.button("Add series", on_click=add_series, key="add_series_button")
     if "wse_series_error" in st.session_state:
-        st.error(f"Series refused: {st.session_state.wse_series_error}")
+        st.error(f"Series refused: {escape_markdown(st.session_state.wse_series_error)}")
     if sum(is_upload_spec(t) for t in selection.tuned) >= 2:
         st.button(
             "Make one series of the uploaded fine-tunes (in the order they were added)",
@@ -199,7 +200,7 @@ def add_upload() -> None:
         uploads.append(stored.spec)
     if stored.spec not in state.get("tuned"):
         state.set("tuned", [*state.get("tuned"), stored.spec])
-    st.session_state.wse_upload_ok = f"Added {resolver.label(stored.spec)} as a fine-tune."
+    st.session_state.wse_upload_ok = f"Added {escape_markdown(resolver.label(stored.spec))} as a fine-tune."
     st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
 
 
@@ -229,7 +230,7 @@ with st.container(border=True):
     )
     st.button("Add the upload as a fine-tune", on_click=add_upload, key="add_upload")
     if "wse_upload_error" in st.session_state:
-        st.error(f"Upload refused: {st.session_state.wse_upload_error}")
+        st.error(f"Upload refused: {escape_markdown(st.session_state.wse_upload_error)}")
     if ok := st.session_state.pop("wse_upload_ok", None):
         st.success(ok)
 
@@ -302,13 +303,14 @@ for spec in selection.tuned:
         preview = plan_preview(selection.base, checked, str(resolver.uploads.root))
     except InputError as exc:
         problems += 1
-        st.error(f"**{label}**: {runtime.friendly(str(exc), label, spec=spec)}")
+        st.error(f"**{escape_markdown(label)}**: {escape_markdown(runtime.friendly(str(exc), label, spec=spec))}")
         continue
     except Exception as exc:  # a bug, not the visitor's input: say so without a traceback
         problems += 1
-        st.error(f"**{label}**: internal error ({type(exc).__name__}: {runtime.friendly(str(exc))})")
+        error = f"internal error ({type(exc).__name__}: {runtime.friendly(str(exc))})"
+        st.error(f"**{escape_markdown(label)}**: {escape_markdown(error)}")
         continue
-    with st.expander(f"**{label}** — {describe(preview)}"):
+    with st.expander(f"**{escape_markdown(label)}** — {escape_markdown(describe(preview))}"):
         adapter = preview["summary"].get("adapter")
         if adapter:
             shown = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern")
@@ -318,9 +320,9 @@ for spec in selection.tuned:
             st.write("Not analysed, by reason:")
             st.dataframe(preview["skipped"], hide_index=True, placeholder="—")
         if preview["unmatched"]:
-            st.write("Present on one side only (not analysed):", ", ".join(preview["unmatched"]))
+            st.write("Present on one side only (not analysed):", escape_markdown(", ".join(preview["unmatched"])))
         if preview["shape_mismatches"]:
-            st.write("Shapes differ (not analysed):", "; ".join(preview["shape_mismatches"]))
+            st.write("Shapes differ (not analysed):", escape_markdown("; ".join(preview["shape_mismatches"])))
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -343,13 +345,11 @@ for t in tracked:
         result = t.job.result
         skipped = tables.skipped_table(tables.plan_skipped(result))
         counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
-        st.success(
-            f"{resolver.label(t.spec)}: {len(result.matrices)} matrices analysed"
-            + (f"; {int(skipped['tensors'].sum())} tensor(s) skipped ({counts})." if len(skipped) else ".")
-        )
+        said = f"; {int(skipped['tensors'].sum())} tensor(s) skipped ({counts})." if len(skipped) else "."
+        st.success(escape_markdown(f"{resolver.label(t.spec)}: {len(result.matrices)} matrices analysed{said}"))
     elif t.state is JobState.FAILED:
-        st.error(f"{resolver.label(t.spec)}: {views.error_text(t)}")
+        st.error(f"{escape_markdown(resolver.label(t.spec))}: {escape_markdown(views.error_text(t))}")
     elif t.state is JobState.CANCELLED:
-        st.warning(f"{resolver.label(t.spec)}: cancelled.")
+        st.warning(f"{escape_markdown(resolver.label(t.spec))}: cancelled.")
 if any(t.state is JobState.DONE for t in tracked):
     st.page_link("pages/overview.py", label="See the results", icon=":material/grid_view:")

@@ -6,6 +6,7 @@ import streamlit as st
 
 from charts import overview, overview_tables, tables
 from ui import state, views
+from ui.text import escape_markdown
 
 SIMILARITY_PAGE = "pages/similarity.py"
 
@@ -77,6 +78,6 @@ with st.expander("Every matrix of every fine-tune"):
     for model, label in zip(models, tables.model_labels(models), strict=True):
         if model.unmatched or model.shape_mismatches:
             st.caption(
-                f"{label}: {len(model.unmatched)} tensor(s) present on one side only and "
+                f"{escape_markdown(label)}: {len(model.unmatched)} tensor(s) present on one side only and "
                 f"{len(model.shape_mismatches)} shape mismatch(es) were not analysed."
             )

@@ -15,6 +15,7 @@ from analysis.specs.series import SERIES_PREFIX, checkpoint_folders, demo_checkp
 from charts import series, series_tables
 from hosting.jobs import JobState
 from ui import runtime, state, views
+from ui.text import escape_markdown
 
 state.ensure_app_navigation()
 selection = state.current()
@@ -58,9 +59,8 @@ if not selection.base or not series_specs:
     if offered:  # the demo saved checkpoints while it trained: one click from here
         st.caption("Or watch one of the built-in demo's fine-tunes train:")
         for col, spec in zip(st.columns(len(offered)), offered, strict=True):
-            col.button(
-                resolver.label(spec), key=f"watch_{spec}", on_click=watch, args=(spec,), icon=":material/timeline:"
-            )
+            label = escape_markdown(resolver.label(spec))
+            col.button(label, key=f"watch_{spec}", on_click=watch, args=(spec,), icon=":material/timeline:")
     st.page_link(views.MODELS_PAGE, label="Choose models", icon=":material/folder_open:")
     st.stop()
 with st.sidebar:
@@ -68,17 +68,18 @@ with st.sidebar:
 try:
     found = runtime.series(spec)
 except InputError as exc:
-    st.error(f"**{spec}**: {runtime.friendly(str(exc))}")
+    st.error(f"**{escape_markdown(spec)}**: {escape_markdown(runtime.friendly(str(exc), spec=spec))}")
     st.stop()
 
 tracked = runtime.track_series(selection.base, found, start=True)
 for t in tracked:
     if t.state is JobState.FAILED:
-        st.error(f"**{t.label}** could not be analysed: {runtime.friendly(t.job.error)}")
+        error = runtime.friendly(t.job.error or "", t.label, spec=t.spec)
+        st.error(f"**{escape_markdown(t.label)}** could not be analysed: {escape_markdown(error)}")
 views.progress(selection.base, tracked)
 done = sum(t.state is JobState.DONE for t in tracked)
 st.caption(
-    f"**{found.label}**: {done} of {len(tracked)} checkpoints analysed · steps "
+    f"**{escape_markdown(found.label)}**: {done} of {len(tracked)} checkpoints analysed · steps "
     + ", ".join(str(s) for s in found.steps)
 )
 models = [r for r in (t.result() for t in tracked) if r is not None and r.matrices]

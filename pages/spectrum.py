@@ -6,6 +6,7 @@ import streamlit as st
 
 from charts import matrix_tables, spectra, tables
 from ui import views
+from ui.text import escape_markdown
 
 selection, models = views.results()
 model = views.model_control(models)
@@ -22,7 +23,10 @@ st.caption(
 )
 matrix = views.find_matrix(model, name)
 if matrix is None:
-    st.info(f"{name} was not analysed for {label} (an adapter only changes the modules it targets).")
+    st.info(
+        f"{escape_markdown(name)} was not analysed for {escape_markdown(label)} "
+        "(an adapter only changes the modules it targets)."
+    )
     st.stop()
 views.chart(spectra.spectrum_figure(matrix, k, eps, label=label), f"spectrum-{matrix.key}")
 c1, c2, c3, c4 = st.columns(4)

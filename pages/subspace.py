@@ -6,6 +6,7 @@ import streamlit as st
 
 from charts import comparison, matrix_tables, spectra, tables
 from ui import state, views
+from ui.text import escape_markdown
 
 selection, models = views.results()
 st.title("Subspace similarity")
@@ -33,7 +34,10 @@ else:
     a, b = views.find_matrix(first, name), views.find_matrix(second, name)
     if a is None or b is None:
         missing = labels[first.source] if a is None else labels[second.source]
-        st.info(f"{name} was not analysed for {missing}; choose a matrix both fine-tunes changed.")
+        st.info(
+            f"{escape_markdown(name)} was not analysed for {escape_markdown(missing)}; "
+            "choose a matrix both fine-tunes changed."
+        )
     else:
         phi = matrix_tables.subspace_similarity(a, b)
         views.chart(spectra.subspace_figure(phi, labels[first.source], labels[second.source], name), f"subspace-{name}")

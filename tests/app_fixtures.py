@@ -11,6 +11,7 @@ NaN (nothing was evaluated) and the labels say "stand-in".
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from demo import MANIFEST_NAME, DemoManifest, DemoModel, base_model_path
@@ -40,3 +41,11 @@ def make_standin_demo(root: Path) -> DemoManifest:
     )
     (root / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2))
     return manifest
+
+
+def shown(markdown: str) -> str:
+    """What a visitor reads of a Markdown body the dashboard sends: the text of
+    :func:`ui.text.escape_markdown` without its backslashes and word joiners."""
+    from ui.text import WORD_JOINER
+
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", markdown).replace(WORD_JOINER, "")

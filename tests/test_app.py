@@ -20,6 +20,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.results import DEFAULT_EPSILONS
+from tests.app_fixtures import shown
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGES = {
@@ -81,7 +82,7 @@ def figures(at: AppTest) -> list[go.Figure]:
 
 
 def metrics(at: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in at.metric}
+    return {shown(m.label): m.value for m in at.metric}
 
 
 @pytest.fixture(scope="module")
@@ -223,11 +224,11 @@ def test_models_page_says_what_was_understood(
     at.query_params["tuned"] = [str(tiny_bert_lora), str(tiny_llama_lora)]
     at.switch_page(PAGES["models"]).run()
     assert not at.exception
-    understood = [e.label for e in at.expander]
+    understood = [shown(e.label) for e in at.expander]
     assert any(
         "BertModel (bert) · PEFT LoRA adapter, r = 4, α = 8 · 4 matrices matched" in label for label in understood
     ), understood
-    errors = [e.value for e in at.error]
+    errors = [shown(e.value) for e in at.error]
     assert len(errors) == 1 and errors[0].startswith(f"**{Path(tiny_llama_lora).name}**: ")
     assert at.button(key="analyse").disabled  # nothing runs while an input is wrong
     # Nothing heavy ran: the page only planned.
@@ -268,15 +269,15 @@ def test_upload_an_adapter_then_a_corrupt_file(cache_dir: Path, tiny_bert: Path,
     assert not at.exception
     tuned = at.query_params["tuned"]  # one value: a string
     assert tuned.startswith("upload:") and len(tuned) == len("upload:") + 64
-    assert at.success[0].value.startswith("Added upload adapter.zip [")
-    assert any("PEFT LoRA adapter, r = 4" in e.label for e in at.expander)
+    assert shown(at.success[0].value).startswith("Added upload adapter.zip [")
+    assert any("PEFT LoRA adapter, r = 4" in shown(e.label) for e in at.expander)
 
     weights = (tiny_bert_lora / "adapter_model.safetensors").read_bytes()
     at.file_uploader[0].set_value([("adapter_model.safetensors", weights[: len(weights) // 2], "")])
     at.run()
     at.button(key="add_upload").click().run()
     assert not at.exception
-    (error,) = [e.value for e in at.error]
+    (error,) = [shown(e.value) for e in at.error]
     assert error.startswith("Upload refused: adapter_model.safetensors: is truncated")
     assert at.query_params["tuned"] == tuned  # the good upload is still selected
 
@@ -310,7 +311,7 @@ def test_local_paths_can_be_turned_off(cache_dir: Path, tiny_bert: Path, monkeyp
 def test_failed_analysis_shows_the_input_error(cache_dir: Path, tiny_bert: Path, tiny_llama_lora: Path) -> None:
     at = open_app(tiny_bert, [tiny_llama_lora])
     (error,) = at.error
-    assert error.value.startswith(f"**{Path(tiny_llama_lora).name}** could not be analysed: ")
+    assert shown(error.value).startswith(f"**{Path(tiny_llama_lora).name}** could not be analysed: ")
     assert "Traceback" not in error.value
 
 
@@ -385,11 +386,12 @@ def test_progress_and_cancel_of_a_running_analysis(
     at.run()
     assert job.state is JobState.RUNNING and len(job.watchers) == 1  # the page joined, did not restart
     (bar,) = at.get("progress")
-    assert bar.proto.value == 25 and bar.proto.text == f"{tiny_bert_full_ft.name}: 3 of 12 matrices, about 18 s left"
+    assert bar.proto.value == 25
+    assert shown(bar.proto.text) == f"{tiny_bert_full_ft.name}: 3 of 12 matrices, about 18 s left"
     at.button(key="cancel_jobs").click().run()
     assert job.wait(10) and job.state is JobState.CANCELLED
     at.run()
-    assert at.warning[0].value == f"The analysis of **{tiny_bert_full_ft.name}** was cancelled."
+    assert shown(at.warning[0].value) == f"The analysis of **{tiny_bert_full_ft.name}** was cancelled."
 
 
 def test_uploaded_adapter_of_an_unsupported_type_or_wrong_base_is_explained(
@@ -404,7 +406,7 @@ def test_uploaded_adapter_of_an_unsupported_type_or_wrong_base_is_explained(
         at.run()
         at.button(key="add_upload").click().run()
         assert not at.exception
-    errors = [e.value for e in at.error]
+    errors = [shown(e.value) for e in at.error]
     assert len(errors) == 2, errors
     assert all(e.startswith("**upload PEFT adapter [") for e in errors)
     assert "IA3" in errors[0] or "ia3" in errors[0].lower()
@@ -466,7 +468,7 @@ def test_models_page_counts_skipped_tensors_before_analyse(
     at.query_params["tuned"] = [str(tuned)]
     at.switch_page(PAGES["models"]).run()
     assert not at.exception
-    (label,) = [e.label for e in at.expander if "missing-one" in e.label]
+    (label,) = [shown(e.label) for e in at.expander if "missing-one" in shown(e.label)]
     # 11 of the 12 block matrices; every other base tensor is listed with its reason (the
     # engine's own skipped list: 1-D weights, tensors outside the blocks, the missing one).
     assert "· 11 matrices matched · 28 tensors skipped (" in label, label
@@ -516,12 +518,12 @@ def test_malformed_adapter_through_a_shared_link(
     at.run()
     at.button(key="add_upload").click().run()
     assert not at.exception
-    (error,) = [e.value for e in at.error]
+    (error,) = [shown(e.value) for e in at.error]
     assert "lora_alpha must be a number, got 'abc'" in error and "/uploads/" not in error
     assert error.count("adapter_config.json") == 1
     spec = at.query_params["tuned"]
     shared = open_app(tiny_bert, spec if isinstance(spec, list) else [spec])
-    assert "lora_alpha must be a number" in shared.error[0].value
+    assert "lora_alpha must be a number" in shown(shared.error[0].value)
     assert runtime.manager().jobs()
 
 
@@ -612,7 +614,7 @@ def test_refused_uploads_are_cleared_and_quotas_hold(
     assert any("Added upload" in s.value for s in at.success)
     at.file_uploader[0].set_value(good)
     at.run()
-    assert any("Upload refused: your uploads: one visitor may add at most 1" in e.value for e in at.error)
+    assert any("Upload refused: your uploads: one visitor may add at most 1" in shown(e.value) for e in at.error)
     assert not at.file_uploader[0].value  # over the quota: not even held until "Add"
 
 

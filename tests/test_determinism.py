@@ -9,7 +9,11 @@ that depends on its shape alone (:func:`analysis.scheduler.matrix_threads`).
 from __future__ import annotations
 
 import json
+import threading
+import time
+from dataclasses import replace
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -90,3 +94,113 @@ def test_threads_per_matrix_depend_on_its_shape_alone(monkeypatch):
     assert scheduler.matrix_threads((384, 1536), "gram") == (1, 1)  # side by side, one thread each
     assert scheduler.matrix_threads((4096, 11008), "gram") == (2, 2)  # alone on every core
     assert scheduler.matrix_threads((1024, 1024), "gram", budget=10**6) == (2, 1)  # fills the budget: alone
+
+
+def _dense_pairs(count: int, size: int = 256) -> list[MatrixPlan]:
+    """A tiny full fine-tune: ``count`` square dense updates.
+
+    256 is about the smallest order whose tridiagonal reduction (SciPy's OpenBLAS ``dsytrd``)
+    gives other bits on two BLAS threads than on one (224 does, 192 not, on the 2-core test
+    machine).
+    """
+    plans = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(100 + i)
+        base = torch.randn(size, size, generator=g) / size**0.5
+        tuned = TunedMatrix(base + 0.01 * torch.randn(size, size, generator=g) / size**0.5)
+        plans.append(
+            MatrixPlan(
+                MatrixId(f"layer.{i}.w", i, "attn_out", (size, size)), lambda b=base: b.clone(), lambda t=tuned: t
+            )
+        )
+    return plans
+
+
+def _overlap_first_two(monkeypatch: pytest.MonkeyPatch):
+    """Make the two workers' first matrices overlap as they did on the busy demo run.
+
+    ``layer.1`` starts computing first; ``layer.0`` starts while it computes, and does its
+    reductions only after ``layer.1`` is done. (Left to chance, this happened to 1 to 5 of
+    the demo full fine-tune's 36 matrices a run on 2 cores, and rarely to tiny ones.)
+    """
+    from analysis import pipeline
+
+    second_in, first_in, second_out = threading.Event(), threading.Event(), threading.Event()
+    spectra, result = pipeline._group_spectra, pipeline.matrix_result
+
+    def group_spectra(pairs, *args):
+        name = pairs[0].plan.name
+        if name == "layer.0.w":
+            first_in.set()
+            assert second_out.wait(30)
+            time.sleep(0.05)  # layer.1 leaves its thread settings
+        elif name == "layer.1.w":
+            second_in.set()
+            assert first_in.wait(30)
+        return spectra(pairs, *args)
+
+    def matrix_result(plan, *args):
+        if plan.name == "layer.1.w":
+            second_out.set()
+        return result(plan, *args)
+
+    def load_tuned(real):
+        def load():
+            assert second_in.wait(30)  # layer.0 is read once layer.1 computes
+            return real()
+
+        return load
+
+    monkeypatch.setattr(pipeline, "_group_spectra", group_spectra)
+    monkeypatch.setattr(pipeline, "matrix_result", matrix_result)
+    return load_tuned
+
+
+def test_a_full_fine_tune_gives_the_same_bytes_run_after_run(tmp_path, monkeypatch):
+    """Three runs without a cache write one report, three fresh caches the same entries,
+    and they are what one worker gives.
+
+    Matrices analysed side by side each run one BLAS thread; but OpenBLAS's
+    ``openblas_set_num_threads_local`` sets the count of the whole process in the pthreads
+    builds NumPy and SciPy ship, so a worker putting back the count it found (the caller's
+    two) when its matrix was done changed the count under the other worker's reduction:
+    three runs of the demo's full fine-tune wrote three reports (3 to 5 of 36 matrices
+    differing in the last bits of their update's values).
+    """
+    if scheduler.available_cores() < 2:
+        pytest.skip("one core: every BLAS call runs on one thread anyway")
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    from analysis import lapack
+
+    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    counts: set[tuple[int, ...]] = set()  # BLAS thread counts seen around each reduction
+
+    class Counted(lapack.Tridiagonal):
+        def __init__(self, gram) -> None:
+            counts.add(tuple(lib.get_num_threads() for lib in libraries))
+            super().__init__(gram)
+            counts.add(tuple(lib.get_num_threads() for lib in libraries))
+
+    monkeypatch.setattr(lapack, "Tridiagonal", Counted)
+    matrices = _dense_pairs(2)
+    cores = scheduler.available_cores()  # a fresh process's BLAS thread count, set before each run
+    with threadpool_limits(limits=cores, user_api="blas"):
+        alone = _report(matrices, workers=1)
+    reports, caches = set(), []
+    for run in range(6):
+        with monkeypatch.context() as m, threadpool_limits(limits=cores, user_api="blas"):
+            load = _overlap_first_two(m)
+            forced = [replace(matrices[0], load_tuned=load(matrices[0].load_tuned)), *matrices[1:]]
+            if run < 3:
+                reports.add(_report(forced, workers=2))
+            else:
+                cache = SpectrumCache(tmp_path / f"cache-{run}")
+                list(analyse_plan(ComparisonPlan("base", "full", "full", forced), device="cpu", cache=cache, workers=2))
+                caches.append(_entries(cache))
+    assert counts == {(1,) * len(libraries)}, f"BLAS thread counts seen around a reduction: {counts}"
+    assert reports == {alone}, "runs wrote different reports"
+    assert len(caches[0]) == 4  # a base and a pair entry per matrix
+    for other in caches[1:]:
+        differ = sorted(name for name in caches[0] if caches[0][name] != other.get(name))
+        assert not differ, f"{len(differ)} of {len(caches[0])} entries differ between fresh caches"

@@ -205,7 +205,8 @@ def test_configuration_readers() -> None:
             env_number("WSE_TEST_VALUE", 3, minimum=5)
         with pytest.raises(InputError, match="WSE_TEST_VALUE"):
             env_flag("WSE_TEST_VALUE", True)
-        assert env_switch("WSE_TEST_VALUE") is None  # neither yes nor no: the caller decides
+        with pytest.raises(InputError, match="WSE_TEST_VALUE"):  # neither yes, no nor auto
+            env_switch("WSE_TEST_VALUE")
         os.environ["WSE_TEST_VALUE"] = " Off "
         assert env_switch("WSE_TEST_VALUE") is False and env_flag("WSE_TEST_VALUE", True) is False
         assert env_text("WSE_TEST_VALUE") == " Off " and env_text("WSE_TEST_VALUE", strip=True) == "Off"

@@ -59,9 +59,10 @@ def test_a_failed_background_write_is_raised_when_the_analysis_ends(tmp_path, mo
 
 def test_blas_threads_are_limited_in_every_analysis_of_a_process(monkeypatch):
     """Matrices side by side run one BLAS thread each, in the second analysis of a process
-    too (a process-wide limit set from a worker thread and restored from another was once
-    ignored by OpenBLAS the next time: that analysis ran 5x the CPU time; the count is
-    now set per thread)."""
+    too (a process-wide limit set through threadpoolctl from a worker thread and restored
+    from another was once ignored the next time: threadpoolctl sets OpenBLAS's count only
+    from the first thread that used it while that one lives, and that analysis ran 5x the
+    CPU time; the count is now set by OpenBLAS's own setter from each computing thread)."""
     import os
     import subprocess
     import sys
@@ -213,3 +214,48 @@ def test_a_multi_threaded_blas_call_is_never_disturbed_by_one_thread_calls_besid
         for thread in threads:
             thread.join()
     assert runs == [alone] * 60
+
+
+def _blas_counts() -> list[int]:
+    """The thread count of every BLAS library outside torch (one count per process each)."""
+    from threadpoolctl import ThreadpoolController
+
+    return [c.get_num_threads() for c in ThreadpoolController().select(user_api="blas").lib_controllers]
+
+
+def test_a_matrix_keeps_one_blas_thread_when_the_matrix_beside_it_is_done():
+    """OpenBLAS's ``openblas_set_num_threads_local`` sets the count of the whole process in
+    the pthreads builds NumPy and SciPy ship: a matrix that put back the count it found
+    when it was done (two, the caller's) changed the count of the matrix still computing
+    beside it, whose reduction then ran on two threads and gave other last bits (three
+    runs of the demo's full fine-tune, three reports). The count is one while any
+    one-thread matrix computes, and the caller's again when none does."""
+    from threadpoolctl import threadpool_limits
+
+    from analysis import scheduler
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        caller = _blas_counts()
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen: list[list[int]] = []
+
+        def first() -> None:
+            with scheduler.blas_threads(1):
+                first_in.set()
+                assert second_in.wait(10)
+            first_out.set()
+
+        def second() -> None:
+            assert first_in.wait(10)
+            with scheduler.blas_threads(1):
+                second_in.set()
+                assert first_out.wait(10)
+                seen.append(_blas_counts())  # the first matrix is done; this one computes on
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert seen == [[1] * len(caller)]
+        assert _blas_counts() == caller  # put back once no matrix computes

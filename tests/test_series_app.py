@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.compare import compare
+from tests.app_fixtures import shown
 from tests.test_app import APP, figures, wait_for_jobs
 from tests.test_series import make_full_series
 
@@ -115,7 +116,7 @@ def test_models_page_adds_a_series(cache_dir: Path, tiny_bert: Path, run_dir: Pa
     at.button(key="add_series_button").click().run()
     assert not at.exception
     assert at.query_params["tuned"] in (f"series:{run_dir}", [f"series:{run_dir}"])
-    labels = [e.label for e in at.expander]
+    labels = [shown(e.label) for e in at.expander]
     assert any("full-run (series of 3), steps 5, 10, 20" in label for label in labels), labels
     # a folder that is not a series is refused with the reason
     at.text_input(key="add_series").set_value(str(tiny_bert)).run()
@@ -153,9 +154,9 @@ def test_uploads_become_a_series(cache_dir: Path, tiny_bert: Path, tmp_path: Pat
     wait_for_jobs()
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert "2 of 2 checkpoints analysed · steps 2, 4" in " ".join(c.value for c in at.caption)
+    assert "2 of 2 checkpoints analysed · steps 2, 4" in " ".join(shown(c.value) for c in at.caption)
     # the steps come from each upload's trainer_state.json, the label from what they are
-    assert any("uploaded checkpoints (series of 2)" in c.value for c in at.caption)
+    assert any("uploaded checkpoints (series of 2)" in shown(c.value) for c in at.caption)
     trend = figures(at)[0]
     engine = compare(str(tiny_bert), [str(run)], cache=None).models
     delta = next(t for t in trend.data if t.yaxis == "y4")  # the last panel: ||dW||
@@ -188,7 +189,7 @@ def test_series_page_offers_the_demos_checkpoints(tmp_path: Path, monkeypatch: p
     at = AppTest.from_file(APP, default_timeout=60).run()
     at.switch_page("pages/series.py").run()
     assert not at.exception
-    buttons = {b.label: b for b in at.button}
+    buttons = {shown(b.label): b for b in at.button}
     assert list(buttons) == ["LoRA r=1 (stand-in) (series of 2)"]  # only fine-tunes with checkpoints
     buttons["LoRA r=1 (stand-in) (series of 2)"].click().run()
     wait_for_jobs()

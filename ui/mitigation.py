@@ -20,6 +20,7 @@ from analysis.cache import default_cache_dir
 from analysis.mitigation import TRADEOFF_STEP, MitigationSettings, export_adapter, export_merged
 from hosting.jobs import Job, JobState, mitigation_job, mitigation_key
 from ui import runtime, state
+from ui.text import escape_markdown
 
 LAMBDA_STEP = state.LAMBDA_STEP
 RULES = {"peft": "PEFT: every intruder in the top k", "top1": "paper: the top intruder of each matrix"}
@@ -99,7 +100,7 @@ def progress(job: Job) -> None:
         else:
             timed = p.eta_s is not None and p.done < p.total and not p.step.startswith(TRADEOFF_STEP)
             eta = f", about {p.eta_s:.0f} s left" if timed else ""
-            st.progress(p.fraction, text=f"Mitigation: step {p.done} of {p.total} ({p.step}){eta}")
+            st.progress(p.fraction, text=f"Mitigation: step {p.done} of {p.total} ({escape_markdown(p.step)}){eta}")
         st.button("Cancel", key="cancel_mitigation", on_click=_cancel, help="Stop the mitigation this page started")
 
     poll()
@@ -107,7 +108,7 @@ def progress(job: Job) -> None:
 
 def failed(job: Job) -> None:
     if job.state is JobState.FAILED:
-        st.error(f"The mitigation failed: {runtime.friendly(job.error or '')}")
+        st.error(f"The mitigation failed: {escape_markdown(runtime.friendly(job.error or ''))}")
     else:
         st.warning("The mitigation was cancelled.")
     st.button("Run again", key="mit_run_again", on_click=_retry)

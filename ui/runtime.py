@@ -7,6 +7,7 @@ for a comparison that is running or done joins it. Analyses never run in a page 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -15,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import streamlit as st
 
-from analysis.cache import SpectrumCache, default_cache_dir
-from analysis.config import env_number, env_text
+from analysis.cache import SpectrumCache, default_budget_bytes, default_cache_dir
+from analysis.config import env_flag, env_number, env_text
 from analysis.errors import InputError, say_once
 from analysis.pair_metrics import AnalysisSettings
 from analysis.pipeline import model_result
@@ -38,6 +39,34 @@ def device() -> str:
 
 #: A Ray cluster to run analyses on (``local``, ``auto`` or an address); unset: this process.
 RAY_ADDRESS = env_text("WSE_RAY_ADDRESS")
+
+
+def check_settings() -> None:
+    """Read every ``WSE_*`` setting the dashboard uses, each through its checked reader.
+
+    Called first thing in every run of ``app.py``, so a typo is one plain line naming the
+    variable and its value on whatever page is opened (:class:`InputError`), not a
+    redacted exception when some visitor first starts an analysis or uploads a file.
+    """
+    import torch
+
+    from analysis.distributed import ray_settings
+    from analysis.linalg import default_method
+
+    local_paths_allowed()
+    default_cache_dir()
+    default_budget_bytes()
+    resolver()  # its upload store reads WSE_UPLOAD_BUDGET_GB
+    _max_jobs()
+    _max_jobs_per_visitor()
+    _upload_limits()
+    _demo_autobuild()
+    wanted = device()
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("WSE_DEVICE", f"asks for {wanted!r}, but this machine has no CUDA device")
+    default_method(torch.device("cuda" if wanted.startswith("cuda") else "cpu"))  # WSE_SVD_METHOD
+    if RAY_ADDRESS:
+        ray_settings()
 
 
 @st.cache_resource(show_spinner=False)
@@ -132,21 +161,105 @@ def friendly(error: str, subject: str | None = None, *, spec: str | None = None,
     return say_once(subject, text) if subject else text
 
 
+# -- who a visitor is ----------------------------------------------------------------------------
+#: Streamlit's XSRF cookie (``server.enableXsrfProtection``, on in .streamlit/config.toml):
+#: one random token per browser, sent by every tab of it, masked afresh on each page load.
+XSRF_COOKIE = "_streamlit_xsrf"
+
+
+def xsrf_token(cookie: str | None) -> str | None:
+    """The token inside an XSRF cookie's value (hex), or ``None`` for none or a malformed one.
+
+    Tornado writes version 2 as ``2|mask|token XOR mask|timestamp``; an older value is the
+    token itself.
+    """
+    if not isinstance(cookie, str) or not cookie:  # AppTest's context holds stand-ins
+        return None
+    parts = cookie.split("|")
+    if parts[0] != "2":
+        return cookie if "|" not in cookie else None
+    try:
+        mask, masked = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+    except (IndexError, ValueError):
+        return None
+    if len(mask) != 4 or not masked:
+        return None
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(masked)).hex()
+
+
+def browser_token() -> str | None:
+    """The XSRF token of the browser this run serves, or ``None`` (no cookie: XSRF protection
+    off, or no browser, as in AppTest)."""
+    try:
+        return xsrf_token(st.context.cookies.get(XSRF_COOKIE))
+    except Exception:  # outside a server's script run  # pragma: no cover
+        return None
+
+
+@st.cache_resource(show_spinner=False)
+def _visitors() -> tuple[threading.Lock, dict[str, set[str]], dict[str, list[int]]]:
+    """Server-wide: the browser sessions (tabs) seen of each visitor, and each visitor's uploads."""
+    return threading.Lock(), {}, {}
+
+
+def visitor_id() -> str:
+    """Who is asking, for per-visitor quotas: their browser, the same in every tab of it.
+
+    A hash of the browser's XSRF token (:func:`browser_token`); this session's id where
+    there is none. Best effort: a visitor who clears cookies, or opens another browser, is
+    a new visitor; the server has no surer way to tell people apart (no accounts, and the
+    address is often a proxy's). Records this session as one of the visitor's tabs.
+    """
+    session = session_id()
+    token = browser_token()
+    if not token:
+        return session
+    visitor = "browser-" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    lock, sessions, _ = _visitors()
+    with lock:
+        if len(sessions) > 100_000:  # a long-running server: forget the oldest visitors
+            sessions.clear()
+        sessions.setdefault(visitor, set()).add(session)
+    return visitor
+
+
+def visitor_sessions() -> set[str]:
+    """The sessions (tabs) of this visitor seen so far, this one included."""
+    visitor = visitor_id()
+    lock, sessions, _ = _visitors()
+    with lock:
+        return set(sessions.get(visitor, ())) | {session_id()}
+
+
 def upload_quota(size: int, *, count: bool = False) -> None:
     """Check (or, with ``count``, record) one upload of ``size`` bytes against this
     visitor's quota: ``WSE_UPLOADS_PER_VISITOR`` uploads (default 10) and
-    ``WSE_UPLOAD_MB_PER_VISITOR`` megabytes (default 2000) per browser session."""
-    used = st.session_state.setdefault("wse_upload_quota", [0, 0])
-    if count:
-        used[0] += 1
-        used[1] += size
-        return
-    most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
-    megabytes = env_number("WSE_UPLOAD_MB_PER_VISITOR", 2000, minimum=1)
-    if used[0] >= most:
+    ``WSE_UPLOAD_MB_PER_VISITOR`` megabytes (default 2000) per visitor (:func:`visitor_id`:
+    per browser, however many tabs)."""
+    lock, _, quotas = _visitors()
+    if browser_token():
+        visitor = visitor_id()
+        with lock:
+            used = quotas.setdefault(visitor, [0, 0])
+    else:  # no browser to recognise: this session is the visitor
+        used = st.session_state.setdefault("wse_upload_quota", [0, 0])
+    with lock:
+        if count:
+            used[0] += 1
+            used[1] += size
+            return
+        uploads, stored = used
+    most, megabytes = _upload_limits()
+    if uploads >= most:
         raise InputError("your uploads", f"one visitor may add at most {most}")
-    if used[1] + size > megabytes * 1024**2:
+    if stored + size > megabytes * 1024**2:
         raise InputError("your uploads", f"one visitor may upload at most {megabytes:g} MB in all")
+
+
+def _upload_limits() -> tuple[int, float]:
+    """``WSE_UPLOADS_PER_VISITOR`` (uploads) and ``WSE_UPLOAD_MB_PER_VISITOR`` (megabytes)."""
+    most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
+    return most, env_number("WSE_UPLOAD_MB_PER_VISITOR", 2000, minimum=1)
 
 
 def demo_defaults() -> tuple[str, list[str]]:
@@ -259,7 +372,7 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
         abandoned = job is not None and job.abandoned and job.state is JobState.CANCELLED
         if start and (job is None or (restart and stale) or abandoned):
-            if jobs.active_for(session_id()) >= _max_jobs_per_visitor():
+            if sum(jobs.active_for(tab) for tab in visitor_sessions()) >= _max_jobs_per_visitor():
                 tracked.append(Tracked(spec, None, refused=_busy_message()))
                 continue
             fn = comparison_job(
@@ -379,18 +492,23 @@ def cancel_demo_build() -> None:
 def ensure_demo(follow: bool) -> None:
     """On a server without a complete demo, build it in the background (once per server
     process: a cancelled build is resumed only when asked; ``WSE_DEMO_AUTOBUILD=0`` turns
-    this off, leaving the Models page's button). ``follow``: this session
+    this off, as ``false``, ``no`` or ``off`` do, leaving the Models page's button). ``follow``: this session
     opened on the demo (no link named models), so its selection grows with the build."""
     manifest, error = demo_state()
     if error is not None or (manifest is not None and manifest.complete):
         return
     job = demo_job()
-    if job is None and env_text("WSE_DEMO_AUTOBUILD", "1") != "0":
+    if job is None and _demo_autobuild():
         job = start_demo_build()
     elif job is not None and not job.state.finished:
         job.watch(session_id())
     if follow and job is not None and not job.state.finished and DEMO_FOLLOW not in st.session_state:
         st.session_state[DEMO_FOLLOW] = ()
+
+
+def _demo_autobuild() -> bool:
+    """``WSE_DEMO_AUTOBUILD``: build the demo in the background on a server without one (default on)."""
+    return env_flag("WSE_DEMO_AUTOBUILD", True)
 
 
 def follow_demo() -> None:

@@ -26,6 +26,7 @@ from charts.html_report import html_report, reproduce_command
 from hosting.jobs import JobState
 from ui import runtime, state
 from ui.state import Selection
+from ui.text import escape_markdown
 
 #: Seconds between progress polls of a watching page (each poll is a fragment run of every
 #: watching session in this one process, beside the analyses themselves).
@@ -52,7 +53,7 @@ def _progress(base: str, specs: tuple[str, ...]) -> None:
     for t in running:
         job = t.job
         p = job.progress
-        label = runtime.resolver().label(t.spec)
+        label = escape_markdown(runtime.resolver().label(t.spec))
         if job.state is JobState.QUEUED or p is None:
             st.progress(0.0, text=f"{label}: waiting for a free worker…")
             continue
@@ -97,13 +98,13 @@ def results() -> tuple[Selection, list[ModelResult]]:
         st.stop()
     tracked = runtime.track(selection.base, selection.tuned, start=True)
     for t in tracked:
-        label = runtime.resolver().label(t.spec)
+        label = escape_markdown(runtime.resolver().label(t.spec))
         if t.refused:
-            st.warning(f"**{label}**: {t.refused}")
+            st.warning(f"**{label}**: {escape_markdown(t.refused)}")
         elif t.state is JobState.FAILED:
-            st.error(f"**{label}** could not be analysed: {error_text(t)}")
+            st.error(f"**{label}** could not be analysed: {escape_markdown(error_text(t))}")
         elif t.state is JobState.CANCELLED:
-            st.warning(f"The analysis of **{runtime.resolver().label(t.spec)}** was cancelled.")
+            st.warning(f"The analysis of **{label}** was cancelled.")
     progress(selection.base, tracked)
     # Each result's ``source`` is its spec as in the URL (never a resolved server path).
     models = [r for r in (t.result() for t in tracked) if r is not None]
@@ -251,8 +252,8 @@ def overview_grids(
 
     for s_index, section in enumerate(sections):
         if len(sections) > 1:
-            st.markdown(f"**{section.title}**")
-            missing = [labels[i] for i in range(len(models)) if i not in section.model_indices]
+            st.markdown(f"**{escape_markdown(section.title)}**")
+            missing = [escape_markdown(labels[i]) for i in range(len(models)) if i not in section.model_indices]
             if missing:
                 st.caption("No matrix of this grid was analysed for " + ", ".join(missing) + ".")
         for start in range(0, len(section.panels), section.columns):

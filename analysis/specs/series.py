@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.errors import InputError
-from analysis.specs.names import DEMO_PREFIX
+from analysis.specs.names import DEMO_PREFIX, check_spec
 
 SERIES_PREFIX = "series:"
 #: Subfolders the transformers Trainer writes every ``save_steps`` (``checkpoint-{global_step}``).
@@ -213,7 +213,8 @@ def resolve_series(spec: str, resolver=None, *, allow_local_paths: bool | None =
     server's local-path rule); without one, local paths follow ``allow_local_paths``
     (default allowed, as on the command line).
     """
-    body = spec.strip().removeprefix(SERIES_PREFIX).strip()
+    spec = check_spec(spec)  # the whole name: 1,024 characters at most, like any model name
+    body = spec.removeprefix(SERIES_PREFIX).strip()
     if not body:
         raise InputError(spec, "names no checkpoints (expected series:FOLDER, series:org/name@rev1,rev2 or a list)")
     allowed = resolver.allow_local_paths if resolver is not None else allow_local_paths is not False
