@@ -20,9 +20,11 @@ import re
 _PUNCTUATION = re.compile(r"""([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])""")
 #: What text-level plug-ins turn into something else after escapes are read: GitHub's bare
 #: links (``http://``, ``www.``, ``name@host``) and emoji or icon short codes (``:smile:``,
-#: ``:material/home:``). A word joiner (U+2060, invisible and zero-width) after the ``:``
-#: or ``@`` and inside ``www.`` breaks each pattern without changing what is seen.
-_TRIGGERS = re.compile(r"(:|@|(?i:www)(?=\.))")
+#: ``:material/home:``). A word joiner (U+2060, invisible and zero-width) after a ``:``
+#: that something follows, after ``@`` and inside ``www.`` breaks each pattern without
+#: changing what is seen; a ``:`` before a space or at the end starts none of them and is
+#: left alone, so ``name: 12 matrices analysed`` reads (and copies) as it is written.
+_TRIGGERS = re.compile(r"(:(?=\S)|@|(?i:www)(?=\.))")
 WORD_JOINER = "\u2060"
 
 
