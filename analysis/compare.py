@@ -14,9 +14,8 @@ import torch
 
 from analysis import distributed
 from analysis.cache import SpectrumCache
-from analysis.errors import InputError
 from analysis.linalg import resolve_device
-from analysis.pair_metrics import AnalysisSettings
+from analysis.pair_metrics import AnalysisSettings, checked_settings
 from analysis.pipeline import ProgressCallback, analyse_plan, model_result
 from analysis.plan import ComparisonPlan
 from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult
@@ -37,15 +36,6 @@ def plan_models(
     return SpecResolver(allow_local_paths=allow_local_paths).plan_models(
         base, tuned, include_non_block=include_non_block
     )
-
-
-def settings_for(top_k: int) -> AnalysisSettings:
-    """The :class:`~analysis.pair_metrics.AnalysisSettings` :func:`compare` analyses with for ``top_k``.
-
-    Part of every pair's cache key, so whatever analyses with these settings (the command
-    line, :class:`analysis.training.SpectrumCallback`) shares the cache entries.
-    """
-    return AnalysisSettings(max_top_k=max(top_k, AnalysisSettings.max_top_k))
 
 
 def compare(
@@ -125,6 +115,7 @@ def compare(
     >>> [m.rank90 for m in result.models[0].matrices]
     [1, 1]
     """
+    store = SpectrumCache() if cache is DEFAULT_CACHE else cache
     if ray is not None:
         return distributed.compare(
             base,
@@ -133,19 +124,14 @@ def compare(
             top_k=top_k,
             epsilons=epsilons,
             device=device,
-            cache=None if cache is None else (SpectrumCache() if cache is DEFAULT_CACHE else cache),
+            cache=store,
             progress=progress,
             should_stop=should_stop,
             allow_local_paths=allow_local_paths,
             include_non_block=include_non_block,
             settings=settings,
         )
-    settings = settings or settings_for(top_k)
-    if not 1 <= top_k <= settings.max_top_k:
-        raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
-    if any(not 0 < eps <= 1 for eps in epsilons):
-        raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
-    store = SpectrumCache() if cache is DEFAULT_CACHE else cache
+    settings = checked_settings(top_k, epsilons, settings)
     device = resolve_device(device)
     members = expand(tuned, allow_local_paths=allow_local_paths)  # a series: each checkpoint, in step order
     specs = [spec for spec, _, _ in members]

@@ -54,6 +54,7 @@ import torch
 from analysis.cache import SpectrumCache
 from analysis.config import env_folder, env_switch
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.pair_metrics import checked_settings
 from analysis.pipeline import (
     AnalysisSettings,
     ProgressCallback,
@@ -498,11 +499,7 @@ def compare(
     all of them are analysed together (:func:`analyse_plans`). ``cache`` is the driver's
     cache (``None``: nothing cached anywhere).
     """
-    settings = settings or AnalysisSettings(max_top_k=max(top_k, AnalysisSettings.max_top_k))
-    if not 1 <= top_k <= settings.max_top_k:
-        raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
-    if any(not 0 < eps <= 1 for eps in epsilons):
-        raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
+    settings = checked_settings(top_k, epsilons, settings)
     plans = SpecResolver(allow_local_paths=allow_local_paths).plan_models(
         base, tuned, include_non_block=include_non_block
     )

@@ -8,6 +8,7 @@ update's singular values. :class:`AnalysisSettings` says how much of each is kep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -16,6 +17,7 @@ import torch
 
 from analysis import metrics
 from analysis.cache import Entry
+from analysis.errors import InputError
 from analysis.linalg import Spectrum
 from analysis.plan import MatrixPlan
 from analysis.results import MatrixResult
@@ -39,6 +41,32 @@ class AnalysisSettings:
     def signature(self) -> str:
         """The settings as ``name=value`` pairs in name order, comma-separated (for cache keys)."""
         return ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+
+
+def settings_for(top_k: int) -> AnalysisSettings:
+    """The :class:`AnalysisSettings` a comparison analyses with for ``top_k``.
+
+    Part of every pair's cache key, so whatever analyses with these settings (the command
+    line, :func:`analysis.compare.compare`, its Ray runner, :class:`analysis.training.SpectrumCallback`)
+    shares the cache entries.
+    """
+    return AnalysisSettings(max_top_k=max(top_k, AnalysisSettings.max_top_k))
+
+
+def checked_settings(top_k: int, epsilons: Sequence[float], settings: AnalysisSettings | None) -> AnalysisSettings:
+    """``settings`` (default :func:`settings_for`), after checking ``top_k`` and ``epsilons`` against them.
+
+    Raises
+    ------
+    InputError
+        ``top_k`` outside ``[1, settings.max_top_k]`` or an eps outside ``(0, 1]``.
+    """
+    settings = settings or settings_for(top_k)
+    if not 1 <= top_k <= settings.max_top_k:
+        raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
+    if any(not 0 < eps <= 1 for eps in epsilons):
+        raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
+    return settings
 
 
 def pair_metrics(

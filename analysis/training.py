@@ -42,9 +42,10 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from analysis.cache import SpectrumCache
-from analysis.compare import DEFAULT_CACHE, settings_for
+from analysis.compare import DEFAULT_CACHE
 from analysis.errors import InputError
 from analysis.linalg import resolve_device
+from analysis.pair_metrics import settings_for
 from analysis.pipeline import analyse_plan, model_result
 from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K, ModelResult
 from analysis.specs import SpecResolver
