@@ -36,6 +36,7 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,  # ue8m0 block scales (DeepSeek-V3.1-style FP8)
 }
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 
@@ -79,7 +78,7 @@ def catalogue(
     """
     layout = layout or ModelLayout(source.config)
     slots: list[Slot] = []
-    skipped: list[dict] = []
+    skipped: list[dict] = source.quantised_skips()
     for name in source.names():
         shape = source.shape(name)
         placement = layout.placement(name)
@@ -159,7 +158,7 @@ def slot_digest(source: WeightSource, slot: Slot, stored: StoredDigest) -> str:
     """A digest of what :func:`load_slot` returns, from the stored tensor's digest."""
     if slot.pieces:
         return derived_digest("row-concat", *(slot_digest(source, piece, stored) for piece in slot.pieces))
-    digest = stored(source.file(slot.name), slot.name, partial(source.load, slot.name))
+    digest = source.stored_digest(slot.name, stored)
     if slot.index is not None:
         digest = derived_digest("expert-slice", f"index={slot.index}", digest)
     digest = derived_digest("oriented-float32", f"transpose={slot.transpose}", digest)

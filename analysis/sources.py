@@ -35,13 +35,15 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from analysis.adapters import LoraAdapter, open_adapter_file, open_adapter_folder
-from analysis.cache import tensor_digest
+from analysis.cache import derived_digest, tensor_digest
 from analysis.errors import InputError
+from analysis.quant import QuantTensor, index_checkpoint
 from analysis.readers import (
     ADAPTER_CONFIG,
     HUB_PATTERNS,
@@ -77,9 +79,16 @@ class WeightSource:
         self.label = label
         self.root = root
         self.config = config or {}
-        self._tensors = tensors
+        self._stored = tensors
         self._sliced = loader is None  # safetensors files: one expert can be read alone
         self._loader = loader or (lambda info, name: load_safetensors_tensor(info.file, name))
+        #: The quantised weights (:mod:`analysis.quant`): each listed under the name and
+        #: shape a full-precision checkpoint uses, its stored parts hidden.
+        self.quant = index_checkpoint(self.config, tensors)
+        self._tensors = {n: info for n, info in tensors.items() if n not in self.quant.stored}
+        for name, quantised in self.quant.tensors.items():
+            first = tensors[next(iter(quantised.parts.values()))]
+            self._tensors[name] = TensorInfo(first.file, quantised.shape, torch.float32)
 
     def __repr__(self) -> str:
         return f"WeightSource({self.label!r}, {len(self._tensors)} tensors)"
@@ -106,8 +115,37 @@ class WeightSource:
         return self._info(name).dtype
 
     def tensor_dtypes(self) -> dict[str, torch.dtype]:
-        """Every tensor's stored dtype, by name, from the file headers (nothing is read)."""
-        return {name: info.dtype for name, info in self._tensors.items()}
+        """Every stored tensor's dtype, by name, from the file headers (nothing is read).
+
+        Quantised weights are counted by their stored parts (``fp8 e4m3`` codes, ``uint8``
+        blocks and scales), as the files hold them.
+        """
+        return {name: info.dtype for name, info in self._stored.items()}
+
+    def storage(self, name: str) -> str:
+        """How tensor ``name`` is stored: ``bf16``, ``fp8 e4m3, 128x128 blocks``, ``mxfp4``, ``nf4``..."""
+        return self.quant.label(name, self._info(name).dtype)
+
+    def quantised_skips(self) -> list[dict]:
+        """``{"name", "reason"}`` for each quantised weight no dequantiser here reads."""
+        return list(self.quant.skipped)
+
+    def stored_digest(self, name: str, stored: Callable[[Path, str, Callable[[], torch.Tensor]], str]) -> str:
+        """The digest of tensor ``name`` from its stored bytes (a quantised weight: codes and scales).
+
+        ``stored`` is an :data:`analysis.plan.StoredDigest`.
+        """
+        quantised = self.quant.tensors.get(name)
+        if quantised is None:
+            return stored(self.file(name), name, partial(self.load, name))
+        parts = [
+            f"{role}={stored(self._stored[part].file, part, partial(self._load_stored, part))}"
+            for role, part in sorted(quantised.parts.items())
+        ]
+        return derived_digest("dequantised", quantised.method, quantised.label, *parts)
+
+    def _load_stored(self, name: str) -> torch.Tensor:
+        return self._loader(self._stored[name], name)
 
     def file(self, name: str) -> Path:
         """The file the tensor is stored in (a shard for sharded checkpoints)."""
@@ -116,7 +154,11 @@ class WeightSource:
     def load(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (dtype and orientation unchanged)."""
         info = self._info(name)
-        tensor = self._loader(info, name)
+        quantised = self.quant.tensors.get(name)
+        if quantised is not None:
+            tensor = self._dequantise(quantised, None)
+        else:
+            tensor = self._loader(info, name)
         if tuple(tensor.shape) != info.shape:
             problem = f"tensor {name!r} has shape {tuple(tensor.shape)}, its header says {info.shape}"
             raise InputError(info.file, problem)
@@ -130,7 +172,10 @@ class WeightSource:
         info = self._info(name)
         if not 0 <= index < info.shape[0]:
             raise IndexError(f"{name!r} has {info.shape[0]} slices, not {index + 1}")
-        if self._sliced:
+        quantised = self.quant.tensors.get(name)
+        if quantised is not None:
+            tensor = self._dequantise(quantised, index)
+        elif self._sliced:
             tensor = load_safetensors_slice(info.file, name, index)
         else:
             tensor = self._loader(info, name)[index]
@@ -140,6 +185,31 @@ class WeightSource:
             )
             raise InputError(info.file, problem)
         return tensor
+
+    def _dequantise(self, quantised: QuantTensor, index: int | None) -> torch.Tensor:
+        """One quantised weight (or expert ``index`` of it) as float32, from its stored parts.
+
+        Where the weight has no expert dimension (``sliced`` is empty), an expert is cut from
+        the whole dequantised tensor.
+        """
+        parts = {}
+        for role, part in quantised.parts.items():
+            if index is not None and role in quantised.sliced:
+                parts[role] = (
+                    load_safetensors_slice(self._stored[part].file, part, index)
+                    if self._sliced
+                    else self._load_stored(part)[index]
+                )
+            else:
+                parts[role] = self._load_stored(part)
+        try:
+            tensor = quantised.dequantise(parts, index if quantised.sliced else None)
+        except (RuntimeError, ValueError, KeyError, AssertionError) as error:
+            problem = f"quantised weight {quantised.name!r} ({quantised.label}) cannot be dequantised: {error}"
+            raise InputError(self._info(quantised.name).file, problem) from error
+        if index is not None and not quantised.sliced:
+            tensor = tensor[index]
+        return tensor.to(torch.float32)
 
     def content_digest(self, name: str) -> str:
         """:func:`analysis.cache.tensor_digest` of the stored tensor: equal digests, equal tensors.

@@ -1,0 +1,113 @@
+"""What a dequantiser hands the rest of the engine: one quantised weight and how to read it.
+
+A format module (:mod:`analysis.quant.fp8`, :mod:`analysis.quant.mxfp4`, ...) looks at a
+checkpoint's tensor headers and its ``quantization_config`` and returns a
+:class:`Claims`: each quantised weight as one :class:`QuantTensor` (its logical name and
+shape as a full-precision checkpoint of the same model stores them, the stored tensors it
+is made of, a storage label, and the function that dequantises it), plus the quantised
+weights it recognises but cannot dequantise (listed in ``skipped``, never read raw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from analysis.errors import InputError
+from analysis.readers import TensorInfo
+
+#: ``dequantise(parts, index) -> float32 tensor``: ``parts`` maps each role (``weight``,
+#: ``scale``, ...) to the loaded stored tensor (only slice ``index`` of the roles in
+#: :attr:`QuantTensor.sliced` when ``index`` is not ``None``).
+Dequantise = Callable[[dict[str, torch.Tensor], int | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """One quantised weight, seen as the full-precision tensor it stands for.
+
+    ``name`` and ``shape`` are those a full-precision checkpoint of the same model stores
+    (``...q_proj.weight`` ``[out, in]``; gpt-oss experts ``...experts.gate_up_proj``
+    ``[E, in, out]``). ``parts`` maps each role to the stored tensor name; ``sliced`` are
+    the roles whose first dimension is the expert (read one expert at a time); ``label``
+    says how it is stored (``fp8 e4m3, 128x128 blocks``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    parts: Mapping[str, str]
+    label: str
+    dequantise: Dequantise
+    sliced: tuple[str, ...] = ()
+    #: Names the algorithm in cache keys: change it when a dequantiser's output changes.
+    method: str = ""
+
+
+@dataclass
+class Claims:
+    """What one format found in a checkpoint.
+
+    ``tensors``: the quantised weights it dequantises. ``unhandled``: ``{stored name:
+    reason}`` for weights declared quantised that no dequantiser here handles (one entry
+    per weight, named by its main stored tensor); ``hidden``: the other stored tensors of
+    those weights (scales, zero points), which are parts of them and get no entry of
+    their own.
+    """
+
+    tensors: list[QuantTensor] = field(default_factory=list)
+    unhandled: dict[str, str] = field(default_factory=dict)
+    hidden: set[str] = field(default_factory=set)
+
+
+#: ``claim(infos, quantization_config) -> Claims``, one per format family.
+Claimer = Callable[[dict[str, TensorInfo], dict], Claims]
+
+#: Format families by ``quant_method``; a module registers itself with :func:`register`.
+FORMATS: dict[str, Claimer] = {}
+
+
+def register(*methods: str) -> Callable[[Claimer], Claimer]:
+    """Register a format family for the ``quant_method`` values it reads."""
+
+    def wrap(claimer: Claimer) -> Claimer:
+        for method in methods:
+            FORMATS[method] = claimer
+        return claimer
+
+    return wrap
+
+
+def require(infos: dict[str, TensorInfo], name: str, owner: str, what: str) -> TensorInfo:
+    """The header of ``name``, a part of the quantised weight ``owner``.
+
+    Raises
+    ------
+    InputError
+        ``name`` is missing (a quantised weight without its scales cannot be read).
+    """
+    info = infos.get(name)
+    if info is None:
+        file = infos[owner].file if owner in infos else owner
+        raise InputError(file, f"quantised weight {owner!r} has no {what} (expected tensor {name!r})")
+    return info
+
+
+def misfit(infos: dict[str, TensorInfo], owner: str, problem: str) -> InputError:
+    """One error naming the quantised weight whose parts do not fit together."""
+    file = infos[owner].file if owner in infos else owner
+    return InputError(file, f"quantised weight {owner!r}: {problem}")
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    """``bf16``, ``fp16``, ``fp32``, ``fp8 e4m3``... the storage label of a plain tensor."""
+    names = {
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+        torch.float8_e4m3fn: "fp8 e4m3",
+        torch.float8_e5m2: "fp8 e5m2",
+    }
+    return names.get(dtype, str(dtype).removeprefix("torch."))

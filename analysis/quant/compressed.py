@@ -1,0 +1,126 @@
+"""compressed-tensors checkpoints (``quant_method: compressed-tensors``).
+
+``pack-quantized`` (W4A16, W8A16 as int32 words), ``int-quantized``, ``float-quantized``
+(FP8 W8A8) and ``naive-quantized``, with group, channel, block and tensor strategies,
+symmetric or not, and ``ignore`` lists, as llm-compressor writes them (Kimi-K2-Thinking,
+most W4A16/W8A8/FP8 releases). The packing has changed between versions, so every
+weight is dequantised by the ``compressed-tensors`` library itself (imported only when a
+checkpoint needs it): the same ``match_quantizable_tensors`` and per-scheme
+``BaseCompressor.decompress`` that its own model-free dequantiser
+(``compressed_tensors.entrypoints.convert.converters.CompressedTensorsDequantizer``) runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from analysis.errors import InputError
+from analysis.quant.base import Claims, QuantTensor, register
+from analysis.readers import TensorInfo
+
+PACKAGE = "compressed-tensors"
+
+
+def _library():
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.compressors.format import infer_module_format
+        from compressed_tensors.config import CompressionFormat
+        from compressed_tensors.quantization import QuantizationConfig
+        from compressed_tensors.utils.match import match_quantizable_tensors
+    except ImportError:
+        return None
+    return BaseCompressor, infer_module_format, CompressionFormat, QuantizationConfig, match_quantizable_tensors
+
+
+def _label(scheme, fmt: str) -> str:
+    args = scheme.weights
+    kind = "fp" if str(args.type).endswith("float") else "int"
+    strategy = str(getattr(args.strategy, "value", args.strategy))
+    if strategy == "group":
+        strategy = f"groups of {args.group_size}"
+    elif strategy == "block":
+        strategy = "x".join(str(b) for b in (args.block_structure or [])) + " blocks"
+    sym = "" if args.symmetric else ", asymmetric"
+    return f"{kind}{args.num_bits} {strategy}{sym} ({fmt})"
+
+
+def _decompress(parts: dict[str, torch.Tensor], index: int | None, compressor, scheme) -> torch.Tensor:
+    return compressor.decompress(dict(parts), scheme)["weight"].to(torch.float32)
+
+
+def _unhandled(infos: dict[str, TensorInfo], reason: str) -> Claims:
+    """Without the library: every compressed weight listed as skipped, its parts hidden."""
+    claims = Claims()
+    for name in infos:
+        module, _, param = name.rpartition(".")
+        if param in ("weight_packed",) or (param == "weight" and module + ".weight_scale" in infos):
+            claims.unhandled[name] = reason
+        elif param.startswith(("weight_", "input_", "output_")) and param != "weight":
+            claims.hidden.add(name)
+    return claims
+
+
+@register("compressed-tensors")
+def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
+    """Every weight a config group of the checkpoint's ``quantization_config`` targets."""
+    library = _library()
+    if library is None:
+        return _unhandled(infos, f"compressed-tensors weight: install {PACKAGE} to read it (not read raw)")
+    base_compressor, infer_format, formats, quant_config, match = library
+    try:
+        parsed = quant_config.model_validate(config)
+    except Exception as error:  # pydantic's ValidationError
+        raise InputError("config.json", f"has a compressed-tensors quantization_config that cannot be read: {error}")
+    claims = Claims()
+    claimed: set[str] = set()
+    for scheme in parsed.config_groups.values():
+        if scheme.weights is None:
+            continue
+        fmt = scheme.format or parsed.format
+        if fmt in (None, "mixed-precision", formats.mixed_precision.value):
+            fmt = infer_format(torch.nn.Linear, scheme).value
+        fmt = getattr(fmt, "value", fmt)
+        compressor = base_compressor.get_value_from_registry(fmt)
+        params = compressor.compression_param_names(scheme)
+        available = {n: None for n in infos if n not in claimed}
+        for module, stored in match(available, ignore=parsed.ignore, targets=scheme.targets, param_targets=[params[0]]):
+            parts = {}
+            for param in params:
+                part = f"{module}.{param}"
+                if part not in infos:
+                    raise InputError(
+                        infos[stored].file, f"quantised weight {stored!r} has no {param} (expected tensor {part!r})"
+                    )
+                parts[param] = part
+            claimed.update(parts.values())
+            shape = _shape(infos, module, params, parts)
+            claims.tensors.append(
+                QuantTensor(
+                    f"{module}.weight",
+                    shape,
+                    parts,
+                    _label(scheme, fmt),
+                    lambda p, i, c=compressor, s=scheme: _decompress(p, i, c, s),
+                    method=f"compressed-tensors-{fmt}-1",
+                )
+            )
+    modules = {t.name.removesuffix(".weight") for t in claims.tensors}
+    claims.hidden.update(n for n in infos if _qparam(n) and n.rpartition(".")[0] in modules and n not in claimed)
+    return claims
+
+
+def _qparam(name: str) -> bool:
+    """A quantisation parameter next to a weight (``weight_g_idx``, ``input_scale``, ...)."""
+    param = name.rpartition(".")[2]
+    return param != "weight" and param.startswith(("weight_", "input_", "output_"))
+
+
+def _shape(infos: dict[str, TensorInfo], module: str, params: tuple, parts: dict) -> tuple[int, ...]:
+    """The dequantised shape: ``weight``'s own, or what ``weight_shape`` holds (read, two numbers)."""
+    if "weight" in parts:
+        return infos[parts["weight"]].shape
+    from analysis.readers import load_safetensors_tensor
+
+    stored = infos[parts["weight_shape"]]
+    return tuple(int(d) for d in load_safetensors_tensor(stored.file, parts["weight_shape"]).tolist())

@@ -1,0 +1,168 @@
+"""Tiny checkpoints stored the way quantised hub releases store them (issue 22).
+
+Each writer takes a full-precision checkpoint folder (written by ``save_pretrained``) and
+writes a copy whose block matrices are quantised by the format's own code: transformers'
+``Fp8Quantize`` (fine-grained FP8), compressed-tensors' ``compress`` with
+``calculate_qparams``, bitsandbytes' ``quantize_4bit`` / ``int8_vectorwise_quant`` (with
+the state-dict naming ``Linear4bit`` / ``Linear8bitLt`` save), and for MXFP4 seeded
+random codes and exponents (every byte pattern is a valid MXFP4 weight; transformers'
+MXFP4 quantiser needs a GPU). :func:`dequantised_copy` writes the reference: the same
+checkpoint with every quantised weight dequantised by the library's own function, as
+float32, without the quantisation config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_BLOCK_WEIGHT = ("layers.", "layer.", ".h.")
+
+
+def _quantisable(name: str, tensor: torch.Tensor) -> bool:
+    return (
+        tensor.dim() == 2
+        and name.endswith(".weight")
+        and any(b in name for b in _BLOCK_WEIGHT)
+        and "norm" not in name
+        and "embed" not in name
+    )
+
+
+def _write(src: Path, out: Path, state: dict, quantization_config: dict | None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.suffix == ".json" and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(path, out / path.name)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({n: t.contiguous() for n, t in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def fp8_blocks(src: Path, out: Path, block: int = 16) -> Path:
+    """Every block matrix (and fused 3-D expert tensor) as FP8 e4m3 with ``block x block`` scales."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    qconfig = FineGrainedFP8Config(weight_block_size=(block, block))
+    quantise = Fp8Quantize(SimpleNamespace(quantization_config=qconfig))
+    state = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        fused = tensor.dim() == 3 and "experts" in name and not name.endswith("bias")
+        if _quantisable(name, tensor) or fused:
+            state |= quantise.convert({name: tensor})
+        else:
+            state[name] = tensor
+    config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
+    return _write(src, out, state, config)
+
+
+def mxfp4_experts(src: Path, out: Path, seed: int = 0) -> Path:
+    """gpt-oss as released: the fused experts as MXFP4 ``_blocks``/``_scales`` (seeded codes)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        if tensor.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inner, outer = tensor.shape  # stored [E, in, out]
+            groups = inner // 32
+            state[name + "_blocks"] = torch.randint(0, 256, (experts, outer, groups, 16), generator=g, dtype=torch.uint8)
+            state[name + "_scales"] = torch.randint(118, 130, (experts, outer, groups), generator=g, dtype=torch.uint8)
+        else:
+            state[name] = tensor
+    config = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"]}
+    return _write(src, out, state, config)
+
+
+def compressed(src: Path, out: Path, scheme: dict, fmt: str, ignore: tuple[str, ...] = ()) -> Path:
+    """Every block ``Linear`` compressed by compressed-tensors with ``scheme`` (``weights`` args)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.utils.match import match_name
+
+    parsed = QuantizationScheme(targets=["Linear"], weights=scheme, format=fmt)
+    args = parsed.weights
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    state = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if not _quantisable(name, tensor) or any(match_name(module, i) for i in ignore):
+            state[name] = tensor
+            continue
+        weight = tensor.to(torch.bfloat16)
+        if args.strategy == "group":
+            view = weight.reshape(weight.shape[0], -1, args.group_size)
+            low, high = view.amin(-1), view.amax(-1)
+        elif args.strategy == "channel":
+            low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+        else:
+            low, high = weight.amin().reshape(1), weight.amax().reshape(1)
+        scale, zero_point = calculate_qparams(low, high, args)
+        local = {"weight": weight, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero_point}
+        for param, value in compressor.compress(local, parsed).items():
+            state[f"{module}.{param}"] = value
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(), "format": fmt}},
+        "ignore": list(ignore),
+    }
+    return _write(src, out, state, config)
+
+
+def bnb_4bit(src: Path, out: Path, quant_type: str = "nf4", double: bool = True) -> Path:
+    """Every block matrix as bitsandbytes 4-bit, named as ``Linear4bit`` saves it."""
+    import bitsandbytes.functional as F
+
+    state = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        if not _quantisable(name, tensor):
+            state[name] = tensor
+            continue
+        codes, quant_state = F.quantize_4bit(tensor.to(torch.float32), quant_type=quant_type, compress_statistics=double)
+        state[name] = codes
+        for key, value in quant_state.as_dict(packed=True).items():
+            state[f"{name}.{key}"] = value
+    config = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double,
+        "bnb_4bit_compute_dtype": "float32",
+    }
+    return _write(src, out, state, config)
+
+
+def bnb_8bit(src: Path, out: Path) -> Path:
+    """Every block matrix as bitsandbytes LLM.int8 (``weight`` int8 and ``SCB``)."""
+    import bitsandbytes.functional as F
+
+    state = {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        if not _quantisable(name, tensor):
+            state[name] = tensor
+            continue
+        codes, scb, _ = F.int8_vectorwise_quant(tensor.to(torch.float16))
+        state[name] = codes
+        state[name.removesuffix("weight") + "SCB"] = scb.to(torch.float32)
+    return _write(src, out, state, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """``folder`` with its quantised weights replaced by ``weights`` (float32), no quantisation config."""
+    stored = load_file(folder / "model.safetensors")
+    used: set[str] = set()
+    for name in weights:
+        used |= {n for n in stored if n.startswith(name.removesuffix("weight")) and n != name}
+    state = {n: t for n, t in stored.items() if n not in used and n not in weights} | weights
+    return _write(folder, out, state, None)
