@@ -163,6 +163,9 @@ def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) 
     stored = load_file(folder / "model.safetensors")
     used: set[str] = set()
     for name in weights:
-        used |= {n for n in stored if n.startswith(name.removesuffix("weight")) and n != name}
+        module = name.removesuffix(".weight")
+        used |= {n for n in stored if n in (name + "_scale_inv", name + "_blocks", name + "_scales", module + ".SCB")}
+        used |= {n for n in stored if n.startswith(name + ".")}  # bitsandbytes' quant state
+        used |= {n for n in stored if n.startswith(module + ".") and n.rsplit(".", 1)[1].startswith(("weight_", "input_"))}
     state = {n: t for n, t in stored.items() if n not in used and n not in weights} | weights
     return _write(folder, out, state, None)

@@ -85,6 +85,8 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
         params = compressor.compression_param_names(scheme)
         available = {n: None for n in infos if n not in claimed}
         for module, stored in match(available, ignore=parsed.ignore, targets=scheme.targets, param_targets=[params[0]]):
+            if params[0] == "weight" and f"{module}.weight_scale" not in infos:
+                continue  # a module left in full precision (an embedding, a head) that a class target names
             parts = {}
             for param in params:
                 part = f"{module}.{param}"

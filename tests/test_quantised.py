@@ -1,0 +1,278 @@
+"""Quantised checkpoints (issue 22): each format dequantised exactly as its own library does.
+
+For every format a tiny model is stored quantised by that format's own code
+(:mod:`tests.quantised`); the checks are that every dequantised matrix equals the
+library's own dequantisation element for element, and that the report on (quantised
+base, full-precision fine-tune) equals the report on (the dequantised base saved as
+float32, the same fine-tune): the same matrices, every count equal, every metric within
+float32 round-off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from analysis.compare import compare
+from analysis.errors import InputError
+from analysis.report import to_report
+from analysis.sources import open_location
+from tests import families, quantised
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """``made(family)``: (base model, its full-precision folder, a bf16 full fine-tune folder)."""
+    root = tmp_path_factory.mktemp("quantised")
+    built: dict[str, tuple] = {}
+    families.quiet()
+
+    def get(family: str):
+        if family not in built:
+            model = _gpt_oss() if family == "gpt_oss" else families.build(family)
+            base = families.save(model, family, root / family / "base")
+            tuned_model = _gpt_oss() if family == "gpt_oss" else families.build(family)
+            families.perturb(tuned_model)
+            tuned = families.save(tuned_model.to(torch.bfloat16), family, root / family / "tuned")
+            built[family] = (model, base, tuned, root / family)
+        return built[family]
+
+    return get
+
+
+def _gpt_oss():
+    """gpt-oss with intermediate size 32: MXFP4 blocks hold 32 values, so every expert matrix is whole blocks."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.GptOssConfig(
+        num_hidden_layers=2, num_attention_heads=4, vocab_size=128, hidden_size=32, intermediate_size=32,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+    )
+    return tf.GptOssForCausalLM(config)
+
+
+def _fp8_reference(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    stored = load_file(folder / "model.safetensors")
+    dequantise = Fp8Dequantize(None)
+    return {
+        n: dequantise._dequantize_one(t, stored[n + "_scale_inv"], torch.float32)
+        for n, t in stored.items()
+        if n + "_scale_inv" in stored
+    }
+
+
+def _mxfp4_reference(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    stored = load_file(folder / "model.safetensors")
+    return {
+        n.removesuffix("_blocks"): convert_moe_packed_tensors(t, stored[n.removesuffix("_blocks") + "_scales"], dtype=torch.float32)
+        for n, t in stored.items()
+        if n.endswith("_blocks")
+    }
+
+
+def _compressed_reference(folder: Path) -> dict[str, torch.Tensor]:
+    """Each compressed module decompressed by its compressor, with the stored scheme and format.
+
+    (compressed-tensors' own model-free ``CompressedTensorsDequantizer`` re-infers the
+    format from the scheme and leaves ``int-quantized`` weights as stored, so it is not used.)
+    """
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    group = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    scheme = QuantizationScheme.model_validate(group)
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    params = compressor.compression_param_names(scheme)
+    stored = load_file(folder / "model.safetensors")
+    modules = {n.removesuffix(".weight_scale") for n in stored if n.endswith(".weight_scale")}
+    return {
+        f"{m}.weight": compressor.decompress({p: stored[f"{m}.{p}"] for p in params}, scheme)["weight"].float()
+        for m in sorted(modules)
+    }
+
+
+def _bnb_reference(folder: Path) -> dict[str, torch.Tensor]:
+    import bitsandbytes.functional as F
+
+    stored = load_file(folder / "model.safetensors")
+    out = {}
+    for name, tensor in stored.items():
+        if name + ".absmax" in stored:
+            state = {k.removeprefix(name + "."): v for k, v in stored.items() if k.startswith(name + ".")}
+            out[name] = F.dequantize_4bit(tensor, F.QuantState.from_dict(state, torch.device("cpu"))).float()
+        elif name.endswith(".weight") and name.removesuffix("weight") + "SCB" in stored:
+            out[name] = F.int8_vectorwise_dequant(tensor, stored[name.removesuffix("weight") + "SCB"]).float()
+    return out
+
+
+def _check_exact(folder: Path, reference: dict[str, torch.Tensor], label: str) -> None:
+    source = open_location(str(folder))
+    assert reference, "the writer quantised nothing"
+    for name, expected in reference.items():
+        assert source.storage(name) == label, name
+        got = source.load(name)
+        assert got.dtype == torch.float32 and torch.equal(got, expected.to(torch.float32)), name
+        if got.dim() == 3:  # one expert read alone equals its slice of the whole
+            assert torch.equal(source.load_slice(name, 1), expected[1].to(torch.float32)), name
+    assert not [s for s in source.quantised_skips()], source.quantised_skips()
+
+
+def _same_reports(quantised_base: Path, reference_base: Path, tuned: Path) -> dict:
+    got = to_report(compare(str(quantised_base), [str(tuned)], cache=None, device="cpu"))["models"][0]
+    want = to_report(compare(str(reference_base), [str(tuned)], cache=None, device="cpu"))["models"][0]
+    assert [m["name"] for m in got["matrices"]] == [m["name"] for m in want["matrices"]]
+    assert [m["expert"] for m in got["matrices"]] == [m["expert"] for m in want["matrices"]]
+    assert got["matrices"], "nothing analysed"
+    for a, b in zip(got["matrices"], want["matrices"], strict=True):
+        for key in ("intruders", "rank90", "amplification_rank", "shape", "layer", "module", "stack"):
+            assert a[key] == b[key], (a["name"], key)
+        for key in ("effective_rank", "stable_rank", "delta_fro", "amplification_factor"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (a["name"], key, a[key], b[key])
+    assert [s["name"] for s in got["skipped"]] == [s["name"] for s in want["skipped"]]
+    assert (got["unmatched"], got["shape_mismatches"]) == (want["unmatched"], want["shape_mismatches"])
+    return got
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_moe_fused", "llava"])
+def test_fp8_blocks_dense_moe_and_multimodal(made, family):
+    model, base, tuned, root = made(family)
+    folder = quantised.fp8_blocks(base, root / "fp8")
+    reference = _fp8_reference(folder)
+    _check_exact(folder, reference, "fp8 e4m3, 16x16 blocks")
+    report = _same_reports(folder, quantised.dequantised_copy(folder, root / "fp8-deq", reference), tuned)
+    assert not any("scale" in s["name"] for s in report["skipped"])
+
+
+def test_fp8_partial_blocks_match_a_float64_reference(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(200, 300, generator=g) * 10).to(torch.float8_e4m3fn)
+    scale = torch.rand(2, 3, generator=g) + 0.5
+    save_file({"model.layers.0.mlp.down_proj.weight": weight, "model.layers.0.mlp.down_proj.weight_scale_inv": scale},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    got = open_location(str(tmp_path)).load("model.layers.0.mlp.down_proj.weight")
+    spread = scale.double().repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]
+    assert torch.allclose(got.double(), weight.double() * spread, rtol=1e-7, atol=0)
+
+
+def test_fp8_missing_or_misfit_scales_are_one_error_naming_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    weight = torch.randn(64, 64).to(torch.float8_e4m3fn)
+    config = json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 32]}})
+    (tmp_path / "config.json").write_text(config)
+    save_file({"model.layers.0.mlp.up_proj.weight": weight}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*no block scales"):
+        open_location(str(tmp_path))
+    save_file({"model.layers.0.mlp.up_proj.weight": weight, "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 2)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match=r"up_proj\.weight.*\(3, 2\).*needs \(2, 2\)"):
+        open_location(str(tmp_path))
+
+
+def test_mxfp4_gpt_oss_experts(made):
+    model, base, tuned, root = made("gpt_oss")
+    folder = quantised.mxfp4_experts(base, root / "mxfp4")
+    reference = _mxfp4_reference(folder)
+    _check_exact(folder, reference, "mxfp4")
+    report = _same_reports(folder, quantised.dequantised_copy(folder, root / "mxfp4-deq", reference), tuned)
+    assert sum(m["expert"] is not None for m in report["matrices"]) == 2 * 2 * 4  # 2 blocks x 2 tensors x 4 experts
+
+
+COMPRESSED = {
+    "pack-quantized-w4-group": ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 8}),
+    "pack-quantized-w4-group-asym": ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16}),
+    "pack-quantized-w4-channel": ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}),
+    "int-quantized-w8-channel": ("int-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}),
+    "float-quantized-fp8-channel": ("float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}),
+    "naive-quantized-w8-tensor": ("naive-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPRESSED))
+def test_compressed_tensors(made, case):
+    fmt, scheme = COMPRESSED[case]
+    family = "qwen3_moe" if case == "pack-quantized-w4-group" else "llama"
+    model, base, tuned, root = made(family)
+    folder = quantised.compressed(base, root / case, scheme, fmt, ignore=("lm_head", "re:.*embed_tokens", "re:.*layers\\.1\\.self_attn\\.o_proj"))
+    reference = _compressed_reference(folder)
+    source = open_location(str(folder))
+    assert source.storage("model.layers.1.self_attn.o_proj.weight") == "fp32"  # ignored: stored as is
+    for name, expected in reference.items():
+        assert torch.equal(source.load(name), expected), name
+    _same_reports(folder, quantised.dequantised_copy(folder, root / (case + "-deq"), reference), tuned)
+
+
+@pytest.mark.parametrize(("quant_type", "double"), [("nf4", True), ("fp4", False)])
+def test_bitsandbytes_4bit(made, quant_type, double):
+    model, base, tuned, root = made("llama")
+    folder = quantised.bnb_4bit(base, root / f"{quant_type}{double}", quant_type, double)
+    reference = _bnb_reference(folder)
+    _check_exact(folder, reference, quant_type + (", double-quantised" if double else ""))
+    _same_reports(folder, quantised.dequantised_copy(folder, root / f"{quant_type}{double}-deq", reference), tuned)
+
+
+def test_bitsandbytes_8bit(made):
+    model, base, tuned, root = made("llama")
+    folder = quantised.bnb_8bit(base, root / "int8")
+    reference = _bnb_reference(folder)
+    _check_exact(folder, reference, "int8 (LLM.int8)")
+    _same_reports(folder, quantised.dequantised_copy(folder, root / "int8-deq", reference), tuned)
+
+
+def test_gptq_weights_are_skipped_naming_the_format_never_read_raw(tmp_path):
+    from safetensors.torch import save_file
+
+    module = "model.layers.0.self_attn.q_proj."
+    state = {
+        module + "qweight": torch.zeros(4, 32, dtype=torch.int32),
+        module + "qzeros": torch.zeros(1, 4, dtype=torch.int32),
+        module + "scales": torch.ones(1, 32, dtype=torch.float16),
+        module + "g_idx": torch.zeros(32, dtype=torch.int32),
+        "model.layers.0.input_layernorm.weight": torch.ones(32),
+    }
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    source = open_location(str(tmp_path))
+    assert source.quantised_skips() == [
+        {"name": module + "qweight", "reason": "GPTQ 4-bit weight: this tool has no GPTQ dequantiser (not read raw)"}
+    ]
+    assert module + "scales" not in source.names() and module + "qzeros" not in source.names()
+
+
+def test_cache_keys_come_from_codes_and_scales(made, tmp_path):
+    model, base, tuned, root = made("llama")
+    folder = quantised.fp8_blocks(base, root / "fp8-keys")
+    source = open_location(str(folder))
+    name = "model.layers.0.mlp.up_proj.weight"
+    seen = []
+
+    def stored(file, tensor, load):
+        seen.append(tensor)
+        return f"d({tensor})"
+
+    digest = source.stored_digest(name, stored)
+    assert sorted(seen) == [name, name + "_scale_inv"]
+    from safetensors.torch import save_file
+
+    state = load_file(folder / "model.safetensors")
+    state[name + "_scale_inv"] = state[name + "_scale_inv"] * 2  # the same codes, other scales
+    other = quantised._write(folder, tmp_path / "other", state, json.loads((folder / "config.json").read_text())["quantization_config"])
+    from analysis.provenance import hash_stored
+
+    assert open_location(str(other)).stored_digest(name, hash_stored) != source.stored_digest(name, hash_stored)
+    assert save_file  # imported for the writer above
