@@ -33,6 +33,11 @@ class MatrixId:
         ``encoder``, ``decoder``, ``vision``, ``language``, ...; ``None`` for a one-stack model.
     expert : int or None, default None
         The mixture-of-experts expert index; ``None`` outside expert weights.
+    storage, tuned_storage : str or None, default None
+        How the base's and the fine-tune's matrix are stored (``bf16``, ``fp8 e4m3, 128x128
+        blocks``, ``mxfp4``, ``nf4``; :mod:`analysis.quant`); ``tuned_storage`` is ``None``
+        for an adapter. Quantised weights are analysed dequantised to float32, so an update
+        between different storages includes the dequantisation error.
 
     Examples
     --------
@@ -46,6 +51,8 @@ class MatrixId:
     shape: tuple[int, int]
     stack: str | None = None
     expert: int | None = None
+    storage: str | None = None
+    tuned_storage: str | None = None
 
     @property
     def key(self) -> str:

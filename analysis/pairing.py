@@ -162,9 +162,28 @@ def _sort_key(plan: MatrixPlan) -> tuple:
     )
 
 
-def _matrix(slot: Slot, **kwargs) -> MatrixPlan:
-    matrix = MatrixId(slot.name, slot.layer, slot.module, tuple(slot.shape), stack=slot.stack, expert=slot.expert)
+def _matrix(slot: Slot, tuned_storage: str | None = None, **kwargs) -> MatrixPlan:
+    matrix = MatrixId(
+        slot.name,
+        slot.layer,
+        slot.module,
+        tuple(slot.shape),
+        stack=slot.stack,
+        expert=slot.expert,
+        storage=slot.storage,
+        tuned_storage=tuned_storage,
+    )
     return MatrixPlan(matrix, **kwargs)
+
+
+def storage_counts(matrices: list[MatrixPlan]) -> dict[str, dict[str, int]]:
+    """How many analysed matrices each storage holds: ``{"base": {"fp8 e4m3, ...": n}, "tuned": {...}}``."""
+    counts: dict[str, dict[str, int]] = {"base": {}, "tuned": {}}
+    for matrix in matrices:
+        for side, label in (("base", matrix.id.storage), ("tuned", matrix.id.tuned_storage)):
+            if label is not None:
+                counts[side][label] = counts[side].get(label, 0) + 1
+    return counts
 
 
 def _skipped_slots(skipped: list[dict], slots: Iterable[Slot], reason: str, analysed: set[str]) -> None:
@@ -193,6 +212,7 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
         matrices.append(
             _matrix(
                 slot,
+                tuned_slot.storage,
                 load_base=partial(load_slot, base, slot),
                 load_tuned=partial(_load_tuned_full, tuned, tuned_slot),
                 digests=partial(_full_digests, base, slot, tuned, tuned_slot),
@@ -218,6 +238,7 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
         "unmatched": len(unmatched),
         "shape_mismatches": len(mismatches),
         "skipped": len(skipped),
+        "storage": storage_counts(matrices),
     }
     plan = ComparisonPlan(base.label, tuned.label, "full", matrices, unmatched, mismatches, summary)
     plan.skipped = skipped
@@ -243,6 +264,7 @@ def _plan_adapter(base: WeightSource, adapter: LoraAdapter, include_non_block: b
         # Adapted outside the blocks (embeddings, heads): shown with include_non_block=True.
         "non_block_adapted": sorted(found.non_block),
         "ignored_adapter_tensors": list(adapter.ignored),
+        "storage": storage_counts(matrices),
     }
     plan = ComparisonPlan(base.label, adapter.label, "adapter", matrices, unmatched, found.mismatches, summary)
     plan.skipped = skipped

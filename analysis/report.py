@@ -35,6 +35,8 @@ def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dic
         "intruder_scores": [round(float(s), 6) for s in matrix.intruder_scores[:top_k]],
         "stack": matrix.stack,
         "expert": matrix.expert,
+        "storage": matrix.id.storage,
+        "tuned_storage": matrix.id.tuned_storage,
     }
 
 

@@ -51,6 +51,8 @@ class Slot:
     #: Per-expert matrices joined (rows, in order) into the fused slice a base stores
     #: (:func:`to_base_layout`); ``name`` is then the first of them.
     pieces: tuple[Slot, ...] = ()
+    #: How the stored tensor is stored (:meth:`analysis.sources.WeightSource.storage`).
+    storage: str | None = None
 
     @property
     def key(self) -> str:
@@ -96,7 +98,10 @@ def catalogue(
             transposed = layout.experts_transposed(placement.memory)
             oriented = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
             slots.extend(
-                Slot(name, placement.memory, layer, module, oriented, transposed, index=e, expert=e, stack=stack)
+                Slot(
+                    name, placement.memory, layer, module, oriented, transposed, index=e, expert=e, stack=stack,
+                    storage=source.storage(name),
+                )
                 for e in range(shape[0])
             )
             continue
@@ -118,6 +123,7 @@ def catalogue(
                 part=placement.part,
                 parts=placement.parts,
                 stack=stack,
+                storage=source.storage(name),
             )
         )
     stacks = {s.stack for s in slots if s.layer is not None}

@@ -153,6 +153,16 @@ def test_fp8_blocks_dense_moe_and_multimodal(made, family):
     _check_exact(folder, reference, "fp8 e4m3, 16x16 blocks")
     report = _same_reports(folder, quantised.dequantised_copy(folder, root / "fp8-deq", reference), tuned)
     assert not any("scale" in s["name"] for s in report["skipped"])
+    # Matrices that do not tile into 16x16 blocks (routers [4, 32], experts with 24 columns):
+    # transformers' quantiser leaves them as they are.
+    storages = {m["name"]: m["storage"] for m in report["matrices"]}
+    tiles = {m["name"]: m["shape"][0] % 16 == 0 and m["shape"][1] % 16 == 0 for m in report["matrices"]}
+    assert {n: s for n, s in storages.items() if s != "fp8 e4m3, 16x16 blocks"} == {
+        n: "fp32" for n, t in tiles.items() if not t
+    }
+    assert {m["tuned_storage"] for m in report["matrices"]} == {"bf16"}
+    fp8 = sum(m["storage"] == "fp8 e4m3, 16x16 blocks" for m in report["matrices"])
+    assert report["summary"]["storage"]["base"]["fp8 e4m3, 16x16 blocks"] == fp8 > 0
 
 
 def test_fp8_partial_blocks_match_a_float64_reference(tmp_path):
