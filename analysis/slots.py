@@ -99,7 +99,15 @@ def catalogue(
             oriented = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
             slots.extend(
                 Slot(
-                    name, placement.memory, layer, module, oriented, transposed, index=e, expert=e, stack=stack,
+                    name,
+                    placement.memory,
+                    layer,
+                    module,
+                    oriented,
+                    transposed,
+                    index=e,
+                    expert=e,
+                    stack=stack,
                     storage=source.storage(name),
                 )
                 for e in range(shape[0])

@@ -74,11 +74,16 @@ def mxfp4_experts(src: Path, out: Path, seed: int = 0) -> Path:
         if tensor.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             experts, inner, outer = tensor.shape  # stored [E, in, out]
             groups = inner // 32
-            state[name + "_blocks"] = torch.randint(0, 256, (experts, outer, groups, 16), generator=g, dtype=torch.uint8)
+            state[name + "_blocks"] = torch.randint(
+                0, 256, (experts, outer, groups, 16), generator=g, dtype=torch.uint8
+            )
             state[name + "_scales"] = torch.randint(118, 130, (experts, outer, groups), generator=g, dtype=torch.uint8)
         else:
             state[name] = tensor
-    config = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"]}
+    config = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"],
+    }
     return _write(src, out, state, config)
 
 
@@ -129,7 +134,9 @@ def bnb_4bit(src: Path, out: Path, quant_type: str = "nf4", double: bool = True)
         if not _quantisable(name, tensor):
             state[name] = tensor
             continue
-        codes, quant_state = F.quantize_4bit(tensor.to(torch.float32), quant_type=quant_type, compress_statistics=double)
+        codes, quant_state = F.quantize_4bit(
+            tensor.to(torch.float32), quant_type=quant_type, compress_statistics=double
+        )
         state[name] = codes
         for key, value in quant_state.as_dict(packed=True).items():
             state[f"{name}.{key}"] = value
@@ -166,6 +173,8 @@ def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) 
         module = name.removesuffix(".weight")
         used |= {n for n in stored if n in (name + "_scale_inv", name + "_blocks", name + "_scales", module + ".SCB")}
         used |= {n for n in stored if n.startswith(name + ".")}  # bitsandbytes' quant state
-        used |= {n for n in stored if n.startswith(module + ".") and n.rsplit(".", 1)[1].startswith(("weight_", "input_"))}
+        used |= {
+            n for n in stored if n.startswith(module + ".") and n.rsplit(".", 1)[1].startswith(("weight_", "input_"))
+        }
     state = {n: t for n, t in stored.items() if n not in used and n not in weights} | weights
     return _write(folder, out, state, None)

@@ -53,8 +53,15 @@ def _gpt_oss():
 
     torch.manual_seed(0)
     config = tf.GptOssConfig(
-        num_hidden_layers=2, num_attention_heads=4, vocab_size=128, hidden_size=32, intermediate_size=32,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
     )
     return tf.GptOssForCausalLM(config)
 
@@ -76,7 +83,9 @@ def _mxfp4_reference(folder: Path) -> dict[str, torch.Tensor]:
 
     stored = load_file(folder / "model.safetensors")
     return {
-        n.removesuffix("_blocks"): convert_moe_packed_tensors(t, stored[n.removesuffix("_blocks") + "_scales"], dtype=torch.float32)
+        n.removesuffix("_blocks"): convert_moe_packed_tensors(
+            t, stored[n.removesuffix("_blocks") + "_scales"], dtype=torch.float32
+        )
         for n, t in stored.items()
         if n.endswith("_blocks")
     }
@@ -171,9 +180,13 @@ def test_fp8_partial_blocks_match_a_float64_reference(tmp_path):
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(200, 300, generator=g) * 10).to(torch.float8_e4m3fn)
     scale = torch.rand(2, 3, generator=g) + 0.5
-    save_file({"model.layers.0.mlp.down_proj.weight": weight, "model.layers.0.mlp.down_proj.weight_scale_inv": scale},
-              str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    save_file(
+        {"model.layers.0.mlp.down_proj.weight": weight, "model.layers.0.mlp.down_proj.weight_scale_inv": scale},
+        str(tmp_path / "model.safetensors"),
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    )
     got = open_location(str(tmp_path)).load("model.layers.0.mlp.down_proj.weight")
     spread = scale.double().repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]
     assert torch.allclose(got.double(), weight.double() * spread, rtol=1e-7, atol=0)
@@ -188,8 +201,10 @@ def test_fp8_missing_or_misfit_scales_are_one_error_naming_the_tensor(tmp_path):
     save_file({"model.layers.0.mlp.up_proj.weight": weight}, str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*no block scales"):
         open_location(str(tmp_path))
-    save_file({"model.layers.0.mlp.up_proj.weight": weight, "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 2)},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": weight, "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(3, 2)},
+        str(tmp_path / "model.safetensors"),
+    )
     with pytest.raises(InputError, match=r"up_proj\.weight.*\(3, 2\).*needs \(2, 2\)"):
         open_location(str(tmp_path))
 
@@ -204,12 +219,30 @@ def test_mxfp4_gpt_oss_experts(made):
 
 
 COMPRESSED = {
-    "pack-quantized-w4-group": ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 8}),
-    "pack-quantized-w4-group-asym": ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16}),
-    "pack-quantized-w4-channel": ("pack-quantized", {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}),
-    "int-quantized-w8-channel": ("int-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}),
-    "float-quantized-fp8-channel": ("float-quantized", {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}),
-    "naive-quantized-w8-tensor": ("naive-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"}),
+    "pack-quantized-w4-group": (
+        "pack-quantized",
+        {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 8},
+    ),
+    "pack-quantized-w4-group-asym": (
+        "pack-quantized",
+        {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16},
+    ),
+    "pack-quantized-w4-channel": (
+        "pack-quantized",
+        {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"},
+    ),
+    "int-quantized-w8-channel": (
+        "int-quantized",
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+    ),
+    "float-quantized-fp8-channel": (
+        "float-quantized",
+        {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
+    ),
+    "naive-quantized-w8-tensor": (
+        "naive-quantized",
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"},
+    ),
 }
 
 
@@ -218,7 +251,9 @@ def test_compressed_tensors(made, case):
     fmt, scheme = COMPRESSED[case]
     family = "qwen3_moe" if case == "pack-quantized-w4-group" else "llama"
     model, base, tuned, root = made(family)
-    folder = quantised.compressed(base, root / case, scheme, fmt, ignore=("lm_head", "re:.*embed_tokens", "re:.*layers\\.1\\.self_attn\\.o_proj"))
+    folder = quantised.compressed(
+        base, root / case, scheme, fmt, ignore=("lm_head", "re:.*embed_tokens", "re:.*layers\\.1\\.self_attn\\.o_proj")
+    )
     reference = _compressed_reference(folder)
     source = open_location(str(folder))
     assert source.storage("model.layers.1.self_attn.o_proj.weight") == "fp32"  # ignored: stored as is
@@ -275,13 +310,15 @@ def test_cache_keys_come_from_codes_and_scales(made, tmp_path):
         seen.append(tensor)
         return f"d({tensor})"
 
-    digest = source.stored_digest(name, stored)
+    source.stored_digest(name, stored)
     assert sorted(seen) == [name, name + "_scale_inv"]
     from safetensors.torch import save_file
 
     state = load_file(folder / "model.safetensors")
     state[name + "_scale_inv"] = state[name + "_scale_inv"] * 2  # the same codes, other scales
-    other = quantised._write(folder, tmp_path / "other", state, json.loads((folder / "config.json").read_text())["quantization_config"])
+    other = quantised._write(
+        folder, tmp_path / "other", state, json.loads((folder / "config.json").read_text())["quantization_config"]
+    )
     from analysis.provenance import hash_stored
 
     assert open_location(str(other)).stored_digest(name, hash_stored) != source.stored_digest(name, hash_stored)

@@ -68,7 +68,9 @@ def _claim_four_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str | 
         weight = state_name.split(_STATE)[0]
         kind = state_name.rsplit("__", 1)[-1]
         if weight not in infos:
-            raise InputError(infos[state_name].file, f"bitsandbytes quant state {state_name!r} has no weight {weight!r}")
+            raise InputError(
+                infos[state_name].file, f"bitsandbytes quant state {state_name!r} has no weight {weight!r}"
+            )
         parts = {"weight": weight, f"quant_state.bitsandbytes__{kind}": state_name}
         for role in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
             if f"{weight}.{role}" in infos:
@@ -79,7 +81,9 @@ def _claim_four_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str | 
             continue
         for role in ("absmax", "quant_map"):
             if role not in parts:
-                raise InputError(infos[weight].file, f"quantised weight {weight!r} has no {role} (expected {weight}.{role})")
+                raise InputError(
+                    infos[weight].file, f"quantised weight {weight!r} has no {role} (expected {weight}.{role})"
+                )
         shape = tuple(int(d) for d in _state(infos, state_name).get("shape") or ())
         stored = infos[weight].shape
         if len(shape) != 2 or (shape[0] * shape[1] + 1) // 2 != _numel(stored):
@@ -103,14 +107,19 @@ def _claim_eight_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str |
             claims.unhandled[weight] = reason
             claims.hidden.update(p for p in parts.values() if p != weight)
             continue
-        claims.tensors.append(QuantTensor(weight, infos[weight].shape, parts, "int8 (LLM.int8)", _eight_bit,
-                                          method="bnb-int8-1"))
+        claims.tensors.append(
+            QuantTensor(weight, infos[weight].shape, parts, "int8 (LLM.int8)", _eight_bit, method="bnb-int8-1")
+        )
 
 
 @register("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit")
 def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
     """Every bitsandbytes 4-bit weight (found by its quant state) and 8-bit weight (by its ``SCB``)."""
-    reason = None if find_spec("bitsandbytes") is not None else f"bitsandbytes weight: install {PACKAGE} to read it (not read raw)"
+    reason = (
+        None
+        if find_spec("bitsandbytes") is not None
+        else f"bitsandbytes weight: install {PACKAGE} to read it (not read raw)"
+    )
     claims = Claims()
     _claim_four_bit(infos, claims, reason)
     _claim_eight_bit(infos, claims, reason)

@@ -71,7 +71,8 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
     try:
         parsed = quant_config.model_validate(config)
     except Exception as error:  # pydantic's ValidationError
-        raise InputError("config.json", f"has a compressed-tensors quantization_config that cannot be read: {error}")
+        problem = f"has a compressed-tensors quantization_config that cannot be read: {error}"
+        raise InputError("config.json", problem) from error
     claims = Claims()
     claimed: set[str] = set()
     for scheme in parsed.config_groups.values():

@@ -61,8 +61,10 @@ def _check_blocks(infos: dict[str, TensorInfo], name: str, scale_name: str, bloc
     want = (*lead, math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
     if tuple(scale) != want:
         raise misfit(
-            infos, name, f"its {scale_name.rsplit('.', 1)[-1]} has shape {tuple(scale)}, but shape {tuple(shape)} "
-            f"in {block[0]}x{block[1]} blocks needs {want}"
+            infos,
+            name,
+            f"its {scale_name.rsplit('.', 1)[-1]} has shape {tuple(scale)}, but shape {tuple(shape)} "
+            f"in {block[0]}x{block[1]} blocks needs {want}",
         )
 
 
