@@ -3,8 +3,8 @@
 Each writer takes a full-precision checkpoint folder (written by ``save_pretrained``) and
 writes a copy whose block matrices are quantised by the format's own code: transformers'
 ``Fp8Quantize`` (fine-grained FP8), compressed-tensors' ``compress`` with
-``calculate_qparams``, bitsandbytes' ``quantize_4bit`` / ``int8_vectorwise_quant`` (with
-the state-dict naming ``Linear4bit`` / ``Linear8bitLt`` save), and for MXFP4 seeded
+``calculate_qparams``, transformers' ``from_pretrained`` with a
+bitsandbytes config and ``save_pretrained`` (bitsandbytes runs on the CPU), and for MXFP4 seeded
 random codes and exponents (every byte pattern is a valid MXFP4 weight; transformers'
 MXFP4 quantiser needs a GPU). :func:`dequantised_copy` writes the reference: the same
 checkpoint with every quantised weight dequantised by the library's own function, as
@@ -126,43 +126,30 @@ def compressed(src: Path, out: Path, scheme: dict, fmt: str, ignore: tuple[str, 
 
 
 def bnb_4bit(src: Path, out: Path, quant_type: str = "nf4", double: bool = True) -> Path:
-    """Every block matrix as bitsandbytes 4-bit, named as ``Linear4bit`` saves it."""
-    import bitsandbytes.functional as F
-
-    state = {}
-    for name, tensor in load_file(src / "model.safetensors").items():
-        if not _quantisable(name, tensor):
-            state[name] = tensor
-            continue
-        codes, quant_state = F.quantize_4bit(
-            tensor.to(torch.float32), quant_type=quant_type, compress_statistics=double
-        )
-        state[name] = codes
-        for key, value in quant_state.as_dict(packed=True).items():
-            state[f"{name}.{key}"] = value
-    config = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double,
-        "bnb_4bit_compute_dtype": "float32",
-    }
-    return _write(src, out, state, config)
+    """``src`` loaded 4-bit by transformers with bitsandbytes (on the CPU) and saved by ``save_pretrained``."""
+    return _bnb_saved(
+        src,
+        out,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
 
 
 def bnb_8bit(src: Path, out: Path) -> Path:
-    """Every block matrix as bitsandbytes LLM.int8 (``weight`` int8 and ``SCB``)."""
-    import bitsandbytes.functional as F
+    """``src`` loaded 8-bit (LLM.int8) by transformers with bitsandbytes and saved by ``save_pretrained``."""
+    return _bnb_saved(src, out, load_in_8bit=True)
 
-    state = {}
-    for name, tensor in load_file(src / "model.safetensors").items():
-        if not _quantisable(name, tensor):
-            state[name] = tensor
-            continue
-        codes, scb, _ = F.int8_vectorwise_quant(tensor.to(torch.float16))
-        state[name] = codes
-        state[name.removesuffix("weight") + "SCB"] = scb.to(torch.float32)
-    return _write(src, out, state, {"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+def _bnb_saved(src: Path, out: Path, **settings) -> Path:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu"
+    )
+    model.save_pretrained(out)
+    return out
 
 
 def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) -> Path:

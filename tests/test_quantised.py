@@ -323,3 +323,30 @@ def test_cache_keys_come_from_codes_and_scales(made, tmp_path):
 
     assert open_location(str(other)).stored_digest(name, hash_stored) != source.stored_digest(name, hash_stored)
     assert save_file  # imported for the writer above
+
+
+def test_qlora_adapter_on_an_nf4_base_equals_peft_merge(made):
+    """Each adapted matrix is what PEFT's ``Linear4bit.merge`` computes before re-quantising."""
+    from peft import PeftModel
+    from peft.utils.integrations import dequantize_bnb_weight
+    from transformers import AutoModelForCausalLM
+
+    from analysis.compare import plan_models
+
+    model, base, tuned, root = made("llama")
+    folder = quantised.bnb_4bit(base, root / "qlora-base")
+    adapter, _, _ = families.make_adapter(model, "llama", "all", root / "qlora-adapter")
+    quantised_model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    peft_model = PeftModel.from_pretrained(quantised_model, adapter)
+    expected = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            weight = module.get_base_layer().weight
+            merged = dequantize_bnb_weight(weight, state=weight.quant_state) + module.get_delta_weight("default")
+            expected[name.removeprefix("base_model.model.") + ".weight"] = merged.float()
+    plan = plan_models(str(folder), [str(adapter)])[0]
+    got = {m.name: m.load_tuned().weight for m in plan.matrices}
+    assert set(got) == set(expected) and len(got) == 14
+    for name, weight in got.items():
+        assert torch.allclose(weight, expected[name], rtol=0, atol=1e-6), name
+    assert {m.id.storage for m in plan.matrices} == {"nf4, double-quantised"}
