@@ -350,3 +350,26 @@ def test_qlora_adapter_on_an_nf4_base_equals_peft_merge(made):
     for name, weight in got.items():
         assert torch.allclose(weight, expected[name], rtol=0, atol=1e-6), name
     assert {m.id.storage for m in plan.matrices} == {"nf4, double-quantised"}
+
+
+def test_merged_export_of_a_quantised_base_is_bf16_without_the_quantisation_config(made, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from analysis.mitigation import MitigationSettings, export_merged, run
+    from analysis.specs import SpecResolver
+
+    model, base, tuned, root = made("llama")
+    folder = quantised.bnb_4bit(base, root / "export-base")
+    adapter, _, _ = families.make_adapter(model, "llama", "all", root / "export-adapter")
+    resolver = SpecResolver(allow_local_paths=True)
+    result = run(resolver, str(folder), str(adapter), MitigationSettings(lam=0.25), cache=None)
+    out = export_merged(result.mitigation, resolver, str(folder), str(adapter), tmp_path / "merged")
+    written = load_file(str(out / "model.safetensors"))
+    assert not [n for n in written if ".absmax" in n or "quant_state" in n or "quant_map" in n]
+    source = open_location(str(folder))
+    for name in source.quant.tensors:
+        assert written[name].dtype == torch.bfloat16 and tuple(written[name].shape) == source.shape(name), name
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert "dequantised, in bf16" in (out / "MITIGATION.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # transformers loads it as a plain model
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype in (torch.bfloat16, torch.float32)

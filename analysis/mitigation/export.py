@@ -65,7 +65,8 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
     Every tensor of the model is written: for a full fine-tune the fine-tune's with the
     mitigated matrices replaced; for an adapter the base's with every adapted matrix
     replaced by ``W + dW_mit`` (unmitigated updates such as ``modules_to_save`` merged as
-    they are). Dtypes are kept.
+    they are). Dtypes are kept, except that the quantised weights of a quantised
+    checkpoint are written dequantised in bf16, without its quantisation config (the note says so).
     """
     from safetensors.torch import save_file
 
@@ -94,18 +95,36 @@ def export_merged(mitigation: Mitigation, resolver, base: str, tuned: str, out: 
             replaced[target] = stored.contiguous()
         else:
             replaced[target] = _orient_like(stored, reference, weight).to(stored.dtype).contiguous()
-    tensors = {name: replaced.get(name, None) for name in names}
-    for name in names:
-        if tensors[name] is None:
-            tensors[name] = source.load(name).contiguous()
+    tensors = {name: replaced[name] if name in replaced else source.load(name) for name in names}
+    for name in source.quant.tensors:  # written dequantised, in bf16
+        tensors[name] = tensors[name].to(torch.bfloat16).contiguous()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     folder = source.root if source.root.is_dir() else source.root.parent
     for path in _side_files(folder, lambda p: p.name == "model.safetensors"):
         shutil.copy2(path, out / path.name)
-    _write_note(out, mitigation, "merged")
+    _write_note(out, mitigation, "merged", _dequantised_config(source, out))
     return out
+
+
+def _dequantised_config(source, out: Path) -> str:
+    """Drop the quantisation config from the exported ``config.json``; what the note then says."""
+    if not source.quant.tensors:
+        return ""
+    config_path = out / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for holder in (config, config.get("text_config") or {}):
+            if isinstance(holder, dict):
+                holder.pop("quantization_config", None)
+                holder.pop("compression_config", None)
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    labels = sorted({t.label for t in source.quant.tensors.values()})
+    return (
+        f"\nThe model was stored quantised ({', '.join(labels)}); its quantised weights are written here "
+        "dequantised, in bf16, and config.json carries no quantisation config.\n"
+    )
 
 
 def export_adapter(mitigation: Mitigation, resolver, tuned: str, out: Path) -> Path:
@@ -164,7 +183,7 @@ def export_adapter(mitigation: Mitigation, resolver, tuned: str, out: Path) -> P
     return out
 
 
-def _write_note(out: Path, mitigation: Mitigation, what: str) -> None:
+def _write_note(out: Path, mitigation: Mitigation, what: str, extra: str = "") -> None:
     s = mitigation.settings
     totals = mitigation.totals()
     text = (
@@ -175,5 +194,5 @@ def _write_note(out: Path, mitigation: Mitigation, what: str) -> None:
         f"{'exact rank r + n' if s.exact else 'truncated to rank r'}); "
         f"{totals['intruders_scaled']} intruders in {totals['matrices_with_intruders']} of "
         f"{totals['matrices']} matrices.\n"
-    )
+    ) + extra
     (out / "MITIGATION.md").write_text(text, encoding="utf-8")
