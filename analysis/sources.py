@@ -139,12 +139,13 @@ class WeightSource:
         if quantised is None:
             return stored(self.file(name), name, partial(self.load, name))
         parts = [
-            f"{role}={stored(self._stored[part].file, part, partial(self._load_stored, part))}"
+            f"{role}={stored(self._stored[part].file, part, partial(self.load_stored, part))}"
             for role, part in sorted(quantised.parts.items())
         ]
         return derived_digest("dequantised", quantised.method, quantised.label, *parts)
 
-    def _load_stored(self, name: str) -> torch.Tensor:
+    def load_stored(self, name: str) -> torch.Tensor:
+        """A stored tensor as the file holds it (a quantised weight's codes or scales too)."""
         return self._loader(self._stored[name], name)
 
     def file(self, name: str) -> Path:
@@ -198,10 +199,10 @@ class WeightSource:
                 parts[role] = (
                     load_safetensors_slice(self._stored[part].file, part, index)
                     if self._sliced
-                    else self._load_stored(part)[index]
+                    else self.load_stored(part)[index]
                 )
             else:
-                parts[role] = self._load_stored(part)
+                parts[role] = self.load_stored(part)
         try:
             tensor = quantised.dequantise(parts, index if quantised.sliced else None)
         except (RuntimeError, ValueError, KeyError, AssertionError) as error:

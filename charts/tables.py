@@ -274,7 +274,9 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
     Returns
     -------
     pandas.DataFrame
-        Columns ``model``, ``method``, ``matrix``, :data:`IDENTITY_COLUMNS`, ``shape`` and the metrics.
+        Columns ``model``, ``method``, ``matrix``, :data:`IDENTITY_COLUMNS`, ``shape``, the metrics,
+        and how the base's and the fine-tune's matrix are stored (``storage``, ``tuned_storage``:
+        ``bf16``, ``fp8 e4m3, 128x128 blocks``, ``nf4``...; empty for an adapter's tuned side).
     """
     rows = []
     for label, model in zip(model_labels(models), models, strict=True):
@@ -298,6 +300,8 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
                     "delta_fro": m.delta_fro,
                     "amplification_factor": m.amplification_factor,
                     "adapter_rank": m.adapter_rank,
+                    "storage": m.id.storage,
+                    "tuned_storage": m.id.tuned_storage,
                 }
             )
     columns = [
@@ -313,6 +317,8 @@ def matrix_table(models: Sequence[ModelResult], k: int | None = None, eps: float
         "delta_fro",
         "amplification_factor",
         "adapter_rank",
+        "storage",
+        "tuned_storage",
     ]
     return pd.DataFrame(rows, columns=columns)
 
@@ -487,6 +493,22 @@ UNMATCHED_REASON = "present on one side only"
 SHAPE_MISMATCH_REASON = "shapes differ"
 NON_BLOCK_REASON = "adapted outside the blocks"
 IGNORED_ADAPTER_REASON = "adapter tensor not understood"
+
+
+def storage_summary(summary: dict) -> str | None:
+    """How the analysed matrices are stored, from a plan summary's ``storage`` counts.
+
+    ``"base fp8 e4m3, 128x128 blocks (120), bf16 (2); fine-tune bf16 (122)"``; ``None`` when
+    the summary has no counts.
+    """
+    storage = summary.get("storage") or {}
+    parts = []
+    for side, name in (("base", "base"), ("tuned", "fine-tune")):
+        counts = storage.get(side) or {}
+        if counts:
+            listed = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items(), key=lambda c: (-c[1], c[0])))
+            parts.append(f"{name} {listed}")
+    return "; ".join(parts) or None
 
 
 def plan_skipped(plan) -> list[dict]:

@@ -254,6 +254,9 @@ def plan_preview(base: str, tuned: str, uploads_root: str) -> dict:
                     "expert": getattr(m, "expert", None),
                     "shape": f"{m.shape[0]}x{m.shape[1]}",
                     "adapter rank": m.adapter_rank,
+                    # how each side is stored (bf16, fp8 e4m3 128x128 blocks, mxfp4, nf4; analysis.quant)
+                    "storage": getattr(getattr(m, "id", None), "storage", None),
+                    "tuned storage": getattr(getattr(m, "id", None), "tuned_storage", None),
                 }
                 for m in plan.matrices
             ]
@@ -285,6 +288,9 @@ def describe(preview: dict) -> str:
         parts.append(f"{n} tensor{'s' if n != 1 else ''} skipped ({counts})")
     elif preview["skipped_listed"]:
         parts.append("no tensor skipped")
+    storage = tables.storage_summary(summary)
+    if storage:
+        parts.append(f"stored as {storage}")
     return " · ".join(parts)
 
 
