@@ -373,3 +373,49 @@ def test_merged_export_of_a_quantised_base_is_bf16_without_the_quantisation_conf
     assert "dequantised, in bf16" in (out / "MITIGATION.md").read_text()
     loaded = AutoModelForCausalLM.from_pretrained(out)  # transformers loads it as a plain model
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype in (torch.bfloat16, torch.float32)
+
+
+def test_fp8_base_against_an_fp8_fine_tune(made):
+    """Both sides quantised (DeepSeek-R1 against V3-Base): the same as both dequantised."""
+    model, base, tuned, root = made("mixtral")
+    base_fp8 = quantised.fp8_blocks(base, root / "fp8-both-base")
+    tuned_fp8 = quantised.fp8_blocks(tuned, root / "fp8-both-tuned")
+    tuned_reference = quantised.dequantised_copy(tuned_fp8, root / "fp8-both-tuned-deq", _fp8_reference(tuned_fp8))
+    base_reference = quantised.dequantised_copy(base_fp8, root / "fp8-both-base-deq", _fp8_reference(base_fp8))
+    got = to_report(compare(str(base_fp8), [str(tuned_fp8)], cache=None, device="cpu"))["models"][0]
+    want = to_report(compare(str(base_reference), [str(tuned_reference)], cache=None, device="cpu"))["models"][0]
+    assert [(m["name"], m["expert"], m["intruders"], m["rank90"]) for m in got["matrices"]] == [
+        (m["name"], m["expert"], m["intruders"], m["rank90"]) for m in want["matrices"]
+    ]
+    for a, b in zip(got["matrices"], want["matrices"], strict=True):
+        assert math.isclose(a["delta_fro"], b["delta_fro"], rel_tol=1e-4), a["name"]
+    assert {m["tuned_storage"] for m in got["matrices"]} >= {"fp8 e4m3, 16x16 blocks"}
+
+
+def test_a_cached_quantised_analysis_gives_the_same_report(made, tmp_path):
+    from analysis.cache import SpectrumCache
+
+    model, base, tuned, root = made("llama")
+    folder = quantised.fp8_blocks(base, root / "fp8-cached")
+    cache = SpectrumCache(tmp_path / "cache")
+    first = to_report(compare(str(folder), [str(tuned)], cache=cache, device="cpu"))
+    again = to_report(compare(str(folder), [str(tuned)], cache=cache, device="cpu"))
+    fresh = to_report(compare(str(folder), [str(tuned)], cache=None, device="cpu"))
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+    assert [m["intruders"] for m in first["models"][0]["matrices"]] == [
+        m["intruders"] for m in fresh["models"][0]["matrices"]
+    ]
+
+
+def test_an_fp8_file_without_a_config_is_found_by_its_scale_names(made, tmp_path):
+    """A lone .safetensors upload has no config.json: the 16x16 blocks are inferred from the shapes."""
+    import shutil
+
+    model, base, tuned, root = made("llama")
+    folder = quantised.fp8_blocks(base, root / "fp8-noconfig-src")
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    source = open_location(str(tmp_path / "model.safetensors"))
+    reference = _fp8_reference(folder)
+    for name, expected in reference.items():
+        assert source.storage(name) == "fp8 e4m3, 16x16 blocks" and torch.equal(source.load(name), expected)
+    assert not [n for n in source.names() if n.endswith("_scale_inv")]

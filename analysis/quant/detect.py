@@ -2,7 +2,8 @@
 
 Detected from ``config.json``'s ``quantization_config`` (``compression_config`` in older
 compressed-tensors releases) and, without one, from tensor names that only quantised
-checkpoints use (gpt-oss ``*_blocks``/``*_scales``, bitsandbytes ``quant_state``).
+checkpoints use (``weight_scale_inv``, gpt-oss ``*_blocks``/``*_scales``, bitsandbytes
+``quant_state``): an upload of a lone ``.safetensors`` file has no config.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from analysis.quant.base import FORMATS, QuantTensor, dtype_label
 from analysis.readers import TensorInfo
 
 #: Formats recognised by tensor names alone, tried when the config declares none.
-_BY_NAME = ("mxfp4", "bitsandbytes")
+_BY_NAME = ("fp8", "mxfp4", "bitsandbytes")
 
 
 @dataclass

@@ -68,10 +68,33 @@ def _check_blocks(infos: dict[str, TensorInfo], name: str, scale_name: str, bloc
         )
 
 
+def inferred_block(infos: dict[str, TensorInfo]) -> list[int] | None:
+    """The square block size every ``weight_scale_inv`` fits, for a checkpoint without a config.
+
+    (An upload of a lone ``.safetensors`` file.) ``None``: per-tensor scales, or no size fits.
+    """
+    pairs = [
+        (info.shape, infos[name + "_scale_inv"].shape)
+        for name, info in infos.items()
+        if info.dtype in FP8_DTYPES and name + "_scale_inv" in infos and len(info.shape) in (2, 3)
+    ]
+    for size in (128, 256, 64, 32, 16, 8):
+        want = [(math.ceil(w[-2] / size), math.ceil(w[-1] / size)) for w, _ in pairs]
+        if pairs and all(tuple(s[-2:]) == t for (_, s), t in zip(pairs, want, strict=True)):
+            return [size, size]
+    return None
+
+
 @register("fp8")
 def claim_fine_grained(infos: dict[str, TensorInfo], config: dict) -> Claims:
-    """Every FP8 ``weight`` with a ``weight_scale_inv`` (block-scaled FP8)."""
-    block = config.get("weight_block_size")
+    """Every FP8 ``weight`` with a ``weight_scale_inv`` (block-scaled FP8).
+
+    With a config (``quant_method: fp8``) every FP8 weight must have its scales; found by
+    names alone (no config), only the FP8 weights that have them are claimed, in blocks of
+    :func:`inferred_block`.
+    """
+    by_name = "quant_method" not in config
+    block = config.get("weight_block_size") or (inferred_block(infos) if by_name else None)
     block = None if block is None else [int(b) for b in block]
     if block is not None and (len(block) != 2 or min(block) < 1):
         raise misfit(infos, "config.json", f"weight_block_size {block} is not two positive sizes")
@@ -82,6 +105,8 @@ def claim_fine_grained(infos: dict[str, TensorInfo], config: dict) -> Claims:
         if not name.endswith("weight") and not name.endswith(("gate_up_proj", "down_proj")):
             continue
         scale_name = f"{name}_scale_inv"
+        if by_name and scale_name not in infos:
+            continue  # no config, no scales: a plain FP8 tensor, read as its values
         require(infos, scale_name, name, "block scales (weight_scale_inv)")
         _check_blocks(infos, name, scale_name, block)
         fmt = FP8_DTYPES[info.dtype]
