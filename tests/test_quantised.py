@@ -419,3 +419,17 @@ def test_an_fp8_file_without_a_config_is_found_by_its_scale_names(made, tmp_path
     for name, expected in reference.items():
         assert source.storage(name) == "fp8 e4m3, 16x16 blocks" and torch.equal(source.load(name), expected)
     assert not [n for n in source.names() if n.endswith("_scale_inv")]
+
+
+def test_without_the_library_compressed_weights_are_skipped_naming_the_package(made, monkeypatch):
+    from analysis.quant import compressed as compressed_format
+
+    model, base, tuned, root = made("llama")
+    fmt, scheme = COMPRESSED["pack-quantized-w4-channel"]
+    folder = quantised.compressed(base, root / "no-library", scheme, fmt, ignore=("lm_head", "re:.*embed_tokens"))
+    monkeypatch.setattr(compressed_format, "_library", lambda: None)
+    source = open_location(str(folder))
+    skipped = source.quantised_skips()
+    assert len(skipped) == 14 and all(s["name"].endswith(".weight_packed") for s in skipped)
+    assert all("install compressed-tensors" in s["reason"] for s in skipped)
+    assert not [n for n in source.names() if n.rsplit(".", 1)[-1].startswith("weight_")]
