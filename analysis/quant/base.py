@@ -100,6 +100,28 @@ def misfit(infos: dict[str, TensorInfo], owner: str, problem: str) -> InputError
     return InputError(file, f"quantised weight {owner!r}: {problem}")
 
 
+def read_small(infos: dict[str, TensorInfo], names: list[str]) -> dict[str, torch.Tensor]:
+    """Small stored tensors (shapes, quant states) needed to list a checkpoint, one open per file.
+
+    A large MoE checkpoint has tens of thousands of them; opening its shard once per tensor
+    would cost minutes.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    by_file: dict = {}
+    for name in names:
+        by_file.setdefault(infos[name].file, []).append(name)
+    found: dict[str, torch.Tensor] = {}
+    for file, listed in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name in listed:
+                    found[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise InputError(file, f"cannot read the quantisation parameters stored in it: {error}") from error
+    return found
+
+
 def dtype_label(dtype: torch.dtype) -> str:
     """``bf16``, ``fp16``, ``fp32``, ``fp8 e4m3``... the storage label of a plain tensor."""
     names = {

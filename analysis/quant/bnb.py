@@ -22,8 +22,8 @@ from importlib.util import find_spec
 import torch
 
 from analysis.errors import InputError
-from analysis.quant.base import Claims, QuantTensor, misfit, register
-from analysis.readers import TensorInfo, load_safetensors_tensor
+from analysis.quant.base import Claims, QuantTensor, misfit, read_small, register
+from analysis.readers import TensorInfo
 
 PACKAGE = "bitsandbytes"
 _STATE = ".quant_state.bitsandbytes__"
@@ -55,16 +55,21 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _state(infos: dict[str, TensorInfo], name: str) -> dict:
-    info = infos[name]
-    try:
-        return json.loads(bytes(load_safetensors_tensor(info.file, name).tolist()).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(info.file, f"bitsandbytes quant state {name!r} is not readable JSON") from error
+def _states(infos: dict[str, TensorInfo], names: list[str]) -> dict[str, dict]:
+    """The JSON quant states (shape, blocksize, dtype) of these weights, read together."""
+    states = {}
+    for name, tensor in read_small(infos, names).items():
+        try:
+            states[name] = json.loads(bytes(tensor.tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InputError(infos[name].file, f"bitsandbytes quant state {name!r} is not readable JSON") from error
+    return states
 
 
 def _claim_four_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str | None) -> None:
-    for state_name in [n for n in infos if _STATE in n]:
+    state_names = [n for n in infos if _STATE in n]
+    states = _states(infos, state_names) if reason is None else {}
+    for state_name in state_names:
         weight = state_name.split(_STATE)[0]
         kind = state_name.rsplit("__", 1)[-1]
         if weight not in infos:
@@ -84,7 +89,7 @@ def _claim_four_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str | 
                 raise InputError(
                     infos[weight].file, f"quantised weight {weight!r} has no {role} (expected {weight}.{role})"
                 )
-        shape = tuple(int(d) for d in _state(infos, state_name).get("shape") or ())
+        shape = tuple(int(d) for d in states[state_name].get("shape") or ())
         stored = infos[weight].shape
         if len(shape) != 2 or (shape[0] * shape[1] + 1) // 2 != _numel(stored):
             raise misfit(infos, weight, f"its quant state gives shape {shape}, which {stored} 4-bit codes do not hold")

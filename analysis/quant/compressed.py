@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from analysis.errors import InputError
-from analysis.quant.base import Claims, QuantTensor, register
+from analysis.quant.base import Claims, QuantTensor, read_small, register
 from analysis.readers import TensorInfo
 
 PACKAGE = "compressed-tensors"
@@ -85,6 +85,7 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
         compressor = base_compressor.get_value_from_registry(fmt)
         params = compressor.compression_param_names(scheme)
         available = {n: None for n in infos if n not in claimed}
+        found: list[tuple[str, dict]] = []
         for module, stored in match(available, ignore=parsed.ignore, targets=scheme.targets, param_targets=[params[0]]):
             if params[0] == "weight" and f"{module}.weight_scale" not in infos:
                 continue  # a module left in full precision (an embedding, a head) that a class target names
@@ -97,11 +98,13 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
                     )
                 parts[param] = part
             claimed.update(parts.values())
-            shape = _shape(infos, module, params, parts)
+            found.append((module, parts))
+        shapes = _shapes(infos, found)
+        for module, parts in found:
             claims.tensors.append(
                 QuantTensor(
                     f"{module}.weight",
-                    shape,
+                    shapes[module],
                     parts,
                     _label(scheme, fmt),
                     lambda p, i, c=compressor, s=scheme: _decompress(p, i, c, s),
@@ -119,11 +122,15 @@ def _qparam(name: str) -> bool:
     return param != "weight" and param.startswith(("weight_", "input_", "output_"))
 
 
-def _shape(infos: dict[str, TensorInfo], module: str, params: tuple, parts: dict) -> tuple[int, ...]:
-    """The dequantised shape: ``weight``'s own, or what ``weight_shape`` holds (read, two numbers)."""
-    if "weight" in parts:
-        return infos[parts["weight"]].shape
-    from analysis.readers import load_safetensors_tensor
+def _shapes(infos: dict[str, TensorInfo], found: list[tuple[str, dict]]) -> dict[str, tuple[int, ...]]:
+    """Each module's dequantised shape: its ``weight``'s own, or what ``weight_shape`` holds.
 
-    stored = infos[parts["weight_shape"]]
-    return tuple(int(d) for d in load_safetensors_tensor(stored.file, parts["weight_shape"]).tolist())
+    The ``weight_shape`` tensors (two numbers each) are read together, one open per file.
+    """
+    stored = read_small(infos, [parts["weight_shape"] for _, parts in found if "weight" not in parts])
+    return {
+        module: infos[parts["weight"]].shape
+        if "weight" in parts
+        else tuple(int(d) for d in stored[parts["weight_shape"]].tolist())
+        for module, parts in found
+    }
