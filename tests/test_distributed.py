@@ -310,3 +310,16 @@ def test_fused_expert_slices_are_each_their_own_pair(tmp_path: Path, monkeypatch
     for lm, fm in zip(local.models, far.models, strict=True):
         assert [m.identity for m in lm.matrices] == [m.identity for m in fm.matrices]
         assert len({m.identity for m in fm.matrices}) == len(fm.matrices)
+
+
+def test_a_quantised_base_on_ray_equals_the_local_engine(
+    tiny_llama: Path, tiny_llama_full_ft: Path, tmp_path: Path
+) -> None:
+    """An FP8 block-scaled base (issue 22): the workers dequantise as the local engine does."""
+    from tests import quantised
+
+    base = quantised.fp8_blocks(tiny_llama, tmp_path / "fp8-base", block=16)
+    local = compare(str(base), [str(tiny_llama_full_ft)], cache=None)
+    far = distributed.compare(str(base), [str(tiny_llama_full_ft)], address=None, cache=SpectrumCache(tmp_path / "s"))
+    assert_same(local, far)
+    assert {m.id.storage for m in far.models[0].matrices} == {"fp8 e4m3, 16x16 blocks"}
