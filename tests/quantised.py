@@ -159,9 +159,48 @@ def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) 
     for name in weights:
         module = name.removesuffix(".weight")
         used |= {n for n in stored if n in (name + "_scale_inv", name + "_blocks", name + "_scales", module + ".SCB")}
+        used |= {module + p for p in (".qweight", ".qzeros", ".scales") if module + p in stored}  # AWQ
         used |= {n for n in stored if n.startswith(name + ".")}  # bitsandbytes' quant state
         used |= {
             n for n in stored if n.startswith(module + ".") and n.rsplit(".", 1)[1].startswith(("weight_", "input_"))
         }
     state = {n: t for n, t in stored.items() if n not in used and n not in weights} | weights
     return _write(folder, out, state, None)
+
+
+def awq_gemm(src: Path, out: Path, group: int = 16) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Every block matrix in AutoAWQ's GEMM layout (4-bit, zero points, ``group`` columns a scale).
+
+    Packed as AutoAWQ's ``WQLinear_GEMM.from_linear`` packs (AutoAWQ 0.2.9, which needs CUDA
+    to install): codes ``[in, out]`` eight to an int32 word in the order ``0 2 4 6 1 3 5 7``,
+    zero points the same way, scales ``[in/group, out]`` in fp16. Returns the folder and, per
+    weight, ``(q - z) * s`` in float64 (the format's definition) as the reference.
+    """
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def pack(codes: torch.Tensor) -> torch.Tensor:  # [rows, cols] ints 0..15 -> [rows, cols/8] int32
+        words = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int64)
+        for i, j in enumerate(order):
+            words |= codes[:, j::8].to(torch.int64) << (4 * i)
+        return words.to(torch.int32) if words.max() < 2**31 else (words - (words >= 2**31) * 2**32).to(torch.int32)
+
+    state, expected = {}, {}
+    for name, tensor in load_file(src / "model.safetensors").items():
+        if not _quantisable(name, tensor):
+            state[name] = tensor
+            continue
+        w = tensor.to(torch.float64).T  # [in, out]
+        view = w.reshape(w.shape[0] // group, group, w.shape[1])
+        low, high = view.amin(1).clamp(max=0), view.amax(1).clamp(min=0)
+        scales = ((high - low) / 15).clamp(min=1e-5).to(torch.float16)
+        zeros = (-low / scales.double()).round().clamp(0, 15).to(torch.int64)
+        codes = (view / scales.double()[:, None] + zeros[:, None]).round().clamp(0, 15).to(torch.int64)
+        codes = codes.reshape(w.shape)
+        module = name.removesuffix(".weight")
+        state[module + ".qweight"] = pack(codes)
+        state[module + ".qzeros"] = pack(zeros)
+        state[module + ".scales"] = scales
+        spread = lambda t: t.repeat_interleave(group, 0)  # noqa: E731
+        expected[name] = ((codes - spread(zeros)) * spread(scales.double())).T.contiguous()
+    config = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+    return _write(src, out, state, config), expected

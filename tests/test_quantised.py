@@ -433,3 +433,19 @@ def test_without_the_library_compressed_weights_are_skipped_naming_the_package(m
     assert len(skipped) == 14 and all(s["name"].endswith(".weight_packed") for s in skipped)
     assert all("install compressed-tensors" in s["reason"] for s in skipped)
     assert not [n for n in source.names() if n.rsplit(".", 1)[-1].startswith("weight_")]
+
+
+def test_awq_gemm(made):
+    """AutoAWQ's layout read by compressed-tensors' AutoAWQConverter: (q - z) * s, rounded as fp16 scales give."""
+    model, base, tuned, root = made("llama")
+    folder, expected = quantised.awq_gemm(base, root / "awq")
+    source = open_location(str(folder))
+    got = {}
+    for name, reference in expected.items():
+        assert source.storage(name) == "int4 groups of 16 (AWQ)"
+        got[name] = source.load(name)
+        # The library multiplies in the scales' dtype (fp16), as AutoAWQ's kernels do.
+        assert torch.equal(got[name], reference.to(torch.float16).to(torch.float32)), name
+    assert not source.quantised_skips()
+    assert not [n for n in source.names() if n.endswith((".qweight", ".qzeros", ".scales"))]
+    _same_reports(folder, quantised.dequantised_copy(folder, root / "awq-deq", got), tuned)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from analysis.quant import bnb, compressed, fp8, gptq, mxfp4  # noqa: F401  (each registers its format)
+from analysis.quant import awq, bnb, compressed, fp8, gptq, mxfp4  # noqa: F401  (each registers its format)
 from analysis.quant.base import FORMATS, QuantTensor, dtype_label
 from analysis.readers import TensorInfo
 

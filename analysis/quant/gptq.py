@@ -1,9 +1,10 @@
-"""GPTQ and AWQ checkpoints (``quant_method: gptq`` / ``awq``): recognised, not dequantised.
+"""GPTQ checkpoints (``quant_method: gptq``): recognised, not dequantised.
 
 Their weights are stored as ``qweight`` (int32 words of packed 4-bit codes), ``qzeros``,
-``scales`` and for GPTQ ``g_idx``; no maintained CPU dequantiser installs here without a
-CUDA build (gptqmodel, autoawq), so each such weight is listed in ``skipped`` with the
-format named, its other tensors counted as parts of it, and nothing is read raw.
+``scales`` and ``g_idx``; no maintained CPU dequantiser installs here without a CUDA build
+(gptqmodel, auto-gptq), so each such weight is listed in ``skipped`` with the format
+named, its other tensors counted as parts of it, and nothing is read raw. (AWQ, stored the
+same way, is read by :mod:`analysis.quant.awq`; an AWQ variant it cannot read comes here.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from analysis.readers import TensorInfo
 _PARTS = ("qzeros", "scales", "g_idx", "bias")
 
 
-@register("gptq", "awq")
+@register("gptq")
 def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
     """Every ``qweight``: skipped, naming the format; ``qzeros``/``scales``/``g_idx`` hidden."""
     method = str(config.get("quant_method", "gptq")).upper()
