@@ -43,7 +43,7 @@ import torch
 from analysis.adapters import LoraAdapter, open_adapter_file, open_adapter_folder
 from analysis.cache import derived_digest, tensor_digest
 from analysis.errors import InputError
-from analysis.quant import QuantTensor, index_checkpoint
+from analysis.quant import QuantTensor, dequantise_device, index_checkpoint
 from analysis.readers import (
     ADAPTER_CONFIG,
     HUB_PATTERNS,
@@ -188,7 +188,9 @@ class WeightSource:
         return tensor
 
     def _dequantise(self, quantised: QuantTensor, index: int | None) -> torch.Tensor:
-        """One quantised weight (or expert ``index`` of it) as float32, from its stored parts.
+        """One quantised weight (or expert ``index`` of it) as float32 on the CPU, from its stored parts.
+
+        Dequantised on a CUDA GPU where there is one (:func:`analysis.quant.dequantise_device`).
 
         Where the weight has no expert dimension (``sliced`` is empty), an expert is cut from
         the whole dequantised tensor.
@@ -203,6 +205,9 @@ class WeightSource:
                 )
             else:
                 parts[role] = self.load_stored(part)
+        device = dequantise_device(quantised)
+        if device.type != "cpu":
+            parts = {role: tensor.to(device) for role, tensor in parts.items()}
         try:
             tensor = quantised.dequantise(parts, index if quantised.sliced else None)
         except (RuntimeError, ValueError, KeyError, AssertionError) as error:
@@ -210,7 +215,7 @@ class WeightSource:
             raise InputError(self._info(quantised.name).file, problem) from error
         if index is not None and not quantised.sliced:
             tensor = tensor[index]
-        return tensor.to(torch.float32)
+        return tensor.to(device="cpu", dtype=torch.float32)
 
     def content_digest(self, name: str) -> str:
         """:func:`analysis.cache.tensor_digest` of the stored tensor: equal digests, equal tensors.

@@ -449,3 +449,36 @@ def test_awq_gemm(made):
     assert not source.quantised_skips()
     assert not [n for n in source.names() if n.endswith((".qweight", ".qzeros", ".scales"))]
     _same_reports(folder, quantised.dequantised_copy(folder, root / "awq-deq", got), tuned)
+
+
+def test_dequantise_device_setting(made, monkeypatch):
+    model, base, tuned, root = made("llama")
+    folder = quantised.fp8_blocks(base, root / "fp8-device")
+    name = "model.layers.0.mlp.up_proj.weight"
+    monkeypatch.setenv("WSE_DEQUANTISE_DEVICE", "gpu")
+    with pytest.raises(InputError, match="WSE_DEQUANTISE_DEVICE.*auto, cpu, cuda"):
+        open_location(str(folder)).load(name)
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("WSE_DEQUANTISE_DEVICE", "cuda")
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            open_location(str(folder)).load(name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_every_format_dequantises_to_the_same_bytes(made, monkeypatch):
+    model, base, tuned, root = made("llama")
+    oss = made("gpt_oss")
+    folders = [
+        quantised.fp8_blocks(base, root / "gpu-fp8"),
+        quantised.mxfp4_experts(oss[1], oss[3] / "gpu-mxfp4"),
+        quantised.compressed(base, root / "gpu-ct", *reversed(COMPRESSED["pack-quantized-w4-group-asym"]), ignore=("lm_head", "re:.*embed_tokens")),
+        quantised.awq_gemm(base, root / "gpu-awq")[0],
+    ]
+    for folder in folders:
+        source = open_location(str(folder))
+        for name in source.quant.tensors:
+            monkeypatch.setenv("WSE_DEQUANTISE_DEVICE", "cpu")
+            on_cpu = source.load(name)
+            monkeypatch.setenv("WSE_DEQUANTISE_DEVICE", "cuda")
+            assert torch.equal(source.load(name), on_cpu), (folder.name, name)

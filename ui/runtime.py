@@ -52,6 +52,7 @@ def check_settings() -> None:
 
     from analysis.distributed import ray_settings
     from analysis.linalg import default_method
+    from analysis.quant import dequantise_setting
 
     local_paths_allowed()
     default_cache_dir()
@@ -65,6 +66,7 @@ def check_settings() -> None:
     if wanted.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("WSE_DEVICE", f"asks for {wanted!r}, but this machine has no CUDA device")
     default_method(torch.device("cuda" if wanted.startswith("cuda") else "cpu"))  # WSE_SVD_METHOD
+    dequantise_setting()  # WSE_DEQUANTISE_DEVICE (quantised checkpoints)
     if RAY_ADDRESS:
         ray_settings()
 

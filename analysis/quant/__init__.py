@@ -17,7 +17,15 @@ the name and shape a full-precision checkpoint of the model uses. Optional libra
 imported only when a checkpoint needs them.
 """
 
-from analysis.quant.base import QuantTensor, dtype_label
+from analysis.quant.base import QuantTensor, dequantise_device, dequantise_setting, dtype_label
 from analysis.quant.detect import QuantIndex, index_checkpoint, quantization_config
 
-__all__ = ["QuantIndex", "QuantTensor", "dtype_label", "index_checkpoint", "quantization_config"]
+__all__ = [
+    "QuantIndex",
+    "QuantTensor",
+    "dequantise_device",
+    "dequantise_setting",
+    "dtype_label",
+    "index_checkpoint",
+    "quantization_config",
+]

@@ -43,6 +43,8 @@ class QuantTensor:
     sliced: tuple[str, ...] = ()
     #: Names the algorithm in cache keys: change it when a dequantiser's output changes.
     method: str = ""
+    #: The dequantiser is plain torch code that runs where its inputs are (a CUDA GPU too).
+    any_device: bool = True
 
 
 @dataclass
@@ -98,6 +100,37 @@ def misfit(infos: dict[str, TensorInfo], owner: str, problem: str) -> InputError
     """One error naming the quantised weight whose parts do not fit together."""
     file = infos[owner].file if owner in infos else owner
     return InputError(file, f"quantised weight {owner!r}: {problem}")
+
+
+def dequantise_device(quantised: QuantTensor) -> torch.device:
+    """Where ``quantised`` is dequantised: a CUDA GPU when there is one, else the CPU.
+
+    ``WSE_DEQUANTISE_DEVICE`` (``auto``, ``cpu``, ``cuda``) overrides; dequantisers that
+    run only on the CPU (bitsandbytes' CPU build) always run there. The result is the same
+    float32 tensor either way (elementwise casts, products and table lookups, each exactly
+    rounded), handed out on the CPU.
+    """
+    if not quantised.any_device:
+        return torch.device("cpu")
+    return dequantise_setting()
+
+
+def dequantise_setting() -> torch.device:
+    """The device ``WSE_DEQUANTISE_DEVICE`` names (``auto``: CUDA when present).
+
+    Raises
+    ------
+    InputError
+        Not one of ``auto``, ``cpu``, ``cuda``, or ``cuda`` on a machine without one.
+    """
+    from analysis.config import env_choice
+
+    choice = env_choice("WSE_DEQUANTISE_DEVICE", "auto", ("auto", "cpu", "cuda"))
+    if choice != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if choice == "cuda":
+        raise InputError("WSE_DEQUANTISE_DEVICE", "is cuda, but no CUDA GPU is available")
+    return torch.device("cpu")
 
 
 def read_small(infos: dict[str, TensorInfo], names: list[str]) -> dict[str, torch.Tensor]:

@@ -94,7 +94,9 @@ def _claim_four_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str | 
         if len(shape) != 2 or (shape[0] * shape[1] + 1) // 2 != _numel(stored):
             raise misfit(infos, weight, f"its quant state gives shape {shape}, which {stored} 4-bit codes do not hold")
         double = ", double-quantised" if "nested_absmax" in parts else ""
-        claims.tensors.append(QuantTensor(weight, shape, parts, f"{kind}{double}", _four_bit, method="bnb-4bit-1"))
+        claims.tensors.append(
+            QuantTensor(weight, shape, parts, f"{kind}{double}", _four_bit, method="bnb-4bit-1", any_device=False)
+        )
 
 
 def _claim_eight_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str | None) -> None:
@@ -113,7 +115,9 @@ def _claim_eight_bit(infos: dict[str, TensorInfo], claims: Claims, reason: str |
             claims.hidden.update(p for p in parts.values() if p != weight)
             continue
         claims.tensors.append(
-            QuantTensor(weight, infos[weight].shape, parts, "int8 (LLM.int8)", _eight_bit, method="bnb-int8-1")
+            QuantTensor(
+                weight, infos[weight].shape, parts, "int8 (LLM.int8)", _eight_bit, method="bnb-int8-1", any_device=False
+            )
         )
 
 
