@@ -482,3 +482,24 @@ def test_on_a_gpu_every_format_dequantises_to_the_same_bytes(made, monkeypatch):
             on_cpu = source.load(name)
             monkeypatch.setenv("WSE_DEQUANTISE_DEVICE", "cuda")
             assert torch.equal(source.load(name), on_cpu), (folder.name, name)
+
+
+def test_fbgemm_fp8_per_channel_and_unread_fp8_is_never_raw(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    scale = (w.abs().amax(1, keepdim=True) / 448).to(torch.float32)  # one scale a row, as fbgemm's quantiser
+    codes = (w / scale.double()).to(torch.float8_e4m3fn)
+    name = "model.layers.0.mlp.up_proj.weight"
+    odd = "model.layers.0.mlp.experts.gate_up_proj"  # fused FP8 experts fbgemm would scale [E, 1, out]: not read
+    state = {name: codes, name + "_scale": scale, odd: torch.zeros(2, 32, 48).to(torch.float8_e4m3fn)}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fbgemm_fp8"}}))
+    source = open_location(str(tmp_path))
+    assert source.storage(name) == "fp8 e4m3, per channel"
+    assert torch.equal(source.load(name), codes.to(torch.float32) * scale)
+    assert source.quantised_skips() == [
+        {"name": odd, "reason": "FP8 tensor of a fbgemm_fp8 checkpoint that its dequantiser does not read"}
+    ]
+    assert odd not in source.names()

@@ -78,6 +78,14 @@ def index_checkpoint(config: dict, infos: dict[str, TensorInfo]) -> QuantIndex:
             index.stored.update(tensor.parts.values())
         index.stored.update(claims.hidden | set(claims.unhandled))
         index.skipped.extend({"name": n, "reason": r} for n, r in sorted(claims.unhandled.items()))
+    if qconfig is not None:  # never raw: FP8 codes the declared format's dequantiser did not take
+        claimed = index.stored | set(index.tensors)
+        index.skipped.extend(
+            {"name": n, "reason": f"FP8 tensor of a {method} checkpoint that its dequantiser does not read"}
+            for n, info in sorted(infos.items())
+            if info.dtype in fp8.FP8_DTYPES and n not in claimed
+        )
+        index.stored.update(n for n, info in infos.items() if info.dtype in fp8.FP8_DTYPES and n not in claimed)
     return index
 
 
