@@ -106,8 +106,9 @@ if before is not None and after is not None:
 st.subheader("Trade-off")
 if result.tradeoff is None:
     st.caption(
-        "Held-out loss (forgetting) and the task's score of the base, the fine-tune and the mitigated fine-tune "
-        "across a λ grid: it runs the model once per point (about a minute for the demo on two cores)."
+        "Trade-off curve: held-out loss (forgetting) and the task's score of the base, the fine-tune and the "
+        "mitigated fine-tune across a λ grid. It runs the model once per point (about a minute for the demo on "
+        "two cores), so it starts only when asked."
     )
     st.button(
         "Run the trade-off curve", key="mit_run_curve", on_click=mitigation.run_curve, icon=":material/play_arrow:"
