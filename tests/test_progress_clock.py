@@ -71,6 +71,49 @@ def test_a_step_running_long_raises_the_estimate_before_it_finishes() -> None:
     assert clock.estimate().remaining_s == pytest.approx(40.0)
 
 
+def test_work_inside_a_step_paces_the_phase() -> None:
+    """A model evaluation reports the share of its batches done: the clock paces the curve by
+    it between points, so a slow machine shows before the point finishes."""
+    fake = FakeClock()
+    clock = StepClock(fake)
+    clock.start([Phase("matrices", (1.0,)), Phase("curve", (1.0, 1.0))])
+    fake.now = 1.0
+    clock.mark(1)
+    fake.now = 11.0
+    clock.credit(0.25)  # a quarter of the curve in 10 s: 30 s more
+    assert clock.estimate().remaining_s == pytest.approx(30.0)
+    fake.now = 31.0  # no more news for 20 s: at least as slow as a quarter per 30 s
+    assert clock.estimate().remaining_s == pytest.approx(90.0)
+    clock.mark(2)  # a mark replaces the credit: half the curve in 30 s
+    assert clock.estimate().remaining_s == pytest.approx(30.0)
+
+
+def test_the_curves_work_counts_tokens_of_the_points_under_way() -> None:
+    import torch
+
+    from analysis.mitigation.tradeoff import _Work
+
+    shares: list[float] = []
+    work = _Work(4, shares.append)
+    work.end()  # one point from the cache
+    assert shares[-1] == 0.25
+    class Model(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    model = Model()
+    model.register_forward_hook(work.hook, with_kwargs=True)
+    work.begin(1)
+    model(input_ids=torch.zeros(2, 8))  # 16 tokens of a point of unknown size: not counted yet
+    assert shares[-1] == 0.25
+    model(input_ids=torch.zeros(2, 8))
+    work.end(1)  # a whole point is 32 tokens
+    assert shares[-1] == 0.5 and work.per_point == 32
+    work.begin(2)
+    model(input_ids=torch.zeros(2, 8))
+    assert shares[-1] == pytest.approx(0.625)  # half of the third point
+
+
 def test_nothing_is_estimated_before_the_first_step() -> None:
     clock = StepClock(FakeClock())
     assert clock.estimate() is None

@@ -103,6 +103,7 @@ class StepClock:
         self._phase: list[int] = []
         self._start: float | None = None
         self._marks: list[float] = []
+        self._credit: tuple[int, float, float] | None = None
         self._fraction = 0.0
 
     @property
@@ -116,6 +117,7 @@ class StepClock:
         self._phase = [i for i, phase in enumerate(phases) for _ in phase.weights]
         self._start = self._clock()
         self._marks = []
+        self._credit = None
         self._fraction = 0.0
 
     def mark(self, done: int) -> None:
@@ -123,6 +125,10 @@ class StepClock:
         now = self._clock()
         while len(self._marks) < min(done, self.total):
             self._marks.append(now)
+
+    def credit(self, fraction: float) -> None:
+        """``fraction`` of the phase under way is done, steps in flight included (until the next mark)."""
+        self._credit = (len(self._marks), float(fraction), self._clock())
 
     def estimate(self, now: float | None = None) -> Estimate | None:
         """Seconds left and the fraction done, or ``None`` before the first step is timed.
@@ -143,14 +149,18 @@ class StepClock:
         first = self._phase.index(current)  # the current phase's first step
         began = marks[first - 1] if first > 0 else self._start
         spent_before, units_before = began - self._start, sum(self._weights[:first])
-        units_in = sum(self._weights[first:done])
-        overall = (marks[-1] - self._start) / max(units_before + units_in, 1e-300)
-        pace = (marks[-1] - began) / units_in if units_in > 0 else (
-            spent_before / units_before if units_before > 0 else overall)  # fmt: skip
+        units_in, last = sum(self._weights[first:done]), marks[-1]
         phase_units = sum(w for w, p in zip(self._weights, self._phase, strict=True) if p == current)
+        credit = self._credit
+        credited = credit is not None and credit[0] == done and credit[1] * phase_units > units_in
+        if credited:  # work inside the steps under way (a model evaluation's batches)
+            units_in, last = credit[1] * phase_units, max(credit[2], last)
+        overall = (last - self._start) / max(units_before + units_in, 1e-300)
+        pace = (last - began) / units_in if units_in > 0 else (
+            spent_before / units_before if units_before > 0 else overall)  # fmt: skip
         running = now - began
-        # A phase overrunning its estimate is at least as slow as if its running step finished now.
-        through = units_in + self._weights[done]
+        # A phase overrunning its estimate is at least as slow as if the work under way finished now.
+        through = units_in if credited else units_in + self._weights[done]
         slowest = running / max(through, 1e-300) * (phase_units - through)
         left = max(pace * phase_units - running, slowest, 0.0)
         later = overall * sum(w for w, p in zip(self._weights, self._phase, strict=True) if p > current)

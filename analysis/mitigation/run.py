@@ -186,6 +186,7 @@ def run(
                 mitigation,
                 grid,
                 progress=step(3 * n, TRADEOFF_STEP),
+                work=clock.credit if clock is not None else None,
                 should_stop=should_stop,
                 cache=cache,
             )

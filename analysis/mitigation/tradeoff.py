@@ -216,6 +216,56 @@ class _Steps:
             self.progress(now, self.total, self.labels[index])
 
 
+class _Work:
+    """The share of the curve's evaluations done, inside the points too, for ``report(share)``.
+
+    Each model's forward passes count their tokens; a whole point's tokens are learned from
+    the first point to finish (every point reads the same text), so a point under way counts
+    for the share of them it has read. Points found in the cache count as done.
+    """
+
+    def __init__(self, points: int, report: Callable[[float], None] | None) -> None:
+        self.points = max(1, points)
+        self.report = report
+        self.finished = 0
+        self.running: dict[int, int] = {}
+        self.per_point = 0
+        self.local = threading.local()
+        self.lock = threading.Lock()
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """A forward hook (``with_kwargs``): count the batch's tokens for the point this thread evaluates."""
+        index = getattr(self.local, "index", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if index is None or not isinstance(ids, torch.Tensor):
+            return
+        with self.lock:
+            self.running[index] = self.running.get(index, 0) + ids.numel()
+        self._report()
+
+    def begin(self, index: int) -> None:
+        self.local.index = index
+        with self.lock:
+            self.running[index] = 0
+
+    def end(self, index: int | None = None) -> None:
+        """A point finished (``None``: one found in the cache)."""
+        self.local.index = None
+        with self.lock:
+            tokens = self.running.pop(index, 0) if index is not None else 0
+            self.per_point = self.per_point or tokens
+            self.finished += 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.report is None:
+            return
+        with self.lock:
+            inside = sum(min(t / self.per_point, 0.95) for t in self.running.values()) if self.per_point else 0.0
+            share = min(1.0, (self.finished + inside) / self.points)
+        self.report(share)
+
+
 @dataclass
 class _Bench:
     """What evaluating the points needs, loaded once (:func:`_load_bench`).
@@ -311,6 +361,7 @@ def _evaluate_points(
     steps: _Steps,
     should_stop: Callable[[], bool] | None,
     meta: dict[str, int],
+    work: _Work | None = None,
 ) -> None:
     """Evaluate the points ``todo`` into ``evaluated``, side by side.
 
@@ -320,6 +371,9 @@ def _evaluate_points(
     """
     bench = _load_bench(todo, folders, family, mitigation, task_file, texts)
     meta["swapped"] = len(bench.places)
+    if work is not None:  # copies made later carry the hook (deepcopy keeps it)
+        for model in {id(m): m for m in (bench.template, bench.base_model) if m is not None}.values():
+            model.register_forward_hook(work.hook, with_kwargs=True)
 
     def weights_at(index: int) -> Callable[[str], torch.Tensor]:
         if index == 1:
@@ -333,6 +387,8 @@ def _evaluate_points(
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"trade-off cancelled after {steps.done} of {steps.total} evaluations")
         torch.set_num_threads(1)  # per thread: see the module docstring
+        if work is not None:
+            work.begin(index)
         if index == 0:
             model = bench.base_model
         else:
@@ -346,6 +402,8 @@ def _evaluate_points(
         }
         with lock:
             evaluated[index] = point
+        if work is not None:
+            work.end(index)
         steps.finished(index)
 
     model_bytes = sum(p.numel() * p.element_size() for p in bench.template.parameters())
@@ -456,6 +514,7 @@ def evaluate_tradeoff(
     should_stop: Callable[[], bool] | None = None,
     paragraphs: int = HELD_OUT_PARAGRAPHS,
     cache=None,
+    work: Callable[[float], None] | None = None,
 ) -> Tradeoff:
     """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda.
 
@@ -480,6 +539,9 @@ def evaluate_tradeoff(
     cache : SpectrumCache, optional
         Points are read from and stored in it (a :class:`~analysis.cache.SpectrumCache`)
         when one is given.
+    work : callable, optional
+        Called as ``work(share)`` with the share of the evaluations done, counting the
+        points under way by the tokens they have read (for a clock, between points).
 
     Returns
     -------
@@ -514,6 +576,9 @@ def evaluate_tradeoff(
     evaluated: dict[int, dict] = {}
     swapped = _cached_points(cache, todo, key, evaluated, steps)  # none for the base alone
     missing = [i for i in todo if i not in evaluated]
+    tracker = _Work(len(todo), work)
+    for _ in range(len(todo) - len(missing)):
+        tracker.end()
     if missing:
         meta: dict[str, int] = {}
         try:
@@ -529,6 +594,7 @@ def evaluate_tradeoff(
                 steps=steps,
                 should_stop=should_stop,
                 meta=meta,
+                work=tracker,
             )
         except _NoCurve as reason:
             return Tradeoff(loss_name, None, [], str(reason), time.perf_counter() - start)
