@@ -91,10 +91,10 @@ def test_work_inside_a_step_paces_the_phase() -> None:
 def test_the_curves_work_counts_tokens_of_the_points_under_way() -> None:
     import torch
 
-    from analysis.mitigation.tradeoff import _Work
+    from analysis.mitigation.clock import EvaluationWork
 
     shares: list[float] = []
-    work = _Work(4, shares.append)
+    work = EvaluationWork(4, shares.append)
     work.end()  # one point from the cache
     assert shares[-1] == 0.25
     class Model(torch.nn.Module):

@@ -24,6 +24,7 @@ done so far; a step running longer than expected slows its phase's pace at once.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,3 +169,54 @@ class StepClock:
         elapsed = now - self._start
         self._fraction = max(self._fraction, elapsed / (elapsed + remaining) if elapsed + remaining > 0 else 0.0)
         return Estimate(remaining, left, self._fraction)
+
+
+class EvaluationWork:
+    """The share of a trade-off curve's evaluations done, inside the points too, for ``report(share)``.
+
+    Each model's forward passes count their tokens; a whole point's tokens are learned from
+    the first point to finish (every point reads the same text), so a point under way counts
+    for the share of them it has read. Points found in the cache count as done.
+    """
+
+    def __init__(self, points: int, report: Callable[[float], None] | None) -> None:
+        self.points = max(1, points)
+        self.report = report
+        self.finished = 0
+        self.running: dict[int, int] = {}
+        self.per_point = 0
+        self.local = threading.local()
+        self.lock = threading.Lock()
+
+    def hook(self, module, args: tuple, kwargs: dict, output) -> None:
+        """A forward hook (``with_kwargs``): count the batch's tokens for the point this thread evaluates."""
+        index = getattr(self.local, "index", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if index is None or not hasattr(ids, "numel"):
+            return
+        with self.lock:
+            self.running[index] = self.running.get(index, 0) + ids.numel()
+        self._report()
+
+    def begin(self, index: int) -> None:
+        """Start counting point ``index`` (on the thread that evaluates it)."""
+        self.local.index = index
+        with self.lock:
+            self.running[index] = 0
+
+    def end(self, index: int | None = None) -> None:
+        """A point finished (``None``: one found in the cache)."""
+        self.local.index = None
+        with self.lock:
+            tokens = self.running.pop(index, 0) if index is not None else 0
+            self.per_point = self.per_point or tokens
+            self.finished += 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.report is None:
+            return
+        with self.lock:
+            inside = sum(min(t / self.per_point, 0.95) for t in self.running.values()) if self.per_point else 0.0
+            share = min(1.0, (self.finished + inside) / self.points)
+        self.report(share)

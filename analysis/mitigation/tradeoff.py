@@ -41,6 +41,7 @@ import torch
 from analysis.cache import content_hasher, derived_digest
 from analysis.errors import AnalysisCancelled
 from analysis.layouts import ModelLayout
+from analysis.mitigation.clock import EvaluationWork
 from analysis.mitigation.heldout import (
     HELD_OUT_PARAGRAPHS,
     HELD_OUT_SOURCE,
@@ -216,56 +217,6 @@ class _Steps:
             self.progress(now, self.total, self.labels[index])
 
 
-class _Work:
-    """The share of the curve's evaluations done, inside the points too, for ``report(share)``.
-
-    Each model's forward passes count their tokens; a whole point's tokens are learned from
-    the first point to finish (every point reads the same text), so a point under way counts
-    for the share of them it has read. Points found in the cache count as done.
-    """
-
-    def __init__(self, points: int, report: Callable[[float], None] | None) -> None:
-        self.points = max(1, points)
-        self.report = report
-        self.finished = 0
-        self.running: dict[int, int] = {}
-        self.per_point = 0
-        self.local = threading.local()
-        self.lock = threading.Lock()
-
-    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """A forward hook (``with_kwargs``): count the batch's tokens for the point this thread evaluates."""
-        index = getattr(self.local, "index", None)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if index is None or not isinstance(ids, torch.Tensor):
-            return
-        with self.lock:
-            self.running[index] = self.running.get(index, 0) + ids.numel()
-        self._report()
-
-    def begin(self, index: int) -> None:
-        self.local.index = index
-        with self.lock:
-            self.running[index] = 0
-
-    def end(self, index: int | None = None) -> None:
-        """A point finished (``None``: one found in the cache)."""
-        self.local.index = None
-        with self.lock:
-            tokens = self.running.pop(index, 0) if index is not None else 0
-            self.per_point = self.per_point or tokens
-            self.finished += 1
-        self._report()
-
-    def _report(self) -> None:
-        if self.report is None:
-            return
-        with self.lock:
-            inside = sum(min(t / self.per_point, 0.95) for t in self.running.values()) if self.per_point else 0.0
-            share = min(1.0, (self.finished + inside) / self.points)
-        self.report(share)
-
-
 @dataclass
 class _Bench:
     """What evaluating the points needs, loaded once (:func:`_load_bench`).
@@ -361,7 +312,7 @@ def _evaluate_points(
     steps: _Steps,
     should_stop: Callable[[], bool] | None,
     meta: dict[str, int],
-    work: _Work | None = None,
+    work: EvaluationWork | None = None,
 ) -> None:
     """Evaluate the points ``todo`` into ``evaluated``, side by side.
 
@@ -576,7 +527,7 @@ def evaluate_tradeoff(
     evaluated: dict[int, dict] = {}
     swapped = _cached_points(cache, todo, key, evaluated, steps)  # none for the base alone
     missing = [i for i in todo if i not in evaluated]
-    tracker = _Work(len(todo), work)
+    tracker = EvaluationWork(len(todo), work)
     for _ in range(len(todo) - len(missing)):
         tracker.end()
     if missing:
