@@ -159,14 +159,21 @@ def test_the_demo_mitigations_estimate_is_within_a_factor_of_two(tmp_path) -> No
     """The real job on the demo's LoRA r=8 with the trade-off curve, from an empty cache:
     read every half second, the time left it shows is within a factor of two of the time
     that really was left (or 5 s of it near the end), and the bar never goes back."""
+    import os
+
     from analysis.cache import SpectrumCache
     from analysis.mitigation import MitigationSettings
+    from analysis.scheduler import available_cores
     from analysis.specs import SpecResolver
     from hosting.jobs import JobManager, mitigation_job
     from tests.demo_fixture import DEMO_ROOT
 
     if not (DEMO_ROOT / "manifest.json").exists():
         pytest.skip("the offline demo is not built (python -m analysis demo)")
+    if os.getloadavg()[0] > 1.5 * available_cores():
+        # Other work on the cores changes every phase's speed by different factors (measured
+        # 2.7x to 12x between the matrices and the curve): the time left cannot be foretold.
+        pytest.skip(f"the machine is busy (load {os.getloadavg()[0]:.1f}): a timing test needs idle cores")
     resolver = SpecResolver(demo_root=DEMO_ROOT, allow_local_paths=False)
     settings = MitigationSettings(lam=0.75, top_k=10, eps=0.5)
     fn = mitigation_job(

@@ -322,9 +322,10 @@ def _evaluate_points(
     """
     bench = _load_bench(todo, folders, family, mitigation, task_file, texts)
     meta["swapped"] = len(bench.places)
-    if work is not None:  # copies made later carry the hook (deepcopy keeps it)
+    if work is not None:  # copies made later carry the hook: deepcopy keeps a plain function as it is
+        hook = lambda module, args, kwargs, output: work.hook(module, args, kwargs, output)  # noqa: E731
         for model in {id(m): m for m in (bench.template, bench.base_model) if m is not None}.values():
-            model.register_forward_hook(work.hook, with_kwargs=True)
+            model.register_forward_hook(hook, with_kwargs=True)
 
     def weights_at(index: int) -> Callable[[str], torch.Tensor]:
         if index == 1:
