@@ -114,6 +114,23 @@ def test_the_curves_work_counts_tokens_of_the_points_under_way() -> None:
     assert shares[-1] == pytest.approx(0.625)  # half of the third point
 
 
+def test_steps_found_in_a_cache_do_not_set_the_pace() -> None:
+    """Base, fine-tune and three lambdas of the curve come from the cache at once: the one
+    point evaluated is paced by the work before the curve, from after the cached ones."""
+    fake = FakeClock()
+    clock = StepClock(fake)
+    clock.start([Phase("matrices", (1.0, 1.0)), Phase("curve", (5.0,) * 6)])
+    fake.now = 2.0
+    clock.mark(2)  # 1 s per unit
+    fake.now = 2.01
+    clock.mark(7)  # five points from the cache
+    assert clock.estimate().remaining_s == pytest.approx(5.0, abs=0.02)
+    fake.now = 6.01
+    assert clock.estimate().remaining_s == pytest.approx(1.0, abs=0.02)
+    fake.now = 12.01  # overrunning: nothing after it, so "taking longer" (0), never a runaway
+    assert clock.estimate().remaining_s == 0.0
+
+
 def test_nothing_is_estimated_before_the_first_step() -> None:
     clock = StepClock(FakeClock())
     assert clock.estimate() is None
@@ -121,9 +138,9 @@ def test_nothing_is_estimated_before_the_first_step() -> None:
     assert clock.estimate() is None
 
 
-def test_the_curves_points_finish_in_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Side by side on two cores, base and fine-tune finish together, then the lambdas two by
-    two: the first point of each round carries the round's cost, lambda = 1 (a repeat) none."""
+def test_the_phases_priors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix costs its SVD's order; a curve point a forward pass over the plan's weights,
+    shared by the points run side by side (two cores); lambda = 1 (a repeat) nothing."""
     from analysis.mitigation import clock as clock_module
     from analysis.plan import ComparisonPlan
 
@@ -139,7 +156,7 @@ def test_the_curves_points_finish_in_rounds(monkeypatch: pytest.MonkeyPatch) -> 
     assert scaling.weights == (svd_units((384, 384)), svd_units((1536, 384)))
     assert len(analysing.weights) == 4
     point = EVALUATION_WEIGHT * (384 * 384 + 1536 * 384)
-    assert curve.weights == (point, 0.0, 0.0, point, 0.0, point, 0.0)
+    assert curve.weights == (point / 2, point / 2, 0.0, point / 2, point / 2, point / 2, point / 2)
     assert mitigation_phases(plan)[-1].name == "analysing before and after"
 
 

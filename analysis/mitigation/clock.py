@@ -12,9 +12,9 @@ Each step gets a *prior* cost in reference units, from what it computes:
   sec. 8.6), times :data:`ANALYSE_WEIGHT` while analysing;
 - a trade-off point: :data:`EVALUATION_WEIGHT` times the sum of ``m n`` over the plan's
   matrices (a forward pass multiplies each weight once per token, and the held-out text is
-  fixed). Points run side by side, a round of one per core, and finish together: the first
-  point of each round carries the round's cost, the others (and the lambda = 1 point, which
-  repeats the fine-tune's) none.
+  fixed), divided by the points run side by side (one per core); the lambda = 1 point, which
+  repeats the fine-tune's, costs nothing. Between points the curve reports the share of its
+  evaluations done, points under way included (:class:`EvaluationWork`).
 
 The two weights were measured on the offline demo (two cores) and set only the *ratio*
 between phases. Seconds come from the clock: a phase's remaining steps are paced by the
@@ -35,6 +35,9 @@ from analysis.scheduler import available_cores
 #: Seconds of one analysed matrix per second of one mitigated matrix (demo: 72 analysed in
 #: 8.0 s, 36 mitigated in 7.0 s).
 ANALYSE_WEIGHT = 0.55
+#: Steps of a phase done in less than this many seconds in all were found in a cache: they
+#: say nothing of the pace, and the phase's time is counted from after them.
+FREE_S = 1.0
 #: One evaluated point's units per ``m n`` of the plan, in units of a matrix SVD (demo:
 #: six points, two at a time, in 65 s, at 0.2 s per mitigated matrix).
 EVALUATION_WEIGHT = 1150.0
@@ -82,9 +85,9 @@ def mitigation_phases(plan: ComparisonPlan, curve_steps: int = 0, evaluations: i
     if curve_steps:
         per_point = EVALUATION_WEIGHT * sum(float(m.shape[0]) * m.shape[1] for m in plan.matrices)
         side_by_side = max(1, min(available_cores(), evaluations))
-        weights: list[float] = []  # in the order the points finish: base, fine-tune and its repeats, lambdas
+        weights: list[float] = []  # base, fine-tune and its repeats (free), the lambdas
         for e in range(evaluations):
-            weights.append(per_point if e % side_by_side == 0 else 0.0)
+            weights.append(per_point / side_by_side)
             if e == 1:
                 weights += [0.0] * (curve_steps - evaluations)
         phases.append(Phase("trade-off curve", tuple(weights)))
@@ -152,10 +155,14 @@ class StepClock:
         spent_before, units_before = began - self._start, sum(self._weights[:first])
         units_in, last = sum(self._weights[first:done]), marks[-1]
         phase_units = sum(w for w, p in zip(self._weights, self._phase, strict=True) if p == current)
+        if units_before > 0 < units_in and last - began < FREE_S:  # found in a cache: free; the phase starts after
+            began, phase_units, units_in = last, phase_units - units_in, 0.0
         credit = self._credit
-        credited = credit is not None and credit[0] == done and credit[1] * phase_units > units_in
+        full_units = sum(w for w, p in zip(self._weights, self._phase, strict=True) if p == current)
+        free = full_units - phase_units  # the credit counts the free steps too
+        credited = credit is not None and credit[0] == done and credit[1] * full_units - free > units_in
         if credited:  # work inside the steps under way (a model evaluation's batches)
-            units_in, last = credit[1] * phase_units, max(credit[2], last)
+            units_in, last = credit[1] * full_units - free, max(credit[2], last)
         overall = (last - self._start) / max(units_before + units_in, 1e-300)
         pace = (last - began) / units_in if units_in > 0 else (
             spent_before / units_before if units_before > 0 else overall)  # fmt: skip
