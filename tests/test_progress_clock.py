@@ -131,6 +131,17 @@ def test_steps_found_in_a_cache_do_not_set_the_pace() -> None:
     assert clock.estimate().remaining_s == 0.0
 
 
+def test_points_run_side_by_side_overrun_together() -> None:
+    """Two points at once: 20 s into the first round, were both to finish now, 20 s a round."""
+    fake = FakeClock()
+    clock = StepClock(fake)
+    clock.start([Phase("matrices", (1.0,)), Phase("curve", (5.0,) * 6, side_by_side=2)])
+    fake.now = 1.0
+    clock.mark(1)  # 1 s per unit: a round of two points 5 s
+    fake.now = 21.0  # the first round is 15 s late: two rounds of 20 s after it, at least
+    assert clock.estimate().remaining_s == pytest.approx(40.0)
+
+
 def test_nothing_is_estimated_before_the_first_step() -> None:
     clock = StepClock(FakeClock())
     assert clock.estimate() is None

@@ -45,10 +45,11 @@ EVALUATION_WEIGHT = 1150.0
 
 @dataclass(frozen=True)
 class Phase:
-    """A run of steps of one kind, with each step's prior cost (reference units)."""
+    """A run of steps of one kind: each step's prior cost (reference units), how many run at once."""
 
     name: str
     weights: tuple[float, ...]
+    side_by_side: int = 1
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def mitigation_phases(plan: ComparisonPlan, curve_steps: int = 0, evaluations: i
             weights.append(per_point / side_by_side)
             if e == 1:
                 weights += [0.0] * (curve_steps - evaluations)
-        phases.append(Phase("trade-off curve", tuple(weights)))
+        phases.append(Phase("trade-off curve", tuple(weights), side_by_side))
     return phases
 
 
@@ -106,6 +107,7 @@ class StepClock:
         self._weights: list[float] = []
         self._phase: list[int] = []
         self._start: float | None = None
+        self._side: list[int] = []
         self._marks: list[float] = []
         self._credit: tuple[int, float, float] | None = None
         self._fraction = 0.0
@@ -119,6 +121,7 @@ class StepClock:
         """Begin timing ``phases`` now."""
         self._weights = [w for phase in phases for w in phase.weights]
         self._phase = [i for i, phase in enumerate(phases) for _ in phase.weights]
+        self._side = [max(1, phase.side_by_side) for phase in phases]
         self._start = self._clock()
         self._marks = []
         self._credit = None
@@ -167,8 +170,9 @@ class StepClock:
         pace = (last - began) / units_in if units_in > 0 else (
             spent_before / units_before if units_before > 0 else overall)  # fmt: skip
         running = now - began
-        # A phase overrunning its estimate is at least as slow as if the work under way finished now.
-        through = units_in if credited else units_in + self._weights[done]
+        # A phase overrunning its estimate is at least as slow as if the steps under way (as many as
+        # run side by side) finished now.
+        through = units_in if credited else units_in + sum(self._weights[done : done + self._side[current]])
         slowest = running / max(through, 1e-300) * (phase_units - through)
         left = max(pace * phase_units - running, slowest, 0.0)
         later = overall * sum(w for w, p in zip(self._weights, self._phase, strict=True) if p > current)
