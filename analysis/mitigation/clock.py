@@ -38,9 +38,11 @@ ANALYSE_WEIGHT = 0.55
 #: Steps of a phase done in less than this many seconds in all were found in a cache: they
 #: say nothing of the pace, and the phase's time is counted from after them.
 FREE_S = 1.0
-#: One evaluated point's units per ``m n`` of the plan, in units of a matrix SVD (demo:
-#: six points, two at a time, in 65 s, at 0.2 s per mitigated matrix).
-EVALUATION_WEIGHT = 1150.0
+#: One evaluated point's units per ``m n`` of the plan, in units of a matrix SVD. The demo's
+#: curve (LoRA r=8, six points, two at a time) took 2.5 to 12 times as long as its matrices
+#: over eight runs on a shared two-core machine (2.5 idle): 1700 puts the prior at about 4,
+#: within a factor of two of 2 to 8.
+EVALUATION_WEIGHT = 1700.0
 
 
 @dataclass(frozen=True)
