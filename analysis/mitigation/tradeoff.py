@@ -354,9 +354,9 @@ def _evaluate_points(
         }
         with lock:
             evaluated[index] = point
+        steps.finished(index)  # marked first, so the share reported next counts for the steps after it
         if work is not None:
             work.end(index)
-        steps.finished(index)
 
     model_bytes = sum(p.numel() * p.element_size() for p in bench.template.parameters())
     _side_by_side(evaluate, todo, evaluation_workers(len(todo), model_bytes))
