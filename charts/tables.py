@@ -20,6 +20,7 @@ al. 2021 sec. 7); the functions here only gather them.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
+from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
@@ -144,7 +145,11 @@ def describe_matrix(matrix: MatrixResult) -> str:
 
 
 def model_labels(models: Sequence[ModelResult]) -> list[str]:
-    """One distinct display label per fine-tune (a numeric suffix breaks ties).
+    """One distinct display label per fine-tune.
+
+    Two fine-tunes with the same label (two runs' ``full`` folders) are told apart by the
+    folder above their own (``full (run-a)``, ``full (run-b)``) where their names are paths
+    that differ there, else by a number.
 
     Parameters
     ----------
@@ -159,12 +164,25 @@ def model_labels(models: Sequence[ModelResult]) -> list[str]:
     labels: list[str] = []
     for model in models:
         label = model.label
+        twins = [m for m in models if m.label == label]
+        if len(twins) > 1:
+            parents = [_parent(m.source) for m in twins]
+            if all(parents) and len(set(parents)) == len(parents):
+                label = f"{label} ({_parent(model.source)})"
         n = 2
         while label in labels:
             label = f"{model.label} ({n})"
             n += 1
         labels.append(label)
     return labels
+
+
+def _parent(source: str) -> str:
+    """The name of the folder above a path's last one (``""`` for a hub id or a prefixed spec)."""
+    text = str(source).rstrip("/")
+    if ":" in text.split("/", 1)[0] or not text.startswith(("/", ".", "~")):
+        return ""
+    return PurePath(text).parent.name
 
 
 def adapter_rank(model: ModelResult) -> int | None:

@@ -51,24 +51,52 @@ class JobState(StrEnum):
 
 @dataclass(frozen=True)
 class Progress:
-    """How far a job is: ``done`` of ``total`` steps, the last one's name, time so far."""
+    """How far a job is: ``done`` of ``total`` steps, the last one's name, time so far.
+
+    A job whose steps cost very different amounts (a mitigation: matrices, then model
+    evaluations) also reports its own clock's reading (:class:`analysis.mitigation.StepClock`):
+    ``remaining_s`` (of which ``step_s`` for the phase under way, counted down until the next
+    report) and ``work``, the fraction of the work done weighted by step cost, at wall time ``at``.
+    """
 
     done: int
     total: int
     step: str = ""
     elapsed_s: float = 0.0
+    remaining_s: float | None = None
+    step_s: float = 0.0
+    work: float | None = None
+    at: float = 0.0
 
     @property
     def fraction(self) -> float:
-        """``done / total``, 0 while the total is unknown (zero)."""
+        """The work done: ``work`` where the job weighs its steps, else ``done / total`` (0 while unknown)."""
+        if self.work is not None:
+            return self.work
         return self.done / self.total if self.total else 0.0
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds left at the average pace so far (``None`` before the first step)."""
+        """Seconds left: the job's own estimate, else the average pace so far (``None`` before the first step)."""
+        if self.remaining_s is not None:
+            return self.remaining_s
         if self.done == 0 or self.total == 0:
             return None
         return self.elapsed_s / self.done * (self.total - self.done)
+
+    def eta_at(self, now: float) -> float | None:
+        """:attr:`eta_s` at wall time ``now``, the step under way counted down since the report."""
+        if self.remaining_s is None:
+            return self.eta_s
+        return self.remaining_s - min(max(now - self.at, 0.0), self.step_s)
+
+    def fraction_at(self, now: float) -> float:
+        """:attr:`fraction` at wall time ``now`` (elapsed over elapsed plus :meth:`eta_at`)."""
+        left = self.eta_at(now)
+        if self.remaining_s is None or left is None:
+            return self.fraction
+        elapsed = self.elapsed_s + max(now - self.at, 0.0)
+        return max(self.fraction, elapsed / (elapsed + left) if elapsed + left > 0 else 1.0)
 
 
 class Job:
@@ -365,20 +393,46 @@ def mitigation_job(
 
     def job_fn(job):
         start = time.perf_counter()
+        clock = mitigation.StepClock()
+        last: list[tuple[int, int, str]] = []
+        lock = threading.Lock()  # the ticker never reports an older step after a newer one
+
+        def report(done: int, total: int, what: str) -> None:  # with the lock held
+            now = clock.estimate()
+            timed = {"remaining_s": now.remaining_s, "step_s": now.step_s, "work": now.fraction} if now else {}
+            job.report(Progress(done, total, what, time.perf_counter() - start, at=time.time(), **timed))
 
         def progress(done: int, total: int, what: str) -> None:
-            job.report(Progress(done, total, what, time.perf_counter() - start))
+            with lock:
+                last[:] = [(done, total, what)]
+                report(done, total, what)
 
-        return mitigation.run(
-            resolver,
-            base,
-            tuned,
-            settings,
-            device=device,
-            cache=cache,
-            tradeoff=tradeoff,
-            progress=progress,
-            should_stop=job.should_stop,
-        )
+        # Between steps (a model evaluation takes many seconds) the clock is read again every
+        # second, so a step that overruns its estimate shows at once.
+        finished = threading.Event()
+
+        def tick() -> None:
+            while not finished.wait(1.0):
+                with lock:
+                    if last:
+                        report(*last[0])
+
+        ticker = threading.Thread(target=tick, name="wse-mitigation-clock", daemon=True)
+        ticker.start()
+        try:
+            return mitigation.run(
+                resolver,
+                base,
+                tuned,
+                settings,
+                device=device,
+                cache=cache,
+                tradeoff=tradeoff,
+                progress=progress,
+                should_stop=job.should_stop,
+                clock=clock,
+            )
+        finally:
+            finished.set()
 
     return job_fn

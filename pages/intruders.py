@@ -26,14 +26,21 @@ layers = sorted(
     key=lambda s: (s == "other", int(s) if s.isdigit() else 0),
 )
 stacks = list(dict.fromkeys(m.stack for model in models for m in model.matrices))
+# Pills wrap onto as many lines as they need: every module stays visible at 390 px, where a
+# multiselect's chips were cut ("mlp_o...") and hid the rest.
+chosen_modules = (
+    state.widget(
+        st.pills, "Modules", "modules", options=modules, selection_mode="multi", help="The matrices counted, by module."
+    )
+    or []
+)
 c1, c2 = st.columns(2)
 with c1:
-    chosen_modules = state.widget(st.multiselect, "Modules", "modules", options=modules)
-with c2:
     chosen_layers = state.widget(st.multiselect, "Layers", "layers", options=layers)
 chosen_stacks = stacks
 if len(stacks) > 1:  # encoder/decoder, vision/language: layer 0 of each is its own matrix
-    chosen_stacks = state.widget(st.multiselect, "Stacks", "stacks", options=stacks)
+    with c2:
+        chosen_stacks = state.widget(st.multiselect, "Stacks", "stacks", options=stacks)
 names = {
     m.key
     for model in models
@@ -42,9 +49,17 @@ names = {
 }
 epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
 views.chart(comparison.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")
-views.table(tables.sweep_table(models, k, epsilons, names), "intruders-vs-eps")
 
-by = state.widget(st.radio, "Break down by", "by", default="none", options=["none", "layer", "module"], horizontal=True)
+# The breakdown's control sits with its chart, above the tables.
+by = state.widget(
+    st.radio, "Break down by", "by", default="none", options=["none", "layer", "module"], horizontal=True,
+    help=f"Intruders at ε = {eps:g} per layer or per module, one bar per fine-tune.",
+)  # fmt: skip
 if by != "none":
     views.chart(comparison.breakdown_figure(models, k, eps, by, names), f"intruders-by-{by}")
-    views.table(tables.breakdown_table(models, k, eps, by, names), f"intruders-by-{by}")
+st.subheader("The numbers")
+views.table(tables.sweep_table(models, k, epsilons, names), "intruders-vs-eps")
+if by != "none":
+    views.table(
+        tables.breakdown_table(models, k, eps, by, names), f"intruders-by-{by}", label=f"Download CSV (by {by})"
+    )

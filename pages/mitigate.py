@@ -32,8 +32,11 @@ if not selection.complete:
     st.stop()
 
 resolver = runtime.resolver()
+opening = mitigation.default_fine_tune(selection.base, selection.tuned, int(state.get("k")), float(state.get("eps")))
 with st.sidebar:
-    tuned = state.widget(st.selectbox, "Fine-tune", "model", options=list(selection.tuned), format_func=resolver.label)
+    tuned = state.widget(
+        st.selectbox, "Fine-tune", "model", default=opening, options=list(selection.tuned), format_func=resolver.label
+    )
     k = state.widget(st.slider, "k: top singular vectors checked", "k", min_value=1, max_value=state.MAX_K)
     eps = state.widget(
         st.slider, "ε: similarity threshold", "eps", min_value=state.EPS_STEP, max_value=0.95, step=state.EPS_STEP,
@@ -56,25 +59,29 @@ result = job.result
 label = resolver.label(tuned)
 totals = result.mitigation.totals()
 counts = result.counts([eps], int(k))
+scaled_n, before_n, after_n = totals["intruders_scaled"], counts["before"][0], counts["after"][0]
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("Intruders scaled", totals["intruders_scaled"], help=f"in {totals['matrices_with_intruders']} of "
+c1.metric("Intruders scaled", scaled_n, help=f"in {totals['matrices_with_intruders']} of "
           f"{totals['matrices']} matrices")  # fmt: skip
-c2.metric(f"Intruders at ε = {eps:g}", counts["after"][0], delta=counts["after"][0] - counts["before"][0],
-          delta_color="inverse", help=f"before: {counts['before'][0]} (top {k} of every matrix, summed)")  # fmt: skip
+c2.metric(f"Intruders at ε = {eps:g}", after_n, delta=(after_n - before_n) or None,
+          delta_color="inverse", help=f"before: {before_n} (top {k} of every matrix, summed)")  # fmt: skip
 change = totals["delta_fro_after"] / totals["delta_fro_before"] - 1 if totals["delta_fro_before"] else 0.0
-c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta=f"{100 * change:+.1f} %", delta_color="off",
+c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta_color="off",
+          delta=f"{100 * change:+.1f} %" if round(100 * change, 1) else None,
           help=f"before: {totals['delta_fro_before']:.4g} (root of the sum of squares over matrices)")  # fmt: skip
 refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
 c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
           help="‖exported ΔW − exact mitigated ΔW‖_F / ‖exact mitigated ΔW‖_F (rank-r truncation)")  # fmt: skip
 
-if totals["intruders_scaled"] == 0:
+if scaled_n == 0:
     st.info(
         f"No intruder dimension among the top {k} singular vectors of any matrix at ε = {eps:g}: nothing was "
         "scaled, so the mitigated model is the fine-tune and its curves lie on the fine-tune's. A larger ε or k "
         "finds more candidates.",
         icon=":material/info:",
     )
+else:
+    st.caption(mitigation.why_still_intruders(lam, int(k), before_n, after_n))
 views.chart(fm.sweep_figure(result, int(k), float(eps)), "mitigation-intruders-vs-eps")
 st.subheader("Per matrix")
 views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")
@@ -98,7 +105,14 @@ if before is not None and after is not None:
 
 st.subheader("Trade-off")
 if result.tradeoff is None:
-    st.caption("Tick *Trade-off curve* in the sidebar to run the model across a λ grid.")
+    st.caption(
+        "Trade-off curve: held-out loss (forgetting) and the task's score of the base, the fine-tune and the "
+        "mitigated fine-tune across a λ grid. It runs the model once per point (about a minute for the demo on "
+        "two cores), so it starts only when asked."
+    )
+    st.button(
+        "Run the trade-off curve", key="mit_run_curve", on_click=mitigation.run_curve, icon=":material/play_arrow:"
+    )
 else:
     views.chart(fm.tradeoff_figure(result), "mitigation-tradeoff")
     st.caption(f"{escape_markdown(result.tradeoff.note)} ({result.tradeoff.seconds:.1f} s)")

@@ -47,6 +47,45 @@ def has_checkpoints(model) -> bool:
         return False
 
 
+def demo_table(manifest) -> dict:
+    """The demo's models as ``st.dataframe`` arguments: one row each, columns in words with their meaning."""
+    rows = [
+        {
+            "model": m.label,
+            "spec": DEMO_PREFIX + m.name,
+            "kind": "PEFT adapter" if m.kind == "adapter" else "full weights",
+            "r": m.r,
+            "lora_alpha": m.lora_alpha,
+            "rslora": m.use_rslora,
+            "lr": m.lr,
+            "recall@1": m.metrics.get("recall@1"),
+            "MRR": m.metrics.get("mrr"),
+            "checkpoints": len(m.checkpoints),
+        }
+        for m in manifest.models
+    ]
+    frame = pd.DataFrame(rows)
+    if not frame["rslora"].any():  # no model uses it: a column of "False" says nothing
+        frame = frame.drop(columns="rslora")
+    column = st.column_config.Column
+    config = {
+        "model": column("model"),
+        "spec": column("name to type", help="What the base and fine-tune boxes below accept for it."),
+        "r": column("LoRA rank r", help="Rank of the adapter's update B·A."),
+        "lora_alpha": column("LoRA α", help="The update is scaled by α / r."),
+        "rslora": column("rsLoRA", help="Rank-stabilised LoRA: the update is scaled by α / √r instead of α / r."),
+        "lr": st.column_config.NumberColumn(
+            "learning rate", format="%g", help="AdamW's peak learning rate (linear warm-up, then linear decay)."
+        ),
+        "recall@1": st.column_config.NumberColumn(
+            "recall@1", format="%.3f", help="Share of held-out queries whose own docstring is retrieved first."
+        ),
+        "MRR": st.column_config.NumberColumn("MRR", format="%.3f", help="Mean reciprocal rank on the held-out split."),
+        "checkpoints": column("checkpoints", help="Saved while training: a series to watch on the Series page."),
+    }
+    return {"data": frame, "column_config": config}
+
+
 manifest, demo_error = runtime.demo_state()
 with st.container(border=True):
     st.subheader("Offline demo")
@@ -57,22 +96,7 @@ with st.container(border=True):
         st.write(
             f"all-MiniLM-L6-v2 fine-tuned on: {manifest.task.get('description', '')} ({manifest.steps} steps each)."
         )
-        rows = [
-            {
-                "model": m.label,
-                "spec": DEMO_PREFIX + m.name,
-                "kind": "PEFT adapter" if m.kind == "adapter" else "full weights",
-                "r": m.r,
-                "lora_alpha": m.lora_alpha,
-                "rsLoRA": m.use_rslora,
-                "lr": m.lr,
-                "recall@1": m.metrics.get("recall@1"),
-                "MRR": m.metrics.get("mrr"),
-                "checkpoints": len(m.checkpoints),
-            }
-            for m in manifest.models
-        ]
-        st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder="—")
+        st.dataframe(**demo_table(manifest), hide_index=True, placeholder="—")
         st.button("Use the demo", on_click=use_demo, key="use_demo")
     job = runtime.demo_job()
     building = job is not None and not job.state.finished
@@ -282,10 +306,9 @@ def describe(preview: dict) -> str:
         parts.append("full weights" + merged)
     parts.append(f"{len(preview['matrices'])} matrices matched")
     skipped = preview["skipped"]
-    if len(skipped):
-        counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
+    if len(skipped):  # the reasons are listed inside, once each with its count
         n = int(skipped["tensors"].sum())
-        parts.append(f"{n} tensor{'s' if n != 1 else ''} skipped ({counts})")
+        parts.append(f"{n} tensor{'s' if n != 1 else ''} skipped")
     elif preview["skipped_listed"]:
         parts.append("no tensor skipped")
     storage = tables.storage_summary(summary)
@@ -299,7 +322,7 @@ st.subheader("What was understood")
 problems = 0
 if not selection.complete:
     st.info("Choose a base model and at least one fine-tune.")
-for spec in selection.tuned:
+for index, spec in enumerate(selection.tuned):
     label = resolver.label(spec)
     try:
         found = runtime.series(spec) if is_series_spec(spec) else None
@@ -324,11 +347,26 @@ for spec in selection.tuned:
         st.dataframe(preview["matrices"], hide_index=True, placeholder="—")
         if len(preview["skipped"]):
             st.write("Not analysed, by reason:")
-            st.dataframe(preview["skipped"], hide_index=True, placeholder="—")
+            views.table(preview["skipped"], f"skipped-{index}", label="Download CSV (skipped tensors)")
         if preview["unmatched"]:
             st.write("Present on one side only (not analysed):", escape_markdown(", ".join(preview["unmatched"])))
         if preview["shape_mismatches"]:
             st.write("Shapes differ (not analysed):", escape_markdown("; ".join(preview["shape_mismatches"])))
+
+
+def skipped_by_reason(results) -> pd.DataFrame:
+    """Skipped tensors of every ``(label, result)`` grouped by reason: each reason once, with
+    its count and the fine-tunes it applies to (a reason shared by eight fine-tunes is one row)."""
+    rows: dict[str, dict] = {}
+    for label, result in results:
+        for row in tables.skipped_table(tables.plan_skipped(result)).itertuples():
+            entry = rows.setdefault(row.reason, {"reason": row.reason, "tensors": 0, "fine-tunes": [], "examples": ""})
+            entry["tensors"] += int(row.tensors)
+            entry["fine-tunes"].append(label)
+            entry["examples"] = entry["examples"] or row.examples
+    frame = pd.DataFrame(list(rows.values()), columns=["reason", "tensors", "fine-tunes", "examples"])
+    frame["fine-tunes"] = [", ".join(labels) for labels in frame["fine-tunes"]]
+    return frame.sort_values("tensors", ascending=False, kind="stable")
 
 
 # -- run --------------------------------------------------------------------------------------
@@ -346,14 +384,16 @@ def analyse() -> None:
 st.button("Analyse", type="primary", on_click=analyse, disabled=not selection.complete or problems > 0, key="analyse")
 tracked = runtime.track(selection.base, selection.tuned, start=False) if selection.complete else []
 views.progress(selection.base, tracked)
+done = [t for t in tracked if t.state is JobState.DONE]
+if done:
+    analysed = "; ".join(f"{resolver.label(t.spec)}: {len(t.job.result.matrices)} matrices" for t in done)
+    st.success(escape_markdown(f"Analysed: {analysed}."))
+    skipped = skipped_by_reason([(resolver.label(t.spec), t.job.result) for t in done])
+    if len(skipped):
+        with st.expander(f"Tensors not analysed: {int(skipped['tensors'].sum())}, for {len(skipped)} reason(s)"):
+            st.dataframe(skipped, hide_index=True, placeholder="—")
 for t in tracked:
-    if t.state is JobState.DONE:
-        result = t.job.result
-        skipped = tables.skipped_table(tables.plan_skipped(result))
-        counts = ", ".join(f"{row.tensors} {row.reason}" for row in skipped.itertuples())
-        said = f"; {int(skipped['tensors'].sum())} tensor(s) skipped ({counts})." if len(skipped) else "."
-        st.success(escape_markdown(f"{resolver.label(t.spec)}: {len(result.matrices)} matrices analysed{said}"))
-    elif t.state is JobState.FAILED:
+    if t.state is JobState.FAILED:
         st.error(f"{escape_markdown(resolver.label(t.spec))}: {escape_markdown(views.error_text(t))}")
     elif t.state is JobState.CANCELLED:
         st.warning(f"{escape_markdown(resolver.label(t.spec))}: cancelled.")

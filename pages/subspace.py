@@ -11,11 +11,12 @@ from ui.text import escape_markdown
 selection, models = views.results()
 st.title("Subspace similarity")
 st.caption(
-    "φ(i, j) = ‖PᵢᵀQⱼ‖²_F / min(i, j) (Hu et al. 2021, eq. 4) between the top-i singular directions of one "
-    "update and the top-j of another, for the same matrix: 1 where one subspace contains the other, ≈ "
-    "i·j/(min(i, j)·d) for unrelated random ones. This chart uses the **left singular vectors of ΔW** of each "
-    "fine-tune (works for any pair, LoRA or full); the LoRA paper used the right singular vectors of the A "
-    "factors. Directions past an update's numerical rank are left out."
+    "Do two fine-tunes change the same matrix in the same directions? Each cell compares the top-i directions of "
+    "one update ΔW with the top-j of the other: 1 where one set of directions contains the other, near 0 for "
+    "unrelated ones (about i·j/(min(i, j)·d) for random directions in d dimensions). The measure is Hu et al. "
+    "2021's (sec. 7, eq. 4), φ(i, j) = ‖PᵢᵀQⱼ‖²_F / min(i, j), here on the **left singular vectors of ΔW** of "
+    "each fine-tune (works for any pair, LoRA or full; the LoRA paper used the right singular vectors of the A "
+    "factors). Directions past an update's numerical rank are left out."
 )
 if len(models) < 2:
     st.info("Subspace similarity compares two fine-tunes: add another one on the Models page.")

@@ -282,10 +282,17 @@ def test_tradeoff_of_a_causal_lm_full_fine_tune_is_the_same_on_one_worker_or_two
     assert any(m.intruders for m in result.mitigation.matrices)
     grid = (0.0, 0.5, 1.0)
     curves = {}
+    shares: dict[int, list[float]] = {1: [], 2: []}
     for workers in (1, 2):
         monkeypatch.setattr(mitigate_eval, "evaluation_workers", lambda points, size, w=workers: w)
-        curves[workers] = evaluate_tradeoff(resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24)
+        curves[workers] = evaluate_tradeoff(
+            resolver, str(base), str(tuned), result.mitigation, grid, paragraphs=24, work=shares[workers].append
+        )
     assert curves[1].points == curves[2].points and curves[1].note == curves[2].note
+    # The share of the evaluations done (for the job's clock) moves inside the points too
+    # (after the first point, whose tokens size the others), and ends at all four.
+    assert shares[1] == sorted(shares[1]) and shares[1][-1] == 1.0
+    assert any(s not in (0.25, 0.5, 0.75, 1.0) for s in shares[1]), shares[1]
     points = {p["label"]: p for p in curves[2].points}
     assert list(points) == ["base", "fine-tune", "λ = 0", "λ = 0.5", "λ = 1"]
     assert curves[2].loss_name == "held-out LM loss (nats/token)" and curves[2].task_name is None

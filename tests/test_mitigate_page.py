@@ -95,6 +95,32 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     assert [i for i in at.info if "nothing was scaled" in i.value]
 
 
+def test_the_page_opens_on_a_fine_tune_worth_mitigating_without_running_the_model(
+    cache_dir, tiny_bert, tiny_bert_full_ft, adapter
+) -> None:
+    """Issue 25: with a full fine-tune first (no intruders to scale), the page opens on the
+    LoRA, the trade-off curve off until asked for, and says why scaled intruders still count."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = [str(tiny_bert_full_ft), str(adapter)]
+    at.switch_page(PAGE).run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="w_model").value == str(adapter)
+    assert at.checkbox(key="w_curve").value is False
+    from ui import runtime
+
+    assert not [j for j in runtime.manager().jobs() if j.key[0] == "mitigate" and j.key[4]]  # no curve job
+    scaled = int(metrics(at)["Intruders scaled"])
+    assert scaled > 0
+    assert any("keeps its direction" in c.value for c in at.caption)
+    assert "+0.0 %" not in str([m.proto.delta for m in at.metric])
+    at.button(key="mit_run_curve").click().run()
+    assert at.query_params["curve"] == "1" and at.checkbox(key="w_curve").value is True
+    wait_for_jobs()
+
+
 def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapter) -> None:
     import threading
 
@@ -120,10 +146,12 @@ def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapt
     at = AppTest.from_file(APP, default_timeout=30)
     at.query_params["base"] = str(tiny_bert)
     at.query_params["tuned"] = [str(adapter)]
+    at.query_params["curve"] = "1"  # the job above is the one with the curve
     at.switch_page(PAGE).run()
     assert job.state is JobState.RUNNING and len(job.watchers) == 1
     (bar,) = at.get("progress")
-    assert bar.proto.value == 25 and "step 2 of 8" in bar.proto.text
+    # A job without its own clock: no time left is invented, the bar stands at 2 of 8 steps.
+    assert bar.proto.value == 25 and "step 2 of 8, estimating the time left" in bar.proto.text
     at.button(key="cancel_mitigation").click().run()
     assert job.wait(10) and job.state is JobState.CANCELLED
     at.run()

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import io
 import tempfile
+import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import streamlit as st
 
+from analysis.adapters import LoraAdapter
 from analysis.cache import default_cache_dir
-from analysis.mitigation import TRADEOFF_STEP, MitigationSettings, export_adapter, export_merged
+from analysis.errors import InputError
+from analysis.mitigation import MitigationSettings, export_adapter, export_merged
 from hosting.jobs import Job, JobState, mitigation_job, mitigation_key
 from ui import runtime, state
 from ui.text import escape_markdown
@@ -54,10 +58,41 @@ def controls() -> tuple[float, str, bool, bool]:
             st.checkbox,
             "Trade-off curve (runs the model)",
             "curve",
-            default=True,
-            help="Held-out loss and task metric of base, fine-tune and mitigated fine-tune across a λ grid.",
+            default=False,
+            help="Held-out loss and task metric of base, fine-tune and mitigated fine-tune across a λ grid: "
+            "one evaluation of the model per point (about a minute for the demo on two cores).",
         )
     return float(lam), str(rule), bool(exact), bool(curve)
+
+
+def default_fine_tune(base: str, tuned: Sequence[str], k: int, eps: float) -> str | None:
+    """The fine-tune the page opens on when the view names none: one worth mitigating.
+
+    The one with the most intruders at (``k``, ``eps``) among the analyses finished on this
+    server, else the first LoRA (adapter, or a merged LoRA the demo knows as one: LoRA is what
+    makes intruders, Shuttleworth et al. 2024), else the first.
+    """
+    if not tuned:
+        return None
+    counts = {}
+    for t in runtime.track(base, tuple(tuned), start=False):
+        if t.state is JobState.DONE and t.job.result is not None:
+            counts[t.spec] = t.job.result.total_intruders(k, eps)
+    if any(counts.values()):
+        return max(tuned, key=lambda spec: counts.get(spec, -1))
+    resolver = runtime.resolver()
+    for spec in tuned:
+        try:
+            if "lora_rank" in resolver.resolve(spec).summary or isinstance(resolver.open(spec), LoraAdapter):
+                return spec
+        except InputError:
+            continue
+    return tuned[0]
+
+
+def run_curve() -> None:
+    """Tick the trade-off curve (a button's callback)."""
+    state.set("curve", True)
 
 
 def track(base: str, tuned: str, settings: MitigationSettings, curve: bool, *, start: bool = True) -> Job | None:
@@ -98,12 +133,40 @@ def progress(job: Job) -> None:
         if job.state is JobState.QUEUED or p is None:
             st.progress(0.0, text="Mitigation: waiting for a free worker…")
         else:
-            timed = p.eta_s is not None and p.done < p.total and not p.step.startswith(TRADEOFF_STEP)
-            eta = f", about {p.eta_s:.0f} s left" if timed else ""
-            st.progress(p.fraction, text=f"Mitigation: step {p.done} of {p.total} ({escape_markdown(p.step)}){eta}")
+            now = time.time()
+            # Never back: a new estimate may be longer than the countdown of the last one.
+            shown = max(p.fraction_at(now), st.session_state.get("mit_shown", {}).get(job.key, 0.0))
+            st.session_state.mit_shown = {job.key: shown}
+            st.progress(min(shown, 1.0), text=f"Mitigation: {escape_markdown(p.step)} · {time_left(p, now)}")
         st.button("Cancel", key="cancel_mitigation", on_click=_cancel, help="Stop the mitigation this page started")
 
     poll()
+
+
+def why_still_intruders(lam: float, k: int, before: int, after: int) -> str:
+    """One plain sentence on why scaled intruders are still counted (``before`` -> ``after`` at the page's eps)."""
+    if lam == 0:
+        return (
+            f"λ = 0 removes each intruder's direction from the weight, so it leaves the top {k}: {before} intruders "
+            f"before, {after} after (the rest are directions that moved up into the top {k})."
+        )
+    return (
+        f"Scaling by λ = {lam:g} shrinks an intruder's singular value but keeps its direction, so it is still an "
+        f"intruder unless it drops out of the top {k}: {before} intruders before, {after} after"
+        + (" (a smaller λ pushes more of them out)." if after else ".")
+    )
+
+
+def time_left(p, now: float) -> str:
+    """Words for the time a job has left (:meth:`hosting.jobs.Progress.eta_at`)."""
+    left = p.eta_at(now) if p.remaining_s is not None else None
+    if left is None:
+        return f"step {p.done} of {p.total}, estimating the time left…"
+    if left < 1:  # the estimate is used up and the step still runs: say so, never "0 s"
+        return "taking longer than estimated…"
+    if left < 5:
+        return "a few seconds left"
+    return f"about {left:.0f} s left" if left < 90 else f"about {left / 60:.0f} min left"
 
 
 def failed(job: Job) -> None:

@@ -21,7 +21,7 @@ from analysis.provenance import comparison_provenance
 from analysis.report import to_report
 from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
 from analysis.specs import SpecResolver
-from charts import overview, style, tables
+from charts import overview, style, table_words, tables
 from charts.html_report import html_report, reproduce_command
 from hosting.jobs import JobState
 from ui import runtime, state
@@ -201,31 +201,47 @@ def chart(fig, name: str, **kwargs) -> object:
     return st.plotly_chart(fig, config=style.chart_config(name), **kwargs)
 
 
-#: Columns of a matrix's identity that only some models have (see :func:`table`).
-IDENTITY_COLUMNS = ("stack", "expert")
-
-
 def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
     """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
 
-    A value that does not exist (the amplification factor of a zero update, the λ of the
-    base model) is shown as a dash (Streamlit's ``placeholder``), not a grey "None", and is
-    left empty in the CSV.
-    Identity columns no row fills (``stack`` of a one-stack model, ``expert`` of a dense
-    one) are not shown; the CSV keeps them, so its columns are always the same.
+    On screen (:func:`display_table`): columns no row fills are left out (``stack`` of a
+    one-stack model, ``expert`` of a dense one, ``method`` where every name says it), the rest
+    are named in words (:data:`charts.tables.COLUMN_WORDS`), and a value that does not exist
+    (the amplification factor of a zero update, the λ of the base model) is a dash
+    (Streamlit's ``placeholder``), not a grey "None". The CSV keeps every column under its
+    short name, so its columns are always the same, and leaves missing values empty.
     """
-    empty = [c for c in IDENTITY_COLUMNS if c in frame.columns and frame[c].isna().all()]
-    display = frame.drop(columns=empty) if empty else frame
+    display = display_table(frame)
+    config = {
+        column: st.column_config.Column(words, help=help_text or None)
+        for column, (words, help_text) in table_words.COLUMN_WORDS.items()
+        if column in display.columns
+    }
+    st.dataframe(display, hide_index=not index, placeholder="—", column_config=config, **kwargs)
+    st.download_button(
+        label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
+    )
+
+
+def display_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as the page shows it: the method only where a name does not say it, no empty column."""
+    display = frame
     if {"model", "method"} <= set(frame.columns):
-        # The method only where the label does not already say it (the demo's "LoRA r=8");
-        # the CSV keeps every value.
+        # The method only where the label does not already say it (the demo's "LoRA r=8").
         said = [tables.names_method(str(m), str(t)) for m, t in zip(frame["model"], frame["method"], strict=True)]
         if any(said):
             display = display.copy()
             display.loc[said, "method"] = ""
-    st.dataframe(display, hide_index=not index, placeholder="—", **kwargs)
-    st.download_button(
-        label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
+    empty = [c for c in display.columns if len(display) and display[c].map(_blank).all()]
+    return display.drop(columns=empty) if empty else display
+
+
+def _blank(value) -> bool:
+    return (
+        value is None
+        or value is pd.NA
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and not value)
     )
 
 

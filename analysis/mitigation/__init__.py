@@ -3,11 +3,13 @@
 - :mod:`analysis.mitigation.procedure`: the maths, matrix by matrix (PEFT's
   ``reduce_intruder_dimension``);
 - :mod:`analysis.mitigation.run`: mitigate a fine-tune and analyse it before and after;
+- :mod:`analysis.mitigation.clock`: how long a run has left, from its measured step costs;
 - :mod:`analysis.mitigation.export`: write the result as a PEFT adapter or a model folder;
 - :mod:`analysis.mitigation.tradeoff` and :mod:`analysis.mitigation.heldout`: the
   forgetting / task trade-off curve.
 """
 
+from analysis.mitigation.clock import StepClock
 from analysis.mitigation.export import export_adapter, export_merged
 from analysis.mitigation.procedure import (
     RULES,
@@ -26,6 +28,7 @@ from analysis.mitigation.tradeoff import LAMBDA_GRID, TRADEOFF_STEP, Tradeoff, e
 __all__ = [
     "LAMBDA_GRID",
     "RULES",
+    "StepClock",
     "TRADEOFF_STEP",
     "MatrixMitigation",
     "Mitigation",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from analysis.adapters import LoraAdapter
+from analysis.mitigation.clock import StepClock, mitigation_phases
 from analysis.mitigation.procedure import Mitigation, MitigationSettings, mitigate_plan, mitigated_plan
 from analysis.mitigation.tradeoff import TRADEOFF_STEP, Tradeoff, evaluate_tradeoff, tradeoff_grid
 from analysis.pair_metrics import AnalysisSettings
@@ -139,37 +140,53 @@ def run(
     tradeoff: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    clock: StepClock | None = None,
 ) -> MitigationResult:
     """Plan, mitigate, analyse before/after and (``tradeoff``) evaluate the lambda grid.
 
     ``progress(done, total, step)`` counts matrices mitigated, then matrices analysed,
-    then models evaluated.
+    then models evaluated; ``step`` names the phase and what just finished. A ``clock``
+    (:class:`~analysis.mitigation.clock.StepClock`) is started on the run's phases once the
+    pair is planned and marked at every step, before ``progress`` is called.
     """
     settings.check()
     plan = plan_for(resolver, base, tuned)
     n = len(plan.matrices)
     grid = tradeoff_grid(settings.lam) if tradeoff else ()
-    total = 3 * n + (len(grid) + 2 if tradeoff else 0)
+    curve_steps = len(grid) + 2 if tradeoff else 0
+    total = 3 * n + curve_steps
+    if clock is not None:  # every point but lambda = 1 (the fine-tune's) runs the model
+        clock.start(mitigation_phases(plan, curve_steps, 2 + sum(1 for lam in grid if lam != 1.0)))
+    if progress is not None:
+        progress(0, total, "reading the models")
 
-    def step(offset: int) -> Callable[[int, int, str], None]:
-        return lambda done, _total, what: progress(offset + done, total, what) if progress else None
+    def step(offset: int, phase: str) -> Callable[[int, int, str], None]:
+        def report(done: int, _total: int, what: str) -> None:
+            if clock is not None:
+                clock.mark(offset + done)
+            if progress is not None:
+                progress(offset + done, total, f"{phase}: {what}")
+
+        return report
 
     # One torch thread for the small SVDs and forward passes here: an OpenMP team waiting
     # for busy cores spins at its barriers and runs many times slower (see
     # analysis.pipeline.cpu_parallelism); the pipeline sets its own threads.
     with torch_threads(1):
-        mitigation = mitigate_plan(plan, settings, progress=step(0), should_stop=should_stop)
-    result = analyse(mitigation, device=device, cache=cache, progress=step(n), should_stop=should_stop)
+        mitigation = mitigate_plan(plan, settings, progress=step(0, "scaling intruders"), should_stop=should_stop)
+    result = analyse(
+        mitigation, device=device, cache=cache, progress=step(n, "analysing before and after"), should_stop=should_stop
+    )
     if tradeoff:
         with torch_threads(1):
-            curve = step(3 * n)
             result.tradeoff = evaluate_tradeoff(
                 resolver,
                 base,
                 tuned,
                 mitigation,
                 grid,
-                progress=lambda done, total, what: curve(done, total, f"{TRADEOFF_STEP}: {what}"),
+                progress=step(3 * n, TRADEOFF_STEP),
+                work=clock.credit if clock is not None else None,
                 should_stop=should_stop,
                 cache=cache,
             )

@@ -41,6 +41,7 @@ import torch
 from analysis.cache import content_hasher, derived_digest
 from analysis.errors import AnalysisCancelled
 from analysis.layouts import ModelLayout
+from analysis.mitigation.clock import EvaluationWork
 from analysis.mitigation.heldout import (
     HELD_OUT_PARAGRAPHS,
     HELD_OUT_SOURCE,
@@ -311,6 +312,7 @@ def _evaluate_points(
     steps: _Steps,
     should_stop: Callable[[], bool] | None,
     meta: dict[str, int],
+    work: EvaluationWork | None = None,
 ) -> None:
     """Evaluate the points ``todo`` into ``evaluated``, side by side.
 
@@ -320,6 +322,10 @@ def _evaluate_points(
     """
     bench = _load_bench(todo, folders, family, mitigation, task_file, texts)
     meta["swapped"] = len(bench.places)
+    if work is not None:  # copies made later carry the hook: deepcopy keeps a plain function as it is
+        hook = lambda module, args, kwargs, output: work.hook(module, args, kwargs, output)  # noqa: E731
+        for model in {id(m): m for m in (bench.template, bench.base_model) if m is not None}.values():
+            model.register_forward_hook(hook, with_kwargs=True)
 
     def weights_at(index: int) -> Callable[[str], torch.Tensor]:
         if index == 1:
@@ -333,6 +339,8 @@ def _evaluate_points(
         if should_stop is not None and should_stop():
             raise AnalysisCancelled(f"trade-off cancelled after {steps.done} of {steps.total} evaluations")
         torch.set_num_threads(1)  # per thread: see the module docstring
+        if work is not None:
+            work.begin(index)
         if index == 0:
             model = bench.base_model
         else:
@@ -346,7 +354,9 @@ def _evaluate_points(
         }
         with lock:
             evaluated[index] = point
-        steps.finished(index)
+        steps.finished(index)  # marked first, so the share reported next counts for the steps after it
+        if work is not None:
+            work.end(index)
 
     model_bytes = sum(p.numel() * p.element_size() for p in bench.template.parameters())
     _side_by_side(evaluate, todo, evaluation_workers(len(todo), model_bytes))
@@ -456,6 +466,7 @@ def evaluate_tradeoff(
     should_stop: Callable[[], bool] | None = None,
     paragraphs: int = HELD_OUT_PARAGRAPHS,
     cache=None,
+    work: Callable[[float], None] | None = None,
 ) -> Tradeoff:
     """Held-out loss and task metric of base, fine-tune and mitigated fine-tune per lambda.
 
@@ -480,6 +491,9 @@ def evaluate_tradeoff(
     cache : SpectrumCache, optional
         Points are read from and stored in it (a :class:`~analysis.cache.SpectrumCache`)
         when one is given.
+    work : callable, optional
+        Called as ``work(share)`` with the share of the evaluations done, counting the
+        points under way by the tokens they have read (for a clock, between points).
 
     Returns
     -------
@@ -514,6 +528,9 @@ def evaluate_tradeoff(
     evaluated: dict[int, dict] = {}
     swapped = _cached_points(cache, todo, key, evaluated, steps)  # none for the base alone
     missing = [i for i in todo if i not in evaluated]
+    tracker = EvaluationWork(len(todo), work)
+    for _ in range(len(todo) - len(missing)):
+        tracker.end()
     if missing:
         meta: dict[str, int] = {}
         try:
@@ -529,6 +546,7 @@ def evaluate_tradeoff(
                 steps=steps,
                 should_stop=should_stop,
                 meta=meta,
+                work=tracker,
             )
         except _NoCurve as reason:
             return Tradeoff(loss_name, None, [], str(reason), time.perf_counter() - start)

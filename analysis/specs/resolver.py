@@ -21,6 +21,7 @@ from analysis.pairing import plan_comparison
 from analysis.plan import ComparisonPlan, require_matrices
 from analysis.sources import WeightSource, local_path, open_file, open_folder, open_location
 from analysis.specs.demo import DemoManifest, demo_manifest
+from analysis.specs.labels import local_label
 from analysis.specs.names import DEMO_PREFIX, check_spec, local_paths_allowed
 from analysis.specs.series import SERIES_PREFIX, demo_checkpoint_path, resolve_series, step_from_name
 from analysis.specs.uploads import UploadFolder, is_upload_spec
@@ -110,8 +111,8 @@ class SpecResolver:
             return ResolvedSpec(spec, f"upload {stored.label}", stored.path, {"label": f"upload {stored.label}"})
         if not spec:
             raise InputError("(empty)", "no model given: expected a hub model id, a folder or a .safetensors file")
-        looks_local = local_path(spec, self.allow_local_paths) is not None
-        label = Path(spec.rstrip("/")).name if looks_local else spec
+        found = local_path(spec, self.allow_local_paths)
+        label = local_label(found) if found is not None else spec
         return ResolvedSpec(spec, label, None, {"label": label})
 
     def version(self, spec: str) -> str:

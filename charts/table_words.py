@@ -1,0 +1,54 @@
+"""Table columns in words, as the dashboard shows them.
+
+Every table of :mod:`charts.tables`, :mod:`charts.matrix_tables`, :mod:`charts.overview_tables`,
+:mod:`charts.series_tables` and :mod:`charts.mitigation` names its columns briefly
+(``mean_effective_rank``): those names are the CSV download's format and stay. On screen a
+column is called by its words here, with the unit where there is one, and its help.
+"""
+
+from __future__ import annotations
+
+#: What a table's column is called on screen, and its help: words, with the unit where there
+#: is one. The CSV keeps the short names (they are the download's stable format).
+COLUMN_WORDS: dict[str, tuple[str, str]] = {
+    "method": ("trained as", "How the fine-tune was trained, where its name does not say it."),
+    "matrix": ("matrix", "The tensor's name (and #expert for one expert of a fused tensor)."),
+    "label": ("short name", ""),
+    "shape": ("shape (out × in)", "Rows × columns of the weight matrix."),
+    "matrices": ("matrices", "How many weight matrices were analysed."),
+    "intruders": (
+        "intruder dimensions",
+        "Top-k tuned singular vectors whose best |cos| with every base one is below ε.",
+    ),
+    "effective_rank": (
+        "effective rank of ΔW",
+        "exp of the entropy of ΔW's normalised singular values (Roy & Vetterli).",
+    ),
+    "rank90": ("rank90 of ΔW", "Fewest singular directions holding 90 % of ‖ΔW‖²_F (Biderman et al. 2024)."),
+    "stable_rank": ("stable rank of ΔW", "‖ΔW‖²_F / σ₁², a smooth count of the directions ΔW uses."),
+    "delta_fro": ("‖ΔW‖_F", "Frobenius norm of the update W_tuned − W_base."),
+    "amplification_factor": ("amplification (×)", "‖ΔW‖_F / ‖Uᵀ W_base V‖_F (Hu et al. 2021, sec. 7.3)."),
+    "adapter_rank": ("LoRA rank r", "The adapter's rank for this matrix."),
+    "mean_effective_rank": ("mean effective rank of ΔW", "Mean over the analysed matrices."),
+    "mean_rank90": ("mean rank90 of ΔW", "Mean over the analysed matrices."),
+    "epsilon": ("ε", "Threshold on the best |cos| below which a tuned vector is an intruder."),
+    "r": ("rank r used", "Top-r singular vectors of ΔW: the LoRA rank, or rank90 for a full fine-tune."),
+    "tuned_rank": ("tuned vector (rank)", "Position of the tuned singular vector, 1 = largest singular value."),
+    "singular_value": ("singular value σ", ""),
+    "best_match_score": ("best |cos| with the base", "Largest |cosine| with any base singular vector."),
+    "best_match_base_rank": ("best base match (rank)", "Which base singular vector it matches best, 1 = largest."),
+    "intruder": ("intruder?", "Best |cos| below ε."),
+    "base": ("σ of W_base", ""),
+    "tuned": ("σ of W_tuned", ""),
+    "update": ("σ of ΔW", ""),
+    "step": ("training step", ""),
+    "checkpoint": ("checkpoint", ""),
+    "group": ("group", ""),
+    "lambda": ("λ", "Scale of the intruder components (1 keeps them, 0 removes them)."),
+    "task": ("task score", "The fine-tune's own metric (the demo: MRR on its held-out retrieval split)."),
+    "scaled": ("intruders scaled", ""),
+    "mitigated": ("changed", "Whether the mitigation changed this matrix."),
+    "reason": ("reason", ""),
+    "tensors": ("tensors", ""),
+    "examples": ("for example", ""),
+}
