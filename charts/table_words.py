@@ -51,4 +51,12 @@ COLUMN_WORDS: dict[str, tuple[str, str]] = {
     "reason": ("reason", ""),
     "tensors": ("tensors", ""),
     "examples": ("for example", ""),
+    "storage": (
+        "base stored as",
+        "How the base checkpoint stores this matrix (dequantised to float32 before analysis).",
+    ),
+    "tuned_storage": (
+        "fine-tune stored as",
+        "How the fine-tune stores this matrix (dequantised to float32 before analysis).",
+    ),
 }
