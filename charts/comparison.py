@@ -24,6 +24,7 @@ from plotly.subplots import make_subplots
 
 from analysis.results import ModelResult
 from charts import overview_tables, tables
+from charts.colors import count_ticks
 from charts.style import (
     chart_text,
     empty_figure,
@@ -129,8 +130,12 @@ def breakdown_figure(
         return empty_figure(title, "No matrices analysed yet")
     order = tables.module_order(table["module"]) if by == "module" else sorted(table["layer"].unique(), key=layer_sort)
     fig = go.Figure()
+    nothing = []  # fine-tunes without an intruder here: a bar of height 0 draws nothing
     for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
         rows = table[table["model"] == label].set_index(by).reindex(order)
+        if not rows["intruders"].fillna(0).any():
+            nothing.append(label)
+            continue
         style = model_style(index, model)
         fig.add_trace(
             go.Bar(
@@ -141,11 +146,18 @@ def breakdown_figure(
                 marker_pattern_shape=style["pattern"],
             )
         )
+    top = float(table["intruders"].max())
+    if nothing:
+        # Named under the title instead of legend entries that draw nothing.
+        title += f"<br><sup>no intruders: {chart_text(', '.join(nothing))}</sup>"
+    if not fig.data:
+        fig.add_trace(go.Bar(x=[chart_text(o) for o in order], y=[0] * len(order), showlegend=False, hoverinfo="skip"))
     fig.update_layout(
         title=title,
         barmode="group",
         xaxis={"title": by, "type": "category"},
-        yaxis_title="intruder dimensions",
+        yaxis={"title": "intruder dimensions", "range": [0, 1.08 * max(top, 1)], **count_ticks(max(top, 1))},
+        showlegend=True,
         height=380,
     )
     return fig
@@ -268,7 +280,9 @@ def _module_facets(
     if log_y:
         fig.update_yaxes(**log_axis(values))
     else:
-        fig.update_yaxes(rangemode="tozero")
+        # One range for every facet (rows of facets share nothing by themselves), from 0.
+        top = max((v for v in values if v == v), default=1.0)
+        fig.update_yaxes(range=[0, 1.05 * (top or 1.0)], autorange=False)
     fig.update_yaxes(title_text=name, col=1)
     fig.update_annotations(font_size=12)
     height = 120 + 260 * n_rows

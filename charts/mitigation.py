@@ -13,7 +13,16 @@ import plotly.graph_objects as go
 from analysis.mitigation import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 from charts import tables
-from charts.style import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, chart_text, log_axis, log_sample, rank_axis
+from charts.style import (
+    INTRUDER_COLOR,
+    MAX_SPECTRUM_POINTS,
+    chart_text,
+    integer_ticks,
+    log_axis,
+    log_sample,
+    name_lines,
+    title_margin,
+)
 
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"
@@ -118,10 +127,11 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
             )
         )
     fig.add_vline(x=eps, line={"color": "#999", "dash": "dot"})
+    lam = result.mitigation.settings.lam
     fig.update_layout(
         # Short lines: a phone's width cuts a long title.
         title=f"Intruders vs ε, before and after<br><sup>top {k}, summed over {len(result.mitigation.matrices)} "
-        "matrices</sup>",
+        f"matrices, scaled by λ = {lam:g}</sup>",
         xaxis={"title": "ε"},
         yaxis={"title": "intruders", "rangemode": "tozero"},
         height=380,
@@ -129,6 +139,90 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
         margin={"l": 50, "r": 10, "t": 50},
     )
     return fig
+
+
+def why_intruders_stay(result: MitigationResult, k: int, eps: float) -> str:
+    """One sentence on why scaled intruders can still count as intruders after the mitigation.
+
+    Scaling a component by ``lambda`` shrinks its singular value but keeps its direction
+    (``u_j``, ``v_j``), and an intruder is a direction (Shuttleworth et al. Def. 3.1): it
+    stops being counted only when ``lambda * s_j`` drops out of the top ``k`` (or, at
+    ``lambda = 0``, when it is removed).
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+
+    Returns
+    -------
+    str
+        Plain text (no Markdown), naming the counts of this result.
+    """
+    lam = result.mitigation.settings.lam
+    scaled = int(result.mitigation.totals()["intruders_scaled"])
+    counts = result.counts([eps], int(k))
+    before, after = int(counts["before"][0]), int(counts["after"][0])
+    if scaled == 0:
+        return f"Nothing was scaled: no intruder among the top {k} at ε = {eps:g}."
+    if lam == 0:
+        return f"λ = 0 removes the {scaled} scaled components: {before} intruders before, {after} after."
+    return (
+        f"Scaling by λ = {lam:g} shrinks each of the {scaled} scaled components but keeps its direction, and an "
+        f"intruder is a direction: it is counted until its shrunk singular value falls out of the top {k}. "
+        f"{before} intruders before, {after} after; a smaller λ pushes more out."
+    )
+
+
+def change_text(fraction: float) -> str | None:
+    """A relative change as a metric's delta (``-12.3 %``); ``None`` when it rounds to no change.
+
+    ``up +0.0 %`` once stood beside an unchanged ``‖ΔW‖_F``.
+
+    Parameters
+    ----------
+    fraction : float
+        The change, ``after / before - 1``.
+
+    Returns
+    -------
+    str or None
+        One decimal with its sign, or ``None`` (no delta shown) below 0.05 %.
+    """
+    if not np.isfinite(fraction) or abs(100 * fraction) < 0.05:
+        return None
+    return f"{100 * fraction:+.1f} %"
+
+
+#: The spectra chart opens on the top ranks around the scaled components, at least this many.
+SPECTRA_WINDOW = 24
+
+
+def spectra_window(n: int, intruders: list[int]) -> int:
+    """How many top ranks the spectra chart opens on: around the scaled components.
+
+    Three spectra over hundreds of ranks on log axes hid the change (a scaled intruder was
+    a few pixels): the chart opens on ranks 1 to twice the deepest scaled rank (at least
+    :data:`SPECTRA_WINDOW`), linear in rank; a double click shows every rank.
+
+    Parameters
+    ----------
+    n : int
+        How many ranks the spectra have.
+    intruders : list of int
+        0-based tuned ranks of the scaled components.
+
+    Returns
+    -------
+    int
+        The last rank shown, at most ``n``.
+    """
+    deepest = max(intruders, default=-1) + 1
+    return max(1, min(n, max(SPECTRA_WINDOW, 2 * deepest)))
 
 
 def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
@@ -155,22 +249,24 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
     """
     fig = go.Figure()
     shown: list[float] = []
-    n_max = 1
+    lengths = (before.base_singular_values, before.tuned_singular_values, after.tuned_singular_values)
+    n_max = max(1, *(len(v) for v in lengths))
+    window = spectra_window(n_max, intruders)
     for values, name, color, dash, width in (
         (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid", 6.0),
         (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash", 2.0),
         (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid", 2.0),
     ):
         values = np.asarray(values, dtype=float)
-        n_max = max(n_max, len(values))
         idx = log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
         keep = values[idx] > 0
-        shown.extend(values[idx][keep].tolist())
+        shown.extend(v for i, v in zip(idx[keep], values[idx][keep], strict=True) if i < window)
         fig.add_trace(
             go.Scatter(
                 x=idx[keep] + 1,
                 y=values[idx][keep],
-                mode="lines",
+                mode="lines+markers" if window <= 60 else "lines",
+                marker={"size": 5, "color": color},
                 name=name,
                 line={"color": color, "dash": dash, "width": width},
                 opacity=0.45 if name.startswith("W₀") else 1.0,
@@ -190,15 +286,19 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
                 hovertemplate="scaled intruder at rank %{x}<br>σ = %{y:.4g}<extra></extra>",
             )
         )
+    # Short first line (narrow screens), what is shown below it, the tensor name last.
+    part = f"ranks 1–{window} of {n_max} (double-click: all)" if window < n_max else f"all {n_max} ranks"
+    title = (
+        f"{chart_text(label) + ': ' if label else ''}{chart_text(before.short_label)}<br><sup>{len(intruders)} "
+        f"component{'s' if len(intruders) != 1 else ''} scaled · {part}</sup>{name_lines(before.name)}"
+    )
     fig.update_layout(
-        # Short first line (narrow screens), the tensor name below it.
-        title=f"{chart_text(label) + ': ' if label else ''}{chart_text(before.short_label)}<br><sup>{len(intruders)} "
-        f"component{'s' if len(intruders) != 1 else ''} scaled · {chart_text(before.name)}</sup>",
-        xaxis=rank_axis(n_max),
+        title=title,
+        xaxis={"title": "rank", "range": [0.5, window + 0.5], "tickvals": integer_ticks(window, 8)},
         yaxis=log_axis(shown, title="singular value"),
-        height=420,
+        height=420 + max(0, title_margin(title) - 60),
         legend={"orientation": "h", "y": -0.25},
-        margin={"l": 50, "r": 10, "t": 60},
+        margin={"l": 50, "r": 10, "t": title_margin(title)},
     )
     return fig
 
