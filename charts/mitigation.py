@@ -287,7 +287,7 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
             )
         )
     # Short first line (narrow screens), what is shown below it, the tensor name last.
-    part = f"ranks 1–{window} of {n_max} (double-click: all)" if window < n_max else f"all {n_max} ranks"
+    part = f"ranks 1–{window} of {n_max}" if window < n_max else f"all {n_max} ranks"  # double-click: all
     title = (
         f"{chart_text(label) + ': ' if label else ''}{chart_text(before.short_label)}<br><sup>{len(intruders)} "
         f"component{'s' if len(intruders) != 1 else ''} scaled · {part}</sup>{name_lines(before.name)}"
@@ -368,6 +368,38 @@ def _lambda_labels(points: list[dict]) -> list[str]:
     return labels
 
 
+#: An axis of the trade-off spans at least this fraction of its largest value.
+MIN_RELATIVE_SPAN = 0.2
+
+
+def honest_range(values: list[float], pad: float = 0.08, least: float = MIN_RELATIVE_SPAN) -> list[float]:
+    """An axis range over ``values`` that does not blow a small difference up to the full width.
+
+    The trade-off's loss axis once spanned 2.075-2.14 (3 % of the loss) and put the base
+    and the fine-tune at opposite edges. The range spans at least ``least`` times the
+    largest absolute value, centred on the values, plus ``pad`` of that span at each end
+    (room for the points' labels).
+
+    Parameters
+    ----------
+    values : list of float
+        The values on the axis (at least one).
+    pad : float
+        Extra room at each end, as a fraction of the span.
+    least : float
+        The least span, as a fraction of the largest absolute value.
+
+    Returns
+    -------
+    list of float
+        ``[low, high]``.
+    """
+    low, high = min(values), max(values)
+    span = max(high - low, least * max(abs(low), abs(high)), 1e-12)
+    mid = (low + high) / 2
+    return [mid - span / 2 - pad * span, mid + span / 2 + pad * span]
+
+
 def tradeoff_figure(result: MitigationResult) -> go.Figure:
     """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric.
 
@@ -426,16 +458,14 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 )
             )
         losses = [p["loss"] for p in points]
-        margin = 0.08 * ((max(losses) - min(losses)) or abs(max(losses)) or 1.0)  # labels at the ends
         fig.update_layout(
             xaxis={
                 "title": tradeoff.loss_name + "<br>(forgetting: lower is better)",
-                "range": [min(losses) - margin, max(losses) + margin],
+                "range": honest_range(losses, pad=0.08),
             }
         )
         tasks = [p["task"] for p in points if p["task"] is not None]
-        pad = 0.12 * ((max(tasks) - min(tasks)) or abs(max(tasks)) or 1.0)  # room for the labels
-        fig.update_layout(yaxis={"title": tradeoff.task_name, "range": [min(tasks) - pad, max(tasks) + pad]})
+        fig.update_layout(yaxis={"title": tradeoff.task_name, "range": honest_range(tasks, pad=0.12)})
     else:
         fig.add_trace(
             go.Scatter(

@@ -62,7 +62,7 @@ c1.metric("Intruders scaled", totals["intruders_scaled"], help=f"in {totals['mat
 c2.metric(f"Intruders at ε = {eps:g}", counts["after"][0], delta=counts["after"][0] - counts["before"][0],
           delta_color="inverse", help=f"before: {counts['before'][0]} (top {k} of every matrix, summed)")  # fmt: skip
 change = totals["delta_fro_after"] / totals["delta_fro_before"] - 1 if totals["delta_fro_before"] else 0.0
-c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta=f"{100 * change:+.1f} %", delta_color="off",
+c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta=fm.change_text(change), delta_color="off",
           help=f"before: {totals['delta_fro_before']:.4g} (root of the sum of squares over matrices)")  # fmt: skip
 refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
 c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
@@ -75,6 +75,8 @@ if totals["intruders_scaled"] == 0:
         "finds more candidates.",
         icon=":material/info:",
     )
+if totals["intruders_scaled"]:
+    st.caption(escape_markdown(fm.why_intruders_stay(result, int(k), float(eps))))
 views.chart(fm.sweep_figure(result, int(k), float(eps)), "mitigation-intruders-vs-eps")
 st.subheader("Per matrix")
 views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")
