@@ -95,7 +95,11 @@ def sweep_figure(
         title=f"{title}<br><sup>summed over {n} matrices</sup>",
         xaxis_title="ε (threshold on the best |cos|)",
         # A little room below zero, so curves lying on zero are not cut by the axis.
-        yaxis={"title": "intruder dimensions", "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)]},
+        yaxis={
+            "title": "intruder dimensions",
+            "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)],
+            **count_ticks(max(top, 5)),
+        },
         height=440,
         legend={"orientation": "h", "y": -0.25},
     )

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from analysis.mitigation import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 from charts import tables
+from charts.colors import count_ticks
 from charts.style import (
     INTRUDER_COLOR,
     MAX_SPECTRUM_POINTS,
@@ -21,7 +22,9 @@ from charts.style import (
     log_axis,
     log_sample,
     name_lines,
+    rank_axis,
     title_margin,
+    top_title,
 )
 
 BEFORE_COLOR = "#1f77b4"
@@ -128,12 +131,15 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
         )
     fig.add_vline(x=eps, line={"color": "#999", "dash": "dot"})
     lam = result.mitigation.settings.lam
+    top = float(max(5, frame["before"].max(), frame["after"].max()))
     fig.update_layout(
         # Short lines: a phone's width cuts a long title.
         title=f"Intruders vs ε, before and after<br><sup>top {k}, summed over {len(result.mitigation.matrices)} "
         f"matrices, scaled by λ = {lam:g}</sup>",
         xaxis={"title": "ε"},
-        yaxis={"title": "intruders", "rangemode": "tozero"},
+        # Whole counts from 0 (ticks of 0.2 when nothing intrudes); a little room below 0 so
+        # a curve lying on zero is not cut by the axis.
+        yaxis={"title": "intruders", "range": [-0.04 * top, 1.08 * top], **count_ticks(top)},
         height=380,
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": 50},
@@ -207,7 +213,8 @@ def spectra_window(n: int, intruders: list[int]) -> int:
 
     Three spectra over hundreds of ranks on log axes hid the change (a scaled intruder was
     a few pixels): the chart opens on ranks 1 to twice the deepest scaled rank (at least
-    :data:`SPECTRA_WINDOW`), linear in rank; a double click shows every rank.
+    :data:`SPECTRA_WINDOW`), on linear axes from 0, so a component scaled by λ = 0.75 is a
+    quarter lower; a double click shows every rank. With nothing scaled, every rank.
 
     Parameters
     ----------
@@ -221,16 +228,19 @@ def spectra_window(n: int, intruders: list[int]) -> int:
     int
         The last rank shown, at most ``n``.
     """
-    deepest = max(intruders, default=-1) + 1
+    if not intruders:
+        return max(1, n)
+    deepest = max(intruders) + 1
     return max(1, min(n, max(SPECTRA_WINDOW, 2 * deepest)))
 
 
 def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
     """Singular values of the base, the tuned and the mitigated weight.
 
-    Log scales, ticks at 1-2-5 only; the components that were scaled are marked at their
-    rank in the tuned spectrum. The base is a thick pale line under the others, so it shows where the
-    mitigated spectrum lies on it.
+    Around the scaled components (:func:`spectra_window`) on linear axes from 0; with
+    nothing scaled, every rank on log scales, ticks at 1-2-5 only. The components that
+    were scaled are marked at their rank in the tuned spectrum. The base is a thick pale
+    line under the others, so it shows where the mitigated spectrum lies on it.
 
     Parameters
     ----------
@@ -293,9 +303,13 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
         f"component{'s' if len(intruders) != 1 else ''} scaled · {part}</sup>{name_lines(before.name)}"
     )
     fig.update_layout(
-        title=title,
-        xaxis={"title": "rank", "range": [0.5, window + 0.5], "tickvals": integer_ticks(window, 8)},
-        yaxis=log_axis(shown, title="singular value"),
+        title=top_title(title),
+        xaxis=rank_axis(n_max)
+        if window == n_max and not intruders
+        else {"title": "rank", "range": [0.5, window + 0.5], "tickvals": integer_ticks(window, 8)},
+        yaxis=log_axis(shown, title="singular value")
+        if window == n_max and not intruders
+        else {"title": "singular value", "range": [0, 1.08 * max(shown, default=1.0)]},
         height=420 + max(0, title_margin(title) - 60),
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": title_margin(title)},

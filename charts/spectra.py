@@ -32,6 +32,7 @@ from charts.style import (
     reduce_heatmap,
     series_mode,
     title_margin,
+    top_title,
 )
 
 
@@ -183,10 +184,10 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
     fig.update_xaxes(range=[0, 1.05], title_text=f"max |cos|<br>(ε = {eps:g})", row=1, col=2)
     title = _intruder_title(matrix, label, int(is_intruder.sum()), len(intr), eps)
     fig.update_layout(
-        title=title,
-        height=max(460, min(940, 12 * n_rows + 200)) + max(0, title_margin(title) - 100),
+        title=top_title(title),
+        height=max(460, min(940, 12 * n_rows + 200)) + max(0, title_margin(title, 26) - 100),
         showlegend=False,
-        margin={"b": 120, "t": title_margin(title)},
+        margin={"b": 120, "t": title_margin(title, 26)},
     )
     return fig
 
@@ -263,7 +264,7 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     n_max = max(len(spectrum), 1)
     title = _intruder_title(matrix, label, len(intruder_ranks), len(intr), eps)
     fig.update_layout(
-        title=title,
+        title=top_title(title),
         xaxis=rank_axis(n_max),
         yaxis=log_axis(shown, title="singular value"),
         height=460 + max(0, title_margin(title) - 100),
@@ -310,7 +311,7 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
     )
     title += "<br><sup>left singular vectors of ΔW</sup>"
     fig.update_layout(
-        title=title,
+        title=top_title(title),
         margin={"t": title_margin(title)},
         xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": integer_ticks(phi.shape[1])},
         yaxis={

@@ -199,19 +199,41 @@ def name_lines(name: str) -> str:
     return "".join(f"<br><sup>{line}</sup>" for line in wrap_name(name).split("<br>"))
 
 
-def title_margin(title: str) -> int:
-    """The top margin, in pixels, that a title of this many lines needs.
+def title_margin(title: str, below: int = 0) -> int:
+    """The top margin, in pixels, that a title of this many lines needs (see :func:`top_title`).
 
     Parameters
     ----------
     title : str
-        The title, lines split by ``<br>``.
+        The title: a first line, then small (``<sup>``) lines after each ``<br>``.
+    below : int
+        Pixels wanted between the title and the plot (subplot titles sit there).
 
     Returns
     -------
     int
     """
-    return 50 + 16 * title.count("<br>")
+    return 12 + 26 + 17 * title.count("<br>") + 10 + below
+
+
+def top_title(title: str) -> dict:
+    """A title hung from the figure's top edge, its lines going down into the top margin.
+
+    Plotly puts a title's first baseline in the middle of the top margin by default, so a
+    third line reached into the plot (onto a subplot's title); with the margin of
+    :func:`title_margin` every line stays above the plot.
+
+    Parameters
+    ----------
+    title : str
+        The title.
+
+    Returns
+    -------
+    dict
+        The layout's ``title``.
+    """
+    return {"text": title, "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 12}}
 
 
 def integer_ticks(n: int, most: int = 10) -> list[int]:
@@ -227,9 +249,11 @@ def integer_ticks(n: int, most: int = 10) -> list[int]:
     Returns
     -------
     list of int
-        ``1, step, 2 * step, ...`` (``1 .. n`` when they fit).
+        ``1, step, 2 * step, ...`` (``1, 3, 5, ...`` for a step of 2; ``1 .. n`` when they fit).
     """
     step = next(s for s in (m * 10**e for e in range(9) for m in (1, 2, 5)) if n / s <= most)
+    if step <= 2:  # 1, 3, 5, ...: not 1 and 2 side by side
+        return list(range(1, n + 1, step))
     return [1] + [t for t in range(step, n + 1, step) if t > 1]
 
 

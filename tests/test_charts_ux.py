@@ -175,8 +175,9 @@ def test_mitigation_spectra_open_around_the_scaled_components(lora_model: ModelR
     assert list(fig.layout.xaxis.range) == [0.5, 24.5]
     shown = [y for t in fig.data for x, y in zip(t.x, t.y, strict=True) if x <= 24]
     low, high = fig.layout.yaxis.range
-    assert low <= np.log10(min(shown)) and np.log10(max(shown)) <= high  # y fits the ranks shown
+    assert low == 0 and max(shown) <= high <= 1.1 * max(shown)  # linear from 0: a scaled σ shows its drop
     assert "ranks 1–24 of 40" in fig.layout.title.text
+    assert "all 40 ranks" in mitigation.spectra_figure(matrix, matrix, []).layout.title.text
 
 
 def test_why_scaled_intruders_stay_intruders_is_said_with_the_numbers() -> None:

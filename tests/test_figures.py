@@ -367,14 +367,16 @@ def test_mitigation_spectra_have_clean_log_ticks_and_a_short_title(lora_model: M
     from charts import mitigation as figures_mitigate
 
     matrix = lora_model.matrices[0]
+    unscaled = figures_mitigate.spectra_figure(matrix, matrix, [], label="LoRA run")  # every rank, log axes
+    for axis in (unscaled.layout.xaxis, unscaled.layout.yaxis):
+        assert axis.type == "log" and axis.tickvals
+        mantissas = {round(v / 10 ** math.floor(math.log10(v)), 6) for v in map(float, axis.ticktext)}
+        assert mantissas <= {1.0, 2.0, 5.0}, axis.ticktext  # 1-2-5 steps only
     fig = figures_mitigate.spectra_figure(matrix, matrix, [0, 1], label="LoRA run")
     assert fig.layout.title.text.startswith(f"LoRA run: {matrix.short_label}<br>")
-    axis = fig.layout.yaxis
-    assert axis.type == "log" and axis.tickvals
-    mantissas = {round(v / 10 ** math.floor(math.log10(v)), 6) for v in map(float, axis.ticktext)}
-    assert mantissas <= {1.0, 2.0, 5.0}, axis.ticktext  # 1-2-5 steps only
-    # Ranks: linear, whole, from rank 1, over the top ranks around the scaled components.
+    # Scaled components: linear axes from 0 over the top ranks around them, whole ranks from 1.
     assert list(fig.layout.xaxis.range) == [0.5, 24.5] and fig.layout.xaxis.tickvals[0] == 1
+    assert fig.layout.yaxis.range[0] == 0
     base, tuned, mitigated, scaled = fig.data
     assert base.line.width > tuned.line.width  # the base stays visible under the others
     assert list(scaled.x) == [1, 2]
