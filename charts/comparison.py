@@ -129,7 +129,8 @@ def breakdown_figure(
     plotly.graph_objects.Figure
     """
     table = tables.breakdown_table(models, k, eps, by, matrices)
-    title = f"Intruder dimensions by {by} (top {k}, ε = {eps:g})"
+    # Short first line (a phone cut the long one), the settings below it.
+    title = f"Intruder dimensions by {by}<br><sup>top {k}, ε = {eps:g}</sup>"
     if table.empty:
         return empty_figure(title, "No matrices analysed yet")
     order = tables.module_order(table["module"]) if by == "module" else sorted(table["layer"].unique(), key=layer_sort)
@@ -153,7 +154,7 @@ def breakdown_figure(
     top = float(table["intruders"].max())
     if nothing:
         # Named under the title instead of legend entries that draw nothing.
-        title += f"<br><sup>no intruders: {chart_text(', '.join(nothing))}</sup>"
+        title = title.replace("</sup>", f" · no intruders: {chart_text(', '.join(nothing))}</sup>")
     if not fig.data:
         fig.add_trace(go.Bar(x=[chart_text(o) for o in order], y=[0] * len(order), showlegend=False, hoverinfo="skip"))
     fig.update_layout(
@@ -162,7 +163,8 @@ def breakdown_figure(
         xaxis={"title": by, "type": "category"},
         yaxis={"title": "intruder dimensions", "range": [0, 1.08 * max(top, 1)], **count_ticks(max(top, 1))},
         showlegend=True,
-        height=380,
+        legend={"orientation": "h", "y": -0.3},  # below: beside the bars it took a phone's width
+        height=400,
     )
     return fig
 
