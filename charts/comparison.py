@@ -98,7 +98,7 @@ def sweep_figure(
         yaxis={
             "title": "intruder dimensions",
             "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)],
-            **count_ticks(max(top, 5)),
+            **count_ticks(max(top, 5), most=8),
         },
         height=440,
         legend={"orientation": "h", "y": -0.25},
@@ -161,7 +161,7 @@ def breakdown_figure(
         title=title,
         barmode="group",
         xaxis={"title": by, "type": "category"},
-        yaxis={"title": "intruder dimensions", "range": [0, 1.08 * max(top, 1)], **count_ticks(max(top, 1))},
+        yaxis={"title": "intruder dimensions", "range": [0, 1.08 * max(top, 1)], **count_ticks(max(top, 1), most=6)},
         showlegend=True,
         legend={"orientation": "h", "y": -0.3},  # below: beside the bars it took a phone's width
         height=400,

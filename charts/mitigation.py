@@ -139,7 +139,7 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
         xaxis={"title": "ε"},
         # Whole counts from 0 (ticks of 0.2 when nothing intrudes); a little room below 0 so
         # a curve lying on zero is not cut by the axis.
-        yaxis={"title": "intruders", "range": [-0.04 * top, 1.08 * top], **count_ticks(top)},
+        yaxis={"title": "intruders", "range": [-0.04 * top, 1.08 * top], **count_ticks(top, most=8)},
         height=380,
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": 50},

@@ -402,7 +402,7 @@ def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figur
     # its "0" floating mid-plot), whole-number ticks, room above the tallest bar's label.
     fig.update_layout(
         title=title,
-        yaxis={"title": "intruder dimensions", "range": [0, 1.15 * max(top, 1)], **count_ticks(max(top, 1))},
+        yaxis={"title": "intruder dimensions", "range": [0, 1.15 * max(top, 1)], **count_ticks(max(top, 1), most=6)},
         showlegend=True,
         height=360,
     )

@@ -97,6 +97,9 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     # Counts, ranks and norms are never negative: every panel starts at 0, so a rise from
     # 220 to 224 is not drawn as a tenfold one.
     fig.update_yaxes(rangemode="tozero")
+    if "intruders" in names:  # whole counts: no 0.5 ticks
+        i = names.index("intruders")
+        fig.update_yaxes(**count_ticks(float(table["intruders"].max())), row=i // 2 + 1, col=i % 2 + 1)
     grouping = {"model": "whole model", "layer": "per layer", "module": "per module", "matrix": "per matrix"}
     fig.update_layout(
         title=_series_title(label, f"the update against training step ({grouping.get(by, by)})"),

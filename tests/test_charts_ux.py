@@ -159,6 +159,7 @@ def test_series_panels_start_at_zero(lora_model: ModelResult) -> None:
     fig = series.series_trend_figure(series_tables.series_table(models, 10, 0.5))
     axes = [fig.layout[name] for name in fig.layout if name.startswith("yaxis")]
     assert len(axes) == 4 and all(a.rangemode == "tozero" for a in axes)
+    assert float(fig.layout.yaxis.dtick).is_integer() and fig.layout.yaxis.tickformat == "d"  # intruders: counts
 
 
 def test_mitigation_words_and_window() -> None:
