@@ -353,7 +353,9 @@ def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
     mults = (1, 2, 5) if e1 - e0 <= 2 else (1,)
     step = max(1, math.ceil((e1 - e0 + 1) / 8))
     values = [m * 10.0**e for e in range(e0, e1 + 1, 1 if len(mults) > 1 else step) for m in mults]
-    values = [v for v in values if low / 1.0001 <= v <= high * 1.0001] or [10.0**e0]
+    values = [v for v in values if low / 1.0001 <= v <= high * 1.0001]
+    if len(values) < 2:  # a narrow range (1.05 to 1.2) holds no 1-2-5 value: even steps inside it
+        return _narrow_ticks(low, high)
 
     plain = all(1e-3 <= v < 1e5 for v in values)
 
@@ -364,6 +366,26 @@ def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
         return f"{mantissa}e{int(exponent)}"
 
     return values, [fmt(v) for v in values]
+
+
+def _narrow_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
+    """Evenly stepped ticks (1-2-5 steps) inside ``[low, high]``, too narrow for powers of ten.
+
+    Two to five ticks; one at ``low`` when ``low == high``.
+    """
+    span = high - low
+    if span <= 0:
+        return [low], [f"{low:.3g}"]
+    step = next(
+        m * 10.0**e
+        for e in range(math.floor(math.log10(span)) - 2, 400)
+        for m in (1, 2, 5)
+        if span / (m * 10.0**e) <= 4
+    )
+    first = math.ceil(low / step - 1e-9)
+    values = [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+    decimals = max(0, -math.floor(math.log10(step)))
+    return values, [f"{v:.{decimals}f}" if 1e-3 <= v < 1e5 else f"{v:.2e}" for v in values]
 
 
 def log_axis(values, **extra) -> dict:

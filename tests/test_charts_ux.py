@@ -206,3 +206,13 @@ def test_tradeoff_axes_do_not_exaggerate(losses: list[float], tasks: list[float]
         low, high = axis.range
         assert low <= min(values) and max(values) <= high
         assert high - low >= mitigation.MIN_RELATIVE_SPAN * max(map(abs, values))
+
+
+def test_a_narrow_log_range_still_gets_labelled_ticks() -> None:
+    """Amplification factors of 1.05 to 1.2 on a log axis got no tick label at all (the only
+    1-2-5 value near them, 1, lay outside the range)."""
+    for low, high in ((1.05, 1.2), (0.0123, 0.0131), (250.0, 320.0), (2.9, 3.1)):
+        values, text = style.log_ticks(low, high)
+        assert len(values) >= 2 and all(low <= v <= high for v in values), (low, high, values)
+        assert len(set(text)) == len(text)  # each label says a different number
+    assert style.log_ticks(3.0, 3.0) == ([3.0], ["3"])
