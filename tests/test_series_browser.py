@@ -56,7 +56,7 @@ def test_series_page_in_a_browser(series_server, width: int, height: int) -> Non
         assert sum("at step 4" in t for t in titles) == 2, titles
         assert page.locator(".js-plotly-plot .slider-container").count() == 0
         assert page.locator(".js-plotly-plot .updatemenu-container").count() == 0
-        assert page.get_by_text("Training step").count() == 1
+        assert page.get_by_test_id("stSlider").filter(has_text="Training step").count() == 1
         assert "series=" in page.url
         shot(page, f"series-{width}x{height}")
         for index, name in enumerate(("trends", "grid", "similarity")):
