@@ -24,6 +24,7 @@ from plotly.subplots import make_subplots
 
 from analysis.results import ModelResult
 from charts import overview_tables, tables
+from charts.colors import count_ticks
 from charts.style import (
     chart_text,
     empty_figure,
@@ -94,7 +95,11 @@ def sweep_figure(
         title=f"{title}<br><sup>summed over {n} matrices</sup>",
         xaxis_title="ε (threshold on the best |cos|)",
         # A little room below zero, so curves lying on zero are not cut by the axis.
-        yaxis={"title": "intruder dimensions", "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)]},
+        yaxis={
+            "title": "intruder dimensions",
+            "range": [-0.04 * max(top, 5), 1.08 * max(top, 5)],
+            **count_ticks(max(top, 5), most=8),
+        },
         height=440,
         legend={"orientation": "h", "y": -0.25},
     )
@@ -124,13 +129,18 @@ def breakdown_figure(
     plotly.graph_objects.Figure
     """
     table = tables.breakdown_table(models, k, eps, by, matrices)
-    title = f"Intruder dimensions by {by} (top {k}, ε = {eps:g})"
+    # Short first line (a phone cut the long one), the settings below it.
+    title = f"Intruder dimensions by {by}<br><sup>top {k}, ε = {eps:g}</sup>"
     if table.empty:
         return empty_figure(title, "No matrices analysed yet")
     order = tables.module_order(table["module"]) if by == "module" else sorted(table["layer"].unique(), key=layer_sort)
     fig = go.Figure()
+    nothing = []  # fine-tunes without an intruder here: a bar of height 0 draws nothing
     for index, (label, model) in enumerate(zip(tables.model_labels(models), models, strict=True)):
         rows = table[table["model"] == label].set_index(by).reindex(order)
+        if not rows["intruders"].fillna(0).any():
+            nothing.append(label)
+            continue
         style = model_style(index, model)
         fig.add_trace(
             go.Bar(
@@ -141,12 +151,20 @@ def breakdown_figure(
                 marker_pattern_shape=style["pattern"],
             )
         )
+    top = float(table["intruders"].max())
+    if nothing:
+        # Named under the title instead of legend entries that draw nothing.
+        title = title.replace("</sup>", f" · no intruders: {chart_text(', '.join(nothing))}</sup>")
+    if not fig.data:
+        fig.add_trace(go.Bar(x=[chart_text(o) for o in order], y=[0] * len(order), showlegend=False, hoverinfo="skip"))
     fig.update_layout(
         title=title,
         barmode="group",
         xaxis={"title": by, "type": "category"},
-        yaxis_title="intruder dimensions",
-        height=380,
+        yaxis={"title": "intruder dimensions", "range": [0, 1.08 * max(top, 1)], **count_ticks(max(top, 1), most=6)},
+        showlegend=True,
+        legend={"orientation": "h", "y": -0.3},  # below: beside the bars it took a phone's width
+        height=400,
     )
     return fig
 
@@ -268,7 +286,9 @@ def _module_facets(
     if log_y:
         fig.update_yaxes(**log_axis(values))
     else:
-        fig.update_yaxes(rangemode="tozero")
+        # One range for every facet (rows of facets share nothing by themselves), from 0.
+        top = max((v for v in values if v == v), default=1.0)
+        fig.update_yaxes(range=[0, 1.05 * (top or 1.0)], autorange=False)
     fig.update_yaxes(title_text=name, col=1)
     fig.update_annotations(font_size=12)
     height = 120 + 260 * n_rows

@@ -13,7 +13,19 @@ import plotly.graph_objects as go
 from analysis.mitigation import MitigationResult
 from analysis.results import DEFAULT_EPSILONS, MatrixResult
 from charts import tables
-from charts.style import INTRUDER_COLOR, MAX_SPECTRUM_POINTS, chart_text, log_axis, log_sample, rank_axis
+from charts.colors import count_ticks
+from charts.style import (
+    INTRUDER_COLOR,
+    MAX_SPECTRUM_POINTS,
+    chart_text,
+    integer_ticks,
+    log_axis,
+    log_sample,
+    name_lines,
+    rank_axis,
+    title_margin,
+    top_title,
+)
 
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"
@@ -118,12 +130,16 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
             )
         )
     fig.add_vline(x=eps, line={"color": "#999", "dash": "dot"})
+    lam = result.mitigation.settings.lam
+    top = float(max(5, frame["before"].max(), frame["after"].max()))
     fig.update_layout(
         # Short lines: a phone's width cuts a long title.
         title=f"Intruders vs ε, before and after<br><sup>top {k}, summed over {len(result.mitigation.matrices)} "
-        "matrices</sup>",
+        f"matrices, scaled by λ = {lam:g}</sup>",
         xaxis={"title": "ε"},
-        yaxis={"title": "intruders", "rangemode": "tozero"},
+        # Whole counts from 0 (ticks of 0.2 when nothing intrudes); a little room below 0 so
+        # a curve lying on zero is not cut by the axis.
+        yaxis={"title": "intruders", "range": [-0.04 * top, 1.08 * top], **count_ticks(top, most=8)},
         height=380,
         legend={"orientation": "h", "y": -0.25},
         margin={"l": 50, "r": 10, "t": 50},
@@ -131,12 +147,100 @@ def sweep_figure(result: MitigationResult, k: int, eps: float) -> go.Figure:
     return fig
 
 
+def why_intruders_stay(result: MitigationResult, k: int, eps: float) -> str:
+    """One sentence on why scaled intruders can still count as intruders after the mitigation.
+
+    Scaling a component by ``lambda`` shrinks its singular value but keeps its direction
+    (``u_j``, ``v_j``), and an intruder is a direction (Shuttleworth et al. Def. 3.1): it
+    stops being counted only when ``lambda * s_j`` drops out of the top ``k`` (or, at
+    ``lambda = 0``, when it is removed).
+
+    Parameters
+    ----------
+    result : MitigationResult
+        A mitigation with the analysis before and after it.
+    k : int
+        How many top tuned singular vectors are searched for intruders.
+    eps : float
+        The threshold on the best match below which a tuned vector is an intruder.
+
+    Returns
+    -------
+    str
+        Plain text (no Markdown), naming the counts of this result.
+    """
+    lam = result.mitigation.settings.lam
+    scaled = int(result.mitigation.totals()["intruders_scaled"])
+    counts = result.counts([eps], int(k))
+    before, after = int(counts["before"][0]), int(counts["after"][0])
+    if scaled == 0:
+        return f"Nothing was scaled: no intruder among the top {k} at ε = {eps:g}."
+    if lam == 0:
+        return f"λ = 0 removes the {scaled} scaled components: {before} intruders before, {after} after."
+    return (
+        f"Scaling by λ = {lam:g} shrinks each of the {scaled} scaled components but keeps its direction, and an "
+        f"intruder is a direction: it is counted until its shrunk singular value falls out of the top {k}. "
+        f"{before} intruders before, {after} after; a smaller λ pushes more out."
+    )
+
+
+def change_text(fraction: float) -> str | None:
+    """A relative change as a metric's delta (``-12.3 %``); ``None`` when it rounds to no change.
+
+    ``up +0.0 %`` once stood beside an unchanged ``‖ΔW‖_F``.
+
+    Parameters
+    ----------
+    fraction : float
+        The change, ``after / before - 1``.
+
+    Returns
+    -------
+    str or None
+        One decimal with its sign, or ``None`` (no delta shown) below 0.05 %.
+    """
+    if not np.isfinite(fraction) or abs(100 * fraction) < 0.05:
+        return None
+    return f"{100 * fraction:+.1f} %"
+
+
+#: The spectra chart opens on the top ranks around the scaled components, at least this many.
+SPECTRA_WINDOW = 24
+
+
+def spectra_window(n: int, intruders: list[int]) -> int:
+    """How many top ranks the spectra chart opens on: around the scaled components.
+
+    Three spectra over hundreds of ranks on log axes hid the change (a scaled intruder was
+    a few pixels): the chart opens on ranks 1 to twice the deepest scaled rank (at least
+    :data:`SPECTRA_WINDOW`), on linear axes from 0, so a component scaled by λ = 0.75 is a
+    quarter lower; a double click shows every rank. With nothing scaled, every rank.
+
+    Parameters
+    ----------
+    n : int
+        How many ranks the spectra have.
+    intruders : list of int
+        0-based tuned ranks of the scaled components.
+
+    Returns
+    -------
+    int
+        The last rank shown, at most ``n``.
+    """
+    if not intruders:
+        return max(1, n)
+    deepest = max(intruders) + 1
+    return max(1, min(n, max(SPECTRA_WINDOW, 2 * deepest)))
+
+
 def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[int], label: str = "") -> go.Figure:
     """Singular values of the base, the tuned and the mitigated weight.
 
-    Log scales, ticks at 1-2-5 only; the components that were scaled are marked at their
-    rank in the tuned spectrum. The base is a thick pale line under the others, so it shows where the
-    mitigated spectrum lies on it.
+    Around the scaled components (:func:`spectra_window`) on linear axes from 0; with
+    nothing scaled, every rank on log scales, ticks at 1-2-5 only. The components that
+    were scaled are marked at their rank in the tuned spectrum. The base is a thick pale
+    line under the others, so it shows where the mitigated spectrum lies on it.
 
     Parameters
     ----------
@@ -155,22 +259,24 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
     """
     fig = go.Figure()
     shown: list[float] = []
-    n_max = 1
+    lengths = (before.base_singular_values, before.tuned_singular_values, after.tuned_singular_values)
+    n_max = max(1, *(len(v) for v in lengths))
+    window = spectra_window(n_max, intruders)
     for values, name, color, dash, width in (
         (before.base_singular_values, "W₀ (base)", BASE_COLOR, "solid", 6.0),
         (before.tuned_singular_values, "Wₜ (fine-tune)", BEFORE_COLOR, "dash", 2.0),
         (after.tuned_singular_values, "mitigated", AFTER_COLOR, "solid", 2.0),
     ):
         values = np.asarray(values, dtype=float)
-        n_max = max(n_max, len(values))
         idx = log_sample(len(values), intruders, MAX_SPECTRUM_POINTS)
         keep = values[idx] > 0
-        shown.extend(values[idx][keep].tolist())
+        shown.extend(v for i, v in zip(idx[keep], values[idx][keep], strict=True) if i < window)
         fig.add_trace(
             go.Scatter(
                 x=idx[keep] + 1,
                 y=values[idx][keep],
-                mode="lines",
+                mode="lines+markers" if window <= 60 else "lines",
+                marker={"size": 5, "color": color},
                 name=name,
                 line={"color": color, "dash": dash, "width": width},
                 opacity=0.45 if name.startswith("W₀") else 1.0,
@@ -190,15 +296,23 @@ def spectra_figure(before: MatrixResult, after: MatrixResult, intruders: list[in
                 hovertemplate="scaled intruder at rank %{x}<br>σ = %{y:.4g}<extra></extra>",
             )
         )
+    # Short first line (narrow screens), what is shown below it, the tensor name last.
+    part = f"ranks 1–{window} of {n_max}" if window < n_max else f"all {n_max} ranks"  # double-click: all
+    title = (
+        f"{chart_text(label) + ': ' if label else ''}{chart_text(before.short_label)}<br><sup>{len(intruders)} "
+        f"component{'s' if len(intruders) != 1 else ''} scaled · {part}</sup>{name_lines(before.name)}"
+    )
     fig.update_layout(
-        # Short first line (narrow screens), the tensor name below it.
-        title=f"{chart_text(label) + ': ' if label else ''}{chart_text(before.short_label)}<br><sup>{len(intruders)} "
-        f"component{'s' if len(intruders) != 1 else ''} scaled · {chart_text(before.name)}</sup>",
-        xaxis=rank_axis(n_max),
-        yaxis=log_axis(shown, title="singular value"),
-        height=420,
+        title=top_title(title),
+        xaxis=rank_axis(n_max)
+        if window == n_max and not intruders
+        else {"title": "rank", "range": [0.5, window + 0.5], "tickvals": integer_ticks(window, 8)},
+        yaxis=log_axis(shown, title="singular value")
+        if window == n_max and not intruders
+        else {"title": "singular value", "range": [0, 1.08 * max(shown, default=1.0)]},
+        height=420 + max(0, title_margin(title) - 60),
         legend={"orientation": "h", "y": -0.25},
-        margin={"l": 50, "r": 10, "t": 60},
+        margin={"l": 50, "r": 10, "t": title_margin(title)},
     )
     return fig
 
@@ -268,6 +382,38 @@ def _lambda_labels(points: list[dict]) -> list[str]:
     return labels
 
 
+#: An axis of the trade-off spans at least this fraction of its largest value.
+MIN_RELATIVE_SPAN = 0.2
+
+
+def honest_range(values: list[float], pad: float = 0.08, least: float = MIN_RELATIVE_SPAN) -> list[float]:
+    """An axis range over ``values`` that does not blow a small difference up to the full width.
+
+    The trade-off's loss axis once spanned 2.075-2.14 (3 % of the loss) and put the base
+    and the fine-tune at opposite edges. The range spans at least ``least`` times the
+    largest absolute value, centred on the values, plus ``pad`` of that span at each end
+    (room for the points' labels).
+
+    Parameters
+    ----------
+    values : list of float
+        The values on the axis (at least one).
+    pad : float
+        Extra room at each end, as a fraction of the span.
+    least : float
+        The least span, as a fraction of the largest absolute value.
+
+    Returns
+    -------
+    list of float
+        ``[low, high]``.
+    """
+    low, high = min(values), max(values)
+    span = max(high - low, least * max(abs(low), abs(high)), 1e-12)
+    mid = (low + high) / 2
+    return [mid - span / 2 - pad * span, mid + span / 2 + pad * span]
+
+
 def tradeoff_figure(result: MitigationResult) -> go.Figure:
     """Paper Fig. 8: forgetting (held-out loss, lower is better) against the task metric.
 
@@ -326,16 +472,14 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 )
             )
         losses = [p["loss"] for p in points]
-        margin = 0.08 * ((max(losses) - min(losses)) or abs(max(losses)) or 1.0)  # labels at the ends
         fig.update_layout(
             xaxis={
                 "title": tradeoff.loss_name + "<br>(forgetting: lower is better)",
-                "range": [min(losses) - margin, max(losses) + margin],
+                "range": honest_range(losses, pad=0.08),
             }
         )
         tasks = [p["task"] for p in points if p["task"] is not None]
-        pad = 0.12 * ((max(tasks) - min(tasks)) or abs(max(tasks)) or 1.0)  # room for the labels
-        fig.update_layout(yaxis={"title": tradeoff.task_name, "range": [min(tasks) - pad, max(tasks) + pad]})
+        fig.update_layout(yaxis={"title": tradeoff.task_name, "range": honest_range(tasks, pad=0.12)})
     else:
         fig.add_trace(
             go.Scatter(

@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 
 from analysis.results import ModelResult
 from charts import overview_tables, tables
+from charts.colors import cell_text, count_ticks
 from charts.style import (
     chart_text,
     empty_figure,
@@ -50,9 +51,9 @@ class OverviewSection:
 
 #: Grid cells are this many pixels high (fewer for deep models), so a panel's height
 #: depends on its layers only, never on how many fine-tunes share the page.
-OVERVIEW_CELL_PX = (7, 22)
+OVERVIEW_CELL_PX = (7, 32)
 #: The least height of a grid's cells (and so of its colour bar), in pixels.
-OVERVIEW_MIN_GRID_PX = 90
+OVERVIEW_MIN_GRID_PX = 120
 #: Cell text only where a cell can hold it: at most this many columns, cells this high.
 OVERVIEW_TEXT_MAX_COLUMNS = 12
 OVERVIEW_TEXT_MIN_PX = 14
@@ -85,14 +86,8 @@ def _cell_px(n_rows: int) -> int:
     return max(cell_px, min(2 * OVERVIEW_CELL_PX[1], math.ceil(OVERVIEW_MIN_GRID_PX / max(1, n_rows))))
 
 
-def _panel_heatmap(z: np.ndarray, ii: np.ndarray, jj: np.ndarray, shown: np.ndarray, readable: bool) -> go.Heatmap:
-    """The grid's colours on integer coordinates, with each value written in its cell if ``readable``."""
-    if readable:
-        text = np.full(z.shape, "", dtype=object)
-        text[ii, jj] = shown
-        style = {"text": text, "texttemplate": "%{text}", "textfont": {"size": 10}}
-    else:
-        style = {}
+def _panel_heatmap(z: np.ndarray) -> go.Heatmap:
+    """The grid's colours on integer coordinates (row ``i``, column ``j``)."""
     return go.Heatmap(
         z=z,
         x=np.arange(z.shape[1]),
@@ -101,8 +96,31 @@ def _panel_heatmap(z: np.ndarray, ii: np.ndarray, jj: np.ndarray, shown: np.ndar
         xgap=1,
         ygap=1,
         hoverinfo="skip",
-        **style,
     )
+
+
+def cell_label(value: float, metric: str) -> str:
+    """A cell's value as written in the cell: short enough for a narrow cell.
+
+    Counts as integers; other measures with one decimal below 10 and as integers from 10
+    up (``228.6`` filled a 26 px cell edge to edge; ``229`` does not). The hover keeps the
+    decimal.
+
+    Parameters
+    ----------
+    value : float
+        The cell's value.
+    metric : str
+        One of :data:`charts.overview_tables.OVERVIEW_METRICS`.
+
+    Returns
+    -------
+    str
+        At most four characters up to 9999.
+    """
+    if metric == "intruders" or abs(value) >= 10:
+        return f"{value:.0f}"
+    return f"{value:.1f}"
 
 
 def _panel_points(cells, ii: np.ndarray, jj: np.ndarray, shown: np.ndarray, cell_px: int, metric: str) -> go.Scatter:
@@ -179,7 +197,13 @@ def _panel_layout(
             "colorscale": metric_colorscale(metric),
             "cmin": 0,
             "cmax": max(zmax, 1),
-            "colorbar": {"thickness": 10, "len": 0.9, "outlinewidth": 0, "tickfont": {"size": 9}},
+            "colorbar": {
+                "thickness": 10,
+                "len": 0.9,
+                "outlinewidth": 0,
+                "tickfont": {"size": 9},
+                **(count_ticks(max(zmax, 1)) if metric == "intruders" else {}),
+            },
         },
         height=height + 50 + bottom + (14 if experts else 0),
         margin={"t": 50, "b": bottom + (14 if experts else 0), "l": 48, "r": 8},
@@ -202,12 +226,16 @@ def _overview_panel(
     values = cells["value"].to_numpy(dtype=np.float64)
     z = np.full((len(rows), len(columns)), np.nan)
     z[ii, jj] = values
-    digits = ".1f" if metric == "effective_rank" else ".0f"
+    digits = ".0f" if metric == "intruders" else ".1f"
     shown = np.array([format(v, digits) for v in values], dtype=object)
     cell_px = _cell_px(len(rows))
     readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
     fig = go.Figure()
-    fig.add_trace(_panel_heatmap(z, ii, jj, shown, readable))
+    fig.add_trace(_panel_heatmap(z))
+    if readable:
+        texts = [cell_label(v, metric) for v in values]
+        scale = metric_colorscale(metric)
+        fig.add_trace(cell_text(jj, ii, texts, values, scale, 0.0, max(zmax, 1), size=10))
     fig.add_trace(_panel_points(cells, ii, jj, shown, cell_px, metric))
     _panel_axes(fig, rows, columns, experts)
     _panel_layout(fig, columns, height=len(rows) * cell_px, experts=experts, metric=metric, zmax=zmax, title=title)
@@ -287,8 +315,30 @@ def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: f
             )
             indices.append(index)
         width = 3 if len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS else (2 if len(columns) <= 40 else 1)
-        sections.append(OverviewSection(title, panels, indices, max(1, min(width, len(panels)))))
+        sections.append(OverviewSection(title, panels, indices, panel_columns(len(panels), width)))
     return sections
+
+
+def panel_columns(n_panels: int, most: int) -> int:
+    """How many of ``n_panels`` panels sit side by side, at most ``most``: rows as even as can be.
+
+    Four fine-tunes are two rows of two (not three and one alone, each a third of the
+    width); five are three and two.
+
+    Parameters
+    ----------
+    n_panels : int
+        How many panels the grid has.
+    most : int
+        The most panels a row can hold.
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    rows = math.ceil(max(n_panels, 1) / max(most, 1))
+    return max(1, math.ceil(max(n_panels, 1) / rows))
 
 
 def overview_title(metric: str, k: int, eps: float) -> str:
@@ -347,5 +397,13 @@ def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figur
                 f"{row.matrices} matrices<extra></extra>",
             )
         )
-    fig.update_layout(title=title, yaxis_title="intruder dimensions", showlegend=True, height=360)
+    top = float(table["intruders"].max())
+    # Counts are never negative: the axis starts at 0 (a lone zero bar once got -1..1 with
+    # its "0" floating mid-plot), whole-number ticks, room above the tallest bar's label.
+    fig.update_layout(
+        title=title,
+        yaxis={"title": "intruder dimensions", "range": [0, 1.15 * max(top, 1)], **count_ticks(max(top, 1), most=6)},
+        showlegend=True,
+        height=360,
+    )
     return fig

@@ -1,8 +1,8 @@
 """The Series page's charts: a fine-tune's checkpoints against training step.
 
-Metric trends by step, the overview's grids and one matrix's similarity heatmap with a
-frame per step. Pure functions (no Streamlit, no I/O), drawn from the tables of
-:mod:`charts.series_tables`, which are also what the page offers as CSV.
+Metric trends by step, and the overview's grids and one matrix's similarity heatmap at
+one step (the page's one step control picks it). Pure functions (no Streamlit, no I/O),
+drawn from the tables of :mod:`charts.series_tables`, which are also what the page offers as CSV.
 
 References: intruder dimensions, Shuttleworth et al. 2024 (arXiv:2410.21228, Def. 3.1,
 sec. 5); the update's rank over training, Biderman et al. 2024 (arXiv:2405.09673, Fig. 6).
@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from analysis.results import MatrixResult, ModelResult
 from charts import series_tables, tables
+from charts.colors import colorscale, count_ticks
 from charts.style import (
     PALETTE,
     chart_text,
@@ -29,25 +30,8 @@ from charts.style import (
 )
 
 
-def _step_slider(steps: Sequence[int], active: int, prefix: str = "step ") -> dict:
-    """A Plotly slider whose positions show the frames named after ``steps``."""
-    return {
-        "active": active,
-        "currentvalue": {"prefix": prefix},
-        "pad": {"t": 40},
-        "steps": [
-            {
-                "label": str(step),
-                "method": "animate",
-                "args": [[str(step)], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}],
-            }
-            for step in steps
-        ],
-    }
-
-
 def _opening(steps: list[int], step: int | None) -> int:
-    """Index of the frame a series chart opens at.
+    """Index of the step a series chart shows.
 
     ``step``'s, or the last step's when ``step`` is ``None`` or not among ``steps``.
     """
@@ -57,24 +41,6 @@ def _opening(steps: list[int], step: int | None) -> int:
 def _series_title(label: str, what: str) -> str:
     """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
     return f"{chart_text(label)}<br><sup>{what}</sup>" if label else what
-
-
-def _play_button() -> dict:
-    return {
-        "type": "buttons",
-        "showactive": False,
-        "x": 0,
-        "y": -0.08,
-        "xanchor": "right",
-        "yanchor": "top",
-        "buttons": [
-            {
-                "label": "▶",
-                "method": "animate",
-                "args": [None, {"frame": {"duration": 600, "redraw": True}, "fromcurrent": True}],
-            }
-        ],
-    }
 
 
 def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
@@ -128,6 +94,12 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
                 col=i % 2 + 1,
             )
     fig.update_xaxes(title_text="training step", row=2)
+    # Counts, ranks and norms are never negative: every panel starts at 0, so a rise from
+    # 220 to 224 is not drawn as a tenfold one.
+    fig.update_yaxes(rangemode="tozero")
+    if "intruders" in names:  # whole counts: no 0.5 ticks
+        i = names.index("intruders")
+        fig.update_yaxes(**count_ticks(float(table["intruders"].max())), row=i // 2 + 1, col=i % 2 + 1)
     grouping = {"model": "whole model", "layer": "per layer", "module": "per module", "matrix": "per matrix"}
     fig.update_layout(
         title=_series_title(label, f"the update against training step ({grouping.get(by, by)})"),
@@ -206,13 +178,13 @@ def _grid_subplots(shapes: dict[str, tuple[list[str], list[str]]]) -> tuple[go.F
 
 
 def series_grid_figure(table, metric: str, label: str = "", step: int | None = None) -> go.Figure:
-    """The overview's grids of ``metric`` with one animation frame per training step.
+    """The overview's grids of ``metric`` at one training step.
 
     ``table`` is :func:`charts.series_tables.series_grid_table`: one layer x module grid per
     stack and one layer x expert grid per mixture-of-experts module (the overview's
     convention, :func:`charts.overview.overview_sections`), stacked top to bottom; every
     matrix is one cell of its grid and no cell holds two. The colour scale is shared by
-    every grid and step, so colours compare across the slider; it opens at ``step`` (the
+    every grid and step, so colours compare from step to step; it shows ``step`` (the
     last step when ``None`` or not among the table's). Hover names the matrix.
 
     Parameters
@@ -225,12 +197,12 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
     label : str
         The series' name, over the title.
     step : int or None
-        The step the slider opens at.
+        The step shown.
 
     Returns
     -------
     plotly.graph_objects.Figure
-        One heatmap per grid, a frame per step, a step slider and a play button (a message
+        One heatmap per grid (a message
         when ``table`` is empty).
     """
     if table.empty:
@@ -243,28 +215,23 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
         (0.0, max(1.0, float(values.max()))) if metric == "intruders" else (float(values.min()), float(values.max()))
     )
     title = series_tables.SERIES_METRICS[metric]
-    active = _opening(steps, step)
+    shown = steps[_opening(steps, step)]
     fig, plot_px = _grid_subplots(shapes)
-    for n, trace in enumerate(_grid_heatmaps(table, shapes, metric, steps[active])):
+    for n, trace in enumerate(_grid_heatmaps(table, shapes, metric, shown)):
         fig.add_trace(trace, row=n + 1, col=1)
-    fig.frames = [
-        go.Frame(data=_grid_heatmaps(table, shapes, metric, s), traces=list(range(len(sections))), name=str(s))
-        for s in steps
-    ]
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
     fig.update_xaxes(type="category")
     for n, section in enumerate(sections):
         if section.endswith("layer × expert"):
             fig.update_xaxes(title_text="expert", title_standoff=4, row=n + 1, col=1)
     fig.update_annotations(font_size=12)
+    ticks = count_ticks(zmax) if metric == "intruders" else {}
     fig.update_layout(
-        title=_series_title(label, f"{title} per layer and module, by step"),
+        title=_series_title(label, f"{title} per layer and module at step {shown}"),
         coloraxis={"colorscale": metric_colorscale(metric), "cmin": zmin, "cmax": zmax,
-                   "colorbar": {"title": metric}},
-        margin={"t": 100, "b": 150},
-        height=plot_px + 250,
-        sliders=[_step_slider(steps, active)],
-        updatemenus=[_play_button()],
+                   "colorbar": {"title": metric, **ticks}},
+        margin={"t": 100, "b": 60},
+        height=plot_px + 160,
     )  # fmt: skip
     return fig
 
@@ -274,10 +241,10 @@ def series_similarity_figure(
 ) -> go.Figure:
     """``|Ut^T U0|`` of one matrix (its :attr:`~analysis.identity.MatrixId.key`) at each checkpoint of a series.
 
-    One frame per step, opening at ``step`` (the last when ``None`` or absent).
+    At ``step`` (the last when ``None`` or absent); the page's step control moves it.
 
     The similarity block of :func:`charts.spectra.similarity_figure` (Shuttleworth et al. 2024, Fig. 1/3;
-    rows tuned rank, columns base rank), reduced to :data:`charts.style.MAX_HEATMAP_SIDE`; the slider
+    rows tuned rank, columns base rank), reduced to :data:`charts.style.MAX_HEATMAP_SIDE`; stepping
     shows how the tuned singular vectors drift away from the base ones as training goes on.
 
     Parameters
@@ -289,13 +256,12 @@ def series_similarity_figure(
     label : str
         The series' name, over the title.
     step : int or None
-        The step the slider opens at.
+        The step shown.
 
     Returns
     -------
     plotly.graph_objects.Figure
-        A frame per step with the matrix, a step slider and a play button (a message when
-        no checkpoint has the matrix).
+        The matrix at that step (a message when no checkpoint has the matrix).
     """
     found = [(model.step, m) for model in series_tables.by_step(models) for m in model.matrices if m.key == matrix]
     if not found:
@@ -307,24 +273,19 @@ def series_similarity_figure(
         return rank_heatmap(
             z,
             block,
-            colorscale="Blues",
+            colorscale=colorscale("similarity"),
             colorbar={"title": "|cos|"},
             hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
         )
 
-    active = _opening(steps, step)
-    first = found[active][1]
-    fig = go.Figure(
-        data=[heatmap(*found[active])], frames=[go.Frame(data=[heatmap(s, m)], name=str(s)) for s, m in found]
-    )
+    shown, first = found[_opening(steps, step)]
+    fig = go.Figure(data=[heatmap(shown, first)])
     n = first.similarity.shape[0]
     fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
     fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
     fig.update_layout(
-        title=_series_title(label, f"{chart_text(first.short_label)}: |Uₜᵀ U₀| by training step"),
+        title=_series_title(label, f"{chart_text(first.short_label)}: |Uₜᵀ U₀| at step {shown}"),
         margin={"t": 90},
-        height=560,
-        sliders=[_step_slider(steps, active)],
-        updatemenus=[_play_button()],
+        height=520,
     )
     return fig

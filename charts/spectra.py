@@ -18,17 +18,21 @@ from plotly.subplots import make_subplots
 
 from analysis.results import MatrixResult
 from charts import matrix_tables
+from charts.colors import colorscale
 from charts.style import (
     INTRUDER_COLOR,
     chart_text,
     empty_figure,
+    integer_ticks,
     log_axis,
     log_sample,
+    name_lines,
     rank_axis,
     rank_heatmap,
     reduce_heatmap,
     series_mode,
-    thinned,
+    title_margin,
+    top_title,
 )
 
 
@@ -53,10 +57,11 @@ def _intruder_title(matrix: MatrixResult, label: str, n_intr: int, top: int, eps
     str
         Two lines: a short first one (narrow screens), the details below it.
     """
-    # The count before the (long) tensor name: a phone's width cuts the end of the line.
+    # The count on a line of its own, the (long) tensor name below it, broken at its dots:
+    # a title does not wrap and a phone's width cut it.
     return (
         f"{chart_text(label) + ': ' if label else ''}{chart_text(matrix.short_label)}<br><sup>{n_intr} intruder"
-        f"{'s' if n_intr != 1 else ''} in the top {top} at ε = {eps:g} · {chart_text(matrix.name)}</sup>"
+        f"{'s' if n_intr != 1 else ''} in the top {top} at ε = {eps:g}</sup>{name_lines(matrix.name)}"
     )
 
 
@@ -65,7 +70,7 @@ def _similarity_heatmap(z: np.ndarray, block: int) -> go.Heatmap:
     return rank_heatmap(
         z,
         block,
-        colorscale="Blues",
+        colorscale=colorscale("similarity"),
         # Below the panels and their axis titles (placed in the figure's own
         # coordinates, so it never sits on them), so narrow screens keep the width
         # for the heatmap.
@@ -85,7 +90,8 @@ def _similarity_heatmap(z: np.ndarray, block: int) -> go.Heatmap:
 def _intruder_marks(rows_intr) -> go.Scatter:
     """A red triangle at the left edge of the heatmap on each intruder's row."""
     return go.Scatter(
-        x=np.full(len(rows_intr), 0.0),
+        x=np.full(len(rows_intr), 0.5),
+        cliponaxis=False,
         y=rows_intr["tuned_rank"],
         mode="markers",
         marker={"symbol": "triangle-right", "size": 12, "color": INTRUDER_COLOR},
@@ -159,15 +165,29 @@ def similarity_figure(matrix: MatrixResult, k: int, eps: float, label: str = "")
         fig.add_trace(_intruder_marks(rows_intr), row=1, col=1)
     fig.add_trace(_best_match_bars(intr, is_intruder), row=1, col=2)
     fig.add_vline(x=eps, line_dash="dash", line_color=INTRUDER_COLOR, row=1, col=2)
-    fig.update_yaxes(range=[n_rows + 0.5, 0.5], title_text="tuned singular vector (rank)", row=1, col=1)
-    fig.update_xaxes(range=[-0.5, sim.shape[1] + 0.5], title_text="base singular vector (rank)", row=1, col=1)
+    # Ranks are 1-based: both axes start at rank 1 (the cell from 0.5 to 1.5), ticks whole ranks.
+    fig.update_yaxes(
+        range=[n_rows + 0.5, 0.5],
+        tickvals=integer_ticks(n_rows),
+        title_text="tuned singular vector (rank)",
+        row=1,
+        col=1,
+    )
+    fig.update_xaxes(
+        range=[0.5, sim.shape[1] + 0.5],
+        tickvals=integer_ticks(sim.shape[1], 6),
+        title_text="base singular vector (rank)",
+        row=1,
+        col=1,
+    )
     # The bars fill the panel: the dashed ε line is named in the axis title, not over a bar.
     fig.update_xaxes(range=[0, 1.05], title_text=f"max |cos|<br>(ε = {eps:g})", row=1, col=2)
+    title = _intruder_title(matrix, label, int(is_intruder.sum()), len(intr), eps)
     fig.update_layout(
-        title=_intruder_title(matrix, label, int(is_intruder.sum()), len(intr), eps),
-        height=max(460, min(940, 12 * n_rows + 200)),
+        title=top_title(title),
+        height=max(460, min(940, 12 * n_rows + 200)) + max(0, title_margin(title, 26) - 100),
         showlegend=False,
-        margin={"b": 120},
+        margin={"b": 120, "t": title_margin(title, 26)},
     )
     return fig
 
@@ -242,19 +262,16 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
             )
         )
     n_max = max(len(spectrum), 1)
+    title = _intruder_title(matrix, label, len(intruder_ranks), len(intr), eps)
     fig.update_layout(
-        title=_intruder_title(matrix, label, len(intruder_ranks), len(intr), eps),
+        title=top_title(title),
         xaxis=rank_axis(n_max),
         yaxis=log_axis(shown, title="singular value"),
-        height=460,
+        height=460 + max(0, title_margin(title) - 100),
+        margin={"t": title_margin(title)},
         legend={"orientation": "h", "y": -0.2},
     )
     return fig
-
-
-def _integer_ticks(n: int, most: int = 10) -> list[int]:
-    """Ticks 1, step+1, ... up to ``n`` (no fractional ranks on short axes)."""
-    return [i + 1 for i in thinned(n, most)]
 
 
 def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: str) -> go.Figure:
@@ -279,7 +296,7 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
     """
     # Short first line (a phone cuts a long one); the tensor name below it.
     label_a, label_b = chart_text(label_a), chart_text(label_b)
-    title = f"Subspace similarity φ(i, j) of ΔW<br><sup>{chart_text(matrix_name)}</sup>"
+    title = f"Subspace similarity φ(i, j) of ΔW{name_lines(matrix_name)}"
     if phi.size == 0:
         return empty_figure(title, "One of the two updates is zero: no subspace to compare")
     z, block = reduce_heatmap(phi)
@@ -287,18 +304,20 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
         rank_heatmap(
             z,
             block,
-            colorscale="Viridis",
+            colorscale=colorscale("measure"),
             colorbar={"title": "φ"},
             hovertemplate=f"i = %{{y}} ({label_a})<br>j = %{{x}} ({label_b})<br>φ = %{{z:.3f}}<extra></extra>",
         )
     )
+    title += "<br><sup>left singular vectors of ΔW</sup>"
     fig.update_layout(
-        title=title.replace("</sup>", " · left singular vectors of ΔW</sup>"),
-        xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": _integer_ticks(phi.shape[1])},
+        title=top_title(title),
+        margin={"t": title_margin(title)},
+        xaxis={"title": f"j: top-j directions of {label_b}", "tickvals": integer_ticks(phi.shape[1])},
         yaxis={
             "title": f"i: top-i directions of {label_a}",
             "autorange": "reversed",
-            "tickvals": _integer_ticks(phi.shape[0]),
+            "tickvals": integer_ticks(phi.shape[0]),
         },
         height=max(380, min(720, 14 * phi.shape[0] + 160)),
     )

@@ -18,6 +18,7 @@ from plotly.colors import qualitative
 
 from analysis.results import ModelResult
 from charts import tables
+from charts.colors import colorscale
 
 #: Largest heatmap side sent to a browser; bigger ones are reduced by block maximum.
 MAX_HEATMAP_SIDE = 128
@@ -101,20 +102,26 @@ def model_style(index: int, model: ModelResult) -> dict:
     }
 
 
-def metric_colorscale(metric: str) -> str:
+def metric_colorscale(metric: str, dark: bool = False) -> list[list]:
     """The colour scale of a grid of ``metric``: reds for intruder counts, Viridis otherwise.
+
+    The colour bar ticks of counts are whole numbers (:func:`count_ticks`).
+
+    Drawn for a light page; :func:`themed` swaps it for its dark twin on a dark page.
 
     Parameters
     ----------
     metric : str
         The metric drawn (``intruders``, ``effective_rank``, ...).
+    dark : bool
+        Whether the page is dark.
 
     Returns
     -------
-    str
-        A Plotly colour scale name.
+    list of [float, str]
+        A Plotly colour scale (:func:`colorscale`).
     """
-    return "Reds" if metric == "intruders" else "Viridis"
+    return colorscale("counts" if metric == "intruders" else "measure", dark)
 
 
 def chart_text(text: object) -> str:
@@ -138,6 +145,116 @@ def chart_text(text: object) -> str:
         The text with ``&``, ``<`` and ``>`` as ``&amp;``, ``&lt;`` and ``&gt;``.
     """
     return html.escape(str(text), quote=False)
+
+
+#: About how many characters of a title's small second line fit a phone (390 px).
+PHONE_LINE_CHARS = 44
+
+
+def wrap_name(name: object, most: int = PHONE_LINE_CHARS) -> str:
+    """A tensor name as chart text, broken at its dots into lines of at most ``most`` characters.
+
+    A Plotly title does not wrap: a phone's width cut ``...self.query.weight`` off. A
+    part longer than ``most`` by itself is cut in the middle of it instead.
+
+    Parameters
+    ----------
+    name : object
+        The name (anything, as ``str``).
+    most : int
+        The longest line, in characters.
+
+    Returns
+    -------
+    str
+        :func:`chart_text` lines joined by ``<br>``.
+    """
+    parts = str(name).split(".")
+    lines: list[str] = []
+    for i, part in enumerate(parts):
+        piece = part + ("." if i < len(parts) - 1 else "")
+        if lines and len(lines[-1]) + len(piece) <= most:
+            lines[-1] += piece
+            continue
+        while len(piece) > most:
+            lines.append(piece[:most])
+            piece = piece[most:]
+        lines.append(piece)
+    return "<br>".join(chart_text(line) for line in lines)
+
+
+def name_lines(name: str) -> str:
+    """A tensor name as the small lines under a title (:func:`charts.style.wrap_name`).
+
+    Parameters
+    ----------
+    name : str
+        The tensor name.
+
+    Returns
+    -------
+    str
+        ``<br><sup>...</sup>`` per line.
+    """
+    return "".join(f"<br><sup>{line}</sup>" for line in wrap_name(name).split("<br>"))
+
+
+def title_margin(title: str, below: int = 0) -> int:
+    """The top margin, in pixels, that a title of this many lines needs (see :func:`top_title`).
+
+    Parameters
+    ----------
+    title : str
+        The title: a first line, then small (``<sup>``) lines after each ``<br>``.
+    below : int
+        Pixels wanted between the title and the plot (subplot titles sit there).
+
+    Returns
+    -------
+    int
+    """
+    return 12 + 26 + 17 * title.count("<br>") + 10 + below
+
+
+def top_title(title: str) -> dict:
+    """A title hung from the figure's top edge, its lines going down into the top margin.
+
+    Plotly puts a title's first baseline in the middle of the top margin by default, so a
+    third line reached into the plot (onto a subplot's title); with the margin of
+    :func:`title_margin` every line stays above the plot.
+
+    Parameters
+    ----------
+    title : str
+        The title.
+
+    Returns
+    -------
+    dict
+        The layout's ``title``.
+    """
+    return {"text": title, "y": 1, "yref": "container", "yanchor": "top", "pad": {"t": 12}}
+
+
+def integer_ticks(n: int, most: int = 10) -> list[int]:
+    """Ticks at rank 1 and at multiples of a 1-2-5 step up to ``n`` (ranks are 1-based, whole).
+
+    Parameters
+    ----------
+    n : int
+        The highest rank on the axis.
+    most : int
+        About how many ticks at most.
+
+    Returns
+    -------
+    list of int
+        ``1, step, 2 * step, ...`` (``1, 3, 5, ...`` for a step of 2; ``1 .. n`` when they fit).
+    """
+    step = next(s for s in (m * 10**e for e in range(9) for m in (1, 2, 5)) if n / s <= most)
+    if step <= 2:  # 1, 3, 5, ...: not 1 and 2 side by side
+        return list(range(1, n + 1, step))
+    return [1] + [t for t in range(step, n + 1, step) if t > 1]
 
 
 def legend_name(label: str, model: ModelResult) -> str:
@@ -213,8 +330,9 @@ def series_mode(n_points: int) -> str:
 def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
     """Tick values and labels for a log axis over ``[low, high]`` (both > 0).
 
-    Powers of ten labelled in plain numbers (``0.001``, ``1``, ``100``) or as ``1e-5``
-    below 0.001 and from 1e5 up; 2 and 5 times them are added only when the range spans
+    Powers of ten labelled in plain numbers (``0.001``, ``1``, ``100``) when every tick is
+    from 0.001 to below 1e5, otherwise all as ``1e-5``, ``1e-3``, ``1e0`` (one notation per
+    axis, never ``0.001`` beside ``1e-4``); 2 and 5 times them are added only when the range spans
     less than two decades, so there are never unlabelled minor digits or SI prefixes
     (``100µ``).
 
@@ -235,15 +353,39 @@ def log_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
     mults = (1, 2, 5) if e1 - e0 <= 2 else (1,)
     step = max(1, math.ceil((e1 - e0 + 1) / 8))
     values = [m * 10.0**e for e in range(e0, e1 + 1, 1 if len(mults) > 1 else step) for m in mults]
-    values = [v for v in values if low / 1.0001 <= v <= high * 1.0001] or [10.0**e0]
+    values = [v for v in values if low / 1.0001 <= v <= high * 1.0001]
+    if len(values) < 2:  # a narrow range (1.05 to 1.2) holds no 1-2-5 value: even steps inside it
+        return _narrow_ticks(low, high)
+
+    plain = all(1e-3 <= v < 1e5 for v in values)
 
     def fmt(v: float) -> str:
-        if 1e-3 <= v < 1e5:
+        if plain:
             return f"{v:.10g}"
         mantissa, exponent = f"{v:.0e}".split("e")
         return f"{mantissa}e{int(exponent)}"
 
     return values, [fmt(v) for v in values]
+
+
+def _narrow_ticks(low: float, high: float) -> tuple[list[float], list[str]]:
+    """Evenly stepped ticks (1-2-5 steps) inside ``[low, high]``, too narrow for powers of ten.
+
+    Two to five ticks; one at ``low`` when ``low == high``.
+    """
+    span = high - low
+    if span <= 0:
+        return [low], [f"{low:.3g}"]
+    step = next(
+        m * 10.0**e
+        for e in range(math.floor(math.log10(span)) - 2, 400)
+        for m in (1, 2, 5)
+        if span / (m * 10.0**e) <= 4
+    )
+    first = math.ceil(low / step - 1e-9)
+    values = [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+    decimals = max(0, -math.floor(math.log10(step)))
+    return values, [f"{v:.{decimals}f}" if 1e-3 <= v < 1e5 else f"{v:.2e}" for v in values]
 
 
 def log_axis(values, **extra) -> dict:

@@ -66,8 +66,7 @@ c1.metric("Intruders scaled", scaled_n, help=f"in {totals['matrices_with_intrude
 c2.metric(f"Intruders at ε = {eps:g}", after_n, delta=(after_n - before_n) or None,
           delta_color="inverse", help=f"before: {before_n} (top {k} of every matrix, summed)")  # fmt: skip
 change = totals["delta_fro_after"] / totals["delta_fro_before"] - 1 if totals["delta_fro_before"] else 0.0
-c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta_color="off",
-          delta=f"{100 * change:+.1f} %" if round(100 * change, 1) else None,
+c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta=fm.change_text(change), delta_color="off",
           help=f"before: {totals['delta_fro_before']:.4g} (root of the sum of squares over matrices)")  # fmt: skip
 refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
 c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
@@ -81,7 +80,7 @@ if scaled_n == 0:
         icon=":material/info:",
     )
 else:
-    st.caption(mitigation.why_still_intruders(lam, int(k), before_n, after_n))
+    st.caption(escape_markdown(fm.why_intruders_stay(result, int(k), float(eps))))
 views.chart(fm.sweep_figure(result, int(k), float(eps)), "mitigation-intruders-vs-eps")
 st.subheader("Per matrix")
 views.table(fm.matrices_table(result, int(k), float(eps)), "mitigation-matrices")

@@ -114,11 +114,11 @@ metric = state.widget(
     format_func=series_tables.SERIES_METRICS.get,
 )
 steps = [m.step for m in series_tables.by_step(models) if m.step is not None]
-# The step both step-by-step charts open at (their own sliders move from there); a link's
+# The one step control of the page: both step-by-step charts show this step; a link's
 # step not analysed yet shows the last one so far, and stays in the link.
 wanted = state.get("step")
 step = state.widget(
-    st.select_slider, "Open at step", "step", default=steps[-1], options=steps,
+    st.select_slider, "Training step", "step", default=steps[-1], options=steps,
     shown=steps[-1] if wanted is not None and wanted not in steps else None,
 ) if len(steps) > 1 else (steps[0] if steps else None)  # fmt: skip
 grid = series_tables.series_grid_table(models, metric, k, eps)

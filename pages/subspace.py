@@ -19,8 +19,8 @@ st.caption(
     "factors). Directions past an update's numerical rank are left out."
 )
 if len(models) < 2:
+    # No matrix choice here: with one fine-tune it would change nothing on this page.
     st.info("Subspace similarity compares two fine-tunes: add another one on the Models page.")
-    name = views.matrix_control(models)
 else:
     # Open on two adapters of different rank, as in Hu et al., unless a second fine-tune
     # was chosen already (here or by the link this session was opened with).

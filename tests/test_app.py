@@ -188,9 +188,9 @@ def test_url_reproduces_the_view_and_follows_the_controls(
     assert at.sidebar.selectbox(key="w_model").value == str(tiny_bert_full_ft)
     assert at.sidebar.slider(key="w_k").value == 7 and at.sidebar.slider(key="w_eps").value == 0.35
     fig = figures(at)[0]
-    # The short label first (narrow screens), the tensor name below it.
+    # The short label first (narrow screens), the tensor name on its own lines below it.
     assert fig.layout.title.text.startswith(f"{Path(tiny_bert_full_ft).name}: L")
-    assert f" · {name}</sup>" in fig.layout.title.text
+    assert f"<br><sup>{name}</sup>" in fig.layout.title.text
     assert "top 7 at ε = 0.35" in fig.layout.title.text
     at.sidebar.slider(key="w_k").set_value(4).run()
     at.sidebar.selectbox(key="w_matrix").set_value("encoder.layer.0.attention.self.key.weight").run()

@@ -126,7 +126,7 @@ def test_planted_intruders_are_found_by_the_metrics(lora_model: ModelResult, ful
 def panel_cells(fig) -> list[dict]:
     """Every cell of an overview panel as the browser gets it: the selectable point's
     customdata, the row and column labels its position shows, and the heatmap value there."""
-    heat, points = fig.data
+    heat, points = fig.data[0], fig.data[-1]  # between them, the words on the cells (if any)
     z = np.asarray(heat.z, dtype=float)
     rows = dict(zip(fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext, strict=True))
     columns = dict(zip(fig.layout.xaxis.tickvals, fig.layout.xaxis.ticktext, strict=True))
@@ -179,7 +179,7 @@ def test_every_overview_panel_puts_layer_zero_on_top(lora_model: ModelResult, fu
     sets the same explicit range, so the row labelled 0 is the top row everywhere."""
     models = [lora_model, full_model, lora_model, full_model]
     (section,) = overview.overview_sections(models, "intruders", k=10, eps=0.5)
-    assert len(section.panels) == 4 and section.columns == 3
+    assert len(section.panels) == 4 and section.columns == 2  # two rows of two, none alone
     for panel in section.panels:
         assert list(panel.layout.yaxis.range) == [1.5, -0.5] and panel.layout.yaxis.autorange is False
         assert all(c["row"] == c["key"].split(".")[2] for c in panel_cells(panel))  # encoder.layer.<L>...
@@ -192,7 +192,10 @@ def test_overview_effective_rank_grid(lora_model: ModelResult) -> None:
     # A 2-direction update of equal strength has effective rank 2.
     assert grid.z[0][0] == pytest.approx(2.0, abs=1e-6)
     assert grid.z[1][1] == pytest.approx(1.0, abs=1e-6)
-    assert grid.text[0][0] == "2.0"
+    words = next(t for t in section.panels[0].data if t.meta and t.meta["role"] == "cell-text")
+    z = np.asarray(grid.z, dtype=float)
+    assert list(words.text) == [overview.cell_label(z[y, x], "effective_rank") for x, y in zip(words.x, words.y)]
+    assert words.text[0] == "2.0" and max(len(t) for t in words.text) <= 4  # 34.x is written "34"
     with pytest.raises(ValueError, match="metric must be one of"):
         overview.overview_sections([lora_model], "nonsense", 10, 0.5)
 
@@ -263,7 +266,7 @@ def test_overview_cells_count_every_matrix_once(family: str, proto: MatrixResult
     assert len(drawn) == len(set(drawn)) == len(expected) and set(drawn) == set(expected)
     for s in sections:  # one heatmap value per selectable point, none elsewhere
         for panel in s.panels:
-            assert np.count_nonzero(~np.isnan(np.asarray(panel.data[0].z, dtype=float))) == len(panel.data[1].x)
+            assert np.count_nonzero(~np.isnan(np.asarray(panel.data[0].z, dtype=float))) == len(panel.data[-1].x)
     by_key = {(i, m.key): m for i, model in enumerate(models) for m in model.matrices}
     for cell in cells:
         m = by_key[(cell["model"], cell["key"])]
@@ -297,17 +300,17 @@ def test_overview_stays_readable_with_eight_fine_tunes_and_a_hundred_layers(prot
     assert panel.layout.height == one.layout.height < 1000  # the height depends on layers, not on fine-tunes
     assert list(panel.layout.xaxis.ticktext) == [*ATTENTION, "gate", "up", "down"]  # every module named
     assert len(panel.layout.yaxis.tickvals) <= overview.OVERVIEW_MAX_TICKS
-    assert panel.data[0].texttemplate is None  # no unreadable cell text in 7-pixel rows
+    assert len(panel.data) == 2  # no unreadable cell text in 7-pixel rows: grid and points only
     assert len(panel_cells(panel)) == 700
     six = overview.overview_sections([models[0]], "intruders", 10, 0.5)
     small = _family(proto, FAMILIES["dense decoder"], 2, _tensor_name)
-    assert overview.overview_sections([small], "intruders", 10, 0.5)[0].panels[0].data[0].texttemplate == "%{text}"
+    assert overview.overview_sections([small], "intruders", 10, 0.5)[0].panels[0].data[1].meta["role"] == "cell-text"
     assert six[0].columns == 1
 
 
 def test_overview_figure_json_names_each_cell(lora_model: ModelResult) -> None:
     (section,) = overview.overview_sections([lora_model], "intruders", k=10, eps=0.5)
-    points = json.loads(section.panels[0].to_json())["data"][1]  # what the browser gets
+    points = json.loads(section.panels[0].to_json())["data"][-1]  # what the browser gets
     assert points["customdata"][0] == [0, lora_model.matrices[0].name, lora_model.matrices[0].name, "L0 query", "2"]
     assert "%{customdata[2]}" in points["hovertemplate"] and "%{customdata[3]}" in points["hovertemplate"]
 
@@ -343,7 +346,8 @@ def test_similarity_figure_keeps_its_labels_apart(lora_model: ModelResult) -> No
     """Seen in the browser: the colour bar sat on the heatmap's x-axis title, and the ε
     label of the dashed line hid under the bottom bar. The colour bar is placed in the
     figure's own coordinates inside a bottom margin that holds both; ε is in the axis title;
-    the count comes before the long tensor name (a phone cuts the end of the line)."""
+    the count comes before the long tensor name, which has lines of its own (a phone cuts
+    the end of a line)."""
     matrix = lora_model.matrices[0]
     fig = spectra.similarity_figure(matrix, k=10, eps=0.35, label="LoRA run")
     (sim,) = heatmaps(fig)
@@ -352,8 +356,9 @@ def test_similarity_figure_keeps_its_labels_apart(lora_model: ModelResult) -> No
     assert fig.layout.margin.b >= 100
     assert not fig.layout.annotations or all("ε" not in (a.text or "") for a in fig.layout.annotations)
     assert "ε = 0.35" in fig.layout.xaxis2.title.text
-    subtitle = fig.layout.title.text.split("<sup>")[1]
-    assert subtitle.startswith("0 intruders in the top 10 at ε = 0.35 · ") and subtitle.index(matrix.name) > 0
+    subtitle, *name = fig.layout.title.text.split("<sup>")[1:]
+    assert subtitle.startswith("0 intruders in the top 10 at ε = 0.35</sup>")
+    assert "".join(n.replace("</sup>", "").replace("<br>", "") for n in name) == matrix.name
 
 
 def test_mitigation_spectra_have_clean_log_ticks_and_a_short_title(lora_model: ModelResult) -> None:
@@ -362,13 +367,16 @@ def test_mitigation_spectra_have_clean_log_ticks_and_a_short_title(lora_model: M
     from charts import mitigation as figures_mitigate
 
     matrix = lora_model.matrices[0]
-    fig = figures_mitigate.spectra_figure(matrix, matrix, [0, 1], label="LoRA run")
-    assert fig.layout.title.text.startswith(f"LoRA run: {matrix.short_label}<br>")
-    for axis in (fig.layout.xaxis, fig.layout.yaxis):
+    unscaled = figures_mitigate.spectra_figure(matrix, matrix, [], label="LoRA run")  # every rank, log axes
+    for axis in (unscaled.layout.xaxis, unscaled.layout.yaxis):
         assert axis.type == "log" and axis.tickvals
         mantissas = {round(v / 10 ** math.floor(math.log10(v)), 6) for v in map(float, axis.ticktext)}
         assert mantissas <= {1.0, 2.0, 5.0}, axis.ticktext  # 1-2-5 steps only
-    assert fig.layout.xaxis.ticktext[0] == "1"
+    fig = figures_mitigate.spectra_figure(matrix, matrix, [0, 1], label="LoRA run")
+    assert fig.layout.title.text.startswith(f"LoRA run: {matrix.short_label}<br>")
+    # Scaled components: linear axes from 0 over the top ranks around them, whole ranks from 1.
+    assert list(fig.layout.xaxis.range) == [0.5, 24.5] and fig.layout.xaxis.tickvals[0] == 1
+    assert fig.layout.yaxis.range[0] == 0
     base, tuned, mitigated, scaled = fig.data
     assert base.line.width > tuned.line.width  # the base stays visible under the others
     assert list(scaled.x) == [1, 2]
@@ -463,8 +471,10 @@ def test_subspace_similarity_of_an_update_with_itself_and_with_another(
     fig = spectra.subspace_figure(cross, "LoRA run", "Full FT", a.name)
     assert "left singular vectors of ΔW" in fig.layout.title.text
     # The first line stays short (a phone cut the tensor name off it); the name is below.
-    first, below = fig.layout.title.text.split("<br>")
-    assert first == "Subspace similarity φ(i, j) of ΔW" and a.name in below
+    first, *below = fig.layout.title.text.split("<br>")
+    assert first == "Subspace similarity φ(i, j) of ΔW" and a.name in "".join(below).replace("<sup>", "").replace(
+        "</sup>", ""
+    )
     np.testing.assert_allclose(np.asarray(fig.data[0].z), cross)
 
 
@@ -578,7 +588,9 @@ def test_a_one_point_series_is_a_marker(lora_model: ModelResult) -> None:
 
 def test_log_ticks_are_clean_numbers() -> None:
     values, text = style.log_ticks(3e-5, 40.0)
-    assert text == ["1e-4", "0.001", "0.01", "0.1", "1", "10"] and values[0] == pytest.approx(1e-4)
+    # One notation per axis: never "0.001" beside "1e-4".
+    assert text == ["1e-4", "1e-3", "1e-2", "1e-1", "1e0", "1e1"] and values[0] == pytest.approx(1e-4)
+    assert style.log_ticks(2e-3, 40.0)[1] == ["0.01", "0.1", "1", "10"]  # all plain where all can be
     values, text = style.log_ticks(1.5, 60.0)  # under two decades: 2 and 5 added, still labelled
     assert text == ["2", "5", "10", "20", "50"]
     _, text = style.log_ticks(1e-12, 1e6)  # many decades: at most about 8 labels
@@ -665,9 +677,10 @@ def test_series_grid_puts_every_matrix_in_its_own_cell(family: str, proto: Matri
     assert list(dict.fromkeys(table["section"])) == FAMILY_SECTIONS[family]
     fig = series.series_grid_figure(table, "intruders")
     assert len(fig.data) == len(FAMILY_SECTIONS[family])
-    for model, frame in zip(models, fig.frames, strict=True):
+    assert not fig.frames and not fig.layout.sliders  # the page's step control is the only one
+    for model in models:
         cells = {}
-        for trace in frame.data:
+        for trace in series.series_grid_figure(table, "intruders", step=model.step).data:
             z, names = np.asarray(trace.z, dtype=float), np.asarray(trace.customdata, dtype=object)
             for i, j in zip(*np.nonzero(~np.isnan(z)), strict=True):
                 cells[names[i, j]] = z[i, j]
@@ -686,7 +699,11 @@ def test_series_similarity_picks_one_expert_of_a_fused_tensor(proto: MatrixResul
         [float(s) for m in picked for s in m.intruder_scores[:10]]
     )
     fig = series.series_similarity_figure(models, key)
-    assert [f.name for f in fig.frames] == ["10", "20", "30"] and "L1 E5 down" in fig.layout.title.text
+    assert "L1 E5 down" in fig.layout.title.text and "at step 30" in fig.layout.title.text  # the last by default
+    for model, at in zip(models, picked, strict=True):
+        shown = series.series_similarity_figure(models, key, step=model.step)
+        np.testing.assert_allclose(np.asarray(shown.data[0].z, dtype=float), at.similarity, atol=1e-6)
+        assert f"at step {model.step}" in shown.layout.title.text
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

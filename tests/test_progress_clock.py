@@ -97,6 +97,7 @@ def test_the_curves_work_counts_tokens_of_the_points_under_way() -> None:
     work = EvaluationWork(4, shares.append)
     work.end()  # one point from the cache
     assert shares[-1] == 0.25
+
     class Model(torch.nn.Module):
         def forward(self, input_ids):
             return input_ids

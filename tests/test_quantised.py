@@ -472,7 +472,12 @@ def test_on_a_gpu_every_format_dequantises_to_the_same_bytes(made, monkeypatch):
     folders = [
         quantised.fp8_blocks(base, root / "gpu-fp8"),
         quantised.mxfp4_experts(oss[1], oss[3] / "gpu-mxfp4"),
-        quantised.compressed(base, root / "gpu-ct", *reversed(COMPRESSED["pack-quantized-w4-group-asym"]), ignore=("lm_head", "re:.*embed_tokens")),
+        quantised.compressed(
+            base,
+            root / "gpu-ct",
+            *reversed(COMPRESSED["pack-quantized-w4-group-asym"]),
+            ignore=("lm_head", "re:.*embed_tokens"),
+        ),
         quantised.awq_gemm(base, root / "gpu-awq")[0],
     ]
     for folder in folders:

@@ -51,13 +51,12 @@ def test_series_page_in_a_browser(series_server, width: int, height: int) -> Non
             raise
         titles = chart_titles(page)
         assert any("against training step" in t for t in titles), titles
-        assert any("by training step" in t for t in titles), titles
-        # the grid and the similarity heatmap each carry a step slider with one stop per step
-        sliders = page.locator(".js-plotly-plot .slider-container")
-        assert sliders.count() == 2
-        grid = page.locator(".js-plotly-plot").nth(1)
-        labels = grid.locator(".slider-group .slider-label").evaluate_all("els => els.map(e => e.textContent)")
-        assert labels == ["step 4", "1", "2", "3", "4"], labels  # the current value (the last step), then each step
+        # the grid and the similarity heatmap both show the step of the page's one step
+        # control (the last by default); no chart carries a slider or play button of its own
+        assert sum("at step 4" in t for t in titles) == 2, titles
+        assert page.locator(".js-plotly-plot .slider-container").count() == 0
+        assert page.locator(".js-plotly-plot .updatemenu-container").count() == 0
+        assert page.get_by_test_id("stSlider").filter(has_text="Training step").count() == 1
         assert "series=" in page.url
         shot(page, f"series-{width}x{height}")
         for index, name in enumerate(("trends", "grid", "similarity")):

@@ -12,7 +12,6 @@ from analysis.results import ModelResult
 from analysis.specs import SpecResolver
 from analysis.specs.labels import local_label, short_name
 from charts import table_words, tables
-from ui.mitigation import why_still_intruders
 from ui.views import display_table
 
 
@@ -94,9 +93,3 @@ def test_every_metric_column_has_words() -> None:
     for column in ("mean_effective_rank", "best_match_base_rank", "delta_fro"):
         words, _ = table_words.COLUMN_WORDS[column]
         assert "_" not in words.replace("‖ΔW‖_F", "")
-
-
-def test_why_scaled_intruders_are_still_counted() -> None:
-    text = why_still_intruders(0.75, 10, 30, 21)
-    assert "keeps its direction" in text and "30 intruders before, 21 after" in text
-    assert "removes" in why_still_intruders(0.0, 10, 30, 2)

@@ -143,20 +143,6 @@ def progress(job: Job) -> None:
     poll()
 
 
-def why_still_intruders(lam: float, k: int, before: int, after: int) -> str:
-    """One plain sentence on why scaled intruders are still counted (``before`` -> ``after`` at the page's eps)."""
-    if lam == 0:
-        return (
-            f"λ = 0 removes each intruder's direction from the weight, so it leaves the top {k}: {before} intruders "
-            f"before, {after} after (the rest are directions that moved up into the top {k})."
-        )
-    return (
-        f"Scaling by λ = {lam:g} shrinks an intruder's singular value but keeps its direction, so it is still an "
-        f"intruder unless it drops out of the top {k}: {before} intruders before, {after} after"
-        + (" (a smaller λ pushes more of them out)." if after else ".")
-    )
-
-
 def time_left(p, now: float) -> str:
     """Words for the time a job has left (:meth:`hosting.jobs.Progress.eta_at`)."""
     left = p.eta_at(now) if p.remaining_s is not None else None

@@ -21,7 +21,7 @@ from analysis.provenance import comparison_provenance
 from analysis.report import to_report
 from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
 from analysis.specs import SpecResolver
-from charts import overview, style, table_words, tables
+from charts import colors, overview, style, table_words, tables
 from charts.html_report import html_report, reproduce_command
 from hosting.jobs import JobState
 from ui import runtime, state
@@ -195,10 +195,18 @@ def chart(fig, name: str, **kwargs) -> object:
     """A Plotly chart with a PNG download in its toolbar, named after the view.
 
     Streamlit's chart theme follows the visitor's light or dark theme (fonts, grid,
-    background); the figures only fix colours that carry meaning.
+    background); the figures' colour scales are drawn for a light page and swapped for
+    their dark twins on a dark one (:func:`charts.colors.themed`).
     """
     kwargs.setdefault("theme", "streamlit")
+    colors.themed(fig, dark_page())
     return st.plotly_chart(fig, config=style.chart_config(name), **kwargs)
+
+
+def dark_page() -> bool:
+    """Whether the visitor's page is dark (Streamlit's theme; light until the browser says)."""
+    theme = getattr(st.context, "theme", None)
+    return getattr(theme, "type", None) == "dark"
 
 
 def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:

@@ -1,0 +1,264 @@
+"""Colour scales for a light and a dark page, and text that reads on coloured cells.
+
+Every heatmap and grid of :mod:`charts` takes its colour scale from :func:`colorscale`
+(drawn for a light page); the dashboard's chart view passes each figure through
+:func:`themed`, which swaps every such scale for its dark twin when the visitor's page is
+dark and recolours the words written on cells. Pure functions (no Streamlit, no I/O).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+from plotly.colors import hex_to_rgb, sequential, unlabel_rgb
+
+#: Colour scales by what they show, one for a light page and one for a dark page. Low
+#: values take the page's own tone (a zero cell never glares: near white on a light page,
+#: Streamlit's dark grey on a dark one) and the values that matter stand out from the
+#: page (dark on light, bright on dark). ``counts``: intruder dimensions; ``similarity``:
+#: |cos| of singular vectors; ``measure``: any other measure (Viridis, from yellow on a
+#: light page and from purple on a dark one).
+COLORSCALES: dict[str, dict[str, list[str]]] = {
+    "counts": {
+        "light": list(sequential.Reds),
+        "dark": ["#262730", "#4d1c22", "#7f1d24", "#b8262a", "#e2462f", "#f67c4a", "#fdb07a"],
+    },
+    "similarity": {
+        "light": list(sequential.Blues),
+        "dark": ["#262730", "#1b3a5c", "#1f5a8f", "#2b7bbf", "#4f9de0", "#8cc3f0", "#d4ebff"],
+    },
+    "measure": {"light": list(sequential.Viridis_r), "dark": list(sequential.Viridis)},
+}
+#: The page backgrounds the colour scales are made for (Streamlit 1.67's light and dark
+#: themes, as measured in a screenshot; Plotly's dark red top of "Reds" is 1.36:1 on the dark one).
+PAGE_COLORS = {"light": "#ffffff", "dark": "#171614"}
+#: Text on a coloured cell: whichever of these contrasts more with the cell.
+CELL_TEXT_COLORS = ("#000000", "#ffffff")
+
+
+def colorscale(kind: str, dark: bool = False) -> list[list]:
+    """The colour scale for ``kind`` of value (:data:`COLORSCALES`) on a light or dark page.
+
+    Parameters
+    ----------
+    kind : str
+        ``counts``, ``similarity`` or ``measure``.
+    dark : bool
+        Whether the page is dark.
+
+    Returns
+    -------
+    list of [float, str]
+        A Plotly colour scale, evenly spaced stops from low to high.
+    """
+    colors = COLORSCALES[kind]["dark" if dark else "light"]
+    return [[i / (len(colors) - 1), c] for i, c in enumerate(colors)]
+
+
+def count_ticks(top: float, most: int = 5) -> dict:
+    """Axis or colour-bar ticks for whole counts from 0 to ``top``: integers only, 1-2-5 steps.
+
+    Parameters
+    ----------
+    top : float
+        The largest count shown.
+    most : int
+        About how many ticks at most.
+
+    Returns
+    -------
+    dict
+        ``tickmode``, ``tick0``, ``dtick`` and an integer ``tickformat``.
+    """
+    steps = (m * 10**e for e in range(12) for m in (1, 2, 5))
+    step = next(s for s in steps if max(top, 1) / s <= most)
+    return {"tickmode": "linear", "tick0": 0, "dtick": step, "tickformat": "d"}
+
+
+def _rgb(color: str) -> tuple[float, float, float]:
+    """``#rrggbb`` or ``rgb(r, g, b)`` as three numbers in 0..255."""
+    if color.startswith("#"):
+        return tuple(float(c) for c in hex_to_rgb(color))  # type: ignore[return-value]
+    return tuple(float(c) for c in unlabel_rgb(color))  # type: ignore[return-value]
+
+
+def luminance(color: str) -> float:
+    """WCAG 2 relative luminance of ``color`` (``#rrggbb`` or ``rgb(...)``).
+
+    Parameters
+    ----------
+    color : str
+        The colour.
+
+    Returns
+    -------
+    float
+        0 (black) to 1 (white).
+    """
+    linear = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in _rgb(color)]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG 2 contrast ratio of two colours, 1 (same) to 21 (black on white).
+
+    Parameters
+    ----------
+    a, b : str
+        The colours.
+
+    Returns
+    -------
+    float
+    """
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def scale_color(scale: Sequence, value: float, low: float, high: float) -> str:
+    """The colour ``scale`` gives ``value`` on a colour axis from ``low`` to ``high``.
+
+    Parameters
+    ----------
+    scale : sequence of (float, str)
+        A Plotly colour scale (stops ascending from 0 to 1).
+    value, low, high : float
+        The value and the colour axis' ends.
+
+    Returns
+    -------
+    str
+        ``rgb(r, g, b)``.
+    """
+    t = 0.0 if high <= low else min(1.0, max(0.0, (value - low) / (high - low)))
+    stops = [(float(p), _rgb(c)) for p, c in scale]
+    for (p0, c0), (p1, c1) in zip(stops, stops[1:], strict=False):
+        if t <= p1:
+            f = 0.0 if p1 <= p0 else (t - p0) / (p1 - p0)
+            return "rgb({:.0f}, {:.0f}, {:.0f})".format(*(x0 + f * (x1 - x0) for x0, x1 in zip(c0, c1, strict=True)))
+    return "rgb({:.0f}, {:.0f}, {:.0f})".format(*stops[-1][1])
+
+
+def cell_text_colors(values: Sequence[float], scale: Sequence, low: float, high: float) -> list[str]:
+    """For each value, the text colour (:data:`CELL_TEXT_COLORS`) that reads best on its cell.
+
+    Parameters
+    ----------
+    values : sequence of float
+        The cells' values.
+    scale : sequence of (float, str)
+        The cells' colour scale.
+    low, high : float
+        The colour axis' ends.
+
+    Returns
+    -------
+    list of str
+        One colour per value; its contrast with the cell is at least 4.5:1 for any cell colour.
+    """
+    out = []
+    for value in values:
+        cell = scale_color(scale, value, low, high)
+        out.append(max(CELL_TEXT_COLORS, key=lambda text, cell=cell: contrast(text, cell)))
+    return out
+
+
+def _scale_key(scale) -> tuple[str, ...] | None:
+    """The colours of a Plotly colour scale (as stored in a figure), to recognise it."""
+    if not scale or isinstance(scale, str):
+        return None
+    return tuple(str(c).replace(" ", "").lower() for _, c in scale)
+
+
+_DARK_TWIN = {
+    tuple(c.replace(" ", "").lower() for c in scales["light"]): scales["dark"] for scales in COLORSCALES.values()
+}
+
+
+def themed(fig: go.Figure, dark: bool) -> go.Figure:
+    """``fig`` with its colour scales and cell text for a dark page (unchanged on a light one).
+
+    Every colour scale of :data:`COLORSCALES` (on a trace or a shared colour axis) becomes
+    its dark twin, and the text written on cells (a trace whose ``meta`` is
+    ``{"role": "cell-text", ...}``, from :func:`cell_text`) takes the colour that reads
+    best on its cell in the new scale. The one place that knows the page's theme (the
+    dashboard's chart view) calls this; figures are drawn for a light page.
+
+    Parameters
+    ----------
+    fig : plotly.graph_objects.Figure
+        A figure of :mod:`charts`; changed in place.
+    dark : bool
+        Whether the page is dark.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        ``fig``.
+    """
+    if not dark:
+        return fig
+
+    def swap(scale):
+        twin = _DARK_TWIN.get(_scale_key(scale))
+        return [[i / (len(twin) - 1), c] for i, c in enumerate(twin)] if twin else None
+
+    for name in [n for n in fig.layout if n.startswith("coloraxis")]:
+        new = swap(fig.layout[name].colorscale)
+        if new:
+            fig.layout[name].colorscale = new
+    for trace in fig.data:
+        if "colorscale" in trace and (new := swap(trace.colorscale)):
+            trace.colorscale = new
+    for frame in fig.frames or ():
+        for trace in frame.data:
+            if "colorscale" in trace and (new := swap(trace.colorscale)):
+                trace.colorscale = new
+    for trace in fig.data:
+        meta = trace.meta if isinstance(trace.meta, dict) else {}
+        if meta.get("role") == "cell-text":
+            scale = fig.layout[meta["coloraxis"]].colorscale
+            trace.textfont.color = cell_text_colors(meta["values"], scale, meta["low"], meta["high"])
+    return fig
+
+
+def cell_text(x, y, text: Sequence[str], values: Sequence[float], scale, low: float, high: float, **font) -> go.Scatter:
+    """Words written on heatmap cells, each in the colour that reads best on its cell.
+
+    A Plotly heatmap writes every cell's text in one colour (a theme's grey on green and
+    yellow is unreadable), so the text is a scatter trace of its own with a colour per
+    cell; :func:`themed` recolours it when the scale changes for a dark page. The trace's
+    colour axis must be ``coloraxis`` of the figure.
+
+    Parameters
+    ----------
+    x, y : array-like
+        The cells' positions.
+    text : sequence of str
+        What each cell says.
+    values : sequence of float
+        The cells' values (their colours).
+    scale : sequence of (float, str)
+        The colour scale of the figure's ``coloraxis``.
+    low, high : float
+        The colour axis' ends.
+    **font
+        Further text font properties (``size``).
+
+    Returns
+    -------
+    plotly.graph_objects.Scatter
+        A text-only trace that takes no hover and no clicks.
+    """
+    values = [float(v) for v in values]
+    return go.Scatter(
+        x=x,
+        y=y,
+        text=list(text),
+        mode="text",
+        textfont={"color": cell_text_colors(values, scale, low, high), **font},
+        hoverinfo="skip",
+        showlegend=False,
+        meta={"role": "cell-text", "coloraxis": "coloraxis", "values": values, "low": low, "high": high},
+    )
