@@ -474,7 +474,7 @@ def test_models_page_counts_skipped_tensors_before_analyse(
     # 11 of the 12 block matrices; every other base tensor is listed with its reason (the
     # engine's own skipped list: 1-D weights, tensors outside the blocks, the missing one).
     # The title counts them; the reasons are listed inside, once each with its count.
-    assert label.endswith("· 11 matrices matched · 28 tensors skipped"), label
+    assert "· 11 matrices matched · 28 tensors skipped · stored as base fp32 (11)" in label, label
     skipped = next(d.value for d in at.dataframe if "reason" in d.value.columns)
     by_reason = {row["reason"]: row for row in skipped.to_dict("records")}
     assert sum(row["tensors"] for row in by_reason.values()) == 28
