@@ -38,7 +38,7 @@ from analysis.mitigation import MitigationSettings
 from analysis.pipeline import analyse_plan, model_result
 from analysis.specs import SpecResolver
 from hosting.uploads import UploadStore
-from hosting.workers import WorkerPool
+from hosting.workers import WorkerJob, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,11 @@ class JobManager:
             log.exception("job %s: no worker process", job.label or job.key)
             job._finish(JobState.FAILED, error=f"internal error (no worker process: {type(exc).__name__}: {exc})")
             return
+        if outcome.state == "done" and fn.restore is not None:
+            try:
+                outcome.value = fn.restore(outcome.value, **fn.kwargs)
+            except InputError as exc:
+                outcome.state, outcome.text = "failed", str(exc)
         if outcome.state == "done":
             job._finish(JobState.DONE, result=outcome.value)
         elif outcome.state == "cancelled":
@@ -339,6 +344,9 @@ class Work:
 
     function: Callable[..., Any]
     kwargs: dict = field(default_factory=dict)
+    #: ``restore(value, **kwargs)``: run in the web process on the value a worker sent back
+    #: (e.g. to reopen what does not cross processes); ``None``: the value as it came.
+    restore: Callable[..., Any] | None = None
 
     def __call__(self, job) -> Any:
         """Do the work, reporting to ``job`` (a :class:`Job`, or a worker's stand-in)."""
@@ -481,12 +489,26 @@ def mitigation_work(
     device: str = "auto",
 ) -> Work:  # fmt: skip
     """:func:`mitigation_job` as :class:`Work` (resolver and cache as in :func:`comparison_work`)."""
-    return Work(_mitigate, {"cache_dir": cache_dir, "allow_local_paths": allow_local_paths, "base": base,
-                            "tuned": tuned, "settings": settings, "tradeoff": tradeoff, "device": device})  # fmt: skip
+    kwargs = {"cache_dir": cache_dir, "allow_local_paths": allow_local_paths, "base": base, "tuned": tuned,
+              "settings": settings, "tradeoff": tradeoff, "device": device}  # fmt: skip
+    return Work(_mitigate, kwargs, restore=_reattach)
 
 
 def _mitigate(job, *, cache_dir: str, allow_local_paths: bool, base, tuned, settings, tradeoff, device):
     resolver = server_resolver(cache_dir, allow_local_paths)
     cache = server_cache(cache_dir)
     fn = mitigation_job(resolver, base, tuned, settings, tradeoff=tradeoff, device=device, cache=cache)
-    return fn(job)
+    result = fn(job)
+    if isinstance(job, WorkerJob):  # the loaders stay here; the web process plans the pair again
+        result.mitigation = result.mitigation.detached()
+    return result
+
+
+def _reattach(result, *, cache_dir: str, allow_local_paths: bool, base, tuned, **_):
+    """A mitigation sent by a worker, with its plan's loaders opened in this process.
+
+    The downloads read the weights through them.
+    """
+    plan = mitigation.plan_for(server_resolver(cache_dir, allow_local_paths), base, tuned)
+    result.mitigation = result.mitigation.attached(plan)
+    return result

@@ -132,7 +132,11 @@ def _worker_main(conn: Connection, warm: tuple[str, ...]) -> None:  # pragma: no
         stop = threading.Event()
         current[0] = stop
         job = WorkerJob(conn, lock, stop)
-        job.send(_outcome(fn, job))
+        outcome = _outcome(fn, job)
+        try:
+            job.send(outcome)
+        except Exception as exc:  # a value that does not pickle: a bug, said as one
+            job.send(("internal", f"its result could not be sent from the worker ({type(exc).__name__}: {exc})"))
     conn.close()
 
 

@@ -158,3 +158,31 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_mitigation_from_a_worker_exports_as_one_made_here(
+    manager: JobManager, tiny_bert: Path, tiny_bert_lora: Path, tmp_path: Path
+) -> None:
+    from analysis.mitigation import MitigationSettings, export_adapter
+    from hosting.jobs import mitigation_job, mitigation_work, server_resolver
+
+    settings = MitigationSettings(eps=0.9)
+    base, tuned = str(tiny_bert), str(tiny_bert_lora)
+    work = mitigation_work(str(tmp_path / "w"), True, base, tuned, settings, tradeoff=False)
+    job = manager.submit("mitigate", work)
+    assert job.wait(240) and job.state is JobState.DONE, job.error
+    assert job.worker_pid != os.getpid()
+    resolver = server_resolver(str(tmp_path / "here"), True)
+    local = JobManager()
+    try:
+        here = local.submit("m", mitigation_job(resolver, base, tuned, settings, tradeoff=False))
+        assert here.wait(240) and here.state is JobState.DONE, here.error
+    finally:
+        local.shutdown()
+    assert job.result.mitigation.totals() == here.result.mitigation.totals()
+    assert job.result.mitigation.totals()["intruders_scaled"] > 0
+    for name, result in (("worker", job.result), ("here", here.result)):
+        export_adapter(result.mitigation, resolver, tuned, tmp_path / name)
+    files = sorted(p.name for p in (tmp_path / "here").iterdir())
+    for file in files:
+        assert (tmp_path / "worker" / file).read_bytes() == (tmp_path / "here" / file).read_bytes(), file
