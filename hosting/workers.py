@@ -11,7 +11,8 @@ The channel between the two is a :func:`multiprocessing.Pipe` carrying small mes
 - worker to web: ``("pid", pid)``, ``("progress", p)``, ``("plan", plan)``,
   ``("item", result)``, and one end message ``("done", value)``, ``("failed", text)``,
   ``("internal", text)`` or ``("cancelled", text)``;
-- web to worker: ``("run", fn)``, ``("stop",)`` and ``None`` (shut down).
+- web to worker: ``("run", fn, environment)`` (the job and the web process's settings,
+  :data:`SHARED_ENVIRONMENT`), ``("stop",)`` and ``None`` (shut down).
 
 Heavy data stays on disk: every spectrum a worker computes is stored in the
 content-addressed cache (:mod:`analysis.cache`) by the pipeline itself; what crosses the
@@ -128,7 +129,8 @@ def _worker_main(conn: Connection, warm: tuple[str, ...]) -> None:  # pragma: no
     with lock:
         conn.send(("pid", os.getpid()))
     while (message := tasks.get()) is not None:
-        _, fn = message
+        _, fn, environment = message
+        _adopt(environment)
         stop = threading.Event()
         current[0] = stop
         job = WorkerJob(conn, lock, stop)
@@ -138,6 +140,28 @@ def _worker_main(conn: Connection, warm: tuple[str, ...]) -> None:  # pragma: no
         except Exception as exc:  # a value that does not pickle: a bug, said as one
             job.send(("internal", f"its result could not be sent from the worker ({type(exc).__name__}: {exc})"))
     conn.close()
+
+
+#: The environment variables a job runs under as the web process had them when it asked
+#: (the dashboard's settings; tests change them between jobs).
+SHARED_ENVIRONMENT = ("WSE_", "HF_", "TRANSFORMERS_")
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(SHARED_ENVIRONMENT)}
+
+
+def _adopt(environment: dict[str, str]) -> None:  # pragma: no cover - in the worker
+    """Take the web process's settings (:data:`SHARED_ENVIRONMENT`) for the next job."""
+    for key in [k for k in os.environ if k.startswith(SHARED_ENVIRONMENT) and k not in environment]:
+        del os.environ[key]
+    os.environ.update(environment)
+    import sys
+
+    hub = sys.modules.get("huggingface_hub.constants")  # read once, at import
+    if hub is not None:
+        hub.HF_HUB_CACHE = environment.get("HF_HUB_CACHE", hub.HF_HUB_CACHE)
+        hub.HF_HUB_OFFLINE = environment.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _outcome(fn: Callable[[WorkerJob], Any], job: WorkerJob) -> tuple[str, Any]:  # pragma: no cover - in the worker
@@ -247,7 +271,7 @@ class WorkerPool:
         if hasattr(sink, "worker_pid"):
             sink.worker_pid = worker.pid
         try:
-            worker.conn.send(("run", fn))
+            worker.conn.send(("run", fn, _environment()))
             outcome, keep = self._pump(worker, sink)
             outcome.pid = worker.pid
             return outcome
