@@ -8,8 +8,8 @@ from charts import comparison, matrix_tables, spectra, tables
 from ui import state, views
 from ui.text import escape_markdown
 
-selection, models = views.results()
 st.title("Subspace similarity")
+selection, models = views.results()
 st.caption(
     "φ(i, j) = ‖PᵢᵀQⱼ‖²_F / min(i, j) (Hu et al. 2021, eq. 4) between the top-i singular directions of one "
     "update and the top-j of another, for the same matrix: 1 where one subspace contains the other, ≈ "
