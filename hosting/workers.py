@@ -1,12 +1,13 @@
 """Worker processes: where a job's work runs, outside the web server's process.
 
-A :class:`WorkerPool` keeps up to ``size`` spawned Python processes (started lazily, on
+A :class:`WorkerPool` keeps up to ``size`` Python processes (started lazily, on
 the first job; each then stays up and keeps its imports and open caches for the next
 job). :meth:`WorkerPool.run` hands one picklable job function to an idle worker and,
 on the calling thread, reads what the worker sends back until the job ends: that
 thread is the job's one poller, whoever watches the job.
 
-The channel between the two is a :func:`multiprocessing.Pipe` carrying small messages:
+The channel between the two is a socket pair wrapped as a
+:class:`multiprocessing.connection.Connection`, carrying small pickled messages:
 
 - worker to web: ``("pid", pid)``, ``("progress", p)``, ``("plan", plan)``,
   ``("item", result)``, and one end message ``("done", value)``, ``("failed", text)``,
@@ -31,23 +32,44 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
-import multiprocessing
 import os
+import pickle
 import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from analysis.errors import AnalysisCancelled, InputError
 
 log = logging.getLogger(__name__)
 
+#: The repository root, where a worker process starts (so it imports this checkout).
+ROOT = Path(__file__).resolve().parent.parent
+
 #: Seconds a worker asked to stop may take to end its job before it is killed.
 STOP_GRACE_S = 5.0
 #: Seconds between two looks at a job's stop flag while its worker is silent.
 POLL_S = 0.2
+
+
+def put(conn: Connection, message: Any) -> None:
+    """Send ``message`` pickled by value.
+
+    Plain :mod:`pickle`: :meth:`Connection.send` would hand torch tensors over as shared
+    memory, which needs a :mod:`multiprocessing` parent.
+    """
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def get(conn: Connection) -> Any:
+    """The next message :func:`put` sent (``EOFError`` once the other side has gone)."""
+    return pickle.loads(conn.recv_bytes())
 
 
 class WorkerJob:
@@ -65,7 +87,7 @@ class WorkerJob:
     def send(self, message: tuple) -> None:
         """Send one message to the web process."""
         with self._lock:
-            self._conn.send(message)
+            put(self._conn, message)
 
     def report(self, progress: Any) -> None:
         """Send the job's progress."""
@@ -114,7 +136,7 @@ def _worker_main(conn: Connection, warm: tuple[str, ...]) -> None:  # pragma: no
     def listen() -> None:
         while True:
             try:
-                message = conn.recv()
+                message = get(conn)
             except (EOFError, OSError):  # the web process is gone: end now, whatever runs
                 os._exit(0)
             if message is None:
@@ -127,7 +149,7 @@ def _worker_main(conn: Connection, warm: tuple[str, ...]) -> None:  # pragma: no
 
     threading.Thread(target=listen, name="wse-worker-listen", daemon=True).start()
     with lock:
-        conn.send(("pid", os.getpid()))
+        put(conn, ("pid", os.getpid()))
     while (message := tasks.get()) is not None:
         _, fn, environment = message
         _adopt(environment)
@@ -177,38 +199,62 @@ def _outcome(fn: Callable[[WorkerJob], Any], job: WorkerJob) -> tuple[str, Any]:
 
 
 class Worker:
-    """One spawned worker process and the web side of its pipe."""
+    """One worker process and the web side of its channel.
 
-    def __init__(self, context: multiprocessing.context.BaseContext, warm: tuple[str, ...] = ()) -> None:
-        self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child, warm), name="wse-worker", daemon=True)
-        self.process.start()
-        child.close()
+    Started as ``python -c "from hosting.workers import serve; serve()"`` with one end of a
+    socket pair, not through :mod:`multiprocessing`'s spawn: that re-runs the parent's
+    ``__main__``, which under ``streamlit run`` is ``app.py`` itself.
+    """
+
+    def __init__(self, warm: tuple[str, ...] = ()) -> None:
+        ours, theirs = socket.socketpair()
+        root = str(ROOT)
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from hosting.workers import serve; serve()", str(theirs.fileno()), *warm],
+                pass_fds=(theirs.fileno(),), cwd=root, env={**os.environ, "PYTHONPATH": path},
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
         self.pid = self.process.pid
 
     def alive(self) -> bool:
         """Whether the process is still running."""
-        return self.process.is_alive()
+        return self.process.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        """The process's exit status once it has ended."""
+        return self.process.poll()
 
     def kill(self) -> None:
         """End the process now (a stop it did not heed, or shutdown)."""
         try:
             self.process.kill()
-            self.process.join(5)
+            self.process.wait(5)
+        except (OSError, subprocess.TimeoutExpired):  # pragma: no cover
+            pass
         finally:
             self.conn.close()
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask the process to end after its job, wait ``timeout`` seconds, then kill it."""
         try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.process.join(timeout)
-        if self.process.is_alive():
+            put(self.conn, None)
+            self.process.wait(timeout)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
             self.kill()
         else:
             self.conn.close()
+
+
+def serve() -> None:  # pragma: no cover - the worker process's entry point
+    """A worker process: ``argv[1]`` is its end of the channel, the rest modules to import."""
+    logging.basicConfig(level=logging.WARNING)
+    _worker_main(Connection(int(sys.argv[1])), tuple(sys.argv[2:]))
 
 
 @dataclasses.dataclass
@@ -240,7 +286,6 @@ class WorkerPool:
     def __init__(self, size: int, warm: tuple[str, ...] = ()) -> None:
         self.size = max(1, int(size))
         self.warm = tuple(warm)
-        self._context = multiprocessing.get_context("spawn")
         self._idle: list[Worker] = []
         self._all: list[Worker] = []
         self._lock = threading.Lock()
@@ -271,7 +316,7 @@ class WorkerPool:
         if hasattr(sink, "worker_pid"):
             sink.worker_pid = worker.pid
         try:
-            worker.conn.send(("run", fn, _environment()))
+            put(worker.conn, ("run", fn, _environment()))
             outcome, keep = self._pump(worker, sink)
             outcome.pid = worker.pid
             return outcome
@@ -288,9 +333,9 @@ class WorkerPool:
         while True:
             if worker.conn.poll(POLL_S):
                 try:
-                    kind, *payload = worker.conn.recv()
+                    kind, *payload = get(worker.conn)
                 except (EOFError, OSError):
-                    code = worker.process.exitcode
+                    code = worker.exitcode
                     return Outcome("lost", text=f"the worker process ended (exit code {code})"), False
                 if kind == "progress":
                     sink.report(payload[0])
@@ -303,11 +348,11 @@ class WorkerPool:
                 elif kind in ("failed", "internal", "cancelled"):
                     return Outcome(kind, text=payload[0]), True
             elif not worker.alive():
-                return Outcome("lost", text=f"the worker process ended (exit code {worker.process.exitcode})"), False
+                return Outcome("lost", text=f"the worker process ended (exit code {worker.exitcode})"), False
             if sink.should_stop():
                 if stopped_at is None:
                     stopped_at = time.monotonic()
-                    worker.conn.send(("stop",))
+                    put(worker.conn, ("stop",))
                 elif time.monotonic() - stopped_at > STOP_GRACE_S:
                     log.warning("worker %d did not stop within %.0f s: killed", worker.pid, STOP_GRACE_S)
                     return Outcome("cancelled", text="cancelled (its worker was stopped)"), False
@@ -324,8 +369,8 @@ class WorkerPool:
                     return worker
                 self._all.remove(worker)
         try:
-            worker = Worker(self._context, self.warm)
-            kind, pid = worker.conn.recv()  # ready: its imports are done
+            worker = Worker(self.warm)
+            kind, pid = get(worker.conn)  # ready: its imports are done
         except BaseException:
             self._slots.release()
             raise
