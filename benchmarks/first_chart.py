@@ -30,7 +30,7 @@ new MutationObserver(() => {
   const seen = (name, selector) => { if (t[name] === undefined && document.querySelector(selector)) t[name] = now; };
   seen('links', '[data-testid="stSidebar"] [data-testid="stPageLink-NavLink"]');
   seen('title', '[data-testid="stMain"] h1');
-  seen('progress', '[data-testid="stMain"] [data-testid="stProgress"], [data-testid="stMain"] [data-testid="stCaptionContainer"]');
+  seen('progress', '[data-testid="stMain"] [data-testid="stProgress"]');
   seen('chart', '.js-plotly-plot .main-svg');
 }).observe(document, {subtree: true, childList: true});
 """

@@ -119,7 +119,8 @@ def _cpu_seconds(pid: int | None) -> tuple[float, float]:
 
 def _drawn(page) -> bool:
     try:
-        return bool(page.evaluate(f"() => !!({SCRIPT_DONE})()")) and page.locator(".js-plotly-plot .main-svg").count() > 0
+        done = bool(page.evaluate(f"() => !!({SCRIPT_DONE})()"))
+        return done and page.locator(".js-plotly-plot .main-svg").count() > 0
     except Exception:  # navigating
         return False
 

@@ -142,9 +142,7 @@ def test_no_worker_outlives_its_server() -> None:
         """
     )
     for how in ("exit", "kill"):
-        run = subprocess.run(
-            [sys.executable, "-c", script, how], cwd=REPO, capture_output=True, text=True, timeout=180
-        )
+        run = subprocess.run([sys.executable, "-c", script, how], cwd=REPO, capture_output=True, text=True, timeout=180)
         pids = [int(p) for p in run.stdout.split()]
         assert len(pids) == 2, run.stderr[-2000:]
         deadline = time.monotonic() + 10
