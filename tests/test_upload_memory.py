@@ -11,6 +11,8 @@ for what a page run itself allocates.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,8 @@ if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-MIB = 80
+#: Size of each of the three files (``WSE_TEST_UPLOAD_MIB=450`` measures the issue's case).
+MIB = int(os.environ.get("WSE_TEST_UPLOAD_MIB", "80"))
 #: Allowed growth after the files are gone: 200 MB per 3 x 450 MiB (the issue's), at least 40 MB.
 ALLOWED_MB = max(40.0, 200 * MIB / 450)
 
@@ -85,9 +88,12 @@ def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple
         page.wait_for_timeout(2000)
         start = rss_mb(pid)
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in files])
-        page.get_by_test_id("stFileUploaderFile").nth(2).wait_for()
+        page.get_by_test_id("stFileChip").nth(2).wait_for()
+        uploaded = 3 * MIB * 2**20 / 1e6
+        deadline = time.monotonic() + 60
+        while (held := rss_mb(pid)) - start < 0.8 * uploaded and time.monotonic() < deadline:
+            time.sleep(0.5)  # until the three requests are in
         page.wait_for_timeout(1000)
-        held = rss_mb(pid)
         page.get_by_role("button", name="Add the upload as a fine-tune").click()
         outcome = page.get_by_text("Upload refused" if not valid else "as a fine-tune.", exact=False)
         outcome.first.wait_for()
@@ -97,7 +103,9 @@ def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple
             time.sleep(1)
             after = rss_mb(pid)
         browser.close()
-    uploaded = 3 * MIB * 2**20 / 1e6
+    figures = {"files_mib": [MIB] * 3, "start_mb": start, "with_files_mb": held, "after_30s_mb": after,
+               "allowed_mb": ALLOWED_MB, "load_1min": os.getloadavg()[0]}  # fmt: skip
+    print(json.dumps({"refused" if not valid else "stored": figures}))
     assert held - start > 0.8 * uploaded, f"the upload was not in server memory ({start:.0f} -> {held:.0f} MB)"
     assert after - start <= ALLOWED_MB, (
         f"server RSS {start:.0f} MB before, {held:.0f} MB with the files, {after:.0f} MB 30 s after they were "
