@@ -298,6 +298,12 @@ def release_uploads(files) -> None:
     for f in files:
         f.close()
     gc.collect()
+    # What still holds them once this run is over (the widget's old values, an error's
+    # traceback in a reference cycle) goes with the collections after it.
+    for delay in (2.0, 10.0):
+        timer = threading.Timer(delay, gc.collect)
+        timer.daemon = True
+        timer.start()
 
 
 def _upload_limits() -> tuple[int, float]:
