@@ -291,7 +291,12 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(self.size)
         self._closed = False
-        atexit.register(self.shutdown)
+        # Before the interpreter joins its threads at exit: a job's poller (a thread of the
+        # job manager's executor, which exit waits for) ends when its worker is gone.
+        try:
+            threading._register_atexit(self.shutdown)
+        except (AttributeError, RuntimeError):  # pragma: no cover - another Python, or exiting
+            atexit.register(self.shutdown)
 
     def pids(self) -> list[int]:
         """The process ids of the workers running now."""
@@ -395,9 +400,18 @@ class WorkerPool:
         self._slots.release()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """End every worker: idle ones at once, busy ones after ``timeout`` seconds at most."""
+        """End every worker.
+
+        Idle ones are asked to (``timeout`` seconds, then killed), busy ones are killed at
+        once (their jobs end as failed, their pollers return).
+        """
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            workers, self._all, self._idle = list(self._all), [], []
+            workers, idle, self._all, self._idle = list(self._all), list(self._idle), [], []
         for worker in workers:
-            worker.close(timeout)
+            if worker in idle:
+                worker.close(timeout)
+            else:
+                worker.kill()

@@ -198,7 +198,6 @@ def add_upload() -> None:
         return
     finally:  # stored on disk or refused: the server's copies in memory go now
         runtime.release_uploads(files)
-        st.session_state.pop(uploader_key, None)
     runtime.upload_quota(size, count=True)
     if stored.spec not in uploads:
         uploads.append(stored.spec)
@@ -220,7 +219,6 @@ def check_pending() -> None:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
         runtime.release_uploads(files)
-        st.session_state.pop(uploader_key, None)
     else:
         st.session_state.pop("wse_upload_error", None)
 
