@@ -54,6 +54,13 @@ with st.sidebar:
 title = st.empty()
 title.title(page.title)  # until the page draws its own
 
+from streamlit import runtime as streamlit_runtime  # noqa: E402
+
+if streamlit_runtime.exists():  # a server (not AppTest): its analysis workers start importing now
+    from ui import early  # noqa: E402
+
+    early.start_workers()
+
 from analysis.errors import InputError  # noqa: E402
 from ui import runtime, state  # noqa: E402
 from ui.text import escape_markdown  # noqa: E402

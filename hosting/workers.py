@@ -220,6 +220,7 @@ class Worker:
             theirs.close()
         self.conn = Connection(ours.detach())
         self.pid = self.process.pid
+        self.warm = tuple(warm)
 
     def alive(self) -> bool:
         """Whether the process is still running."""
@@ -255,6 +256,46 @@ def serve() -> None:  # pragma: no cover - the worker process's entry point
     """A worker process: ``argv[1]`` is its end of the channel, the rest modules to import."""
     logging.basicConfig(level=logging.WARNING)
     _worker_main(Connection(int(sys.argv[1])), tuple(sys.argv[2:]))
+
+
+#: Workers started by :func:`prestart`, waiting for the pool that adopts them.
+_early: list[Worker] = []
+_early_lock = threading.Lock()
+
+
+def prestart(size: int, warm: tuple[str, ...]) -> None:
+    """Start ``size`` workers importing ``warm`` now, for the :class:`WorkerPool` made later.
+
+    The dashboard calls it first thing on a server's first page run, so the workers import
+    torch while the web process imports the rest of itself (on a cold server both take
+    seconds). Once per process; a pool with the same ``warm`` adopts them.
+    """
+    with _early_lock:
+        if getattr(prestart, "done", False):
+            return
+        prestart.done = True  # type: ignore[attr-defined]
+        _early.extend(Worker(warm) for _ in range(max(1, size)))
+        try:
+            threading._register_atexit(_close_early)
+        except (AttributeError, RuntimeError):  # pragma: no cover
+            atexit.register(_close_early)
+
+
+def _close_early() -> None:
+    with _early_lock:
+        workers = list(_early)
+        _early.clear()
+    for worker in workers:
+        worker.close(2.0)
+
+
+def _early_worker(warm: tuple[str, ...]) -> Worker | None:
+    with _early_lock:
+        for worker in _early:
+            if worker.warm == warm:
+                _early.remove(worker)
+                return worker
+    return None
 
 
 @dataclasses.dataclass
@@ -374,7 +415,7 @@ class WorkerPool:
                     return worker
                 self._all.remove(worker)
         try:
-            worker = Worker(self.warm)
+            worker = _early_worker(self.warm) or Worker(self.warm)
             kind, pid = get(worker.conn)  # ready: its imports are done
         except BaseException:
             self._slots.release()
