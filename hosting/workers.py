@@ -22,7 +22,7 @@ pipe are the per-matrix results (scores and thinned spectra, a few kB each) and 
 A stop (nobody watches the job any more) is a message the worker's listener thread turns
 into ``should_stop()``; the pipeline checks it between steps. A worker that has not ended
 its job :data:`STOP_GRACE_S` seconds after being asked is killed and replaced, so a stop
-never waits on one long SVD. A worker whose web process has gone (the pipe closes: the
+never waits long on one huge SVD. A worker whose web process has gone (the pipe closes: the
 server stopped, even by ``SIGKILL``) exits at once; on a normal exit the pool is shut
 down by :mod:`atexit` as well, so no worker outlives the server.
 """
@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 #: The repository root, where a worker process starts (so it imports this checkout).
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Seconds a worker asked to stop may take to end its job before it is killed.
-STOP_GRACE_S = 5.0
+#: Seconds a worker asked to stop may take to end its job before it is killed. The pipeline
+#: stops between matrices and keeps (caches) the ones it finished; one large matrix on a
+#: busy machine can take longer than a few seconds, and killing it loses that work.
+STOP_GRACE_S = 20.0
 #: Seconds between two looks at a job's stop flag while its worker is silent.
 POLL_S = 0.2
 

@@ -103,7 +103,8 @@ def test_progress_results_errors_and_a_stop_reach_the_job(manager: JobManager) -
     assert again.wait(60) and again.result == pid  # the worker was kept and reused
 
 
-def test_a_worker_that_does_not_stop_is_killed_and_replaced() -> None:
+def test_a_worker_that_does_not_stop_is_killed_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "STOP_GRACE_S", 3.0)
     manager = JobManager(max_workers=1, processes=True)
     try:
         job = manager.submit("stubborn", Work(_slow, {"steps": 600, "heed_stop": False}), watcher="tab")
