@@ -74,6 +74,8 @@ def _big_files(root: Path, valid: bool) -> list[Path]:
 
 @pytest.mark.parametrize("valid", [False, True], ids=["refused", "stored"])
 def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple[str, Path], valid: bool) -> None:
+    if valid and 3 * MIB * 2**20 > 500e6:
+        pytest.skip("three files this large are over the 500 MB cap of one upload together: never stored")
     url, root = server
     files = _big_files(root, valid)
     pid = server_pid(url)
