@@ -13,23 +13,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.errors import InputError
-from ui import runtime, state
-from ui.text import escape_markdown
-
+# The first paint: the page's title and the titled page list come before anything heavy is
+# imported or read (on a cold server, importing the engine takes seconds). Streamlit's own
+# sidebar list is off (.streamlit/config.toml, client.showSidebarNavigation): before the
+# first st.navigation of a server it would list the files of pages/ by name.
 st.set_page_config(page_title="Weight-spectrum explorer", page_icon="📈", layout="wide")
-try:
-    runtime.check_settings()
-except InputError as exc:  # the server's own configuration: say which variable, and stop
-    st.error(escape_markdown(str(exc)))
-    st.caption("This server's settings need fixing (docs/hosting.md, Limits); nothing else runs until then.")
-    st.stop()
-# A session opened without a link naming models starts on the demo; on a server that has
-# none yet, the demo builds in the background and the selection grows with each fine-tune.
-opened_on_demo = not st.session_state.get("sel_loaded") and not st.query_params.get("base")
-state.load(runtime.demo_defaults)
-runtime.ensure_demo(follow=opened_on_demo)
-runtime.follow_demo()
 
 PAGES = {
     "Explore": [
@@ -55,14 +43,48 @@ PAGES = {
     "Setup": [st.Page("pages/models.py", title="Models", icon=":material/folder_open:", url_path="models")],
 }
 
-page = st.navigation(PAGES)
+page = st.navigation(PAGES, position="hidden")
+with st.sidebar:
+    for section, members in PAGES.items():
+        st.caption(section)
+        for member in members:
+            if member.visibility != "hidden":
+                st.page_link(member, label=member.title, icon=member.icon)
+    selection_line = st.empty()
+title = st.empty()
+title.title(page.title)  # until the page draws its own
+
+from streamlit import runtime as streamlit_runtime  # noqa: E402
+
+if streamlit_runtime.exists():  # a server (not AppTest): its analysis workers start importing now
+    from ui import early  # noqa: E402
+
+    early.start_workers()
+
+from analysis.errors import InputError  # noqa: E402
+from ui import runtime, state  # noqa: E402
+from ui.text import escape_markdown  # noqa: E402
+
+try:
+    runtime.check_settings()
+except InputError as exc:  # the server's own configuration: say which variable, and stop
+    st.error(escape_markdown(str(exc)))
+    st.caption("This server's settings need fixing (docs/hosting.md, Limits); nothing else runs until then.")
+    st.stop()
+# A session opened without a link naming models starts on the demo; on a server that has
+# none yet, the demo builds in the background and the selection grows with each fine-tune.
+opened_on_demo = not st.session_state.get("sel_loaded") and not st.query_params.get("base")
+state.load(runtime.demo_defaults)
+runtime.ensure_demo(follow=opened_on_demo)
+runtime.follow_demo()
+
 st.session_state.wse_page = page.url_path
 selection = state.current()
 # Written before the page runs: pages may st.stop(), and every change of the selection
 # happens in widget callbacks, which run before the script.
 state.to_url(selection)
 
-with st.sidebar:
+with selection_line.container():
     if selection.complete:
         resolver = runtime.resolver()
         st.caption(
@@ -72,6 +94,7 @@ with st.sidebar:
     st.caption("The address bar holds this exact view: copy it to share.")
 
 state.mark_app_run()
+title.empty()
 try:
     page.run()
 except InputError as exc:  # bad input a page did not catch: a plain line, not a redacted traceback

@@ -1,11 +1,14 @@
 """Background jobs: heavy analyses run outside the page script, shared between visitors.
 
-The dashboard never runs an SVD inside a Streamlit script run. It asks a process-wide
-:class:`JobManager` for a job keyed by what is being computed (for a comparison: base,
-fine-tune and settings); the manager runs it on a worker thread (torch releases the GIL
-in its kernels, so pages stay responsive) and every session asking for the same key
-joins the same job instead of starting another. Pages poll :class:`Job` for progress
-and for results that arrive one by one.
+The dashboard never runs an SVD inside a Streamlit script run, nor in the web server's
+process. It asks a process-wide :class:`JobManager` for a job keyed by what is being
+computed (for a comparison: base, fine-tune and settings); every session asking for the
+same key joins the same job instead of starting another. With ``processes=True`` (the
+dashboard) a job given as :class:`Work` runs in a worker process
+(:mod:`hosting.workers`), and one thread of the manager per running job (its poller)
+reads the worker's progress and results into the :class:`Job`; other job functions run
+on that thread itself. Pages read :class:`Job` for progress and for results that arrive
+one by one, never the worker.
 
 Cancelling is shared-safe: each session *watches* the jobs it asked for, and a Cancel
 button only withdraws that session's interest; the job stops when nobody watches it any
@@ -17,19 +20,25 @@ Nothing here imports Streamlit; the dashboard keeps one manager per server proce
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from analysis import distributed, mitigation
+from analysis.cache import SpectrumCache
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.mitigation import MitigationSettings
 from analysis.pipeline import analyse_plan, model_result
+from analysis.specs import SpecResolver
+from hosting.uploads import UploadStore
+from hosting.workers import WorkerJob, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +133,8 @@ class Job:
         self.owner: str | None = None
         #: Stopped because no watcher was left (a page asking again restarts it).
         self.abandoned = False
+        #: The worker process that runs the job (``None``: a thread of this process).
+        self.worker_pid: int | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -201,10 +212,15 @@ class JobManager:
     keep_finished : int, default 32
         Finished jobs kept (so a revisit or a second visitor gets the result at once);
         older ones are forgotten, their spectra stay in the persistent cache.
+    processes : bool, default False
+        Run each :class:`Work` job in one of ``max_workers`` worker processes
+        (:class:`hosting.workers.WorkerPool`, spawned on the first such job) instead of
+        on a thread of this process.
     """
 
-    def __init__(self, max_workers: int = 1, keep_finished: int = 32) -> None:
+    def __init__(self, max_workers: int = 1, keep_finished: int = 32, *, processes: bool = False) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="wse-job")
+        self.workers = WorkerPool(max_workers, warm=(__name__,)) if processes else None
         self._jobs: dict[Hashable, Job] = {}
         self._lock = threading.Lock()
         self.keep_finished = keep_finished
@@ -288,12 +304,17 @@ class JobManager:
         for job in self.jobs():
             job.cancel()
         self._pool.shutdown(wait=True, cancel_futures=False)
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _run(self, job: Job, fn: JobFunction) -> None:
         if job.should_stop():
             job._finish(JobState.CANCELLED, error="cancelled before it started")
             return
         job.state = JobState.RUNNING
+        if self.workers is not None and isinstance(fn, Work):
+            self._run_in_worker(job, fn)
+            return
         try:
             result = fn(job)
         except AnalysisCancelled as exc:
@@ -308,12 +329,91 @@ class JobManager:
         finally:
             log.info("job %s: %s in %.1f s", job.label or job.key, job.state.value, time.time() - job.created_at)
 
+    def _run_in_worker(self, job: Job, fn: Work) -> None:
+        """Run ``fn`` in a worker process; this thread is the job's poller meanwhile."""
+        try:
+            outcome = self.workers.run(fn, job)
+        except Exception as exc:  # no worker could be started (e.g. out of memory)
+            log.exception("job %s: no worker process", job.label or job.key)
+            job._finish(JobState.FAILED, error=f"internal error (no worker process: {type(exc).__name__}: {exc})")
+            return
+        if outcome.state == "done" and fn.restore is not None:
+            try:
+                outcome.value = fn.restore(outcome.value, **fn.kwargs)
+            except InputError as exc:
+                outcome.state, outcome.text = "failed", str(exc)
+        if outcome.state == "done":
+            job._finish(JobState.DONE, result=outcome.value)
+        elif outcome.state == "cancelled":
+            job._finish(JobState.CANCELLED, error=outcome.text)
+        elif outcome.state == "failed":
+            job._finish(JobState.FAILED, error=outcome.text)
+        else:  # a bug in the job, or its worker died (killed for memory?): keep serving, say so
+            log.error("job %s failed in worker %s: %s", job.label or job.key, outcome.pid, outcome.text)
+            job._finish(JobState.FAILED, error=f"internal error ({outcome.text})")
+        log.info("job %s: %s in %.1f s (worker %s)", job.label or job.key, job.state.value,
+                 time.time() - job.created_at, outcome.pid)  # fmt: skip
+
     def _prune(self) -> None:
         finished = sorted(
             (j for j in self._jobs.values() if j.state.finished), key=lambda j: j.finished_at or j.created_at
         )
         for job in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._jobs[job.key]
+
+
+@dataclass(frozen=True)
+class Work:
+    """A job function that can run in a worker process.
+
+    A module-level ``function`` and picklable keyword arguments; calling it with a job
+    calls ``function(job, **kwargs)``.
+    """
+
+    function: Callable[..., Any]
+    kwargs: dict = field(default_factory=dict)
+    #: ``restore(value, **kwargs)``: run in the web process on the value a worker sent back
+    #: (e.g. to reopen what does not cross processes); ``None``: the value as it came.
+    restore: Callable[..., Any] | None = None
+
+    def __call__(self, job) -> Any:
+        """Do the work, reporting to ``job`` (a :class:`Job`, or a worker's stand-in)."""
+        return self.function(job, **self.kwargs)
+
+
+@functools.cache
+def server_resolver(cache_dir: str, allow_local_paths: bool) -> SpecResolver:
+    """The dashboard's spec resolver for ``cache_dir`` (its uploads live in ``uploads/``).
+
+    One per process: the web server's and each worker's see the same models.
+    """
+    return SpecResolver(uploads=UploadStore(os.path.join(cache_dir, "uploads")), allow_local_paths=allow_local_paths)
+
+
+@functools.cache
+def server_cache(cache_dir: str) -> SpectrumCache:
+    """The dashboard's spectrum cache in ``cache_dir`` (``spectra/``), one per process."""
+    return SpectrumCache(os.path.join(cache_dir, "spectra"))
+
+
+def comparison_work(
+    cache_dir: str, allow_local_paths: bool, base: str, tuned: str, *, settings, device: str = "auto", workers=None
+) -> Work:
+    """:func:`comparison_job` as :class:`Work`, for a worker process.
+
+    The resolver and cache are the server's for ``cache_dir`` (:func:`server_resolver`,
+    :func:`server_cache`), opened where it runs.
+    """
+    where = {"cache_dir": cache_dir, "allow_local_paths": allow_local_paths}
+    return Work(_compare, {**where, "base": base, "tuned": tuned, "settings": settings, "device": device,
+                           "workers": workers})  # fmt: skip
+
+
+def _compare(job, *, cache_dir: str, allow_local_paths: bool, base: str, tuned: str, settings, device, workers):
+    resolver = server_resolver(cache_dir, allow_local_paths)
+    fn = comparison_job(resolver, base, tuned, settings=settings, device=device, cache=server_cache(cache_dir),
+                        workers=workers)  # fmt: skip
+    return fn(job)
 
 
 def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:
@@ -436,3 +536,33 @@ def mitigation_job(
             finished.set()
 
     return job_fn
+
+
+def mitigation_work(
+    cache_dir: str, allow_local_paths: bool, base: str, tuned: str, settings: MitigationSettings, *, tradeoff: bool,
+    device: str = "auto",
+) -> Work:  # fmt: skip
+    """:func:`mitigation_job` as :class:`Work` (resolver and cache as in :func:`comparison_work`)."""
+    kwargs = {"cache_dir": cache_dir, "allow_local_paths": allow_local_paths, "base": base, "tuned": tuned,
+              "settings": settings, "tradeoff": tradeoff, "device": device}  # fmt: skip
+    return Work(_mitigate, kwargs, restore=_reattach)
+
+
+def _mitigate(job, *, cache_dir: str, allow_local_paths: bool, base, tuned, settings, tradeoff, device):
+    resolver = server_resolver(cache_dir, allow_local_paths)
+    cache = server_cache(cache_dir)
+    fn = mitigation_job(resolver, base, tuned, settings, tradeoff=tradeoff, device=device, cache=cache)
+    result = fn(job)
+    if isinstance(job, WorkerJob):  # the loaders stay here; the web process plans the pair again
+        result.mitigation = result.mitigation.detached()
+    return result
+
+
+def _reattach(result, *, cache_dir: str, allow_local_paths: bool, base, tuned, **_):
+    """A mitigation sent by a worker, with its plan's loaders opened in this process.
+
+    The downloads read the weights through them.
+    """
+    plan = mitigation.plan_for(server_resolver(cache_dir, allow_local_paths), base, tuned)
+    result.mitigation = result.mitigation.attached(plan)
+    return result

@@ -8,10 +8,10 @@ from charts import comparison, overview_tables, tables
 from ui import state, views
 from ui.text import escape_markdown
 
+st.title("Effective rank of the updates")
 selection, models = views.results()
 views.report_download(selection, models)
 
-st.title("Effective rank of the updates")
 st.caption(
     "How many directions each update ΔW = W_tuned − W_base uses. **Effective rank** (Roy & Vetterli 2007): "
     "exp of the entropy of the normalised singular values. **rank90** (Biderman et al. 2024): the fewest "

@@ -8,11 +8,11 @@ from analysis.results import DEFAULT_EPSILONS
 from charts import comparison, tables
 from ui import state, views
 
+st.title("Intruder dimensions vs ε")
 selection, models = views.results()
 k, eps = views.k_eps_controls(models)
 views.report_download(selection, models)
 
-st.title("Intruder dimensions vs ε")
 st.caption(
     f"Number of the top {k} tuned singular vectors whose best |cosine| with every base singular vector is below "
     "ε, summed over the chosen matrices (Shuttleworth et al. 2024, Fig. 4). LoRA typically has intruders at "

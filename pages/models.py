@@ -211,15 +211,18 @@ def add_upload() -> None:
     if not files:
         st.session_state.wse_upload_error = "Choose the files to upload first."
         return
+    size = sum(f.size for f in files)
     try:
-        runtime.upload_quota(sum(f.size for f in files))
+        runtime.upload_quota(size)
         stored = resolver.uploads.add([(f.name, f) for f in files])
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
         # A refused upload leaves the uploader (and server memory): the next try starts clean.
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
         return
-    runtime.upload_quota(sum(f.size for f in files), count=True)
+    finally:  # stored on disk or refused: the server's copies in memory go now
+        runtime.release_uploads(files)
+    runtime.upload_quota(size, count=True)
     if stored.spec not in uploads:
         uploads.append(stored.spec)
     if stored.spec not in state.get("tuned"):
@@ -239,6 +242,7 @@ def check_pending() -> None:
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
+        runtime.release_uploads(files)
     else:
         st.session_state.pop("wse_upload_error", None)
 

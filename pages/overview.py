@@ -15,11 +15,11 @@ goto = st.session_state.pop("wse_goto", None)
 if goto:
     st.switch_page(goto)
 
+st.title("Overview")
 selection, models = views.results()
 k, eps = views.k_eps_controls(models)
 views.report_download(selection, models)
 
-st.title("Overview")
 st.caption(
     "Each cell is one weight matrix of one fine-tune. **Intruder dimensions** (Shuttleworth et al. 2024): "
     f"among the top {k} singular vectors of the tuned matrix, those whose best |cosine| with every base "

@@ -8,6 +8,7 @@ from charts import matrix_tables, spectra, tables
 from ui import views
 from ui.text import escape_markdown
 
+st.title("Singular-vector similarity")
 selection, models = views.results()
 model = views.model_control(models)
 name = views.matrix_control(models)
@@ -15,7 +16,6 @@ k, eps = views.k_eps_controls(models)
 views.report_download(selection, models)
 
 label = tables.model_labels(models)[models.index(model)]
-st.title("Singular-vector similarity")
 st.caption(
     "Left: |cosine| between the top tuned and the top base left singular vectors (Shuttleworth et al. 2024, "
     "Fig. 1/3): a clean diagonal means fine-tuning kept the base's directions. Right: each tuned vector's best "

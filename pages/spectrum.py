@@ -8,6 +8,7 @@ from charts import matrix_tables, spectra, tables
 from ui import views
 from ui.text import escape_markdown
 
+st.title("Spectrum")
 selection, models = views.results()
 model = views.model_control(models)
 name = views.matrix_control(models)
@@ -15,7 +16,6 @@ k, eps = views.k_eps_controls(models)
 views.report_download(selection, models)
 
 label = tables.model_labels(models)[models.index(model)]
-st.title("Spectrum")
 st.caption(
     "Singular values of the base weight W₀, the tuned weight Wₜ and the update ΔW (log scales). Red crosses "
     f"mark intruder dimensions among the top {k} tuned vectors at ε = {eps:g}, at the rank where they sit: "

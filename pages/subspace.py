@@ -8,8 +8,8 @@ from charts import comparison, matrix_tables, spectra, tables
 from ui import state, views
 from ui.text import escape_markdown
 
-selection, models = views.results()
 st.title("Subspace similarity")
+selection, models = views.results()
 st.caption(
     "Do two fine-tunes change the same matrix in the same directions? Each cell compares the top-i directions of "
     "one update ΔW with the top-j of the other: 1 where one set of directions contains the other, near 0 for "

@@ -133,7 +133,7 @@ def wait_page(page, title: str, *, charts: bool = True) -> None:
 def go_to(page, link: str, title: str, *, charts: bool = True) -> float:
     """Click a page in the sidebar navigation; return seconds until it is drawn."""
     start = time.perf_counter()
-    page.get_by_test_id("stSidebarNav").get_by_role("link", name=link).click()
+    page.get_by_test_id("stSidebar").get_by_test_id("stPageLink-NavLink").filter(has_text=link).first.click()
     wait_page(page, title, charts=charts)
     return time.perf_counter() - start
 

@@ -133,7 +133,7 @@ def test_the_running_analyses_quota_holds_across_tabs(
 
     token = os.urandom(16).hex()  # a browser of this test's own: the server's counts outlive a test
     monkeypatch.setattr(runtime, "browser_token", lambda: token, raising=False)
-    monkeypatch.setattr(runtime, "comparison_job", blocked)
+    monkeypatch.setattr(runtime, "_comparison", blocked)
     tab = {"id": "first tab"}  # AppTest gives every session one id; a browser's tabs have their own
     monkeypatch.setattr(runtime, "session_id", lambda: tab["id"])
     monkeypatch.setenv("WSE_MAX_JOBS_PER_VISITOR", "1")

@@ -22,7 +22,7 @@ from analysis.adapters import LoraAdapter
 from analysis.cache import default_cache_dir
 from analysis.errors import InputError
 from analysis.mitigation import MitigationSettings, export_adapter, export_merged
-from hosting.jobs import Job, JobState, mitigation_job, mitigation_key
+from hosting.jobs import Job, JobState, mitigation_key, mitigation_work
 from ui import runtime, state
 from ui.text import escape_markdown
 
@@ -104,9 +104,10 @@ def track(base: str, tuned: str, settings: MitigationSettings, curve: bool, *, s
     job = jobs.get(key)
     stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
     if start and (job is None or (stale and st.session_state.get("mit_retry"))):
-        fn = mitigation_job(
-            resolver, base, tuned, settings, tradeoff=curve, device=runtime.device(), cache=runtime.spectrum_cache()
-        )
+        fn = mitigation_work(
+            str(default_cache_dir()), resolver.allow_local_paths, base, tuned, settings, tradeoff=curve,
+            device=runtime.device(),
+        )  # fmt: skip
         job = jobs.submit(key, fn, label=f"mitigate {resolver.label(tuned)}", watcher=runtime.session_id())
         st.session_state.mit_retry = False
     elif start and job is not None and not job.should_stop():

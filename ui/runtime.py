@@ -8,7 +8,6 @@ for a comparison that is running or done joins it. Analyses never run in a page 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 import uuid
@@ -25,9 +24,17 @@ from analysis.results import ModelResult
 from analysis.scheduler import available_cores
 from analysis.specs import DEMO_PREFIX, UPLOAD_PREFIX, SpecResolver, is_upload_spec, local_paths_allowed
 from analysis.specs.series import Series, is_series_spec, resolve_series
-from hosting.jobs import Job, JobManager, JobState, comparison_job, comparison_key
+from hosting.jobs import (
+    Job,
+    JobManager,
+    JobState,
+    comparison_job,
+    comparison_key,
+    comparison_work,
+    server_cache,
+    server_resolver,
+)
 from hosting.public import public_message, server_places
-from hosting.uploads import UploadStore
 
 SETTINGS = AnalysisSettings()
 
@@ -59,6 +66,7 @@ def check_settings() -> None:
     default_budget_bytes()
     resolver()  # its upload store reads WSE_UPLOAD_BUDGET_GB
     _max_jobs()
+    _worker_processes()
     _max_jobs_per_visitor()
     _upload_limits()
     _demo_autobuild()
@@ -72,11 +80,19 @@ def check_settings() -> None:
 
 
 @st.cache_resource(show_spinner=False)
-def job_manager(max_workers: int = 1) -> JobManager:
-    """The server's job manager; jobs nobody is left waiting for (every visitor who asked
-    closed the tab) are stopped within seconds."""
-    manager = JobManager(max_workers=max_workers)
+def job_manager(max_workers: int = 1, processes: bool = True) -> JobManager:
+    """The server's job manager: analyses run in ``max_workers`` worker processes (with
+    ``processes``; :mod:`hosting.workers`), each job's progress read by one thread of this
+    process. Jobs nobody is left waiting for (every visitor who asked closed the tab) are
+    stopped within seconds. Under a real server the workers are started at once, in the
+    background, so the first analysis does not wait for their imports; elsewhere (tests)
+    on the first job."""
+    manager = JobManager(max_workers=max_workers, processes=processes)
     manager.reap_every(_session_alive, REAP_SECONDS)
+    from streamlit import runtime as streamlit_runtime
+
+    if manager.workers is not None and streamlit_runtime.exists():
+        threading.Thread(target=manager.workers.start, name="wse-worker-warm", daemon=True).start()
     return manager
 
 
@@ -95,12 +111,12 @@ def _session_alive(session: str) -> bool:
 
 @st.cache_resource(show_spinner=False)
 def _resolver(cache_dir: str, allow_local_paths: bool) -> SpecResolver:
-    return SpecResolver(uploads=UploadStore(os.path.join(cache_dir, "uploads")), allow_local_paths=allow_local_paths)
+    return server_resolver.__wrapped__(cache_dir, allow_local_paths)
 
 
 @st.cache_resource(show_spinner=False)
 def _spectrum_cache(cache_dir: str) -> SpectrumCache:
-    return SpectrumCache(os.path.join(cache_dir, "spectra"))
+    return server_cache.__wrapped__(cache_dir)
 
 
 def resolver() -> SpecResolver:
@@ -120,8 +136,14 @@ def _max_jobs_per_visitor() -> int:
     return int(env_number("WSE_MAX_JOBS_PER_VISITOR", 8, minimum=1, integer=True))
 
 
+def _worker_processes() -> bool:
+    """``WSE_WORKER_PROCESSES``: analyses in worker processes (default on); off, they run on
+    threads of the web server's process (as before; for debugging and comparisons)."""
+    return env_flag("WSE_WORKER_PROCESSES", True)
+
+
 def manager() -> JobManager:
-    return job_manager(_max_jobs())
+    return job_manager(_max_jobs(), _worker_processes() and not RAY_ADDRESS)
 
 
 def _job_workers() -> int | None:
@@ -258,6 +280,34 @@ def upload_quota(size: int, *, count: bool = False) -> None:
         raise InputError("your uploads", f"one visitor may upload at most {megabytes:g} MB in all")
 
 
+def release_uploads(files) -> None:
+    """Let go of uploaded files at once, once they are stored or refused.
+
+    Streamlit keeps every uploaded file whole in server memory (its
+    ``MemoryUploadedFileManager``) until the browser deletes it or the session ends,
+    minutes after the tab closed; the widget's own values wrap the same bytes. Removing
+    them from the manager, closing the values and collecting frees them now (a large
+    ``bytes`` is its own ``mmap``: freeing it returns the memory to the system).
+    """
+    import gc
+
+    from streamlit import runtime as streamlit_runtime
+
+    if streamlit_runtime.exists():
+        manager = streamlit_runtime.get_instance().uploaded_file_mgr
+        for f in files:
+            manager.remove_file(session_id(), f.file_id)
+    for f in files:
+        f.close()
+    gc.collect()
+    # What still holds them once this run is over (the widget's old values, an error's
+    # traceback in a reference cycle) goes with the collections after it.
+    for delay in (2.0, 10.0):
+        timer = threading.Timer(delay, gc.collect)
+        timer.daemon = True
+        timer.start()
+
+
 def _upload_limits() -> tuple[int, float]:
     """``WSE_UPLOADS_PER_VISITOR`` (uploads) and ``WSE_UPLOAD_MB_PER_VISITOR`` (megabytes)."""
     most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
@@ -377,21 +427,32 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
             if sum(jobs.active_for(tab) for tab in visitor_sessions()) >= _max_jobs_per_visitor():
                 tracked.append(Tracked(spec, None, refused=_busy_message()))
                 continue
-            fn = comparison_job(
-                resolver(),
-                base,
-                spec,
-                settings=SETTINGS,
-                device=device(),
-                cache=spectrum_cache(),
-                workers=_job_workers(),
-                ray_address=RAY_ADDRESS,
-            )
-            job = jobs.submit(key, fn, label=resolver().label(spec), watcher=session_id())
+            job = jobs.submit(key, _comparison(base, spec), label=resolver().label(spec), watcher=session_id())
         elif start and job is not None and not job.should_stop():
             job.watch(session_id())
         tracked.append(Tracked(spec, job))
     return tracked
+
+
+def _comparison(base: str, spec: str):
+    """The job function comparing ``spec`` with ``base``: picklable :class:`~hosting.jobs.Work`
+    for a worker process, or, with ``WSE_RAY_ADDRESS``, a function driving Ray tasks from
+    a thread of this process (the work itself runs on the cluster)."""
+    if RAY_ADDRESS:
+        return comparison_job(
+            resolver(),
+            base,
+            spec,
+            settings=SETTINGS,
+            device=device(),
+            cache=spectrum_cache(),
+            workers=_job_workers(),
+            ray_address=RAY_ADDRESS,
+        )
+    cache_dir = str(default_cache_dir())
+    return comparison_work(
+        cache_dir, local_paths_allowed(), base, spec, settings=SETTINGS, device=device(), workers=_job_workers()
+    )
 
 
 def series(spec: str) -> Series:

@@ -50,15 +50,19 @@ def _progress(base: str, specs: tuple[str, ...]) -> None:
     """Progress bars and Cancel, refreshed every second without redrawing the page."""
     tracked = runtime.track(base, specs, start=False)
     running = [t for t in tracked if t.job is not None and not t.job.state.finished]
+    waiting = []
     for t in running:
-        job = t.job
-        p = job.progress
-        label = escape_markdown(runtime.resolver().label(t.spec))
-        if job.state is JobState.QUEUED or p is None:
-            st.progress(0.0, text=f"{label}: waiting for a free worker…")
+        p = t.job.progress
+        if t.job.state is JobState.QUEUED or p is None:
+            waiting.append(runtime.resolver().label(t.spec))
             continue
+        label = escape_markdown(runtime.resolver().label(t.spec))
         eta = f", about {p.eta_s:.0f} s left" if p.eta_s is not None and p.done < p.total else ""
         st.progress(p.fraction, text=f"{label}: {p.done} of {p.total} matrices{eta}")
+    if waiting:  # one line for everything not started yet, not a bar each
+        ours = {id(t.job) for t in running}
+        others = sum(1 for j in runtime.manager().jobs() if j.state is JobState.RUNNING and id(j) not in ours)
+        st.caption(_waiting_line(waiting, started=len(running) > len(waiting), others=others))
     if running:
         st.button("Cancel", key="cancel_jobs", on_click=_cancel, help="Stop the analyses this page started")
     signature = _signature(tracked)
@@ -67,6 +71,16 @@ def _progress(base: str, specs: tuple[str, ...]) -> None:
     finished_changed = last is None or [s[1] for s in signature] != [s[1] for s in last]
     if signature != last and (finished_changed or time.time() - drawn_at > REDRAW_SECONDS):
         st.rerun()
+
+
+def _waiting_line(labels: list[str], *, started: bool, others: int) -> str:
+    """What is queued, in one line (``Next: a, b, c (...)``), not a progress bar each."""
+    names = escape_markdown(", ".join(labels))
+    if started:
+        return f"Next: {names} (each starts when a worker is free)"
+    if others:
+        return f"Queued: {names}, after {others} other {'analysis' if others == 1 else 'analyses'} on this server"
+    return f"Starting the analysis of {names}…"
 
 
 def _cancel() -> None:

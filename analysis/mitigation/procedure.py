@@ -149,6 +149,23 @@ class Mitigation:
     _tensors: dict[str, _Mitigated] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
 
+    def detached(self) -> Mitigation:
+        """The mitigation without its plan's loaders, to send to another process.
+
+        The loaders are closures over open files; :meth:`attached` puts them back there.
+        """
+        tensors = {key: replace(item, plan=None) for key, item in self._tensors.items()}
+        return replace(self, plan=replace(self.plan, matrices=[]), _tensors=tensors)
+
+    def attached(self, plan: ComparisonPlan) -> Mitigation:
+        """A :meth:`detached` mitigation with the loaders of ``plan`` (the same pair planned again)."""
+        matrices = {m.key: m for m in plan.matrices}
+        missing = [key for key in self._tensors if key not in matrices]
+        if missing:
+            raise InputError(plan.tuned_label, f"changed since it was mitigated ({missing[0]} is gone): run it again")
+        tensors = {key: replace(item, plan=matrices[key]) for key, item in self._tensors.items()}
+        return replace(self, plan=plan, _tensors=tensors)
+
     @property
     def kind(self) -> str:
         """The plan's kind: ``full`` (a fine-tuned checkpoint) or ``adapter``."""

@@ -1,0 +1,115 @@
+"""Uploads do not stay in the server's memory (issue 26, item 3).
+
+Streamlit holds every uploaded file whole in the server process until the browser deletes
+it or the session ends. Through the real upload endpoint of a real server, from Chromium:
+three large files are uploaded, then refused (not safetensors) or stored; the server's
+resident memory (psutil, on its PID) must be back near where it started within 30 s.
+The issue's figure is 3 x 450 MiB within 200 MB (measured in docs/hosting.md); here
+3 x :data:`MIB` MiB with the same allowance scaled to the bytes uploaded, plus a floor
+for what a page run itself allocates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.servers import streamlit_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
+    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+#: Size of each of the three files (``WSE_TEST_UPLOAD_MIB=450`` measures the issue's case).
+MIB = int(os.environ.get("WSE_TEST_UPLOAD_MIB", "80"))
+#: Allowed growth after the files are gone: 200 MB per 3 x 450 MiB (the issue's), at least 40 MB.
+ALLOWED_MB = max(40.0, 200 * MIB / 450)
+
+
+def server_pid(url: str) -> int:
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return conn.pid
+    raise AssertionError(f"no process listens on {port}")
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("upload-memory")
+    env = {"WSE_CACHE_DIR": str(root / "cache"), "WSE_ALLOW_LOCAL_PATHS": "0"}
+    with streamlit_server(env, root / "streamlit.log") as url:
+        yield url, root
+
+
+def _big_files(root: Path, valid: bool) -> list[Path]:
+    files = []
+    for i in range(3):
+        path = root / ("valid" if valid else "junk") / f"part-{i}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        if valid:
+            import torch
+            from safetensors.torch import save_file
+
+            n = MIB * 2**20 // 4 // 1024
+            save_file({f"layers.{i}.mlp.weight": torch.randn(n, 1024)}, str(path))
+        else:
+            path.write_bytes(b"\x01" * (MIB * 2**20))
+        files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("valid", [False, True], ids=["refused", "stored"])
+def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple[str, Path], valid: bool) -> None:
+    if valid and 3 * MIB * 2**20 > 500e6:
+        pytest.skip("three files this large are over the 500 MB cap of one upload together: never stored")
+    url, root = server
+    files = _big_files(root, valid)
+    pid = server_pid(url)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking"]
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.set_default_timeout(120_000)
+        page.goto(f"{url}/models")
+        page.get_by_role("heading", name="Models").first.wait_for()
+        page.wait_for_timeout(2000)
+        start = rss_mb(pid)
+        page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in files])
+        page.get_by_test_id("stFileChip").nth(2).wait_for()
+        uploaded = 3 * MIB * 2**20 / 1e6
+        deadline = time.monotonic() + 60
+        while (held := rss_mb(pid)) - start < 0.8 * uploaded and time.monotonic() < deadline:
+            time.sleep(0.5)  # until the three requests are in
+        page.wait_for_timeout(1000)
+        page.get_by_role("button", name="Add the upload as a fine-tune").click()
+        outcome = page.get_by_text("Upload refused" if not valid else "as a fine-tune.", exact=False)
+        outcome.first.wait_for()
+        answered = time.monotonic()
+        after = rss_mb(pid)
+        while after - start > ALLOWED_MB and time.monotonic() - answered < 30:
+            time.sleep(1)
+            after = rss_mb(pid)
+        browser.close()
+    figures = {"files_mib": [MIB] * 3, "start_mb": start, "with_files_mb": held, "after_30s_mb": after,
+               "allowed_mb": ALLOWED_MB, "load_1min": os.getloadavg()[0]}  # fmt: skip
+    print(json.dumps({"refused" if not valid else "stored": figures}))
+    assert held - start > 0.8 * uploaded, f"the upload was not in server memory ({start:.0f} -> {held:.0f} MB)"
+    assert after - start <= ALLOWED_MB, (
+        f"server RSS {start:.0f} MB before, {held:.0f} MB with the files, {after:.0f} MB 30 s after they were "
+        f"{'stored' if valid else 'refused'}"
+    )
