@@ -1,0 +1,83 @@
+"""Fine-tunes that rotate the base's principal directions (issue 23).
+
+``W1 = G W0`` with ``G`` a plane rotation by a known angle of ``W0``'s top left singular
+vector toward its last one: the update ``(G - I) W0`` has rank 2 and one dominant
+singular value, which once made the tridiagonal vector provider hand ``torch.from_numpy``
+an array with a negative stride (``report`` exited with a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis import lapack
+from cli.main import main
+from tests.factories import make_llama
+
+ANGLE_DEG = 3.0
+
+
+def plane_rotation(u: torch.Tensor, w: torch.Tensor, degrees: float) -> torch.Tensor:
+    """The rotation by ``degrees`` in the plane of orthonormal ``u``, ``w`` (``u`` turns toward ``w``)."""
+    theta = math.radians(degrees)
+    eye = torch.eye(u.shape[0], dtype=torch.float64)
+    plane = torch.outer(u, u) + torch.outer(w, w)
+    return eye + (math.cos(theta) - 1.0) * plane + math.sin(theta) * (torch.outer(w, u) - torch.outer(u, w))
+
+
+def rotated(weight: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``G W0``: ``W0``'s top left singular vector turned toward its last one (float64 maths)."""
+    w = weight.double()
+    U, _, _ = torch.linalg.svd(w, full_matrices=False)
+    return (plane_rotation(U[:, 0], U[:, -1], degrees) @ w).to(weight.dtype)
+
+
+def make_rotation_finetune(base: Path, out: Path, degrees: float = ANGLE_DEG) -> Path:
+    """Every 2-D block weight of ``base`` rotated by ``degrees``; everything else unchanged."""
+    tensors = load_file(base / "model.safetensors")
+    tuned = {
+        name: (rotated(w, degrees) if w.ndim == 2 and ".layers." in name else w).contiguous()
+        for name, w in tensors.items()
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy2(base / "config.json", out / "config.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def rotation_pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("rotation")
+    base = make_llama(root / "base", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    return base, make_rotation_finetune(base, root / "rotated")
+
+
+def test_top_one_vector_has_positive_strides():
+    g = np.random.default_rng(0).standard_normal((40, 60))
+    reduced = lapack.Tridiagonal(g @ g.T)
+    one = reduced.top(1)
+    assert one is not None and all(stride > 0 for stride in one.strides)
+    assert torch.from_numpy(one).shape == (40, 1)
+    reference = np.linalg.eigh(g @ g.T).eigenvectors[:, -1]
+    assert abs(float(one[:, 0] @ reference)) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_report_on_a_rotation_finetune_exits_0(rotation_pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    base, tuned = rotation_pair
+    out = tmp_path / "report.json"
+    assert main(["report", str(base), str(tuned), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    matrices = report["models"][0]["matrices"]
+    assert len(matrices) == 14
+    for m in matrices:
+        # The update (G - I) W0 has rank 2: two nonzero singular values.
+        assert m["rank90"] in (1, 2) and m["intruders"][-1] == 0
