@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from analysis import update_measures
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.grouping import group_matrices
@@ -83,6 +84,11 @@ class _Pair:
     base: torch.Tensor | None = None  # oriented for ``settings.side``
     tuned: TunedMatrix | None = None
     base_spectrum: Spectrum | None = None  # found in the base cache
+    # The RL-versus-SFT measures' entry (analysis.update_measures): its key (None: not
+    # wanted), the base's top-k entry, and the entry once found or computed.
+    measures_key: str | None = None
+    base_top_key: str | None = None
+    measures: Entry | None = None
     # Runs a cache write: at once, or later on a writer thread (:class:`BackgroundWriter`).
     write: Callable[[Callable[[], None]], None] | None = None
 
@@ -147,11 +153,19 @@ def _prepare(
         ),
         base_key=SpectrumCache.key("base-left", base_digest, f"side={settings.side}"),
     )
+    if settings.measures:
+        pair.measures_key = update_measures.measures_key(base_digest, tuned_digest, settings.measure_signature())
+        pair.base_top_key = update_measures.base_top_key(base_digest, settings.principal_k, settings.side)
     if cache is not None:
         entry = cache.lookup("pair", pair.pair_key)
+        if pair.measures_key is not None:
+            pair.measures = cache.lookup("measures", pair.measures_key)
         if entry is not None:
             pair.result = matrix_result(plan, *entry)
-            return pair
+            if pair.measures_key is None or pair.measures is not None:
+                pair.result.rl = None if pair.measures is None else update_measures.from_entry(*pair.measures)
+                return pair
+            # The pair is cached but not its measures: load the weights for them alone.
     if base is None or tuned is None:
         base, tuned = plan.load_base(), plan.load_tuned()
     for which, weight, owner in (("base", base, base_source), ("fine-tuned", tuned.weight, source)):
@@ -164,7 +178,7 @@ def _prepare(
     if pin:
         base, tuned = base.pin_memory(), TunedMatrix(tuned.weight.pin_memory(), tuned.low_rank)
     pair.base, pair.tuned = base, tuned
-    if cache is not None:
+    if cache is not None and pair.result is None:
         entry = cache.lookup("base", pair.base_key)
         if entry is not None:
             pair.base_spectrum = _base_from_entry(entry[0], torch.device("cpu"))
@@ -238,9 +252,27 @@ def _compute_group(
             compute = lambda index=index: entry(index)  # noqa: E731
             found = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
             pair.result = matrix_result(pair.plan, *found)
-        for pair in todo:
-            pair.base = pair.tuned = None  # the weights are not needed any more
+    for pair in pairs:
+        if pair.measures_key is not None and pair.result.rl is None:
+            _attach_measures(pair, settings, device, cache)
+        pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
+
+
+def _attach_measures(
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, cache: SpectrumCache | None
+) -> None:
+    """The pair's RL-versus-SFT measures: found, computed beside its spectra, or computed alone (issue 23)."""
+    if pair.measures is None:
+        assert pair.base is not None and pair.tuned is not None
+
+        def compute() -> Entry:
+            base, tuned = pair.base.to(device), pair.tuned.weight.to(device)
+            return update_measures.compute(base, tuned, None, settings, device, cache, pair.base_top_key)
+
+        key = pair.measures_key
+        pair.measures = compute() if cache is None else cache.get_or_compute("measures", key, compute, missed=True)
+    pair.result.rl = update_measures.from_entry(*pair.measures)
 
 
 def _group_metrics(
@@ -255,10 +287,16 @@ def _group_metrics(
         spectra = _group_spectra(pairs, settings, device, method, cache)
     else:
         spectra = [_pair_spectra(pair, device, method, cache) for pair in pairs]
-    return [
-        pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
-        for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(pairs, spectra, strict=True)
-    ]
+    entries = []
+    for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(pairs, spectra, strict=True):
+        entries.append(pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank))
+        if pair.measures_key is not None and pair.measures is None:  # the tuned top vectors are at hand
+            tuned = pair.tuned.weight.to(base.device)
+            found = update_measures.compute(base, tuned, tuned_spectrum, settings, device, cache, pair.base_top_key)
+            if cache is not None:
+                (pair.write or run_now)(lambda key=pair.measures_key, found=found: cache.store("measures", key, *found))
+            pair.measures = found
+    return entries
 
 
 def _on_device(pair: _Pair, device: torch.device) -> tuple[torch.Tensor, TunedMatrix]:

@@ -56,7 +56,8 @@ def make_rotation_finetune(base: Path, out: Path, degrees: float = ANGLE_DEG) ->
 @pytest.fixture(scope="module")
 def rotation_pair(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("rotation")
-    base = make_llama(root / "base", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+    base = make_llama(root / "base", **shape)
     return base, make_rotation_finetune(base, root / "rotated")
 
 
