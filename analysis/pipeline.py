@@ -178,7 +178,7 @@ def _prepare(
     if pin:
         base, tuned = base.pin_memory(), TunedMatrix(tuned.weight.pin_memory(), tuned.low_rank)
     pair.base, pair.tuned = base, tuned
-    if cache is not None and pair.result is None:
+    if cache is not None:
         entry = cache.lookup("base", pair.base_key)
         if entry is not None:
             pair.base_spectrum = _base_from_entry(entry[0], torch.device("cpu"))
@@ -254,21 +254,29 @@ def _compute_group(
             pair.result = matrix_result(pair.plan, *found)
     for pair in pairs:
         if pair.measures_key is not None and pair.result.rl is None:
-            _attach_measures(pair, settings, device, cache)
+            _attach_measures(pair, settings, device, method, cache)
         pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
 
 
 def _attach_measures(
-    pair: _Pair, settings: AnalysisSettings, device: torch.device, cache: SpectrumCache | None
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> None:
-    """The pair's RL-versus-SFT measures: found, computed beside its spectra, or computed alone (issue 23)."""
+    """The pair's RL-versus-SFT measures: found, computed beside its spectra, or computed alone (issue 23).
+
+    Alone, the tuned weight is decomposed exactly as :func:`_group_spectra` does (same top,
+    same seeds from the cached base), so the entry has the same bytes either way.
+    """
     if pair.measures is None:
         assert pair.base is not None and pair.tuned is not None
 
         def compute() -> Entry:
-            base, tuned = pair.base.to(device), pair.tuned.weight.to(device)
-            return update_measures.compute(base, tuned, None, settings, device, cache, pair.base_top_key)
+            base, tuned = _on_device(pair, device)
+            wanted = max(settings.max_top_k, settings.similarity_size)
+            seeds = None if pair.base_spectrum is None else [_seeds(pair.base_spectrum, tuned, wanted, device)]
+            spectrum = decompose_many([tuned.weight.to(device)], device, method, top=wanted, seeds=seeds)[0]
+            return update_measures.compute(base, tuned.weight.to(device), spectrum, settings, device, cache,
+                                           pair.base_top_key)  # fmt: skip
 
         key = pair.measures_key
         pair.measures = compute() if cache is None else cache.get_or_compute("measures", key, compute, missed=True)

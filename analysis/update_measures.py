@@ -38,19 +38,33 @@ def base_top_key(base_digest: str, k: int, side: str) -> str:
 
 
 def top_triplets(weight: torch.Tensor, spectrum: Spectrum, k: int) -> dict[str, torch.Tensor]:
-    """``U_k``, ``s_k``, ``V_k`` in float64, ``V_k = W^T U_k / s_k`` (float64, re-orthonormalised).
+    """``U_k``, ``s_k``, ``V_k`` in float64, re-orthonormalised.
 
-    The spectrum's own right side may be float32 (derived for the top vectors only); the
-    angles of an RL update are below a degree, so both sides are made in float64 here.
+    The spectrum's own side (:attr:`~analysis.linalg.Spectrum.native_side`) as computed;
+    the other side from it in float64 (``V_k = W^T U_k / s_k`` or ``U_k = W V_k / s_k``),
+    not the spectrum's float32 derivation: the angles of an RL update are below a degree.
     """
     k = min(k, spectrum.rank_bound)
-    left = torch.linalg.qr(spectrum.left(k).to("cpu", torch.float64)).Q
     values = spectrum.values[:k].to("cpu", torch.float64)
     w = weight.detach().to("cpu", torch.float64)
-    right = w.transpose(0, 1) @ left
     safe = torch.where(values > 0, values, torch.ones_like(values))
-    right = torch.linalg.qr(right / safe).Q
+    if spectrum.native_side == "left":
+        left = _orthonormal(spectrum.left(k).to("cpu", torch.float64))
+        right = _orthonormal((w.transpose(0, 1) @ left) / safe)
+    else:
+        right = _orthonormal(spectrum.right(k).to("cpu", torch.float64))
+        left = _orthonormal((w @ right) / safe)
     return {"U": left.contiguous(), "S": values.contiguous(), "V": right.contiguous()}
+
+
+def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
+    """``columns`` made exactly orthonormal by QR, each keeping its sign (``diag(R) > 0``).
+
+    The signs matter: ``U_k S_k V_k^T`` (the principal mask) pairs each left vector with its
+    right one.
+    """
+    q, r = torch.linalg.qr(columns)
+    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
 
 
 def base_triplets(

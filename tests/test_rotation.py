@@ -82,3 +82,18 @@ def test_report_on_a_rotation_finetune_exits_0(rotation_pair, tmp_path, capsys, 
     for m in matrices:
         # The update (G - I) W0 has rank 2: two nonzero singular values.
         assert m["rank90"] in (1, 2) and m["intruders"][-1] == 0
+
+
+def test_a_rotation_by_a_known_angle_gives_that_angle(rotation_pair, tmp_path):
+    from analysis.compare import compare
+    from analysis.pair_metrics import AnalysisSettings
+
+    base, tuned = rotation_pair
+    result = compare(str(base), [str(tuned)], cache=None, device="cpu", settings=AnalysisSettings(principal_k=8))
+    for m in result.models[0].matrices:
+        angles = m.rl.angles_left
+        # W1 = G W0 turns W0's top left vector by 3 degrees, out of its top-8 span; the
+        # other angles are float32 storage round-off; the right subspace does not move.
+        assert angles[-1] == pytest.approx(ANGLE_DEG, abs=1e-5), m.name
+        assert angles[:-1].max() < 1e-4 and m.rl.angles_right.max() < 1e-4
+        assert m.update_rank_fraction == pytest.approx(2 / min(m.shape))
