@@ -179,7 +179,7 @@ def elementwise_counts(
     return ElementCounts(w0.numel(), relative, absolute, in_mask, changed_in_mask)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RlMeasures:
     """The stored measures of one pair (counts, angles) and the settings they were made with."""
 
@@ -192,6 +192,20 @@ class RlMeasures:
     alpha: float
     eta: float
     atol: float
+
+    def __eq__(self, other: object) -> bool:
+        """Equal counts, settings and angles (arrays compared elementwise)."""
+        if not isinstance(other, RlMeasures):
+            return NotImplemented
+        same = (self.counts, self.k, self.alpha, self.eta, self.atol) == (
+            other.counts, other.k, other.alpha, other.eta, other.atol
+        )  # fmt: skip
+        return same and all(
+            np.array_equal(a, b)
+            for a, b in ((self.angles_left, other.angles_left), (self.angles_right, other.angles_right))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
     def sparsity(self, rule: str = "relative") -> float | None:
         """Unchanged entries over all entries by ``rule`` (``relative``: Zhu Eq. 1; ``absolute``: Mukherjee)."""

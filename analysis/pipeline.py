@@ -578,13 +578,14 @@ def analyse_pair(
     device: torch.device,
     cache: SpectrumCache | None,
     source: str | None = None,
-) -> tuple[MatrixResult, str]:
-    """One pair exactly as :func:`analyse_plan` analyses it, and the pair's cache key.
+) -> tuple[MatrixResult, dict[str, str]]:
+    """One pair exactly as :func:`analyse_plan` analyses it, and its cache keys by kind.
 
     Digests, cache lookups (the whole pair, then the base spectrum), loading, SVDs and
     metrics, storing into ``cache``. The seam for runners that schedule pairs elsewhere
     (:mod:`analysis.distributed` runs it inside Ray tasks and may copy the pair's entry,
-    found under the returned key, into the driver's cache).
+    found under the returned keys -- ``pair`` and, unless ``settings.measures`` is off,
+    ``measures`` -- into the driver's cache).
     """
     method = default_method(device)
     with compute_threads():
@@ -595,4 +596,4 @@ def analyse_pair(
         finally:
             if cache is not None:
                 cache.fingerprints.flush()
-    return result, pair.pair_key
+    return result, {"pair": pair.pair_key, **({"measures": pair.measures_key} if pair.measures_key else {})}
