@@ -82,6 +82,17 @@ def test_report_on_a_rotation_finetune_exits_0(rotation_pair, tmp_path, capsys, 
     for m in matrices:
         # The update (G - I) W0 has rank 2: two nonzero singular values.
         assert m["rank90"] in (1, 2) and m["intruders"][-1] == 0
+        assert m["update_rank_fraction"] == pytest.approx(2 / min(m["shape"]))
+        if min(m["shape"]) > 16:  # else the top-16 subspace is the whole space: nothing turns
+            assert m["principal_angle_max"]["left"] == pytest.approx(ANGLE_DEG, abs=1e-5)
+    totals = report["models"][0]["totals"]
+    every = sum(t.numel() for t in load_file(base / "model.safetensors").values())
+    whole = totals["sparsity_whole_model"]
+    assert whole["parameters"] == every and whole["other_tensors"] == 7  # norms and the embedding too
+    # every 1-D tensor and the embedding are unchanged
+    analysed = totals["sparsity_analysed_matrices"]
+    unchanged_analysed = round(analysed["sparsity_relative"] * analysed["parameters"])
+    assert whole["unchanged_relative"] == unchanged_analysed + (every - analysed["parameters"])
 
 
 def test_a_rotation_by_a_known_angle_gives_that_angle(rotation_pair, tmp_path):
