@@ -20,7 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from analysis.results import ModelResult
-from charts import overview_tables, tables
+from charts import overview_tables, rl_tables, tables
 from charts.style import (
     chart_text,
     empty_figure,
@@ -178,7 +178,7 @@ def _panel_layout(
         coloraxis={
             "colorscale": metric_colorscale(metric),
             "cmin": 0,
-            "cmax": max(zmax, 1),
+            "cmax": zmax if metric in rl_tables.RL_METRICS and zmax > 0 else max(zmax, 1),
             "colorbar": {"thickness": 10, "len": 0.9, "outlinewidth": 0, "tickfont": {"size": 9}},
         },
         height=height + 50 + bottom + (14 if experts else 0),
@@ -202,8 +202,8 @@ def _overview_panel(
     values = cells["value"].to_numpy(dtype=np.float64)
     z = np.full((len(rows), len(columns)), np.nan)
     z[ii, jj] = values
-    digits = ".1f" if metric == "effective_rank" else ".0f"
-    shown = np.array([format(v, digits) for v in values], dtype=object)
+    digits = ".1f" if metric == "effective_rank" else rl_tables.RL_FORMATS.get(metric, ".0f")
+    shown = np.array(["–" if np.isnan(v) else format(v, digits) for v in values], dtype=object)
     cell_px = _cell_px(len(rows))
     readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
     fig = go.Figure()

@@ -30,6 +30,17 @@ RL_METRICS: dict[str, str] = {
     "intruder_energy_share": "Intruder energy share",
 }
 
+#: How a grid cell writes each measure.
+RL_FORMATS: dict[str, str] = {
+    "update_sparsity": ".2f",
+    "update_sparsity_absolute": ".2f",
+    "principal_angle_max": ".2g",
+    "spectral_shift": ".1g",
+    "mask_overlap": ".2f",
+    "update_rank_fraction": ".2f",
+    "intruder_energy_share": ".2f",
+}
+
 
 def rl_value(matrix: MatrixResult, metric: str, k: int, eps: float) -> float:
     """One matrix's value of an :data:`RL_METRICS` measure (NaN where it is undefined or not computed)."""
