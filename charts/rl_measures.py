@@ -129,3 +129,38 @@ def add_chance_band(fig: go.Figure, models: Sequence[ModelResult]) -> go.Figure:
     fig.add_vline(x=median, line_dash="dash", line_color="grey", line_width=1,
                   annotation_text="chance", annotation_position="bottom right")  # fmt: skip
     return fig
+
+
+def series_rl_figure(table, by: str, label: str) -> go.Figure:
+    """The RL-versus-SFT measures of a checkpoint series against training step, one line per group.
+
+    ``table`` is :func:`charts.series_tables.series_table` (its measure columns come from
+    :func:`charts.rl_tables.group_value`); one small panel per measure.
+    """
+    from plotly.subplots import make_subplots
+
+    names = [m for m in rl_tables.RL_METRICS if m in table.columns and table[m].notna().any()]
+    if table.empty or not names:
+        return empty_figure("RL vs SFT measures by step", "No measures computed yet")
+    cols = 2
+    rows = (len(names) + cols - 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[rl_tables.RL_METRICS[m] for m in names])  # fmt: skip
+    for g, group in enumerate(dict.fromkeys(table["group"])):
+        part = table[table["group"] == group].sort_values("step")
+        for i, metric in enumerate(names):
+            fig.add_trace(
+                go.Scatter(
+                    x=part["step"], y=part[metric], mode="lines+markers", name=chart_text(group),
+                    legendgroup=str(group), showlegend=i == 0, line={"color": PALETTE[g % len(PALETTE)]},
+                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
+                ),
+                row=i // cols + 1, col=i % cols + 1,
+            )  # fmt: skip
+    fig.update_xaxes(title_text="training step", row=rows)
+    fig.update_layout(
+        title=f"{chart_text(label)}: RL vs SFT measures against training step ({by})",
+        height=220 * rows + 140,
+        legend={"orientation": "h", "y": -0.1},
+    )
+    return fig

@@ -65,6 +65,41 @@ def rl_value(matrix: MatrixResult, metric: str, k: int, eps: float) -> float:
     return math.nan if value is None else float(value)
 
 
+def group_value(matrices: Sequence[MatrixResult], metric: str, k: int, eps: float) -> float:
+    """A group's value of a measure (a layer, a module, a whole model): the parts taken together.
+
+    Sparsity: unchanged entries over all entries of the group; mask overlap: changed entries
+    in the masks over all changed entries; largest principal angle: the largest; intruder
+    energy share: intruder energy over all top-k energy; the others: the mean over matrices.
+    NaN when no matrix has the measure.
+    """
+    with_rl = [m.rl for m in matrices if m.rl is not None]
+    if metric in ("update_sparsity", "update_sparsity_absolute", "mask_overlap", "principal_angle_max"):
+        if not with_rl:
+            return math.nan
+        if metric == "principal_angle_max":
+            return max(r.max_angle for r in with_rl)
+        if metric == "mask_overlap":
+            changed = sum(r.changed for r in with_rl)
+            return sum(r.counts.mask_changed for r in with_rl) / changed if changed else math.nan
+        field = "unchanged_relative" if metric == "update_sparsity" else "unchanged_absolute"
+        return sum(getattr(r.counts, field) for r in with_rl) / sum(r.counts.total for r in with_rl)
+    if metric == "intruder_energy_share":
+        shares = [_energy(m, k, eps) for m in matrices]
+        total = sum(d for _, d in shares)
+        return sum(n for n, _ in shares) / total if total > 0 else math.nan
+    values = [rl_value(m, metric, k, eps) for m in matrices]
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _energy(matrix: MatrixResult, k: int, eps: float) -> tuple[float, float]:
+    """(intruder energy, all energy) of the top-k ``s^2`` of ``W1``."""
+    top = min(k, len(matrix.intruder_scores), len(matrix.tuned_singular_values))
+    energy = np.asarray(matrix.tuned_singular_values[:top], dtype=np.float64) ** 2
+    return float(energy[np.asarray(matrix.intruder_scores[:top]) < eps].sum()), float(energy.sum())
+
+
 def _percent(value: float | None) -> float | None:
     return None if value is None else round(100.0 * value, 2)
 
@@ -95,12 +130,8 @@ def sparsity_table(models: Sequence[ModelResult], base_label: str, k: int, eps: 
             relative = absolute = None
             counted = "not computed"
         overlaps = [r.mask_overlap for r in with_rl if r.mask_overlap is not None]
-        share_num = share_den = 0.0
-        for m in model.matrices:
-            top = min(k, len(m.intruder_scores), len(m.tuned_singular_values))
-            energy = np.asarray(m.tuned_singular_values[:top], dtype=np.float64) ** 2
-            share_num += float(energy[np.asarray(m.intruder_scores[:top]) < eps].sum())
-            share_den += float(energy.sum())
+        shares = [_energy(m, k, eps) for m in model.matrices]
+        share_num, share_den = sum(n for n, _ in shares), sum(d for _, d in shares)
         rows.append(
             {
                 "base": base_label,

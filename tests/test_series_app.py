@@ -50,8 +50,9 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     at = _open(tiny_bert, [spec], "pages/series.py")
     assert [t.value for t in at.title] == ["Checkpoint series"]
     assert "3 of 3 checkpoints analysed" in " ".join(c.value for c in at.caption)
-    trend, grid, similarity = figures(at)
+    trend, rl, grid, similarity = figures(at)
     assert {tuple(t.x) for t in trend.data} == {(5, 10, 20)}
+    assert {tuple(t.x) for t in rl.data} == {(5, 10, 20)}  # the RL-versus-SFT measures by step (issue 23)
     assert [f.name for f in grid.frames] == ["5", "10", "20"]
     assert [f.name for f in similarity.frames] == ["5", "10", "20"]
     engine = compare(str(tiny_bert), [str(run_dir)], cache=None).models
@@ -88,7 +89,7 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     again = _open(tiny_bert, [spec], "pages/series.py", **params)
     assert again.radio(key="w_lines").value == "layer" and again.radio(key="w_grid").value == "rank90"
     assert again.selectbox(key="w_matrix").value == second.name and again.select_slider(key="w_step").value == 10
-    _, grid, similarity = figures(again)
+    _, _rl, grid, similarity = figures(again)
     for fig in (grid, similarity):  # both step-by-step charts open at step 10, its frame on screen
         assert fig.layout.sliders[0].active == 1
         frame = next(f for f in fig.frames if f.name == "10")
@@ -199,5 +200,5 @@ def test_series_page_offers_the_demos_checkpoints(tmp_path: Path, monkeypatch: p
     assert at.query_params["series"] in ("series:demo:lora-r1", ["series:demo:lora-r1"])
     assert "series:demo:lora-r1" in at.query_params["tuned"]
     assert "2 of 2 checkpoints analysed" in " ".join(c.value for c in at.caption)
-    trend, _grid, _similarity = figures(at)
+    trend, _rl, _grid, _similarity = figures(at)
     assert {tuple(t.x) for t in trend.data} == {(1, 2)}
