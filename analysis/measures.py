@@ -42,7 +42,9 @@ _CHUNK_ELEMENTS = 1 << 23
 
 
 def _f64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).detach().to("cpu", torch.float64)
+    if not isinstance(x, torch.Tensor):  # a fresh copy: a reversed view's strides are negative
+        return torch.from_numpy(np.array(x, dtype=np.float64, copy=True))
+    return x.detach().to("cpu", torch.float64)
 
 
 def unchanged_relative(w0: torch.Tensor, w1: torch.Tensor, eta: float = DEFAULT_ETA) -> torch.Tensor:
