@@ -147,7 +147,7 @@ def compare(
         )
         model = model_result(plan, matrices)
         if settings.measures and plan.kind == "full":
-            _add_whole_model_sparsity(model, base, specs[len(result.models)], settings, allow_local_paths)
+            _add_whole_model_sparsity(model, base, specs[len(result.models)], settings, allow_local_paths, store)
         if step is not None:
             model.step = step
             model.summary["series"] = series_label
@@ -156,12 +156,14 @@ def compare(
 
 
 def _add_whole_model_sparsity(
-    model: ModelResult, base: str, spec: str, settings: AnalysisSettings, allow_local_paths: bool
+    model: ModelResult, base: str, spec: str, settings: AnalysisSettings, allow_local_paths: bool, cache
 ) -> None:
     """``model.summary["whole_model_sparsity"]``: every comparable parameter (:mod:`analysis.model_sparsity`)."""
     resolver = SpecResolver(allow_local_paths=allow_local_paths)
     base_source, tuned_source = resolver.open(base), resolver.open(spec)
     if isinstance(base_source, WeightSource) and isinstance(tuned_source, WeightSource):
         model.summary["whole_model_sparsity"] = whole_model_sparsity(
-            base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol
+            base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol, cache
         )
+        if cache is not None:
+            cache.fingerprints.flush()

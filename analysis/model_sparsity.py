@@ -14,18 +14,28 @@ would need the adapter's own copies), which this does not claim to know.
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
+import torch
+
 from analysis import measures
 from analysis.pairing import match_names
 from analysis.results import ModelResult
 from analysis.sources import WeightSource
+from analysis.update_measures import measures_key
 
 
-def whole_model_sparsity(base: WeightSource, tuned: WeightSource, model: ModelResult, eta: float, atol: float) -> dict:
+def whole_model_sparsity(
+    base: WeightSource, tuned: WeightSource, model: ModelResult, eta: float, atol: float, cache=None
+) -> dict:
     """The sparsity of every comparable parameter of a full fine-tune, and what was counted.
 
     ``model``'s matrices (with their measures) supply the analysed weights' counts; every
     base tensor in ``model.skipped`` that ``tuned`` holds with the same shape is compared
-    here by both rules. Returns a JSON-ready dict.
+    here by both rules. With a ``cache`` (:class:`~analysis.cache.SpectrumCache`) each such
+    tensor pair's counts are a ``measures`` entry keyed by both stored tensors' digests (from
+    the fingerprint index: a run whose counts are all cached reads no weights). Returns a
+    JSON-ready dict.
     """
     analysed = [m for m in model.matrices if m.rl is not None]
     total = sum(m.rl.counts.total for m in analysed)
@@ -40,8 +50,7 @@ def whole_model_sparsity(base: WeightSource, tuned: WeightSource, model: ModelRe
         if tuned_name is None or tuple(base.shape(name)) != tuple(tuned.shape(tuned_name)):
             left_out += 1
             continue
-        w0, w1 = base.load(name).reshape(1, -1), tuned.load(tuned_name).reshape(1, -1)
-        counts = measures.elementwise_counts(w0, w1, None, eta, atol)
+        counts = _tensor_counts(base, name, tuned, tuned_name, eta, atol, cache)
         total += counts.total
         other_parameters += counts.total
         relative += counts.unchanged_relative
@@ -62,3 +71,27 @@ def whole_model_sparsity(base: WeightSource, tuned: WeightSource, model: ModelRe
         "other_tensors": others,
         "left_out_tensors": left_out,
     }
+
+
+def _tensor_counts(
+    base: WeightSource, name: str, tuned: WeightSource, tuned_name: str, eta: float, atol: float, cache
+) -> measures.ElementCounts:
+    """Both unchanged counts of one stored tensor pair, from the cache when it holds them."""
+
+    def compute() -> measures.ElementCounts:
+        w0, w1 = base.load(name).reshape(1, -1), tuned.load(tuned_name).reshape(1, -1)
+        return measures.elementwise_counts(w0, w1, None, eta, atol)
+
+    if cache is None:
+        return compute()
+    digests = (
+        cache.fingerprints.digest(base.file(name), name, lambda: base.load(name)),
+        cache.fingerprints.digest(tuned.file(tuned_name), tuned_name, lambda: tuned.load(tuned_name)),
+    )
+    key = measures_key(*digests, f"elementwise,eta={eta!r},atol={atol!r}")
+    entry = cache.lookup("measures", key)
+    if entry is not None:
+        return measures.ElementCounts(*(int(x) for x in entry[0]["counts"].tolist()))
+    counts = compute()
+    cache.store("measures", key, {"counts": torch.tensor(list(astuple(counts)), dtype=torch.int64)})
+    return counts

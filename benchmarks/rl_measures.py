@@ -59,6 +59,7 @@ def demo_rows(repeat: int) -> list[tuple[str, float, float]]:
             key = settings.measures
             best[key] = min(best.get(key, float("inf")), seconds)
         rows.append((f"demo full-ft, {scenario}", best[False], best[True]))
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -96,9 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = demo_rows(args.repeat) + ([] if args.skip_7b else seven_b_rows(args.repeat))
+    rows = ([] if args.skip_demo else demo_rows(args.repeat)) + ([] if args.skip_7b else seven_b_rows(args.repeat))
     lines = ["| scenario | without measures (s) | with measures (s) | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |" for name, off, on in rows]
     text = "\n".join(lines)
