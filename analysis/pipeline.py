@@ -234,8 +234,8 @@ def _compute_group(
     asks for it, so a group another process finished meanwhile is read, not computed again.
     """
     todo = [pair for pair in pairs if pair.result is None]
+    threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(pairs[0].plan.shape, method, budget)
     if todo:
-        threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(todo[0].plan.shape, method, budget)
         if device.type == "cpu":
             use_threads(threads)
         computed: list[Entry] = []
@@ -254,7 +254,9 @@ def _compute_group(
             pair.result = matrix_result(pair.plan, *found)
     for pair in pairs:
         if pair.measures_key is not None and pair.result.rl is None:
-            _attach_measures(pair, settings, device, method, cache)
+            use_threads(threads) if device.type == "cpu" else None
+            with blas_threads(blas):  # as the pair's own computation runs (no oversubscription)
+                _attach_measures(pair, settings, device, method, cache)
         pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
 
@@ -262,10 +264,9 @@ def _compute_group(
 def _attach_measures(
     pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> None:
-    """The pair's RL-versus-SFT measures: found, computed beside its spectra, or computed alone (issue 23).
+    """The pair's RL-versus-SFT measures (issue 23): found, computed beside its spectra, or alone.
 
-    Alone, the tuned weight is decomposed exactly as :func:`_group_spectra` does (same top,
-    same seeds from the cached base), so the entry has the same bytes either way.
+    Alone, the tuned weight is decomposed as :func:`_group_spectra` does it (same top, same seeds), so the bytes match.
     """
     if pair.measures is None:
         assert pair.base is not None and pair.tuned is not None
