@@ -134,7 +134,6 @@ def sparsity_table(models: Sequence[ModelResult], base_label: str, k: int, eps: 
         share_num, share_den = sum(n for n, _ in shares), sum(d for _, d in shares)
         rows.append(
             {
-                "base": base_label,
                 "fine_tune": label,
                 "method": training_method(model),
                 "sparsity_pct": _percent(relative),
@@ -146,6 +145,7 @@ def sparsity_table(models: Sequence[ModelResult], base_label: str, k: int, eps: 
                 "mask_alpha": with_rl[0].alpha if with_rl else None,
                 "median_update_rank_fraction": _median([m.update_rank_fraction for m in model.matrices]),
                 "intruder_energy_share": share_num / share_den if share_den > 0 else None,
+                "base": base_label,  # last: the same in every row (a phone shows the numbers first)
             }
         )
     return pd.DataFrame(rows)
