@@ -14,8 +14,6 @@ would need the adapter's own copies), which this does not claim to know.
 
 from __future__ import annotations
 
-from dataclasses import astuple
-
 import torch
 
 from analysis import measures
@@ -32,10 +30,9 @@ def whole_model_sparsity(
 
     ``model``'s matrices (with their measures) supply the analysed weights' counts; every
     base tensor in ``model.skipped`` that ``tuned`` holds with the same shape is compared
-    here by both rules. With a ``cache`` (:class:`~analysis.cache.SpectrumCache`) each such
-    tensor pair's counts are a ``measures`` entry keyed by both stored tensors' digests (from
-    the fingerprint index: a run whose counts are all cached reads no weights). Returns a
-    JSON-ready dict.
+    here by both rules. With a ``cache`` (:class:`~analysis.cache.SpectrumCache`) their counts
+    are one ``measures`` entry keyed by the stored tensors' digests (from the fingerprint
+    index: a run whose counts are cached reads no weights). Returns a JSON-ready dict.
     """
     analysed = [m for m in model.matrices if m.rl is not None]
     total = sum(m.rl.counts.total for m in analysed)
@@ -43,19 +40,17 @@ def whole_model_sparsity(
     absolute = sum(m.rl.counts.unchanged_absolute for m in analysed)
     skipped = [entry["name"] for entry in model.skipped]
     pairs = match_names(base.names(), tuned.names())
-    others = left_out = 0
-    other_parameters = 0
-    for name in skipped:
-        tuned_name = pairs.get(name)
-        if tuned_name is None or tuple(base.shape(name)) != tuple(tuned.shape(tuned_name)):
-            left_out += 1
-            continue
-        counts = _tensor_counts(base, name, tuned, tuned_name, eta, atol, cache)
-        total += counts.total
-        other_parameters += counts.total
-        relative += counts.unchanged_relative
-        absolute += counts.unchanged_absolute
-        others += 1
+    comparable = [
+        (name, pairs[name])
+        for name in skipped
+        if name in pairs and tuple(base.shape(name)) == tuple(tuned.shape(pairs[name]))
+    ]
+    left_out, others = len(skipped) - len(comparable), len(comparable)
+    found = _other_counts(base, tuned, comparable, eta, atol, cache)
+    other_parameters = int(found[:, 0].sum())
+    total += other_parameters
+    relative += int(found[:, 1].sum())
+    absolute += int(found[:, 2].sum())
     return {
         "parameters": total,
         "unchanged_relative": relative,
@@ -73,25 +68,34 @@ def whole_model_sparsity(
     }
 
 
-def _tensor_counts(
-    base: WeightSource, name: str, tuned: WeightSource, tuned_name: str, eta: float, atol: float, cache
-) -> measures.ElementCounts:
-    """Both unchanged counts of one stored tensor pair, from the cache when it holds them."""
+def _other_counts(
+    base: WeightSource, tuned: WeightSource, comparable: list[tuple[str, str]], eta: float, atol: float, cache
+) -> torch.Tensor:
+    """``(total, unchanged by Eq. 1, unchanged by the absolute rule)`` per tensor pair, one row each.
 
-    def compute() -> measures.ElementCounts:
-        w0, w1 = base.load(name).reshape(1, -1), tuned.load(tuned_name).reshape(1, -1)
-        return measures.elementwise_counts(w0, w1, None, eta, atol)
+    With a cache: one ``measures`` entry for them all, keyed by every pair's stored digests
+    (from the fingerprint index, so a cached run reads no weights) and the settings.
+    """
+
+    def compute() -> torch.Tensor:
+        rows = []
+        for name, tuned_name in comparable:
+            w0, w1 = base.load(name).reshape(1, -1), tuned.load(tuned_name).reshape(1, -1)
+            counts = measures.elementwise_counts(w0, w1, None, eta, atol)
+            rows.append([counts.total, counts.unchanged_relative, counts.unchanged_absolute])
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
     if cache is None:
         return compute()
-    digests = (
-        cache.fingerprints.digest(base.file(name), name, lambda: base.load(name)),
-        cache.fingerprints.digest(tuned.file(tuned_name), tuned_name, lambda: tuned.load(tuned_name)),
-    )
-    key = measures_key(*digests, f"elementwise,eta={eta!r},atol={atol!r}")
+    digests = [
+        cache.fingerprints.digest(base.file(name), name, lambda name=name: base.load(name))
+        + cache.fingerprints.digest(tuned.file(other), other, lambda other=other: tuned.load(other))
+        for name, other in comparable
+    ]
+    key = measures_key("whole-model", ",".join(digests), f"elementwise,eta={eta!r},atol={atol!r}")
     entry = cache.lookup("measures", key)
     if entry is not None:
-        return measures.ElementCounts(*(int(x) for x in entry[0]["counts"].tolist()))
-    counts = compute()
-    cache.store("measures", key, {"counts": torch.tensor(list(astuple(counts)), dtype=torch.int64)})
-    return counts
+        return entry[0]["counts"]
+    found = compute()
+    cache.store("measures", key, {"counts": found})
+    return found

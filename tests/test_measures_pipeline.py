@@ -79,7 +79,8 @@ def test_a_cache_from_before_the_measures_keeps_every_entry_hit(tiny_llama, tiny
     new = SpectrumCache(tmp_path)
     second = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=new, device="cpu")
     others = second.models[0].summary["whole_model_sparsity"]["other_tensors"]  # 1-D tensors, embeddings
-    assert new.stats.computed == {"measures": n + others, "base-top": n}  # no base or pair entry again
+    # one measures entry per pair and one for the whole model's other tensors; no base or pair entry again
+    assert others > 0 and new.stats.computed == {"measures": n + 1, "base-top": n}
     assert all(m.rl is not None for m in second.models[0].matrices)
 
     again = SpectrumCache(tmp_path)
