@@ -30,8 +30,10 @@ def test_rl_page_shows_the_engines_measures(cache_dir: Path, tiny_bert: Path, ti
     assert not at.exception, [e.value for e in at.exception]
     assert [t.value for t in at.title] == ["RL vs SFT measures"]
     table = at.dataframe[0].value
-    expected = 100 * sum(m.rl.counts.unchanged_relative for m in engine.matrices) / sum(
-        m.rl.counts.total for m in engine.matrices
+    expected = (
+        100
+        * sum(m.rl.counts.unchanged_relative for m in engine.matrices)
+        / sum(m.rl.counts.total for m in engine.matrices)
     )
     assert table["sparsity_pct"].iloc[0] == pytest.approx(round(expected, 2))
     figs = figures(at)
