@@ -15,12 +15,11 @@ import torch
 from analysis import distributed
 from analysis.cache import SpectrumCache
 from analysis.linalg import resolve_device
-from analysis.model_sparsity import whole_model_sparsity
+from analysis.model_sparsity import add_whole_model_sparsity
 from analysis.pair_metrics import AnalysisSettings, checked_settings
 from analysis.pipeline import ProgressCallback, analyse_plan, model_result
 from analysis.plan import ComparisonPlan
-from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult, ModelResult
-from analysis.sources import WeightSource
+from analysis.results import DEFAULT_EPSILONS, DEFAULT_TOP_K, ComparisonResult
 from analysis.specs import SpecResolver
 from analysis.specs.series import expand
 
@@ -147,23 +146,9 @@ def compare(
         )
         model = model_result(plan, matrices)
         if settings.measures and plan.kind == "full":
-            _add_whole_model_sparsity(model, base, specs[len(result.models)], settings, allow_local_paths, store)
+            add_whole_model_sparsity(model, base, specs[len(result.models)], settings, allow_local_paths, store)
         if step is not None:
             model.step = step
             model.summary["series"] = series_label
         result.models.append(model)
     return result
-
-
-def _add_whole_model_sparsity(
-    model: ModelResult, base: str, spec: str, settings: AnalysisSettings, allow_local_paths: bool, cache
-) -> None:
-    """``model.summary["whole_model_sparsity"]``: every comparable parameter (:mod:`analysis.model_sparsity`)."""
-    resolver = SpecResolver(allow_local_paths=allow_local_paths)
-    base_source, tuned_source = resolver.open(base), resolver.open(spec)
-    if isinstance(base_source, WeightSource) and isinstance(tuned_source, WeightSource):
-        model.summary["whole_model_sparsity"] = whole_model_sparsity(
-            base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol, cache
-        )
-        if cache is not None:
-            cache.fingerprints.flush()

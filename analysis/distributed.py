@@ -54,6 +54,7 @@ import torch
 from analysis.cache import SpectrumCache
 from analysis.config import env_folder, env_switch
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.model_sparsity import add_whole_model_sparsity
 from analysis.pair_metrics import checked_settings
 from analysis.pipeline import (
     AnalysisSettings,
@@ -517,4 +518,6 @@ def compare(
     )
     result = ComparisonResult(base=base, top_k=top_k, epsilons=[float(e) for e in epsilons])
     result.models = [model_result(plan, found) for plan, found in zip(plans, matrices, strict=True)]
+    for model, spec in zip(result.models, tuned, strict=True):  # as analysis.compare.compare does
+        add_whole_model_sparsity(model, base, spec, settings, allow_local_paths, cache)
     return result

@@ -20,6 +20,7 @@ from analysis import measures
 from analysis.pairing import match_names
 from analysis.results import ModelResult
 from analysis.sources import WeightSource
+from analysis.specs import SpecResolver
 from analysis.update_measures import measures_key
 
 
@@ -99,3 +100,24 @@ def _other_counts(
     found = compute()
     cache.store("measures", key, {"counts": found})
     return found
+
+
+def add_whole_model_sparsity(
+    model: ModelResult, base: str, spec: str, settings, allow_local_paths: bool, cache
+) -> None:
+    """``model.summary["whole_model_sparsity"]`` (:func:`whole_model_sparsity`) for a full fine-tune named ``spec``.
+
+    Opens both models again by name (headers only; tensors only when their counts are not
+    cached). ``settings`` is the comparison's ``AnalysisSettings``; nothing happens when
+    its measures are off or the fine-tune is an adapter.
+    """
+    if not settings.measures or model.kind != "full":
+        return
+    resolver = SpecResolver(allow_local_paths=allow_local_paths)
+    base_source, tuned_source = resolver.open(base), resolver.open(spec)
+    if isinstance(base_source, WeightSource) and isinstance(tuned_source, WeightSource):
+        model.summary["whole_model_sparsity"] = whole_model_sparsity(
+            base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol, cache
+        )
+        if cache is not None:
+            cache.fingerprints.flush()

@@ -97,7 +97,8 @@ def test_results_equal_the_local_engine_and_workers_fill_the_shared_cache(
     assert entries == {"base": len(local.models[0].matrices), "pair": sum(len(m.matrices) for m in local.models)}
     again = SpectrumCache(tmp_path / "spectra")
     assert_same(local, compare(str(tiny_llama), specs, cache=again))
-    assert again.stats.hits == 2 * entries["pair"] and again.stats.misses == 0  # pairs and their measures
+    # pairs, their measures, and the full fine-tune's whole-model counts (written by the Ray run's driver)
+    assert again.stats.hits == 2 * entries["pair"] + 1 and again.stats.misses == 0
 
 
 def _version() -> str:
