@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,7 @@ from analysis.linalg import (
 )
 from analysis.pair_metrics import AnalysisSettings, matrix_result, pair_metrics
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
-from analysis.results import (
-    MatrixResult,
-    ModelResult,
-)
+from analysis.results import MatrixResult, ModelResult
 from analysis.scheduler import (
     DEFAULT_MEMORY_BUDGET,
     BackgroundWriter,
@@ -254,8 +252,8 @@ def _compute_group(
             pair.result = matrix_result(pair.plan, *found)
     for pair in pairs:
         if pair.measures_key is not None and pair.result.rl is None:
-            use_threads(threads) if device.type == "cpu" else None
-            with blas_threads(blas):  # as the pair's own computation runs (no oversubscription)
+            use_threads(threads) if device.type == "cpu" and pair.measures is None else None
+            with blas_threads(blas) if pair.measures is None else nullcontext():  # as the pair's own work runs
                 _attach_measures(pair, settings, device, method, cache)
         pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
