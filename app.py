@@ -38,6 +38,7 @@ PAGES = {
         st.Page("pages/spectrum.py", title="Spectrum", icon=":material/stacked_line_chart:", url_path="spectrum"),
         st.Page("pages/subspace.py", title="Subspace similarity", icon=":material/join_inner:", url_path="subspace"),
         st.Page("pages/series.py", title="Checkpoint series", icon=":material/timeline:", url_path="series"),
+        st.Page("pages/rl_measures.py", title="RL vs SFT", icon=":material/compare_arrows:", url_path="rl_measures"),
         st.Page("pages/mitigate.py", title="Mitigate", icon=":material/healing:", url_path="mitigate"),
     ],
     "Setup": [st.Page("pages/models.py", title="Models", icon=":material/folder_open:", url_path="models")],

@@ -15,6 +15,7 @@ import torch
 from analysis import distributed
 from analysis.cache import SpectrumCache
 from analysis.linalg import resolve_device
+from analysis.model_sparsity import add_whole_model_sparsity
 from analysis.pair_metrics import AnalysisSettings, checked_settings
 from analysis.pipeline import ProgressCallback, analyse_plan, model_result
 from analysis.plan import ComparisonPlan
@@ -144,6 +145,8 @@ def compare(
             )
         )
         model = model_result(plan, matrices)
+        if settings.measures and plan.kind == "full":
+            add_whole_model_sparsity(model, base, specs[len(result.models)], settings, allow_local_paths, store)
         if step is not None:
             model.step = step
             model.summary["series"] = series_label

@@ -54,6 +54,7 @@ import torch
 from analysis.cache import SpectrumCache
 from analysis.config import env_folder, env_switch
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.model_sparsity import add_whole_model_sparsity
 from analysis.pair_metrics import checked_settings
 from analysis.pipeline import (
     AnalysisSettings,
@@ -329,9 +330,9 @@ class TaskInput:
 def run_task(task: TaskInput) -> list[tuple]:
     """A task's body (runs on a worker): analyse its pairs, return results only.
 
-    Returns one ``("ok", model index, matrix index, MatrixResult, entry)`` per pair, where
-    ``entry`` is the pair's cache entry for the driver to store (``driver`` mode) or
-    ``None``; or a single ``("error", source, problem)`` for bad input (an exception with
+    Returns one ``("ok", model index, matrix index, MatrixResult, entries)`` per pair, where
+    ``entries`` are the pair's cache entries, ``(kind, key, tensors, info)``, for the driver
+    to store (``driver`` mode; else none); or a single ``("error", source, problem)`` for bad input (an exception with
     its own constructor does not survive pickling intact, so it travels as data).
     """
     threads = max(1, task.threads)
@@ -347,14 +348,14 @@ def run_task(task: TaskInput) -> list[tuple]:
             request = task.requests[model]
             plan = _worker_plan(task.run, request)
             matrix = _pick(plan, index, name, shape, request)
-            result, key = analyse_pair(
+            result, keys = analyse_pair(
                 matrix, settings=task.settings, device=device, cache=cache, source=plan.tuned_label
             )
-            entry = None
-            if task.cache_mode == "driver":
-                entry = cache.get("pair", key) if cache is not None else None
-                entry = None if entry is None else (key, *entry)
-            out.append(("ok", model, index, result, entry))
+            entries = []  # the pair's entry and its measures' (issue 23)
+            if task.cache_mode == "driver" and cache is not None:
+                found = [(kind, key, cache.get(kind, key)) for kind, key in keys.items()]
+                entries = [(kind, key, *entry) for kind, key, entry in found if entry is not None]
+            out.append(("ok", model, index, result, entries))
     except InputError as exc:
         return [("error", exc.source, exc.problem)]
     return out
@@ -457,10 +458,9 @@ def analyse_plans(
                 for outcome in outcomes:
                     if outcome[0] == "error":
                         raise InputError(outcome[1], outcome[2])
-                    _, m, i, result, entry = outcome
-                    if entry is not None and cache is not None:
-                        key, tensors, info = entry
-                        cache.put("pair", key, tensors, info)
+                    _, m, i, result, entries = outcome
+                    for kind, key, tensors, info in entries if cache is not None else ():
+                        cache.put(kind, key, tensors, info)
                     results[m][i] = result
                     done[m] += 1
                     if on_result is not None:
@@ -518,4 +518,6 @@ def compare(
     )
     result = ComparisonResult(base=base, top_k=top_k, epsilons=[float(e) for e in epsilons])
     result.models = [model_result(plan, found) for plan, found in zip(plans, matrices, strict=True)]
+    for model, spec in zip(result.models, tuned, strict=True):  # as analysis.compare.compare does
+        add_whole_model_sparsity(model, base, spec, settings, allow_local_paths, cache)
     return result

@@ -177,8 +177,10 @@ class Tridiagonal:
         z = torch.from_numpy(z).T  # n x k, column-major
         reflectors = torch.from_numpy(self._a).T[1:, : n - 1]
         z[1:] = torch.ormqr(reflectors, torch.from_numpy(self._tau[: n - 1]), z[1:])
-        z = z.numpy()
-        self._vectors = np.ascontiguousarray(z[:, ::-1])  # n x k, descending
+        # A fresh copy, never np.ascontiguousarray: for k = 1 the reversed view already
+        # counts as contiguous, so that would hand back its negative stride, which
+        # torch.from_numpy refuses (issue 23: the rank-2 update of a rotation).
+        self._vectors = z.numpy()[:, ::-1].copy(order="C")  # n x k, descending
         return self._vectors
 
     def _accurate(self, z: np.ndarray, values: np.ndarray) -> bool:

@@ -131,6 +131,16 @@ class Spectrum:
         """``min(m, n)``: how many singular values and vectors there are."""
         return int(self.values.shape[0])
 
+    @property
+    def native_side(self) -> str:
+        """The side whose vectors this spectrum holds or provides itself (``left`` or ``right``).
+
+        The other side's are derived from the weight, in float32 for the top vectors.
+        """
+        if self._left is not None:
+            return "left"
+        return "right" if self._right is not None else self._provider[0]
+
     def left(self, k: int | None = None) -> torch.Tensor:
         """The top ``k`` left singular vectors (``m x k``; every one for ``None``)."""
         return self._side("left", k)

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from analysis import measures as measures_module
 from analysis import metrics
 from analysis.cache import Entry
 from analysis.errors import InputError
@@ -37,10 +38,35 @@ class AnalysisSettings:
     similarity_size: int = 100
     delta_vectors: int = 64
     side: Literal["left", "right"] = "left"
+    #: The RL-versus-SFT measures (issue 23, docs/metrics.md), stored in their own cache
+    #: entry (:mod:`analysis.update_measures`); ``measures=False`` skips them.
+    measures: bool = True
+    #: Zhu et al. Eq. 1's eta (relative rule) and Mukherjee et al.'s absolute tolerance.
+    sparsity_eta: float = measures_module.DEFAULT_ETA
+    sparsity_atol: float = measures_module.DEFAULT_ATOL
+    #: Which rule the headline sparsity uses (both are always stored).
+    sparsity_rule: Literal["relative", "absolute"] = "relative"
+    #: k of the principal subspaces (rotation) and of W0's rank-k reconstruction (mask).
+    principal_k: int = measures_module.DEFAULT_PRINCIPAL_K
+    #: The principal mask's fraction of entries.
+    mask_alpha: float = measures_module.DEFAULT_MASK_ALPHA
 
     def signature(self) -> str:
-        """The settings as ``name=value`` pairs in name order, comma-separated (for cache keys)."""
-        return ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        """The pair entry's settings as ``name=value`` pairs in name order (for its cache key).
+
+        Only the fields the pair entry depends on: the measures' settings have an entry
+        (and :meth:`measure_signature`) of their own, so adding them kept every pair key.
+        """
+        return ",".join(f"{k}={v}" for k, v in sorted(asdict(self).items()) if k in PAIR_FIELDS)
+
+    def measure_signature(self) -> str:
+        """The settings the ``measures`` entry depends on (for its cache key)."""
+        fields = ("side", "sparsity_eta", "sparsity_atol", "principal_k", "mask_alpha")
+        return ",".join(f"{k}={getattr(self, k)!r}" for k in fields)
+
+
+#: The settings a pair entry depends on (its cache key, :meth:`AnalysisSettings.signature`).
+PAIR_FIELDS = ("max_top_k", "similarity_size", "delta_vectors", "side")
 
 
 def settings_for(top_k: int) -> AnalysisSettings:
@@ -62,11 +88,33 @@ def checked_settings(top_k: int, epsilons: Sequence[float], settings: AnalysisSe
         ``top_k`` outside ``[1, settings.max_top_k]`` or an eps outside ``(0, 1]``.
     """
     settings = settings or settings_for(top_k)
+    check_measure_settings(settings)
     if not 1 <= top_k <= settings.max_top_k:
         raise InputError("--top-k", f"must be between 1 and {settings.max_top_k}, got {top_k}")
     if any(not 0 < eps <= 1 for eps in epsilons):
         raise InputError("--epsilons", f"every eps must lie in (0, 1], got {list(epsilons)}")
     return settings
+
+
+def check_measure_settings(settings: AnalysisSettings) -> None:
+    """Refuse measure settings outside their range, one plain line each.
+
+    Raises
+    ------
+    InputError
+        eta not in ``[0, 1)``, a negative tolerance, an unknown rule, ``k < 1`` or alpha
+        not in ``(0, 1]``.
+    """
+    if not 0 <= settings.sparsity_eta < 1:
+        raise InputError("--sparsity-eta", f"must lie in [0, 1), got {settings.sparsity_eta}")
+    if not settings.sparsity_atol >= 0:
+        raise InputError("--sparsity-atol", f"must be 0 or more, got {settings.sparsity_atol}")
+    if settings.sparsity_rule not in measures_module.RULES:
+        raise InputError("--sparsity-rule", f"use one of {', '.join(measures_module.RULES)}")
+    if settings.principal_k < 1:
+        raise InputError("--principal-k", f"must be 1 or more, got {settings.principal_k}")
+    if not 0 < settings.mask_alpha <= 1:
+        raise InputError("--mask-alpha", f"must lie in (0, 1], got {settings.mask_alpha}")
 
 
 def pair_metrics(
@@ -118,7 +166,9 @@ def pair_metrics(
     return {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, info
 
 
-def matrix_result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict) -> MatrixResult:
+def matrix_result(
+    plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict, rl: measures_module.RlMeasures | None = None
+) -> MatrixResult:
     """A pair's result from its entry.
 
     The stored spectra and scores, and the metrics that follow from the update's singular
@@ -137,6 +187,7 @@ def matrix_result(plan: MatrixPlan, tensors: dict[str, torch.Tensor], info: dict
         similarity=arrays["similarity"],
         delta_left_vectors=arrays["delta_u"],
         adapter_rank=plan.adapter_rank,
+        rl=rl,
         **metrics.update_metrics(arrays["delta_s"]),
         **stored,
     )

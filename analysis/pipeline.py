@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from analysis import update_measures
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.grouping import group_matrices
@@ -30,10 +32,7 @@ from analysis.linalg import (
 )
 from analysis.pair_metrics import AnalysisSettings, matrix_result, pair_metrics
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
-from analysis.results import (
-    MatrixResult,
-    ModelResult,
-)
+from analysis.results import MatrixResult, ModelResult
 from analysis.scheduler import (
     DEFAULT_MEMORY_BUDGET,
     BackgroundWriter,
@@ -83,6 +82,11 @@ class _Pair:
     base: torch.Tensor | None = None  # oriented for ``settings.side``
     tuned: TunedMatrix | None = None
     base_spectrum: Spectrum | None = None  # found in the base cache
+    # The RL-versus-SFT measures' entry (analysis.update_measures): its key (None: not
+    # wanted), the base's top-k entry, and the entry once found or computed.
+    measures_key: str | None = None
+    base_top_key: str | None = None
+    measures: Entry | None = None
     # Runs a cache write: at once, or later on a writer thread (:class:`BackgroundWriter`).
     write: Callable[[Callable[[], None]], None] | None = None
 
@@ -147,11 +151,19 @@ def _prepare(
         ),
         base_key=SpectrumCache.key("base-left", base_digest, f"side={settings.side}"),
     )
+    if settings.measures:
+        pair.measures_key = update_measures.measures_key(base_digest, tuned_digest, settings.measure_signature())
+        pair.base_top_key = update_measures.base_top_key(base_digest, settings.principal_k, settings.side)
     if cache is not None:
         entry = cache.lookup("pair", pair.pair_key)
+        if pair.measures_key is not None:
+            pair.measures = cache.lookup("measures", pair.measures_key)
         if entry is not None:
             pair.result = matrix_result(plan, *entry)
-            return pair
+            if pair.measures_key is None or pair.measures is not None:
+                pair.result.rl = None if pair.measures is None else update_measures.from_entry(*pair.measures)
+                return pair
+            # The pair is cached but not its measures: load the weights for them alone.
     if base is None or tuned is None:
         base, tuned = plan.load_base(), plan.load_tuned()
     for which, weight, owner in (("base", base, base_source), ("fine-tuned", tuned.weight, source)):
@@ -220,8 +232,8 @@ def _compute_group(
     asks for it, so a group another process finished meanwhile is read, not computed again.
     """
     todo = [pair for pair in pairs if pair.result is None]
+    threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(pairs[0].plan.shape, method, budget)
     if todo:
-        threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(todo[0].plan.shape, method, budget)
         if device.type == "cpu":
             use_threads(threads)
         computed: list[Entry] = []
@@ -238,9 +250,36 @@ def _compute_group(
             compute = lambda index=index: entry(index)  # noqa: E731
             found = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
             pair.result = matrix_result(pair.plan, *found)
-        for pair in todo:
-            pair.base = pair.tuned = None  # the weights are not needed any more
+    for pair in pairs:
+        if pair.measures_key is not None and pair.result.rl is None:
+            use_threads(threads) if device.type == "cpu" and pair.measures is None else None
+            with blas_threads(blas) if pair.measures is None else nullcontext():  # as the pair's own work runs
+                _attach_measures(pair, settings, device, method, cache)
+        pair.base = pair.tuned = None  # the weights are not needed any more
     return [pair.result for pair in pairs]
+
+
+def _attach_measures(
+    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+) -> None:
+    """The pair's RL-versus-SFT measures (issue 23): found, computed beside its spectra, or alone.
+
+    Alone, the tuned weight is decomposed as :func:`_group_spectra` does it (same top, same seeds), so the bytes match.
+    """
+    if pair.measures is None:
+        assert pair.base is not None and pair.tuned is not None
+
+        def compute() -> Entry:
+            base, tuned = _on_device(pair, device)
+            wanted = max(settings.max_top_k, settings.similarity_size)
+            seeds = None if pair.base_spectrum is None else [_seeds(pair.base_spectrum, tuned, wanted, device)]
+            spectrum = decompose_many([tuned.weight.to(device)], device, method, top=wanted, seeds=seeds)[0]
+            return update_measures.compute(base, tuned.weight.to(device), spectrum, settings, device, cache,
+                                           pair.base_top_key)  # fmt: skip
+
+        key = pair.measures_key
+        pair.measures = compute() if cache is None else cache.get_or_compute("measures", key, compute, missed=True)
+    pair.result.rl = update_measures.from_entry(*pair.measures)
 
 
 def _group_metrics(
@@ -255,10 +294,16 @@ def _group_metrics(
         spectra = _group_spectra(pairs, settings, device, method, cache)
     else:
         spectra = [_pair_spectra(pair, device, method, cache) for pair in pairs]
-    return [
-        pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank)
-        for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(pairs, spectra, strict=True)
-    ]
+    entries = []
+    for pair, (base_spectrum, tuned_spectrum, delta, base) in zip(pairs, spectra, strict=True):
+        entries.append(pair_metrics(base, base_spectrum, tuned_spectrum, delta, settings, pair.plan.adapter_rank))
+        if pair.measures_key is not None and pair.measures is None:  # the tuned top vectors are at hand
+            tuned = pair.tuned.weight.to(base.device)
+            found = update_measures.compute(base, tuned, tuned_spectrum, settings, device, cache, pair.base_top_key)
+            if cache is not None:
+                (pair.write or run_now)(lambda key=pair.measures_key, found=found: cache.store("measures", key, *found))
+            pair.measures = found
+    return entries
 
 
 def _on_device(pair: _Pair, device: torch.device) -> tuple[torch.Tensor, TunedMatrix]:
@@ -532,13 +577,14 @@ def analyse_pair(
     device: torch.device,
     cache: SpectrumCache | None,
     source: str | None = None,
-) -> tuple[MatrixResult, str]:
-    """One pair exactly as :func:`analyse_plan` analyses it, and the pair's cache key.
+) -> tuple[MatrixResult, dict[str, str]]:
+    """One pair exactly as :func:`analyse_plan` analyses it, and its cache keys by kind.
 
     Digests, cache lookups (the whole pair, then the base spectrum), loading, SVDs and
     metrics, storing into ``cache``. The seam for runners that schedule pairs elsewhere
     (:mod:`analysis.distributed` runs it inside Ray tasks and may copy the pair's entry,
-    found under the returned key, into the driver's cache).
+    found under the returned keys -- ``pair`` and, unless ``settings.measures`` is off,
+    ``measures`` -- into the driver's cache).
     """
     method = default_method(device)
     with compute_threads():
@@ -549,4 +595,4 @@ def analyse_pair(
         finally:
             if cache is not None:
                 cache.fingerprints.flush()
-    return result, pair.pair_key
+    return result, {"pair": pair.pair_key, **({"measures": pair.measures_key} if pair.measures_key else {})}

@@ -37,7 +37,53 @@ def matrix_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dic
         "expert": matrix.expert,
         "storage": matrix.id.storage,
         "tuned_storage": matrix.id.tuned_storage,
+        **rl_entry(matrix, top_k, epsilons),
     }
+
+
+def rl_entry(matrix: MatrixResult, top_k: int, epsilons: list[float]) -> dict:
+    """The RL-versus-SFT measures of one matrix (issue 23, docs/metrics.md); none without them.
+
+    Sparsity counts this matrix's entries; angles are in degrees (largest of the top-k
+    principal angles, and every one, ascending); the intruder energy share is at each eps.
+    """
+    derived = {
+        "spectral_shift": _finite(matrix.spectral_shift),
+        "update_rank_fraction": float(matrix.update_rank_fraction),
+        "intruder_energy_share": [_finite(matrix.intruder_energy_share(top_k, eps)) for eps in epsilons],
+    }
+    rl = matrix.rl
+    if rl is None:
+        return derived
+    return {
+        **derived,
+        "update_sparsity": {"relative": rl.sparsity("relative"), "absolute": rl.sparsity("absolute")},
+        "parameters": rl.counts.total,
+        "principal_k": rl.k,
+        "principal_angle_max": {"left": float(rl.angles_left.max()), "right": float(rl.angles_right.max())},
+        "principal_angles": {"left": rl.angles_left.tolist(), "right": rl.angles_right.tolist()},
+        "mask_overlap": _finite(rl.mask_overlap),
+        "mask_alpha": rl.alpha,
+    }
+
+
+def rl_totals(model: ModelResult) -> dict:
+    """Per-model sparsity: over the analysed matrices, and over every comparable parameter when known.
+
+    Each total says which parameters it counts (``counts``).
+    """
+    with_rl = [m.rl for m in model.matrices if m.rl is not None]
+    if not with_rl:
+        return {}
+    total = sum(r.counts.total for r in with_rl)
+    analysed = {
+        "parameters": total,
+        "sparsity_relative": sum(r.counts.unchanged_relative for r in with_rl) / total,
+        "sparsity_absolute": sum(r.counts.unchanged_absolute for r in with_rl) / total,
+        "counts": f"the {len(with_rl)} analysed matrices only ({total} parameters)",
+    }
+    whole = model.summary.get("whole_model_sparsity")
+    return {"sparsity_analysed_matrices": analysed, **({"sparsity_whole_model": whole} if whole else {})}
 
 
 def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
@@ -56,7 +102,7 @@ def model_entry(model: ModelResult, top_k: int, epsilons: list[float]) -> dict:
         "unmatched": list(model.unmatched),
         "shape_mismatches": list(model.shape_mismatches),
         "skipped": list(model.skipped),
-        "totals": {"intruders": totals, "mean_effective_rank": mean_erank},
+        "totals": {"intruders": totals, "mean_effective_rank": mean_erank, **rl_totals(model)},
         "summary": model.summary,
         "step": model.step,
     }

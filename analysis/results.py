@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from analysis import metrics
+from analysis import measures, metrics
 from analysis.identity import IdentifiedMatrix, MatrixId
 
 DEFAULT_TOP_K = 10
@@ -51,6 +51,23 @@ class MatrixResult(IdentifiedMatrix):
     amplification_factor: float | None
     amplification_rank: int
     adapter_rank: int | None = None
+    #: The stored RL-versus-SFT measures (counts, principal angles); ``None`` when the
+    #: analysis ran with ``measures=False``.
+    rl: measures.RlMeasures | None = None
+
+    @property
+    def spectral_shift(self) -> float | None:
+        """Zhu et al. Sec. 4.1: ``||s(W1) - s(W0)|| / ||s(W0)||`` over the full spectra."""
+        return measures.spectral_shift(self.base_singular_values, self.tuned_singular_values)
+
+    @property
+    def update_rank_fraction(self) -> float:
+        """Mukherjee et al. Table 2: the numerical rank of ``dW`` over ``min(m, n)``."""
+        return measures.rank_fraction(self.delta_singular_values, self.shape)
+
+    def intruder_energy_share(self, k: int, eps: float) -> float | None:
+        """Intruder energy share (this tool's measure): top-k ``s^2`` of ``W1`` on intruders at ``eps``."""
+        return measures.intruder_energy_share(self.tuned_singular_values, self.intruder_scores, k, eps)
 
     @property
     def short_label(self) -> str:

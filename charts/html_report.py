@@ -32,7 +32,7 @@ from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from analysis.provenance import Provenance, StoredModel
 from analysis.results import ComparisonResult, MatrixResult, ModelResult
-from charts import comparison, overview, overview_tables, spectra, style, tables
+from charts import comparison, overview, overview_tables, rl_measures, rl_tables, spectra, style, tables
 
 #: How many matrices per fine-tune get their spectrum and similarity heatmap.
 TOP_MATRICES = 3
@@ -353,7 +353,8 @@ def _comparisons(page: _Page, result: ComparisonResult, eps: float) -> None:
         f"Intruder dimensions among the top {k} tuned singular vectors, summed over every matrix, at each ε "
         f"({', '.join(f'{e:g}' for e in epsilons)}); the dotted line marks ε = {eps:g}, the ε of the grids and totals."
     )
-    page.add(page.chart(comparison.sweep_figure(models, k, epsilons, eps), "sweep"))
+    sweep = rl_measures.add_chance_band(comparison.sweep_figure(models, k, epsilons, eps), models)
+    page.add(page.chart(sweep, "sweep"))
     page.section("Effective rank and rank90 by layer", "rank")
     page.text(
         "Effective rank (Roy &amp; Vetterli 2007) and rank90 (the fewest singular values holding 90% of ‖ΔW‖²_F, "
@@ -449,6 +450,42 @@ def _header(page: _Page, result: ComparisonResult, eps: float, provenance, setti
     page.add(f'<dl class="settings" id="settings">{items}</dl>')
 
 
+def _rl_measures(page: _Page, result: ComparisonResult, eps: float) -> None:
+    """The RL-versus-SFT measures per fine-tune (issue 23), in the shape of Zhu et al. 2025 Table 1."""
+    models, k = result.models, result.top_k
+    table = rl_tables.sparsity_table(models, result.base, k, eps)
+    if table.empty or table["counts"].eq("not computed").all():
+        return
+    page.section("RL vs SFT measures", "rl-measures")
+    head = (
+        "<tr><th>base</th><th>fine-tune</th><th>method</th><th class=num>update sparsity, Zhu Eq. 1 (%)</th>"
+        "<th class=num>update sparsity, |ΔW| ≤ atol in bf16 (%)</th><th>parameters counted</th>"
+        "<th class=num>largest principal angle (°)</th><th class=num>mean principal-mask overlap</th>"
+        f"<th class=num>intruder energy share (top {k}, ε = {eps:g})</th></tr>"
+    )
+    rows = []
+    for row in table.itertuples():
+        cells = [html.escape(str(v)) for v in (row.base, row.fine_tune, row.method)]
+        numbers = [(row.sparsity_pct, 2), (row.sparsity_abs_pct, 2)]
+        later = [(row.max_principal_angle_deg, 4), (row.mean_mask_overlap, 3), (row.intruder_energy_share, 3)]
+        rows.append(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in cells)
+            + "".join(f"<td class=num>{_number(v, d)}</td>" for v, d in numbers)
+            + f"<td>{html.escape(str(row.counts))}</td>"
+            + "".join(f"<td class=num>{_number(v, d)}</td>" for v, d in later) + "</tr>"
+        )  # fmt: skip
+    page.add(f'<div class="table-wrap"><table id="rl-measures"><thead>{head}</thead><tbody>{"".join(rows)}')
+    page.add("</tbody></table></div>")
+    page.text(
+        "Update sparsity: the share of parameters left unchanged, by Zhu et al. 2025 Eq. 1 (|w₁ − w₀| ≤ "
+        "η·max(|w₀|, |w₁|)) and by Mukherjee et al. 2025 (|ΔW| ≤ atol, in bf16); the principal angles between the "
+        "top-k singular subspaces of W₀ and W₁ (Zhu et al. Sec. 4.1); the share of changed entries inside the "
+        "principal mask of W₀ (Sec. 4.2; its chance level is α); the intruder energy share is this tool's measure.",
+        "muted",
+    )
+    page.add(page.chart(rl_measures.sparsity_figure(models, result.base, k, eps), "rl-sparsity"))
+
+
 def html_report(
     result: ComparisonResult,
     eps: float,
@@ -482,6 +519,7 @@ def html_report(
     _totals(page, models, k, eps)
     _grids(page, models, k, eps)
     _comparisons(page, result, eps)
+    _rl_measures(page, result, eps)
     _matrices(page, models, k, eps)
     _provenance(page, result, provenance)
     toc = "".join(f'<li><a href="#{anchor}">{html.escape(title)}</a></li>' for anchor, title in page.toc)

@@ -20,7 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from analysis.results import ModelResult
-from charts import overview_tables, tables
+from charts import overview_tables, rl_tables, tables
 from charts.colors import cell_text, count_ticks
 from charts.style import (
     chart_text,
@@ -196,7 +196,7 @@ def _panel_layout(
         coloraxis={
             "colorscale": metric_colorscale(metric),
             "cmin": 0,
-            "cmax": max(zmax, 1),
+            "cmax": zmax if metric in rl_tables.RL_METRICS and zmax > 0 else max(zmax, 1),
             "colorbar": {
                 "thickness": 10,
                 "len": 0.9,
@@ -226,8 +226,8 @@ def _overview_panel(
     values = cells["value"].to_numpy(dtype=np.float64)
     z = np.full((len(rows), len(columns)), np.nan)
     z[ii, jj] = values
-    digits = ".0f" if metric == "intruders" else ".1f"
-    shown = np.array([format(v, digits) for v in values], dtype=object)
+    digits = rl_tables.RL_FORMATS.get(metric, ".0f" if metric == "intruders" else ".1f")
+    shown = np.array(["–" if np.isnan(v) else format(v, digits) for v in values], dtype=object)
     cell_px = _cell_px(len(rows))
     readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
     fig = go.Figure()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from analysis.results import MatrixResult, ModelResult
+from charts.rl_tables import RL_METRICS, rl_value
 from charts.tables import IDENTITY_COLUMNS, identity_order, layer_label, model_labels, training_method
 
 #: The metrics an overview grid can show (:func:`overview_table`), with their display names.
@@ -21,6 +22,7 @@ OVERVIEW_METRICS: dict[str, str] = {
     "intruders": "Intruder dimensions",
     "effective_rank": "Effective rank of ΔW",
     "rank90": "rank90 of ΔW",
+    **RL_METRICS,  # the RL-versus-SFT measures (charts.rl_tables)
 }
 
 #: Columns of :func:`overview_table`.
@@ -141,6 +143,8 @@ def overview_table(models: Sequence[ModelResult], metric: str, k: int, eps: floa
         for m in identity_order(model.matrices):
             if metric == "intruders":
                 value = float(m.intruder_counts(k, [eps])[0])
+            elif metric in RL_METRICS:
+                value = rl_value(m, metric, k, eps)
             else:
                 value = float(getattr(m, metric))
             rows.append({"model_index": index, "model": label, "method": method, **grid_cell(m), "value": value})

@@ -17,6 +17,7 @@ import pandas as pd
 from analysis.results import MatrixResult, ModelResult
 from charts.matrix_tables import intruder_table
 from charts.overview_tables import OVERVIEW_METRICS, grid_cell
+from charts.rl_tables import RL_METRICS, group_value, rl_value
 from charts.tables import IDENTITY_COLUMNS, identity_order, layer_label
 
 #: How the series trends are grouped: one line for the whole model, per layer, per module kind
@@ -24,7 +25,10 @@ from charts.tables import IDENTITY_COLUMNS, identity_order, layer_label
 SERIES_GROUPINGS: tuple[str, ...] = ("model", "layer", "module", "matrix")
 #: The metrics a series is drawn in (those of the overview and the update's norm), with
 #: their display names.
-SERIES_METRICS: dict[str, str] = {**OVERVIEW_METRICS, "delta_fro": "Frobenius norm ‖ΔW‖"}
+SERIES_METRICS: dict[str, str] = {
+    **{key: name for key, name in OVERVIEW_METRICS.items() if key not in RL_METRICS},
+    "delta_fro": "Frobenius norm ‖ΔW‖",
+}
 
 
 def by_step(models: Sequence[ModelResult]) -> list[ModelResult]:
@@ -101,9 +105,11 @@ def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "m
                     "effective_rank": float(np.mean([m.effective_rank for m in matrices])),
                     "rank90": float(np.mean([m.rank90 for m in matrices])),
                     "delta_fro": float(np.sqrt(sum(float(m.delta_fro) ** 2 for m in matrices))),
+                    **{metric: group_value(matrices, metric, k, eps) for metric in RL_METRICS},
                 }
             )
     columns = ["step", "checkpoint", "group", "matrices", "intruders", "effective_rank", "rank90", "delta_fro"]
+    columns += list(RL_METRICS)  # the RL-versus-SFT measures of the group (charts.rl_tables.group_value)
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -140,7 +146,10 @@ def series_grid_table(models: Sequence[ModelResult], metric: str, k: int, eps: f
     rows = []
     for model in by_step(models):
         for m in identity_order(model.matrices):
-            value = m.intruder_counts(k, [eps])[0] if metric == "intruders" else float(getattr(m, metric))
+            if metric in RL_METRICS:
+                value = rl_value(m, metric, k, eps)
+            else:
+                value = m.intruder_counts(k, [eps])[0] if metric == "intruders" else float(getattr(m, metric))
             rows.append({"step": model.step, **grid_cell(m), metric: value})
     return pd.DataFrame(rows, columns=[*SERIES_GRID_COLUMNS, metric])
 

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="singular vectors to compare: left (output space, the paper's default) or right (input space)",
     )
     report.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_measure_arguments(report)
     report.add_argument(
         "--ray",
         metavar="ADDRESS",
@@ -139,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mitigate_parser(commands)
     return parser
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_measure_arguments(report: argparse.ArgumentParser) -> None:
+    """The RL-versus-SFT measures' settings (docs/metrics.md); checked by ``checked_settings``."""
+    from analysis import measures
+
+    group = report.add_argument_group("RL-versus-SFT measures (Zhu et al. 2025, Mukherjee et al. 2025)")
+    group.add_argument("--no-measures", action="store_true", help="skip update sparsity, rotation and mask overlap")
+    group.add_argument("--sparsity-eta", type=_number, default=measures.DEFAULT_ETA,
+                       help="Zhu et al. Eq. 1: unchanged iff |w1-w0| <= eta max(|w0|,|w1|) (default 1e-3)")  # fmt: skip
+    group.add_argument("--sparsity-atol", type=_number, default=measures.DEFAULT_ATOL,
+                       help="Mukherjee et al.: unchanged iff |w1-w0| <= atol, in bf16 (default 1e-5)")  # fmt: skip
+    group.add_argument("--sparsity-rule", choices=measures.RULES, default="relative",
+                       help="the rule of the headline sparsity in the HTML report (both are in the JSON)")  # fmt: skip
+    group.add_argument("--principal-k", type=_positive_int, default=measures.DEFAULT_PRINCIPAL_K,
+                       help="top-k singular subspaces of the rotation and the principal mask (default 16)")  # fmt: skip
+    group.add_argument("--mask-alpha", type=_number, default=measures.DEFAULT_MASK_ALPHA,
+                       help="fraction of entries in the principal mask (default 0.05)")  # fmt: skip
 
 
 def _unit_interval(text: str) -> float:
@@ -285,7 +311,16 @@ def _run_report(args: argparse.Namespace) -> int:
         cache=cache,
         progress=progress,
         include_non_block=args.include_non_block,
-        settings=AnalysisSettings(max_top_k=max(args.top_k, AnalysisSettings.max_top_k), side=args.side),
+        settings=AnalysisSettings(
+            max_top_k=max(args.top_k, AnalysisSettings.max_top_k),
+            side=args.side,
+            measures=not args.no_measures,
+            sparsity_eta=args.sparsity_eta,
+            sparsity_atol=args.sparsity_atol,
+            sparsity_rule=args.sparsity_rule,
+            principal_k=args.principal_k,
+            mask_alpha=args.mask_alpha,
+        ),
     )
     result = compare(args.base, args.tuned, ray=args.ray, **options)
     written = []

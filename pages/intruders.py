@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.results import DEFAULT_EPSILONS
-from charts import comparison, tables
+from charts import comparison, rl_measures, tables
 from ui import state, views
 
 st.title("Intruder dimensions vs ε")
@@ -48,7 +48,13 @@ names = {
     if m.module in chosen_modules and tables.layer_label(m.layer) in chosen_layers and m.stack in chosen_stacks
 }
 epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
-views.chart(comparison.sweep_figure(models, k, epsilons, eps=eps, matrices=names), "intruders-vs-eps")
+sweep = comparison.sweep_figure(models, k, epsilons, eps=eps, matrices=names)
+views.chart(rl_measures.add_chance_band(sweep, models), "intruders-vs-eps")
+st.caption(
+    "Grey band: the chance level of an intruder score, the best |cos| a random direction reaches against the "
+    "base's singular vectors (5-95% of a seeded simulation per matrix shape; dashed: median). At an ε in or "
+    "below the band, a count no longer tells a fine-tune's new directions from random ones."
+)
 
 # The breakdown's control sits with its chart, above the tables.
 by = state.widget(

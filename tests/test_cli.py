@@ -58,7 +58,8 @@ def test_second_run_and_second_fine_tune_reuse_cached_spectra(
     cache = SpectrumCache(tmp_path)
     first = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=cache, device="cpu")
     n = len(first.models[0].matrices)
-    assert cache.stats.computed == {"pair": n, "base": n}
+    others = first.models[0].summary["whole_model_sparsity"]["other_tensors"]  # whole-model sparsity's tensors
+    assert others > 0 and cache.stats.computed == {"pair": n, "base": n, "base-top": n, "measures": n + 1}
 
     other = SpectrumCache(tmp_path)
     compare(str(tiny_llama), [str(tiny_llama_lora)], cache=other, device="cpu")

@@ -176,6 +176,7 @@ def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_al
     gets analysed alone, and a group of which some pairs are cached computes the rest."""
     from analysis import pipeline
     from analysis.cache import SpectrumCache
+    from analysis.pair_metrics import AnalysisSettings
     from analysis.pipeline import analyse_plan
     from analysis.plan import ComparisonPlan
 
@@ -194,12 +195,14 @@ def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_al
     real = linalg._batched_gram_spectra
     monkeypatch.setattr(linalg, "_batched_gram_spectra", lambda ws, v: batches.append(len(ws)) or real(ws, v))
     events = []
-    grouped = list(analyse_plan(plan, device="cpu", progress=events.append))
+    # The spectra's batches only: the RL-versus-SFT measures decompose each base's top-k on their own.
+    off = AnalysisSettings(measures=False)
+    grouped = list(analyse_plan(plan, device="cpu", progress=events.append, settings=off))
     assert [r.name for r in grouped] == [m.name for m in matrices] == [e.matrix for e in events]  # plan order
     # Per shape: bases and tuned weights of 3 pairs; dense updates: 3 downs, 1 up (1 adapter).
     assert sorted(batches) == [1, 3, 3, 3, 3, 3]
     batches.clear()
-    alone = [pipeline.analyse_matrix(m, device="cpu") for m in matrices]
+    alone = [pipeline.analyse_matrix(m, device="cpu", settings=off) for m in matrices]
     assert batches == [1] * 16  # each pair alone: base, tuned weight, and the update of the four dense ones
 
     def fields(r) -> bytes:
@@ -211,8 +214,8 @@ def test_eig_pipeline_analyses_experts_together_with_the_bytes_each_pair_gets_al
         np.testing.assert_allclose(r.tuned_singular_values, reference(tuned.weight)[1], rtol=1e-6)
 
     cache = SpectrumCache(tmp_path)
-    list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices[2:4]), device="cpu", cache=cache))
+    list(analyse_plan(ComparisonPlan("base", "tuned", "full", matrices[2:4]), device="cpu", cache=cache, settings=off))
     batches.clear()
-    cached = list(analyse_plan(plan, device="cpu", cache=cache))
+    cached = list(analyse_plan(plan, device="cpu", cache=cache, settings=off))
     assert sorted(batches) == [2, 2, 2, 2, 2]  # only the pairs not cached: downs 0, 4 and adapters 1, 5
     assert [fields(r) for r in cached] == [fields(r) for r in alone]

@@ -103,8 +103,9 @@ def test_html_report_opens_offline_and_shows_the_json_numbers(browser, reports, 
     try:
         assert left == [] and errors == []
         charts = page.locator(".chart").count()
-        # totals, 2 overview metrics x 2 fine-tunes (one grid), sweep, effective rank, rank90, 3 x 2 per fine-tune
-        assert charts == 1 + 2 * 2 + 3 + 2 * 3 * 2
+        # totals, 2 overview metrics x 2 fine-tunes (one grid), sweep, effective rank, rank90, the RL vs SFT
+        # sparsity bars, 3 x 2 per fine-tune
+        assert charts == 1 + 2 * 2 + 3 + 1 + 2 * 3 * 2
         assert page.locator(".js-plotly-plot .main-svg").first.is_visible()
         assert page.evaluate("document.querySelectorAll('.js-plotly-plot').length") == charts
         eps_index = report["epsilons"].index(0.5)

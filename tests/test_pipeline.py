@@ -115,12 +115,12 @@ def test_base_spectra_are_computed_once_per_base(tmp_path):
         for label, tuned in (("ft-a", tuned_a), ("ft-b", tuned_b))
     ]
     first = [list(analyse_plan(p, cache=cache, device="cpu"))[0] for p in plans]
-    assert cache.stats.computed == {"pair": 2, "base": 1}
+    assert cache.stats.computed == {"pair": 2, "base": 1, "base-top": 1, "measures": 2}
 
     again = SpectrumCache(tmp_path)
     second = [list(analyse_plan(p, cache=again, device="cpu"))[0] for p in plans]
     assert again.stats.computed == {}  # everything came from disk
-    assert again.stats.hits == 2
+    assert again.stats.hits == 4  # each pair and its measures
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a.intruder_scores, b.intruder_scores)
         assert a.effective_rank == b.effective_rank

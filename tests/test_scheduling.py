@@ -37,10 +37,15 @@ def test_base_entries_are_written_by_the_writer_thread_before_the_analysis_ends(
     results = list(analyse_plan(_plan(), device="cpu", cache=cache, workers=1))
     assert len(results) == 3
     assert len(writers) == 3 and all(name.startswith("wse-writer") for name in writers)
-    assert cache.stats.computed == {"base": 3, "pair": 3}  # every write done when it returned
+    assert cache.stats.computed == {
+        "base": 3,
+        "pair": 3,
+        "base-top": 3,
+        "measures": 3,
+    }  # every write done when it returned
     again = SpectrumCache(tmp_path)
     list(analyse_plan(_plan(), device="cpu", cache=again))
-    assert again.stats.computed == {} and again.stats.hits == 3
+    assert again.stats.computed == {} and again.stats.hits == 6
 
 
 def test_a_failed_background_write_is_raised_when_the_analysis_ends(tmp_path, monkeypatch):

@@ -50,11 +50,12 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     at = _open(tiny_bert, [spec], "pages/series.py")
     assert [t.value for t in at.title] == ["Checkpoint series"]
     assert "3 of 3 checkpoints analysed" in " ".join(c.value for c in at.caption)
-    trend, grid, similarity = figures(at)
+    trend, rl, grid, similarity = figures(at)
     assert {tuple(t.x) for t in trend.data} == {(5, 10, 20)}
     # One step control, the page's, offers every step; both step-by-step charts show the last.
     assert list(at.select_slider(key="w_step").options) == ["5", "10", "20"]
     assert all("at step 20" in f.layout.title.text and not f.frames for f in (grid, similarity))
+    assert {tuple(t.x) for t in rl.data} == {(5, 10, 20)}  # the RL-versus-SFT measures by step (issue 23)
     engine = compare(str(tiny_bert), [str(run_dir)], cache=None).models
     intruders = next(t for t in trend.data if t.yaxis == "y")  # the first panel: intruders
     assert list(intruders.y) == [m.total_intruders(10, 0.5) for m in engine]
@@ -89,7 +90,7 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     again = _open(tiny_bert, [spec], "pages/series.py", **params)
     assert again.radio(key="w_lines").value == "layer" and again.radio(key="w_grid").value == "rank90"
     assert again.selectbox(key="w_matrix").value == second.name and again.select_slider(key="w_step").value == 10
-    _, grid, similarity = figures(again)
+    _, _rl, grid, similarity = figures(again)
     for fig in (grid, similarity):  # both step-by-step charts show step 10: one step control, the page's
         assert "at step 10" in fig.layout.title.text and not fig.frames and not fig.layout.sliders
     assert sorted(again.dataframe[0].value["group"].unique()) == ["L0", "L1"]
@@ -198,5 +199,5 @@ def test_series_page_offers_the_demos_checkpoints(tmp_path: Path, monkeypatch: p
     assert at.query_params["series"] in ("series:demo:lora-r1", ["series:demo:lora-r1"])
     assert "series:demo:lora-r1" in at.query_params["tuned"]
     assert "2 of 2 checkpoints analysed" in " ".join(c.value for c in at.caption)
-    trend, _grid, _similarity = figures(at)
+    trend, _rl, _grid, _similarity = figures(at)
     assert {tuple(t.x) for t in trend.data} == {(1, 2)}

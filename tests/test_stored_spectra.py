@@ -40,7 +40,7 @@ def test_a_changed_metric_reuses_every_cached_decomposition(tmp_path, monkeypatc
     plan = ComparisonPlan("b", "t", "full", _plans())
     first = SpectrumCache(tmp_path)
     before = list(analyse_plan(plan, device="cpu", cache=first))
-    assert first.stats.computed == {"base": 3, "pair": 3}
+    assert first.stats.computed == {"base": 3, "pair": 3, "base-top": 3, "measures": 3}
 
     # A metric redefined (here: the effective rank with a base-2 entropy).
     def effective_rank_bits(s: np.ndarray) -> float:
@@ -52,7 +52,7 @@ def test_a_changed_metric_reuses_every_cached_decomposition(tmp_path, monkeypatc
     again = SpectrumCache(tmp_path)
     after = list(analyse_plan(plan, device="cpu", cache=again))
     assert again.stats.computed == {}  # nothing decomposed again
-    assert again.stats.hits == 3
+    assert again.stats.hits == 6  # each pair and its measures
     for old, new in zip(before, after, strict=True):
         s = new.delta_singular_values
         assert s.dtype == np.float64

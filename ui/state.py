@@ -54,6 +54,7 @@ CONTROLS: dict[str, Any] = {
     "logrank": None,
     "logamp": None,
     "step": None,
+    "rl": None,  # the RL-versus-SFT page's grid measure
 }
 LISTS = ("modules", "layers", "stacks")
 #: The step of the Mitigate page's lambda slider (its URL value is put on this grid).

@@ -1,0 +1,58 @@
+"""The RL vs SFT page (issue 23) in Streamlit's AppTest, on tiny real models, against the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from charts import rl_measures, rl_tables
+from charts.tables import identity_order
+from tests.test_app import figures, open_app, wait_for_jobs
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("WSE_ALLOW_LOCAL_PATHS", raising=False)
+    return tmp_path / "cache"
+
+
+def test_rl_page_shows_the_engines_measures(cache_dir: Path, tiny_bert: Path, tiny_bert_full_ft: Path) -> None:
+    from analysis.compare import compare
+
+    engine = compare(str(tiny_bert), [str(tiny_bert_full_ft)], cache=None).models[0]
+    at = open_app(tiny_bert, [tiny_bert_full_ft])
+    at.switch_page("pages/rl_measures.py").run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.title] == ["RL vs SFT measures"]
+    table = at.dataframe[0].value
+    expected = (
+        100
+        * sum(m.rl.counts.unchanged_relative for m in engine.matrices)
+        / sum(m.rl.counts.total for m in engine.matrices)
+    )
+    assert table["sparsity_pct"].iloc[0] == pytest.approx(round(expected, 2))
+    figs = figures(at)
+    grid = next(f for f in figs if f.data and f.data[0].type == "heatmap")
+    values = np.asarray(grid.data[0].z, dtype=float)
+    assert np.nanmax(values) == pytest.approx(max(m.rl.sparsity() for m in engine.matrices))
+    rotation = next(f for f in figs if "rotation" in (f.layout.title.text or ""))
+    first = identity_order(engine.matrices)[0]  # the matrix picker's first choice
+    shown = np.asarray(rotation.data[0].customdata, dtype=float)
+    np.testing.assert_allclose(shown, first.rl.angles_left, rtol=1e-9)
+
+
+def test_chance_band_is_drawn_on_intruders_vs_eps(tiny_bert: Path, tiny_bert_full_ft: Path) -> None:
+    from analysis.compare import compare
+    from charts import comparison
+
+    models = compare(str(tiny_bert), [str(tiny_bert_full_ft)], cache=None).models
+    fig = rl_measures.add_chance_band(comparison.sweep_figure(models, 10, [0.1, 0.5, 0.9]), models)
+    band = [s for s in fig.layout.shapes if s.type == "rect"]
+    chance = rl_tables.chance_table(models)
+    assert len(band) == 1 and band[0].x0 == pytest.approx(chance["p5"].min())
+    assert band[0].x1 == pytest.approx(chance["p95"].max())
