@@ -433,7 +433,7 @@ def test_html_report_downloads_and_opens_offline(server: str, page, browser, tmp
     report, context, left, errors = open_offline(browser, path, width=390)
     try:
         assert left == [] and errors == []
-        assert report.locator(".chart").count() == 1 + 2 * 3 + 3 + 2 * 3 * 3  # 3 fine-tunes at k = 10, eps = 0.5
+        assert report.locator(".chart").count() == 1 + 2 * 3 + 3 + 2 * 3 * 3 + 1  # 3 fine-tunes at k = 10, eps = 0.5; + RL vs SFT
         intruders = report.locator('#totals tr[data-spec="demo:lora-r8"] [data-key="intruders"]').inner_text()
         assert intruders == "96"  # as the JSON report: r = 8 in each of 12
         digests = report.locator("#provenance tbody tr td:nth-child(5)").all_inner_texts()

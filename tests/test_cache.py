@@ -106,7 +106,7 @@ def test_concurrent_processes_get_correct_results(tmp_path):
     procs = [ctx.Process(target=_worker, args=(str(tmp_path), key, 7, out)) for _ in range(2)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=60) for _ in procs]
+    results = [out.get(timeout=240) for _ in procs]  # two spawned interpreters on a busy CI machine
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

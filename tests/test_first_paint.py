@@ -42,7 +42,7 @@ new MutationObserver(() => {
 """
 SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')"""
 TITLES = ["Overview", "Singular-vector similarity", "Intruders vs ε", "Effective rank", "Spectrum",
-          "Subspace similarity", "Checkpoint series", "Mitigate", "Models"]  # fmt: skip
+          "Subspace similarity", "Checkpoint series", "RL vs SFT", "Mitigate", "Models"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,9 @@ def test_series_page_in_a_browser(series_server, width: int, height: int) -> Non
         assert page.get_by_test_id("stSlider").filter(has_text="Training step").count() == 1
         assert "series=" in page.url
         shot(page, f"series-{width}x{height}")
+        # the RL-versus-SFT chart waits, folded, in its expander: the three on screen
         for index, name in enumerate(("trends", "grid", "similarity")):
-            chart = page.locator(".js-plotly-plot").nth(index)
+            chart = page.locator(".js-plotly-plot:visible").nth(index)
             chart.scroll_into_view_if_needed()
             chart.screenshot(path=str(ARTIFACTS / f"series-{width}x{height}-{name}.png"))
         browser.close()
