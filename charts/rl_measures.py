@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 
 from analysis.results import MatrixResult, ModelResult
 from charts import rl_tables
-from charts.style import PALETTE, chart_text, empty_figure, legend_name, series_style
+from charts.style import PALETTE, chart_text, empty_figure, legend_name, log_axis, series_style
 from charts.tables import model_labels
 
 #: Angles below this (degrees) are drawn at it on the log axis: float64 resolves a
@@ -33,6 +33,7 @@ def rotation_figure(matrix: MatrixResult, label: str) -> go.Figure:
     if table.empty:
         return empty_figure(title, "Not computed for this analysis (measures were off)")
     fig = go.Figure()
+    drawn = np.maximum(table[["left_deg", "right_deg"]].to_numpy(dtype=float), ANGLE_FLOOR_DEG)
     for column, name, color, dash in (("left_deg", "left (U)", PALETTE[0], "solid"),
                                       ("right_deg", "right (V)", PALETTE[1], "dash")):  # fmt: skip
         values = table[column].to_numpy(dtype=float)
@@ -50,7 +51,7 @@ def rotation_figure(matrix: MatrixResult, label: str) -> go.Figure:
     fig.update_layout(
         title=f"{title}<br><sup>{chart_text(label)}: top {len(table)} subspaces, largest angle last</sup>",
         xaxis_title="i (principal angle index, ascending)",
-        yaxis={"title": "θ_i (degrees, log)", "type": "log", "exponentformat": "power"},
+        yaxis=log_axis(drawn, title="θ_i (degrees, log)"),  # one notation, labelled ticks
         height=400,
         legend={"orientation": "h", "y": -0.25},
     )

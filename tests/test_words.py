@@ -93,3 +93,15 @@ def test_every_metric_column_has_words() -> None:
     for column in ("mean_effective_rank", "best_match_base_rank", "delta_fro"):
         words, _ = table_words.COLUMN_WORDS[column]
         assert "_" not in words.replace("‖ΔW‖_F", "")
+
+
+def test_rl_measure_columns_have_words(tiny_bert, tiny_bert_full_ft) -> None:
+    from analysis.compare import compare
+    from charts import rl_tables
+
+    result = compare(str(tiny_bert), [str(tiny_bert_full_ft)], cache=None)
+    models = result.models
+    frames = [rl_tables.sparsity_table(models, "base", 10, 0.5), rl_tables.angles_table(models[0].matrices[0])]
+    frames.append(rl_tables.chance_table(models))
+    coded = [c for frame in frames for c in frame.columns if "_" in c]
+    assert len(coded) >= 8 and all(c in table_words.COLUMN_WORDS for c in coded), coded
