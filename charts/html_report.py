@@ -296,7 +296,8 @@ def _totals(page: _Page, models: Sequence[ModelResult], k: int, eps: float) -> N
     head = (
         "<tr><th>fine-tune</th><th>method</th><th class=num>matrices analysed</th>"
         f"<th class=num>intruder dimensions (top {k}, ε = {eps:g})</th>"
-        "<th class=num>mean effective rank of ΔW</th><th class=num>mean rank90 of ΔW</th></tr>"
+        "<th class=num>mean effective rank of ΔW</th><th class=num>mean rank90 of ΔW</th>"
+        "<th>stored as (matrices)</th></tr>"
     )
     rows = []
     for model, row in zip(models, table.itertuples(), strict=True):
@@ -308,6 +309,7 @@ def _totals(page: _Page, models: Sequence[ModelResult], k: int, eps: float) -> N
             f'<td class=num data-key="mean_effective_rank" data-value="{row.mean_effective_rank!r}">'
             f"{_number(row.mean_effective_rank)}</td>",
             f'<td class=num data-key="mean_rank90" data-value="{row.mean_rank90!r}">{_number(row.mean_rank90, 1)}</td>',
+            f'<td data-key="storage">{html.escape(tables.storage_summary(model.summary) or "")}</td>',
         ]
         rows.append(f'<tr data-spec="{html.escape(model.source)}">{"".join(cells)}</tr>')
     page.add(f'<div class="table-wrap"><table id="totals"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>')

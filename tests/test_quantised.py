@@ -22,6 +22,7 @@ from analysis.compare import compare
 from analysis.errors import InputError
 from analysis.report import to_report
 from analysis.sources import open_location
+from charts.html_report import html_report
 from tests import families, quantised
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -382,8 +383,12 @@ def test_fp8_base_against_an_fp8_fine_tune(made):
     tuned_fp8 = quantised.fp8_blocks(tuned, root / "fp8-both-tuned")
     tuned_reference = quantised.dequantised_copy(tuned_fp8, root / "fp8-both-tuned-deq", _fp8_reference(tuned_fp8))
     base_reference = quantised.dequantised_copy(base_fp8, root / "fp8-both-base-deq", _fp8_reference(base_fp8))
-    got = to_report(compare(str(base_fp8), [str(tuned_fp8)], cache=None, device="cpu"))["models"][0]
+    result = compare(str(base_fp8), [str(tuned_fp8)], cache=None, device="cpu")
+    got = to_report(result)["models"][0]
     want = to_report(compare(str(base_reference), [str(tuned_reference)], cache=None, device="cpu"))["models"][0]
+    # The HTML report says how each fine-tune's matrices are stored, beside its totals.
+    page = html_report(result, 0.5)
+    assert "base fp8 e4m3, 16x16 blocks (" in page and "fine-tune fp8 e4m3, 16x16 blocks (" in page
     assert [(m["name"], m["expert"], m["intruders"], m["rank90"]) for m in got["matrices"]] == [
         (m["name"], m["expert"], m["intruders"], m["rank90"]) for m in want["matrices"]
     ]
