@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -99,14 +101,17 @@ def _worker(root: str, key: str, seed: int, out: mp.Queue) -> None:
     out.put((float(tensors["U"].sum()), info["seed"], cache.stats.misses))
 
 
-def test_concurrent_processes_get_correct_results(tmp_path):
+def test_concurrent_processes_get_correct_results(tmp_path, monkeypatch):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     key = "ef" * 32
     procs = [ctx.Process(target=_worker, args=(str(tmp_path), key, 7, out)) for _ in range(2)]
+    # A spawned child re-runs the parent's __main__; after an AppTest in this worker that is
+    # app.py, whose page links need a Streamlit session: start the children from a bare one.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     for p in procs:
         p.start()
-    results = [out.get(timeout=240) for _ in procs]  # two spawned interpreters on a busy CI machine
+    results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
