@@ -53,3 +53,20 @@ def streamlit_server(env: dict[str, str], log_path: Path, start_timeout_s: float
                 process.wait(15)
             except subprocess.TimeoutExpired:  # pragma: no cover
                 process.kill()
+
+
+#: Debian's Chromium (never ``playwright install``).
+CHROMIUM = "/usr/bin/chromium"
+
+
+@contextmanager
+def chromium(*extra_args: str) -> Iterator:
+    """Headless Chromium driven by Playwright, closed on exit (``extra_args`` after the base flags)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", *extra_args]
+        )
+        yield instance
+        instance.close()

@@ -19,18 +19,17 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from tests.servers import REPO, streamlit_server
+from tests.servers import CHROMIUM, REPO, chromium, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TIMEOUT_MS = 180_000
 
 if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +75,8 @@ def server(files: dict[str, Path]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
-        )
+    with chromium("--disable-gpu") as instance:
         yield instance
-        instance.close()
 
 
 @pytest.fixture
@@ -433,7 +428,8 @@ def test_html_report_downloads_and_opens_offline(server: str, page, browser, tmp
     report, context, left, errors = open_offline(browser, path, width=390)
     try:
         assert left == [] and errors == []
-        assert report.locator(".chart").count() == 1 + 2 * 3 + 3 + 2 * 3 * 3 + 1  # 3 fine-tunes at k = 10, eps = 0.5; + RL vs SFT
+        # 3 fine-tunes at k = 10, eps = 0.5, and the RL vs SFT section's chart
+        assert report.locator(".chart").count() == 1 + 2 * 3 + 3 + 2 * 3 * 3 + 1
         intruders = report.locator('#totals tr[data-spec="demo:lora-r8"] [data-key="intruders"]').inner_text()
         assert intruders == "96"  # as the JSON report: r = 8 in each of 12
         digests = report.locator("#provenance tbody tr td:nth-child(5)").all_inner_texts()

@@ -19,19 +19,18 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.servers import REPO, streamlit_server
+from tests.servers import CHROMIUM, REPO, chromium, streamlit_server
 from ui.text import WORD_JOINER
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TIMEOUT_MS = 120_000
 
 if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 PAGES = ("overview", "models", "spectrum", "mitigate", "series")
 
@@ -80,12 +79,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
-        )
+    with chromium("--disable-gpu") as instance:
         yield instance
-        instance.close()
 
 
 #: The run is over and nothing is computing, and the page says what failed.

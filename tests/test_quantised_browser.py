@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 import torch
 
-from tests.servers import streamlit_server
+from tests.servers import chromium, streamlit_server
 from tests.test_browser import CHROMIUM, PAGES, go_to, shot, wait_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
     pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
 
-sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,8 @@ def server(files: dict[str, Path]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
-        )
+    with chromium("--disable-gpu") as instance:
         yield instance
-        instance.close()
 
 
 def test_a_quantised_base_shows_its_storage_and_every_page_draws(server: str, browser, files) -> None:
