@@ -71,9 +71,12 @@ def count_ticks(top: float, most: int = 5) -> dict:
     dict
         ``tickmode``, ``tick0``, ``dtick`` and an integer ``tickformat``.
     """
-    steps = (m * 10**e for e in range(12) for m in (1, 2, 5))
-    step = next(s for s in steps if max(top, 1) / s <= most)
-    return {"tickmode": "linear", "tick0": 0, "dtick": step, "tickformat": "d"}
+    return {"tickmode": "linear", "tick0": 0, "dtick": whole_step(max(top, 1), most), "tickformat": "d"}
+
+
+def whole_step(top: float, most: int) -> int:
+    """The smallest 1-2-5 step (1, 2, 5, 10, 20, ...) that puts at most ``most`` ticks up to ``top``."""
+    return next(s for s in (m * 10**e for e in range(12) for m in (1, 2, 5)) if top / s <= most)
 
 
 def _rgb(color: str) -> tuple[float, float, float]:

@@ -18,7 +18,7 @@ from plotly.colors import qualitative
 
 from analysis.results import ModelResult
 from charts import tables
-from charts.colors import colorscale
+from charts.colors import colorscale, whole_step
 
 #: Largest heatmap side sent to a browser; bigger ones are reduced by block maximum.
 MAX_HEATMAP_SIDE = 128
@@ -251,7 +251,7 @@ def integer_ticks(n: int, most: int = 10) -> list[int]:
     list of int
         ``1, step, 2 * step, ...`` (``1, 3, 5, ...`` for a step of 2; ``1 .. n`` when they fit).
     """
-    step = next(s for s in (m * 10**e for e in range(9) for m in (1, 2, 5)) if n / s <= most)
+    step = whole_step(n, most)
     if step <= 2:  # 1, 3, 5, ...: not 1 and 2 side by side
         return list(range(1, n + 1, step))
     return [1] + [t for t in range(step, n + 1, step) if t > 1]
