@@ -181,6 +181,19 @@ class FingerprintIndex:
             self.flush()
         return value
 
+    def known(self, file: Path | str, name: str) -> str | None:
+        """The digest of tensor ``name`` of ``file`` if the index holds it, else ``None``.
+
+        Never reads the tensor. A name this process has not seen is looked up on disk again
+        (another process, a worker, may have hashed it since).
+        """
+        version = self._version(Path(file))
+        with self._lock:
+            known = self._known.get(version)
+            if known is None or name not in known:
+                known = self._known[version] = self._read(version) | (known or {})
+            return known.get(name)
+
     def flush(self) -> None:
         """Write the digests found since the last write (merged with the files on disk)."""
         with self._lock:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -130,6 +131,7 @@ def _prepare(
     base_source: str | None = None,
     *,
     pin: bool = False,
+    cached_only: bool = False,
 ) -> _Pair:
     """Keys of a pair, then the cached result, or else the weights and cached base spectrum.
 
@@ -137,9 +139,14 @@ def _prepare(
     values, beside the matrix; without it the matrix alone is named. ``pin``: copy the
     weights into page-locked host memory (for CUDA: the copy to the device then runs at
     full speed, issue 13 measured 7x a pageable copy), here on the reader thread.
+    ``cached_only``: read nothing but the cache (:func:`cached_results`): a digest not in the
+    fingerprint index raises :class:`NotCached`, and the pair comes back without weights.
     """
     base = tuned = None
-    digests = plan.digests(cache.fingerprints.digest) if plan.digests is not None and cache is not None else None
+    digest = cache.fingerprints.digest if cache is not None else None
+    if cached_only:
+        digest = partial(_known_digest, cache)
+    digests = plan.digests(digest) if plan.digests is not None and digest is not None else None
     if digests is None:
         base, tuned = plan.load_base(), plan.load_tuned()
         digests = (tensor_digest(base), tensor_digest(tuned.weight))
@@ -164,6 +171,8 @@ def _prepare(
                 pair.result.rl = None if pair.measures is None else update_measures.from_entry(*pair.measures)
                 return pair
             # The pair is cached but not its measures: load the weights for them alone.
+    if cached_only:
+        return pair
     if base is None or tuned is None:
         base, tuned = plan.load_base(), plan.load_tuned()
     for which, weight, owner in (("base", base, base_source), ("fine-tuned", tuned.weight, source)):
@@ -181,6 +190,40 @@ def _prepare(
         if entry is not None:
             pair.base_spectrum = _base_from_entry(entry[0], torch.device("cpu"))
     return pair
+
+
+class NotCached(Exception):
+    """:func:`cached_results` met something the cache does not hold."""
+
+
+def _known_digest(cache: SpectrumCache, file, name: str, load) -> str:
+    """The fingerprint index's digest of a stored tensor; :class:`NotCached` if it has none."""
+    found = cache.fingerprints.known(file, name)
+    if found is None:
+        raise NotCached(name)
+    return found
+
+
+def cached_results(plan: ComparisonPlan, settings: AnalysisSettings, cache: SpectrumCache) -> list[MatrixResult] | None:
+    """Every matrix result of ``plan`` read from ``cache`` alone, or ``None``.
+
+    ``None`` as soon as one matrix's digests, result or measures are not stored: nothing
+    is loaded, hashed or computed, so a caller may try it where work must not run (the
+    dashboard's web process, before handing a comparison to a worker). The results are
+    those :func:`analyse_plan` yields from the same cache, in plan order.
+    """
+    if any(matrix.digests is None for matrix in plan.matrices):
+        return None
+    results = []
+    try:
+        for matrix in plan.matrices:
+            pair = _prepare(matrix, settings, cache, plan.tuned_label, plan.base_label, cached_only=True)
+            if pair.result is None or (pair.measures_key is not None and pair.result.rl is None):
+                return None
+            results.append(pair.result)
+    except NotCached:
+        return None
+    return results
 
 
 def _all_finite(weight: torch.Tensor) -> bool:

@@ -125,7 +125,9 @@ def _drawn(page) -> bool:
         return False
 
 
-def measure(base: Path, tuned: list[Path], workdir: Path, *, processes: bool = True, jobs: int = 1) -> dict:
+def measure(
+    base: Path, tuned: list[Path], workdir: Path, *, processes: bool = True, jobs: int = 1, log: Path | None = None
+) -> dict:
     """Run the eight-visitor load on a fresh server; the figures as a dict."""
     from playwright.sync_api import sync_playwright
 
@@ -142,7 +144,7 @@ def measure(base: Path, tuned: list[Path], workdir: Path, *, processes: bool = T
         "WSE_WORKER_PROCESSES": "1" if processes else "0",
     }
     figures: dict = {"load_average_before": os.getloadavg(), "processes": processes, "max_jobs": jobs}
-    with streamlit_server(env, workdir / "streamlit.log") as url:
+    with streamlit_server(env, log or workdir / "streamlit.log") as url:
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
         cpu_before = _cpu_seconds(pid)
         probe = HealthProbe(url)
@@ -204,13 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=1, help="1: worker processes (default); 0: threads")
     parser.add_argument("--jobs", type=int, default=1, help="WSE_MAX_JOBS (default 1)")
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line reference run")
+    parser.add_argument("--log", type=Path, help="keep the server's output in this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="wse-load-") as tmp:
         workdir = Path(tmp)
         base, tuned = build_models(workdir / "models")
         figures = {} if args.no_cli else {"cli_sequential_s": round(cli_seconds(base, tuned, workdir), 1)}
-        figures.update(measure(base, tuned, workdir, processes=bool(args.processes), jobs=args.jobs))
+        figures.update(measure(base, tuned, workdir, processes=bool(args.processes), jobs=args.jobs, log=args.log))
         if "cli_sequential_s" in figures:
             worst = max(figures["visitor_results_s"])
             figures["slowest_visitor_over_cli"] = round(worst / figures["cli_sequential_s"], 2)

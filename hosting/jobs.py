@@ -35,7 +35,8 @@ from analysis import distributed, mitigation
 from analysis.cache import SpectrumCache
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.mitigation import MitigationSettings
-from analysis.pipeline import analyse_plan, model_result
+from analysis.pipeline import analyse_plan, cached_results, model_result
+from analysis.results import ModelResult
 from analysis.specs import SpecResolver
 from hosting.uploads import UploadStore
 from hosting.workers import WorkerJob, WorkerPool
@@ -246,6 +247,23 @@ class JobManager:
             self._prune()
         return job
 
+    def finished(self, key: Hashable, result: Any, *, label: str = "", watcher: str | None = None) -> Job:
+        """A job for ``key`` that is already done with ``result`` (read, not computed: nothing runs).
+
+        Joined like any other: a later :meth:`submit` of ``key`` returns it.
+        """
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.state in (JobState.FAILED, JobState.CANCELLED) or job.should_stop():
+                job = Job(key, label)
+                job.owner = watcher
+                self._jobs[key] = job
+                job._finish(JobState.DONE, result=result)
+            if watcher is not None:
+                job.watch(watcher)
+            self._prune()
+        return job
+
     def get(self, key: Hashable) -> Job | None:
         """The job of ``key``, running or kept after finishing, or ``None``."""
         with self._lock:
@@ -414,6 +432,25 @@ def _compare(job, *, cache_dir: str, allow_local_paths: bool, base: str, tuned: 
     fn = comparison_job(resolver, base, tuned, settings=settings, device=device, cache=server_cache(cache_dir),
                         workers=workers)  # fmt: skip
     return fn(job)
+
+
+def cached_comparison(resolver: SpecResolver, base: str, tuned: str, *, settings, cache) -> ModelResult | None:
+    """The comparison :func:`comparison_job` would return, when ``cache`` already holds all of it.
+
+    Read here, in the calling process (the dashboard's web process), with nothing loaded,
+    hashed or computed (:func:`~analysis.pipeline.cached_results`): a page opened on
+    analyses done before shows at once, without waiting for a worker. ``None`` when
+    anything is missing, when a model is not on this machine (a hub id is resolved by
+    its job), or when the specs are bad (the job then says why).
+    """
+    if cache is None or not (resolver.on_disk(base) and resolver.on_disk(tuned)):
+        return None
+    try:
+        plan = resolver.plan(base, tuned)
+        matrices = cached_results(plan, settings, cache)
+    except (InputError, OSError):
+        return None
+    return None if matrices is None else model_result(plan, matrices)
 
 
 def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:

@@ -254,9 +254,19 @@ class Worker:
             self.conn.close()
 
 
+#: How much lower than the web process's a worker's CPU priority is (``nice``): when the
+#: cores are busy the pages' process is served first, so pages, health checks and polls stay
+#: quick while analyses run; an analysis on an otherwise idle machine runs as fast as before.
+WORKER_NICENESS = 5
+
+
 def serve() -> None:  # pragma: no cover - the worker process's entry point
     """A worker process: ``argv[1]`` is its end of the channel, the rest modules to import."""
     logging.basicConfig(level=logging.WARNING)
+    try:
+        os.nice(WORKER_NICENESS)
+    except (AttributeError, OSError):  # no nice on this platform: same priority as the pages
+        pass
     _worker_main(Connection(int(sys.argv[1])), tuple(sys.argv[2:]))
 
 

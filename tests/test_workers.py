@@ -78,6 +78,14 @@ def test_an_analysis_runs_in_a_worker_process_with_the_same_results(
             assert getattr(a, field).tobytes() == getattr(b, field).tobytes(), (a.id, field)
 
 
+def test_workers_yield_the_cores_to_the_pages(manager: JobManager) -> None:
+    """A busy machine serves the web process (pages, health checks) before the analyses."""
+    job = manager.submit("niceness", Work(_slow, {"steps": 1}), watcher="tab")
+    assert job.wait(120) and job.state is JobState.DONE, job.error
+    (pid,) = manager.workers.pids()
+    assert psutil.Process(pid).nice() == psutil.Process().nice() + workers.WORKER_NICENESS
+
+
 def test_progress_results_errors_and_a_stop_reach_the_job(manager: JobManager) -> None:
     job = manager.submit("slow", Work(_slow, {"steps": 5}))
     assert job.wait(120) and job.state is JobState.DONE

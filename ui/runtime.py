@@ -28,6 +28,7 @@ from hosting.jobs import (
     Job,
     JobManager,
     JobState,
+    cached_comparison,
     comparison_job,
     comparison_key,
     comparison_work,
@@ -424,6 +425,11 @@ def track(base: str, tuned: tuple[str, ...] | list[str], *, start: bool, restart
         stale = job is not None and job.state in (JobState.FAILED, JobState.CANCELLED)
         abandoned = job is not None and job.abandoned and job.state is JobState.CANCELLED
         if start and (job is None or (restart and stale) or abandoned):
+            found = cached_comparison(resolver(), base, spec, settings=SETTINGS, cache=spectrum_cache())
+            if found is not None:  # analysed before: read here, no worker needed
+                job = jobs.finished(key, found, label=resolver().label(spec), watcher=session_id())
+                tracked.append(Tracked(spec, job))
+                continue
             if sum(jobs.active_for(tab) for tab in visitor_sessions()) >= _max_jobs_per_visitor():
                 tracked.append(Tracked(spec, None, refused=_busy_message()))
                 continue

@@ -145,6 +145,21 @@ class SpecResolver:
             stamp.update(f"{file.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
         return stamp.hexdigest()[:16]
 
+    def on_disk(self, spec: str) -> bool:
+        """Whether ``spec`` names files already on this machine, so opening it reaches no network.
+
+        ``True`` for a built demo model, an upload, a local path where those are allowed;
+        ``False`` for hub ids (resolved online), series (many checkpoints) and bad specs.
+        """
+        try:
+            if spec.startswith(SERIES_PREFIX):
+                return False
+            if spec.startswith(DEMO_PREFIX) or is_upload_spec(spec):
+                return self.resolve(spec).path is not None
+            return local_path(check_spec(spec), self.allow_local_paths) is not None
+        except InputError:
+            return False
+
     def label(self, spec: str) -> str:
         """A spec's display label, or the spec itself when it cannot be resolved."""
         try:
