@@ -38,8 +38,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _report(plan, matrices) -> bytes:
-    model = model_result(plan, matrices)
-    return json.dumps(to_report(ComparisonResult(str(plan.base_label), DEFAULT_TOP_K, list(DEFAULT_EPSILONS), [model])), sort_keys=True).encode()
+    result = ComparisonResult(
+        str(plan.base_label), DEFAULT_TOP_K, list(DEFAULT_EPSILONS), [model_result(plan, matrices)]
+    )
+    return json.dumps(to_report(result), sort_keys=True).encode()
 
 
 class NoLoads:

@@ -199,7 +199,10 @@ def test_tradeoff_axes_do_not_exaggerate(losses: list[float], tasks: list[float]
     """The loss axis spanned 2.075-2.14 (3 % of the loss): base and fine-tune at opposite edges."""
     points = [{"label": "base", "lam": None, "loss": losses[0], "task": tasks[0]}]
     points.append({"label": "fine-tune", "lam": 1.0, "loss": losses[1], "task": tasks[1]})
-    points += [{"label": "λ", "lam": lam, "loss": x, "task": y} for lam, x, y in zip((0.0, 0.5), losses[2:], tasks[2:])]
+    points += [
+        {"label": "λ", "lam": lam, "loss": x, "task": y}
+        for lam, x, y in zip((0.0, 0.5), losses[2:], tasks[2:], strict=True)
+    ]
     tradeoff = SimpleNamespace(points=points, task_name="MRR", loss_name="held-out loss", note="")
     fig = mitigation.tradeoff_figure(SimpleNamespace(tradeoff=tradeoff))
     for axis, values in ((fig.layout.xaxis, losses), (fig.layout.yaxis, tasks)):

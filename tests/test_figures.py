@@ -194,7 +194,9 @@ def test_overview_effective_rank_grid(lora_model: ModelResult) -> None:
     assert grid.z[1][1] == pytest.approx(1.0, abs=1e-6)
     words = next(t for t in section.panels[0].data if t.meta and t.meta["role"] == "cell-text")
     z = np.asarray(grid.z, dtype=float)
-    assert list(words.text) == [overview.cell_label(z[y, x], "effective_rank") for x, y in zip(words.x, words.y)]
+    assert list(words.text) == [
+        overview.cell_label(z[y, x], "effective_rank") for x, y in zip(words.x, words.y, strict=True)
+    ]
     assert words.text[0] == "2.0" and max(len(t) for t in words.text) <= 4  # 34.x is written "34"
     with pytest.raises(ValueError, match="metric must be one of"):
         overview.overview_sections([lora_model], "nonsense", 10, 0.5)
