@@ -44,8 +44,6 @@ CHROMIUM = "/usr/bin/chromium"
 VISITORS = 8
 #: Until every visitor's chart is drawn (a server that never answers ends the run).
 DEADLINE_S = 600
-SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
-                     && !document.querySelector('[data-testid="stStatusWidget"]')"""
 
 
 def build_models(root: Path) -> tuple[Path, list[Path]]:
@@ -117,12 +115,54 @@ def _cpu_seconds(pid: int | None) -> tuple[float, float]:
     return own, children
 
 
-def _drawn(page) -> bool:
+def _browser_cpu_seconds() -> float:
+    """CPU seconds of the Chromium processes this benchmark started (the visitors' browsers,
+    which on a real host run on the visitors' own machines, not beside the server)."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in child.name().lower():
+                total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+#: Runs in every visitor's page from its first paint: the wall-clock time (ms) at which the
+#: page first showed its results (a chart, with no analysis left running: no progress bar, no
+#: Cancel button) and at which the Models page showed its title with its script done. Read
+#: afterwards, so the times do not depend on how often, or how late, this script looks at a
+#: busy browser.
+WATCH = """
+window.__wse = {};
+const look = () => {
+  const t = window.__wse;
+  const idle = document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+    && !document.querySelector('[data-testid="stStatusWidget"]');
+  const cancel = [...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Cancel');
+  if (t.results === undefined && document.querySelector('.js-plotly-plot .main-svg') && !cancel
+      && !document.querySelector('[data-testid="stProgress"]')) t.results = Date.now();
+  const title = [...document.querySelectorAll('h1')].some(h => h.innerText.trim() === 'Models');
+  if (t.models === undefined && title && idle) t.models = Date.now();
+};
+new MutationObserver(look).observe(document, {subtree: true, childList: true, attributes: true});
+"""
+
+
+def _visitor_page(browser):
+    page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+    page.add_init_script(WATCH)
+    page.set_default_timeout(DEADLINE_S * 1000)
+    return page
+
+
+def _seen(page, what: str) -> float | None:
+    """When (seconds since the epoch) the page first showed ``what`` (:data:`WATCH`), if it has."""
     try:
-        done = bool(page.evaluate(f"() => !!({SCRIPT_DONE})()"))
-        return done and page.locator(".js-plotly-plot .main-svg").count() > 0
+        at = page.evaluate(f"() => window.__wse && window.__wse.{what}")
     except Exception:  # navigating
-        return False
+        return None
+    return None if at is None else at / 1000
 
 
 def measure(
@@ -152,29 +192,30 @@ def measure(
             browser = playwright.chromium.launch(
                 executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
             )
-            pages = []
-            for _ in tuned:
-                page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
-                page.set_default_timeout(DEADLINE_S * 1000)
-                pages.append(page)
-            started = time.perf_counter()
+            pages = [_visitor_page(browser) for _ in tuned]
+            fresh = _visitor_page(browser)
+            started = time.time()
             probe.start()
             for page, model in zip(pages, tuned, strict=True):
                 page.goto(f"{url}/overview?base={quote(str(base))}&tuned={quote(str(model))}", wait_until="commit")
             drawn: dict[int, float] = {}
-            fresh_at = None
-            while len(drawn) < len(pages) and time.perf_counter() - started < DEADLINE_S:
+            fresh_opened = None
+            while len(drawn) < len(pages) and time.time() - started < DEADLINE_S:
+                if fresh_opened is None and time.time() - started > 5:  # the analyses are under way
+                    figures["fresh_visitor_while_unfinished"] = len(pages) - len(drawn)
+                    fresh_opened = time.time()
+                    fresh.goto(f"{url}/models", wait_until="commit")
                 for index, page in enumerate(pages):
-                    if index not in drawn and _drawn(page):
-                        drawn[index] = time.perf_counter() - started
-                if fresh_at is None and time.perf_counter() - started > 5:  # the analyses are under way
-                    busy = len(pages) - len(drawn)
-                    fresh_at = _fresh_visitor(browser, url)
-                    figures["fresh_visitor_page_s"] = fresh_at
-                    figures["fresh_visitor_while_unfinished"] = busy
-                time.sleep(0.25)
+                    at = None if index in drawn else _seen(page, "results")
+                    if at is not None:
+                        drawn[index] = at - started
+                time.sleep(0.5)
+            if fresh_opened is not None:
+                fresh.wait_for_function("() => window.__wse && window.__wse.models", timeout=DEADLINE_S * 1000)
+                figures["fresh_visitor_page_s"] = round(_seen(fresh, "models") - fresh_opened, 2)
             probe.stop.set()
             probe.join(70)
+            browsers_cpu = _browser_cpu_seconds()
             browser.close()
         cpu_after = _cpu_seconds(pid)
     figures.update(
@@ -184,21 +225,10 @@ def measure(
         health_samples=len(probe.latencies),
         server_cpu_s=round(cpu_after[0] - cpu_before[0], 1),
         workers_cpu_s=round(cpu_after[1] - cpu_before[1], 1) if processes else 0.0,
+        browsers_cpu_s=round(browsers_cpu, 1),
         load_average_after=os.getloadavg(),
     )
     return figures
-
-
-def _fresh_visitor(browser, url: str) -> float:
-    """Seconds until a new visitor's ``/models`` shows its title and its script is done."""
-    page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
-    started = time.perf_counter()
-    page.goto(f"{url}/models", wait_until="commit")
-    page.get_by_role("heading", name="Models").first.wait_for(timeout=120_000)
-    page.wait_for_function(SCRIPT_DONE, timeout=120_000)
-    seconds = time.perf_counter() - started
-    page.context.close()
-    return round(seconds, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=1, help="1: worker processes (default); 0: threads")
     parser.add_argument("--jobs", type=int, default=1, help="WSE_MAX_JOBS (default 1)")
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line reference run")
+    parser.add_argument("--log", type=Path, help="keep the server's output in this file")
     parser.add_argument("--log", type=Path, help="keep the server's output in this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
