@@ -237,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="WSE_MAX_JOBS (default 1)")
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line reference run")
     parser.add_argument("--log", type=Path, help="keep the server's output in this file")
-    parser.add_argument("--log", type=Path, help="keep the server's output in this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="wse-load-") as tmp:
