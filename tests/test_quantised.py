@@ -107,10 +107,13 @@ def _compressed_reference(folder: Path) -> dict[str, torch.Tensor]:
     params = compressor.compression_param_names(scheme)
     stored = load_file(folder / "model.safetensors")
     modules = {n.removesuffix(".weight_scale") for n in stored if n.endswith(".weight_scale")}
-    return {
-        f"{m}.weight": compressor.decompress({p: stored[f"{m}.{p}"] for p in params}, scheme)["weight"].float()
-        for m in sorted(modules)
-    }
+    reference = {}
+    for m in sorted(modules):
+        try:
+            reference[f"{m}.weight"] = compressor.decompress({p: stored[f"{m}.{p}"] for p in params}, scheme)["weight"]
+        except RuntimeError as error:  # compressed-tensors 0.20 cannot unpack one-word zero-point rows
+            assert "stride(-1) must be 1" in str(error) and stored[f"{m}.weight_zero_point"].shape[0] == 1, m
+    return {n: t.float() for n, t in reference.items()}
 
 
 def _bnb_reference(folder: Path) -> dict[str, torch.Tensor]:
@@ -228,6 +231,10 @@ COMPRESSED = {
         "pack-quantized",
         {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16},
     ),
+    "pack-quantized-w4-group8-asym-moe": (
+        "pack-quantized",
+        {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 8},
+    ),
     "pack-quantized-w4-channel": (
         "pack-quantized",
         {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"},
@@ -250,17 +257,32 @@ COMPRESSED = {
 @pytest.mark.parametrize("case", sorted(COMPRESSED))
 def test_compressed_tensors(made, case):
     fmt, scheme = COMPRESSED[case]
-    family = "qwen3_moe" if case == "pack-quantized-w4-group" else "llama"
+    family = "qwen3_moe" if case.endswith("-moe") or case == "pack-quantized-w4-group" else "llama"
     model, base, tuned, root = made(family)
+    fake: dict[str, torch.Tensor] = {}
     folder = quantised.compressed(
-        base, root / case, scheme, fmt, ignore=("lm_head", "re:.*embed_tokens", "re:.*layers\\.1\\.self_attn\\.o_proj")
+        base,
+        root / case,
+        scheme,
+        fmt,
+        ignore=("lm_head", "re:.*embed_tokens", "re:.*layers\\.1\\.self_attn\\.o_proj"),
+        fake=fake,
     )
     reference = _compressed_reference(folder)
     source = open_location(str(folder))
     assert source.storage("model.layers.1.self_attn.o_proj.weight") == "fp32"  # ignored: stored as is
     for name, expected in reference.items():
         assert torch.equal(source.load(name), expected), name
-    _same_reports(folder, quantised.dequantised_copy(folder, root / (case + "-deq"), reference), tuned)
+    if not scheme["symmetric"]:
+        # Routers over 4 experts pack their zero points into one int32 row, which
+        # compressed-tensors 0.20's decompress cannot unpack (it raises); every weight,
+        # those included, equals the library's own fake_quantize of the original.
+        assert case != "pack-quantized-w4-group8-asym-moe" or set(fake) - set(reference) == {
+            f"model.layers.{i}.mlp.gate.weight" for i in range(2)
+        }
+        for name, expected in fake.items():
+            assert torch.equal(source.load(name), expected), name
+    _same_reports(folder, quantised.dequantised_copy(folder, root / (case + "-deq"), reference | fake), tuned)
 
 
 @pytest.mark.parametrize(("quant_type", "double"), [("nf4", True), ("fp4", False)])
