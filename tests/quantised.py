@@ -168,7 +168,7 @@ def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) 
     for name in weights:
         module = name.removesuffix(".weight")
         used |= {n for n in stored if n in (name + "_scale_inv", name + "_blocks", name + "_scales", module + ".SCB")}
-        used |= {module + p for p in (".qweight", ".qzeros", ".scales") if module + p in stored}  # AWQ
+        used |= {module + p for p in (".qweight", ".qzeros", ".scales", ".g_idx") if module + p in stored}  # AWQ, GPTQ
         used |= {n for n in stored if n.startswith(name + ".")}  # bitsandbytes' quant state
         used |= {
             n for n in stored if n.startswith(module + ".") and n.rsplit(".", 1)[1].startswith(("weight_", "input_"))
