@@ -1,26 +1,31 @@
 """Regenerate tests/data/gptq: tiny GPTQ checkpoints written by auto-round, and their reference weights.
 
-auto-round (Intel, quantises on the CPU, exports GPTQ's ``auto_gptq`` layout) is not a
-dependency of this project: install it apart from the project's environment, e.g.::
+Neither auto-round (Intel; quantises on the CPU and exports GPTQ's ``auto_gptq`` layout) nor
+GPTQModel (whose 7.x releases require torch 2.14) is a dependency of this project. Install
+them apart from the project's environment, without their dependencies (both import and run
+on the project's torch 2.13 CPU build), e.g.::
 
-    pip install --no-deps --target /tmp/ar auto-round==0.16.1 py-cpuinfo==9.0.0 \\
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
-    PYTHONPATH=/tmp/ar .venv/bin/python scripts/make_gptq_fixtures.py
+    pip install --no-deps --target /tmp/gptq auto-round==0.16.1 py-cpuinfo==9.0.0 \\
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 gptqmodel==7.7.0 \\
+        pypcre==0.6.4 logbar==0.4.15 device-smi==0.5.7 tokenicer==0.0.14 defuser==0.0.28
+    PYTHONPATH=/tmp/gptq .venv/bin/python scripts/make_gptq_fixtures.py
 
 Each case is a tiny Llama (tests/factories.py, seed 0, one block, 32 tokens, four key/value
-heads so that every matrix has 32 or 64 outputs, as 3-bit packing needs) quantised by ``AutoRound`` with
-round-to-nearest (``iters=0``, no calibration data) and saved with ``format="auto_gptq"``.
-Next to each checkpoint, ``reference.safetensors`` holds every quantised weight ``[out, in]``
-as auto-round's own GPTQ reader computes it (``auto_round_extension.torch.qlinear_torch_zp.
-QuantLinear``, the CPU kernel it loads ``auto_gptq`` checkpoints with: its forward on the
-identity matrix, in float32, returns the dequantised weight it multiplies by; its products
-are rounded to fp16, the scales' dtype, so the file stores them as fp16 without loss).
+heads so that every matrix has 32 or 64 outputs, as 3-bit packing needs) quantised by
+``AutoRound`` with round-to-nearest (``iters=0``, no calibration data) and saved with
+``format="auto_gptq"``. Next to each checkpoint, ``reference.safetensors`` holds every
+quantised weight ``[out, in]`` in float32 as GPTQModel's own model-free dequantiser
+computes it (``gptqmodel.utils.model_dequant.convert_gptq_file``, given each module's
+bits and group size, so that ``dynamic`` overrides are honoured). The script also checks
+that auto-round's own GPTQ kernel (``auto_round_extension.torch.qlinear_torch_zp.
+QuantLinear``, its forward on the identity matrix), which multiplies in fp16, gives the
+same weights rounded to fp16.
 
-Two cases are derived from the 4-bit asymmetric one, since auto-round writes neither:
-``act-order`` (each ``g_idx`` a seeded permutation of the groups, ``desc_act: true``; the
-reference again from auto-round's reader with that ``g_idx``) and ``v2`` (zero points
-stored without GPTQ v1's minus one, ``checkpoint_format: gptq_v2``, as GPTQModel saves
-them; its reference is that of the case it is derived from).
+Two cases are derived, since auto-round writes neither: ``act-order`` (from a model whose
+every matrix is square; each ``g_idx`` a seeded permutation of the groups, ``desc_act:
+true``) and ``v2`` (the 4-bit asymmetric case with its zero points stored without GPTQ
+v1's minus one, ``checkpoint_format: gptq_v2``, as GPTQModel saves them; its reference,
+checked equal, is that of the case it is derived from).
 """
 
 from __future__ import annotations
@@ -92,7 +97,27 @@ def quantise(name: str, bits: int, group: int, sym: bool, layers: dict | None, o
 
 
 def library_dequantised(folder: Path) -> dict[str, torch.Tensor]:
-    """Every ``qweight`` as auto-round's GPTQ QuantLinear dequantises it, ``[out, in]`` float32.
+    """Every ``qweight`` as GPTQModel's model-free dequantiser computes it, ``[out, in]`` float32."""
+    from gptqmodel.utils.model_dequant import convert_gptq_file
+
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    stored = load_file(folder / "model.safetensors")
+    out = {}
+    for name in sorted(n for n in stored if n.endswith(".qweight")):
+        module = name.removesuffix(".qweight")
+        bits, group = _module_settings(qconfig, module)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "module.safetensors"
+            save_file(
+                {f"{module}.{p}": stored[f"{module}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")}, str(path)
+            )
+            settings = qconfig | {"bits": bits, "group_size": group}
+            out[module + ".weight"] = convert_gptq_file(path, torch.float32, settings, "cpu")[module + ".weight"]
+    return out
+
+
+def kernel_dequantised(folder: Path) -> dict[str, torch.Tensor]:
+    """Every ``qweight`` as auto-round's GPTQ QuantLinear dequantises it, ``[out, in]`` (fp16 products).
 
     With ``desc_act`` the layer keeps its ``g_idx`` (each input column's group); without,
     it has none and spreads each group's scale over ``group_size`` consecutive columns, as
@@ -109,19 +134,15 @@ def library_dequantised(folder: Path) -> dict[str, torch.Tensor]:
         module = name.removesuffix(".qweight")
         bits, group = _module_settings(qconfig, module)
         scales = stored[module + ".scales"]
-        inputs = stored[module + ".g_idx"].numel()
-        outputs = scales.shape[1]
+        inputs, outputs = stored[module + ".g_idx"].numel(), scales.shape[1]
         assert outputs <= inputs or not qconfig["desc_act"], module
-        layer = QuantLinear(bits, min(group, inputs), inputs, outputs, False, g_idx=qconfig["desc_act"])
+        layer = QuantLinear(bits, group if group > 0 else inputs, inputs, outputs, False, g_idx=qconfig["desc_act"])
         layer.qweight, layer.qzeros, layer.scales = stored[name], stored[module + ".qzeros"], scales
         if qconfig["desc_act"]:
             layer.g_idx = stored[module + ".g_idx"]
         layer.eval()
         with torch.no_grad():
-            weight = layer(torch.eye(inputs, dtype=torch.float32)).T.contiguous()
-        # Products rounded to the scales' dtype (fp16), so stored as fp16 without loss.
-        assert torch.equal(weight.to(scales.dtype).to(torch.float32), weight), module
-        out[module + ".weight"] = weight.to(scales.dtype)
+            out[module + ".weight"] = layer(torch.eye(inputs, dtype=torch.float32)).T.contiguous()
     return out
 
 
@@ -130,11 +151,9 @@ def _module_settings(qconfig: dict, module: str) -> tuple[int, int]:
 
     bits, group = qconfig["bits"], qconfig["group_size"]
     for pattern, override in (qconfig.get("dynamic") or {}).items():
-        if pattern.startswith("+:") or not pattern.startswith("-:"):
-            if re.match(pattern.removeprefix("+:"), module):
-                bits, group = override.get("bits", bits), override.get("group_size", group)
-                break
-    return bits, (group if group > 0 else 10**9)
+        if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), module):
+            return override.get("bits", bits), override.get("group_size", group)
+    return bits, group
 
 
 def _unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -187,16 +206,23 @@ def v2(src: Path) -> Path:
 
 def main() -> None:
     import auto_round
+    import gptqmodel
 
     made = [quantise(name, *settings) for name, settings in CASES.items()]
     made.append(act_order(OUT / "w4g16-square"))
     shutil.rmtree(made.pop(made.index(OUT / "w4g16-square")))  # only the act-order case is kept
     for folder in made:
-        save_file(library_dequantised(folder), str(folder / "reference.safetensors"))
-    v2(OUT / "w4g16")  # its reference is w4g16's
-    (OUT / "VERSIONS.json").write_text(
-        json.dumps({"auto-round": auto_round.__version__, "torch": torch.__version__}, indent=2) + "\n"
-    )
+        reference = library_dequantised(folder)
+        kernel = kernel_dequantised(folder)
+        assert reference.keys() == kernel.keys()
+        for name, weight in reference.items():  # auto-round's kernel: the same weights, rounded to fp16
+            assert torch.equal(weight.to(torch.float16).float(), kernel[name]), (folder.name, name)
+        save_file(reference, str(folder / "reference.safetensors"))
+    derived = v2(OUT / "w4g16")
+    reference = load_file(OUT / "w4g16" / "reference.safetensors")
+    assert all(torch.equal(t, reference[n]) for n, t in library_dequantised(derived).items())
+    versions = {"auto-round": auto_round.__version__, "gptqmodel": gptqmodel.__version__, "torch": torch.__version__}
+    (OUT / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
     for folder in sorted(OUT.iterdir()):
         if folder.is_dir():
             size = sum(p.stat().st_size for p in folder.iterdir())

@@ -13,16 +13,19 @@ stores ``z - 1``) and the stored zero point itself in GPTQModel's ``gptq_v2``. S
 checkpoints store their (constant) zero points too. ``dynamic`` overrides bits and group
 size per module (GPTQModel's ``+:regex`` / ``regex`` keys, first match wins).
 
-No maintained GPTQ dequantiser installs here: GPTQModel 7 needs torch 2.14, AutoGPTQ a CUDA
-build, and auto-round's CPU kernel (``auto_round_extension.torch.qlinear_torch_zp``)
-comes with calibration dependencies. So this module unpacks the documented layout itself
-and multiplies as GPTQModel's ``TorchQuantLinear.dequantize_weight`` and auto-round's
-kernel do: the integer difference times the scale, rounded to the scales' dtype, then
-widened to float32. It is tested against checkpoints auto-round wrote and the weights
-auto-round's own kernel computes from them (``tests/data/gptq``). Other bit widths,
-packing dtypes and checkpoint formats (Marlin, BitBLAS) are listed as skipped, naming
-them. (AWQ, stored alike, is read by :mod:`analysis.quant.awq`, which lists the AWQ
-variants it cannot read through :func:`unread`.)
+The maintained GPTQ library, GPTQModel 7, requires torch 2.14 (this project pins 2.13) and
+cannot be a dependency; AutoGPTQ needs a CUDA build. So this module unpacks the documented
+layout itself and computes what GPTQModel's own model-free dequantiser
+(``gptqmodel.utils.model_dequant.convert_gptq_file``, which turns a GPTQ checkpoint into a
+full-precision one) computes with float32 as its target: the v1 zero points shifted by one
+field by field, modulo ``2**bits``, and ``(q - z) * scale`` in float32, where every product
+is exact. (GPTQModel's and auto-round's CPU kernels multiply in fp16: the same values
+rounded to fp16.) It is tested against checkpoints auto-round wrote and the weights
+GPTQModel's dequantiser computes from them (``tests/data/gptq``). Other bit widths,
+packing dtypes and checkpoint formats (Marlin, BitBLAS, GPTQModel's planar ``gptq_p``)
+are listed as skipped, naming them. (AWQ, stored alike, is read by
+:mod:`analysis.quant.awq`, which lists the AWQ variants it cannot read through
+:func:`unread`.)
 """
 
 from __future__ import annotations
@@ -81,15 +84,16 @@ def _dequantise(parts: dict[str, torch.Tensor], bits: int, group: int, offset: i
     outputs = scales.shape[1]
     inputs = parts["g_idx"].numel() if "g_idx" in parts else parts["qweight"].shape[0] * 32 // bits
     codes = _unpack(parts["qweight"], bits, inputs)  # [in, out]
-    zeros = _unpack(parts["qzeros"].T, bits, outputs).T + offset  # [groups, out]
+    zeros = (_unpack(parts["qzeros"].T, bits, outputs).T + offset) & ((1 << bits) - 1)  # [groups, out]
     if "g_idx" in parts:
         groups = parts["g_idx"].to(torch.int64)
         if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= scales.shape[0]):
             raise ValueError(f"its g_idx names groups outside 0..{scales.shape[0] - 1}")
     else:
         groups = torch.arange(inputs, device=scales.device) // (group if group > 0 else inputs)
-    weight = scales[groups] * (codes - zeros[groups]).to(scales.dtype)  # rounded as GPTQModel's kernel rounds
-    return weight.T.to(torch.float32)
+    # float32 holds every product of an fp16/bf16 scale and a difference of 8-bit codes exactly
+    weight = (codes - zeros[groups]).to(torch.float32) * scales.to(torch.float32)[groups]
+    return weight.T
 
 
 def _label(settings: dict) -> str:
