@@ -128,7 +128,11 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
         settings = module_settings(config, module)
         bits, group = int(settings["bits"]), int(settings["group_size"])
         if bits not in _BITS or info.dtype != torch.int32:
-            claims.unhandled[name] = f"GPTQ {bits}-bit weight stored as {info.dtype}: not read (not read raw)"
+            packed = str(info.dtype).removeprefix("torch.")
+            claims.unhandled[name] = (
+                f"GPTQ {bits}-bit weight packed in {packed}: only 2, 3, 4 and 8 bits packed in int32 are read"
+                " (not read raw)"
+            )
             claims.hidden.update(f"{module}.{part}" for part in _PARTS if f"{module}.{part}" in infos)
             continue
         parts = {"qweight": name} | {part: f"{module}.{part}" for part in _PARTS if f"{module}.{part}" in infos}
