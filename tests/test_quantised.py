@@ -374,7 +374,7 @@ def test_gptq_formats_not_read_are_skipped_naming_them_never_read_raw(tmp_path):
     assert not [n for n in source.names() if n.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))]
     source = open_location(str(_gptq_folder(tmp_path, {"checkpoint_format": "gptq", "bits": 5})))
     assert {s["reason"] for s in source.quantised_skips()} == {
-        "GPTQ 5-bit weight packed in int32: only 2, 3, 4 and 8 bits packed in int32 are read (not read raw)"
+        "GPTQ 5-bit weight packed in 2-D int32: only 2, 3, 4 and 8 bits packed in 2-D int32 are read (not read raw)"
     }
 
 
@@ -384,6 +384,9 @@ def test_gptq_missing_or_misfit_parts_are_one_error_naming_the_tensor(tmp_path):
         open_location(str(_gptq_folder(tmp_path, {}, **{module + ".qzeros": None})))
     with pytest.raises(InputError, match=rf"{module}\.qweight.*scales has shape \(1, 32\), not \(2, 32\)"):
         open_location(str(_gptq_folder(tmp_path, {}, **{module + ".scales": torch.ones(1, 32, dtype=torch.float16)})))
+    with pytest.raises(InputError, match=rf"{module}\.qweight.*qzeros are torch\.int64, not torch\.int32"):
+        zeros = load_file(GPTQ_DATA / "w4g16" / "model.safetensors")[module + ".qzeros"]
+        open_location(str(_gptq_folder(tmp_path, {}, **{module + ".qzeros": zeros.long()})))
     g_idx = torch.full((32,), 7, dtype=torch.int32)
     source = open_location(str(_gptq_folder(tmp_path, {}, **{module + ".g_idx": g_idx})))
     with pytest.raises(

@@ -127,10 +127,10 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
         module = name.removesuffix(".qweight")
         settings = module_settings(config, module)
         bits, group = int(settings["bits"]), int(settings["group_size"])
-        if bits not in _BITS or info.dtype != torch.int32:
-            packed = str(info.dtype).removeprefix("torch.")
+        if bits not in _BITS or info.dtype != torch.int32 or len(info.shape) != 2:
+            packed = f"{len(info.shape)}-D {str(info.dtype).removeprefix('torch.')}"
             claims.unhandled[name] = (
-                f"GPTQ {bits}-bit weight packed in {packed}: only 2, 3, 4 and 8 bits packed in int32 are read"
+                f"GPTQ {bits}-bit weight packed in {packed}: only 2, 3, 4 and 8 bits packed in 2-D int32 are read"
                 " (not read raw)"
             )
             claims.hidden.update(f"{module}.{part}" for part in _PARTS if f"{module}.{part}" in infos)
@@ -165,6 +165,8 @@ def _check(infos: dict[str, TensorInfo], parts: dict[str, str], bits: int, group
     }
     if "g_idx" in parts:
         expected["g_idx"] = (inputs,)
+    if infos[parts["qzeros"]].dtype != torch.int32:
+        raise misfit(infos, owner, f"its qzeros are {infos[parts['qzeros']].dtype}, not torch.int32")
     for role, shape in expected.items():
         if tuple(infos[parts[role]].shape) != shape:
             found = tuple(infos[parts[role]].shape)
