@@ -177,6 +177,11 @@ def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) 
     return _write(folder, out, state, None)
 
 
+def full_precision_copy(folder: Path, out: Path, state: dict[str, torch.Tensor]) -> Path:
+    """``folder``'s config and side files with ``state`` as its weights, without the quantisation config."""
+    return _write(folder, out, state, None)
+
+
 def awq_gemm(src: Path, out: Path, group: int = 16) -> tuple[Path, dict[str, torch.Tensor]]:
     """Every block matrix in AutoAWQ's GEMM layout (4-bit, zero points, ``group`` columns a scale).
 
