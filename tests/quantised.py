@@ -87,10 +87,17 @@ def mxfp4_experts(src: Path, out: Path, seed: int = 0) -> Path:
     return _write(src, out, state, config)
 
 
-def compressed(src: Path, out: Path, scheme: dict, fmt: str, ignore: tuple[str, ...] = ()) -> Path:
-    """Every block ``Linear`` compressed by compressed-tensors with ``scheme`` (``weights`` args)."""
+def compressed(
+    src: Path, out: Path, scheme: dict, fmt: str, ignore: tuple[str, ...] = (), fake: dict | None = None
+) -> Path:
+    """Every block ``Linear`` compressed by compressed-tensors with ``scheme`` (``weights`` args).
+
+    ``fake``, when given, receives each compressed weight as the library's own
+    ``fake_quantize`` returns it (quantised and dequantised in one step, no packing), as float32.
+    """
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
     from compressed_tensors.utils.match import match_name
 
@@ -113,6 +120,8 @@ def compressed(src: Path, out: Path, scheme: dict, fmt: str, ignore: tuple[str, 
             low, high = weight.amin().reshape(1), weight.amax().reshape(1)
         scale, zero_point = calculate_qparams(low, high, args)
         local = {"weight": weight, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero_point}
+        if fake is not None:
+            fake[name] = fake_quantize(weight, local["weight_scale"], zero_point, args).to(torch.float32)
         for param, value in compressor.compress(local, parsed).items():
             state[f"{module}.{param}"] = value
     config = {
@@ -159,12 +168,17 @@ def dequantised_copy(folder: Path, out: Path, weights: dict[str, torch.Tensor]) 
     for name in weights:
         module = name.removesuffix(".weight")
         used |= {n for n in stored if n in (name + "_scale_inv", name + "_blocks", name + "_scales", module + ".SCB")}
-        used |= {module + p for p in (".qweight", ".qzeros", ".scales") if module + p in stored}  # AWQ
+        used |= {module + p for p in (".qweight", ".qzeros", ".scales", ".g_idx") if module + p in stored}  # AWQ, GPTQ
         used |= {n for n in stored if n.startswith(name + ".")}  # bitsandbytes' quant state
         used |= {
             n for n in stored if n.startswith(module + ".") and n.rsplit(".", 1)[1].startswith(("weight_", "input_"))
         }
     state = {n: t for n, t in stored.items() if n not in used and n not in weights} | weights
+    return _write(folder, out, state, None)
+
+
+def full_precision_copy(folder: Path, out: Path, state: dict[str, torch.Tensor]) -> Path:
+    """``folder``'s config and side files with ``state`` as its weights, without the quantisation config."""
     return _write(folder, out, state, None)
 
 

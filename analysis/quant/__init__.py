@@ -7,7 +7,7 @@ Format knowledge lives in one module per family, so a new format touches one fil
 - :mod:`~analysis.quant.compressed`: every ``compressed-tensors`` format (its library);
 - :mod:`~analysis.quant.bnb`: bitsandbytes NF4/FP4/int8 (its library);
 - :mod:`~analysis.quant.awq`: AutoAWQ GEMM (compressed-tensors' AutoAWQ reader);
-- :mod:`~analysis.quant.gptq`: GPTQ, recognised and listed as skipped.
+- :mod:`~analysis.quant.gptq`: GPTQ (its documented layout, as GPTQModel dequantises it).
 
 Each registers a claimer (:func:`analysis.quant.base.register`) that turns the headers
 and ``quantization_config`` into :class:`~analysis.quant.base.QuantTensor` values;

@@ -42,10 +42,8 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
     bits, group = int(config.get("bits") or config.get("w_bit") or 4), int(config.get("group_size") or 128)
     version = str(config.get("version") or "gemm").lower()
     if library is None or version != "gemm" or bits != 4:
-        claims = gptq.claim(infos, config)
         why = "install compressed-tensors to read it" if library is None else f"AWQ {version} {bits}-bit is not read"
-        claims.unhandled = {n: f"AWQ {bits}-bit weight: {why} (not read raw)" for n in claims.unhandled}
-        return claims
+        return gptq.unread(infos, f"AWQ {bits}-bit weight: {why} (not read raw)")
     base_compressor, converter_class, scheme_class = library
     zero_point = bool(config.get("zero_point", True))
     converter = converter_class.from_autoawq_config(config)

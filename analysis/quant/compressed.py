@@ -46,7 +46,25 @@ def _label(scheme, fmt: str) -> str:
 
 
 def _decompress(parts: dict[str, torch.Tensor], index: int | None, compressor, scheme) -> torch.Tensor:
-    return compressor.decompress(dict(parts), scheme)["weight"].to(torch.float32)
+    parts = dict(parts)
+    zero_point = parts.get("weight_zero_point")
+    if zero_point is not None and zero_point.dim() == 2 and zero_point.shape[0] == 1:
+        parts["weight_zero_point"] = _one_word_row(zero_point)
+    return compressor.decompress(parts, scheme)["weight"].to(torch.float32)
+
+
+def _one_word_row(packed: torch.Tensor) -> torch.Tensor:
+    """The same ``[1, n]`` packed zero points, strided so that compressed-tensors can unpack them.
+
+    A matrix with at most ``32 / bits`` rows (an MoE router over 4 or 8 experts) packs its
+    zero points into one int32 row. compressed-tensors 0.20's ``unpack_from_int32(...,
+    packed_dim=0)`` transposes that row to ``[n, 1]`` with strides ``(1, n)``, which
+    ``.contiguous()`` leaves as it is (a size-1 dimension's stride does not count) and
+    ``.view(torch.uint8)`` then refuses ("self.stride(-1) must be 1 to view Int as
+    Byte"). Giving the size-1 dimension stride 1 changes no element; the library's own
+    code then unpacks and dequantises it.
+    """
+    return packed.as_strided(packed.shape, (1, packed.stride(1)), packed.storage_offset())
 
 
 def _unhandled(infos: dict[str, TensorInfo], reason: str) -> Claims:
