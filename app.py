@@ -63,7 +63,7 @@ if streamlit_runtime.exists():  # a server (not AppTest): its analysis workers s
     early.start_workers()
 
 from analysis.errors import InputError  # noqa: E402
-from ui import runtime, state  # noqa: E402
+from ui import demo_build, runtime, state  # noqa: E402
 from ui.text import escape_markdown  # noqa: E402
 
 try:
@@ -76,8 +76,8 @@ except InputError as exc:  # the server's own configuration: say which variable,
 # none yet, the demo builds in the background and the selection grows with each fine-tune.
 opened_on_demo = not st.session_state.get("sel_loaded") and not st.query_params.get("base")
 state.load(runtime.demo_defaults)
-runtime.ensure_demo(follow=opened_on_demo)
-runtime.follow_demo()
+demo_build.ensure_demo(follow=opened_on_demo)
+demo_build.follow_demo()
 
 st.session_state.wse_page = page.url_path
 selection = state.current()

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh requirements.txt
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
-exec .venv/bin/streamlit run app.py "$@"
+exec .venv/bin/streamlit run serve.py "$@"

@@ -16,7 +16,7 @@ from analysis.specs.series import (
 )
 from charts import tables
 from hosting.jobs import JobState
-from ui import runtime, state, views
+from ui import demo_build, runtime, state, views
 from ui.text import escape_markdown
 
 state.ensure_app_navigation()
@@ -86,7 +86,7 @@ def demo_table(manifest) -> dict:
     return {"data": frame, "column_config": config}
 
 
-manifest, demo_error = runtime.demo_state()
+manifest, demo_error = demo_build.demo_state()
 with st.container(border=True):
     st.subheader("Offline demo")
     views.demo_build_status()
@@ -98,7 +98,7 @@ with st.container(border=True):
         )
         st.dataframe(**demo_table(manifest), hide_index=True, placeholder="—")
         st.button("Use the demo", on_click=use_demo, key="use_demo")
-    job = runtime.demo_job()
+    job = demo_build.demo_job()
     building = job is not None and not job.state.finished
     if job is not None and job.state is JobState.FAILED:
         st.error(f"Building the demo failed: {escape_markdown(runtime.friendly(job.error or ''))}")
@@ -111,7 +111,7 @@ with st.container(border=True):
         )
         st.button(
             "Resume building the demo" if manifest is not None else "Build the demo",
-            on_click=runtime.start_demo_build,
+            on_click=demo_build.start_demo_build,
             key="build_demo",
         )
 

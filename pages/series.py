@@ -14,7 +14,7 @@ from analysis.specs import DEMO_PREFIX
 from analysis.specs.series import SERIES_PREFIX, checkpoint_folders, demo_checkpoint_root, is_series_spec
 from charts import rl_measures, series, series_tables
 from hosting.jobs import JobState
-from ui import runtime, state, views
+from ui import demo_build, runtime, state, views
 from ui.text import escape_markdown
 
 state.ensure_app_navigation()
@@ -33,7 +33,7 @@ series_specs = [t for t in selection.tuned if is_series_spec(t)]
 
 def demo_series() -> list[str]:
     """The demo's checkpoint series, where the selection's base is the demo's base."""
-    manifest, _ = runtime.demo_state()
+    manifest, _ = demo_build.demo_state()
     if manifest is None or selection.base not in ("", DEMO_PREFIX + manifest.base.name):
         return []
     found = []

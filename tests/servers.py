@@ -23,13 +23,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def streamlit_server(env: dict[str, str], log_path: Path, start_timeout_s: float = 60) -> Iterator[str]:
+def streamlit_server(
+    env: dict[str, str], log_path: Path, start_timeout_s: float = 60, script: str = "serve.py"
+) -> Iterator[str]:
     """The URL of a dashboard started with ``env`` added to this process's environment
     (offline: ``HF_HUB_OFFLINE=1``); its output goes to ``log_path``, whose tail is raised
-    if it does not start."""
+    if it does not start. ``script``: ``serve.py``, as ``run.sh`` starts it (warmed up at
+    start), or ``app.py`` (the same pages, warmed up by the first visitor)."""
     port = free_port()
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
-    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+    command = [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true",
                "--server.port", str(port), "--server.address", "127.0.0.1"]  # fmt: skip
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)

@@ -424,7 +424,7 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     import demo
     from analysis.errors import AnalysisCancelled
     from hosting.jobs import JobState
-    from ui import runtime
+    from ui import demo_build
 
     stepped, calls = threading.Event(), []
 
@@ -445,7 +445,7 @@ def test_building_the_demo_shows_its_training_steps(cache_dir: Path, monkeypatch
     (bar,) = at.get("progress")
     assert bar.proto.value == 12 and bar.proto.text.startswith("Building the offline demo (0 of 4 fine-tunes ready)")
     assert calls == [["on_step", "progress", "should_stop"]]
-    job = runtime.demo_job()
+    job = demo_build.demo_job()
     assert job is not None and job.label == "offline demo"
     job.cancel()
     assert job.wait(10) and job.state is JobState.CANCELLED
@@ -634,7 +634,7 @@ def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_r
     from analysis.errors import AnalysisCancelled
     from hosting.jobs import JobState
     from tests.app_fixtures import make_standin_demo
-    from ui import runtime
+    from ui import demo_build, runtime
 
     monkeypatch.setenv("WSE_DEMO_AUTOBUILD", "1")
     publish, published = threading.Event(), threading.Event()
@@ -655,7 +655,7 @@ def test_first_start_builds_the_demo_in_the_page_and_shows_each_fine_tune_when_r
     monkeypatch.setattr(demo, "build_demo", build_demo)
     at = AppTest.from_file(APP, default_timeout=30).run()
     assert not at.exception
-    job = runtime.demo_job()
+    job = demo_build.demo_job()
     assert job is not None and not job.state.finished  # started by opening the app
     at.run()
     (bar,) = at.get("progress")

@@ -94,24 +94,24 @@ def test_ray_settings_are_checked_where_the_dashboard_uses_ray(
 @pytest.mark.parametrize("value", ["0", "false", "no", "off", "False", " OFF "])
 def test_every_off_word_turns_the_demo_build_off(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     import demo
-    from ui import runtime
+    from ui import demo_build
 
     built: list[int] = []
     monkeypatch.setattr(demo, "build_demo", lambda **kwargs: built.append(1))  # never train here
     monkeypatch.setenv("WSE_DEMO_AUTOBUILD", value)
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception and not at.error
-    assert runtime.demo_job() is None and not built
+    assert demo_build.demo_job() is None and not built
 
 
 def test_the_demo_builds_by_default(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import demo
-    from ui import runtime
+    from ui import demo_build
 
     monkeypatch.setattr(demo, "build_demo", lambda **kwargs: None)  # never train here
     monkeypatch.setenv("WSE_DEMO_AUTOBUILD", "yes")
     AppTest.from_file(APP, default_timeout=60).run()
-    job = runtime.demo_job()
+    job = demo_build.demo_job()
     assert job is not None and job.wait(30)
 
 

@@ -24,7 +24,7 @@ from analysis.specs import SpecResolver
 from charts import colors, overview, style, table_words, tables
 from charts.html_report import html_report, reproduce_command
 from hosting.jobs import JobState
-from ui import runtime, state
+from ui import demo_build, runtime, state
 from ui.state import Selection
 from ui.text import escape_markdown
 
@@ -103,8 +103,8 @@ def results() -> tuple[Selection, list[ModelResult]]:
     selection = state.current()
     demo_build_status()
     if not selection.complete:
-        job = runtime.demo_job()
-        if runtime.DEMO_FOLLOW in st.session_state and job is not None and not job.state.finished:
+        job = demo_build.demo_job()
+        if demo_build.DEMO_FOLLOW in st.session_state and job is not None and not job.state.finished:
             st.caption("The offline demo's first results appear here as soon as its first fine-tune is trained.")
             st.stop()
         st.info("Choose a base model and at least one fine-tune first.")
@@ -382,10 +382,10 @@ def demo_build_status() -> None:
     """The offline demo's build, if one is running: a progress bar and Cancel (the
     fine-tunes done so far stay), refreshed every second; the page is redrawn when a
     fine-tune is published, so its results show at once."""
-    job = runtime.demo_job()
+    job = demo_build.demo_job()
     if job is None or job.state.finished:
         return
-    manifest, _ = runtime.demo_state()
+    manifest, _ = demo_build.demo_state()
     st.session_state.wse_demo_ready = len(manifest.fine_tunes) if manifest is not None else 0
     _demo_build_status()
 
@@ -394,8 +394,8 @@ def demo_build_status() -> None:
 def _demo_build_status() -> None:
     from demo import FINE_TUNES
 
-    job = runtime.demo_job()
-    manifest, _ = runtime.demo_state()
+    job = demo_build.demo_job()
+    manifest, _ = demo_build.demo_state()
     ready = len(manifest.fine_tunes) if manifest is not None else 0
     if job is None or job.state.finished or ready != st.session_state.get("wse_demo_ready"):
         st.rerun()
@@ -411,6 +411,6 @@ def _demo_build_status() -> None:
     st.button(
         "Stop building the demo",
         key="cancel_demo",
-        on_click=runtime.cancel_demo_build,
+        on_click=demo_build.cancel_demo_build,
         help="Keeps the fine-tunes trained so far; the Models page can resume the build.",
     )
