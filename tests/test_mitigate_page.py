@@ -127,7 +127,7 @@ def test_progress_and_cancel_of_a_running_mitigation(cache_dir, tiny_bert, adapt
     from analysis.cache import default_cache_dir
     from analysis.errors import AnalysisCancelled
     from hosting.jobs import JobState, Progress
-    from hosting.jobs import mitigation_key as job_key
+    from hosting.mitigation_jobs import mitigation_key as job_key
     from ui import runtime
 
     release = threading.Event()

@@ -194,7 +194,8 @@ def test_the_demo_mitigations_estimate_is_within_a_factor_of_two(tmp_path) -> No
     from analysis.mitigation import MitigationSettings
     from analysis.scheduler import available_cores
     from analysis.specs import SpecResolver
-    from hosting.jobs import JobManager, mitigation_job
+    from hosting.jobs import JobManager
+    from hosting.mitigation_jobs import mitigation_job
     from tests.demo_fixture import DEMO_ROOT
 
     if not (DEMO_ROOT / "manifest.json").exists():

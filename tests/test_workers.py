@@ -172,7 +172,8 @@ def test_a_mitigation_from_a_worker_exports_as_one_made_here(
     manager: JobManager, tiny_bert: Path, tiny_bert_lora: Path, tmp_path: Path
 ) -> None:
     from analysis.mitigation import MitigationSettings, export_adapter
-    from hosting.jobs import mitigation_job, mitigation_work, server_resolver
+    from hosting.jobs import server_resolver
+    from hosting.mitigation_jobs import mitigation_job, mitigation_work
 
     settings = MitigationSettings(eps=0.9)
     base, tuned = str(tiny_bert), str(tiny_bert_lora)

@@ -22,7 +22,8 @@ from analysis.adapters import LoraAdapter
 from analysis.cache import default_cache_dir
 from analysis.errors import InputError
 from analysis.mitigation import MitigationSettings, export_adapter, export_merged
-from hosting.jobs import Job, JobState, mitigation_key, mitigation_work
+from hosting.jobs import Job, JobState
+from hosting.mitigation_jobs import mitigation_key, mitigation_work
 from ui import runtime, state
 from ui.text import escape_markdown
 
