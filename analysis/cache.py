@@ -164,7 +164,17 @@ class FingerprintIndex:
 
     def digest(self, file: Path | str, name: str, load: Callable[[], torch.Tensor]) -> str:
         """:func:`tensor_digest` of tensor ``name`` of ``file``; ``load()`` reads it if unknown."""
+        return self._digest(self._version(Path(file)), name, load)
+
+    def digests(self, file: Path | str, names: list[str], load: Callable[[str], torch.Tensor]) -> list[str]:
+        """:meth:`digest` of each of ``names`` of one ``file`` (``load(name)`` reads one), the file looked at once.
+
+        For many tensors of a file at once: one ``stat`` where :meth:`digest` makes one per tensor.
+        """
         version = self._version(Path(file))
+        return [self._digest(version, name, lambda name=name: load(name)) for name in names]
+
+    def _digest(self, version: str, name: str, load: Callable[[], torch.Tensor]) -> str:
         with self._lock:
             known = self._known.get(version)
             if known is None:

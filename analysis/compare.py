@@ -146,7 +146,7 @@ def compare(
         )
         model = model_result(plan, matrices)
         if settings.measures and plan.kind == "full":
-            add_whole_model_sparsity(model, base, specs[len(result.models)], settings, allow_local_paths, store)
+            add_whole_model_sparsity(model, plan, settings, store)
         if step is not None:
             model.step = step
             model.summary["series"] = series_label

@@ -518,6 +518,6 @@ def compare(
     )
     result = ComparisonResult(base=base, top_k=top_k, epsilons=[float(e) for e in epsilons])
     result.models = [model_result(plan, found) for plan, found in zip(plans, matrices, strict=True)]
-    for model, spec in zip(result.models, tuned, strict=True):  # as analysis.compare.compare does
-        add_whole_model_sparsity(model, base, spec, settings, allow_local_paths, cache)
+    for model, plan in zip(result.models, plans, strict=True):  # as analysis.compare.compare does
+        add_whole_model_sparsity(model, plan, settings, cache)
     return result

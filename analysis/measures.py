@@ -61,11 +61,14 @@ def unchanged_relative(w0: torch.Tensor, w1: torch.Tensor, eta: float = DEFAULT_
 def unchanged_absolute(w0: torch.Tensor, w1: torch.Tensor, atol: float = DEFAULT_ATOL) -> torch.Tensor:
     """Mukherjee et al. Sec. 2.2: ``|w1 - w0| <= atol`` with the difference computed in bf16.
 
-    Both weights are rounded to bf16, subtracted in bf16 (the result rounded to bf16), and
-    the magnitude compared with ``atol``.
+    As the paper's code does it (``src/check_sparsity.py`` of SagnikMukherjee/sparsity_in_rl:
+    both models loaded in bf16, ``delta = rl - sft``, ``torch.isclose(delta, 0, atol=tol)``):
+    both weights rounded to bf16, subtracted in bf16 (the result rounded to bf16), and the
+    comparison made in bf16 too, so against ``atol`` rounded to bf16 (1e-5 becomes
+    ``1.00136e-5``: a bf16 difference of exactly that counts as unchanged).
     """
     difference = w1.detach().to("cpu", torch.bfloat16) - w0.detach().to("cpu", torch.bfloat16)
-    return difference.abs().to(torch.float64) <= atol
+    return torch.isclose(difference, torch.zeros_like(difference), rtol=0.0, atol=atol)
 
 
 def update_sparsity(unchanged: int, total: int) -> float | None:

@@ -18,9 +18,9 @@ import torch
 
 from analysis import measures
 from analysis.pairing import match_names
+from analysis.plan import ComparisonPlan
 from analysis.results import ModelResult
 from analysis.sources import WeightSource
-from analysis.specs import SpecResolver
 from analysis.update_measures import measures_key
 
 
@@ -32,26 +32,21 @@ def whole_model_sparsity(
     ``model``'s matrices (with their measures) supply the analysed weights' counts; every
     base tensor in ``model.skipped`` that ``tuned`` holds with the same shape is compared
     here by both rules. With a ``cache`` (:class:`~analysis.cache.SpectrumCache`) their counts
-    are one ``measures`` entry keyed by the stored tensors' digests (from the fingerprint
-    index: a run whose counts are cached reads no weights). Returns a JSON-ready dict.
+    are one ``measures`` entry keyed by the content of every tensor that decides them (the
+    base's skipped tensors and all of the fine-tune's, names and digests, from the
+    fingerprint index), so a run whose counts are cached reads no weights and pairs no
+    names. Returns a JSON-ready dict.
     """
     analysed = [m for m in model.matrices if m.rl is not None]
-    total = sum(m.rl.counts.total for m in analysed)
-    relative = sum(m.rl.counts.unchanged_relative for m in analysed)
-    absolute = sum(m.rl.counts.unchanged_absolute for m in analysed)
     skipped = [entry["name"] for entry in model.skipped]
-    pairs = match_names(base.names(), tuned.names())
-    comparable = [
-        (name, pairs[name])
-        for name in skipped
-        if name in pairs and tuple(base.shape(name)) == tuple(tuned.shape(pairs[name]))
-    ]
-    left_out, others = len(skipped) - len(comparable), len(comparable)
-    found = _other_counts(base, tuned, comparable, eta, atol, cache)
+    found, others = _other_counts(base, tuned, skipped, eta, atol, cache)
+    left_out = len(skipped) - others
+    counted = [(m.rl.counts.total, m.rl.counts.unchanged_relative, m.rl.counts.unchanged_absolute) for m in analysed]
+    analysed_parameters = sum(row[0] for row in counted)
     other_parameters = int(found[:, 0].sum())
-    total += other_parameters
-    relative += int(found[:, 1].sum())
-    absolute += int(found[:, 2].sum())
+    total = analysed_parameters + other_parameters
+    relative = sum(row[1] for row in counted) + int(found[:, 1].sum())
+    absolute = sum(row[2] for row in counted) + int(found[:, 2].sum())
     return {
         "parameters": total,
         "unchanged_relative": relative,
@@ -60,7 +55,7 @@ def whole_model_sparsity(
         "sparsity_absolute": measures.update_sparsity(absolute, total),
         "counts": (
             f"every parameter of the base that the fine-tune holds with the same name and shape: "
-            f"{len(analysed)} analysed matrices ({total - other_parameters} parameters) and {others} other "
+            f"{len(analysed)} analysed matrices ({analysed_parameters} parameters) and {others} other "
             f"tensors ({other_parameters} parameters: 1-D norms and biases, embeddings, heads); "
             f"{left_out} tensors left out (on one side only or of another shape)"
         ),
@@ -69,52 +64,74 @@ def whole_model_sparsity(
     }
 
 
-def _other_counts(
-    base: WeightSource, tuned: WeightSource, comparable: list[tuple[str, str]], eta: float, atol: float, cache
-) -> torch.Tensor:
-    """``(total, unchanged by Eq. 1, unchanged by the absolute rule)`` per tensor pair, one row each.
+def _comparable(base: WeightSource, tuned: WeightSource, skipped: list[str]) -> list[tuple[str, str]]:
+    """``(base name, tuned name)`` of each skipped base tensor the fine-tune holds with the same shape."""
+    pairs = match_names(base.names(), tuned.names())
+    return [
+        (name, pairs[name])
+        for name in skipped
+        if name in pairs and tuple(base.shape(name)) == tuple(tuned.shape(pairs[name]))
+    ]
 
-    With a cache: one ``measures`` entry for them all, keyed by every pair's stored digests
-    (from the fingerprint index, so a cached run reads no weights) and the settings.
+
+def _other_counts(
+    base: WeightSource, tuned: WeightSource, skipped: list[str], eta: float, atol: float, cache
+) -> tuple[torch.Tensor, int]:
+    """``(total, unchanged by Eq. 1, unchanged by the absolute rule)`` per comparable tensor pair, and their number.
+
+    With a cache: one ``measures`` entry for them all (:func:`_key`).
     """
 
-    def compute() -> torch.Tensor:
+    def compute() -> tuple[torch.Tensor, int]:
         rows = []
+        comparable = _comparable(base, tuned, skipped)
         for name, tuned_name in comparable:
             w0, w1 = base.load(name).reshape(1, -1), tuned.load(tuned_name).reshape(1, -1)
             counts = measures.elementwise_counts(w0, w1, None, eta, atol)
             rows.append([counts.total, counts.unchanged_relative, counts.unchanged_absolute])
-        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), len(comparable)
 
     if cache is None:
         return compute()
-    digests = [
-        cache.fingerprints.digest(base.file(name), name, lambda name=name: base.load(name))
-        + cache.fingerprints.digest(tuned.file(other), other, lambda other=other: tuned.load(other))
-        for name, other in comparable
-    ]
-    key = measures_key("whole-model", ",".join(digests), f"elementwise,eta={eta!r},atol={atol!r}")
+    key = _key(base, tuned, skipped, f"elementwise,eta={eta!r},atol={atol!r}", cache)
     entry = cache.lookup("measures", key)
     if entry is not None:
-        return entry[0]["counts"]
-    found = compute()
-    cache.store("measures", key, {"counts": found})
-    return found
+        return entry[0]["counts"], int(entry[1]["other_tensors"])
+    found, others = compute()
+    cache.store("measures", key, {"counts": found}, {"other_tensors": others})
+    return found, others
 
 
-def add_whole_model_sparsity(
-    model: ModelResult, base: str, spec: str, settings, allow_local_paths: bool, cache
-) -> None:
-    """``model.summary["whole_model_sparsity"]`` (:func:`whole_model_sparsity`) for a full fine-tune named ``spec``.
+def _key(base: WeightSource, tuned: WeightSource, skipped: list[str], signature: str, cache) -> str:
+    """The whole-model ``measures`` entry's key: names and digests of the tensors that decide the counts.
 
-    Opens both models again by name (headers only; tensors only when their counts are not
-    cached). ``settings`` is the comparison's ``AnalysisSettings``; nothing happens when
-    its measures are off or the fine-tune is an adapter.
+    Those of the base's skipped tensors and of every tensor of the fine-tune (which of them
+    pair, with which shapes, follows from those), and the rule. Digests come from the
+    fingerprint index, each file looked at once (:meth:`FingerprintIndex.digests`).
     """
-    if not settings.measures or model.kind != "full":
+    sides = []
+    for source, names in ((base, skipped), (tuned, sorted(tuned.names()))):
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(str(source.file(name)), []).append(name)
+        digests = {}
+        for file, group in by_file.items():
+            digests.update(zip(group, cache.fingerprints.digests(file, group, source.load), strict=True))
+        sides.append(";".join(f"{name}={digests[name]}" for name in names))
+    return measures_key("whole-model", "\x1f".join(sides), signature)
+
+
+def add_whole_model_sparsity(model: ModelResult, plan: ComparisonPlan, settings, cache) -> None:
+    """``model.summary["whole_model_sparsity"]`` (:func:`whole_model_sparsity`) for the full fine-tune ``plan`` planned.
+
+    Uses the models the plan opened (:attr:`~analysis.plan.ComparisonPlan.sources`: headers
+    read once; tensors only when their counts are not cached). ``settings`` is the
+    comparison's ``AnalysisSettings``; nothing happens when its measures are off or the
+    fine-tune is an adapter.
+    """
+    if not settings.measures or model.kind != "full" or plan.sources is None:
         return
-    resolver = SpecResolver(allow_local_paths=allow_local_paths)
-    base_source, tuned_source = resolver.open(base), resolver.open(spec)
+    base_source, tuned_source = plan.sources
     if isinstance(base_source, WeightSource) and isinstance(tuned_source, WeightSource):
         model.summary["whole_model_sparsity"] = whole_model_sparsity(
             base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol, cache

@@ -241,7 +241,7 @@ def _plan_full(base: WeightSource, tuned: WeightSource, include_non_block: bool)
         "storage": storage_counts(matrices),
     }
     plan = ComparisonPlan(base.label, tuned.label, "full", matrices, unmatched, mismatches, summary)
-    plan.skipped = skipped
+    plan.skipped, plan.sources = skipped, (base, tuned)
     return plan
 
 

@@ -24,13 +24,7 @@ from analysis import update_measures
 from analysis.cache import Entry, SpectrumCache, tensor_digest
 from analysis.errors import AnalysisCancelled, InputError
 from analysis.grouping import group_matrices
-from analysis.linalg import (
-    Spectrum,
-    decompose_many,
-    default_method,
-    low_rank_spectrum,
-    resolve_device,
-)
+from analysis.linalg import Spectrum, decompose_many, default_method, low_rank_spectrum, resolve_device
 from analysis.pair_metrics import AnalysisSettings, matrix_result, pair_metrics
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import MatrixResult, ModelResult
@@ -132,6 +126,7 @@ def _prepare(
     *,
     pin: bool = False,
     cached_only: bool = False,
+    known: tuple[tuple[str, str], Entry | None] | None = None,
 ) -> _Pair:
     """Keys of a pair, then the cached result, or else the weights and cached base spectrum.
 
@@ -141,12 +136,14 @@ def _prepare(
     full speed, issue 13 measured 7x a pageable copy), here on the reader thread.
     ``cached_only``: read nothing but the cache (:func:`cached_results`): a digest not in the
     fingerprint index raises :class:`NotCached`, and the pair comes back without weights.
+    ``known``: its digests and ``measures`` entry found before the plan ran (:func:`update_measures.read_set`).
     """
     base = tuned = None
     digest = cache.fingerprints.digest if cache is not None else None
     if cached_only:
         digest = partial(_known_digest, cache)
-    digests = plan.digests(digest) if plan.digests is not None and digest is not None else None
+    stored = plan.digests is not None and digest is not None
+    digests = known[0] if known else plan.digests(digest) if stored else None
     if digests is None:
         base, tuned = plan.load_base(), plan.load_tuned()
         digests = (tensor_digest(base), tensor_digest(tuned.weight))
@@ -164,7 +161,7 @@ def _prepare(
     if cache is not None:
         entry = cache.lookup("pair", pair.pair_key)
         if pair.measures_key is not None:
-            pair.measures = cache.lookup("measures", pair.measures_key)
+            pair.measures = (known and known[1]) or cache.lookup("measures", pair.measures_key)
         if entry is not None:
             pair.result = matrix_result(plan, *entry)
             if pair.measures_key is None or pair.measures is not None:
@@ -535,7 +532,8 @@ def analyse_plan(
         # adapter (a matrix product), whose bits must not depend on the thread.
         torch.set_num_threads(1)
         pin = device.type == "cuda"
-        pairs = [_prepare(plan.matrices[i], settings, cache, plan.tuned_label, plan.base_label, pin=pin) for i in group]
+        pairs = [_prepare(plan.matrices[i], settings, cache, plan.tuned_label, plan.base_label, pin=pin,
+                          known=known and known.at(i)) for i in group]  # fmt: skip
         for pair in pairs:
             pair.write = writer
         return pairs
@@ -553,6 +551,8 @@ def analyse_plan(
         return sum(working_bytes(plan.matrices[i].shape, method, device.type) for i in group)
 
     writer = BackgroundWriter() if cache is not None else None
+    known = update_measures.read_set(plan, settings, cache)  # a plan's measures: one entry, not one per pair
+    finished: list[MatrixResult] = []
     with compute_threads():
         groups = group_matrices(plan.matrices, method, budget // 2, device.type)
         results = in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
@@ -562,7 +562,9 @@ def analyse_plan(
                 if progress is not None:
                     elapsed = time.perf_counter() - start
                     progress(ProgressEvent(plan.tuned_label, done, total, result.name, elapsed))
+                finished.append(result)
                 yield result
+            update_measures.store_set(plan, settings, cache, finished, known)
         finally:
             results.close()  # waits for the workers, so no digest comes after the flush
             if writer is not None:

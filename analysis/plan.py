@@ -115,6 +115,9 @@ class ComparisonPlan:
     summary: dict = field(default_factory=dict)
     #: Every base tensor that is not analysed, as ``{"name": ..., "reason": ...}``.
     skipped: list[dict] = field(default_factory=list)
+    #: The opened base and fine-tune (``WeightSource`` each) of a full fine-tune, for what is
+    #: counted beyond the analysed matrices (:mod:`analysis.model_sparsity`); ``None`` otherwise.
+    sources: tuple | None = field(default=None, repr=False, compare=False)
 
 
 def require_matrices(plan: ComparisonPlan) -> ComparisonPlan:

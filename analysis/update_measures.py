@@ -16,6 +16,8 @@ stored singular values and are derived when a result is read
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -23,8 +25,11 @@ from analysis import measures
 from analysis.cache import Entry, SpectrumCache
 from analysis.linalg import Spectrum, decompose
 
-#: Version of what the ``measures`` and ``base-top`` entries hold (part of their keys).
-MEASURES_VERSION = "1"
+#: Version of what the ``measures`` entries hold (part of their keys). 2: the absolute rule
+#: compares in bf16, as Mukherjee et al.'s code does (:func:`analysis.measures.unchanged_absolute`).
+MEASURES_VERSION = "2"
+#: Version of what the ``base-top`` entries hold (part of their keys; unchanged by version 2 of the measures).
+BASE_TOP_VERSION = "1"
 
 
 def measures_key(base_digest: str, tuned_digest: str, signature: str) -> str:
@@ -34,7 +39,7 @@ def measures_key(base_digest: str, tuned_digest: str, signature: str) -> str:
 
 def base_top_key(base_digest: str, k: int, side: str) -> str:
     """The ``base-top`` entry of a base matrix (its top-k singular triplets, float64)."""
-    return SpectrumCache.key("base-top", MEASURES_VERSION, base_digest, f"k={k}", f"side={side}")
+    return SpectrumCache.key("base-top", BASE_TOP_VERSION, base_digest, f"k={k}", f"side={side}")
 
 
 def top_triplets(weight: torch.Tensor, spectrum: Spectrum, k: int) -> dict[str, torch.Tensor]:
@@ -130,3 +135,125 @@ def from_entry(tensors: dict[str, torch.Tensor], info: dict) -> measures.RlMeasu
         eta=float(info["eta"]),
         atol=float(info["atol"]),
     )
+
+
+def to_entry(rl: measures.RlMeasures) -> Entry:
+    """:class:`RlMeasures` as its ``measures`` entry (the inverse of :func:`from_entry`, byte for byte)."""
+    c = rl.counts
+    counts = [c.total, c.unchanged_relative, c.unchanged_absolute, c.mask_size, c.mask_changed]
+    tensors = {
+        "counts": torch.tensor(counts, dtype=torch.int64),
+        "angles_left": torch.from_numpy(np.ascontiguousarray(rl.angles_left, dtype=np.float64)),
+        "angles_right": torch.from_numpy(np.ascontiguousarray(rl.angles_right, dtype=np.float64)),
+    }
+    return tensors, {"k": rl.k, "alpha": rl.alpha, "eta": rl.eta, "atol": rl.atol}
+
+
+# -- one entry for a whole plan's measures ---------------------------------------------------------
+#
+# A fully cached run reads each pair's entry anyway; reading each pair's ``measures`` entry
+# beside it doubled the files opened (each read costs the same ~0.3 ms, however small the entry:
+# opening, checksum, bookkeeping), which made the cached report 1.5x slower with the measures
+# than without. A plan's measures are therefore also kept together, as one ``measures-set``
+# entry keyed by every pair's ``measures`` key in plan order, written when a plan finishes
+# and read before it starts. The per-pair entries stay (a plan that changes in one matrix
+# reuses the others').
+
+
+class _Unknown(Exception):
+    """A stored tensor whose digest the fingerprint index does not hold yet."""
+
+
+@dataclass(frozen=True)
+class KnownMeasures:
+    """What :func:`read_set` found of a plan before it runs, per matrix in plan order."""
+
+    #: Each matrix's ``(base, tuned)`` digests (the pipeline takes them instead of asking again).
+    digests: list[tuple[str, str]]
+    #: Each matrix's ``measures`` key.
+    keys: list[str]
+    #: The ``measures`` entries by key, from the plan's ``measures-set`` entry; ``None``: not stored.
+    entries: dict[str, Entry] | None
+
+    def at(self, index: int) -> tuple[tuple[str, str], Entry | None]:
+        """Matrix ``index``'s digests and its ``measures`` entry (``None``: to be looked up alone)."""
+        return self.digests[index], None if self.entries is None else self.entries[self.keys[index]]
+
+
+def _plan_digests(plan, cache: SpectrumCache) -> list[tuple[str, str]] | None:
+    """Every matrix's digests, if the fingerprint index knows them all (no weight is read); else ``None``."""
+    if any(m.digests is None for m in plan.matrices):
+        return None
+
+    def known(file, name, load):
+        return cache.fingerprints.digest(file, name, _refuse)
+
+    try:
+        return [m.digests(known) for m in plan.matrices]
+    except _Unknown:
+        return None
+
+
+def _refuse():
+    raise _Unknown
+
+
+def set_key(keys: list[str]) -> str:
+    """The ``measures-set`` entry of a plan whose pairs' ``measures`` keys are ``keys``."""
+    return SpectrumCache.key("measures-set", MEASURES_VERSION, *keys)
+
+
+def read_set(plan, settings, cache: SpectrumCache | None) -> KnownMeasures | None:
+    """The plan's digests, ``measures`` keys and (when stored) entries, known before it runs; ``None`` if not known.
+
+    ``None`` when the measures are off, there is no cache, or a digest is not in the
+    fingerprint index yet (a first run: the pipeline hashes as it goes).
+    """
+    digests = None if cache is None or not settings.measures else _plan_digests(plan, cache)
+    if not digests:
+        return None
+    signature = settings.measure_signature()
+    keys = [measures_key(base, tuned, signature) for base, tuned in digests]
+    entry = cache.lookup("measures-set", set_key(keys))
+    return KnownMeasures(digests, keys, None if entry is None else _split(keys, *entry))
+
+
+def _split(keys: list[str], tensors: dict[str, torch.Tensor], info: dict) -> dict[str, Entry]:
+    """A ``measures-set`` entry as the ``measures`` entries it holds (views, read as :func:`from_entry` reads)."""
+    counts, ks = tensors["counts"], tensors["k"].tolist()
+    ends = {side: [0, *tensors[f"ends_{side}"].tolist()] for side in ("left", "right")}
+    return {
+        key: (
+            {
+                "counts": counts[i],
+                **{f"angles_{side}": tensors[f"angles_{side}"][ends[side][i] : ends[side][i + 1]] for side in ends},
+            },
+            {"k": ks[i], **info},
+        )
+        for i, key in enumerate(keys)
+    }
+
+
+def store_set(plan, settings, cache: SpectrumCache | None, results, known: KnownMeasures | None) -> None:
+    """Keep a finished plan's measures (``results``, in plan order) as its ``measures-set`` entry.
+
+    Nothing when ``known`` says it is stored already, the cache is read-only, or a matrix has no measures.
+    """
+    if cache is None or cache.read_only or not settings.measures or (known is not None and known.entries):
+        return
+    keys = known.keys if known is not None else (read_set(plan, settings, cache) or KnownMeasures([], [], None)).keys
+    if not keys or len(results) != len(keys) or any(r.rl is None for r in results):
+        return
+    entries = [to_entry(r.rl) for r in results]
+    shared = [{n: v for n, v in info.items() if n != "k"} for _, info in entries]
+    if any(one != shared[0] for one in shared):
+        return  # one setting per plan, or nothing kept together
+    tensors = {
+        "counts": torch.stack([t["counts"] for t, _ in entries]),
+        "k": torch.tensor([info["k"] for _, info in entries], dtype=torch.int64),
+    }
+    for side in ("left", "right"):
+        parts = [t[f"angles_{side}"] for t, _ in entries]
+        tensors[f"angles_{side}"] = torch.cat(parts)
+        tensors[f"ends_{side}"] = torch.tensor([len(p) for p in parts], dtype=torch.int64).cumsum(0)
+    cache.put("measures-set", set_key(keys), tensors, shared[0])

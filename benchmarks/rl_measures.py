@@ -4,20 +4,24 @@ Same process, same run, alternating: the analysis with the measures (``measures=
 default) against the analysis without them (``measures=False``), on
 
 - the offline demo (``demo:base`` against ``demo:full-ft``; needs ``WSE_CACHE_DIR`` naming a
-  cache folder that holds the built demo): cold (empty cache), a cache written before the
-  measures (pairs and bases cached, measures not), and fully cached;
+  cache folder that holds the built demo), the report as the command line makes it (compare,
+  then the JSON report's bytes): cold (empty cache), a cache written before the measures
+  (pairs and bases cached, measures not), and fully cached -- the last timed in ``--rounds``
+  alternating rounds, each round's ratio printed (the noise of a shared machine shows in them);
 - one 7B-shaped matrix (4096 x 11008, Llama-2-7B's ``down_proj`` transposed... as
   ``gate_proj``: ``out x in`` = 11008 x 4096), bf16-valued, with an RL-like sparse update:
   cold (no cache) and fully cached.
 
 Prints a markdown table; ``--out FILE`` writes it too. Times are wall seconds, best of
-``--repeat``.
+``--repeat`` (fully cached: the median of the rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ from analysis.identity import MatrixId
 from analysis.pair_metrics import AnalysisSettings
 from analysis.pipeline import analyse_matrix
 from analysis.plan import MatrixPlan, TunedMatrix
+from analysis.report import to_report
 
 ON, OFF = AnalysisSettings(), AnalysisSettings(measures=False)
 
@@ -40,27 +45,46 @@ def _timed(run) -> float:
     return time.perf_counter() - start
 
 
-def demo_rows(repeat: int) -> list[tuple[str, float, float]]:
-    """(scenario, seconds without the measures, seconds with them) on the demo's full fine-tune."""
+def _report(settings: AnalysisSettings, folder: Path) -> bytes:
+    """The cached report as the command line makes it: compare (a fresh cache object, as a new process
+    opens it) and the JSON report's bytes."""
+    result = compare("demo:base", ["demo:full-ft"], cache=SpectrumCache(folder), device="cpu", settings=settings)
+    return json.dumps(to_report(result), indent=2, sort_keys=True).encode()
+
+
+def demo_rows(repeat: int, rounds: int) -> tuple[list[tuple[str, float, float]], list[float]]:
+    """(scenario, seconds without the measures, seconds with them) on the demo's full fine-tune, and the
+    fully cached report's ratio (with / without) in each of ``rounds`` alternating rounds."""
     rows = []
-    for scenario in ("cold", "cache from before the measures", "fully cached"):
+    for scenario in ("cold", "cache from before the measures"):
         best = {}
         for settings in (OFF, ON) * repeat:
             folder = Path(tempfile.mkdtemp(prefix="wse-rl-bench-"))
             try:
                 if scenario != "cold":
-                    compare("demo:base", ["demo:full-ft"], cache=SpectrumCache(folder), device="cpu",
-                            settings=OFF if scenario.startswith("cache from") else settings)  # fmt: skip
-                cache = SpectrumCache(folder)
-                seconds = _timed(lambda c=cache, s=settings: compare("demo:base", ["demo:full-ft"], cache=c,
-                                                                     device="cpu", settings=s))  # fmt: skip
+                    compare("demo:base", ["demo:full-ft"], cache=SpectrumCache(folder), device="cpu", settings=OFF)
+                seconds = _timed(lambda s=settings, f=folder: _report(s, f))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-            key = settings.measures
-            best[key] = min(best.get(key, float("inf")), seconds)
+            best[settings.measures] = min(best.get(settings.measures, float("inf")), seconds)
         rows.append((f"demo full-ft, {scenario}", best[False], best[True]))
         print(rows[-1], flush=True)
-    return rows
+    # Fully cached: one cache holding both analyses' entries, the two timed in turn, round after round.
+    folder = Path(tempfile.mkdtemp(prefix="wse-rl-bench-"))
+    try:
+        _report(ON, folder)
+        _report(ON, folder)  # the second run writes what the first read per pair (the plan's measures-set)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(rounds):
+            for settings in (OFF, ON):
+                times[settings.measures].append(_timed(lambda s=settings: _report(s, folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ratios = [on / off for off, on in zip(times[False], times[True], strict=True)]
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    rows.append(("demo full-ft, fully cached (median)", off, on))
+    print(rows[-1], "ratios", [round(r, 2) for r in ratios], flush=True)
+    return rows, ratios
 
 
 def _seven_b_plan() -> MatrixPlan:
@@ -96,13 +120,20 @@ def seven_b_rows(repeat: int) -> list[tuple[str, float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15, help="alternating rounds of the fully cached report")
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = ([] if args.skip_demo else demo_rows(args.repeat)) + ([] if args.skip_7b else seven_b_rows(args.repeat))
+    rows, ratios = ([], []) if args.skip_demo else demo_rows(args.repeat, args.rounds)
+    rows += [] if args.skip_7b else seven_b_rows(args.repeat)
     lines = ["| scenario | without measures (s) | with measures (s) | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |" for name, off, on in rows]
+    if ratios:
+        quartiles = statistics.quantiles(ratios, n=4)
+        lines += ["", f"Fully cached report, with / without the measures, {len(ratios)} alternating rounds: "
+                  f"median {statistics.median(ratios):.2f} (quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}; "
+                  f"each: {', '.join(f'{r:.2f}' for r in ratios)})"]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
+from analysis.cache import SpectrumCache
 from analysis.provenance import Provenance, StoredModel
 from analysis.results import ComparisonResult, MatrixResult, ModelResult
 from charts import comparison, overview, overview_tables, rl_measures, rl_tables, spectra, style, tables
@@ -346,7 +347,7 @@ def _grids(page: _Page, models: Sequence[ModelResult], k: int, eps: float) -> No
             page.add(f'<div class="grid" style="--min: {width}">{charts}</div>')
 
 
-def _comparisons(page: _Page, result: ComparisonResult, eps: float) -> None:
+def _comparisons(page: _Page, result: ComparisonResult, eps: float, cache: SpectrumCache | None) -> None:
     """Intruders against ε, then effective rank and rank90 by layer."""
     models, k = result.models, result.top_k
     epsilons = sorted({*map(float, result.epsilons), float(eps)})
@@ -355,7 +356,7 @@ def _comparisons(page: _Page, result: ComparisonResult, eps: float) -> None:
         f"Intruder dimensions among the top {k} tuned singular vectors, summed over every matrix, at each ε "
         f"({', '.join(f'{e:g}' for e in epsilons)}); the dotted line marks ε = {eps:g}, the ε of the grids and totals."
     )
-    sweep = rl_measures.add_chance_band(comparison.sweep_figure(models, k, epsilons, eps), models)
+    sweep = rl_measures.add_chance_band(comparison.sweep_figure(models, k, epsilons, eps), models, cache)
     page.add(page.chart(sweep, "sweep"))
     page.section("Effective rank and rank90 by layer", "rank")
     page.text(
@@ -494,6 +495,7 @@ def html_report(
     *,
     provenance: Provenance | None = None,
     settings: Mapping[str, str] | None = None,
+    cache: SpectrumCache | None = None,
 ) -> str:
     """The whole report as one self-contained HTML page.
 
@@ -508,6 +510,8 @@ def html_report(
         Stored dtypes, content digests, version and date (:func:`analysis.provenance.comparison_provenance`).
     settings : mapping of str to str, optional
         Further settings to list (the singular vectors compared, the command that made it).
+    cache : SpectrumCache, optional
+        Where the chance level of the intruder scores is kept (:func:`analysis.chance.chance_level`).
 
     Returns
     -------
@@ -520,7 +524,7 @@ def html_report(
     models, k = result.models, result.top_k
     _totals(page, models, k, eps)
     _grids(page, models, k, eps)
-    _comparisons(page, result, eps)
+    _comparisons(page, result, eps, cache)
     _rl_measures(page, result, eps)
     _matrices(page, models, k, eps)
     _provenance(page, result, provenance)

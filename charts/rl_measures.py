@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from analysis.cache import SpectrumCache
 from analysis.results import MatrixResult, ModelResult
 from charts import rl_tables
 from charts.style import PALETTE, chart_text, empty_figure, legend_name, log_axis, series_style
@@ -112,16 +113,17 @@ def measure_lines(models: Sequence[ModelResult], metric: str, k: int, eps: float
     return fig
 
 
-def add_chance_band(fig: go.Figure, models: Sequence[ModelResult]) -> go.Figure:
+def add_chance_band(fig: go.Figure, models: Sequence[ModelResult], cache: SpectrumCache | None = None) -> go.Figure:
     """Shade where an intruder count stops meaning anything: the chance level of an intruder score.
 
     A random direction's best ``|cos|`` against the base's singular vectors (seeded
     simulation per matrix shape, :func:`analysis.measures.chance_level`): the band spans the
     5th to 95th percentile over every shape analysed, the dotted line is the median of the
     largest shape. At an eps inside or below the band, a random vector is as likely as not to
-    count as "matched", so a count there says little.
+    count as "matched", so a count there says little. ``cache``: where the levels are kept
+    (:func:`analysis.chance.chance_level`; ``None``: in this process only).
     """
-    table = rl_tables.chance_table(models)
+    table = rl_tables.chance_table(models, cache)
     if table.empty:
         return fig
     low, high = float(table["p5"].min()), float(table["p95"].max())

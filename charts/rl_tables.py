@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import measures
+from analysis import chance
+from analysis.cache import SpectrumCache
 from analysis.results import MatrixResult, ModelResult
 from charts.tables import model_labels, training_method
 
@@ -166,15 +167,16 @@ def angles_table(matrix: MatrixResult) -> pd.DataFrame:
     return pd.DataFrame({"i": np.arange(1, n + 1), "left_deg": pad(rl.angles_left), "right_deg": pad(rl.angles_right)})
 
 
-def chance_table(models: Sequence[ModelResult]) -> pd.DataFrame:
+def chance_table(models: Sequence[ModelResult], cache: SpectrumCache | None = None) -> pd.DataFrame:
     """The chance level of an intruder score for each matrix shape analysed (:func:`analysis.measures.chance_level`).
 
     A random unit vector's best ``|cos|`` against the ``min(m, n)`` base left singular
-    vectors in ``R^m``: median and 5-95% band of a seeded simulation, per shape.
+    vectors in ``R^m``: median and 5-95% band of a seeded simulation, per shape, read from
+    ``cache`` when stored there (:func:`analysis.chance.chance_level`).
     """
     shapes = sorted({(m.shape[0], min(m.shape)) for model in models for m in model.matrices})
     rows = []
     for rows_m, vectors in shapes:
-        median, low, high = measures.chance_level(rows_m, vectors)
+        median, low, high = chance.chance_level(rows_m, vectors, cache=cache)
         rows.append({"rows": rows_m, "base_vectors": vectors, "median": median, "p5": low, "p95": high})
     return pd.DataFrame(rows, columns=["rows", "base_vectors", "median", "p5", "p95"])

@@ -358,7 +358,7 @@ def _write_html(args: argparse.Namespace, result, cache) -> None:
             result, args.eps, side=args.side, include_non_block=args.include_non_block, html_path=str(args.html)
         ),
     }
-    text = html_report(result, args.eps, provenance=provenance, settings=settings)
+    text = html_report(result, args.eps, provenance=provenance, settings=settings, cache=cache)
     try:
         atomic_write_text(args.html, text, private=False)
     except OSError as exc:

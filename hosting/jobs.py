@@ -34,6 +34,7 @@ from typing import Any
 from analysis import distributed
 from analysis.cache import SpectrumCache
 from analysis.errors import AnalysisCancelled, InputError
+from analysis.model_sparsity import add_whole_model_sparsity
 from analysis.pipeline import analyse_plan, cached_results, model_result
 from analysis.results import ModelResult
 from analysis.specs import SpecResolver
@@ -478,6 +479,12 @@ def comparison_job(
     With ``ray_address`` (``WSE_RAY_ADDRESS``) the pairs run as tasks on that Ray cluster
     instead (:mod:`analysis.distributed`): results are published as tasks finish, and a
     stop cancels the outstanding tasks.
+
+    A full fine-tune's result also gets its whole-model sparsity
+    (:func:`~analysis.model_sparsity.add_whole_model_sparsity`, as the command line's
+    report): it reads the tensors the analysis does not (norms, biases, embeddings), so only
+    where this runs in a worker process, not with ``ray_address`` (the web process drives
+    Ray), where the page counts the analysed matrices and says so.
     """
 
     def run(job: Job):
@@ -498,7 +505,10 @@ def comparison_job(
         ):
             matrices.append(result)
             job.publish(result)
-        return model_result(plan, matrices)
+        model = model_result(plan, matrices)
+        if not job.should_stop():  # the tensors beyond the analysed matrices: read here, in the worker, once
+            add_whole_model_sparsity(model, plan, settings, cache)
+        return model
 
     def _on_ray(job: Job, plan):
         distributed.connect(ray_address)
@@ -512,6 +522,6 @@ def comparison_job(
             should_stop=job.should_stop,
             on_result=lambda _, result: job.publish(result),
         )
-        return model_result(plan, matrices)
+        return model_result(plan, matrices)  # no whole-model count: this runs in the web process
 
     return run

@@ -6,7 +6,7 @@ import streamlit as st
 
 from analysis.results import DEFAULT_EPSILONS
 from charts import comparison, rl_measures, tables
-from ui import state, views
+from ui import runtime, state, views
 
 st.title("Intruder dimensions vs ε")
 selection, models = views.results()
@@ -49,7 +49,7 @@ names = {
 }
 epsilons = sorted({*DEFAULT_EPSILONS, round(eps, 2)})
 sweep = comparison.sweep_figure(models, k, epsilons, eps=eps, matrices=names)
-views.chart(rl_measures.add_chance_band(sweep, models), "intruders-vs-eps")
+views.chart(rl_measures.add_chance_band(sweep, models, runtime.spectrum_cache()), "intruders-vs-eps")
 st.caption(
     "Grey band: the chance level of an intruder score, the best |cos| a random direction reaches against the "
     "base's singular vectors (5-95% of a seeded simulation per matrix shape; dashed: median). At an ε in or "

@@ -23,13 +23,17 @@ def ref_unchanged_relative(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> in
 
 
 def ref_unchanged_absolute(w0: torch.Tensor, w1: torch.Tensor, atol: float) -> int:
-    """Mukherjee et al.: the bf16 difference (exact difference of the bf16 values, rounded to bf16)."""
+    """Mukherjee et al.: the bf16 difference (exact difference of the bf16 values, rounded to bf16).
+
+    Compared with ``atol`` rounded to bf16, as their code's ``torch.isclose`` on bf16 tensors does.
+    """
     count = 0
     a16 = w0.to(torch.bfloat16).double().reshape(-1).tolist()
     b16 = w1.to(torch.bfloat16).double().reshape(-1).tolist()
+    tolerance = float(torch.tensor(atol, dtype=torch.float64).to(torch.bfloat16))
     for a, b in zip(a16, b16, strict=True):
         difference = float(torch.tensor(b - a, dtype=torch.float64).to(torch.bfloat16))
-        count += abs(difference) <= atol
+        count += abs(difference) <= tolerance
     return count
 
 
@@ -92,6 +96,22 @@ def test_absolute_rule_matches_its_reference(dtype):
     w1[3] = w0[3] + 0.5
     for atol in (1e-5, 1e-3, 0.0):
         assert int(measures.unchanged_absolute(w0, w1, atol).sum()) == ref_unchanged_absolute(w0, w1, atol)
+
+
+def test_absolute_rule_compares_in_bf16_as_the_papers_code_does():
+    """``torch.isclose(delta, 0, atol=1e-5)`` on bf16 tensors (Mukherjee et al.'s check_sparsity.py) compares
+    against 1e-5 rounded to bf16, 1.0013580322265625e-05: a difference of exactly that is unchanged, the next
+    bf16 value up is not."""
+    at = torch.tensor(1e-5).to(torch.bfloat16)
+    assert float(at) == 1.0013580322265625e-05
+    above = (at.float() + 2.0**-24).to(torch.bfloat16)  # the next bf16 value up (one ulp at 2^-17 is 2^-24)
+    assert float(above) > float(at)
+    w0 = torch.zeros(3, dtype=torch.bfloat16)
+    w1 = torch.stack([at, above, -at])
+    official = torch.isclose(w1 - w0, torch.zeros_like(w0), atol=1e-5)  # the paper's code, verbatim
+    assert official.tolist() == [True, False, True]
+    assert measures.unchanged_absolute(w0, w1, 1e-5).tolist() == official.tolist()
+    assert ref_unchanged_absolute(w0, w1, 1e-5) == 2
 
 
 def test_elementwise_counts_in_chunks_match_the_whole(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from analysis.cache import SpectrumCache
 from analysis.compare import compare
 from analysis.pair_metrics import AnalysisSettings
+from analysis.report import to_report
 
 
 def _save(base: Path, out: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -100,3 +102,48 @@ def test_measures_computed_beside_the_spectra_equal_those_computed_alone(tiny_ll
         assert a.rl.counts == b.rl.counts
         assert np.array_equal(a.rl.angles_left, b.rl.angles_left)  # the same bytes either way
         assert np.array_equal(a.rl.angles_right, b.rl.angles_right)
+
+
+def _report_bytes(result) -> bytes:
+    return json.dumps(to_report(result), indent=2, allow_nan=False, default=str).encode()
+
+
+def test_a_fully_cached_run_reads_a_plans_measures_as_one_entry(tiny_llama, tiny_llama_full_ft, tmp_path, monkeypatch):
+    """Reading each pair's measures entry beside its pair entry doubled the files a cached run opens (the
+    cached report was 1.5x slower with the measures): a plan's measures are also one ``measures-set`` entry."""
+    fresh = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=None, device="cpu")
+    first = SpectrumCache(tmp_path)
+    compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=first, device="cpu")
+    n = len(fresh.models[0].matrices)
+    assert first.stats.computed == {"pair": n, "base": n, "base-top": n, "measures": n + 1}
+    assert len([p for p in first.entries() if p.parent.parent.name == "measures-set"]) == 1
+
+    read: list[str] = []
+    get = SpectrumCache.get
+    monkeypatch.setattr(SpectrumCache, "get", lambda self, kind, key: read.append(kind) or get(self, kind, key))
+    again = SpectrumCache(tmp_path)
+    cached = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=again, device="cpu")
+    assert again.stats.computed == {}
+    # n pair entries, the plan's measures in one, and the whole model's other tensors (a `measures` entry)
+    assert sorted(read) == sorted(["pair"] * n + ["measures-set", "measures"])
+    assert _report_bytes(cached) == _report_bytes(fresh)  # the same report, byte for byte
+
+    # Without the set (evicted, or a cache from before it), each pair's entry is read: the same bytes again.
+    for path in again.entries():
+        if path.parent.parent.name == "measures-set":
+            path.unlink()
+    read.clear()
+    alone = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=SpectrumCache(tmp_path), device="cpu")
+    assert read.count("measures") == n + 1 and read.count("measures-set") == 1  # looked for, missed, written again
+    assert _report_bytes(alone) == _report_bytes(fresh)
+    assert len([p for p in again.entries() if p.parent.parent.name == "measures-set"]) == 1
+
+
+def test_the_set_follows_every_matrix_and_setting(tiny_llama, tiny_llama_full_ft, tmp_path):
+    cache = SpectrumCache(tmp_path)
+    compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=cache, device="cpu")
+    other = AnalysisSettings(principal_k=4)
+    second = SpectrumCache(tmp_path)
+    result = compare(str(tiny_llama), [str(tiny_llama_full_ft)], cache=second, device="cpu", settings=other)
+    assert all(m.rl.k == 4 for m in result.models[0].matrices)  # another setting: not the stored set
+    assert len([p for p in second.entries() if p.parent.parent.name == "measures-set"]) == 2
