@@ -121,12 +121,13 @@ def sparsity_table(models: Sequence[ModelResult], base_label: str, k: int, eps: 
         whole = model.summary.get("whole_model_sparsity")
         if whole:
             relative, absolute = whole["sparsity_relative"], whole["sparsity_absolute"]
-            counted = f"{whole['parameters']:,} parameters: all comparable, 1-D included"
+            counted = f"{whole['parameters']:,} parameters: every comparable one, 1-D included"
         elif with_rl:
             total = sum(r.counts.total for r in with_rl)
             relative = sum(r.counts.unchanged_relative for r in with_rl) / total
             absolute = sum(r.counts.unchanged_absolute for r in with_rl) / total
-            counted = f"{total:,} parameters: the {len(with_rl)} analysed matrices"
+            what = "adapted matrices (merged update)" if model.kind == "adapter" else "analysed matrices only"
+            counted = f"{total:,} parameters: the {len(with_rl)} {what}"
         else:
             relative = absolute = None
             counted = "not computed"
@@ -150,6 +151,37 @@ def sparsity_table(models: Sequence[ModelResult], base_label: str, k: int, eps: 
             }
         )
     return pd.DataFrame(rows)
+
+
+def counted_notes(models: Sequence[ModelResult]) -> list[str]:
+    """What each fine-tune's update sparsity counts, in the command line report's words (one line each).
+
+    A full fine-tune's whole-model figure says which parameters it counts (``counts`` of
+    :func:`analysis.model_sparsity.whole_model_sparsity`); an adapter's counts its adapted
+    matrices, the merged update ``W0 + BA`` of each, as the command line's report does
+    (an adapter's whole model is not counted there either).
+    """
+    notes = []
+    for label, model in zip(model_labels(models), models, strict=True):
+        whole = model.summary.get("whole_model_sparsity")
+        with_rl = [m.rl for m in model.matrices if m.rl is not None]
+        if whole:
+            notes.append(f"{label}: {whole['counts']}.")
+        elif not with_rl:
+            notes.append(f"{label}: not computed (the measures are off).")
+        elif model.kind == "adapter":
+            notes.append(
+                f"{label}: the {len(with_rl)} adapted matrices only, each as its merged update W₀ + BA "
+                "(its whole model is not counted, as in the command line's report: outside the adapted modules "
+                "the merged model is the base, except modules the adapter saves whole (PEFT's modules_to_save), "
+                "which are not read)."
+            )
+        else:
+            notes.append(
+                f"{label}: the {len(with_rl)} analysed matrices only (the whole-model count, every comparable "
+                "parameter, is added when the analysis has finished)."
+            )
+    return notes
 
 
 def _median(values: Sequence[float | None]) -> float | None:

@@ -117,11 +117,11 @@ class WorkerJob:
 def portable_plan(plan: Any) -> Any:
     """``plan`` as the web process needs it.
 
-    A comparison plan without its matrices' loaders (closures over open files, which
-    neither pickle nor belong in the web process).
+    A comparison plan without its matrices' loaders and its opened models (closures over
+    open files, which neither pickle nor belong in the web process).
     """
     if dataclasses.is_dataclass(plan) and hasattr(plan, "matrices"):
-        return dataclasses.replace(plan, matrices=[])
+        return dataclasses.replace(plan, matrices=[], **({"sources": None} if hasattr(plan, "sources") else {}))
     return plan
 
 

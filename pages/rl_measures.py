@@ -26,6 +26,7 @@ base_label = runtime.resolver().label(selection.base) if selection.base else "ba
 st.subheader("Per fine-tune (the shape of Zhu et al. Table 1)")
 views.chart(rl_measures.sparsity_figure(models, base_label, k, eps), "rl-sparsity")
 views.table(rl_tables.sparsity_table(models, base_label, k, eps), "rl-measures")
+st.caption("**Parameters counted.** " + " ".join(rl_tables.counted_notes(models)))
 
 st.subheader("Per matrix")
 metric = state.widget(

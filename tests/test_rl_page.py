@@ -30,12 +30,15 @@ def test_rl_page_shows_the_engines_measures(cache_dir: Path, tiny_bert: Path, ti
     assert not at.exception, [e.value for e in at.exception]
     assert [t.value for t in at.title] == ["RL vs SFT measures"]
     table = at.dataframe[0].value
-    expected = (
-        100
-        * sum(m.rl.counts.unchanged_relative for m in engine.matrices)
-        / sum(m.rl.counts.total for m in engine.matrices)
-    )
-    assert table["sparsity_pct"].iloc[0] == pytest.approx(round(expected, 2))
+    # The whole-model figure, as the command line's report has it (computed in the worker job): every
+    # comparable parameter, the 1-D ones included, not only the analysed matrices'.
+    whole = engine.summary["whole_model_sparsity"]
+    assert whole["other_tensors"] > 0 and whole["parameters"] > sum(m.rl.counts.total for m in engine.matrices)
+    assert table["sparsity_pct"].iloc[0] == pytest.approx(round(100 * whole["sparsity_relative"], 2))
+    assert table["sparsity_abs_pct"].iloc[0] == pytest.approx(round(100 * whole["sparsity_absolute"], 2))
+    assert table["counts"].iloc[0] == f"{whole['parameters']:,} parameters: every comparable one, 1-D included"
+    said = " ".join(c.value for c in at.caption)
+    assert whole["counts"] in said  # which parameters, in the report's words
     figs = figures(at)
     grid = next(f for f in figs if f.data and f.data[0].type == "heatmap")
     values = np.asarray(grid.data[0].z, dtype=float)
