@@ -166,12 +166,21 @@ class FingerprintIndex:
         """:func:`tensor_digest` of tensor ``name`` of ``file``; ``load()`` reads it if unknown."""
         return self._digest(self._version(Path(file)), name, load)
 
-    def digests(self, file: Path | str, names: list[str], load: Callable[[str], torch.Tensor]) -> list[str]:
+    def digests(
+        self, file: Path | str, names: list[str], load: Callable[[str], torch.Tensor] | None
+    ) -> list[str | None]:
         """:meth:`digest` of each of ``names`` of one ``file`` (``load(name)`` reads one), the file looked at once.
 
-        For many tensors of a file at once: one ``stat`` where :meth:`digest` makes one per tensor.
+        For many tensors of a file at once: one ``stat`` where :meth:`digest` makes one per
+        tensor. ``load=None``: what :meth:`known` says of each (``None`` for one not held), nothing read.
         """
         version = self._version(Path(file))
+        if load is None:
+            with self._lock:
+                known = self._known.get(version)
+                if known is None or any(name not in known for name in names):
+                    known = self._known[version] = self._read(version) | (known or {})
+                return [known.get(name) for name in names]
         return [self._digest(version, name, lambda name=name: load(name)) for name in names]
 
     def _digest(self, version: str, name: str, load: Callable[[], torch.Tensor]) -> str:

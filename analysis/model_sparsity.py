@@ -25,8 +25,15 @@ from analysis.update_measures import measures_key
 
 
 def whole_model_sparsity(
-    base: WeightSource, tuned: WeightSource, model: ModelResult, eta: float, atol: float, cache=None
-) -> dict:
+    base: WeightSource,
+    tuned: WeightSource,
+    model: ModelResult,
+    eta: float,
+    atol: float,
+    cache=None,
+    *,
+    cached_only: bool = False,
+) -> dict | None:
     """The sparsity of every comparable parameter of a full fine-tune, and what was counted.
 
     ``model``'s matrices (with their measures) supply the analysed weights' counts; every
@@ -35,11 +42,15 @@ def whole_model_sparsity(
     are one ``measures`` entry keyed by the content of every tensor that decides them (the
     base's skipped tensors and all of the fine-tune's, names and digests, from the
     fingerprint index), so a run whose counts are cached reads no weights and pairs no
-    names. Returns a JSON-ready dict.
+    names. Returns a JSON-ready dict; with ``cached_only``, ``None`` when the counts are not
+    stored (nothing is read or hashed then).
     """
     analysed = [m for m in model.matrices if m.rl is not None]
     skipped = [entry["name"] for entry in model.skipped]
-    found, others = _other_counts(base, tuned, skipped, eta, atol, cache)
+    stored = _other_counts(base, tuned, skipped, eta, atol, cache, cached_only)
+    if stored is None:
+        return None
+    found, others = stored
     left_out = len(skipped) - others
     counted = [(m.rl.counts.total, m.rl.counts.unchanged_relative, m.rl.counts.unchanged_absolute) for m in analysed]
     analysed_parameters = sum(row[0] for row in counted)
@@ -75,11 +86,12 @@ def _comparable(base: WeightSource, tuned: WeightSource, skipped: list[str]) -> 
 
 
 def _other_counts(
-    base: WeightSource, tuned: WeightSource, skipped: list[str], eta: float, atol: float, cache
-) -> tuple[torch.Tensor, int]:
+    base: WeightSource, tuned: WeightSource, skipped: list[str], eta: float, atol: float, cache, cached_only: bool
+) -> tuple[torch.Tensor, int] | None:
     """``(total, unchanged by Eq. 1, unchanged by the absolute rule)`` per comparable tensor pair, and their number.
 
-    With a cache: one ``measures`` entry for them all (:func:`_key`).
+    With a cache: one ``measures`` entry for them all (:func:`_key`); ``cached_only``: that
+    entry or ``None``.
     """
 
     def compute() -> tuple[torch.Tensor, int]:
@@ -92,22 +104,27 @@ def _other_counts(
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), len(comparable)
 
     if cache is None:
-        return compute()
-    key = _key(base, tuned, skipped, f"elementwise,eta={eta!r},atol={atol!r}", cache)
-    entry = cache.lookup("measures", key)
+        return None if cached_only else compute()
+    key = _key(base, tuned, skipped, f"elementwise,eta={eta!r},atol={atol!r}", cache, cached_only)
+    entry = None if key is None else cache.lookup("measures", key)
     if entry is not None:
         return entry[0]["counts"], int(entry[1]["other_tensors"])
+    if cached_only:
+        return None
     found, others = compute()
     cache.store("measures", key, {"counts": found}, {"other_tensors": others})
     return found, others
 
 
-def _key(base: WeightSource, tuned: WeightSource, skipped: list[str], signature: str, cache) -> str:
+def _key(
+    base: WeightSource, tuned: WeightSource, skipped: list[str], signature: str, cache, cached_only: bool
+) -> str | None:
     """The whole-model ``measures`` entry's key: names and digests of the tensors that decide the counts.
 
     Those of the base's skipped tensors and of every tensor of the fine-tune (which of them
     pair, with which shapes, follows from those), and the rule. Digests come from the
-    fingerprint index, each file looked at once (:meth:`FingerprintIndex.digests`).
+    fingerprint index, each file looked at once (:meth:`FingerprintIndex.digests`); with
+    ``cached_only``, ``None`` when one is not held there (nothing is read).
     """
     sides = []
     for source, names in ((base, skipped), (tuned, sorted(tuned.names()))):
@@ -116,25 +133,36 @@ def _key(base: WeightSource, tuned: WeightSource, skipped: list[str], signature:
             by_file.setdefault(str(source.file(name)), []).append(name)
         digests = {}
         for file, group in by_file.items():
-            digests.update(zip(group, cache.fingerprints.digests(file, group, source.load), strict=True))
+            found = cache.fingerprints.digests(file, group, None if cached_only else source.load)
+            if None in found:
+                return None
+            digests.update(zip(group, found, strict=True))
         sides.append(";".join(f"{name}={digests[name]}" for name in names))
     return measures_key("whole-model", "\x1f".join(sides), signature)
 
 
-def add_whole_model_sparsity(model: ModelResult, plan: ComparisonPlan, settings, cache) -> None:
+def add_whole_model_sparsity(
+    model: ModelResult, plan: ComparisonPlan, settings, cache, *, cached_only: bool = False
+) -> bool:
     """``model.summary["whole_model_sparsity"]`` (:func:`whole_model_sparsity`) for the full fine-tune ``plan`` planned.
 
     Uses the models the plan opened (:attr:`~analysis.plan.ComparisonPlan.sources`: headers
     read once; tensors only when their counts are not cached). ``settings`` is the
     comparison's ``AnalysisSettings``; nothing happens when its measures are off or the
-    fine-tune is an adapter.
+    fine-tune is an adapter. ``cached_only``: from the cache alone (nothing read or hashed);
+    returns false when the counts are not stored there (true otherwise).
     """
     if not settings.measures or model.kind != "full" or plan.sources is None:
-        return
+        return True
     base_source, tuned_source = plan.sources
-    if isinstance(base_source, WeightSource) and isinstance(tuned_source, WeightSource):
-        model.summary["whole_model_sparsity"] = whole_model_sparsity(
-            base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol, cache
-        )
-        if cache is not None:
-            cache.fingerprints.flush()
+    if not (isinstance(base_source, WeightSource) and isinstance(tuned_source, WeightSource)):
+        return True
+    whole = whole_model_sparsity(
+        base_source, tuned_source, model, settings.sparsity_eta, settings.sparsity_atol, cache, cached_only=cached_only
+    )
+    if whole is None:
+        return False
+    model.summary["whole_model_sparsity"] = whole
+    if cache is not None and not cached_only:
+        cache.fingerprints.flush()
+    return True

@@ -448,9 +448,13 @@ def cached_comparison(resolver: SpecResolver, base: str, tuned: str, *, settings
     try:
         plan = resolver.plan(base, tuned)
         matrices = cached_results(plan, settings, cache)
+        if matrices is None:
+            return None
+        model = model_result(plan, matrices)
+        # A full fine-tune's whole-model sparsity too, as its job adds it: only if stored (else the job counts it).
+        return model if add_whole_model_sparsity(model, plan, settings, cache, cached_only=True) else None
     except (InputError, OSError):
         return None
-    return None if matrices is None else model_result(plan, matrices)
 
 
 def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from analysis.cache import SpectrumCache
+from analysis.compare import compare
+from analysis.model_sparsity import add_whole_model_sparsity
 from analysis.pair_metrics import AnalysisSettings
 from analysis.pipeline import analyse_plan, cached_results, model_result
 from analysis.report import to_report
@@ -121,9 +123,14 @@ def test_cached_comparison_only_for_models_on_this_machine(models, tmp_path) -> 
     cache = SpectrumCache(tmp_path / "spectra")
     base, full = str(models["base"]), str(models["full"])
     assert cached_comparison(resolver, base, full, settings=SETTINGS, cache=cache) is None  # not analysed yet
-    list(analyse_plan(resolver.plan(base, full), settings=SETTINGS, cache=cache))
+    plan = resolver.plan(base, full)
+    model = model_result(plan, list(analyse_plan(plan, settings=SETTINGS, cache=cache)))
+    # The matrices alone are not the whole comparison: its job also counts the whole model's sparsity.
+    assert cached_comparison(resolver, base, full, settings=SETTINGS, cache=cache) is None
+    add_whole_model_sparsity(model, plan, SETTINGS, cache)
     found = cached_comparison(resolver, base, full, settings=SETTINGS, cache=cache)
     assert found is not None and found.source == full and found.matrices
+    assert found.summary["whole_model_sparsity"] == model.summary["whole_model_sparsity"]
     # A hub id is resolved online by its job, never here; bad and missing names give None too.
     assert cached_comparison(resolver, base, "some-org/some-model", settings=SETTINGS, cache=cache) is None
     assert cached_comparison(resolver, base, str(tmp_path / "nowhere"), settings=SETTINGS, cache=cache) is None
@@ -131,6 +138,17 @@ def test_cached_comparison_only_for_models_on_this_machine(models, tmp_path) -> 
     # Local paths off (a hosted server): the same folders are not read.
     hosted = SpecResolver(allow_local_paths=False)
     assert cached_comparison(hosted, base, full, settings=SETTINGS, cache=cache) is None
+
+
+def test_the_whole_model_sparsity_is_read_as_the_report_counted_it(models, tmp_path) -> None:
+    """The command line's report stored every count: a page reads the same whole-model figure, hashing nothing."""
+    base, full = str(models["base"]), str(models["full"])
+    report = compare(base, [full], cache=SpectrumCache(tmp_path / "spectra"), device="cpu").models[0]
+    fresh = SpectrumCache(tmp_path / "spectra")
+    found = cached_comparison(SpecResolver(allow_local_paths=True), base, full, settings=SETTINGS, cache=fresh)
+    assert found is not None and fresh.fingerprints.hashed == 0
+    whole = report.summary["whole_model_sparsity"]
+    assert whole["other_tensors"] > 0 and found.summary["whole_model_sparsity"] == whole
 
 
 def test_a_finished_job_is_joined_like_a_computed_one() -> None:
