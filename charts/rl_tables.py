@@ -171,10 +171,9 @@ def counted_notes(models: Sequence[ModelResult]) -> list[str]:
             notes.append(f"{label}: not computed (the measures are off).")
         elif model.kind == "adapter":
             notes.append(
-                f"{label}: the {len(with_rl)} adapted matrices only, each as its merged update W₀ + BA "
-                "(its whole model is not counted, as in the command line's report: outside the adapted modules "
-                "the merged model is the base, except modules the adapter saves whole (PEFT's modules_to_save), "
-                "which are not read)."
+                f"{label}: the {len(with_rl)} matrices the adapter changes only, each as its merged update "
+                "(W₀ + scale·BA); an adapter's whole model is not counted, as in the command line's report "
+                "(its other tensors are the base's own)."
             )
         else:
             notes.append(

@@ -448,11 +448,9 @@ def cached_comparison(resolver: SpecResolver, base: str, tuned: str, *, settings
     try:
         plan = resolver.plan(base, tuned)
         matrices = cached_results(plan, settings, cache)
-        if matrices is None:
-            return None
-        model = model_result(plan, matrices)
-        # A full fine-tune's whole-model sparsity too, as its job adds it: only if stored (else the job counts it).
-        return model if add_whole_model_sparsity(model, plan, settings, cache, cached_only=True) else None
+        model = None if matrices is None else model_result(plan, matrices)
+        # and a full fine-tune's whole-model sparsity, as its job adds it: if stored (else the job counts it)
+        return model if model and add_whole_model_sparsity(model, plan, settings, cache, cached_only=True) else None
     except (InputError, OSError):
         return None
 
@@ -483,12 +481,8 @@ def comparison_job(
     With ``ray_address`` (``WSE_RAY_ADDRESS``) the pairs run as tasks on that Ray cluster
     instead (:mod:`analysis.distributed`): results are published as tasks finish, and a
     stop cancels the outstanding tasks.
-
-    A full fine-tune's result also gets its whole-model sparsity
-    (:func:`~analysis.model_sparsity.add_whole_model_sparsity`, as the command line's
-    report): it reads the tensors the analysis does not (norms, biases, embeddings), so only
-    where this runs in a worker process, not with ``ray_address`` (the web process drives
-    Ray), where the page counts the analysed matrices and says so.
+    A full fine-tune also gets its whole-model sparsity (as the CLI report), which reads more tensors:
+    in a worker process only, so not with ``ray_address`` (then the page counts the analysed matrices).
     """
 
     def run(job: Job):
