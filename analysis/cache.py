@@ -206,7 +206,25 @@ class FingerprintIndex:
         Never reads the tensor. A name this process has not seen is looked up on disk again
         (another process, a worker, may have hashed it since).
         """
-        version = self._version(Path(file))
+        return self._known_at(self._version(Path(file)), name)
+
+    def known_reader(self) -> Callable[[Path | str, str], str | None]:
+        """:meth:`known` for many tensors at one moment: each file looked at once, then remembered by the reader.
+
+        For a whole plan's digests before it runs (one ``stat`` per file, not per tensor); a
+        reader is for one such look, not to be kept.
+        """
+        versions: dict[str, str] = {}
+
+        def read(file: Path | str, name: str) -> str | None:
+            version = versions.get(str(file))
+            if version is None:
+                version = versions[str(file)] = self._version(Path(file))
+            return self._known_at(version, name)
+
+        return read
+
+    def _known_at(self, version: str, name: str) -> str | None:
         with self._lock:
             known = self._known.get(version)
             if known is None or name not in known:

@@ -185,8 +185,10 @@ def _plan_digests(plan, cache: SpectrumCache) -> list[tuple[str, str]] | None:
     if any(m.digests is None for m in plan.matrices):
         return None
 
+    reader = cache.fingerprints.known_reader()
+
     def known(file, name, load):
-        found = cache.fingerprints.known(file, name)
+        found = reader(file, name)
         if found is None:
             raise _Unknown(name)
         return found

@@ -7,7 +7,8 @@ default) against the analysis without them (``measures=False``), on
   cache folder that holds the built demo), the report as the command line makes it (compare,
   then the JSON report's bytes): cold (empty cache), a cache written before the measures
   (pairs and bases cached, measures not), and fully cached -- the last timed in ``--rounds``
-  alternating rounds, each round's ratio printed (the noise of a shared machine shows in them);
+  alternating rounds, each round's ratio printed for the analysis and for the whole report
+  (the noise of a shared machine shows in them);
 - one 7B-shaped matrix (4096 x 11008, Llama-2-7B's ``down_proj`` transposed... as
   ``gate_proj``: ``out x in`` = 11008 x 4096), bf16-valued, with an RL-like sparse update:
   cold (no cache) and fully cached.
@@ -45,16 +46,19 @@ def _timed(run) -> float:
     return time.perf_counter() - start
 
 
-def _report(settings: AnalysisSettings, folder: Path) -> bytes:
-    """The cached report as the command line makes it: compare (a fresh cache object, as a new process
-    opens it) and the JSON report's bytes."""
+def _report(settings: AnalysisSettings, folder: Path) -> tuple[float, float]:
+    """Seconds of the cached report as the command line makes it: the analysis (compare, a fresh cache
+    object as a new process opens it), then the JSON report's bytes (``write_report``'s ``json.dumps``)."""
+    start = time.perf_counter()
     result = compare("demo:base", ["demo:full-ft"], cache=SpectrumCache(folder), device="cpu", settings=settings)
-    return json.dumps(to_report(result), indent=2, sort_keys=True).encode()
+    analysed = time.perf_counter()
+    json.dumps(to_report(result), indent=2, allow_nan=False, default=str).encode()
+    return analysed - start, time.perf_counter() - analysed
 
 
-def demo_rows(repeat: int, rounds: int) -> tuple[list[tuple[str, float, float]], list[float]]:
+def demo_rows(repeat: int, rounds: int) -> tuple[list[tuple[str, float, float]], dict[str, list[float]]]:
     """(scenario, seconds without the measures, seconds with them) on the demo's full fine-tune, and the
-    fully cached report's ratio (with / without) in each of ``rounds`` alternating rounds."""
+    fully cached run's ratios (with / without) of the analysis and of the whole report, per alternating round."""
     rows = []
     for scenario in ("cold", "cache from before the measures"):
         best = {}
@@ -63,27 +67,31 @@ def demo_rows(repeat: int, rounds: int) -> tuple[list[tuple[str, float, float]],
             try:
                 if scenario != "cold":
                     compare("demo:base", ["demo:full-ft"], cache=SpectrumCache(folder), device="cpu", settings=OFF)
-                seconds = _timed(lambda s=settings, f=folder: _report(s, f))
+                seconds = sum(_report(settings, folder))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             best[settings.measures] = min(best.get(settings.measures, float("inf")), seconds)
-        rows.append((f"demo full-ft, {scenario}", best[False], best[True]))
+        rows.append((f"demo full-ft, {scenario} (report)", best[False], best[True]))
         print(rows[-1], flush=True)
     # Fully cached: one cache holding both analyses' entries, the two timed in turn, round after round.
     folder = Path(tempfile.mkdtemp(prefix="wse-rl-bench-"))
     try:
         _report(ON, folder)
         _report(ON, folder)  # the second run writes what the first read per pair (the plan's measures-set)
-        times: dict[bool, list[float]] = {False: [], True: []}
+        times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         for _ in range(rounds):
             for settings in (OFF, ON):
-                times[settings.measures].append(_timed(lambda s=settings: _report(s, folder)))
+                times[settings.measures].append(_report(settings, folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    ratios = [on / off for off, on in zip(times[False], times[True], strict=True)]
-    off, on = statistics.median(times[False]), statistics.median(times[True])
-    rows.append(("demo full-ft, fully cached (median)", off, on))
-    print(rows[-1], "ratios", [round(r, 2) for r in ratios], flush=True)
+    ratios = {"analysis": [], "report": []}
+    for (off_a, off_j), (on_a, on_j) in zip(times[False], times[True], strict=True):
+        ratios["analysis"].append(on_a / off_a)
+        ratios["report"].append((on_a + on_j) / (off_a + off_j))
+    for what, pick in (("analysis", lambda t: t[0]), ("report", sum)):
+        off, on = (statistics.median(map(pick, times[m])) for m in (False, True))
+        rows.append((f"demo full-ft, fully cached ({what}, median)", off, on))
+        print(rows[-1], "ratios", [round(r, 2) for r in ratios[what]], flush=True)
     return rows, ratios
 
 
@@ -125,15 +133,15 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows, ratios = ([], []) if args.skip_demo else demo_rows(args.repeat, args.rounds)
+    rows, ratios = ([], {}) if args.skip_demo else demo_rows(args.repeat, args.rounds)
     rows += [] if args.skip_7b else seven_b_rows(args.repeat)
     lines = ["| scenario | without measures (s) | with measures (s) | ratio |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {off:.3f} | {on:.3f} | {on / off:.2f} |" for name, off, on in rows]
-    if ratios:
-        quartiles = statistics.quantiles(ratios, n=4)
-        lines += ["", f"Fully cached report, with / without the measures, {len(ratios)} alternating rounds: "
-                  f"median {statistics.median(ratios):.2f} (quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}; "
-                  f"each: {', '.join(f'{r:.2f}' for r in ratios)})"]  # fmt: skip
+    for what, each in ratios.items():
+        quartiles = statistics.quantiles(each, n=4)
+        lines += ["", f"Fully cached {what}, with / without the measures, {len(each)} alternating rounds: "
+                  f"median {statistics.median(each):.2f} (quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}; "
+                  f"each: {', '.join(f'{r:.2f}' for r in each)})"]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.out:
