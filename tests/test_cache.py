@@ -128,3 +128,23 @@ def test_keys_are_validated(tmp_path):
         cache.path_for("base", "../../etc/passwd")
     with pytest.raises(ValueError):
         cache.path_for("../x", "ab")
+
+
+def test_many_digests_of_one_file_look_at_it_once(tmp_path, monkeypatch):
+    """``digests`` and ``known_reader`` (a plan's digests before it runs, a model's other tensors) give what
+    ``digest`` and ``known`` give, with one ``stat`` of the file instead of one per tensor."""
+    from analysis import cache as cache_module
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x")
+    tensors = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    index = SpectrumCache(tmp_path / "c").fingerprints
+    stats = []
+    stat = cache_module.os.stat
+    monkeypatch.setattr(cache_module.os, "stat", lambda path, *a, **k: stats.append(path) or stat(path, *a, **k))
+    assert index.digests(weights, ["t0", "t1"], None) == [None, None]  # nothing read without a loader
+    found = index.digests(weights, list(tensors), tensors.__getitem__)
+    assert found == [tensor_digest(t) for t in tensors.values()] and len(stats) == 2
+    read = index.known_reader()
+    assert [read(weights, name) for name in [*tensors, "other"]] == [*found, None] and len(stats) == 3
+    assert [index.known(weights, name) for name in tensors] == found and len(stats) == 8
