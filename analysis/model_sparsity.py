@@ -68,7 +68,7 @@ def whole_model_sparsity(
             f"every parameter of the base that the fine-tune holds with the same name and shape: "
             f"{len(analysed)} analysed matrices ({analysed_parameters} parameters) and {others} other "
             f"tensors ({other_parameters} parameters: 1-D norms and biases, embeddings, heads); "
-            f"{left_out} tensors left out (on one side only or of another shape)"
+            f"{left_out} tensor{'' if left_out == 1 else 's'} left out (on one side only or of another shape)"
         ),
         "other_tensors": others,
         "left_out_tensors": left_out,
