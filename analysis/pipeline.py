@@ -142,8 +142,7 @@ def _prepare(
     digest = cache.fingerprints.digest if cache is not None else None
     if cached_only:
         digest = partial(_known_digest, cache)
-    stored = plan.digests is not None and digest is not None
-    digests = known[0] if known else plan.digests(digest) if stored else None
+    digests = known[0] if known else plan.digests(digest) if plan.digests is not None and digest is not None else None
     if digests is None:
         base, tuned = plan.load_base(), plan.load_tuned()
         digests = (tensor_digest(base), tensor_digest(tuned.weight))
