@@ -15,18 +15,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
 from analysis import update_measures
-from analysis.cache import Entry, SpectrumCache, tensor_digest
-from analysis.errors import AnalysisCancelled, InputError
+from analysis.cache import Entry, SpectrumCache
+from analysis.errors import AnalysisCancelled
 from analysis.grouping import group_matrices
 from analysis.linalg import Spectrum, decompose_many, default_method, low_rank_spectrum, resolve_device
 from analysis.pair_metrics import AnalysisSettings, matrix_result, pair_metrics
-from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
+from analysis.pairs import NotCached, Pair, base_entry, base_from_entry, prepare, stored_base_spectrum
+from analysis.plan import ComparisonPlan, MatrixPlan, TunedMatrix
 from analysis.results import MatrixResult, ModelResult
 from analysis.scheduler import (
     DEFAULT_MEMORY_BUDGET,
@@ -66,138 +66,16 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-@dataclass
-class _Pair:
-    """One matrix pair on its way through the pipeline: keys first, weights if needed."""
-
-    plan: MatrixPlan
-    pair_key: str
-    base_key: str
-    result: MatrixResult | None = None  # found in the pair cache: nothing to load or compute
-    base: torch.Tensor | None = None  # oriented for ``settings.side``
-    tuned: TunedMatrix | None = None
-    base_spectrum: Spectrum | None = None  # found in the base cache
-    # The RL-versus-SFT measures' entry (analysis.update_measures): its key (None: not
-    # wanted), the base's top-k entry, and the entry once found or computed.
-    measures_key: str | None = None
-    base_top_key: str | None = None
-    measures: Entry | None = None
-    # Runs a cache write: at once, or later on a writer thread (:class:`BackgroundWriter`).
-    write: Callable[[Callable[[], None]], None] | None = None
-
-
-def stored_base_spectrum(spectrum: Spectrum) -> Spectrum:
-    """A base spectrum as it is cached: all left singular vectors and values, nothing else.
-
-    The vectors are kept in float16 (2 bytes per element; an intruder score moves by at
-    most ``2^-11``, inside the 1e-3 that counts are checked at), the values in float32.
-    A freshly computed base spectrum is rounded the same way before use, so a result does
-    not depend on whether its base came from the cache.
-    """
-    return Spectrum(spectrum.values.float(), left=spectrum.left().to(torch.float16))
-
-
-def _base_entry(spectrum: Spectrum) -> dict[str, torch.Tensor]:
-    return {"U": spectrum.left(), "S": spectrum.values}
-
-
-def _base_from_entry(tensors: dict[str, torch.Tensor], device: torch.device) -> Spectrum:
-    return Spectrum(tensors["S"].to(device), left=tensors["U"].to(device))
-
-
-def _base_spectrum(pair: _Pair, fresh: Spectrum | None, device: torch.device, cache: SpectrumCache | None) -> Spectrum:
+def _base_spectrum(pair: Pair, fresh: Spectrum | None, device: torch.device, cache: SpectrumCache | None) -> Spectrum:
     """The pair's base spectrum as stored: the cached one, or ``fresh`` rounded and cached."""
     if fresh is None:
         assert pair.base_spectrum is not None
-        return _base_from_entry(_base_entry(pair.base_spectrum), device)
+        return base_from_entry(base_entry(pair.base_spectrum), device)
     stored = stored_base_spectrum(fresh)
     if cache is not None:
-        entry = _base_entry(stored)
+        entry = base_entry(stored)
         (pair.write or run_now)(lambda: cache.store("base", pair.base_key, entry))
     return stored
-
-
-def _prepare(
-    plan: MatrixPlan,
-    settings: AnalysisSettings,
-    cache: SpectrumCache | None,
-    source: str | None = None,
-    base_source: str | None = None,
-    *,
-    pin: bool = False,
-    cached_only: bool = False,
-    known: tuple[tuple[str, str], Entry | None] | None = None,
-) -> _Pair:
-    """Keys of a pair, then the cached result, or else the weights and cached base spectrum.
-
-    ``source`` (the fine-tune as the user gave it) is named in errors about the weights'
-    values, beside the matrix; without it the matrix alone is named. ``pin``: copy the
-    weights into page-locked host memory (for CUDA: the copy to the device then runs at
-    full speed, issue 13 measured 7x a pageable copy), here on the reader thread.
-    ``cached_only``: read nothing but the cache (:func:`cached_results`): a digest not in the
-    fingerprint index raises :class:`NotCached`, and the pair comes back without weights.
-    ``known``: its digests and ``measures`` entry found before the plan ran (:func:`update_measures.read_set`).
-    """
-    base = tuned = None
-    digest = cache.fingerprints.digest if cache is not None else None
-    if cached_only:
-        digest = partial(_known_digest, cache)
-    digests = known[0] if known else plan.digests(digest) if plan.digests is not None and digest is not None else None
-    if digests is None:
-        base, tuned = plan.load_base(), plan.load_tuned()
-        digests = (tensor_digest(base), tensor_digest(tuned.weight))
-    base_digest, tuned_digest = digests
-    pair = _Pair(
-        plan,
-        pair_key=SpectrumCache.key(
-            "pair", base_digest, tuned_digest, settings.signature(), f"adapter_rank={plan.adapter_rank}"
-        ),
-        base_key=SpectrumCache.key("base-left", base_digest, f"side={settings.side}"),
-    )
-    if settings.measures:
-        pair.measures_key = update_measures.measures_key(base_digest, tuned_digest, settings.measure_signature())
-        pair.base_top_key = update_measures.base_top_key(base_digest, settings.principal_k, settings.side)
-    if cache is not None:
-        entry = cache.lookup("pair", pair.pair_key)
-        if pair.measures_key is not None:
-            pair.measures = (known and known[1]) or cache.lookup("measures", pair.measures_key)
-        if entry is not None:
-            pair.result = matrix_result(plan, *entry)
-            if pair.measures_key is None or pair.measures is not None:
-                pair.result.rl = None if pair.measures is None else update_measures.from_entry(*pair.measures)
-                return pair
-            # The pair is cached but not its measures: load the weights for them alone.
-    if cached_only:
-        return pair
-    if base is None or tuned is None:
-        base, tuned = plan.load_base(), plan.load_tuned()
-    for which, weight, owner in (("base", base, base_source), ("fine-tuned", tuned.weight, source)):
-        if not _all_finite(weight):
-            # Blamed on the model that holds it: a NaN in the base is the base's problem.
-            problem = f"the {which} weight holds NaN or infinite values (diverged training or a corrupt file?)"
-            raise InputError(plan.name, problem) if owner is None else InputError(owner, f"{plan.name}: {problem}")
-    if settings.side == "right":
-        base, tuned = base.transpose(0, 1), _transposed(tuned)
-    if pin:
-        base, tuned = base.pin_memory(), TunedMatrix(tuned.weight.pin_memory(), tuned.low_rank)
-    pair.base, pair.tuned = base, tuned
-    if cache is not None:
-        entry = cache.lookup("base", pair.base_key)
-        if entry is not None:
-            pair.base_spectrum = _base_from_entry(entry[0], torch.device("cpu"))
-    return pair
-
-
-class NotCached(Exception):
-    """:func:`cached_results` met something the cache does not hold."""
-
-
-def _known_digest(cache: SpectrumCache, file, name: str, load) -> str:
-    """The fingerprint index's digest of a stored tensor; :class:`NotCached` if it has none."""
-    found = cache.fingerprints.known(file, name)
-    if found is None:
-        raise NotCached(name)
-    return found
 
 
 def cached_results(plan: ComparisonPlan, settings: AnalysisSettings, cache: SpectrumCache) -> list[MatrixResult] | None:
@@ -213,7 +91,7 @@ def cached_results(plan: ComparisonPlan, settings: AnalysisSettings, cache: Spec
     results = []
     try:
         for matrix in plan.matrices:
-            pair = _prepare(matrix, settings, cache, plan.tuned_label, plan.base_label, cached_only=True)
+            pair = prepare(matrix, settings, cache, plan.tuned_label, plan.base_label, cached_only=True)
             if pair.result is None or (pair.measures_key is not None and pair.result.rl is None):
                 return None
             results.append(pair.result)
@@ -222,25 +100,8 @@ def cached_results(plan: ComparisonPlan, settings: AnalysisSettings, cache: Spec
     return results
 
 
-def _all_finite(weight: torch.Tensor) -> bool:
-    """No NaN or infinity in ``weight``.
-
-    NumPy's check on a CPU float tensor: 0.05 ms for 384 x 1536, where
-    ``torch.isfinite(w).all()`` takes 1.2 ms (it builds temporaries).
-    """
-    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64):
-        return bool(np.isfinite(weight.detach().numpy()).all())
-    return bool(torch.isfinite(weight).all())
-
-
-def _transposed(tuned: TunedMatrix) -> TunedMatrix:
-    lr = tuned.low_rank
-    flipped = None if lr is None else LowRankDelta(lr.A.transpose(0, 1), lr.B.transpose(0, 1), lr.scale)
-    return TunedMatrix(tuned.weight.transpose(0, 1), flipped)
-
-
 def _compute_on(
-    pair: _Pair,
+    pair: Pair,
     settings: AnalysisSettings,
     device: torch.device,
     method: str,
@@ -252,7 +113,7 @@ def _compute_on(
 
 
 def _compute_group(
-    pairs: Sequence[_Pair],
+    pairs: Sequence[Pair],
     settings: AnalysisSettings,
     device: torch.device,
     method: str,
@@ -262,7 +123,7 @@ def _compute_group(
     """The results of same-shaped pairs, from the cache or computed together.
 
     One pair but for the ``eig`` method, see :func:`~analysis.grouping.group_matrices`.
-    Those :func:`_prepare` found in the cache are read, the others computed together
+    Those :func:`~analysis.pairs.prepare` found in the cache are read, the others computed together
     (:func:`_group_metrics`), on the threads their shape asks for on the CPU
     (:func:`matrix_threads`), whatever else runs in the process; one BLAS thread elsewhere.
 
@@ -285,7 +146,7 @@ def _compute_group(
 
         for index, pair in enumerate(todo):
             assert pair.base is not None and pair.tuned is not None
-            # _prepare looked the pair up and missed: read again only under the entry's lock.
+            # prepare looked the pair up and missed: read again only under the entry's lock.
             compute = lambda index=index: entry(index)  # noqa: E731
             found = compute() if cache is None else cache.get_or_compute("pair", pair.pair_key, compute, missed=True)
             pair.result = matrix_result(pair.plan, *found)
@@ -299,7 +160,7 @@ def _compute_group(
 
 
 def _attach_measures(
-    pair: _Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+    pair: Pair, settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> None:
     """The pair's RL-versus-SFT measures (issue 23): found, computed beside its spectra, or alone.
 
@@ -322,7 +183,7 @@ def _attach_measures(
 
 
 def _group_metrics(
-    pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+    pairs: Sequence[Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> list[Entry]:
     """Every metric of each pair: its spectra, then :func:`pair_metrics`.
 
@@ -345,7 +206,7 @@ def _group_metrics(
     return entries
 
 
-def _on_device(pair: _Pair, device: torch.device) -> tuple[torch.Tensor, TunedMatrix]:
+def _on_device(pair: Pair, device: torch.device) -> tuple[torch.Tensor, TunedMatrix]:
     """The pair's base and tuned weight on ``device`` (copies from pinned memory overlap)."""
     base, tuned = pair.base.to(device, non_blocking=True), pair.tuned
     if device.type == "cuda":
@@ -372,7 +233,7 @@ def _seeds(
 
 
 def _group_spectra(
-    pairs: Sequence[_Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
+    pairs: Sequence[Pair], settings: AnalysisSettings, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> list[tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]]:
     """The spectra of each pair's base, tuned weight and update by the ``gram`` (CPU) and ``eig`` (CUDA) methods.
 
@@ -415,7 +276,7 @@ def _group_spectra(
 
 
 def _pair_spectra(
-    pair: _Pair, device: torch.device, method: str, cache: SpectrumCache | None
+    pair: Pair, device: torch.device, method: str, cache: SpectrumCache | None
 ) -> tuple[Spectrum, Spectrum, Spectrum, torch.Tensor]:
     """:func:`_group_spectra` of one pair for the SVD drivers (``gesvda``, ``svd``).
 
@@ -466,7 +327,7 @@ def analyse_matrix(
     with compute_threads():
         try:
             torch.set_num_threads(1)  # merging an adapter: as analyse_plan does
-            pair = _prepare(plan, settings, cache)
+            pair = prepare(plan, settings, cache)
         finally:
             if cache is not None:
                 cache.fingerprints.flush()
@@ -526,18 +387,18 @@ def analyse_plan(
     total = len(plan.matrices)
     workers = _plan_workers(plan, device, method, budget, workers)
 
-    def prepare(group: tuple[int, ...]) -> list[_Pair]:
+    def prepare_group(group: tuple[int, ...]) -> list[Pair]:
         # Preparing runs on one torch thread whatever the worker: loading may merge an
         # adapter (a matrix product), whose bits must not depend on the thread.
         torch.set_num_threads(1)
         pin = device.type == "cuda"
-        pairs = [_prepare(plan.matrices[i], settings, cache, plan.tuned_label, plan.base_label, pin=pin,
+        pairs = [prepare(plan.matrices[i], settings, cache, plan.tuned_label, plan.base_label, pin=pin,
                           known=known and known.at(i)) for i in group]  # fmt: skip
         for pair in pairs:
             pair.write = writer
         return pairs
 
-    def finish(pairs: list[_Pair]) -> list[MatrixResult]:
+    def finish(pairs: list[Pair]) -> list[MatrixResult]:
         return _compute_group(pairs, settings, device, method, cache, budget)
 
     done = 0
@@ -554,7 +415,7 @@ def analyse_plan(
     finished: list[MatrixResult] = []
     with compute_threads():
         groups = group_matrices(plan.matrices, method, budget // 2, device.type)
-        results = in_order(groups, prepare, finish, workers, budget, cost, before_each=stop)
+        results = in_order(groups, prepare_group, finish, workers, budget, cost, before_each=stop)
         try:
             for result in _in_plan_order(results):
                 done += 1
@@ -634,7 +495,7 @@ def analyse_pair(
     with compute_threads():
         try:
             torch.set_num_threads(1)  # merging an adapter: as analyse_plan does (determinism)
-            pair = _prepare(plan, settings, cache, source=source)
+            pair = prepare(plan, settings, cache, source=source)
             result = _compute_on(pair, settings, device, method, cache)
         finally:
             if cache is not None:

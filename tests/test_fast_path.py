@@ -24,7 +24,8 @@ from analysis.cache import SpectrumCache, tensor_digest
 from analysis.errors import InputError
 from analysis.identity import MatrixId
 from analysis.linalg import NULL_SPACE_RELATIVE, decompose, default_method, low_rank_spectrum, top_eigenvectors
-from analysis.pipeline import analyse_matrix, analyse_plan, stored_base_spectrum
+from analysis.pairs import stored_base_spectrum
+from analysis.pipeline import analyse_matrix, analyse_plan
 from analysis.plan import ComparisonPlan, LowRankDelta, MatrixPlan, TunedMatrix
 from analysis.results import DEFAULT_EPSILONS
 from analysis.scheduler import in_order
