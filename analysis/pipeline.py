@@ -89,9 +89,11 @@ def cached_results(plan: ComparisonPlan, settings: AnalysisSettings, cache: Spec
     if any(matrix.digests is None for matrix in plan.matrices):
         return None
     results = []
+    known = update_measures.read_set(plan, settings, cache)  # the measures: one entry, as analyse_plan reads them
     try:
-        for matrix in plan.matrices:
-            pair = prepare(matrix, settings, cache, plan.tuned_label, plan.base_label, cached_only=True)
+        for i, matrix in enumerate(plan.matrices):
+            pair = prepare(matrix, settings, cache, plan.tuned_label, plan.base_label, cached_only=True,
+                           known=known and known.at(i))  # fmt: skip
             if pair.result is None or (pair.measures_key is not None and pair.result.rl is None):
                 return None
             results.append(pair.result)
