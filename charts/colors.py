@@ -3,13 +3,16 @@
 Every heatmap and grid of :mod:`charts` takes its colour scale from :func:`colorscale`
 (drawn for a light page); the dashboard's chart view passes each figure through
 :func:`themed`, which swaps every such scale for its dark twin when the visitor's page is
-dark and recolours the words written on cells. Pure functions (no Streamlit, no I/O).
+dark and recolours the words written on cells; the one-file HTML report carries the same
+swap as a patch (:func:`dark_patch`) that its own script applies when the reader's scheme
+is dark. Pure functions (no Streamlit, no I/O).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, sequential, unlabel_rgb
 
@@ -224,6 +227,60 @@ def themed(fig: go.Figure, dark: bool) -> go.Figure:
             scale = fig.layout[meta["coloraxis"]].colorscale
             trace.textfont.color = cell_text_colors(meta["values"], scale, meta["low"], meta["high"])
     return fig
+
+
+def dark_patch(fig: go.Figure) -> dict:
+    """What :func:`themed` changes in ``fig`` for a dark page, as attribute paths and values.
+
+    For a page that swaps the theme itself (the one-file HTML report, drawn by plotly.js in
+    the reader's browser): the figure travels as drawn for a light page, with this patch
+    beside it, and the page's script sets each path to its value when the reader's scheme
+    is dark (and back to the figure's own value when it is light). Computed by running
+    :func:`themed` on a copy, so the report and the dashboard swap the same scales and
+    recolour the same cell text. Frames are not patched.
+
+    Parameters
+    ----------
+    fig : plotly.graph_objects.Figure
+        A figure of :mod:`charts`, drawn for a light page; not changed.
+
+    Returns
+    -------
+    dict
+        ``{"layout": {path: value}, "data": {trace index (str): {path: value}}}`` with
+        Plotly's dotted attribute paths (``coloraxis.colorscale``, ``textfont.color``),
+        keys in a fixed order; empty dicts where nothing changes.
+    """
+    light = fig.to_plotly_json()
+    dark = themed(go.Figure(fig), dark=True).to_plotly_json()
+    layout = _changes(light["layout"], dark["layout"])
+    data = {}
+    for index, (before, after) in enumerate(zip(light["data"], dark["data"], strict=True)):
+        if changed := _changes(before, after):
+            data[str(index)] = changed
+    return {"layout": layout, "data": data}
+
+
+def _changes(before: dict, after: dict, prefix: str = "") -> dict:
+    """Dotted paths (sorted) where ``after`` differs from ``before``, with ``after``'s values.
+
+    Lists and arrays are compared whole.
+    """
+    out = {}
+    for key in sorted(after):
+        path, new = f"{prefix}{key}", after[key]
+        old = before.get(key)
+        if isinstance(new, dict) and isinstance(old, dict):
+            out.update(_changes(old, new, f"{path}."))
+        elif not _same(old, new):
+            out[path] = new.tolist() if isinstance(new, np.ndarray) else new
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return a is not None and b is not None and np.array_equal(np.asarray(a), np.asarray(b))
+    return a == b
 
 
 def cell_text(x, y, text: Sequence[str], values: Sequence[float], scale, low: float, high: float, **font) -> go.Scatter:

@@ -8,8 +8,11 @@ matrices that changed most, the per-fine-tune totals, and what is needed to repr
 there (hover, zoom), drawn by the one copy of plotly.js embedded in the file
 (``plotly.offline.get_plotlyjs()``): no CDN, no MathJax, no fonts, no request of any kind
 (a Content-Security-Policy forbids them). The page follows the reader's light or dark
-preference (``prefers-color-scheme``; a few lines of inline script give the figures the
-matching template) and fits a 390 px phone (figures take the page's width).
+preference (``prefers-color-scheme``), and follows it when the reader switches: a few lines of
+inline script give the figures the matching template and, on a dark page, the dashboard's dark
+colour scales (each figure carries its :func:`charts.colors.dark_patch`: zero cells in the page's
+tone, the cells that matter bright, cell text recoloured). It fits a 390 px phone (figures take the
+page's width).
 
 Size: plotly.js is about 4.6 MiB of the file; the figures add little, since the dashboard's
 thinning applies (spectra sampled log-evenly to :data:`charts.style.MAX_SPECTRUM_POINTS`,
@@ -33,7 +36,7 @@ from plotly.offline import get_plotlyjs, get_plotlyjs_version
 from analysis.cache import SpectrumCache
 from analysis.provenance import Provenance, StoredModel
 from analysis.results import ComparisonResult, MatrixResult, ModelResult
-from charts import comparison, overview, overview_tables, rl_measures, rl_tables, spectra, style, tables
+from charts import colors, comparison, overview, overview_tables, rl_measures, rl_tables, spectra, style, tables
 
 #: How many matrices per fine-tune get their spectrum and similarity heatmap.
 TOP_MATRICES = 3
@@ -91,7 +94,9 @@ nav ul { padding-left: 1.2em; margin: 0.3em 0; } nav li { margin: 0; }
   table { font-size: 0.84em; } th, td { padding-right: 6px; } }
 """
 
-# Draws every figure with the template of the reader's colour scheme, and again when it changes.
+# Draws every figure with the template of the reader's colour scheme, and again when it changes; a
+# figure's "dark" patch (charts.colors.dark_patch: the dark twins of its colour scales, its cell text
+# recoloured) is applied on a dark page and undone on a light one.
 _SCRIPT = """
 (function () {
   var T = JSON.parse(document.getElementById("wse-templates").textContent);
@@ -103,18 +108,45 @@ _SCRIPT = """
     if (narrow && narrow.matches) { t.layout.margin = {l: 60, r: 16}; }
     return t;
   }
+  function copy(v) { return v === undefined ? undefined : JSON.parse(JSON.stringify(v)); }
+  function get(o, path) {
+    var keys = path.split(".");
+    for (var i = 0; i < keys.length && o != null; i++) { o = o[keys[i]]; }
+    return o;
+  }
+  function put(o, path, value) {  // a fresh copy each time, so that Plotly.react sees the change
+    var keys = path.split("."), last = keys.pop();
+    keys.forEach(function (k) { if (o[k] == null || typeof o[k] !== "object") { o[k] = {}; } o = o[k]; });
+    if (value === undefined) { delete o[last]; } else { o[last] = copy(value); }
+  }
+  function scheme(chart, data, layout) {  // the colours of the reader's scheme on a figure
+    var patch = dark && dark.matches ? chart.dark : chart.light;
+    Object.keys(patch.layout).forEach(function (p) { put(layout, p, patch.layout[p]); });
+    Object.keys(patch.data).forEach(function (i) {
+      Object.keys(patch.data[i]).forEach(function (p) { put(data[+i], p, patch.data[i][p]); });
+    });
+  }
   var charts = [];
   document.querySelectorAll("script[data-figure]").forEach(function (s) {
     var fig = JSON.parse(s.textContent), div = document.getElementById(s.getAttribute("data-figure"));
+    var chart = {div: div, dark: fig.dark || {layout: {}, data: {}}, light: {layout: {}, data: {}}};
+    Object.keys(chart.dark.layout).forEach(function (p) { chart.light.layout[p] = copy(get(fig.layout, p)); });
+    Object.keys(chart.dark.data).forEach(function (i) {
+      chart.light.data[i] = {};
+      Object.keys(chart.dark.data[i]).forEach(function (p) { chart.light.data[i][p] = copy(get(fig.data[+i], p)); });
+    });
+    scheme(chart, fig.data, fig.layout);
     fig.layout.template = theme();
     var c = Object.assign({}, config, {toImageButtonOptions: Object.assign({}, config.toImageButtonOptions,
       {filename: div.id})});
     Plotly.newPlot(div, fig.data, fig.layout, c);
-    charts.push(div);
+    charts.push(chart);
   });
   function recolour() {
-    charts.forEach(function (div) {
-      Plotly.react(div, div.data, Object.assign({}, div.layout, {template: theme()}));
+    charts.forEach(function (chart) {
+      var div = chart.div, layout = Object.assign({}, div.layout, {template: theme()});
+      scheme(chart, div.data, layout);
+      Plotly.react(div, div.data, layout);
     });
   }
   [dark, narrow].forEach(function (m) {
@@ -183,12 +215,17 @@ def figure_json(fig: go.Figure) -> str:
     Returns
     -------
     str
-        ``{"data": [...], "layout": {...}}``; the page adds the reader's template.
+        ``{"data": [...], "layout": {...}}`` drawn for a light page, and ``"dark"``: what
+        changes on a dark one (:func:`charts.colors.dark_patch`) where anything does; the
+        page adds the reader's template.
     """
     data = fig.to_plotly_json()
     data["layout"].pop("template", None)
     data["layout"].pop("width", None)  # the page's width
     data["data"] = [_float32(trace) for trace in data["data"]]
+    patch = colors.dark_patch(fig)
+    if patch["layout"] or patch["data"]:
+        data["dark"] = patch
     return pio.json.to_json_plotly(data).replace("</", "<\\/")
 
 

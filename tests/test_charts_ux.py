@@ -13,6 +13,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 
 from analysis.results import ModelResult
@@ -101,6 +102,28 @@ def test_dark_pages_get_dark_scales_where_zero_does_not_glare(lora_model: ModelR
     colors.themed(sim, dark=True)
     heat = next(t for t in sim.data if t.type == "heatmap")
     assert [c for _, c in heat.colorscale] == colors.COLORSCALES["similarity"]["dark"]
+
+
+def test_dark_patch_is_what_themed_changes_and_leaves_the_figure_alone(lora_model: ModelResult) -> None:
+    """The HTML report swaps its scales in the browser from this patch: it must hold exactly
+    the dashboard's dark swap (scales and cell text), and nothing for a figure without a scale."""
+    (section,) = overview.overview_sections([lora_model], "intruders", k=10, eps=0.5)
+    fig = section.panels[0]
+    before = fig.to_json()
+    patch = colors.dark_patch(fig)
+    assert fig.to_json() == before  # drawn for a light page still
+    dark = colors.themed(go.Figure(fig), dark=True)
+    words = next(i for i, t in enumerate(fig.data) if t.meta and t.meta["role"] == "cell-text")
+    assert list(patch["layout"]) == ["coloraxis.colorscale"]
+    assert [c for _, c in patch["layout"]["coloraxis.colorscale"]] == colors.COLORSCALES["counts"]["dark"]
+    assert patch["data"] == {str(words): {"textfont.color": list(dark.data[words].textfont.color)}}
+    assert patch["data"][str(words)]["textfont.color"] != list(fig.data[words].textfont.color)
+    sim = spectra.similarity_figure(lora_model.matrices[0], 10, 0.5)
+    heat = next(i for i, t in enumerate(sim.data) if t.type == "heatmap")
+    (scale,) = colors.dark_patch(sim)["data"][str(heat)].values()
+    assert [c for _, c in scale] == colors.COLORSCALES["similarity"]["dark"]
+    sweep = comparison.sweep_figure([lora_model], 10, [0.1, 0.5], 0.5)
+    assert colors.dark_patch(sweep) == {"layout": {}, "data": {}}
 
 
 def test_breakdown_legend_only_holds_fine_tunes_that_draw(lora_model: ModelResult, full_model: ModelResult) -> None:

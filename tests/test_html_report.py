@@ -25,6 +25,7 @@ from analysis.identity import MatrixId
 from analysis.provenance import comparison_provenance, stored_dtypes
 from analysis.results import DEFAULT_EPSILONS, ComparisonResult, MatrixResult, ModelResult
 from analysis.specs import SpecResolver
+from charts import colors
 from charts.html_report import changed_most, html_report
 from cli import main
 from tests.test_cli import run_cli
@@ -154,6 +155,81 @@ def test_html_report_follows_dark_mode_and_fits_a_phone(browser, reports) -> Non
         context.close()
 
 
+# Where the zero cell and the top cell of the intruder grids are drawn, in the page's coordinates,
+# their values, the colour axis' ends and the cell text colour on each.
+_GRID_CELLS = """() => {
+  const out = [];
+  document.querySelectorAll('[id^="grid-intruders-"]').forEach(div => {
+    const heat = div._fullData.find(t => t.type === 'heatmap'), ax = div._fullLayout.coloraxis;
+    const words = div._fullData.find(t => t.meta && t.meta.role === 'cell-text');
+    const xa = div._fullLayout.xaxis, ya = div._fullLayout.yaxis;
+    const width = Math.abs(xa.l2p(1) - xa.l2p(0)), height = Math.abs(ya.l2p(1) - ya.l2p(0));
+    heat.z.forEach((row, i) => row.forEach((value, j) => {
+      if (value === null || Number.isNaN(value)) { return; }
+      const text = words ? words.textfont.color[words.x.findIndex((x, n) => x === j && words.y[n] === i)] : null;
+      out.push({id: div.id, value: value, cmin: ax.cmin, cmax: ax.cmax, text: text,
+                x: xa._offset + xa.l2p(j) - 0.3 * width, y: ya._offset + ya.l2p(i) - 0.3 * height});
+    }));
+  });
+  return out;
+}"""
+
+
+def drawn_cells(page) -> list[dict]:
+    """Each intruder-grid cell with the colour it is drawn in (read from a screenshot, off its text)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    cells = []
+    for cell in page.evaluate(_GRID_CELLS):
+        div = page.locator(f"#{cell['id']}")
+        div.scroll_into_view_if_needed()
+        box = div.bounding_box()
+        shot = Image.open(BytesIO(page.screenshot(clip={**box}))).convert("RGB")
+        r, g, b = shot.getpixel((round(cell["x"]), round(cell["y"])))
+        cells.append({**cell, "drawn": f"rgb({r}, {g}, {b})"})
+    return cells
+
+
+def test_html_report_draws_the_dashboards_dark_scales_on_a_dark_page(browser, reports) -> None:
+    """On a dark page the report kept the light scales: zero cells glaring near white, the cells
+    that matter dark red at 1.36:1 against the page. Drawn as the dashboard draws them now, in
+    either scheme, and again when the reader switches."""
+    page, context, left, errors = open_offline(browser, reports["html"], scheme="dark")
+    try:
+        assert left == [] and errors == []
+        for scheme in ("dark", "light", "dark"):
+            if scheme != page.evaluate("matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light'"):
+                page.emulate_media(color_scheme=scheme)
+                wanted = colors.COLORSCALES["counts"][scheme][0]
+                wait_until(
+                    page, f"document.querySelector('[id^=grid-intruders-]')._fullLayout.coloraxis.colorscale[0][1]"
+                    f" === '{wanted}'"
+                )  # fmt: skip
+            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+            scale = colors.colorscale("counts", dark=scheme == "dark")
+            cells = drawn_cells(page)
+            zeros = [c for c in cells if c["value"] == 0]
+            tops = [c for c in cells if c["value"] == c["cmax"]]
+            assert zeros and tops, cells
+            for cell in cells:
+                expected = colors.scale_color(scale, cell["value"], cell["cmin"], cell["cmax"])
+                assert colors.contrast(cell["drawn"], expected) < 1.05, (scheme, cell, expected)
+                if cell["text"] is not None:  # the words on it read at WCAG AA
+                    assert colors.contrast(cell["text"], cell["drawn"]) >= 4.5, (scheme, cell)
+            assert max(colors.contrast(c["drawn"], background) for c in zeros) < 1.5, (scheme, zeros)
+            assert min(colors.contrast(c["drawn"], background) for c in tops) >= 4.5, (scheme, tops)
+            similarity = page.evaluate(
+                "[...document.querySelectorAll('[id^=similarity-]')].map(d => "
+                "d._fullData.find(t => t.type === 'heatmap').colorscale.map(s => s[1]))"
+            )
+            assert similarity and all(s == colors.COLORSCALES["similarity"][scheme] for s in similarity)
+        assert errors == []
+    finally:
+        context.close()
+
+
 def test_html_without_out_writes_only_the_html(tmp_path, tiny_bert, tiny_bert_lora, capsys) -> None:
     out = tmp_path / "out"
     code = main(
@@ -188,6 +264,32 @@ def test_provenance_reports_stored_dtypes_and_stable_digests(tmp_path, tiny_llam
     assert base.digest != tuned.digest and all(HEX64.match(m.digest) for m in indexed.models)
     text = html_report(result, 0.5, provenance=indexed)
     assert "bf16" in text and tuned.digest in text and base.digest in text
+
+
+def test_html_report_is_the_same_bytes_for_the_same_analysis_and_carries_both_scales(
+    tmp_path, tiny_bert, tiny_bert_full_ft, tiny_bert_lora
+) -> None:
+    cache = SpectrumCache(tmp_path / "cache")
+    result = compare(str(tiny_bert), [str(tiny_bert_full_ft), str(tiny_bert_lora)], cache=cache, device="cpu")
+    provenance = comparison_provenance(SpecResolver(allow_local_paths=True), result, stored=cache.fingerprints.digest)
+    text = html_report(result, 0.5, provenance=provenance, settings={"command": "report"})
+    assert html_report(result, 0.5, provenance=provenance, settings={"command": "report"}) == text
+    figures = {
+        name: json.loads(body.replace("<\\/", "</"))
+        for name, body in re.findall(r'<script type="application/json" data-figure="([^"]+)">(.*?)</script>', text)
+    }
+    grids = [f for name, f in figures.items() if name.startswith("grid-intruders-")]
+    similarity = [f for name, f in figures.items() if name.startswith("similarity-")]
+    assert grids and similarity
+    for fig in grids:  # drawn for a light page, with the dark twin beside it: one file, both schemes
+        assert [c for _, c in fig["layout"]["coloraxis"]["colorscale"]] == colors.COLORSCALES["counts"]["light"]
+        dark = fig["dark"]["layout"]["coloraxis.colorscale"]
+        assert [c for _, c in dark] == colors.COLORSCALES["counts"]["dark"]
+    for fig in similarity:
+        heat = next(i for i, t in enumerate(fig["data"]) if t["type"] == "heatmap")
+        assert [c for _, c in fig["data"][heat]["colorscale"]] == colors.COLORSCALES["similarity"]["light"]
+        assert [c for _, c in fig["dark"]["data"][str(heat)]["colorscale"]] == colors.COLORSCALES["similarity"]["dark"]
+    assert all("dark" not in f for name, f in figures.items() if name.startswith(("sweep-", "totals-")))
 
 
 # -- size on a 7B-shaped comparison ---------------------------------------------------------------
