@@ -102,9 +102,10 @@ def _panel_heatmap(z: np.ndarray) -> go.Heatmap:
 def cell_label(value: float, metric: str) -> str:
     """A cell's value as written in the cell: short enough for a narrow cell.
 
-    Counts as integers; other measures with one decimal below 10 and as integers from 10
-    up (``228.6`` filled a 26 px cell edge to edge; ``229`` does not). The hover keeps the
-    decimal.
+    Counts as integers; other measures as integers from 10 up (``228.6`` filled a 26 px
+    cell edge to edge; ``229`` does not), with one decimal from 1 to 10, with two below 1
+    (the shares and fractions of the RL-versus-SFT measures: ``0.04``, not ``0.0``) and as
+    ``5e-3`` below 0.01; zero as ``0``. The hover keeps every digit.
 
     Parameters
     ----------
@@ -116,11 +117,30 @@ def cell_label(value: float, metric: str) -> str:
     Returns
     -------
     str
-        At most four characters up to 9999.
+        At most four characters from 1e-9 up to 9999; a dash where there is no value.
     """
-    if metric == "intruders" or abs(value) >= 10:
+    if not math.isfinite(value):
+        return "–"
+    if metric == "intruders" or abs(value) >= 10 or value == 0:
         return f"{value:.0f}"
-    return f"{value:.1f}"
+    if abs(value) >= 1:
+        return f"{value:.1f}"
+    if abs(value) >= 0.01:
+        return f"{value:.2f}"
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def color_top(metric: str, zmax: float) -> float:
+    """The top of a grid's colour axis, from the largest value ``zmax`` of all its panels.
+
+    The RL-versus-SFT measures span their own values (a mask overlap of 0.04, an angle of
+    90°); counts and ranks reach at least 1. The colour bar and the colour of each cell's
+    text are computed with this one top.
+    """
+    if metric in rl_tables.RL_METRICS and zmax > 0:
+        return zmax
+    return max(zmax, 1) if math.isfinite(zmax) else 1.0
 
 
 def _panel_points(cells, ii: np.ndarray, jj: np.ndarray, shown: np.ndarray, cell_px: int, metric: str) -> go.Scatter:
@@ -196,7 +216,7 @@ def _panel_layout(
         coloraxis={
             "colorscale": metric_colorscale(metric),
             "cmin": 0,
-            "cmax": zmax if metric in rl_tables.RL_METRICS and zmax > 0 else max(zmax, 1),
+            "cmax": color_top(metric, zmax),
             "colorbar": {
                 "thickness": 10,
                 "len": 0.9,
@@ -235,7 +255,7 @@ def _overview_panel(
     if readable:
         texts = [cell_label(v, metric) for v in values]
         scale = metric_colorscale(metric)
-        fig.add_trace(cell_text(jj, ii, texts, values, scale, 0.0, max(zmax, 1), size=10))
+        fig.add_trace(cell_text(jj, ii, texts, values, scale, 0.0, color_top(metric, zmax), size=10))
     fig.add_trace(_panel_points(cells, ii, jj, shown, cell_px, metric))
     _panel_axes(fig, rows, columns, experts)
     _panel_layout(fig, columns, height=len(rows) * cell_px, experts=experts, metric=metric, zmax=zmax, title=title)
@@ -357,7 +377,8 @@ def overview_title(metric: str, k: int, eps: float) -> str:
     -------
     str
     """
-    return overview_tables.OVERVIEW_METRICS[metric] + (f" (top {k}, ε = {eps:g})" if metric == "intruders" else "")
+    counted = metric in ("intruders", "intruder_energy_share")  # both depend on k and eps
+    return overview_tables.OVERVIEW_METRICS[metric] + (f" (top {k}, ε = {eps:g})" if counted else "")
 
 
 def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figure:

@@ -4,6 +4,8 @@ Against a running dashboard (``streamlit run app.py``), in Debian's headless Chr
 
     python scripts/qa_screenshots.py http://127.0.0.1:8501 --query "?base=...&tuned=..."
 
+(``--expand "RL vs SFT"`` opens the expanders so labelled before each capture.)
+
 Each page is opened by its own URL (with ``--query``, e.g. a shared link's models), waited
 on until Streamlit's script run is over and no analysis is in progress (as
 tests/test_browser.py waits), then captured whole: the viewport is stretched to the page's
@@ -46,6 +48,18 @@ def wait_idle(page, timeout_ms: int) -> None:
             return
 
 
+def expand_all(page, words: list[str]) -> int:
+    """Open every closed expander whose label holds one of ``words``; how many were opened."""
+    opened = 0
+    for word in words:
+        for summary in page.locator('[data-testid="stExpander"] details:not([open]) > summary', has_text=word).all():
+            summary.click()
+            opened += 1
+    if opened:
+        page.wait_for_timeout(1200)  # the charts inside draw
+    return opened
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", help="the dashboard, e.g. http://127.0.0.1:8501")
@@ -56,6 +70,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("test-artifacts/qa"))
     parser.add_argument("--tag", default="qa")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a page may take")
+    parser.add_argument(
+        "--expand", default="", help="open the expanders whose label holds any of these (comma-separated) first"
+    )
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright
@@ -80,6 +97,8 @@ def main() -> None:
                     page.wait_for_timeout(800)
                     wait_idle(page, timeout_ms)
                     seconds = time.perf_counter() - start
+                    if expand_all(page, [w for w in args.expand.split(",") if w]):
+                        wait_idle(page, timeout_ms)
                     full = int(page.evaluate(MAIN_HEIGHT))
                     page.set_viewport_size({"width": width, "height": max(height, min(full + 40, 12000))})
                     page.wait_for_timeout(900)  # charts re-lay out to the taller viewport

@@ -78,6 +78,29 @@ def test_cell_numbers_fit_small_cells_and_read_on_their_colour(lora_model: Model
             assert worst >= 4.5, (kind, dark, worst)
 
 
+def test_rl_grids_write_their_values_in_colours_that_read(lora_model: ModelResult) -> None:
+    """Coloured by an RL-versus-SFT measure, every cell said "0.0" and its words were black on
+    dark purple: the text was coloured for a colour axis up to 1, the cells for one up to 0.04."""
+    assert overview.cell_label(0.0437, "mask_overlap") == "0.04" and overview.cell_label(0.2059, "x") == "0.21"
+    assert overview.cell_label(1.9e-4, "spectral_shift") == "2e-4" and overview.cell_label(0.0, "mask_overlap") == "0"
+    assert overview.cell_label(float("nan"), "mask_overlap") == "–" and overview.cell_label(12.6, "x") == "13"
+    assert overview.overview_title("intruder_energy_share", 10, 0.5) == "Intruder energy share (top 10, ε = 0.5)"
+    for metric in ("spectral_shift", "intruder_energy_share"):
+        (section,) = overview.overview_sections([lora_model], metric, k=10, eps=0.5)
+        fig = section.panels[0]
+        words = next(t for t in fig.data if t.meta and t.meta["role"] == "cell-text")
+        values = words.meta["values"]
+        assert 0 < fig.layout.coloraxis.cmax == words.meta["high"] < 1, metric
+        assert list(words.text) == [overview.cell_label(v, metric) for v in values]
+        assert all(t != "0.0" for t in words.text) and len(set(words.text)) > 1, words.text
+        for dark in (False, True):
+            colors.themed(fig, dark)
+            ax = fig.layout.coloraxis
+            for value, text in zip(values, words.textfont.color, strict=True):
+                cell = colors.scale_color(ax.colorscale, value, ax.cmin, ax.cmax)
+                assert colors.contrast(text, cell) >= 4.5, (metric, dark, value, text, cell)
+
+
 def test_dark_pages_get_dark_scales_where_zero_does_not_glare(lora_model: ModelResult) -> None:
     """On a dark page the zero cells were bright white and the cells that matter dark red at
     1.36:1 against the page. Each scale's low end takes the page's tone, its high end
