@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 
 from analysis.cache import SpectrumCache
 from analysis.results import MatrixResult, ModelResult
-from charts import rl_tables
+from charts import rl_tables, series_tables
+from charts.series import series_title
 from charts.style import PALETTE, chart_text, empty_figure, legend_name, log_axis, series_style
 from charts.tables import model_labels
 
@@ -134,21 +135,38 @@ def add_chance_band(fig: go.Figure, models: Sequence[ModelResult], cache: Spectr
     return fig
 
 
+#: Each measure's name over its panel of the series chart: short enough for half a phone's
+#: width (two panels a row on 390 px cut "Numerical rank of ΔW / min(m, n)").
+PANEL_TITLES: dict[str, str] = {
+    "update_sparsity": "Sparsity, Zhu Eq. 1",
+    "update_sparsity_absolute": "Sparsity, |ΔW| ≤ atol",
+    "principal_angle_max": "Largest angle (°)",
+    "spectral_shift": "Spectral shift",
+    "mask_overlap": "Mask overlap",
+    "update_rank_fraction": "Rank of ΔW / min(m,n)",
+    "intruder_energy_share": "Intruder energy share",
+}
+
+
 def series_rl_figure(table, by: str, label: str) -> go.Figure:
     """The RL-versus-SFT measures of a checkpoint series against training step, one line per group.
 
     ``table`` is :func:`charts.series_tables.series_table` (its measure columns come from
-    :func:`charts.rl_tables.group_value`); one small panel per measure.
+    :func:`charts.rl_tables.group_value`); one small panel per measure, two a row, each
+    named by :data:`PANEL_TITLES` (the full names in the hover). Every panel starts at 0
+    (a sparsity going from 0.21 to 0.12 is not drawn as from full to empty), writes its
+    ticks in plain decimals (a ratio of 2e-4 was "200µ"), and the lowest panel of
+    each column has the step axis' ticks and title.
     """
     from plotly.subplots import make_subplots
 
     names = [m for m in rl_tables.RL_METRICS if m in table.columns and table[m].notna().any()]
     if table.empty or not names:
         return empty_figure("RL vs SFT measures by step", "No measures computed yet")
-    cols = 2
+    cols = 2 if len(names) > 1 else 1
     rows = (len(names) + cols - 1) // cols
-    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=[rl_tables.RL_METRICS[m] for m in names])  # fmt: skip
+    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=True, vertical_spacing=0.3 / rows + 0.04,
+                        subplot_titles=[PANEL_TITLES[m] for m in names])  # fmt: skip
     for g, group in enumerate(dict.fromkeys(table["group"])):
         part = table[table["group"] == group].sort_values("step")
         for i, metric in enumerate(names):
@@ -156,14 +174,22 @@ def series_rl_figure(table, by: str, label: str) -> go.Figure:
                 go.Scatter(
                     x=part["step"], y=part[metric], mode="lines+markers", name=chart_text(group),
                     legendgroup=str(group), showlegend=i == 0, line={"color": PALETTE[g % len(PALETTE)]},
-                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}: %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{rl_tables.RL_METRICS[metric]}: "
+                    "%{y:.4g}<extra></extra>",
                 ),
                 row=i // cols + 1, col=i % cols + 1,
             )  # fmt: skip
-    fig.update_xaxes(title_text="training step", row=rows)
+    for col in range(1, cols + 1):  # the lowest panel of each column (the last row may hold one)
+        lowest = max(i // cols + 1 for i in range(len(names)) if i % cols + 1 == col)
+        fig.update_xaxes(showticklabels=True, title_text="training step", row=lowest, col=col)
+    fig.update_yaxes(rangemode="tozero", tickformat=".3~g")
+    fig.update_annotations(font_size=13)
+    grouping = series_tables.GROUPING_WORDS.get(by, by)
+    height, top, bottom = 200 * rows + 160, 90, 80
     fig.update_layout(
-        title=f"{chart_text(label)}: RL vs SFT measures against training step ({by})",
-        height=220 * rows + 140,
-        legend={"orientation": "h", "y": -0.1},
+        title=series_title(label, f"RL vs SFT measures against training step ({grouping})"),
+        height=height,
+        legend={"orientation": "h", "yanchor": "top", "y": -64 / (height - top - bottom)},  # under the step title
+        margin={"t": top, "b": bottom},
     )
     return fig

@@ -38,7 +38,7 @@ def _opening(steps: list[int], step: int | None) -> int:
     return steps.index(step) if step in steps else len(steps) - 1
 
 
-def _series_title(label: str, what: str) -> str:
+def series_title(label: str, what: str) -> str:
     """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
     return f"{chart_text(label)}<br><sup>{what}</sup>" if label else what
 
@@ -100,9 +100,9 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     if "intruders" in names:  # whole counts: no 0.5 ticks
         i = names.index("intruders")
         fig.update_yaxes(**count_ticks(float(table["intruders"].max())), row=i // 2 + 1, col=i % 2 + 1)
-    grouping = {"model": "whole model", "layer": "per layer", "module": "per module", "matrix": "per matrix"}
+    grouping = series_tables.GROUPING_WORDS.get(by, by)
     fig.update_layout(
-        title=_series_title(label, f"the update against training step ({grouping.get(by, by)})"),
+        title=series_title(label, f"the update against training step ({grouping})"),
         height=620,
         legend={"orientation": "h", "y": -0.15},
         margin={"t": 90},
@@ -227,7 +227,7 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
     fig.update_annotations(font_size=12)
     ticks = count_ticks(zmax) if metric == "intruders" else {}
     fig.update_layout(
-        title=_series_title(label, f"{title} per layer and module at step {shown}"),
+        title=series_title(label, f"{title} per layer and module at step {shown}"),
         coloraxis={"colorscale": metric_colorscale(metric), "cmin": zmin, "cmax": zmax,
                    "colorbar": {"title": metric, **ticks}},
         margin={"t": 100, "b": 60},
@@ -284,7 +284,7 @@ def series_similarity_figure(
     fig.update_yaxes(title_text="tuned singular vector (rank)", range=[n + 0.5, 0.5])
     fig.update_xaxes(title_text="base singular vector (rank)", range=[0.5, first.similarity.shape[1] + 0.5])
     fig.update_layout(
-        title=_series_title(label, f"{chart_text(first.short_label)}: |Uₜᵀ U₀| at step {shown}"),
+        title=series_title(label, f"{chart_text(first.short_label)}: |Uₜᵀ U₀| at step {shown}"),
         margin={"t": 90},
         height=520,
     )

@@ -23,6 +23,13 @@ from charts.tables import IDENTITY_COLUMNS, identity_order, layer_label
 #: How the series trends are grouped: one line for the whole model, per layer, per module kind
 #: or per matrix.
 SERIES_GROUPINGS: tuple[str, ...] = ("model", "layer", "module", "matrix")
+#: Each grouping in words, as the charts' titles name it.
+GROUPING_WORDS: dict[str, str] = {
+    "model": "whole model",
+    "layer": "per layer",
+    "module": "per module",
+    "matrix": "per matrix",
+}
 #: The metrics a series is drawn in (those of the overview and the update's norm), with
 #: their display names.
 SERIES_METRICS: dict[str, str] = {

@@ -97,7 +97,7 @@ by = state.widget(
     default="model",
     options=list(series_tables.SERIES_GROUPINGS),
     horizontal=True,
-    format_func={"model": "Whole model", "layer": "Per layer", "module": "Per module", "matrix": "Per matrix"}.get,
+    format_func=lambda by: series_tables.GROUPING_WORDS[by].capitalize(),
 )
 trend = series_tables.series_table(models, k, eps, by)
 views.chart(series.series_trend_figure(trend, by, found.label), "series-trends")

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import pytest
 
 from analysis.results import ModelResult
-from charts import colors, comparison, mitigation, overview, series, series_tables, spectra, style
+from charts import colors, comparison, mitigation, overview, rl_measures, series, series_tables, spectra, style
 from tests.test_figures import full_model, lora_model  # noqa: F401 (fixtures)
 
 
@@ -206,6 +206,27 @@ def test_series_panels_start_at_zero(lora_model: ModelResult) -> None:
     axes = [fig.layout[name] for name in fig.layout if name.startswith("yaxis")]
     assert len(axes) == 4 and all(a.rangemode == "tozero" for a in axes)
     assert float(fig.layout.yaxis.dtick).is_integer() and fig.layout.yaxis.tickformat == "d"  # intruders: counts
+
+
+def test_series_rl_panels_are_labelled_on_a_phone(lora_model: ModelResult) -> None:
+    """The series page's RL chart: the right column had no step ticks when the last row held one
+    panel, titles overlapped at 390 px ("Principal-mask ove[Num]erical rank of ΔW / mi"), the
+    axes ran from -1 to 1 for an all-zero measure, "200µ" for a ratio, and the title said "(model)"."""
+    models = [replace(lora_model, source=f"s{s}", step=s) for s in (10, 20, 30)]
+    table = series_tables.series_table(models, 10, 0.5)
+    fig = rl_measures.series_rl_figure(table, "model", "LoRA run")
+    titles = [a.text for a in fig.layout.annotations]
+    assert len(titles) >= 3 and all(len(t) <= style.PHONE_LINE_CHARS // 2 for t in titles), titles
+    assert "(whole model)" in fig.layout.title.text and "LoRA run" in fig.layout.title.text
+    drawn = {t.xaxis.replace("x", "xaxis") for t in fig.data}  # an empty cell's axis is not drawn
+    labelled = [fig.layout[name] for name in drawn if fig.layout[name].showticklabels is not False]
+    assert len(labelled) == 2 and all(a.title.text == "training step" for a in labelled)  # one per column
+    domains = {tuple(a.domain) for a in labelled}
+    assert len(domains) == 2  # the two columns
+    yaxes = [fig.layout[name] for name in {t.yaxis.replace("y", "yaxis") for t in fig.data}]
+    assert len(yaxes) == len(titles) and all(a.rangemode == "tozero" and a.tickformat == ".3~g" for a in yaxes)
+    steps = {tuple(t.x) for t in fig.data}
+    assert steps == {(10, 20, 30)}
 
 
 def test_mitigation_words_and_window() -> None:
