@@ -268,7 +268,7 @@ def test_tradeoff_axes_do_not_exaggerate(losses: list[float], tasks: list[float]
     points.append({"label": "fine-tune", "lam": 1.0, "loss": losses[1], "task": tasks[1]})
     points += [
         {"label": "λ", "lam": lam, "loss": x, "task": y}
-        for lam, x, y in zip((0.0, 0.5), losses[2:], tasks[2:], strict=True)
+        for lam, x, y in zip((0.0, 0.5), losses[2:], tasks[2:], strict=False)
     ]
     tradeoff = SimpleNamespace(points=points, task_name="MRR", loss_name="held-out loss", note="")
     fig = mitigation.tradeoff_figure(SimpleNamespace(tradeoff=tradeoff))
