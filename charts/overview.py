@@ -125,7 +125,7 @@ def cell_label(value: float, metric: str) -> str:
         return f"{value:.0f}"
     if abs(value) >= 1:
         return f"{value:.1f}"
-    if abs(value) >= 0.01:
+    if abs(value) >= 0.0095:  # what rounds to 0.01 is written so, not "1e-2"
         return f"{value:.2f}"
     mantissa, exponent = f"{value:.0e}".split("e")
     return f"{mantissa}e{int(exponent)}"

@@ -31,6 +31,24 @@ RL_METRICS: dict[str, str] = {
     "intruder_energy_share": "Intruder energy share",
 }
 
+#: What each measure says about one matrix, in a sentence (under a grid coloured by it).
+RL_MEANINGS: dict[str, str] = {
+    "update_sparsity": "the share of the matrix's entries left unchanged, |w₁ − w₀| ≤ η·max(|w₀|, |w₁|) with "
+    "η = 1e-3 (Zhu et al. 2025 Eq. 1; for bf16 weights, bitwise equality)",
+    "update_sparsity_absolute": "the share of the matrix's entries with |ΔW| ≤ 1e-5, the difference computed in bf16 "
+    "(Mukherjee et al. 2025)",
+    "principal_angle_max": "the largest principal angle, in degrees, between the top-k left or right singular "
+    "subspaces of W₀ and W₁ (Zhu et al. 2025 Sec. 4.1): how far the principal directions turned",
+    "spectral_shift": "‖s(W₁) − s(W₀)‖ / ‖s(W₀)‖ over the full spectra (Zhu et al. 2025 Sec. 4.1): how far the "
+    "singular values moved",
+    "mask_overlap": "the share of the changed entries that lie in W₀'s principal mask, the top-α entries of its "
+    "rank-k reconstruction (Zhu et al. 2025 Sec. 4.2); α is what chance gives",
+    "update_rank_fraction": "the numerical rank of ΔW (torch.linalg.matrix_rank's default tolerance) over "
+    "min(m, n) (Mukherjee et al. 2025 Table 2); a LoRA's is at most r / min(m, n)",
+    "intruder_energy_share": "of the top-k singular values of W₁, the share of Σ s² on intruder directions at ε "
+    "(this tool's measure: a count saturates, the share does not)",
+}
+
 #: How a grid cell writes each measure.
 RL_FORMATS: dict[str, str] = {
     "update_sparsity": ".2f",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from charts import overview, overview_tables, tables
+from charts import overview, overview_tables, rl_tables, tables
 from ui import state, views
 from ui.text import escape_markdown
 
@@ -47,6 +47,8 @@ def open_matrix(index: int, matrix: str) -> None:
 
 
 st.subheader(overview.overview_title(metric, k, eps))
+if metric in rl_tables.RL_MEANINGS:  # the RL-versus-SFT measures are not in the caption above
+    st.caption(f"Each cell: {rl_tables.RL_MEANINGS[metric]}. The **RL vs SFT** page compares them per fine-tune.")
 views.overview_grids(models, metric, k, eps, on_open=open_matrix)
 
 with st.expander("Open a matrix (without clicking the grid)"):

@@ -17,7 +17,18 @@ import plotly.graph_objects as go
 import pytest
 
 from analysis.results import ModelResult
-from charts import colors, comparison, mitigation, overview, rl_measures, series, series_tables, spectra, style
+from charts import (
+    colors,
+    comparison,
+    mitigation,
+    overview,
+    rl_measures,
+    rl_tables,
+    series,
+    series_tables,
+    spectra,
+    style,
+)
 from tests.test_figures import full_model, lora_model  # noqa: F401 (fixtures)
 
 
@@ -83,8 +94,10 @@ def test_rl_grids_write_their_values_in_colours_that_read(lora_model: ModelResul
     dark purple: the text was coloured for a colour axis up to 1, the cells for one up to 0.04."""
     assert overview.cell_label(0.0437, "mask_overlap") == "0.04" and overview.cell_label(0.2059, "x") == "0.21"
     assert overview.cell_label(1.9e-4, "spectral_shift") == "2e-4" and overview.cell_label(0.0, "mask_overlap") == "0"
+    assert [overview.cell_label(v, "spectral_shift") for v in (0.0096, 0.0094)] == ["0.01", "9e-3"]
     assert overview.cell_label(float("nan"), "mask_overlap") == "–" and overview.cell_label(12.6, "x") == "13"
     assert overview.overview_title("intruder_energy_share", 10, 0.5) == "Intruder energy share (top 10, ε = 0.5)"
+    assert list(rl_tables.RL_MEANINGS) == list(rl_tables.RL_METRICS)  # each colour-by choice says what it is
     for metric in ("spectral_shift", "intruder_energy_share"):
         (section,) = overview.overview_sections([lora_model], metric, k=10, eps=0.5)
         fig = section.panels[0]
