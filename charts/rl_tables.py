@@ -35,7 +35,7 @@ RL_METRICS: dict[str, str] = {
 RL_MEANINGS: dict[str, str] = {
     "update_sparsity": "the share of the matrix's entries left unchanged, |w₁ − w₀| ≤ η·max(|w₀|, |w₁|) with "
     "η = 1e-3 (Zhu et al. 2025 Eq. 1; for bf16 weights, bitwise equality)",
-    "update_sparsity_absolute": "the share of the matrix's entries with |ΔW| ≤ 1e-5, the difference computed in bf16 "
+    "update_sparsity_absolute": "the share of the matrix's entries with |ΔW| ≤ atol (1e-5 by default), the difference computed in bf16 "
     "(Mukherjee et al. 2025)",
     "principal_angle_max": "the largest principal angle, in degrees, between the top-k left or right singular "
     "subspaces of W₀ and W₁ (Zhu et al. 2025 Sec. 4.1): how far the principal directions turned",
