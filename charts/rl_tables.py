@@ -34,9 +34,9 @@ RL_METRICS: dict[str, str] = {
 #: What each measure says about one matrix, in a sentence (under a grid coloured by it).
 RL_MEANINGS: dict[str, str] = {
     "update_sparsity": "the share of the matrix's entries left unchanged, |w₁ − w₀| ≤ η·max(|w₀|, |w₁|) with "
-    "η = 1e-3 (Zhu et al. 2025 Eq. 1; for bf16 weights, bitwise equality)",
-    "update_sparsity_absolute": "the share of the matrix's entries with |ΔW| ≤ atol (1e-5 by default), the difference computed in bf16 "
-    "(Mukherjee et al. 2025)",
+    "η = 1e-3 by default (Zhu et al. 2025 Eq. 1; for bf16 weights, bitwise equality)",
+    "update_sparsity_absolute": "the share of the matrix's entries with |ΔW| ≤ atol (1e-5 by default), the "
+    "difference computed in bf16 (Mukherjee et al. 2025)",
     "principal_angle_max": "the largest principal angle, in degrees, between the top-k left or right singular "
     "subspaces of W₀ and W₁ (Zhu et al. 2025 Sec. 4.1): how far the principal directions turned",
     "spectral_shift": "‖s(W₁) − s(W₀)‖ / ‖s(W₀)‖ over the full spectra (Zhu et al. 2025 Sec. 4.1): how far the "
