@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, sequential, unlabel_rgb
 
@@ -185,11 +184,12 @@ _DARK_TWIN = {
 def themed(fig: go.Figure, dark: bool) -> go.Figure:
     """``fig`` with its colour scales and cell text for a dark page (unchanged on a light one).
 
-    Every colour scale of :data:`COLORSCALES` (on a trace or a shared colour axis) becomes
-    its dark twin, and the text written on cells (a trace whose ``meta`` is
-    ``{"role": "cell-text", ...}``, from :func:`cell_text`) takes the colour that reads
-    best on its cell in the new scale. The one place that knows the page's theme (the
-    dashboard's chart view) calls this; figures are drawn for a light page.
+    Every colour scale of :data:`COLORSCALES` (on a trace, a frame's trace or a shared
+    colour axis) becomes its dark twin, and the text written on cells (a trace whose
+    ``meta`` is ``{"role": "cell-text", ...}``, from :func:`cell_text`) takes the colour
+    that reads best on its cell in the new scale: the changes :func:`dark_patch` lists,
+    applied. The one place that knows the page's theme (the dashboard's chart view) calls
+    this; figures are drawn for a light page.
 
     Parameters
     ----------
@@ -205,39 +205,34 @@ def themed(fig: go.Figure, dark: bool) -> go.Figure:
     """
     if not dark:
         return fig
-
-    def swap(scale):
-        twin = _DARK_TWIN.get(_scale_key(scale))
-        return [[i / (len(twin) - 1), c] for i, c in enumerate(twin)] if twin else None
-
-    for name in [n for n in fig.layout if n.startswith("coloraxis")]:
-        new = swap(fig.layout[name].colorscale)
-        if new:
-            fig.layout[name].colorscale = new
-    for trace in fig.data:
-        if "colorscale" in trace and (new := swap(trace.colorscale)):
-            trace.colorscale = new
+    patch = dark_patch(fig)
+    for path, value in patch["layout"].items():
+        fig.layout[path] = value
+    for index, changes in patch["data"].items():
+        for path, value in changes.items():
+            fig.data[int(index)][path] = value
     for frame in fig.frames or ():
         for trace in frame.data:
-            if "colorscale" in trace and (new := swap(trace.colorscale)):
-                trace.colorscale = new
-    for trace in fig.data:
-        meta = trace.meta if isinstance(trace.meta, dict) else {}
-        if meta.get("role") == "cell-text":
-            scale = fig.layout[meta["coloraxis"]].colorscale
-            trace.textfont.color = cell_text_colors(meta["values"], scale, meta["low"], meta["high"])
+            if "colorscale" in trace and (twin := _dark_twin(trace.colorscale)):
+                trace.colorscale = twin
     return fig
 
 
-def dark_patch(fig: go.Figure) -> dict:
-    """What :func:`themed` changes in ``fig`` for a dark page, as attribute paths and values.
+def _dark_twin(scale) -> list[list] | None:
+    """The dark twin of one of :data:`COLORSCALES`' light scales (None for any other scale)."""
+    twin = _DARK_TWIN.get(_scale_key(scale))
+    return [[i / (len(twin) - 1), c] for i, c in enumerate(twin)] if twin else None
 
-    For a page that swaps the theme itself (the one-file HTML report, drawn by plotly.js in
-    the reader's browser): the figure travels as drawn for a light page, with this patch
-    beside it, and the page's script sets each path to its value when the reader's scheme
-    is dark (and back to the figure's own value when it is light). Computed by running
-    :func:`themed` on a copy, so the report and the dashboard swap the same scales and
-    recolour the same cell text. Frames are not patched.
+
+def dark_patch(fig: go.Figure) -> dict:
+    """What a dark page changes in ``fig``, as Plotly attribute paths and their new values.
+
+    The dark twin of each colour scale of :data:`COLORSCALES` on a shared colour axis or a
+    trace, and each cell-text trace's colours (:func:`cell_text`) on the swapped scale where
+    they differ. :func:`themed` applies it for the dashboard; the one-file HTML report
+    carries it beside each figure (drawn for a light page) and its own script sets each
+    path to its value when the reader's scheme is dark, and back to the figure's own value
+    when it is light. Frames are not in it (:func:`themed` swaps theirs).
 
     Parameters
     ----------
@@ -249,38 +244,27 @@ def dark_patch(fig: go.Figure) -> dict:
     dict
         ``{"layout": {path: value}, "data": {trace index (str): {path: value}}}`` with
         Plotly's dotted attribute paths (``coloraxis.colorscale``, ``textfont.color``),
-        keys in a fixed order; empty dicts where nothing changes.
+        in a fixed order; empty dicts where nothing changes.
     """
-    light = fig.to_plotly_json()
-    dark = themed(go.Figure(fig), dark=True).to_plotly_json()
-    layout = _changes(light["layout"], dark["layout"])
+    layout = {}
+    for name in sorted(n for n in fig.layout if n.startswith("coloraxis")):
+        if twin := _dark_twin(fig.layout[name].colorscale):
+            layout[f"{name}.colorscale"] = twin
     data = {}
-    for index, (before, after) in enumerate(zip(light["data"], dark["data"], strict=True)):
-        if changed := _changes(before, after):
-            data[str(index)] = changed
+    for index, trace in enumerate(fig.data):
+        changes = {}
+        if "colorscale" in trace and (twin := _dark_twin(trace.colorscale)):
+            changes["colorscale"] = twin
+        meta = trace.meta if isinstance(trace.meta, dict) else {}
+        if meta.get("role") == "cell-text":
+            axis = meta["coloraxis"]
+            scale = layout.get(f"{axis}.colorscale") or fig.layout[axis].colorscale
+            colors = cell_text_colors(meta["values"], scale, meta["low"], meta["high"])
+            if colors != list(trace.textfont.color):
+                changes["textfont.color"] = colors
+        if changes:
+            data[str(index)] = changes
     return {"layout": layout, "data": data}
-
-
-def _changes(before: dict, after: dict, prefix: str = "") -> dict:
-    """Dotted paths (sorted) where ``after`` differs from ``before``, with ``after``'s values.
-
-    Lists and arrays are compared whole.
-    """
-    out = {}
-    for key in sorted(after):
-        path, new = f"{prefix}{key}", after[key]
-        old = before.get(key)
-        if isinstance(new, dict) and isinstance(old, dict):
-            out.update(_changes(old, new, f"{path}."))
-        elif not _same(old, new):
-            out[path] = new.tolist() if isinstance(new, np.ndarray) else new
-    return out
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return a is not None and b is not None and np.array_equal(np.asarray(a), np.asarray(b))
-    return a == b
 
 
 def cell_text(x, y, text: Sequence[str], values: Sequence[float], scale, low: float, high: float, **font) -> go.Scatter:
