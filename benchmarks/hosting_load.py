@@ -165,10 +165,31 @@ def _seen(page, what: str) -> float | None:
     return None if at is None else at / 1000
 
 
+def _chromium(workdir: Path, nice: int) -> str:
+    """Chromium, or a script that starts it ``nice`` steps below this process's priority."""
+    if not nice:
+        return CHROMIUM
+    script = workdir / "chromium-niced"
+    script.write_text(f'#!/bin/sh\nexec nice -n {int(nice)} {CHROMIUM} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def measure(
-    base: Path, tuned: list[Path], workdir: Path, *, processes: bool = True, jobs: int = 1, log: Path | None = None
+    base: Path,
+    tuned: list[Path],
+    workdir: Path,
+    *,
+    processes: bool = True,
+    jobs: int = 1,
+    log: Path | None = None,
+    browsers_nice: int = 0,
 ) -> dict:
-    """Run the eight-visitor load on a fresh server; the figures as a dict."""
+    """Run the eight-visitor load on a fresh server; the figures as a dict.
+
+    ``browsers_nice``: run the visitors' Chromium that many steps below the server's CPU
+    priority, a stand-in for visitors whose browsers run on their own machines (0: as before).
+    """
     from playwright.sync_api import sync_playwright
 
     if str(REPO) not in sys.path:
@@ -183,14 +204,16 @@ def measure(
         "WSE_MAX_JOBS_PER_VISITOR": str(VISITORS),
         "WSE_WORKER_PROCESSES": "1" if processes else "0",
     }
-    figures: dict = {"load_average_before": os.getloadavg(), "processes": processes, "max_jobs": jobs}
+    figures: dict = {"load_average_before": os.getloadavg(), "processes": processes, "max_jobs": jobs,
+                     "browsers_nice": browsers_nice}  # fmt: skip
     with streamlit_server(env, log or workdir / "streamlit.log") as url:
         pid = _server_pid(int(url.rsplit(":", 1)[1]))
         cpu_before = _cpu_seconds(pid)
         probe = HealthProbe(url)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"]
+                executable_path=_chromium(workdir, browsers_nice),
+                args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"],
             )
             pages = [_visitor_page(browser) for _ in tuned]
             fresh = _visitor_page(browser)
@@ -237,13 +260,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="WSE_MAX_JOBS (default 1)")
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line reference run")
     parser.add_argument("--log", type=Path, help="keep the server's output in this file")
+    parser.add_argument(
+        "--browsers-nice", type=int, default=0, help="run the visitors' Chromium this many nice steps lower (0: same)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="wse-load-") as tmp:
         workdir = Path(tmp)
         base, tuned = build_models(workdir / "models")
         figures = {} if args.no_cli else {"cli_sequential_s": round(cli_seconds(base, tuned, workdir), 1)}
-        figures.update(measure(base, tuned, workdir, processes=bool(args.processes), jobs=args.jobs, log=args.log))
+        figures.update(
+            measure(
+                base,
+                tuned,
+                workdir,
+                processes=bool(args.processes),
+                jobs=args.jobs,
+                log=args.log,
+                browsers_nice=args.browsers_nice,
+            )  # fmt: skip
+        )
         if "cli_sequential_s" in figures:
             worst = max(figures["visitor_results_s"])
             figures["slowest_visitor_over_cli"] = round(worst / figures["cli_sequential_s"], 2)
