@@ -40,9 +40,13 @@ ANALYSE_WEIGHT = 0.55
 FREE_S = 1.0
 #: One evaluated point's units per ``m n`` of the plan, in units of a matrix SVD. The demo's
 #: curve (LoRA r=8, six points, two at a time) took 2.5 to 12 times as long as its matrices
-#: over eight runs on a shared two-core machine (2.5 idle): 1700 puts the prior at about 4,
-#: within a factor of two of 2 to 8.
-EVALUATION_WEIGHT = 1700.0
+#: over eight runs on a shared two-core machine, 3.4 times on two idle cores (2026-12-07:
+#: 7.6 s of matrices, 25.7 s of curve). The prior is set for the idle machine (1000: the
+#: curve's estimate at its start came out 26.5 s there; 1700, set for the middle of the busy
+#: runs, said 45 s and stayed at twice the real time until the first point finished): an
+#: estimate that is too low is raised as soon as the points under way overrun it (``slowest``
+#: in :meth:`StepClock.estimate`), one that is too high only when a point finishes.
+EVALUATION_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,10 @@ class StepClock:
         credit = self._credit
         full_units = sum(w for w, p in zip(self._weights, self._phase, strict=True) if p == current)
         free = full_units - phase_units  # the credit counts the free steps too
-        credited = credit is not None and credit[0] == done and credit[1] * full_units - free > units_in
+        # A credit read before the latest mark still counts while it says more than the marks do: when
+        # one of the points run side by side finishes, the others' work so far is in it, not in the marks.
+        same_phase = credit is not None and credit[0] <= done and self._phase[credit[0]] == current
+        credited = same_phase and credit[1] * full_units - free > units_in
         if credited:  # work inside the steps under way (a model evaluation's batches)
             units_in, last = credit[1] * full_units - free, max(credit[2], last)
         overall = (last - self._start) / max(units_before + units_in, 1e-300)
