@@ -233,6 +233,17 @@ class JobManager:
         as it goes, polls ``job.should_stop()``, and returns the result. A failed or
         cancelled job is replaced by a fresh run.
         """
+        return self._join(key, label, watcher, lambda job: self._pool.submit(self._run, job, fn))
+
+    def finished(self, key: Hashable, result: Any, *, label: str = "", watcher: str | None = None) -> Job:
+        """A job for ``key`` that is already done with ``result`` (read, not computed: nothing runs).
+
+        Joined like any other: a later :meth:`submit` of ``key`` returns it.
+        """
+        return self._join(key, label, watcher, lambda job: job._finish(JobState.DONE, result=result))
+
+    def _join(self, key: Hashable, label: str, watcher: str | None, begin: Callable[[Job], Any]) -> Job:
+        """The job of ``key``, or a new one (replacing a failed, cancelled or stopping one) that ``begin`` starts."""
         with self._lock:
             job = self._jobs.get(key)
             if job is None or job.state in (JobState.FAILED, JobState.CANCELLED) or job.should_stop():
@@ -241,25 +252,8 @@ class JobManager:
                 self._jobs[key] = job
                 if watcher is not None:
                     job.watch(watcher)
-                self._pool.submit(self._run, job, fn)
+                begin(job)
             elif watcher is not None:
-                job.watch(watcher)
-            self._prune()
-        return job
-
-    def finished(self, key: Hashable, result: Any, *, label: str = "", watcher: str | None = None) -> Job:
-        """A job for ``key`` that is already done with ``result`` (read, not computed: nothing runs).
-
-        Joined like any other: a later :meth:`submit` of ``key`` returns it.
-        """
-        with self._lock:
-            job = self._jobs.get(key)
-            if job is None or job.state in (JobState.FAILED, JobState.CANCELLED) or job.should_stop():
-                job = Job(key, label)
-                job.owner = watcher
-                self._jobs[key] = job
-                job._finish(JobState.DONE, result=result)
-            if watcher is not None:
                 job.watch(watcher)
             self._prune()
         return job
