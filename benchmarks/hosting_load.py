@@ -93,17 +93,8 @@ class HealthProbe(threading.Thread):
             self.stop.wait(self.every)
 
 
-def _server_pid(port: int) -> int | None:
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
-            return conn.pid
-    return None
-
-
-def _cpu_seconds(pid: int | None) -> tuple[float, float]:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU seconds of the server process and of its children (the workers), so far."""
-    if pid is None:
-        return float("nan"), float("nan")
     process = psutil.Process(pid)
     own = sum(process.cpu_times()[:2])
     children = 0.0
@@ -194,7 +185,7 @@ def measure(
 
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from tests.servers import streamlit_server
+    from tests.servers import server_pid, streamlit_server
 
     env = {
         "WSE_CACHE_DIR": str(workdir / "server-cache"),
@@ -207,7 +198,7 @@ def measure(
     figures: dict = {"load_average_before": os.getloadavg(), "processes": processes, "max_jobs": jobs,
                      "browsers_nice": browsers_nice}  # fmt: skip
     with streamlit_server(env, log or workdir / "streamlit.log") as url:
-        pid = _server_pid(int(url.rsplit(":", 1)[1]))
+        pid = server_pid(url)
         cpu_before = _cpu_seconds(pid)
         probe = HealthProbe(url)
         with sync_playwright() as playwright:

@@ -16,6 +16,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def server_pid(url: str) -> int:
+    """The process that listens on ``url``'s port (the server, whose children are its workers)."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return conn.pid
+    raise AssertionError(f"no process listens on {port}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.servers import REPO, streamlit_server
+from tests.servers import REPO, server_pid, streamlit_server
 
 
 def _workers_of(pid: int) -> list[psutil.Process]:
@@ -25,18 +25,10 @@ def _workers_of(pid: int) -> list[psutil.Process]:
     return found
 
 
-def _server_pid(url: str) -> int:
-    port = int(url.rsplit(":", 1)[1])
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
-            return conn.pid
-    raise AssertionError("no process listens on the server's port")
-
-
 def test_a_server_started_on_serve_py_starts_its_workers_before_any_visitor(tmp_path: Path) -> None:
     env = {"WSE_CACHE_DIR": str(tmp_path / "cache"), "WSE_DEMO_AUTOBUILD": "0", "WSE_MAX_JOBS": "2"}
     with streamlit_server(env, tmp_path / "serve.log") as url:
-        pid = _server_pid(url)
+        pid = server_pid(url)
         deadline = time.time() + 60
         while len(_workers_of(pid)) < 2 and time.time() < deadline:
             time.sleep(0.5)
@@ -44,7 +36,7 @@ def test_a_server_started_on_serve_py_starts_its_workers_before_any_visitor(tmp_
     # The same pages on app.py: nothing starts until a visitor's first page run.
     with streamlit_server(env, tmp_path / "app.log", script="app.py") as url:
         time.sleep(3)
-        assert _workers_of(_server_pid(url)) == []
+        assert _workers_of(server_pid(url)) == []
 
 
 def test_warm_up_imports_what_the_pages_import() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import streamlit_server
+from tests.servers import server_pid, streamlit_server
 
 pytestmark = pytest.mark.browser
 
@@ -33,14 +33,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 MIB = int(os.environ.get("WSE_TEST_UPLOAD_MIB", "80"))
 #: Allowed growth after the files are gone: 200 MB per 3 x 450 MiB (the issue's), at least 40 MB.
 ALLOWED_MB = max(40.0, 200 * MIB / 450)
-
-
-def server_pid(url: str) -> int:
-    port = int(url.rsplit(":", 1)[1])
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
-            return conn.pid
-    raise AssertionError(f"no process listens on {port}")
 
 
 def rss_mb(pid: int) -> float:
