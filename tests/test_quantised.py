@@ -37,15 +37,41 @@ def made(tmp_path_factory):
 
     def get(family: str):
         if family not in built:
-            model = _gpt_oss() if family == "gpt_oss" else families.build(family)
+            model = _build(family)
             base = families.save(model, family, root / family / "base")
-            tuned_model = _gpt_oss() if family == "gpt_oss" else families.build(family)
+            tuned_model = _build(family)
             families.perturb(tuned_model)
             tuned = families.save(tuned_model.to(torch.bfloat16), family, root / family / "tuned")
             built[family] = (model, base, tuned, root / family)
         return built[family]
 
     return get
+
+
+def _build(family: str):
+    if family == "gpt_oss":
+        return _gpt_oss()
+    if family == "mixtral8":
+        return _mixtral8()
+    return families.build(family)
+
+
+def _mixtral8():
+    """Mixtral with 8 experts: each router has 8 outputs, so AWQ packs its codes and zero points in one word a row."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+    return tf.MixtralForCausalLM(config)
 
 
 def _gpt_oss():
@@ -535,10 +561,18 @@ def test_without_the_library_compressed_weights_are_skipped_naming_the_package(m
     assert not [n for n in source.names() if n.rsplit(".", 1)[-1].startswith("weight_")]
 
 
-def test_awq_gemm(made):
-    """AutoAWQ's layout read by compressed-tensors' AutoAWQConverter: (q - z) * s, rounded as fp16 scales give."""
-    model, base, tuned, root = made("llama")
+@pytest.mark.parametrize("family", ["llama", "mixtral8"])
+def test_awq_gemm(made, family):
+    """AutoAWQ's layout read by compressed-tensors' AutoAWQConverter: (q - z) * s, rounded as fp16 scales give.
+
+    ``mixtral8``'s routers have 8 outputs: their zero points unpack to one int32 row of
+    compressed-tensors' pack-quantized form, which its decompress cannot unpack by itself.
+    """
+    model, base, tuned, root = made(family)
     folder, expected = quantised.awq_gemm(base, root / "awq")
+    assert family != "mixtral8" or {n for n in expected if n.endswith(".gate.weight")} == {
+        f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)
+    }
     source = open_location(str(folder))
     got = {}
     for name, reference in expected.items():

@@ -6,15 +6,17 @@ packed the same way) and ``scales`` (``[in/group, out]``): ``W = (q - z) * s``. 
 itself needs CUDA; its maintained CPU reader is compressed-tensors'
 ``AutoAWQConverter`` (``compressed_tensors.entrypoints.convert.converters``), which
 unpacks the codes into compressed-tensors' ``pack-quantized`` form; that library's own
-compressor then dequantises them. Other AWQ versions (GEMV, Marlin) and bit widths are
-listed as skipped, naming them.
+compressor then dequantises them, through :func:`analysis.quant.compressed.decompress`,
+which also unpacks the one-word zero-point rows of matrices with at most 8 outputs (a
+router over 8 experts). Other AWQ versions (GEMV, Marlin) and bit widths are listed as
+skipped, naming them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from analysis.quant import gptq
+from analysis.quant import compressed, gptq
 from analysis.quant.base import Claims, QuantTensor, misfit, register, require
 from analysis.readers import TensorInfo
 
@@ -32,7 +34,7 @@ def _library():
 def _dequantise(parts: dict[str, torch.Tensor], index: int | None, converter, compressor, scheme) -> torch.Tensor:
     converted = converter.process({f"module.{role}": tensor for role, tensor in parts.items()})
     state = {name.removeprefix("module."): tensor for name, tensor in converted.items()}
-    return compressor.decompress(state, scheme)["weight"].to(torch.float32)
+    return compressed.decompress(state, compressor, scheme)
 
 
 @register("awq")

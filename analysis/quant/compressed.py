@@ -45,7 +45,12 @@ def _label(scheme, fmt: str) -> str:
     return f"{kind}{args.num_bits} {strategy}{sym} ({fmt})"
 
 
-def _decompress(parts: dict[str, torch.Tensor], index: int | None, compressor, scheme) -> torch.Tensor:
+def decompress(parts: dict[str, torch.Tensor], compressor, scheme) -> torch.Tensor:
+    """One module's compressed parameters decompressed by ``compressor`` as float32.
+
+    Used for compressed-tensors checkpoints and for AWQ ones (:mod:`analysis.quant.awq`
+    converts those to ``pack-quantized`` first), so that both get :func:`_one_word_row`.
+    """
     parts = dict(parts)
     zero_point = parts.get("weight_zero_point")
     if zero_point is not None and zero_point.dim() == 2 and zero_point.shape[0] == 1:
@@ -56,8 +61,9 @@ def _decompress(parts: dict[str, torch.Tensor], index: int | None, compressor, s
 def _one_word_row(packed: torch.Tensor) -> torch.Tensor:
     """The same ``[1, n]`` packed zero points, strided so that compressed-tensors can unpack them.
 
-    A matrix with at most ``32 / bits`` rows (an MoE router over 4 or 8 experts) packs its
-    zero points into one int32 row. compressed-tensors 0.20's ``unpack_from_int32(...,
+    A matrix with at most ``32 / bits`` rows (an MoE router over 4 or 8 experts; in AWQ's
+    GEMM layout, which packs 8 outputs a word, a router over 8) packs its zero points into
+    one int32 row. compressed-tensors 0.20's ``unpack_from_int32(...,
     packed_dim=0)`` transposes that row to ``[n, 1]`` with strides ``(1, n)``, which
     ``.contiguous()`` leaves as it is (a size-1 dimension's stride does not count) and
     ``.view(torch.uint8)`` then refuses ("self.stride(-1) must be 1 to view Int as
@@ -125,7 +131,7 @@ def claim(infos: dict[str, TensorInfo], config: dict) -> Claims:
                     shapes[module],
                     parts,
                     _label(scheme, fmt),
-                    lambda p, i, c=compressor, s=scheme: _decompress(p, i, c, s),
+                    lambda p, i, c=compressor, s=scheme: decompress(p, c, s),
                     method=f"compressed-tensors-{fmt}-1",
                 )
             )
