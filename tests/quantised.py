@@ -4,9 +4,10 @@ Each writer takes a full-precision checkpoint folder (written by ``save_pretrain
 writes a copy whose block matrices are quantised by the format's own code: transformers'
 ``Fp8Quantize`` (fine-grained FP8), compressed-tensors' ``compress`` with
 ``calculate_qparams``, transformers' ``from_pretrained`` with a
-bitsandbytes config and ``save_pretrained`` (bitsandbytes runs on the CPU), and for MXFP4 seeded
-random codes and exponents (every byte pattern is a valid MXFP4 weight; transformers'
-MXFP4 quantiser needs a GPU). :func:`dequantised_copy` writes the reference: the same
+bitsandbytes config and ``save_pretrained`` (bitsandbytes runs on the CPU). (MXFP4 and
+GPTQ checkpoints are committed under tests/data, written by scripts/make_mxfp4_fixtures.py
+and scripts/make_gptq_fixtures.py with libraries this project does not depend on.)
+:func:`dequantised_copy` writes the reference: the same
 checkpoint with every quantised weight dequantised by the library's own function, as
 float32, without the quantisation config.
 """
@@ -22,6 +23,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _BLOCK_WEIGHT = ("layers.", "layer.", ".h.")
+
+
+def gpt_oss_model():
+    """gpt-oss with intermediate size 32: MXFP4 blocks hold 32 values, so every expert matrix is whole blocks."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.GptOssConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return tf.GptOssForCausalLM(config)
 
 
 def _quantisable(name: str, tensor: torch.Tensor) -> bool:
@@ -63,27 +83,6 @@ def fp8_blocks(src: Path, out: Path, block: int = 16) -> Path:
         else:
             state[name] = tensor
     config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
-    return _write(src, out, state, config)
-
-
-def mxfp4_experts(src: Path, out: Path, seed: int = 0) -> Path:
-    """gpt-oss as released: the fused experts as MXFP4 ``_blocks``/``_scales`` (seeded codes)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in load_file(src / "model.safetensors").items():
-        if tensor.dim() == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            experts, inner, outer = tensor.shape  # stored [E, in, out]
-            groups = inner // 32
-            state[name + "_blocks"] = torch.randint(
-                0, 256, (experts, outer, groups, 16), generator=g, dtype=torch.uint8
-            )
-            state[name + "_scales"] = torch.randint(118, 130, (experts, outer, groups), generator=g, dtype=torch.uint8)
-        else:
-            state[name] = tensor
-    config = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"],
-    }
     return _write(src, out, state, config)
 
 

@@ -50,7 +50,7 @@ def made(tmp_path_factory):
 
 def _build(family: str):
     if family == "gpt_oss":
-        return _gpt_oss()
+        return quantised.gpt_oss_model()
     if family == "mixtral8":
         return _mixtral8()
     return families.build(family)
@@ -72,25 +72,6 @@ def _mixtral8():
         num_experts_per_tok=2,
     )
     return tf.MixtralForCausalLM(config)
-
-
-def _gpt_oss():
-    """gpt-oss with intermediate size 32: MXFP4 blocks hold 32 values, so every expert matrix is whole blocks."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.GptOssConfig(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=32,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    return tf.GptOssForCausalLM(config)
 
 
 def _fp8_reference(folder: Path) -> dict[str, torch.Tensor]:
@@ -239,12 +220,46 @@ def test_fp8_missing_or_misfit_scales_are_one_error_naming_the_tensor(tmp_path):
         open_location(str(tmp_path))
 
 
-def test_mxfp4_gpt_oss_experts(made):
+MXFP4_DATA = Path(__file__).parent / "data" / "mxfp4" / "gpt-oss"
+
+
+def test_mxfp4_written_by_triton_kernels(made, tmp_path):
+    """gpt-oss's experts as triton_kernels' own MXFP4 quantiser wrote them (scripts/make_mxfp4_fixtures.py).
+
+    Every expert matrix equals transformers' dequantisation, what transformers' gpt-oss
+    loads with ``Mxfp4Config(dequantize=True)``, gpt-oss's own reader and triton_kernels'
+    own ``upcast_from_mxfp_torch`` (the last two stored by the script, which ran them), and
+    lies within its block's scale of the bf16 weight that was quantised (so the blocks run
+    along each matrix's inputs, as gpt-oss stores them: a square ``down_proj`` read
+    transposed would not).
+    """
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    reference = _mxfp4_reference(MXFP4_DATA)
+    _check_exact(MXFP4_DATA, reference, "mxfp4")
+    source = open_location(str(MXFP4_DATA))
+    got = {name: source.load(name) for name in reference}
+    loaded = GptOssForCausalLM.from_pretrained(
+        MXFP4_DATA, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32, device_map="cpu"
+    ).state_dict()
+    others = {f: load_file(MXFP4_DATA / f"{f}.safetensors") for f in ("reference-gpt-oss", "reference-triton-kernels")}
+    stored = load_file(MXFP4_DATA / "model.safetensors")
+    bf16 = load_file(MXFP4_DATA / "source.safetensors")
+    assert (
+        bf16.keys()
+        == reference.keys()
+        == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    )
+    for name, weight in got.items():
+        assert torch.equal(loaded[name], weight), name
+        for file, other in others.items():
+            assert other.keys() == reference.keys() and torch.equal(other[name].float(), weight), (file, name)
+        exponents = stored[name + "_scales"].to(torch.int32) - 127  # [E, out, in/32]
+        step = torch.ldexp(torch.ones(exponents.shape), exponents).repeat_interleave(32, -1).transpose(1, 2)
+        assert ((weight - bf16[name].float()).abs() <= step).all(), name
+        assert not torch.equal(weight, bf16[name].float()), name
     model, base, tuned, root = made("gpt_oss")
-    folder = quantised.mxfp4_experts(base, root / "mxfp4")
-    reference = _mxfp4_reference(folder)
-    _check_exact(folder, reference, "mxfp4")
-    report = _same_reports(folder, quantised.dequantised_copy(folder, root / "mxfp4-deq", reference), tuned)
+    report = _same_reports(MXFP4_DATA, quantised.dequantised_copy(MXFP4_DATA, tmp_path / "deq", reference), tuned)
     assert sum(m["expert"] is not None for m in report["matrices"]) == 2 * 2 * 4  # 2 blocks x 2 tensors x 4 experts
 
 
@@ -602,10 +617,9 @@ def test_dequantise_device_setting(made, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_every_format_dequantises_to_the_same_bytes(made, monkeypatch):
     model, base, tuned, root = made("llama")
-    oss = made("gpt_oss")
     folders = [
         quantised.fp8_blocks(base, root / "gpu-fp8"),
-        quantised.mxfp4_experts(oss[1], oss[3] / "gpu-mxfp4"),
+        MXFP4_DATA,
         quantised.compressed(
             base,
             root / "gpu-ct",
