@@ -10,10 +10,15 @@ on the project's torch 2.13 CPU build), e.g.::
         pypcre==0.6.4 logbar==0.4.15 device-smi==0.5.7 tokenicer==0.0.14 defuser==0.0.28
     PYTHONPATH=/tmp/gptq .venv/bin/python scripts/make_gptq_fixtures.py
 
-Each case is a tiny Llama (tests/factories.py, seed 0, one block, 32 tokens, four key/value
-heads so that every matrix has 32 or 64 outputs, as 3-bit packing needs) quantised by
-``AutoRound`` with round-to-nearest (``iters=0``, no calibration data) and saved with
-``format="auto_gptq"``. Next to each checkpoint, ``reference.safetensors`` holds every
+Each case is a tiny model (seed 0, one block, 32 tokens, four key/value heads so that every
+matrix has 32 or 64 outputs, as 3-bit packing needs) quantised by ``AutoRound`` with
+round-to-nearest (``iters=0``, no calibration data) and saved with ``format="auto_gptq"``:
+a Llama (tests/factories.py) for the dense cases, a Mixtral and a Qwen3-MoE (four experts,
+which auto-round unfuses from transformers' 3-D expert parameters and writes one module
+per expert: Qwen3-MoE's ``mlp.experts.N.gate_proj``, and for Mixtral
+``block_sparse_moe.experts.N.gate_proj``/``up_proj``/``down_proj``, not the ``w1``/``w3``/
+``w2`` of Mixtral's own checkpoints; the routers stay bf16), and a LLaVA (auto-round
+quantises the language model's linears; the vision tower and the projector stay bf16). Next to each checkpoint, ``reference.safetensors`` holds every
 quantised weight ``[out, in]`` in float32 as GPTQModel's own model-free dequantiser
 computes it (``gptqmodel.utils.model_dequant.convert_gptq_file``, given each module's
 bits and group size, so that ``dynamic`` overrides are honoured). The script also checks
@@ -43,21 +48,49 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "tests" / "data" / "gptq"
-CASES = {  # name: (bits, group_size, sym, layer_config, model config overrides)
-    "w4g16-sym": (4, 16, True, None, {}),
-    "w4g16": (4, 16, False, None, {}),
-    "w8-channel-sym": (8, -1, True, None, {}),
-    "w2g32": (2, 32, False, None, {}),
-    "w3g16": (3, 16, False, None, {}),
-    "w4g16-dynamic": (4, 16, False, {"model.layers.0.mlp.down_proj": {"bits": 8, "group_size": 32}}, {}),
-    "w4g16-square": (4, 16, False, None, {"intermediate_size": 32}),
+CASES = {  # name: (family, bits, group_size, sym, layer_config, model config overrides)
+    "w4g16-sym": ("llama", 4, 16, True, None, {}),
+    "w4g16": ("llama", 4, 16, False, None, {}),
+    "w8-channel-sym": ("llama", 8, -1, True, None, {}),
+    "w2g32": ("llama", 2, 32, False, None, {}),
+    "w3g16": ("llama", 3, 16, False, None, {}),
+    "w4g16-dynamic": ("llama", 4, 16, False, {"model.layers.0.mlp.down_proj": {"bits": 8, "group_size": 32}}, {}),
+    "w4g16-square": ("llama", 4, 16, False, None, {"intermediate_size": 32}),
+    "mixtral-w4g16": ("mixtral", 4, 16, False, None, {}),
+    "qwen3-moe-w4g16-sym": ("qwen3_moe", 4, 16, True, None, {}),
+    "llava-w4g16": ("llava", 4, 16, False, None, {}),
 }
 
 
-def _model(**overrides):
+def _model(family: str, **overrides):
+    """The tiny model of ``family`` (seed 0, one block) that a case quantises.
+
+    The MoE and LLaVA models carry ``architectures`` in their config, as a model loaded by
+    ``from_pretrained`` does, so that the engine asks transformers for their layout.
+    """
+    import transformers as tf
+
     from tests.factories import HEADS, build_model
 
-    return build_model("llama", seed=0, num_key_value_heads=HEADS, num_hidden_layers=1, vocab_size=32, **overrides)
+    if family == "llama":
+        return build_model("llama", seed=0, num_key_value_heads=HEADS, num_hidden_layers=1, vocab_size=32, **overrides)
+    torch.manual_seed(0)
+    common = {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": HEADS, "vocab_size": 32}
+    common |= {"hidden_size": 32, "intermediate_size": 32} | overrides  # (auto-round leaves experts of 16 unquantised)
+    experts = {"num_experts_per_tok": 2}
+    if family == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**common, **experts, num_local_experts=4))
+    elif family == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(**common, **experts, head_dim=8, moe_intermediate_size=32, num_experts=4)
+        model = tf.Qwen3MoeForCausalLM(config)
+    else:  # llava: the language model's linears are quantised, the vision tower stays as it is
+        vision = tf.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=8, patch_size=4
+        )
+        text = tf.LlamaConfig(**common)
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision))
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
 
 
 def _tokenizer():
@@ -70,14 +103,14 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")), unk_token="t0")
 
 
-def quantise(name: str, bits: int, group: int, sym: bool, layers: dict | None, overrides: dict) -> Path:
+def quantise(name: str, family: str, bits: int, group: int, sym: bool, layers: dict | None, overrides: dict) -> Path:
     from auto_round import AutoRound
 
     out = OUT / name
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         rounder = AutoRound(
-            _model(**overrides),
+            _model(family, **overrides),
             alg_configs="rtn",
             tokenizer=_tokenizer(),
             bits=bits,
@@ -87,6 +120,7 @@ def quantise(name: str, bits: int, group: int, sym: bool, layers: dict | None, o
             device_map="cpu",
             layer_config=layers,
             disable_opt_rtn=True,
+            amp=False,  # float32 throughout: auto-round turns amp on only where the CPU has bf16 (avx512_bf16)
         )
         rounder.quantize_and_save(tmp, format="auto_gptq")
         saved = next(Path(tmp).rglob("model.safetensors")).parent  # auto-round adds a folder named by the scheme
@@ -96,16 +130,21 @@ def quantise(name: str, bits: int, group: int, sym: bool, layers: dict | None, o
     return out
 
 
+def _modules(folder: Path):
+    """``(module, bits, group_size, stored tensors, quantization_config)`` of every ``qweight`` in ``folder``."""
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    stored = load_file(folder / "model.safetensors")
+    for name in sorted(n for n in stored if n.endswith(".qweight")):
+        module = name.removesuffix(".qweight")
+        yield (module, *_module_settings(qconfig, module), stored, qconfig)
+
+
 def library_dequantised(folder: Path) -> dict[str, torch.Tensor]:
     """Every ``qweight`` as GPTQModel's model-free dequantiser computes it, ``[out, in]`` float32."""
     from gptqmodel.utils.model_dequant import convert_gptq_file
 
-    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
-    stored = load_file(folder / "model.safetensors")
     out = {}
-    for name in sorted(n for n in stored if n.endswith(".qweight")):
-        module = name.removesuffix(".qweight")
-        bits, group = _module_settings(qconfig, module)
+    for module, bits, group, stored, qconfig in _modules(folder):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "module.safetensors"
             save_file(
@@ -127,17 +166,13 @@ def kernel_dequantised(folder: Path) -> dict[str, torch.Tensor]:
     """
     from auto_round_extension.torch.qlinear_torch_zp import QuantLinear
 
-    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
-    stored = load_file(folder / "model.safetensors")
     out = {}
-    for name in sorted(n for n in stored if n.endswith(".qweight")):
-        module = name.removesuffix(".qweight")
-        bits, group = _module_settings(qconfig, module)
+    for module, bits, group, stored, qconfig in _modules(folder):
         scales = stored[module + ".scales"]
         inputs, outputs = stored[module + ".g_idx"].numel(), scales.shape[1]
         assert outputs <= inputs or not qconfig["desc_act"], module
         layer = QuantLinear(bits, group if group > 0 else inputs, inputs, outputs, False, g_idx=qconfig["desc_act"])
-        layer.qweight, layer.qzeros, layer.scales = stored[name], stored[module + ".qzeros"], scales
+        layer.qweight, layer.qzeros, layer.scales = stored[module + ".qweight"], stored[module + ".qzeros"], scales
         if qconfig["desc_act"]:
             layer.g_idx = stored[module + ".g_idx"]
         layer.eval()
