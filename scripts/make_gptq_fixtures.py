@@ -12,13 +12,15 @@ on the project's torch 2.13 CPU build), e.g.::
 
 Each case is a tiny model (seed 0, one block, 32 tokens, four key/value heads so that every
 matrix has 32 or 64 outputs, as 3-bit packing needs) quantised by ``AutoRound`` with
-round-to-nearest (``iters=0``, no calibration data) and saved with ``format="auto_gptq"``:
-a Llama (tests/factories.py) for the dense cases, a Mixtral and a Qwen3-MoE (four experts,
+round-to-nearest (``iters=0``, no calibration data, ``amp=False``: in float32, as on a CPU
+without bf16, where auto-round turns amp off itself) and saved with ``format="auto_gptq"``:
+a Llama (tests/factories.py) for the dense cases; a Mixtral and a Qwen3-MoE (four experts,
 which auto-round unfuses from transformers' 3-D expert parameters and writes one module
 per expert: Qwen3-MoE's ``mlp.experts.N.gate_proj``, and for Mixtral
-``block_sparse_moe.experts.N.gate_proj``/``up_proj``/``down_proj``, not the ``w1``/``w3``/
-``w2`` of Mixtral's own checkpoints; the routers stay bf16), and a LLaVA (auto-round
-quantises the language model's linears; the vision tower and the projector stay bf16). Next to each checkpoint, ``reference.safetensors`` holds every
+``block_sparse_moe.experts.N.gate_proj``/``up_proj``/``down_proj``, not the
+``w1``/``w3``/``w2`` of Mixtral's own checkpoints; the routers are not quantised); and a
+LLaVA (auto-round quantises the language model's linears; the vision tower and the
+projector are not quantised). Next to each checkpoint, ``reference.safetensors`` holds every
 quantised weight ``[out, in]`` in float32 as GPTQModel's own model-free dequantiser
 computes it (``gptqmodel.utils.model_dequant.convert_gptq_file``, given each module's
 bits and group size, so that ``dynamic`` overrides are honoured). The script also checks
