@@ -14,7 +14,12 @@ Family knowledge lives here, so a new model family touches this one file:
   ``transformers.core_model_loading.rename_source_key``, the code ``from_pretrained``
   runs). The meta model also says which modules are ``nn.Embedding``, GPT-2 ``Conv1D``
   (stored ``in x out``), or fused experts stored ``[E, in, out]`` (``is_transposed``).
-  Without a config transformers knows, names are used as stored.
+  Without a config transformers knows, names are used as stored. One expert's projections
+  go by two names: ``w1``/``w3``/``w2`` (Mixtral's checkpoints, and the mapping
+  transformers declares for them) and ``gate_proj``/``up_proj``/``down_proj`` (what
+  GPTQModel and auto-round write for every family, having split the fused experts into one
+  linear module per expert to quantise them); a stored name the mapping does not convert
+  is tried under its other name (:data:`EXPERT_PROJECTION_NAMES`).
 - **Identity.** ``(stack, layer, module, expert)``: the stack (``encoder``/``decoder`` of
   T5, ``vision``/``language`` of a VLM; ``None`` when a model has one), the block number,
   a canonical module label (:func:`module_label`) and the MoE expert index (``None``
@@ -118,6 +123,20 @@ def expert_index(name: str) -> int | None:
     """The expert number of a per-expert tensor (``mlp.experts.17.w1.weight`` -> 17), or ``None``."""
     match = _EXPERT.search(name)
     return int(match.group(1)) if match else None
+
+
+#: The two names of each projection of one MoE expert (see the module docstring).
+EXPERT_PROJECTION_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_OTHER_NAME = EXPERT_PROJECTION_NAMES | {b: a for a, b in EXPERT_PROJECTION_NAMES.items()}
+_EXPERT_PROJECTION = re.compile(r"(\.experts\.\d+\.)(" + "|".join(_OTHER_NAME) + r")(?=\.)")
+
+
+def expert_projection_alias(name: str) -> str | None:
+    """``name`` with its expert projection under its other name (``experts.3.gate_proj.`` <-> ``experts.3.w1.``)."""
+    match = _EXPERT_PROJECTION.search(name)
+    if match is None:
+        return None
+    return name[: match.start(2)] + _OTHER_NAME[match.group(2)] + name[match.end(2) :]
 
 
 _NUMBERS = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -277,12 +296,12 @@ class ModelLayout:
             self._load_info()
         self._dirty = True
         if self.available:
-            try:
-                from transformers.core_model_loading import rename_source_key
-
-                renamed, pattern = rename_source_key(name, self._renamings, self._converters, self._prefix, self._meta)
-            except Exception:  # a mapping that cannot handle the name: keep it as stored
-                renamed, pattern = name, None
+            renamed, pattern = self._rename(name)
+            alias = expert_projection_alias(name) if pattern is None else None
+            if alias is not None:  # an expert projection the mapping converts under its other name
+                converted = self._rename(alias)
+                if converted[1] is not None:
+                    renamed, pattern = converted
             if pattern is None:
                 placement = Placement(renamed)
             else:
@@ -293,6 +312,15 @@ class ModelLayout:
                 )
         self._cache[name] = placement
         return placement
+
+    def _rename(self, name: str) -> tuple[str, str | None]:
+        """The renaming transformers does to a stored name: ``(memory name, the converter source pattern or None)``."""
+        try:
+            from transformers.core_model_loading import rename_source_key
+
+            return rename_source_key(name, self._renamings, self._converters, self._prefix, self._meta)
+        except Exception:  # a mapping that cannot handle the name: keep it as stored
+            return name, None
 
     def module_kind(self, memory: str) -> str | None:
         """The kind of module a parameter in memory belongs to.
@@ -333,7 +361,7 @@ class ModelLayout:
 
 
 #: Part of a stored layout's key: change it when what a layout stores changes.
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"  # 2: expert projections under their other name
 
 
 def _stored_path(config_json: str):

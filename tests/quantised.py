@@ -181,6 +181,36 @@ def full_precision_copy(folder: Path, out: Path, state: dict[str, torch.Tensor])
     return _write(folder, out, state, None)
 
 
+def fine_tune_of(folder: Path, out: Path, *, in_memory: bool = False) -> Path:
+    """A bf16 full fine-tune of the model that ``folder`` (a quantised checkpoint) stores.
+
+    The architecture of its ``config.json`` (without the quantisation config), initialised
+    with seed 0 as scripts/make_gptq_fixtures.py initialised it, given a small full-rank
+    change of every parameter (:func:`tests.families.perturb`), and written as users get
+    it: by ``save_pretrained`` (transformers 5 writes Mixtral's and Qwen3-MoE's experts one
+    tensor per expert, LLaVA in its checkpoint naming) or, ``in_memory``, as the model's
+    state dict (fused experts ``[E, 2I, H]`` and ``[E, H, I]``, LLaVA's in-memory naming).
+    """
+    import transformers
+
+    from tests import families
+
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config", None)
+    torch.manual_seed(0)
+    model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+    families.perturb(model)
+    model = model.to(torch.bfloat16)
+    if not in_memory:
+        model.save_pretrained(out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    state = {n: t.detach().clone().contiguous() for n, t in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(model.config.to_json_string())
+    return out
+
+
 def awq_gemm(src: Path, out: Path, group: int = 16) -> tuple[Path, dict[str, torch.Tensor]]:
     """Every block matrix in AutoAWQ's GEMM layout (4-bit, zero points, ``group`` columns a scale).
 
