@@ -223,8 +223,9 @@ def to_base_layout(tuned: list[Slot], base: list[Slot]) -> list[Slot]:
         target = base_fused.get((slot.memory, slot.expert)) if slot.index is None else None
         pieces = tuned_parts.get((slot.memory, slot.expert)) if target is not None else None
         if pieces and tiles(pieces, target.shape):  # join the per-expert parts into the base's slice
-            if slot.part == 0:
-                out.append(replace(target, name=slot.name, transpose=False, pieces=tuple(pieces)))
+            if slot.part == 0:  # stored as the fine-tune's pieces are, not as the base's slice
+                storage = " + ".join(dict.fromkeys(p.storage for p in pieces if p.storage)) or None
+                out.append(replace(target, name=slot.name, transpose=False, pieces=tuple(pieces), storage=storage))
             continue
         out.append(slot)
     return out

@@ -152,6 +152,11 @@ def _check_exact(folder: Path, reference: dict[str, torch.Tensor], label: str) -
 def _same_reports(quantised_base: Path, reference_base: Path, tuned: Path) -> dict:
     got = to_report(compare(str(quantised_base), [str(tuned)], cache=None, device="cpu"))["models"][0]
     want = to_report(compare(str(reference_base), [str(tuned)], cache=None, device="cpu"))["models"][0]
+    return _same_models(got, want)
+
+
+def _same_models(got: dict, want: dict) -> dict:
+    """``got`` (a report's model) analyses the same matrices as ``want``, with the same counts and metrics."""
     assert [m["name"] for m in got["matrices"]] == [m["name"] for m in want["matrices"]]
     assert [m["expert"] for m in got["matrices"]] == [m["expert"] for m in want["matrices"]]
     assert got["matrices"], "nothing analysed"
@@ -431,6 +436,38 @@ def test_gptq_moe_and_multimodal_report_equals_the_dequantised_base(case, in_mem
     # rounding, ~7% of the weight; paired with another matrix it would differ by ~140%.
     for name, weight in reference.items():
         assert analysed[name]["delta_fro"] < 0.15 * float(weight.norm()), name
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["save_pretrained", "in_memory"])
+@pytest.mark.parametrize("case", sorted(GPTQ_FAMILIES))
+def test_gptq_moe_and_multimodal_as_the_fine_tune_of_a_bf16_base(case, in_memory, tmp_path):
+    """The other way round: a bf16 base (per expert or fused) against the GPTQ checkpoint.
+
+    Against a fused base, each expert's GPTQ ``gate_proj`` and ``up_proj`` are joined into
+    the base's ``gate_up_proj`` slice; the joined matrix is stored as they are (GPTQ).
+    """
+    folder = GPTQ_DATA / case
+    reference = {n: t.float() for n, t in load_file(folder / "reference.safetensors").items()}
+    deq = quantised.dequantised_copy(folder, tmp_path / "deq", reference)
+    base = quantised.fine_tune_of(folder, tmp_path / "base", in_memory=in_memory)
+    got = to_report(compare(str(base), [str(folder)], cache=None, device="cpu"))["models"][0]
+    want = to_report(compare(str(base), [str(deq)], cache=None, device="cpu"))["models"][0]
+    report = _same_models(got, want)
+    assert not report["unmatched"] and not report["shape_mismatches"]
+    experts, vision = GPTQ_FAMILIES[case]
+    fused = in_memory and experts
+    assert sum(m["expert"] is not None for m in report["matrices"]) == (experts * 2 // 3 if fused else experts)
+    label = next(iter(GPTQ[case][1]))
+    quantised_matrices = len(reference) - (experts // 3 if fused else 0)  # gate and up joined: one matrix
+    assert report["summary"]["storage"]["tuned"] == {
+        label: quantised_matrices,
+        "fp32": len(report["matrices"]) - quantised_matrices,
+    }
+    assert {m["tuned_storage"] for m in report["matrices"] if m["module"] != "router" and m["stack"] != "vision"} == {
+        label
+    }
+    smallest = min(float(w.norm()) for w in reference.values())
+    assert max(m["delta_fro"] for m in report["matrices"] if m["tuned_storage"] == label) < 0.15 * smallest
 
 
 def _gptq_folder(tmp_path: Path, qconfig: dict, **replace) -> Path:
