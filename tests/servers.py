@@ -73,6 +73,17 @@ def streamlit_server(
 CHROMIUM = "/usr/bin/chromium"
 
 
+def need_browser():
+    """Playwright's ``sync_api``; skips where Debian's Chromium or Playwright is missing.
+
+    At a browser test module's top it skips the module; in a fixture or a test, that test."""
+    import pytest
+
+    if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
+        pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+    return pytest.importorskip("playwright.sync_api")
+
+
 @contextmanager
 def chromium(*extra_args: str) -> Iterator:
     """Headless Chromium driven by Playwright, closed on exit (``extra_args`` after the base flags)."""
