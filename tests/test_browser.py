@@ -19,17 +19,14 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from tests.servers import CHROMIUM, REPO, chromium, streamlit_server
+from tests.servers import REPO, chromium, need_browser, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TIMEOUT_MS = 180_000
 
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-
-pytest.importorskip("playwright.sync_api")
+need_browser()
 
 
 @pytest.fixture(scope="module")
