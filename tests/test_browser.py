@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from tests.servers import REPO, chromium, need_browser, streamlit_server
+from tests.servers import PAGE_FINISHED, REPO, chromium, need_browser, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -94,9 +94,7 @@ def shot(page, name: str) -> Path:
 
 #: The script run is over (the attribute Streamlit's own end-to-end tests wait on), no
 #: analysis is in progress and the charts are drawn.
-IDLE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
-              && !document.querySelector('[data-testid="stProgress"]')
-              && !document.querySelector('[data-testid="stStatusWidget"]')
+IDLE = f"""() => {PAGE_FINISHED}
               && document.querySelectorAll('.js-plotly-plot .main-svg').length > 0"""
 SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
                      && !document.querySelector('[data-testid="stStatusWidget"]')"""
