@@ -49,8 +49,8 @@ def group_looks(table) -> dict[str, dict]:
     """A colour, a dash and a marker per group of a series table, no two groups alike.
 
     Per matrix (``table`` has the columns of :data:`charts.series_tables.MATRIX_IDENTITY`)
-    the colour says the module kind (of its stack) and the dash, then the marker, the layer
-    (and expert): every ``query`` line is one colour, every layer-0 line solid, so ~36 lines
+    the colour says the module kind (of its stack), the dash and the marker the layer (and
+    expert): every ``query`` line is one colour, every layer-0 line solid, so ~36 lines
     of a small model read as 6 colours x 6 dashes instead of 36 lines in 10 colours. Other
     groupings take the colours in turn and a new dash after every :data:`PALETTE` colour.
     Colour and look are distinct for every pair of groups up to ``len(DASHES) x len(SYMBOLS)``
@@ -84,8 +84,10 @@ def group_looks(table) -> dict[str, dict]:
         look = place_index[place] + len(place_index) * turn  # kinds past the palette's end: new looks
         looks[group] = {
             "color": PALETTE[colour],
+            # Dash and marker both change from one layer to the next (a legend's short sample
+            # hardly shows a long dash); past 8 layers the marker shifts, so the pair stays new.
             "dash": DASHES[look % len(DASHES)],
-            "symbol": SYMBOLS[look // len(DASHES) % len(SYMBOLS)],
+            "symbol": SYMBOLS[(look + look // len(DASHES)) % len(SYMBOLS)],
         }
     return looks
 
@@ -151,7 +153,9 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     fig.update_layout(
         title=series_title(label, f"the update against training step ({grouping})"),
         height=620,
-        legend={"orientation": "h", "y": -0.15},
+        # Hung from the figure's bottom edge, not 15 % of the plot below it: a long legend (36
+        # matrices) shrinks the plot, and on a phone it then sat on the "training step" titles.
+        legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom"},
         margin={"t": 90},
     )
     return fig
