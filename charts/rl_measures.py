@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from analysis.cache import SpectrumCache
 from analysis.results import MatrixResult, ModelResult
 from charts import rl_tables, series_tables
-from charts.series import series_title
+from charts.series import group_looks, series_title
 from charts.style import PALETTE, chart_text, empty_figure, legend_name, log_axis, series_style
 from charts.tables import model_labels
 
@@ -173,13 +173,14 @@ def series_rl_figure(table, by: str, label: str) -> go.Figure:
         horizontal_spacing=0.14,  # the right column's ticks ("0.00015") clear of the left column's lines
         subplot_titles=[PANEL_TITLES[m] for m in names],
     )
-    for g, group in enumerate(dict.fromkeys(table["group"])):
+    for group, look in group_looks(table).items():  # the trends chart's colours and dashes
         part = table[table["group"] == group].sort_values("step")
         for i, metric in enumerate(names):
             fig.add_trace(
                 go.Scatter(
                     x=part["step"], y=part[metric], mode="lines+markers", name=chart_text(group),
-                    legendgroup=str(group), showlegend=i == 0, line={"color": PALETTE[g % len(PALETTE)]},
+                    legendgroup=str(group), showlegend=i == 0, line={"color": look["color"], "dash": look["dash"]},
+                    marker={"color": look["color"], "symbol": look["symbol"]},
                     hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{rl_tables.RL_METRICS[metric]}: "
                     "%{y:.4g}<extra></extra>",
                 ),

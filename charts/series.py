@@ -20,7 +20,9 @@ from analysis.results import MatrixResult, ModelResult
 from charts import series_tables, tables
 from charts.colors import colorscale, count_ticks
 from charts.style import (
+    DASHES,
     PALETTE,
+    SYMBOLS,
     chart_text,
     empty_figure,
     layer_sort,
@@ -41,6 +43,53 @@ def _opening(steps: list[int], step: int | None) -> int:
 def series_title(label: str, what: str) -> str:
     """The series' name over a smaller line saying what is drawn (fits a phone's width)."""
     return f"{chart_text(label)}<br><sup>{what}</sup>" if label else what
+
+
+def group_looks(table) -> dict[str, dict]:
+    """A colour, a dash and a marker per group of a series table, no two groups alike.
+
+    Per matrix (``table`` has the columns of :data:`charts.series_tables.MATRIX_IDENTITY`)
+    the colour says the module kind (of its stack), the dash and the marker the layer (and
+    expert): every ``query`` line is one colour, every layer-0 line solid, so ~36 lines
+    of a small model read as 6 colours x 6 dashes instead of 36 lines in 10 colours. Other
+    groupings take the colours in turn and a new dash after every :data:`PALETTE` colour.
+    Colour and look are distinct for every pair of groups up to ``len(DASHES) x len(SYMBOLS)``
+    (64) groups per colour; beyond that the hover still names every line.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        :func:`charts.series_tables.series_table`.
+
+    Returns
+    -------
+    dict
+        ``group`` -> ``{"color", "dash", "symbol"}``.
+    """
+    groups = table.drop_duplicates("group")
+    if set(series_tables.MATRIX_IDENTITY) <= set(table.columns):
+        kinds = [f"{stack} {module}" for stack, module in zip(groups["stack"], groups["module"], strict=True)]
+        places = [f"{layer} {expert}" for layer, expert in zip(groups["layer"], groups["expert"], strict=True)]
+    else:
+        kinds = [str(g % len(PALETTE)) for g in range(len(groups))]
+        places = [str(g // len(PALETTE)) for g in range(len(groups))]
+    kind_index = {kind: i for i, kind in enumerate(dict.fromkeys(kinds))}
+    place_index = {place: i for i, place in enumerate(dict.fromkeys(places))}
+    order = sorted(
+        zip(groups["group"], kinds, places, strict=True), key=lambda g: (kind_index[g[1]], place_index[g[2]])
+    )
+    looks = {}
+    for group, kind, place in order:  # one kind's lines together, so the legend reads kind by kind
+        turn, colour = divmod(kind_index[kind], len(PALETTE))
+        look = place_index[place] + len(place_index) * turn  # kinds past the palette's end: new looks
+        looks[group] = {
+            "color": PALETTE[colour],
+            # Dash and marker both change from one layer to the next (a legend's short sample
+            # hardly shows a long dash); past 8 layers the marker shifts, so the pair stays new.
+            "dash": DASHES[look % len(DASHES)],
+            "symbol": SYMBOLS[(look + look // len(DASHES)) % len(SYMBOLS)],
+        }
+    return looks
 
 
 def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
@@ -74,10 +123,9 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
         vertical_spacing=0.12,
         subplot_titles=list(series_tables.SERIES_METRICS.values()),
     )
-    groups = list(dict.fromkeys(table["group"]))
-    for g, group in enumerate(groups):
+    looks = group_looks(table)
+    for group, look in looks.items():
         rows = table[table["group"] == group].sort_values("step")
-        color = PALETTE[g % len(PALETTE)]
         for i, metric in enumerate(names):
             fig.add_trace(
                 go.Scatter(
@@ -87,7 +135,8 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
                     name=chart_text(group),
                     legendgroup=group,
                     showlegend=i == 0,
-                    line={"color": color},
+                    line={"color": look["color"], "dash": look["dash"]},
+                    marker={"color": look["color"], "symbol": look["symbol"]},
                     hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{metric} = %{{y:.4g}}<extra></extra>",
                 ),
                 row=i // 2 + 1,
@@ -104,7 +153,9 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
     fig.update_layout(
         title=series_title(label, f"the update against training step ({grouping})"),
         height=620,
-        legend={"orientation": "h", "y": -0.15},
+        # Hung from the figure's bottom edge, not 15 % of the plot below it: a long legend (36
+        # matrices) shrinks the plot, and on a phone it then sat on the "training step" titles.
+        legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom"},
         margin={"t": 90},
     )
     return fig

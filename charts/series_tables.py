@@ -53,6 +53,14 @@ def by_step(models: Sequence[ModelResult]) -> list[ModelResult]:
     return sorted(models, key=lambda m: (m.step is None, m.step or 0))
 
 
+#: Where a matrix lives, in the per-matrix series table (its group is the matrix's short label).
+MATRIX_IDENTITY: tuple[str, ...] = ("stack", "layer", "module", "expert")
+
+
+def _identity(matrix: MatrixResult, column: str) -> object:
+    return layer_label(matrix.layer) if column == "layer" else getattr(matrix, column)
+
+
 def _series_group(matrix: MatrixResult, by: str) -> str:
     if by == "model":
         return "whole model"
@@ -94,9 +102,11 @@ def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "m
     -------
     pandas.DataFrame
         One row per step and group: ``step``, ``checkpoint``, ``group``, ``matrices`` and
-        the metrics of :data:`SERIES_METRICS`.
+        the metrics of :data:`SERIES_METRICS`; per matrix also where the matrix lives
+        (:data:`MATRIX_IDENTITY`, which the chart's colours and dashes follow).
     """
     rows = []
+    identity = MATRIX_IDENTITY if by == "matrix" else ()
     for model in by_step(models):
         groups: dict[str, list[MatrixResult]] = {}
         for m in model.matrices:
@@ -107,6 +117,7 @@ def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "m
                     "step": model.step,
                     "checkpoint": model.label,
                     "group": group,
+                    **{column: _identity(matrices[0], column) for column in identity},
                     "matrices": len(matrices),
                     "intruders": sum(m.intruder_counts(k, [eps])[0] for m in matrices),
                     "effective_rank": float(np.mean([m.effective_rank for m in matrices])),
@@ -115,7 +126,8 @@ def series_table(models: Sequence[ModelResult], k: int, eps: float, by: str = "m
                     **{metric: group_value(matrices, metric, k, eps) for metric in RL_METRICS},
                 }
             )
-    columns = ["step", "checkpoint", "group", "matrices", "intruders", "effective_rank", "rank90", "delta_fro"]
+    columns = ["step", "checkpoint", "group", *identity, "matrices"]
+    columns += ["intruders", "effective_rank", "rank90", "delta_fro"]
     columns += list(RL_METRICS)  # the RL-versus-SFT measures of the group (charts.rl_tables.group_value)
     return pd.DataFrame(rows, columns=columns)
 

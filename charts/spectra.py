@@ -263,15 +263,37 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
         )
     n_max = max(len(spectrum), 1)
     title = _intruder_title(matrix, label, len(intruder_ranks), len(intr), eps)
+    yaxis = log_axis(shown, title="singular value")
+    if len(intruder_ranks) and "range" in yaxis:  # the "#2" over the top intruder stays inside the plot
+        yaxis["range"] = _room_above(yaxis["range"], float(intr.loc[intr["intruder"], "singular_value"].max()))
     fig.update_layout(
         title=top_title(title),
         xaxis=rank_axis(n_max),
-        yaxis=log_axis(shown, title="singular value"),
+        yaxis=yaxis,
         height=460 + max(0, title_margin(title) - 100),
         margin={"t": title_margin(title)},
         legend={"orientation": "h", "y": -0.2},
     )
     return fig
+
+
+#: The room an intruder's label takes above its cross: half the 13 px marker, Plotly's gap
+#: and one 12 px line of text (23 px measured in Chromium), rounded up.
+_LABEL_PX = 30
+#: The spectrum plot's least height: 281 px at 1400 px wide, 233 px at 390 px (the legend
+#: takes rows out of it there), less where a longer legend wraps once more.
+_SPECTRUM_PLOT_PX = 200
+
+
+def _room_above(log_range: list[float], top: float) -> list[float]:
+    """``log_range`` (log10 units) with its top raised so :data:`_LABEL_PX` fit over ``top``.
+
+    On a plot :data:`_SPECTRUM_PLOT_PX` high, a share ``p`` of it above ``log10(top)``
+    needs the range's top at ``(log10(top) - p * low) / (1 - p)``.
+    """
+    low, high = log_range
+    share = _LABEL_PX / _SPECTRUM_PLOT_PX
+    return [low, max(high, (float(np.log10(top)) - share * low) / (1 - share))]
 
 
 def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: str) -> go.Figure:

@@ -7,9 +7,11 @@ Against a running dashboard (``streamlit run app.py``), in Debian's headless Chr
 (``--expand "RL vs SFT"`` opens the expanders so labelled before each capture.)
 
 Each page is opened by its own URL (with ``--query``, e.g. a shared link's models), waited
-on until Streamlit's script run is over and no analysis is in progress (as
-tests/test_browser.py waits), then captured whole: the viewport is stretched to the page's
-height at the same width, so the layout is the one a visitor at that width sees. Writes
+on until it is finished (:data:`tests.servers.PAGE_FINISHED`, as tests/test_browser.py
+waits: the script run over, no progress bar, no Cancel button, no "Starting the analysis"
+line, which a cold server shows between runs before the first bar), then captured whole:
+the viewport is stretched to the page's height at the same width, so the layout is the
+one a visitor at that width sees. Writes
 ``<out>/<tag>-<page>-<desk|phone>-<light|dark>.png`` and prints each page's draw time.
 """
 
@@ -17,10 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from tests.servers import CHROMIUM, PAGE_FINISHED  # noqa: E402 - after the path
+
 PAGES = (
     "overview",
     "similarity",
@@ -33,14 +41,12 @@ PAGES = (
     "models",
 )
 SIZES = {"desk": (1400, 900), "phone": (390, 844)}
-IDLE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
-  && !document.querySelector('[data-testid="stProgress"]')
-  && !document.querySelector('[data-testid="stStatusWidget"]')"""
+IDLE = f"() => {PAGE_FINISHED}"
 MAIN_HEIGHT = "() => { const m = document.querySelector('[data-testid=\"stMain\"]'); return m ? m.scrollHeight : 0 }"
 
 
 def wait_idle(page, timeout_ms: int) -> None:
-    """Until the run is over and stays over 0.6 s later (a finished run may start another)."""
+    """Until the page is finished and still is 0.6 s later (a finished run may start another)."""
     while True:
         page.wait_for_function(IDLE, timeout=timeout_ms)
         page.wait_for_timeout(600)

@@ -69,8 +69,33 @@ def streamlit_server(
                 process.kill()
 
 
+#: A page in the browser is finished (a JavaScript expression): Streamlit's script run is
+#: over and nothing computes for it: no progress bar, no Cancel button (shown while any of
+#: its analyses is queued or running) and no "Starting the analysis of ..." line
+#: (ui.views._waiting_line), which a cold server shows between script runs before the first
+#: progress bar; and no skeleton, Streamlit's stand-in for a chart or table whose code a
+#: fresh browser is still loading. benchmarks/hosting_load.py's WATCH finds the Cancel
+#: button the same way.
+PAGE_FINISHED = """document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]') !== null
+  && !document.querySelector('[data-testid="stStatusWidget"]')
+  && !document.querySelector('[data-testid="stProgress"]')
+  && ![...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Cancel')
+  && !document.body.innerText.includes('Starting the analysis')
+  && !document.querySelector('[data-testid="stSkeleton"]')"""
+
 #: Debian's Chromium (never ``playwright install``).
 CHROMIUM = "/usr/bin/chromium"
+
+
+def need_browser():
+    """Playwright's ``sync_api``; skips where Debian's Chromium or Playwright is missing.
+
+    At a browser test module's top it skips the module; in a fixture or a test, that test."""
+    import pytest
+
+    if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
+        pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+    return pytest.importorskip("playwright.sync_api")
 
 
 @contextmanager

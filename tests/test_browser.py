@@ -19,17 +19,14 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from tests.servers import CHROMIUM, REPO, chromium, streamlit_server
+from tests.servers import PAGE_FINISHED, REPO, chromium, need_browser, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TIMEOUT_MS = 180_000
 
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-
-pytest.importorskip("playwright.sync_api")
+need_browser()
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +94,7 @@ def shot(page, name: str) -> Path:
 
 #: The script run is over (the attribute Streamlit's own end-to-end tests wait on), no
 #: analysis is in progress and the charts are drawn.
-IDLE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
-              && !document.querySelector('[data-testid="stProgress"]')
-              && !document.querySelector('[data-testid="stStatusWidget"]')
+IDLE = f"""() => {PAGE_FINISHED}
               && document.querySelectorAll('.js-plotly-plot .main-svg').length > 0"""
 SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
                      && !document.querySelector('[data-testid="stStatusWidget"]')"""

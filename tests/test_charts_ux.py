@@ -196,6 +196,18 @@ def test_similarity_rank_axes_are_one_based(lora_model: ModelResult) -> None:
     assert set(marks.x) == {0.5} and marks.cliponaxis is False  # on the heatmap's edge, not off the axis
 
 
+def test_spectrum_leaves_room_over_the_top_intruder_for_its_label(lora_model: ModelResult) -> None:
+    """The "#1"/"#2" labels sit over the crosses: the y range reaches 0.15 of its span (30 of
+    the plot's 200 px or more) above the highest intruder, where a 5 % pad cut them (Chromium's
+    check: tests/test_figures_browser.py)."""
+    matrix = next(m for m in lora_model.matrices if m.layer == 0 and m.module == "query")
+    fig = spectra.spectrum_figure(matrix, 10, 0.5)
+    marks = next(t for t in fig.data if t.name.startswith("intruder"))
+    assert list(marks.text) == ["#1", "#2"]
+    low, high = fig.layout.yaxis.range
+    assert high - np.log10(max(marks.y)) >= 0.15 * (high - low) - 1e-9
+
+
 def test_titles_fit_a_phone(lora_model: ModelResult) -> None:
     """No title line longer than a phone holds (the tensor name was cut: "...self.query.w")."""
     long = "model.encoder.block.11.layer.1.EncDecAttention.self_attention.query_key_value.weight"

@@ -14,13 +14,14 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from analysis import metrics
 from analysis.identity import MatrixId
 from analysis.results import DEFAULT_EPSILONS, MatrixResult, ModelResult
-from charts import comparison, matrix_tables, overview, series, series_tables, spectra, style, tables
+from charts import comparison, matrix_tables, overview, rl_measures, series, series_tables, spectra, style, tables
 
 OUT, IN = 48, 40
 
@@ -759,3 +760,37 @@ def test_tradeoff_labels_points_that_coincide_once():
     shown = figure([fine_tune, *beside]).data[0]
     assert list(shown.text) == ["λ=0, 0.25", "", "λ=0.5", "λ=1"]
     assert list(shown.textposition)[:3:2] == ["top center", "bottom center"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_series_trend_lines_are_told_apart_by_colour_and_dash(family: str, proto: MatrixResult) -> None:
+    """Per matrix, ~36 lines in 10 colours could not be told apart: now no two lines share
+    colour, dash and marker (in the trends and in the RL measures), and the colour says the
+    module kind (of its stack), the dash the layer: every query line one colour, every
+    layer-0 line one dash. The other groupings keep every line distinct too."""
+    models = _series(proto, family)
+    for by in series_tables.SERIES_GROUPINGS:
+        table = series_tables.series_table(models, 10, 0.5, by)
+        for fig in (series.series_trend_figure(table, by), rl_measures.series_rl_figure(table, by, "run")):
+            shown = [t for t in fig.data if t.showlegend]
+            assert sorted(t.name for t in shown) == sorted(style.chart_text(g) for g in table["group"].unique())
+            looks = [(t.line.color, t.line.dash or "solid", t.marker.symbol or "circle") for t in shown]
+            assert len(set(looks)) == len(looks), f"{by}: two lines look alike"
+            for t in fig.data:  # every panel draws a group as its legend entry does
+                assert (t.line.color, t.line.dash, t.marker.symbol) == next(
+                    (s.line.color, s.line.dash, s.marker.symbol) for s in shown if s.legendgroup == t.legendgroup
+                )
+        if by == "matrix":
+            rows = {style.chart_text(r.group): r for r in table.drop_duplicates("group").itertuples()}
+            trend = [t for t in series.series_trend_figure(table, by).data if t.showlegend]
+            kinds: dict[str, set] = {}  # colour -> the module kinds drawn in it
+            for t in trend:
+                kinds.setdefault(t.line.color, set()).add((rows[t.name].stack, rows[t.name].module))
+            every_kind = {(r.stack, r.module) for r in rows.values()}
+            assert len(kinds) == min(len(every_kind), len(style.PALETTE)), "one colour per module kind"
+            if len(every_kind) <= len(style.PALETTE):
+                assert all(len(k) == 1 for k in kinds.values())
+                zero = [t for t in trend if rows[t.name].layer == tables.layer_label(0)]
+                whole = [t for t in zero if pd.isna(rows[t.name].expert)]  # not one expert of many
+                first = whole or [t for t in zero if rows[t.name].expert == 0]
+                assert first and {t.line.dash for t in first} == {"solid"}, "layer 0 is solid in every colour"

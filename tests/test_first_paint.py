@@ -10,18 +10,14 @@ what it first shows, and the page's title must come before anything heavy is don
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.servers import streamlit_server
+from tests.servers import CHROMIUM, need_browser, streamlit_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = need_browser()
 
 #: Installed before any page script: every change of the page is checked for Streamlit's
 #: own page list and the sidebar's links are recorded as first seen.

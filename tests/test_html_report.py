@@ -28,18 +28,16 @@ from analysis.specs import SpecResolver
 from charts import colors
 from charts.html_report import changed_most, html_report
 from cli import main
+from tests.servers import CHROMIUM, need_browser
 from tests.test_cli import run_cli
 
-CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = need_browser()
     with sync_api.sync_playwright() as playwright:
         instance = playwright.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking"]

@@ -18,11 +18,10 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 
 from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K
-from tests.servers import REPO, streamlit_server
+from tests.servers import CHROMIUM, REPO, need_browser, streamlit_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "load"
 TIMEOUT_MS = 120_000
 #: Until every page has drawn its charts, from the first navigation. Both analyses are
@@ -35,10 +34,7 @@ DEADLINE_S = 330
 #: A page may draw at most this long after the first page did (the jobs are the same).
 STRAGGLER_S = 60
 
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = need_browser()
 
 SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
                      && !document.querySelector('[data-testid="stStatusWidget"]')

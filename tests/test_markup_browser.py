@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.servers import CHROMIUM, REPO, chromium, streamlit_server
+from tests.servers import REPO, chromium, need_browser, streamlit_server
 from ui.text import WORD_JOINER
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
@@ -27,10 +27,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TIMEOUT_MS = 120_000
 
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-
-pytest.importorskip("playwright.sync_api")
+need_browser()
 
 PAGES = ("overview", "models", "spectrum", "mitigate", "series")
 

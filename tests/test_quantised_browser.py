@@ -15,15 +15,12 @@ from urllib.parse import quote
 import pytest
 import torch
 
-from tests.servers import chromium, streamlit_server
-from tests.test_browser import CHROMIUM, PAGES, go_to, shot, wait_page
+from tests.servers import chromium, need_browser, streamlit_server
+from tests.test_browser import PAGES, go_to, shot, wait_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-
-pytest.importorskip("playwright.sync_api")
+need_browser()
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.servers import streamlit_server
-from tests.test_browser import ARTIFACTS, CHROMIUM, TIMEOUT_MS, chart_titles, shot, wait_page
+from tests.servers import CHROMIUM, need_browser, streamlit_server
+from tests.test_browser import ARTIFACTS, TIMEOUT_MS, chart_titles, shot, wait_page
 from tests.test_series import make_full_series, make_lora_series
 
 pytestmark = pytest.mark.browser
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = need_browser()
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import server_pid, streamlit_server
+from tests.servers import CHROMIUM, need_browser, server_pid, streamlit_server
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
-    pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
+sync_api = need_browser()
 
 #: Size of each of the three files (``WSE_TEST_UPLOAD_MIB=450`` measures the issue's case).
 MIB = int(os.environ.get("WSE_TEST_UPLOAD_MIB", "80"))

@@ -1,0 +1,79 @@
+"""Figures drawn by plotly.js itself in headless Chromium, where only the browser knows
+where a label lands: the spectrum chart's intruder labels ("#2") must sit inside the plot,
+not be cut at its top edge (Plotly clips a scatter's text at the axes), and the series
+trends' long legend must stay off the step axis' titles."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from analysis.results import ModelResult
+from charts import series, series_tables, spectra
+from tests.servers import chromium, need_browser
+from tests.test_figures import lora_model  # noqa: F401 (fixture)
+
+need_browser()
+
+pytestmark = pytest.mark.browser
+
+#: Each intruder label's box and the plot area's, in page pixels, as drawn.
+BOXES = """() => {
+  const plot = document.querySelector('.bglayer .bg').getBoundingClientRect();
+  const labels = [...document.querySelectorAll('.scatterlayer .textpoint text')].map(t => {
+    const b = t.getBoundingClientRect();
+    return {text: t.textContent, top: b.top, bottom: b.bottom, left: b.left, right: b.right};
+  });
+  return {plot: {top: plot.top, bottom: plot.bottom, left: plot.left, right: plot.right}, labels};
+}"""
+
+
+@pytest.mark.parametrize("width", [1400, 390])
+def test_spectrum_intruder_labels_are_inside_the_plot(lora_model: ModelResult, width: int, tmp_path: Path) -> None:  # noqa: F811
+    matrix = next(m for m in lora_model.matrices if m.module == "query" and m.layer == 0)
+    fig = spectra.spectrum_figure(matrix, 10, 0.5, label="LoRA run")
+    html = tmp_path / "spectrum.html"
+    fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
+    with chromium("--disable-gpu") as browser:
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(html.as_uri())
+        page.wait_for_selector(".scatterlayer .textpoint text")
+        boxes = page.evaluate(BOXES)
+    plot, labels = boxes["plot"], boxes["labels"]
+    assert sorted(label["text"] for label in labels) == ["#1", "#2"]  # the two planted intruders
+    for label in labels:
+        assert label["top"] >= plot["top"] - 0.5, (label, plot)  # not cut at the top edge
+        assert label["bottom"] <= plot["bottom"] + 0.5 and label["right"] <= plot["right"] + 0.5, (label, plot)
+
+
+#: The legend's box and those of the "training step" axis titles, in page pixels.
+LEGEND_AND_TITLES = """() => ({
+  legend: document.querySelector('.legend').getBoundingClientRect().top,
+  titles: [...document.querySelectorAll('text')].filter(t => t.textContent === 'training step')
+    .map(t => t.getBoundingClientRect().bottom),
+})"""
+
+
+@pytest.mark.parametrize("width", [1400, 358])  # 358: the chart's width on a 390 px phone
+def test_series_legend_stays_below_the_step_titles(lora_model: ModelResult, width: int, tmp_path: Path) -> None:  # noqa: F811
+    """Per matrix the legend is long; at 15 % of the plot below it, it sat on the "training
+    step" titles once it had shrunk the plot (a phone)."""
+    six = [  # six layers of the fixture's matrices: 24 lines, as long a legend as a small model's
+        replace(m, id=replace(m.id, layer=layer, name=m.name.replace(f".{m.layer}.", f".{layer}.")))
+        for layer in range(6)
+        for m in lora_model.matrices
+        if m.layer == 0
+    ]
+    models = [replace(lora_model, matrices=six, step=step) for step in (10, 20, 30, 40, 50, 60)]
+    fig = series.series_trend_figure(series_tables.series_table(models, 10, 0.5, "matrix"), "matrix", "LoRA run")
+    html = tmp_path / "series.html"
+    fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
+    with chromium("--disable-gpu") as browser:
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(html.as_uri())
+        page.wait_for_selector(".legend")
+        boxes = page.evaluate(LEGEND_AND_TITLES)
+    assert len(boxes["titles"]) == 2, boxes
+    assert boxes["legend"] >= max(boxes["titles"]), boxes
