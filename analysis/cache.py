@@ -208,6 +208,16 @@ class FingerprintIndex:
         """
         return self._known_at(self._version(Path(file)), name)
 
+    def seen(self, file: Path | str) -> bool:
+        """Whether the index holds any digest of the current version of ``file``.
+
+        Nothing is read but the index: a model none of whose files were ever hashed has
+        nothing cached.
+        """
+        version = self._version(Path(file))
+        with self._lock:
+            return bool(self._known.get(version)) or bool(self._read(version))
+
     def known_reader(self) -> Callable[[Path | str, str], str | None]:
         """:meth:`known` for many tensors at one moment: each file looked at once, then remembered by the reader.
 

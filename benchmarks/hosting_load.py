@@ -7,7 +7,14 @@ running. While they run:
 
 - the health endpoint (``/_stcore/health``) is asked every quarter second: its slowest answer;
 - a ninth, fresh visitor opens ``/models``: seconds until the page's title is drawn;
-- each of the eight pages: seconds from its navigation until its first chart is drawn.
+- each of the eight pages: seconds from its navigation until its analysis finished on the
+  server (``results_ready_s``, from the server's log: the page shows it at its next poll) and
+  until its first chart is drawn in its browser (``results_drawn_s``).
+
+By default the visitors arrive at a server that has been up a while (started, warmed up and
+idle: the cache is cold, the process is not), as on a host that has been serving; with
+``--visit-at-start`` they arrive as soon as the health endpoint answers, while the server is
+still importing and starting its worker (the figures of earlier sessions).
 
 The same eight comparisons through the command line, one after another in one process on
 a fresh cache (``python -m analysis report BASE T1 ... T8``), give the reference time.
@@ -15,7 +22,7 @@ Targets (issue 26): page within 10 s, health within 2 s, each visitor's results 
 1.5x the command line's time. The load average is recorded: the figures mean little on a
 machine others are using.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.hosting_load [--processes 0|1] [--jobs N]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.hosting_load [--processes 0|1] [--jobs N] [--visit-at-start]
 
 ``--processes 0`` runs the analyses on threads of the web server's process, as before the
 worker pool (``WSE_WORKER_PROCESSES=0``), for a before/after comparison on one machine.
@@ -27,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -156,6 +165,50 @@ def _seen(page, what: str) -> float | None:
     return None if at is None else at / 1000
 
 
+#: Put on the server's ``PYTHONPATH``: its log of warming up, workers and jobs at INFO, each
+#: line with its wall-clock time, so that the benchmark knows when the server is ready and
+#: when each analysis finished on the server.
+JOB_LOG = """import logging
+logging.basicConfig(format="%(created).3f %(name)s %(message)s")
+for name in ("hosting.jobs", "ui.early"):
+    logging.getLogger(name).setLevel(logging.INFO)
+"""
+DONE = re.compile(r"^(\d+\.\d+) hosting\.jobs job (.+?): done in ", re.MULTILINE)
+
+
+def _job_log(workdir: Path) -> dict[str, str]:
+    """The environment that makes the server log when each job finished (see :data:`JOB_LOG`)."""
+    folder = workdir / "job-log"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(JOB_LOG)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def _jobs_done(log: Path, tuned: list[Path]) -> list[float]:
+    """When (seconds since the epoch) each fine-tune's job finished, from the server's log."""
+    done = {label: float(at) for at, label in DONE.findall(log.read_text(errors="replace"))}
+    return [min((at for label, at in done.items() if label.endswith(model.name)), default=math.nan) for model in tuned]
+
+
+def _settle(pid: int, log: Path, *, workers: bool, timeout_s: float = 180) -> float:
+    """Wait until the server has warmed up (its log: ``ui.early`` done importing the pages'
+    modules) and, with ``workers``, its worker process waits for work (asleep on its socket
+    three samples running, its imports done); the seconds waited."""
+    started = time.time()
+    asleep = 0
+    while time.time() - started < timeout_s and asleep < 3:
+        time.sleep(0.3)
+        if " ui.early warmed up in " not in log.read_text(errors="replace"):
+            continue
+        children = psutil.Process(pid).children(recursive=True)
+        try:
+            idle = all(c.status() == psutil.STATUS_SLEEPING for c in children) and (children or not workers)
+        except psutil.NoSuchProcess:
+            idle = False
+        asleep = asleep + 1 if idle else 0
+    return round(time.time() - started, 1)
+
+
 def _chromium(workdir: Path, nice: int) -> str:
     """Chromium, or a script that starts it ``nice`` steps below this process's priority."""
     if not nice:
@@ -175,11 +228,14 @@ def measure(
     jobs: int = 1,
     log: Path | None = None,
     browsers_nice: int = 0,
+    at_start: bool = False,
 ) -> dict:
     """Run the eight-visitor load on a fresh server; the figures as a dict.
 
     ``browsers_nice``: run the visitors' Chromium that many steps below the server's CPU
     priority, a stand-in for visitors whose browsers run on their own machines (0: as before).
+    ``at_start``: the visitors arrive as soon as the health endpoint answers, not once the
+    server has warmed up and is idle.
     """
     from playwright.sync_api import sync_playwright
 
@@ -194,11 +250,15 @@ def measure(
         "WSE_MAX_JOBS": str(jobs),
         "WSE_MAX_JOBS_PER_VISITOR": str(VISITORS),
         "WSE_WORKER_PROCESSES": "1" if processes else "0",
+        **_job_log(workdir),
     }
-    figures: dict = {"load_average_before": os.getloadavg(), "processes": processes, "max_jobs": jobs,
-                     "browsers_nice": browsers_nice}  # fmt: skip
-    with streamlit_server(env, log or workdir / "streamlit.log") as url:
+    log = log or workdir / "streamlit.log"
+    figures: dict = {"processes": processes, "max_jobs": jobs, "browsers_nice": browsers_nice, "at_start": at_start}
+    with streamlit_server(env, log) as url:
         pid = server_pid(url)
+        if not at_start:
+            figures["waited_for_ready_server_s"] = _settle(pid, log, workers=processes)
+        figures["load_average_before"] = os.getloadavg()
         cpu_before = _cpu_seconds(pid)
         probe = HealthProbe(url)
         with sync_playwright() as playwright:
@@ -206,35 +266,17 @@ def measure(
                 executable_path=_chromium(workdir, browsers_nice),
                 args=["--no-sandbox", "--disable-background-networking", "--disable-gpu"],
             )
-            pages = [_visitor_page(browser) for _ in tuned]
-            fresh = _visitor_page(browser)
-            started = time.time()
-            probe.start()
-            for page, model in zip(pages, tuned, strict=True):
-                page.goto(f"{url}/overview?base={quote(str(base))}&tuned={quote(str(model))}", wait_until="commit")
-            drawn: dict[int, float] = {}
-            fresh_opened = None
-            while len(drawn) < len(pages) and time.time() - started < DEADLINE_S:
-                if fresh_opened is None and time.time() - started > 5:  # the analyses are under way
-                    figures["fresh_visitor_while_unfinished"] = len(pages) - len(drawn)
-                    fresh_opened = time.time()
-                    fresh.goto(f"{url}/models", wait_until="commit")
-                for index, page in enumerate(pages):
-                    at = None if index in drawn else _seen(page, "results")
-                    if at is not None:
-                        drawn[index] = at - started
-                time.sleep(0.5)
-            if fresh_opened is not None:
-                fresh.wait_for_function("() => window.__wse && window.__wse.models", timeout=DEADLINE_S * 1000)
-                figures["fresh_visitor_page_s"] = round(_seen(fresh, "models") - fresh_opened, 2)
+            started, drawn = _visit(browser, url, base, tuned, probe, figures)
             probe.stop.set()
             probe.join(70)
             browsers_cpu = _browser_cpu_seconds()
             browser.close()
         cpu_after = _cpu_seconds(pid)
+    ready = [at - started for at in _jobs_done(log, tuned)]
     figures.update(
-        visitor_results_s=[round(drawn.get(i, float("nan")), 1) for i in range(len(pages))],
-        health_max_s=round(max(probe.latencies, default=float("nan")), 3),
+        results_ready_s=[round(s, 1) for s in ready],
+        results_drawn_s=[round(drawn.get(i, math.nan), 1) for i in range(len(tuned))],
+        health_max_s=round(max(probe.latencies, default=math.nan), 3),
         health_p95_s=round(sorted(probe.latencies)[int(0.95 * (len(probe.latencies) - 1))], 3),
         health_samples=len(probe.latencies),
         server_cpu_s=round(cpu_after[0] - cpu_before[0], 1),
@@ -245,6 +287,33 @@ def measure(
     return figures
 
 
+def _visit(browser, url: str, base: Path, tuned: list[Path], probe: HealthProbe, figures: dict):
+    """Eight visitors open their links at once, a ninth ``/models`` five seconds later; the
+    moment they started and when each of the eight drew its results (seconds after it)."""
+    pages = [_visitor_page(browser) for _ in tuned]
+    fresh = _visitor_page(browser)
+    started = time.time()
+    probe.start()
+    for page, model in zip(pages, tuned, strict=True):
+        page.goto(f"{url}/overview?base={quote(str(base))}&tuned={quote(str(model))}", wait_until="commit")
+    drawn: dict[int, float] = {}
+    fresh_opened = None
+    while len(drawn) < len(pages) and time.time() - started < DEADLINE_S:
+        if fresh_opened is None and time.time() - started > 5:  # the analyses are under way
+            figures["fresh_visitor_while_unfinished"] = len(pages) - len(drawn)
+            fresh_opened = time.time()
+            fresh.goto(f"{url}/models", wait_until="commit")
+        for index, page in enumerate(pages):
+            at = None if index in drawn else _seen(page, "results")
+            if at is not None:
+                drawn[index] = at - started
+        time.sleep(0.5)
+    if fresh_opened is not None:
+        fresh.wait_for_function("() => window.__wse && window.__wse.models", timeout=DEADLINE_S * 1000)
+        figures["fresh_visitor_page_s"] = round(_seen(fresh, "models") - fresh_opened, 2)
+    return started, drawn
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=1, help="1: worker processes (default); 0: threads")
@@ -253,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, help="keep the server's output in this file")
     parser.add_argument(
         "--browsers-nice", type=int, default=0, help="run the visitors' Chromium this many nice steps lower (0: same)"
+    )
+    parser.add_argument(
+        "--visit-at-start", action="store_true", help="visitors arrive as the server starts, not once it is idle"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -269,11 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                 jobs=args.jobs,
                 log=args.log,
                 browsers_nice=args.browsers_nice,
+                at_start=args.visit_at_start,
             )  # fmt: skip
         )
         if "cli_sequential_s" in figures:
-            worst = max(figures["visitor_results_s"])
-            figures["slowest_visitor_over_cli"] = round(worst / figures["cli_sequential_s"], 2)
+            for what in ("ready", "drawn"):
+                worst = max(figures[f"results_{what}_s"])
+                figures[f"slowest_{what}_over_cli"] = round(worst / figures["cli_sequential_s"], 2)
     print(json.dumps(figures, indent=1))
     return 0
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from analysis import distributed
@@ -435,9 +436,12 @@ def cached_comparison(resolver: SpecResolver, base: str, tuned: str, *, settings
     hashed or computed (:func:`~analysis.pipeline.cached_results`): a page opened on
     analyses done before shows at once, without waiting for a worker. ``None`` when
     anything is missing, when a model is not on this machine (a hub id is resolved by
-    its job), or when the specs are bad (the job then says why).
+    its job), when none of a model's files was ever hashed (nothing of it can be cached:
+    the comparison is not even planned here), or when the specs are bad (the job then
+    says why).
     """
-    if cache is None or not (resolver.on_disk(base) and resolver.on_disk(tuned)):
+    paths = [resolver.local(spec) for spec in (base, tuned)]
+    if cache is None or None in paths or not all(_hashed_before(path, cache) for path in paths):
         return None
     try:
         plan = resolver.plan(base, tuned)
@@ -447,6 +451,22 @@ def cached_comparison(resolver: SpecResolver, base: str, tuned: str, *, settings
         return model if model and add_whole_model_sparsity(model, plan, settings, cache, cached_only=True) else None
     except (InputError, OSError):
         return None
+
+
+def _hashed_before(path: Path, cache) -> bool:
+    """Whether ``cache``'s fingerprint index has seen a weight file at ``path``.
+
+    Results are stored only for tensors hashed before, so a model none of whose
+    ``.safetensors`` files the index knows has nothing cached: its comparison goes to a
+    worker without being planned here (planning a model type this process has not seen
+    imports its transformers classes and builds it on the meta device: seconds, which
+    every page's first run would wait for). A folder without such files is not judged here.
+    """
+    try:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        return not files or any(cache.fingerprints.seen(file) for file in files)
+    except OSError:
+        return False
 
 
 def comparison_key(base: str, tuned: str, settings, device: str) -> tuple:

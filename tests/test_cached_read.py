@@ -161,3 +161,22 @@ def test_a_finished_job_is_joined_like_a_computed_one() -> None:
         assert manager.finished(("k",), "another", watcher="tab-3") is job
     finally:
         manager.shutdown()
+
+
+def test_a_model_never_hashed_is_not_planned_in_the_web_process(models, tmp_path, monkeypatch) -> None:
+    """A cold comparison goes to its worker at once: planning it here would import the
+    model's transformers classes in the web process (seconds every page's first run waited
+    for, eight visitors at once). Once its files are hashed, it is planned and read."""
+    base, full = str(models["base"]), str(models["full"])
+    resolver, cache = SpecResolver(allow_local_paths=True), SpectrumCache(tmp_path / "spectra")
+    planned = []
+    plan = resolver.plan
+    monkeypatch.setattr(resolver, "plan", lambda *a, **k: planned.append(a) or plan(*a, **k))
+    assert cached_comparison(resolver, base, full, settings=SETTINGS, cache=cache) is None
+    assert planned == []
+    compare(base, [models["lora"]], cache=cache, device="cpu")  # the base hashed, this fine-tune not
+    assert cached_comparison(resolver, base, full, settings=SETTINGS, cache=cache) is None
+    assert planned == []
+    compare(base, [full], cache=cache, device="cpu")
+    assert cached_comparison(resolver, base, full, settings=SETTINGS, cache=cache) is not None
+    assert len(planned) == 1

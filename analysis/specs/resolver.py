@@ -151,14 +151,18 @@ class SpecResolver:
         ``True`` for a built demo model, an upload, a local path where those are allowed;
         ``False`` for hub ids (resolved online), series (many checkpoints) and bad specs.
         """
+        return self.local(spec) is not None
+
+    def local(self, spec: str) -> Path | None:
+        """The file or folder ``spec`` names on this machine (see :meth:`on_disk`), else ``None``."""
         try:
             if spec.startswith(SERIES_PREFIX):
-                return False
+                return None
             if spec.startswith(DEMO_PREFIX) or is_upload_spec(spec):
-                return self.resolve(spec).path is not None
-            return local_path(check_spec(spec), self.allow_local_paths) is not None
+                return self.resolve(spec).path
+            return local_path(check_spec(spec), self.allow_local_paths)
         except InputError:
-            return False
+            return None
 
     def label(self, spec: str) -> str:
         """A spec's display label, or the spec itself when it cannot be resolved."""
