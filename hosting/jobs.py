@@ -40,7 +40,7 @@ from analysis.pipeline import analyse_plan, cached_results, model_result
 from analysis.results import ModelResult
 from analysis.specs import SpecResolver
 from hosting.uploads import UploadStore
-from hosting.workers import WorkerPool
+from hosting.workers import WARM, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class JobManager:
 
     def __init__(self, max_workers: int = 1, keep_finished: int = 32, *, processes: bool = False) -> None:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="wse-job")
-        self.workers = WorkerPool(max_workers, warm=(__name__,)) if processes else None
+        self.workers = WorkerPool(max_workers, warm=WARM) if processes else None
         self._jobs: dict[Hashable, Job] = {}
         self._lock = threading.Lock()
         self.keep_finished = keep_finished

@@ -125,12 +125,22 @@ def portable_plan(plan: Any) -> Any:
     return plan
 
 
+#: What the job manager's workers import before their first job: the engine
+#: (``hosting.jobs``) and transformers' modelling core, which planning a model type not seen
+#: before needs (:mod:`analysis.layouts` builds it on the meta device): about 2 s a process
+#: that the first job's visitors would otherwise wait for.
+WARM = ("hosting.jobs", "transformers.modeling_utils", "transformers.conversion_mapping")
+
+
 def _worker_main(conn: Connection, warm: tuple[str, ...]) -> None:  # pragma: no cover - in the worker
     """A worker's life: import ``warm``, then run the jobs sent, one at a time, until told to stop."""
     import importlib
 
     for module in warm:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError:  # the job that needs it says so
+            pass
     lock = threading.Lock()
     tasks: queue.Queue = queue.Queue()
     current: list[threading.Event] = [threading.Event()]

@@ -20,8 +20,6 @@ from hosting import workers
 
 log = logging.getLogger(__name__)
 
-#: What the job manager's workers import before their first job (``hosting.jobs``: its pool's ``warm``).
-WORKER_IMPORTS = ("hosting.jobs",)
 #: What the pages import (the engine with torch, pandas, Plotly, the chart modules): seconds of a
 #: cold server's first page run when a visitor pays for it.
 WEB_IMPORTS = (
@@ -48,7 +46,7 @@ def start_workers() -> None:
         size = int(env_number("WSE_MAX_JOBS", 1, minimum=1, integer=True))
     except InputError:
         return
-    workers.prestart(size, WORKER_IMPORTS)
+    workers.prestart(size, workers.WARM)
 
 
 def warm_up() -> threading.Thread:
