@@ -19,6 +19,11 @@ need_browser()
 
 pytestmark = pytest.mark.browser
 
+#: The spectrum drawn in full: its plot area and both intruder labels.
+DRAWN = (
+    "() => document.querySelector('.bglayer .bg') && "
+    "document.querySelectorAll('.scatterlayer .textpoint text').length >= 2"
+)
 #: Each intruder label's box and the plot area's, in page pixels, as drawn.
 BOXES = """() => {
   const plot = document.querySelector('.bglayer .bg').getBoundingClientRect();
@@ -39,7 +44,9 @@ def test_spectrum_intruder_labels_are_inside_the_plot(lora_model: ModelResult, w
     with chromium("--disable-gpu") as browser:
         page = browser.new_page(viewport={"width": width, "height": 900})
         page.goto(html.as_uri())
-        page.wait_for_selector(".scatterlayer .textpoint text")
+        # plotly.js draws in steps (a busy machine showed the labels before the plot's background):
+        # wait for both
+        page.wait_for_function(DRAWN)
         boxes = page.evaluate(BOXES)
     plot, labels = boxes["plot"], boxes["labels"]
     assert sorted(label["text"] for label in labels) == ["#1", "#2"]  # the two planted intruders
@@ -73,7 +80,10 @@ def test_series_legend_stays_below_the_step_titles(lora_model: ModelResult, widt
     with chromium("--disable-gpu") as browser:
         page = browser.new_page(viewport={"width": width, "height": 900})
         page.goto(html.as_uri())
-        page.wait_for_selector(".legend")
+        page.wait_for_function(  # drawn in full (plotly.js draws in steps)
+            "() => document.querySelector('.legend') && "
+            "[...document.querySelectorAll('text')].filter(t => t.textContent === 'training step').length >= 2"
+        )
         boxes = page.evaluate(LEGEND_AND_TITLES)
     assert len(boxes["titles"]) == 2, boxes
     assert boxes["legend"] >= max(boxes["titles"]), boxes
