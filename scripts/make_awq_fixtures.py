@@ -11,7 +11,7 @@ CPU build), e.g.::
 
     pip install --no-deps --target /tmp/awq auto-round==0.16.1 py-cpuinfo==9.0.0 \\
         datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 autoawq==0.2.9
-    PYTHONPATH=/tmp/awq .venv/bin/python scripts/make_awq_fixtures.py
+    PYTHONHASHSEED=0 PYTHONPATH=/tmp/awq .venv/bin/python scripts/make_awq_fixtures.py
 
 The models and the quantisation are scripts/make_gptq_fixtures.py's (its ``quantise``, with
 ``fmt="auto_awq"``): seed 0, one block, round-to-nearest (``iters=0``, ``amp=False``), 4 bits
@@ -21,7 +21,8 @@ Llama, a Mixtral and a Qwen3-MoE (four experts, written one module per expert, r
 quantised) and a LLaVA (the language model's linears; the vision tower and projector are not
 quantised). auto-round quantises no matrix with a dimension not a multiple of 32, so an
 8-output router (one AWQ word a row) is not among them (tests/quantised.py ``awq_gemm``
-packs that case).
+packs that case). auto-round lists ``modules_to_not_convert`` in a set's order: run it with
+``PYTHONHASHSEED=0`` (as above) to get these files byte for byte.
 
 Next to each checkpoint, ``reference.safetensors`` holds every quantised weight ``[out, in]``
 as ``dequantize_gemm`` returns it, in fp16 (it multiplies the fp16 scales by the code
