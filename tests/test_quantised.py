@@ -520,13 +520,13 @@ def test_gptq_and_awq_moe_and_multimodal_as_the_fine_tune_of_a_bf16_base(folder,
     assert max(m["delta_fro"] for m in report["matrices"] if m["tuned_storage"] == label) < 0.15 * smallest
 
 
-def _gptq_folder(tmp_path: Path, qconfig: dict, **replace) -> Path:
-    """tests/data/gptq/w4g16 with another ``quantization_config`` and some stored tensors replaced."""
+def _gptq_folder(tmp_path: Path, qconfig: dict, src: Path = GPTQ_DATA / "w4g16", **replace) -> Path:
+    """``src`` (tests/data/gptq/w4g16) with another ``quantization_config`` and some stored tensors replaced."""
     from safetensors.torch import save_file
 
-    state = load_file(GPTQ_DATA / "w4g16" / "model.safetensors") | replace
+    state = load_file(src / "model.safetensors") | replace
     save_file({n: t for n, t in state.items() if t is not None}, str(tmp_path / "model.safetensors"))
-    config = json.loads((GPTQ_DATA / "w4g16" / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
     config["quantization_config"] |= qconfig
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
@@ -562,6 +562,26 @@ def test_gptq_missing_or_misfit_parts_are_one_error_naming_the_tensor(tmp_path):
         InputError, match=r"q_proj\.weight.*cannot be dequantised: its g_idx names groups outside 0\.\.1"
     ):
         source.load(module + ".weight")
+
+
+def test_awq_versions_not_read_are_skipped_and_misfit_parts_are_one_error(tmp_path):
+    src, module = AWQ_DATA / "llama-w4g16", "model.layers.0.self_attn.q_proj"
+    for qconfig, reason in [
+        ({"version": "gemv"}, "AWQ 4-bit weight: AWQ gemv 4-bit is not read (not read raw)"),
+        ({"bits": 5}, "AWQ 5-bit weight: AWQ gemm 5-bit is not read (not read raw)"),
+    ]:
+        source = open_location(str(_gptq_folder(tmp_path, qconfig, src)))
+        skips = source.quantised_skips()
+        assert len(skips) == 7 and {s["reason"] for s in skips} == {reason}
+        assert not [n for n in source.names() if n.endswith((".qweight", ".qzeros", ".scales"))]
+    with pytest.raises(InputError, match=rf"{module}\.qweight.*no qzeros"):
+        open_location(str(_gptq_folder(tmp_path, {}, src, **{module + ".qzeros": None})))
+    down = "model.layers.0.mlp.down_proj.qweight"  # [64, 32]: 4 groups of 16 inputs, or 1 per channel
+    with pytest.raises(InputError, match=rf"{down}': its scales have shape \(4, 32\), not \(1, 32\)"):
+        open_location(str(_gptq_folder(tmp_path, {"group_size": -1}, src)))
+    channel = AWQ_DATA / "llama-w4-channel"
+    with pytest.raises(InputError, match=rf"{down}': its scales have shape \(1, 32\), not \(4, 32\)"):
+        open_location(str(_gptq_folder(tmp_path, {"group_size": 16}, channel)))
 
 
 def test_cache_keys_come_from_codes_and_scales(made, tmp_path):
