@@ -105,10 +105,25 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")), unk_token="t0")
 
 
-def quantise(name: str, family: str, bits: int, group: int, sym: bool, layers: dict | None, overrides: dict) -> Path:
+def quantise(
+    name: str,
+    family: str,
+    bits: int,
+    group: int,
+    sym: bool,
+    layers: dict | None,
+    overrides: dict,
+    *,
+    fmt: str = "auto_gptq",
+    root: Path = OUT,
+) -> Path:
+    """The case quantised by auto-round and saved in ``fmt`` to ``root / name`` (config and weights).
+
+    scripts/make_awq_fixtures.py uses it with ``fmt="auto_awq"``.
+    """
     from auto_round import AutoRound
 
-    out = OUT / name
+    out = root / name
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         rounder = AutoRound(
@@ -124,7 +139,7 @@ def quantise(name: str, family: str, bits: int, group: int, sym: bool, layers: d
             disable_opt_rtn=True,
             amp=False,  # float32 throughout: auto-round turns amp on only where the CPU has bf16 (avx512_bf16)
         )
-        rounder.quantize_and_save(tmp, format="auto_gptq")
+        rounder.quantize_and_save(tmp, format=fmt)
         saved = next(Path(tmp).rglob("model.safetensors")).parent  # auto-round adds a folder named by the scheme
         out.mkdir(parents=True)
         shutil.copy2(saved / "config.json", out / "config.json")

@@ -364,6 +364,25 @@ GPTQ = {  # tests/data/gptq (scripts/make_gptq_fixtures.py): case -> its referen
 }
 
 
+AWQ_DATA = Path(__file__).parent / "data" / "awq"
+AWQ = {  # tests/data/awq (scripts/make_awq_fixtures.py): case -> storage label
+    "llama-w4g16": "int4 groups of 16 (AWQ)",
+    "llama-w4-channel": "int4 per channel (AWQ)",
+    "mixtral-w4g16": "int4 groups of 16 (AWQ)",
+    "qwen3-moe-w4g16-sym": "int4 groups of 16, symmetric (AWQ)",
+    "llava-w4g16": "int4 groups of 16 (AWQ)",
+}
+
+
+def _labels(folder: Path) -> set[str]:
+    """The storage labels of the quantised matrices of ``folder`` (a case of tests/data/gptq or awq)."""
+    return GPTQ[folder.name][1] if folder.parent == GPTQ_DATA else {AWQ[folder.name]}
+
+
+def _case_id(folder: Path) -> str:
+    return f"{folder.parent.name}/{folder.name}"
+
+
 @pytest.mark.parametrize("case", sorted(GPTQ))
 def test_gptq_written_by_auto_round_equals_its_own_kernel(case):
     """Every matrix equals auto-round's GPTQ kernel's dequantisation, bit for bit (fp16 products, as float32)."""
@@ -383,9 +402,40 @@ def test_gptq_written_by_auto_round_equals_its_own_kernel(case):
         assert source.storage("model.layers.0.mlp.down_proj.weight") == "int8 groups of 32, symmetric (GPTQ)"
 
 
-@pytest.mark.parametrize("case", ["w4g16-square-act-order", "w3g16"])
-def test_gptq_report_equals_the_dequantised_base(case, tmp_path):
-    folder = GPTQ_DATA / case
+@pytest.mark.parametrize("case", sorted(AWQ))
+def test_awq_written_by_auto_round_equals_autoawq(case):
+    """Every matrix equals AutoAWQ's own ``dequantize_gemm``, element for element.
+
+    AutoAWQ multiplies the code differences by the fp16 scales in fp16, and so does
+    compressed-tensors (in the scales' dtype): the reference is stored in fp16 as AutoAWQ
+    returns it, and read here as float32. ``llama-w4-channel`` is ``group_size: -1`` (one
+    scale per output); ``qwen3-moe-w4g16-sym`` is ``zero_point: false``, whose ``qzeros``
+    (all 8) are stored all the same and are parts of their weights, not names of their own.
+    """
+    folder = AWQ_DATA / case
+    reference = load_file(folder / "reference.safetensors")
+    source = open_location(str(folder))
+    stored = load_file(folder / "model.safetensors")
+    assert set(reference) == {n.removesuffix(".qweight") + ".weight" for n in stored if n.endswith(".qweight")}
+    for name, expected in reference.items():
+        assert expected.dtype == torch.float16, name
+        got = source.load(name)
+        assert got.dtype == torch.float32 and torch.equal(got, expected.float()), name
+        assert source.storage(name) == AWQ[case], name
+    assert not source.quantised_skips()
+    assert not [n for n in source.names() if n.endswith((".qweight", ".qzeros", ".scales"))]
+
+
+DENSE_CASES = [
+    GPTQ_DATA / "w4g16-square-act-order",
+    GPTQ_DATA / "w3g16",
+    AWQ_DATA / "llama-w4g16",
+    AWQ_DATA / "llama-w4-channel",
+]
+
+
+@pytest.mark.parametrize("folder", DENSE_CASES, ids=_case_id)
+def test_gptq_and_awq_report_equals_the_dequantised_base(folder, tmp_path):
     reference = {n: t.float() for n, t in load_file(folder / "reference.safetensors").items()}
     base = quantised.dequantised_copy(folder, tmp_path / "deq", reference)
     g = torch.Generator().manual_seed(0)
@@ -397,40 +447,41 @@ def test_gptq_report_equals_the_dequantised_base(case, tmp_path):
         tuned[name] = tensor.to(torch.bfloat16)
     tuned_folder = quantised.full_precision_copy(base, tmp_path / "tuned", tuned)
     report = _same_reports(folder, base, tuned_folder)
-    assert {m["storage"] for m in report["matrices"] if m["name"] in reference} == set(GPTQ[case][1])
+    assert {m["storage"] for m in report["matrices"] if m["name"] in reference} == _labels(folder)
     assert {m["name"] for m in report["matrices"]} >= set(reference)
 
 
-#: auto-round's GPTQ MoE and multimodal cases: how many expert matrices, how many of the vision tower.
-GPTQ_FAMILIES = {"mixtral-w4g16": (12, 0), "qwen3-moe-w4g16-sym": (12, 0), "llava-w4g16": (0, 6)}
+#: auto-round's GPTQ and AWQ MoE and multimodal cases (the same models in both formats): how
+#: many expert matrices, how many of the vision tower.
+FAMILIES = {"mixtral-w4g16": (12, 0), "qwen3-moe-w4g16-sym": (12, 0), "llava-w4g16": (0, 6)}
+FAMILY_CASES = [data / case for case in sorted(FAMILIES) for data in (GPTQ_DATA, AWQ_DATA)]
 
 
 @pytest.mark.parametrize("in_memory", [False, True], ids=["save_pretrained", "in_memory"])
-@pytest.mark.parametrize("case", sorted(GPTQ_FAMILIES))
-def test_gptq_moe_and_multimodal_report_equals_the_dequantised_base(case, in_memory, tmp_path):
-    """auto-round's per-expert GPTQ modules against a bf16 fine-tune stored per expert or fused.
+@pytest.mark.parametrize("folder", FAMILY_CASES, ids=_case_id)
+def test_gptq_and_awq_moe_and_multimodal_report_equals_the_dequantised_base(folder, in_memory, tmp_path):
+    """auto-round's per-expert GPTQ and AWQ modules against a bf16 fine-tune stored per expert or fused.
 
-    Mixtral's GPTQ experts are ``block_sparse_moe.experts.N.gate_proj``/``up_proj``/``down_proj``
+    Mixtral's GPTQ and AWQ experts are ``block_sparse_moe.experts.N.gate_proj``/``up_proj``/``down_proj``
     where its own checkpoints have ``w1``/``w3``/``w2`` and the model in memory one fused
     ``gate_up_proj``: each must be paired with its expert (and half) of the fine-tune.
     """
-    folder = GPTQ_DATA / case
     reference = {n: t.float() for n, t in load_file(folder / "reference.safetensors").items()}
     base = quantised.dequantised_copy(folder, tmp_path / "deq", reference)
     tuned = quantised.fine_tune_of(folder, tmp_path / "tuned", in_memory=in_memory)
     report = _same_reports(folder, base, tuned)
     analysed = {m["name"]: m for m in report["matrices"]}
     assert set(reference) <= set(analysed), sorted(set(reference) - set(analysed))
-    assert {analysed[n]["storage"] for n in reference} == GPTQ[case][1]
+    assert {analysed[n]["storage"] for n in reference} == _labels(folder)
     assert {m["tuned_storage"] for m in report["matrices"]} == {"bf16"}
     assert not report["unmatched"] and not report["shape_mismatches"]
-    experts, vision = GPTQ_FAMILIES[case]
+    experts, vision = FAMILIES[folder.name]
     assert sum(m["expert"] is not None for m in report["matrices"]) == experts
     assert sorted({m["expert"] for m in report["matrices"]} - {None}) == list(range(4 if experts else 0))
     assert {m["storage"] for m in report["matrices"] if m["stack"] == "vision"} == ({"fp32"} if vision else set())
     assert sum(m["stack"] == "vision" for m in report["matrices"]) == vision
-    # Every analysed quantised matrix is a GPTQ one; the others are the routers and the vision tower.
-    assert {n for n, m in analysed.items() if "GPTQ" in m["storage"]} == set(reference)
+    # Every analysed quantised matrix is a GPTQ (AWQ) one; the others are the routers and the vision tower.
+    assert {n for n, m in analysed.items() if m["storage"] in _labels(folder)} == set(reference)
     # Each is paired with its own expert (and half of a fused gate_up_proj): the fine-tune
     # (the same seeded model, changed by 2%) differs from it by that change plus the 4-bit
     # rounding, ~7% of the weight; paired with another matrix it would differ by ~140%.
@@ -439,14 +490,13 @@ def test_gptq_moe_and_multimodal_report_equals_the_dequantised_base(case, in_mem
 
 
 @pytest.mark.parametrize("in_memory", [False, True], ids=["save_pretrained", "in_memory"])
-@pytest.mark.parametrize("case", sorted(GPTQ_FAMILIES))
-def test_gptq_moe_and_multimodal_as_the_fine_tune_of_a_bf16_base(case, in_memory, tmp_path):
-    """The other way round: a bf16 base (per expert or fused) against the GPTQ checkpoint.
+@pytest.mark.parametrize("folder", FAMILY_CASES, ids=_case_id)
+def test_gptq_and_awq_moe_and_multimodal_as_the_fine_tune_of_a_bf16_base(folder, in_memory, tmp_path):
+    """The other way round: a bf16 base (per expert or fused) against the GPTQ (AWQ) checkpoint.
 
-    Against a fused base, each expert's GPTQ ``gate_proj`` and ``up_proj`` are joined into
-    the base's ``gate_up_proj`` slice; the joined matrix is stored as they are (GPTQ).
+    Against a fused base, each expert's quantised ``gate_proj`` and ``up_proj`` are joined
+    into the base's ``gate_up_proj`` slice; the joined matrix is stored as they are.
     """
-    folder = GPTQ_DATA / case
     reference = {n: t.float() for n, t in load_file(folder / "reference.safetensors").items()}
     deq = quantised.dequantised_copy(folder, tmp_path / "deq", reference)
     base = quantised.fine_tune_of(folder, tmp_path / "base", in_memory=in_memory)
@@ -454,10 +504,10 @@ def test_gptq_moe_and_multimodal_as_the_fine_tune_of_a_bf16_base(case, in_memory
     want = to_report(compare(str(base), [str(deq)], cache=None, device="cpu"))["models"][0]
     report = _same_models(got, want)
     assert not report["unmatched"] and not report["shape_mismatches"]
-    experts, vision = GPTQ_FAMILIES[case]
+    experts, vision = FAMILIES[folder.name]
     fused = in_memory and experts
     assert sum(m["expert"] is not None for m in report["matrices"]) == (experts * 2 // 3 if fused else experts)
-    label = next(iter(GPTQ[case][1]))
+    (label,) = _labels(folder)
     quantised_matrices = len(reference) - (experts // 3 if fused else 0)  # gate and up joined: one matrix
     assert report["summary"]["storage"]["tuned"] == {
         label: quantised_matrices,
@@ -470,13 +520,13 @@ def test_gptq_moe_and_multimodal_as_the_fine_tune_of_a_bf16_base(case, in_memory
     assert max(m["delta_fro"] for m in report["matrices"] if m["tuned_storage"] == label) < 0.15 * smallest
 
 
-def _gptq_folder(tmp_path: Path, qconfig: dict, **replace) -> Path:
-    """tests/data/gptq/w4g16 with another ``quantization_config`` and some stored tensors replaced."""
+def _gptq_folder(tmp_path: Path, qconfig: dict, src: Path = GPTQ_DATA / "w4g16", **replace) -> Path:
+    """``src`` (tests/data/gptq/w4g16) with another ``quantization_config`` and some stored tensors replaced."""
     from safetensors.torch import save_file
 
-    state = load_file(GPTQ_DATA / "w4g16" / "model.safetensors") | replace
+    state = load_file(src / "model.safetensors") | replace
     save_file({n: t for n, t in state.items() if t is not None}, str(tmp_path / "model.safetensors"))
-    config = json.loads((GPTQ_DATA / "w4g16" / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
     config["quantization_config"] |= qconfig
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path
@@ -512,6 +562,26 @@ def test_gptq_missing_or_misfit_parts_are_one_error_naming_the_tensor(tmp_path):
         InputError, match=r"q_proj\.weight.*cannot be dequantised: its g_idx names groups outside 0\.\.1"
     ):
         source.load(module + ".weight")
+
+
+def test_awq_versions_not_read_are_skipped_and_misfit_parts_are_one_error(tmp_path):
+    src, module = AWQ_DATA / "llama-w4g16", "model.layers.0.self_attn.q_proj"
+    for qconfig, reason in [
+        ({"version": "gemv"}, "AWQ 4-bit weight: AWQ gemv 4-bit is not read (not read raw)"),
+        ({"bits": 5}, "AWQ 5-bit weight: AWQ gemm 5-bit is not read (not read raw)"),
+    ]:
+        source = open_location(str(_gptq_folder(tmp_path, qconfig, src)))
+        skips = source.quantised_skips()
+        assert len(skips) == 7 and {s["reason"] for s in skips} == {reason}
+        assert not [n for n in source.names() if n.endswith((".qweight", ".qzeros", ".scales"))]
+    with pytest.raises(InputError, match=rf"{module}\.qweight.*no qzeros"):
+        open_location(str(_gptq_folder(tmp_path, {}, src, **{module + ".qzeros": None})))
+    down = "model.layers.0.mlp.down_proj.qweight"  # [64, 32]: 4 groups of 16 inputs, or 1 per channel
+    with pytest.raises(InputError, match=rf"{down}': its scales have shape \(4, 32\), not \(1, 32\)"):
+        open_location(str(_gptq_folder(tmp_path, {"group_size": -1}, src)))
+    channel = AWQ_DATA / "llama-w4-channel"
+    with pytest.raises(InputError, match=rf"{down}': its scales have shape \(1, 32\), not \(4, 32\)"):
+        open_location(str(_gptq_folder(tmp_path, {"group_size": 16}, channel)))
 
 
 def test_cache_keys_come_from_codes_and_scales(made, tmp_path):
@@ -654,16 +724,19 @@ def test_without_the_library_compressed_weights_are_skipped_naming_the_package(m
     assert not [n for n in source.names() if n.rsplit(".", 1)[-1].startswith("weight_")]
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral8"])
-def test_awq_gemm(made, family):
-    """AutoAWQ's layout read by compressed-tensors' AutoAWQConverter: (q - z) * s, rounded as fp16 scales give.
+def test_awq_gemm_with_eight_output_routers(made):
+    """AutoAWQ's layout packed here, for the one case auto-round does not write (tests/data/awq is its output).
 
-    ``mixtral8``'s routers have 8 outputs: their zero points unpack to one int32 row of
-    compressed-tensors' pack-quantized form, which its decompress cannot unpack by itself.
+    ``mixtral8``'s routers have 8 outputs: their codes and zero points pack into one int32
+    word a row, and the zero points unpack to one int32 row of compressed-tensors'
+    pack-quantized form, which its decompress cannot unpack by itself. auto-round leaves
+    every matrix with a dimension not a multiple of 32 unquantised, so this checkpoint is
+    packed by tests/quantised.py ``awq_gemm`` (as AutoAWQ's ``WQLinear_GEMM.from_linear``);
+    the reference is ``(q - z) * s`` in float64, rounded as fp16 scales give.
     """
-    model, base, tuned, root = made(family)
+    model, base, tuned, root = made("mixtral8")
     folder, expected = quantised.awq_gemm(base, root / "awq")
-    assert family != "mixtral8" or {n for n in expected if n.endswith(".gate.weight")} == {
+    assert {n for n in expected if n.endswith(".gate.weight")} == {
         f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)
     }
     source = open_location(str(folder))
@@ -704,7 +777,9 @@ def test_on_a_gpu_every_format_dequantises_to_the_same_bytes(made, monkeypatch):
             *reversed(COMPRESSED["pack-quantized-w4-group-asym"]),
             ignore=("lm_head", "re:.*embed_tokens"),
         ),
-        quantised.awq_gemm(base, root / "gpu-awq")[0],
+        AWQ_DATA / "llama-w4g16",
+        AWQ_DATA / "llama-w4-channel",
+        AWQ_DATA / "qwen3-moe-w4g16-sym",
         GPTQ_DATA / "w3g16",
         GPTQ_DATA / "w4g16-square-act-order",
     ]
