@@ -247,6 +247,7 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
         )
     if len(intruder_ranks):
         rows = intr[intr["intruder"]]
+        texts, positions = intruder_labels(rows["tuned_rank"].to_numpy())
         fig.add_trace(
             go.Scatter(
                 x=rows["tuned_rank"],
@@ -254,8 +255,8 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
                 mode="markers+text",
                 name=f"intruder (ε = {eps:g})",
                 marker={"symbol": "x", "size": 13, "color": INTRUDER_COLOR, "line": {"width": 2}},
-                text=[f"#{r}" for r in rows["tuned_rank"]],
-                textposition="top right",
+                text=texts,
+                textposition=positions,
                 customdata=np.stack([rows["best_match_score"], rows["best_match_base_rank"]], axis=1),
                 hovertemplate="intruder at tuned rank %{x}<br>σ = %{y:.4g}<br>best match %{customdata[0]:.3f} "
                 "(base rank %{customdata[1]})<extra></extra>",
@@ -275,6 +276,28 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
         legend={"orientation": "h", "y": -0.2},
     )
     return fig
+
+
+#: Intruder labels closer than this on the log rank axis (decades: ~15 px at a phone's width,
+#: where ranks 3-8 fall within 60 px) do not share a row of labels.
+_LABEL_GAP_DECADES = 0.15
+
+
+def intruder_labels(ranks: np.ndarray) -> tuple[list[str], list[str]]:
+    """Each intruder's label and where it goes.
+
+    ``"#rank"`` above its cross where the row above has room, else below it, else none (its
+    hover still names it); a row needs :data:`_LABEL_GAP_DECADES` between its labels.
+    """
+    texts, positions, last = [], [], {"top right": -np.inf, "bottom right": -np.inf}
+    for rank in ranks:
+        at = float(np.log10(rank))
+        row = next((r for r, previous in last.items() if at - previous >= _LABEL_GAP_DECADES), None)
+        texts.append("" if row is None else f"#{rank}")
+        positions.append(row or "top right")
+        if row is not None:
+            last[row] = at
+    return texts, positions
 
 
 #: The room an intruder's label takes above its cross: half the 13 px marker, Plotly's gap

@@ -208,6 +208,25 @@ def test_spectrum_leaves_room_over_the_top_intruder_for_its_label(lora_model: Mo
     assert high - np.log10(max(marks.y)) >= 0.15 * (high - low) - 1e-9
 
 
+def test_spectrum_labels_of_crowded_intruders_do_not_share_a_row(lora_model: ModelResult) -> None:
+    """Eight intruders at ranks 1-8: ranks 3-8 lie within 60 px of a phone's log axis, where
+    eight labels over the crosses ran into one another ("#3#4#5#6#7#8"). Labels take turns
+    above and below; one with no room in either row is left to its hover."""
+    matrix = next(m for m in lora_model.matrices if m.layer == 0 and m.module == "query")
+    scores = np.array(matrix.intruder_scores, dtype=float)
+    scores[:8] = 0.1
+    fig = spectra.spectrum_figure(replace(matrix, intruder_scores=scores), 10, 0.5)
+    marks = next(t for t in fig.data if t.name.startswith("intruder"))
+    assert list(marks.x) == list(range(1, 9))
+    shown = [(np.log10(x), row) for x, text, row in zip(marks.x, marks.text, marks.textposition, strict=True) if text]
+    assert len(shown) >= 6 and {row for _, row in shown} == {"top right", "bottom right"}
+    for row in ("top right", "bottom right"):
+        at = [x for x, r in shown if r == row]
+        assert all(b - a >= 0.15 for a, b in zip(at, at[1:], strict=False)), (row, at)
+    assert all(text in ("", f"#{x}") for x, text in zip(marks.x, marks.text, strict=True))
+    assert "#1" in marks.text and "#2" in marks.text
+
+
 def test_titles_fit_a_phone(lora_model: ModelResult) -> None:
     """No title line longer than a phone holds (the tensor name was cut: "...self.query.w")."""
     long = "model.encoder.block.11.layer.1.EncDecAttention.self_attention.query_key_value.weight"
