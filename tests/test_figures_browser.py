@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import plotly.io as pio
 import pytest
 
 from analysis.results import ModelResult
@@ -19,33 +20,41 @@ need_browser()
 
 pytestmark = pytest.mark.browser
 
-#: The spectrum drawn in full: its plot area and both intruder labels.
-DRAWN = (
-    "() => document.querySelector('.bglayer .bg') && "
-    "document.querySelectorAll('.scatterlayer .textpoint text').length >= 2"
-)
+#: The spectrum drawn: both intruder labels (the plot area comes from plotly.js's own layout,
+#: which every template has; the plot's background rectangle is not drawn under every one).
+DRAWN = "() => document.querySelectorAll('.scatterlayer .textpoint text').length >= 2"
 #: Each intruder label's box and the plot area's, in page pixels, as drawn.
 BOXES = """() => {
-  const plot = document.querySelector('.bglayer .bg').getBoundingClientRect();
+  const gd = document.querySelector('.js-plotly-plot'), at = gd.getBoundingClientRect(), s = gd._fullLayout._size;
   const labels = [...document.querySelectorAll('.scatterlayer .textpoint text')].map(t => {
     const b = t.getBoundingClientRect();
     return {text: t.textContent, top: b.top, bottom: b.bottom, left: b.left, right: b.right};
   });
-  return {plot: {top: plot.top, bottom: plot.bottom, left: plot.left, right: plot.right}, labels};
+  const plot = {top: at.top + s.t, bottom: at.top + s.t + s.h, left: at.left + s.l, right: at.left + s.l + s.w};
+  return {plot, labels};
 }"""
 
 
+@pytest.mark.parametrize("template", ["plotly", "streamlit"])
 @pytest.mark.parametrize("width", [1400, 390])
-def test_spectrum_intruder_labels_are_inside_the_plot(lora_model: ModelResult, width: int, tmp_path: Path) -> None:  # noqa: F811
+def test_spectrum_intruder_labels_are_inside_the_plot(
+    lora_model: ModelResult,  # noqa: F811
+    width: int,
+    template: str,
+    tmp_path: Path,
+) -> None:
+    """Under plotly's template and Streamlit's (the dashboard's; importing Streamlit's chart
+    element makes it the default, so the suite's order decided which one a run drew)."""
+    from streamlit.elements import plotly_chart  # noqa: F401 - registers the "streamlit" template
+
     matrix = next(m for m in lora_model.matrices if m.module == "query" and m.layer == 0)
     fig = spectra.spectrum_figure(matrix, 10, 0.5, label="LoRA run")
+    fig.update_layout(template=pio.templates[template])
     html = tmp_path / "spectrum.html"
     fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
     with chromium("--disable-gpu") as browser:
         page = browser.new_page(viewport={"width": width, "height": 900})
         page.goto(html.as_uri())
-        # plotly.js draws in steps (a busy machine showed the labels before the plot's background):
-        # wait for both
         page.wait_for_function(DRAWN)
         boxes = page.evaluate(BOXES)
     plot, labels = boxes["plot"], boxes["labels"]
