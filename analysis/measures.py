@@ -42,9 +42,10 @@ _CHUNK_ELEMENTS = 1 << 23
 
 
 def _f64(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``x`` in float64, on the device it is on (a GPU's weights are compared there)."""
     if not isinstance(x, torch.Tensor):  # a fresh copy: a reversed view's strides are negative
         return torch.from_numpy(np.array(x, dtype=np.float64, copy=True))
-    return x.detach().to("cpu", torch.float64)
+    return x.detach().to(torch.float64)
 
 
 def unchanged_relative(w0: torch.Tensor, w1: torch.Tensor, eta: float = DEFAULT_ETA) -> torch.Tensor:
@@ -67,7 +68,7 @@ def unchanged_absolute(w0: torch.Tensor, w1: torch.Tensor, atol: float = DEFAULT
     comparison made in bf16 too, so against ``atol`` rounded to bf16 (1e-5 becomes
     ``1.00136e-5``: a bf16 difference of exactly that counts as unchanged).
     """
-    difference = w1.detach().to("cpu", torch.bfloat16) - w0.detach().to("cpu", torch.bfloat16)
+    difference = w1.detach().to(torch.bfloat16) - w0.detach().to(torch.bfloat16)
     return torch.isclose(difference, torch.zeros_like(difference), rtol=0.0, atol=atol)
 
 
@@ -119,7 +120,7 @@ def principal_angles(q0: torch.Tensor, q1: torch.Tensor) -> np.ndarray:
     from_cos = torch.arccos(cosines)
     from_sin = torch.arcsin(sines)
     angles = torch.where(from_cos < math.pi / 4, from_sin, from_cos)
-    return np.degrees(angles.numpy())
+    return np.degrees(angles.cpu().numpy())
 
 
 def principal_mask(base_left: torch.Tensor, base_values: torch.Tensor, base_right: torch.Tensor, alpha: float):
@@ -128,7 +129,7 @@ def principal_mask(base_left: torch.Tensor, base_values: torch.Tensor, base_righ
     ``ceil(alpha * m n)`` entries: those at or above that entry's magnitude (ties, rare
     for floats, all count). Returns a boolean ``m x n`` tensor.
     """
-    reconstruction = ((_f64(base_left) * _f64(base_values)) @ _f64(base_right).transpose(0, 1)).abs()
+    reconstruction = ((_f64(base_left) * _f64(base_values)) @ _f64(base_right).transpose(0, 1)).abs_()
     size = reconstruction.numel()
     keep = min(size, max(1, math.ceil(alpha * size)))
     threshold = torch.kthvalue(reconstruction.reshape(-1), size - keep + 1).values

@@ -226,7 +226,9 @@ def _seeds(
     """
 
     def seeds() -> torch.Tensor:
-        start = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(torch.float64)
+        # On ``device``: a base spectrum read from the cache alone (a pair whose measures are
+        # computed on their own, :func:`_attach_measures`) is on the CPU.
+        start = base_spectrum.left(min(2 * wanted, base_spectrum.rank_bound)).to(device, torch.float64)
         if tuned.low_rank is None:
             return start
         return torch.cat([tuned.low_rank.B.to(device, torch.float64), start], dim=1)

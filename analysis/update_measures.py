@@ -48,18 +48,21 @@ def top_triplets(weight: torch.Tensor, spectrum: Spectrum, k: int) -> dict[str, 
     The spectrum's own side (:attr:`~analysis.linalg.Spectrum.native_side`) as computed;
     the other side from it in float64 (``V_k = W^T U_k / s_k`` or ``U_k = W V_k / s_k``),
     not the spectrum's float32 derivation: the angles of an RL update are below a degree.
+    Computed where ``weight`` is (a GPU's 7B-sized weight is not copied to the host and
+    multiplied there in float64), returned on the CPU.
     """
     k = min(k, spectrum.rank_bound)
-    values = spectrum.values[:k].to("cpu", torch.float64)
-    w = weight.detach().to("cpu", torch.float64)
+    device = weight.device
+    values = spectrum.values[:k].to(device, torch.float64)
+    w = weight.detach().to(torch.float64)
     safe = torch.where(values > 0, values, torch.ones_like(values))
     if spectrum.native_side == "left":
-        left = _orthonormal(spectrum.left(k).to("cpu", torch.float64))
+        left = _orthonormal(spectrum.left(k).to(device, torch.float64))
         right = _orthonormal((w.transpose(0, 1) @ left) / safe)
     else:
-        right = _orthonormal(spectrum.right(k).to("cpu", torch.float64))
+        right = _orthonormal(spectrum.right(k).to(device, torch.float64))
         left = _orthonormal((w @ right) / safe)
-    return {"U": left.contiguous(), "S": values.contiguous(), "V": right.contiguous()}
+    return {name: t.to("cpu").contiguous() for name, t in (("U", left), ("S", values), ("V", right))}
 
 
 def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
@@ -102,6 +105,7 @@ def compute(
     pair's analysis is (``settings.side == "right"`` transposes both, swapping the sides back).
     """
     k = min(settings.principal_k, min(base.shape))
+    tuned = tuned.to(base.device)
     b = base_triplets(base, k, device, cache, base_key)
     spectrum = tuned_spectrum if tuned_spectrum is not None else decompose(tuned, device, top=k)
     t = top_triplets(tuned, spectrum, k)
@@ -109,8 +113,13 @@ def compute(
     right = measures.principal_angles(b["V"], t["V"])
     if settings.side == "right":
         left, right = right, left
-    mask = measures.principal_mask(b["U"], b["S"], b["V"], settings.mask_alpha)
-    counts = measures.elementwise_counts(base.cpu(), tuned.cpu(), mask, settings.sparsity_eta, settings.sparsity_atol)
+    # The elementwise measures run where the weights are: copied to the host, a 7B-sized
+    # pair's cost 3-5 s there on one thread (measured on the 2-core CPU), several times
+    # what a GPU's decompositions of it are meant to take (benchmarks/run.py's targets).
+    on = [b[name].to(base.device) for name in ("U", "S", "V")]
+    mask = measures.principal_mask(*on, settings.mask_alpha)
+    del on
+    counts = measures.elementwise_counts(base, tuned, mask, settings.sparsity_eta, settings.sparsity_atol)
     tensors = {
         "counts": torch.tensor(
             [counts.total, counts.unchanged_relative, counts.unchanged_absolute, counts.mask_size, counts.mask_changed],
