@@ -55,7 +55,8 @@ left vector (intruder scores maximise over all of them), the tuned weight only i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -84,6 +85,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise InputError("--device", f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
+
+
+@contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """float32 matrix products in full float32 on ``device`` while the block runs.
+
+    A process may have let CUDA multiply float32 in TF32 (``torch.set_float32_matmul_precision
+    ("high")``, as Hugging Face's ``Trainer`` does with ``tf32=True``, where the training
+    callback runs): 10 mantissa bits, cosines off by about 1e-3, enough to move a tuned
+    singular vector across ``eps``. The engine's float32 products mean float32
+    (docs/metrics.md); the process's setting is restored afterwards (it is process-wide:
+    products of other threads meanwhile are full float32 too). Nothing changes on the CPU,
+    which has no TF32.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def default_method(device: torch.device) -> str:

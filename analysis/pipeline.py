@@ -23,7 +23,14 @@ from analysis import update_measures
 from analysis.cache import Entry, SpectrumCache
 from analysis.errors import AnalysisCancelled
 from analysis.grouping import group_matrices
-from analysis.linalg import Spectrum, decompose_many, default_method, low_rank_spectrum, resolve_device
+from analysis.linalg import (
+    Spectrum,
+    decompose_many,
+    default_method,
+    full_float32,
+    low_rank_spectrum,
+    resolve_device,
+)
 from analysis.pair_metrics import AnalysisSettings, matrix_result, pair_metrics
 from analysis.pairs import NotCached, Pair, base_entry, base_from_entry, prepare, stored_base_spectrum
 from analysis.plan import ComparisonPlan, MatrixPlan, TunedMatrix
@@ -133,6 +140,19 @@ def _compute_group(
     time); the group is computed once, when the first pair still missing under its lock
     asks for it, so a group another process finished meanwhile is read, not computed again.
     """
+    with full_float32(device):
+        return _computed_group(pairs, settings, device, method, cache, budget)
+
+
+def _computed_group(
+    pairs: Sequence[Pair],
+    settings: AnalysisSettings,
+    device: torch.device,
+    method: str,
+    cache: SpectrumCache | None,
+    budget: int,
+) -> list[MatrixResult]:
+    """:func:`_compute_group`'s work, in full float32 on a GPU."""
     todo = [pair for pair in pairs if pair.result is None]
     threads, blas = (1, 1) if device.type != "cpu" else matrix_threads(pairs[0].plan.shape, method, budget)
     if todo:

@@ -13,6 +13,7 @@ import torch
 
 from analysis import pipeline
 from analysis.linalg import Spectrum
+from analysis.pair_metrics import AnalysisSettings
 from analysis.pairs import base_entry, base_from_entry, stored_base_spectrum
 from analysis.plan import LowRankDelta, TunedMatrix
 
@@ -63,3 +64,21 @@ def test_the_elementwise_measures_run_where_the_weights_are():
     left, values, right = torch.empty(6, 2, device=OTHER), torch.empty(2, device=OTHER), torch.empty(5, 2, device=OTHER)
     mask = measures.principal_mask(left, values, right, 0.2)
     assert mask.device == OTHER and mask.dtype == torch.bool and tuple(mask.shape) == (6, 5)
+
+
+def test_gpu_products_are_full_float32_whatever_the_process_set(monkeypatch) -> None:
+    """A process that let CUDA multiply float32 in TF32 (``set_float32_matmul_precision("high")``,
+    Hugging Face's ``Trainer(tf32=True)``, where the training callback runs) would score cosines
+    to about 1e-3: the engine's work on a CUDA device runs at "highest" and the process gets its
+    setting back; the CPU (no TF32) is left alone."""
+    seen = []
+    monkeypatch.setattr(pipeline, "_computed_group", lambda *a, **k: seen.append(torch.get_float32_matmul_precision()))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        pipeline._compute_group([], AnalysisSettings(), torch.device("cuda"), "eig", None)
+        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+        pipeline._compute_group([], AnalysisSettings(), torch.device("cpu"), "gram", None)
+        assert seen == ["highest", "high"]
+    finally:
+        torch.set_float32_matmul_precision(previous)
