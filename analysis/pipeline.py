@@ -141,10 +141,10 @@ def _compute_group(
     asks for it, so a group another process finished meanwhile is read, not computed again.
     """
     with full_float32(device):
-        return _computed_group(pairs, settings, device, method, cache, budget)
+        return _group_results(pairs, settings, device, method, cache, budget)
 
 
-def _computed_group(
+def _group_results(
     pairs: Sequence[Pair],
     settings: AnalysisSettings,
     device: torch.device,

@@ -72,7 +72,7 @@ def test_gpu_products_are_full_float32_whatever_the_process_set(monkeypatch) -> 
     to about 1e-3: the engine's work on a CUDA device runs at "highest" and the process gets its
     setting back; the CPU (no TF32) is left alone."""
     seen = []
-    monkeypatch.setattr(pipeline, "_computed_group", lambda *a, **k: seen.append(torch.get_float32_matmul_precision()))
+    monkeypatch.setattr(pipeline, "_group_results", lambda *a, **k: seen.append(torch.get_float32_matmul_precision()))
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
