@@ -218,7 +218,8 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     """
     spectrum = matrix_tables.spectrum_table(matrix)
     intr = matrix_tables.intruder_table(matrix, k, eps)
-    intruder_ranks = intr.loc[intr["intruder"], "tuned_rank"].to_numpy()
+    intruders = intr[intr["intruder"]]
+    intruder_ranks = intruders["tuned_rank"].to_numpy()
     fig = go.Figure()
     lines = (
         ("tuned", "Wₜ (tuned)", "#1f77b4", "solid", 2.0, "circle"),
@@ -246,18 +247,17 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
             )
         )
     if len(intruder_ranks):
-        rows = intr[intr["intruder"]]
-        texts, positions = intruder_labels(rows["tuned_rank"].to_numpy())
+        texts, positions = intruder_labels(intruder_ranks)
         fig.add_trace(
             go.Scatter(
-                x=rows["tuned_rank"],
-                y=rows["singular_value"],
+                x=intruders["tuned_rank"],
+                y=intruders["singular_value"],
                 mode="markers+text",
                 name=f"intruder (ε = {eps:g})",
                 marker={"symbol": "x", "size": 13, "color": INTRUDER_COLOR, "line": {"width": 2}},
                 text=texts,
                 textposition=positions,
-                customdata=np.stack([rows["best_match_score"], rows["best_match_base_rank"]], axis=1),
+                customdata=np.stack([intruders["best_match_score"], intruders["best_match_base_rank"]], axis=1),
                 hovertemplate="intruder at tuned rank %{x}<br>σ = %{y:.4g}<br>best match %{customdata[0]:.3f} "
                 "(base rank %{customdata[1]})<extra></extra>",
             )
@@ -266,7 +266,7 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
     title = _intruder_title(matrix, label, len(intruder_ranks), len(intr), eps)
     yaxis = log_axis(shown, title="singular value")
     if len(intruder_ranks) and "range" in yaxis:  # the "#2" over the top intruder stays inside the plot
-        yaxis["range"] = _room_above(yaxis["range"], float(intr.loc[intr["intruder"], "singular_value"].max()))
+        yaxis["range"] = _room_above(yaxis["range"], float(intruders["singular_value"].max()))
     fig.update_layout(
         title=top_title(title),
         xaxis=rank_axis(n_max),
