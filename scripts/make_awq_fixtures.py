@@ -53,36 +53,39 @@ CASES = {  # name: (family, bits, group_size, sym, layer_config, model config ov
 }
 
 
+def _each_module(folder: Path, dequantise) -> dict[str, torch.Tensor]:
+    """``dequantise(qconfig, stored, module)`` of every module with a ``qweight``, as ``module.weight``."""
+    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
+    stored = load_file(folder / "model.safetensors")
+    modules = sorted(n.removesuffix(".qweight") for n in stored if n.endswith(".qweight"))
+    return {module + ".weight": dequantise(qconfig, stored, module) for module in modules}
+
+
 def library_dequantised(folder: Path) -> dict[str, torch.Tensor]:
     """Every ``qweight`` as AutoAWQ's ``dequantize_gemm`` computes it, ``[out, in]`` (fp16)."""
     from awq.utils.packing_utils import dequantize_gemm
 
-    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
-    stored = load_file(folder / "model.safetensors")
-    out = {}
-    for name in sorted(n for n in stored if n.endswith(".qweight")):
-        module, qweight = name.removesuffix(".qweight"), stored[name]
+    def one(qconfig: dict, stored: dict, module: str) -> torch.Tensor:
+        qweight = stored[module + ".qweight"]
         group = qconfig["group_size"] if qconfig["group_size"] > 0 else qweight.shape[0]  # as WQLinear_GEMM
         zeros, scales = stored[module + ".qzeros"], stored[module + ".scales"]
-        out[module + ".weight"] = dequantize_gemm(qweight, zeros, scales, qconfig["bits"], group).T.contiguous()
-    return out
+        return dequantize_gemm(qweight, zeros, scales, qconfig["bits"], group).T.contiguous()
+
+    return _each_module(folder, one)
 
 
 def module_dequantised(folder: Path) -> dict[str, torch.Tensor]:
     """Every ``qweight`` as AutoAWQ's ``WQLinear_GEMM`` module gives it: its forward on the identity."""
     from awq.modules.linear.gemm import WQLinear_GEMM
 
-    qconfig = json.loads((folder / "config.json").read_text())["quantization_config"]
-    stored = load_file(folder / "model.safetensors")
-    out = {}
-    for name in sorted(n for n in stored if n.endswith(".qweight")):
-        module, qweight = name.removesuffix(".qweight"), stored[name]
-        inputs, outputs = qweight.shape[0], stored[module + ".scales"].shape[1]
+    def one(qconfig: dict, stored: dict, module: str) -> torch.Tensor:
+        inputs, outputs = stored[module + ".qweight"].shape[0], stored[module + ".scales"].shape[1]
         layer = WQLinear_GEMM(qconfig["bits"], qconfig["group_size"], inputs, outputs, False, "cpu")
         layer.load_state_dict({p: stored[f"{module}.{p}"] for p in ("qweight", "qzeros", "scales")})
         with torch.no_grad():
-            out[module + ".weight"] = layer.eval()(torch.eye(inputs, dtype=torch.float16)).T.contiguous()
-    return out
+            return layer.eval()(torch.eye(inputs, dtype=torch.float16)).T.contiguous()
+
+    return _each_module(folder, one)
 
 
 def main() -> None:
