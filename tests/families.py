@@ -52,51 +52,59 @@ def quiet() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
 
 
-def build(family: str):
-    """A seeded tiny model of ``family`` (hidden 32, 2 blocks)."""
+def build(family: str, **overrides):
+    """A seeded tiny model of ``family`` (hidden 32, 2 blocks); ``overrides`` replace values of
+    its config (``num_local_experts=8``)."""
+    model_class, config = _config(family)
+    config.update(overrides)
+    torch.manual_seed(0)
+    return model_class(config)
+
+
+def _config(family: str):
+    """``(model class, config)`` of :func:`build`'s tiny ``family``."""
     import transformers as tf
 
-    torch.manual_seed(0)
     common = {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}
     decoder = common | {"hidden_size": H, "intermediate_size": 64, "num_key_value_heads": 2}
     if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**decoder))
+        return tf.LlamaForCausalLM, tf.LlamaConfig(**decoder)
     if family == "qwen3":
-        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**decoder, head_dim=8))
+        return tf.Qwen3ForCausalLM, tf.Qwen3Config(**decoder, head_dim=8)
     if family == "gemma3":
-        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**decoder, head_dim=8))
+        return tf.Gemma3ForCausalLM, tf.Gemma3TextConfig(**decoder, head_dim=8)
     if family == "phi3":
-        return tf.Phi3ForCausalLM(tf.Phi3Config(**decoder, pad_token_id=0))
+        return tf.Phi3ForCausalLM, tf.Phi3Config(**decoder, pad_token_id=0)
     if family == "gpt_neox":
-        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**common, hidden_size=H, intermediate_size=64))
+        return tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(**common, hidden_size=H, intermediate_size=64)
     if family == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=H, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
+        return tf.GPT2LMHeadModel, tf.GPT2Config(n_embd=H, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
     if family == "bert":
-        return tf.BertModel(tf.BertConfig(**common, hidden_size=H, intermediate_size=64))
+        return tf.BertModel, tf.BertConfig(**common, hidden_size=H, intermediate_size=64)
     if family == "deberta_v2":
-        return tf.DebertaV2Model(tf.DebertaV2Config(**common, hidden_size=H, intermediate_size=64))
+        return tf.DebertaV2Model, tf.DebertaV2Config(**common, hidden_size=H, intermediate_size=64)
     if family == "t5":
-        return tf.T5ForConditionalGeneration(
-            tf.T5Config(d_model=H, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128)
+        return tf.T5ForConditionalGeneration, tf.T5Config(
+            d_model=H, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=128
         )
     if family == "mixtral":
-        return tf.MixtralForCausalLM(tf.MixtralConfig(**decoder, num_local_experts=4, num_experts_per_tok=2))
+        return tf.MixtralForCausalLM, tf.MixtralConfig(**decoder, num_local_experts=4, num_experts_per_tok=2)
     if family in ("qwen3_moe", "qwen3_moe_fused"):
         config = tf.Qwen3MoeConfig(
             **decoder, head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1
         )
-        return tf.Qwen3MoeForCausalLM(config)
+        return tf.Qwen3MoeForCausalLM, config
     if family == "gpt_oss":  # fused experts stored [E, in, out] (is_transposed)
         config = tf.GptOssConfig(
             **decoder | {"intermediate_size": 16}, head_dim=8, num_local_experts=4, num_experts_per_tok=2
         )
-        return tf.GptOssForCausalLM(config)
+        return tf.GptOssForCausalLM, config
     if family == "llava":
         text = tf.LlamaConfig(**decoder)
         vision = tf.CLIPVisionConfig(
             hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8
         )
-        return tf.LlavaForConditionalGeneration(tf.LlavaConfig(text_config=text, vision_config=vision))
+        return tf.LlavaForConditionalGeneration, tf.LlavaConfig(text_config=text, vision_config=vision)
     raise ValueError(family)
 
 

@@ -22,26 +22,14 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests import families
+
 _BLOCK_WEIGHT = ("layers.", "layer.", ".h.")
 
 
 def gpt_oss_model():
     """gpt-oss with intermediate size 32: MXFP4 blocks hold 32 values, so every expert matrix is whole blocks."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.GptOssConfig(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=32,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    return tf.GptOssForCausalLM(config)
+    return families.build("gpt_oss", intermediate_size=32)
 
 
 def _quantisable(name: str, tensor: torch.Tensor) -> bool:
@@ -192,8 +180,6 @@ def fine_tune_of(folder: Path, out: Path, *, in_memory: bool = False) -> Path:
     state dict (fused experts ``[E, 2I, H]`` and ``[E, H, I]``, LLaVA's in-memory naming).
     """
     import transformers
-
-    from tests import families
 
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)
