@@ -160,11 +160,11 @@ def _wait_until_drawn(pages: list, started: float) -> dict[int, float]:
 )
 def test_eight_analyses_leave_the_server_responsive(tmp_path: Path) -> None:
     """Issue 26's figures: with eight different analyses queued or running, a fresh visitor's
-    page within 10 s, the health endpoint within 2 s, and each visitor's results ready on the
-    server within 1.5x the command line's time for the same eight, one after another
-    (``benchmarks/hosting_load.py``, which prints the same figures, and when each page drew
-    them: with nine browsers on the server's own cores that is the browsers' time, see
-    docs/hosting.md)."""
+    page within 10 s, the health endpoint within 2 s, and each visitor's results within 1.5x
+    the command line's time for the same eight, one after another: ready on the server, and
+    drawn in the visitor's page (``benchmarks/hosting_load.py``, which prints the same
+    figures). With nine browsers on the server's own two cores the drawn figure is the
+    browsers' time and fails (3.5-5x: docs/hosting.md); it is kept as the issue states it."""
     from benchmarks import hosting_load
 
     base, tuned = hosting_load.build_models(tmp_path / "models")
@@ -176,3 +176,4 @@ def test_eight_analyses_leave_the_server_responsive(tmp_path: Path) -> None:
     assert figures["fresh_visitor_page_s"] <= 10, figures
     assert figures["health_max_s"] <= 2, figures
     assert max(figures["results_server_s"]) <= 1.5 * cli, figures
+    assert max(figures["results_drawn_s"]) <= 1.5 * cli, figures
