@@ -17,7 +17,9 @@ so eight analyses are queued or running. While they run:
 By default the visitors arrive at a server that has been up a while (started, warmed up and
 idle: the cache is cold, the process is not), as on a host that has been serving; with
 ``--visit-at-start`` they arrive as soon as the health endpoint answers, while the server is
-still importing and starting its worker (the figures of earlier sessions).
+still importing and starting its worker (the figures of earlier sessions). With ``--cached``
+every comparison is in the server's cache before it starts, so nothing is computed: the
+floor that the browsers alone set on this machine.
 
 The same eight comparisons through the command line, one after another in one process on
 a fresh cache (``python -m analysis report BASE T1 ... T8``), give the reference time.
@@ -25,7 +27,8 @@ Targets (issue 26): page within 10 s, health within 2 s, each visitor's results 
 1.5x the command line's time. The load average is recorded: the figures mean little on a
 machine others are using.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.hosting_load [--processes 0|1] [--jobs N] [--visit-at-start]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.hosting_load [--processes 0|1] [--jobs N] \
+        [--visit-at-start] [--cached]
 
 ``--processes 0`` runs the analyses on threads of the web server's process, as before the
 worker pool (``WSE_WORKER_PROCESSES=0``), for a before/after comparison on one machine.
@@ -74,9 +77,10 @@ def build_models(root: Path) -> tuple[Path, list[Path]]:
     return base, tuned
 
 
-def cli_seconds(base: Path, tuned: list[Path], workdir: Path) -> float:
-    """Wall seconds of the command line analysing every fine-tune, one after another, cold."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WSE_CACHE_DIR": str(workdir / "cli-cache")}
+def cli_seconds(base: Path, tuned: list[Path], workdir: Path, cache: str = "cli-cache") -> float:
+    """Wall seconds of the command line analysing every fine-tune, one after another, cold
+    (into the cache folder ``workdir / cache``)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WSE_CACHE_DIR": str(workdir / cache)}
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "analysis", "report", str(base), *map(str, tuned), "--out", str(workdir / "cli.json"),
@@ -234,6 +238,7 @@ def measure(
     log: Path | None = None,
     browsers_nice: int = 0,
     at_start: bool = False,
+    cached: bool = False,
 ) -> dict:
     """Run the eight-visitor load on a fresh server; the figures as a dict.
 
@@ -241,6 +246,10 @@ def measure(
     priority, a stand-in for visitors whose browsers run on their own machines (0: as before).
     ``at_start``: the visitors arrive as soon as the health endpoint answers, not once the
     server has warmed up and is idle.
+    ``cached``: the command line fills the server's cache with all eight comparisons before
+    the server starts, so that no page computes anything (each reads its comparison from the
+    cache in the web process): the visitors' wait is then the server reading and the
+    browsers loading and drawing, the floor under any server's figures on this machine.
     """
     from playwright.sync_api import sync_playwright
 
@@ -258,7 +267,10 @@ def measure(
         **_job_log(workdir),
     }
     log = log or workdir / "streamlit.log"
-    figures: dict = {"processes": processes, "max_jobs": jobs, "browsers_nice": browsers_nice, "at_start": at_start}
+    figures: dict = {"processes": processes, "max_jobs": jobs, "browsers_nice": browsers_nice}
+    figures.update(at_start=at_start, cached=cached)
+    if cached:
+        cli_seconds(base, tuned, workdir, cache="server-cache")
     with streamlit_server(env, log) as url:
         pid = server_pid(url)
         if not at_start:
@@ -332,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--visit-at-start", action="store_true", help="visitors arrive as the server starts, not once it is idle"
     )
+    parser.add_argument(
+        "--cached", action="store_true", help="every comparison cached beforehand: the floor, no page computes"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="wse-load-") as tmp:
@@ -348,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 log=args.log,
                 browsers_nice=args.browsers_nice,
                 at_start=args.visit_at_start,
+                cached=args.cached,
             )  # fmt: skip
         )
         if "cli_sequential_s" in figures:
