@@ -176,4 +176,14 @@ def test_eight_analyses_leave_the_server_responsive(tmp_path: Path) -> None:
     assert figures["fresh_visitor_page_s"] <= 10, figures
     assert figures["health_max_s"] <= 2, figures
     assert max(figures["results_server_s"]) <= 1.5 * cli, figures
-    assert max(figures["results_drawn_s"]) <= 1.5 * cli, figures
+    drawn = max(figures["results_drawn_s"])
+    if drawn > 1.5 * cli:
+        (tmp_path / "floor").mkdir()
+        floor = hosting_load.measure(base, tuned, tmp_path / "floor", cached=True)
+        figures["floor_drawn_s"] = floor["results_drawn_s"]
+        (ARTIFACTS / "eight-analyses.json").write_text(str(figures))
+    assert drawn <= 1.5 * cli, (
+        f"drawn up to {drawn} s, {drawn / cli:.1f}x the command line's {cli:.1f} s; the browsers alone, with nothing "
+        f"to compute, drew in {figures.get('floor_drawn_s')} s",
+        figures,
+    )
