@@ -105,3 +105,19 @@ def test_rl_measure_columns_have_words(tiny_bert, tiny_bert_full_ft) -> None:
     frames.append(rl_tables.chance_table(models))
     coded = [c for frame in frames for c in frame.columns if "_" in c]
     assert len(coded) >= 8 and all(c in table_words.COLUMN_WORDS for c in coded), coded
+
+
+def test_series_table_columns_have_words() -> None:
+    # The Series page's trend table showed six of its columns by their CSV names
+    # (update_sparsity, principal_angle_max, ...): the RL-versus-SFT measures of each group.
+    from charts import series_tables
+
+    frames = [series_tables.series_table([], 10, 0.5, by) for by in series_tables.SERIES_GROUPINGS]
+    frames += [series_tables.series_grid_table([], metric, 10, 0.5) for metric in series_tables.SERIES_METRICS]
+    coded = [c for frame in frames for c in frame.columns if "_" in c]
+    assert "update_sparsity" in coded
+    missing = sorted({c for c in coded if c not in table_words.COLUMN_WORDS})
+    assert not missing, missing
+    for column in coded:
+        words, _ = table_words.COLUMN_WORDS[column]
+        assert "_" not in words.replace("‖ΔW‖_F", ""), words
