@@ -54,6 +54,13 @@ def test_totals_axis_holds_the_tallest_bar_and_its_label(lora_model: ModelResult
     assert low == 0 and high > 3 and float(fig.layout.yaxis.dtick).is_integer()
 
 
+def test_totals_legend_sits_below_the_bars(lora_model: ModelResult, full_model: ModelResult) -> None:
+    """Beside the bars (Plotly's default), the legend took 40 % of a phone's width on the demo's
+    overview and squeezed four bars into the rest, their names slanted."""
+    fig = overview.totals_figure([lora_model, full_model], k=10, eps=0.5)
+    assert fig.layout.showlegend and fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+
+
 def test_count_colour_bars_tick_whole_numbers(lora_model: ModelResult) -> None:
     (section,) = overview.overview_sections([lora_model], "intruders", k=10, eps=0.5)
     bar = section.panels[0].layout.coloraxis.colorbar
