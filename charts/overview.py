@@ -425,6 +425,7 @@ def totals_figure(models: Sequence[ModelResult], k: int, eps: float) -> go.Figur
         title=title,
         yaxis={"title": "intruder dimensions", "range": [0, 1.15 * max(top, 1)], **count_ticks(max(top, 1), most=6)},
         showlegend=True,
+        legend={"orientation": "h", "y": -0.2},  # below: beside the bars it took 40 % of a phone's width
         height=360,
     )
     return fig

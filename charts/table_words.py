@@ -70,6 +70,29 @@ COLUMN_WORDS: dict[str, tuple[str, str]] = {
     "mask_alpha": ("α (chance overlap)", "Fraction of entries in the principal mask: the overlap by chance."),
     "median_update_rank_fraction": ("numerical rank of ΔW / min(m, n)", "Median over matrices."),
     "intruder_energy_share": ("intruder energy share", "Share of the top-k Σσ² of W₁ on intruder directions."),
+    # The same measures of a group of matrices (charts.rl_tables.group_value): the Series page's trends.
+    "update_sparsity": (
+        "update sparsity (Zhu Eq. 1)",
+        "Share (0-1) of the entries left unchanged, |w₁ − w₀| ≤ η·max(|w₀|, |w₁|), η = 1e-3; "
+        "the group's matrices taken together.",
+    ),
+    "update_sparsity_absolute": (
+        "update sparsity (|ΔW| ≤ atol, bf16)",
+        "Share (0-1) of the entries with |ΔW| ≤ 1e-5 in bf16 (Mukherjee et al. 2025); the group's matrices together.",
+    ),
+    "principal_angle_max": (
+        "largest principal angle (°)",
+        "Largest angle between the top-k singular subspaces of W₀ and W₁, over the group's matrices.",
+    ),
+    "spectral_shift": ("spectral shift ‖Δs‖/‖s₀‖", "‖s(W₁) − s(W₀)‖₂ / ‖s(W₀)‖₂, mean over the group's matrices."),
+    "mask_overlap": (
+        "principal-mask overlap",
+        "Share of the changed entries inside the top-α principal mask of W₀; the group's matrices together.",
+    ),
+    "update_rank_fraction": (
+        "numerical rank of ΔW / min(m, n)",
+        "torch.linalg.matrix_rank of ΔW over min(m, n), mean over the group's matrices.",
+    ),
     "i": ("i", "Principal angle index, ascending."),
     "left_deg": ("angle, left subspaces (°)", ""),
     "right_deg": ("angle, right subspaces (°)", ""),

@@ -19,17 +19,7 @@ st.caption(
     "LoRA, whose update can never exceed its rank r (dotted line). Each fine-tune has its own colour, dash and "
     "marker; the log scale keeps rank 1 and rank 300 readable side by side."
 )
-totals = tables.totals_table(models, selection.k, selection.eps)
-cols = st.columns(len(models))
-for col, row in zip(cols, totals.itertuples(), strict=True):
-    col.metric(
-        escape_markdown(row.model),
-        f"{row.mean_effective_rank:.1f}",
-        help=f"{escape_markdown(row.method)}: mean effective rank over {row.matrices} matrices; "
-        f"mean rank90 {row.mean_rank90:.1f}",
-    )
-    method = "" if tables.names_method(row.model, row.method) else f"{escape_markdown(row.method)}, "
-    col.caption(f"{method}mean of {row.matrices} matrices")
+totals_slot = st.container()  # over the controls, filled once the measure is chosen
 
 metric = state.widget(
     st.radio,
@@ -40,6 +30,19 @@ metric = state.widget(
     horizontal=True,
     format_func=overview_tables.OVERVIEW_METRICS.get,
 )
+measure = overview_tables.OVERVIEW_METRICS[metric]
+totals = tables.totals_table(models, selection.k, selection.eps)
+with totals_slot:
+    for col, row in zip(st.columns(len(models)), totals.itertuples(), strict=True):
+        mean = row.mean_effective_rank if metric == "effective_rank" else row.mean_rank90
+        col.metric(
+            escape_markdown(row.model),
+            f"{mean:.1f}",
+            help=f"{escape_markdown(row.method)}, over {row.matrices} matrices: mean effective rank "
+            f"{row.mean_effective_rank:.1f}, mean rank90 {row.mean_rank90:.1f}",
+        )
+        method = "" if tables.names_method(row.model, row.method) else f"{escape_markdown(row.method)}, "
+        col.caption(f"{measure[0].lower()}{measure[1:]}, {method}mean of {row.matrices} matrices")
 log_y = state.widget(
     st.toggle,
     "Log scale",

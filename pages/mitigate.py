@@ -33,6 +33,8 @@ if not selection.complete:
 
 resolver = runtime.resolver()
 opening = mitigation.default_fine_tune(selection.base, selection.tuned, int(state.get("k")), float(state.get("eps")))
+if state.get("model") is None and opening is not None:
+    state.set("model", opening)  # the link names the fine-tune shown (it named the first one), and opens on it
 with st.sidebar:
     tuned = state.widget(
         st.selectbox, "Fine-tune", "model", default=opening, options=list(selection.tuned), format_func=resolver.label
@@ -135,7 +137,4 @@ d3.download_button(
     "mitigation.json", lambda: json.dumps(result.to_json(), indent=2, allow_nan=False),
     file_name="mitigation.json", mime="application/json", key="mit_dl_json", on_click="ignore",
 )  # fmt: skip
-st.caption(
-    "The same from the shell: `python -m analysis mitigate BASE TUNED "
-    f"--lam {lam:g} --top-k {k} --eps {eps:g} --rule {rule}{' --exact' if exact else ''} --out DIR`."
-)
+st.caption(f"The same from the shell: `{mitigation.shell_command(selection.base, tuned, settings)}`.")

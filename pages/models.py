@@ -75,7 +75,9 @@ def demo_table(manifest) -> dict:
         "lora_alpha": column("LoRA α", help="The update is scaled by α / r."),
         "rslora": column("rsLoRA", help="Rank-stabilised LoRA: the update is scaled by α / √r instead of α / r."),
         "lr": st.column_config.NumberColumn(
-            "learning rate", format="%g", help="AdamW's peak learning rate (linear warm-up, then linear decay)."
+            "learning rate",
+            format="%.2e",  # "%g" wrote every digit of the float: 0.005303300858899106
+            help="AdamW's peak learning rate (linear warm-up, then linear decay).",
         ),
         "recall@1": st.column_config.NumberColumn(
             "recall@1", format="%.3f", help="Share of held-out queries whose own docstring is retrieved first."

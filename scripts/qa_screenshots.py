@@ -37,6 +37,7 @@ PAGES = (
     "spectrum",
     "subspace",
     "series",
+    "rl_measures",
     "mitigate",
     "models",
 )

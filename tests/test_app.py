@@ -700,3 +700,22 @@ def test_models_page_lists_each_expert_of_a_fused_tensor_once(cache_dir: Path, t
     assert set(experts["matrix"]) == {
         f"{n}#{int(e)}" for n, e in zip(experts["matrix"].str.split("#").str[0], experts["expert"], strict=True)
     }
+
+
+def test_effective_rank_page_totals_follow_the_chosen_measure(
+    cache_dir: Path, tiny_bert: Path, tiny_bert_lora: Path, tiny_bert_full_ft: Path, engine_result
+) -> None:
+    """With rank90 chosen, the per-fine-tune numbers over the chart still gave the mean
+    effective rank (the demo's full fine-tune: 222.4 beside a chart of rank90 near 90), and
+    their caption did not say of what."""
+    at = open_app(tiny_bert, [tiny_bert_lora, tiny_bert_full_ft], page="effective_rank", measure="rank90")
+    assert at.radio(key="w_measure").value == "rank90"
+    full = engine_result.models[1]
+    rank90 = f"{np.mean([m.rank90 for m in full.matrices]):.1f}"
+    assert rank90 != f"{np.mean([m.effective_rank for m in full.matrices]):.1f}"
+    assert metrics(at)[Path(tiny_bert_full_ft).name] == rank90
+    assert any(c.value.startswith("rank90 of ΔW, mean of") for c in at.caption)
+    at.radio(key="w_measure").set_value("effective_rank").run()
+    effective = f"{np.mean([m.effective_rank for m in full.matrices]):.1f}"
+    assert metrics(at)[Path(tiny_bert_full_ft).name] == effective
+    assert any(c.value.startswith("effective rank of ΔW, mean of") for c in at.caption)

@@ -54,6 +54,13 @@ def test_totals_axis_holds_the_tallest_bar_and_its_label(lora_model: ModelResult
     assert low == 0 and high > 3 and float(fig.layout.yaxis.dtick).is_integer()
 
 
+def test_totals_legend_sits_below_the_bars(lora_model: ModelResult, full_model: ModelResult) -> None:
+    """Beside the bars (Plotly's default), the legend took 40 % of a phone's width on the demo's
+    overview and squeezed four bars into the rest, their names slanted."""
+    fig = overview.totals_figure([lora_model, full_model], k=10, eps=0.5)
+    assert fig.layout.showlegend and fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+
+
 def test_count_colour_bars_tick_whole_numbers(lora_model: ModelResult) -> None:
     (section,) = overview.overview_sections([lora_model], "intruders", k=10, eps=0.5)
     bar = section.panels[0].layout.coloraxis.colorbar
@@ -330,3 +337,15 @@ def test_a_narrow_log_range_still_gets_labelled_ticks() -> None:
         assert len(values) >= 2 and all(low <= v <= high for v in values), (low, high, values)
         assert len(set(text)) == len(text)  # each label says a different number
     assert style.log_ticks(3.0, 3.0) == ([3.0], ["3"])
+
+
+def test_chance_label_is_clear_of_the_curves_at_zero(lora_model: ModelResult, full_model: ModelResult) -> None:
+    # The "chance" label sat at the bottom of the band, under the markers of every fine-tune
+    # with no intruders at small ε (all of them: counts grow with ε), and could not be read;
+    # the ε line's label holds the top.
+    models = [full_model, lora_model]
+    fig = rl_measures.add_chance_band(comparison.sweep_figure(models, 10, [0.1, 0.5, 0.9], eps=0.5), models)
+    labels = {a.text: a for a in fig.layout.annotations}
+    chance, eps = labels["chance"], labels["ε = 0.5"]
+    assert chance.yref == "y domain" and chance.y == pytest.approx(0.5) and chance.yanchor == "middle"
+    assert eps.y == pytest.approx(1) and eps.yanchor == "top"

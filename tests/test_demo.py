@@ -338,3 +338,29 @@ def test_checkpoints_are_saved_as_the_trainer_does(tmp_path: Path, two_recipes) 
         [1, "checkpoints/lora-r1/checkpoint-1"],
         [2, "checkpoints/lora-r1/checkpoint-2"],
     ]
+
+
+def test_models_page_writes_the_demos_learning_rates_in_few_digits(
+    demo_build: DemoManifest,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The demo's table wrote LoRA r=8's learning rate as 0.005303300858899106: ``%g`` without
+    a precision is, in the browser's sprintf, every digit of the float. Each rate is
+    written with an explicit precision, in at most 8 characters."""
+    import re
+
+    from streamlit.testing.v1 import AppTest
+
+    assert demo_build.root.name == "demo"  # the app finds it as <WSE_CACHE_DIR>/demo
+    monkeypatch.setenv("WSE_CACHE_DIR", str(demo_build.root.parent))
+    monkeypatch.setenv("WSE_DEMO_AUTOBUILD", "0")
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=60)
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0]
+    lr_format = json.loads(table.proto.columns)["lr"]["type_config"]["format"]
+    assert re.fullmatch(r"%\.\d+[ef]", lr_format), lr_format
+    rates = [ft.lr for ft in demo_build.fine_tunes]
+    assert any(len(repr(r)) > 8 for r in rates)  # what the test is about: a rate with many digits
+    assert all(len(lr_format % r) <= 8 for r in rates), [lr_format % r for r in rates]

@@ -196,3 +196,38 @@ def test_a_fresh_visitor_opening_the_link_sees_the_same_controls(cache_dir, tiny
     table = odd.dataframe[0].value
     assert odd.selectbox(key="w_matrix").value == table.loc[table["scaled"].idxmax(), "matrix"]
     assert odd.query_params["matrix"] == "no.such.weight"
+
+
+def test_the_link_names_the_fine_tune_the_page_opened_on(cache_dir, tiny_bert, tiny_bert_full_ft, adapter) -> None:
+    """Opened with no fine-tune named, the page shows the LoRA (the one worth mitigating) but
+    its address bar named the first fine-tune, the full one: the link opened another view."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["base"] = str(tiny_bert)
+    at.query_params["tuned"] = [str(tiny_bert_full_ft), str(adapter)]
+    at.switch_page(PAGE).run()
+    wait_for_jobs()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="w_model").value == str(adapter)
+    assert at.query_params["model"] == str(adapter)
+    again = AppTest.from_file(APP, default_timeout=60)
+    for key, value in dict(at.query_params).items():
+        again.query_params[key] = value
+    again.switch_page(PAGE).run()
+    wait_for_jobs()
+    again.run()
+    assert again.selectbox(key="w_model").value == str(adapter)
+
+
+def test_the_shell_line_names_the_models_shown(cache_dir, tiny_bert, adapter) -> None:
+    """The caption's command line said ``mitigate BASE TUNED``: the models the page shows are
+    named in it, ready to paste (an upload, which the shell cannot name, keeps the word)."""
+    import shlex
+
+    from ui import mitigation
+
+    at = _open(tiny_bert, adapter, curve="0")
+    line = next(c.value for c in at.caption if "The same from the shell" in c.value)
+    assert f"python -m analysis mitigate {shlex.quote(str(tiny_bert))} {shlex.quote(str(adapter))} --lam 0.75" in line
+    upload = mitigation.shell_command("demo:base", "upload:abc123", MitigationSettings(lam=0.5, top_k=10, eps=0.5))
+    assert upload.startswith("python -m analysis mitigate demo:base TUNED --lam 0.5 --top-k 10 --eps 0.5")

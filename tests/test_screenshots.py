@@ -59,3 +59,9 @@ def test_screenshot_wait_ends_when_the_analysis_has_drawn(cold_server: str, widt
         seen = page.evaluate(SEEN)
     assert seen == {"charts": seen["charts"], "progress": 0, "cancel": False, "starting": False, "skeletons": 0}
     assert seen["charts"] > 0, seen
+
+
+def test_the_script_shoots_every_page() -> None:
+    # It left out the RL vs SFT page (pages/rl_measures.py), which then went unseen.
+    pages = {path.stem for path in (REPO / "pages").glob("*.py") if path.stem != "__init__"}
+    assert set(_script().PAGES) == pages

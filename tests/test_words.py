@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from analysis.results import ModelResult
 from analysis.specs import SpecResolver
 from analysis.specs.labels import local_label, short_name
 from charts import table_words, tables
+from tests.test_figures import lora_model  # noqa: F401 (fixture)
 from ui.views import display_table
 
 
@@ -105,3 +107,32 @@ def test_rl_measure_columns_have_words(tiny_bert, tiny_bert_full_ft) -> None:
     frames.append(rl_tables.chance_table(models))
     coded = [c for frame in frames for c in frame.columns if "_" in c]
     assert len(coded) >= 8 and all(c in table_words.COLUMN_WORDS for c in coded), coded
+
+
+def test_series_table_columns_have_words() -> None:
+    # The Series page's trend table showed six of its columns by their CSV names
+    # (update_sparsity, principal_angle_max, ...): the RL-versus-SFT measures of each group.
+    from charts import series_tables
+
+    frames = [series_tables.series_table([], 10, 0.5, by) for by in series_tables.SERIES_GROUPINGS]
+    frames += [series_tables.series_grid_table([], metric, 10, 0.5) for metric in series_tables.SERIES_METRICS]
+    coded = [c for frame in frames for c in frame.columns if "_" in c]
+    assert "update_sparsity" in coded
+    missing = sorted({c for c in coded if c not in table_words.COLUMN_WORDS})
+    assert not missing, missing
+    for column in coded:
+        words, _ = table_words.COLUMN_WORDS[column]
+        assert "_" not in words.replace("‖ΔW‖_F", ""), words
+
+
+def test_the_series_grid_table_shows_each_place_once(lora_model: ModelResult) -> None:  # noqa: F811
+    # The Series page's grid table repeated every matrix's place (row = layer, column =
+    # module, matrix = name), which pushed the measure itself past the right edge (of a
+    # phone's width by seven columns). On screen each place is shown once; the CSV keeps all.
+    from charts import series_tables
+
+    frame = series_tables.series_grid_table([replace(lora_model, step=40)], "intruders", 10, 0.5)
+    assert {"row", "column", "matrix"} <= set(frame.columns)
+    shown = display_table(frame)
+    assert list(shown.columns) == ["step", "section", "name", "layer", "module", "label", "intruders"]
+    assert list(shown["name"]) == list(frame["matrix"]) and list(shown["layer"]) == list(frame["row"])

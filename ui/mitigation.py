@@ -10,6 +10,7 @@ withdraws this session's interest.
 from __future__ import annotations
 
 import io
+import shlex
 import tempfile
 import time
 import zipfile
@@ -22,6 +23,8 @@ from analysis.adapters import LoraAdapter
 from analysis.cache import default_cache_dir
 from analysis.errors import InputError
 from analysis.mitigation import MitigationSettings, export_adapter, export_merged
+from analysis.specs import is_upload_spec
+from analysis.specs.series import is_series_spec
 from hosting.jobs import Job, JobState
 from hosting.mitigation_jobs import mitigation_key, mitigation_work
 from ui import runtime, state
@@ -186,3 +189,20 @@ def zip_folder(folder: Path) -> bytes:
             if path.is_file():
                 archive.write(path, path.relative_to(folder).as_posix())
     return buffer.getvalue()
+
+
+def shell_command(base: str, tuned: str, settings: MitigationSettings) -> str:
+    """The command line that makes the same mitigation, with the page's models named in it.
+
+    A model the shell cannot name (an upload to this server, a checkpoint series) keeps
+    the placeholder ``BASE`` or ``TUNED``.
+    """
+
+    def named(spec: str, word: str) -> str:
+        return word if is_upload_spec(spec) or is_series_spec(spec) else shlex.quote(spec)
+
+    return (
+        f"python -m analysis mitigate {named(base, 'BASE')} {named(tuned, 'TUNED')} --lam {settings.lam:g} "
+        f"--top-k {settings.top_k} --eps {settings.eps:g} --rule {settings.rule}"
+        f"{' --exact' if settings.exact else ''} --out DIR"
+    )

@@ -255,7 +255,20 @@ def display_table(frame: pd.DataFrame) -> pd.DataFrame:
             display = display.copy()
             display.loc[said, "method"] = ""
     empty = [c for c in display.columns if len(display) and display[c].map(_blank).all()]
+    # A grid cell's place that repeats the matrix's own (the series grid: row = layer,
+    # column = module, matrix = name of a dense matrix) is shown once.
+    empty += [
+        column
+        for column, same in _REPEATED_PLACES.items()
+        if len(display)
+        and {column, same} <= set(display.columns)
+        and (display[column].astype(str) == display[same].astype(str)).all()
+    ]
     return display.drop(columns=empty) if empty else display
+
+
+#: Columns of a grid cell's place and the matrix's own column they often repeat.
+_REPEATED_PLACES = {"row": "layer", "column": "module", "matrix": "name"}
 
 
 def _blank(value) -> bool:
