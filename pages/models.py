@@ -209,10 +209,10 @@ uploader_key = f"uploader_{st.session_state.get('wse_uploader_n', 0)}"
 
 def add_upload() -> None:
     files = st.session_state.get(uploader_key) or []
-    st.session_state.pop("wse_upload_error", None)
-    if not files:
-        st.session_state.wse_upload_error = "Choose the files to upload first."
+    if not files:  # files refused as they were chosen (check_pending) keep saying why
+        st.session_state.setdefault("wse_upload_error", "Choose the files to upload first.")
         return
+    st.session_state.pop("wse_upload_error", None)
     size = sum(f.size for f in files)
     try:
         runtime.upload_quota(size)
@@ -240,7 +240,7 @@ def check_pending() -> None:
     try:
         if len(files) > resolver.uploads.max_files:
             raise InputError("your files", f"{len(files)} at once; at most {resolver.uploads.max_files} are accepted")
-        runtime.upload_quota(sum(f.size for f in files))
+        runtime.upload_quota(sum(f.size for f in files), pending=runtime.pending_elsewhere())
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1

@@ -116,6 +116,12 @@ def test_the_upload_quota_holds_across_tabs(
     assert any("one visitor may add at most 1" in shown(e.value) for e in second.error), [
         shown(e.value) for e in second.error
     ]
+    # The refused files left the uploader; the visitor's next click, Add, keeps saying why
+    # (it said "Choose the files to upload first.", and the reason was gone).
+    second.button(key="add_upload").click().run()
+    errors = [shown(e.value) for e in second.error]
+    assert any("one visitor may add at most 1" in e for e in errors), errors
+    assert not any("Choose the files to upload first" in e for e in errors), errors
 
 
 def test_the_running_analyses_quota_holds_across_tabs(

@@ -195,3 +195,37 @@ def test_a_mitigation_from_a_worker_exports_as_one_made_here(
     files = sorted(p.name for p in (tmp_path / "here").iterdir())
     for file in files:
         assert (tmp_path / "worker" / file).read_bytes() == (tmp_path / "here" / file).read_bytes(), file
+
+
+def test_a_full_fine_tune_mitigation_comes_back_from_a_worker(
+    manager: JobManager, tiny_bert: Path, tiny_bert_full_ft: Path, tmp_path: Path
+) -> None:
+    """A full fine-tune's plan holds its opened sources (closures over open files): the
+    mitigation sent back from the worker must leave them behind, as it leaves the loaders
+    (it failed with "Can't pickle local object 'WeightSource.__init__.<locals>.<lambda>'"
+    on the Mitigate page for every full fine-tune). The merged export equals one made here."""
+    from analysis.mitigation import MitigationSettings, export_merged
+    from hosting.jobs import server_resolver
+    from hosting.mitigation_jobs import mitigation_job, mitigation_work
+
+    settings = MitigationSettings(eps=0.9)
+    base, tuned = str(tiny_bert), str(tiny_bert_full_ft)
+    work = mitigation_work(str(tmp_path / "w"), True, base, tuned, settings, tradeoff=False)
+    job = manager.submit("mitigate-full", work)  # not the adapter test's job
+    assert job.wait(240) and job.state is JobState.DONE, job.error
+    resolver = server_resolver(str(tmp_path / "here"), True)
+    local = JobManager()
+    try:
+        here = local.submit("m", mitigation_job(resolver, base, tuned, settings, tradeoff=False))
+        assert here.wait(240) and here.state is JobState.DONE, here.error
+    finally:
+        local.shutdown()
+    assert job.result.mitigation.kind == "full"
+    assert job.result.mitigation.totals() == here.result.mitigation.totals()
+    assert job.result.mitigation.totals()["intruders_scaled"] > 0
+    for name, result in (("worker", job.result), ("here", here.result)):
+        export_merged(result.mitigation, resolver, base, tuned, tmp_path / name)
+    files = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert "model.safetensors" in files
+    for file in files:
+        assert (tmp_path / "worker" / file).read_bytes() == (tmp_path / "here" / file).read_bytes(), file

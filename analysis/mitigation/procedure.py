@@ -152,10 +152,11 @@ class Mitigation:
     def detached(self) -> Mitigation:
         """The mitigation without its plan's loaders, to send to another process.
 
-        The loaders are closures over open files; :meth:`attached` puts them back there.
+        The loaders and a full fine-tune's opened sources are closures over open files;
+        :meth:`attached` puts them back there.
         """
         tensors = {key: replace(item, plan=None) for key, item in self._tensors.items()}
-        return replace(self, plan=replace(self.plan, matrices=[]), _tensors=tensors)
+        return replace(self, plan=replace(self.plan, matrices=[], sources=None), _tensors=tensors)
 
     def attached(self, plan: ComparisonPlan) -> Mitigation:
         """A :meth:`detached` mitigation with the loaders of ``plan`` (the same pair planned again)."""
