@@ -68,7 +68,7 @@ with st.sidebar:
 try:
     found = runtime.series(spec)
 except InputError as exc:
-    st.error(f"**{escape_markdown(spec)}**: {escape_markdown(runtime.friendly(str(exc), spec=spec))}")
+    st.error(f"**{escape_markdown(resolver.label(spec))}**: {escape_markdown(runtime.friendly(str(exc), spec=spec))}")
     st.stop()
 
 tracked = runtime.track_series(selection.base, found, start=True)

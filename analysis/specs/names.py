@@ -18,6 +18,24 @@ from analysis.errors import InputError
 DEMO_PREFIX = "demo:"
 #: The longest spec taken: longer ones are refused before any file system call.
 MAX_SPEC_LENGTH = 1024
+#: How much of a refused, over-long name a message repeats.
+SHOWN_OF_A_LONG_NAME = 40
+
+
+def shortened(text: str) -> str:
+    """``text`` as a message names it: a refused, over-long name by its start.
+
+    Whole up to :data:`MAX_SPEC_LENGTH` characters; longer, its first
+    :data:`SHOWN_OF_A_LONG_NAME` and an ellipsis.
+
+    Examples
+    --------
+    >>> shortened("demo:lora-r8")
+    'demo:lora-r8'
+    >>> len(shortened("x" * 2000))
+    41
+    """
+    return text if len(text) <= MAX_SPEC_LENGTH else text[:SHOWN_OF_A_LONG_NAME] + "…"
 
 
 def check_spec(spec: str) -> str:
@@ -34,7 +52,7 @@ def check_spec(spec: str) -> str:
     """
     text = spec.strip()
     if len(text) > MAX_SPEC_LENGTH:
-        raise InputError(text[:40] + "…", f"is {len(text)} characters long; a model name has at most {MAX_SPEC_LENGTH}")
+        raise InputError(shortened(text), f"is {len(text)} characters long; a model name has at most {MAX_SPEC_LENGTH}")
     if "\x00" in text:
         raise InputError(text.replace("\x00", "?"), "contains a NUL character")
     return text

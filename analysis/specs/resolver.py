@@ -22,7 +22,7 @@ from analysis.plan import ComparisonPlan, require_matrices
 from analysis.sources import WeightSource, local_path, open_file, open_folder, open_location
 from analysis.specs.demo import DemoManifest, demo_manifest
 from analysis.specs.labels import local_label
-from analysis.specs.names import DEMO_PREFIX, check_spec, local_paths_allowed
+from analysis.specs.names import DEMO_PREFIX, check_spec, local_paths_allowed, shortened
 from analysis.specs.series import SERIES_PREFIX, demo_checkpoint_path, resolve_series, step_from_name
 from analysis.specs.uploads import UploadFolder, is_upload_spec
 
@@ -165,11 +165,14 @@ class SpecResolver:
             return None
 
     def label(self, spec: str) -> str:
-        """A spec's display label, or the spec itself when it cannot be resolved."""
+        """A spec's display label, or the spec itself when it cannot be resolved.
+
+        A spec too long to be a name is shown by its start (:func:`~analysis.specs.names.shortened`).
+        """
         try:
             return self.resolve(spec).label
         except InputError:
-            return spec
+            return shortened(spec)
 
     def open(self, spec: str | os.PathLike) -> WeightSource | LoraAdapter:
         """Open ``spec`` as a :class:`~analysis.sources.WeightSource` or ``LoraAdapter``.
