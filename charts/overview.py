@@ -31,6 +31,7 @@ from charts.style import (
     model_style,
     thinned,
 )
+from charts.table_words import MEASURES
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ def _panel_layout(
             "cmin": 0,
             "cmax": color_top(metric, zmax),
             "colorbar": {
+                "title": {"text": MEASURES[metric].title(), "side": "right", "font": {"size": 10}},
                 "thickness": 10,
                 "len": 0.9,
                 "outlinewidth": 0,
@@ -243,11 +245,12 @@ def _overview_panel(
     top) on every panel: no panel can map a row label to another layer's values.
     """
     ii, jj = _cell_positions(cells, rows, columns)
-    values = cells["value"].to_numpy(dtype=np.float64)
+    measure = MEASURES[metric]
+    stored = cells["value"].to_numpy(dtype=np.float64)
+    values = measure.shown(stored)  # in the measure's unit (a sparsity in %), as every view shows it
     z = np.full((len(rows), len(columns)), np.nan)
     z[ii, jj] = values
-    digits = rl_tables.RL_FORMATS.get(metric, ".0f" if metric == "intruders" else ".1f")
-    shown = np.array(["–" if np.isnan(v) else format(v, digits) for v in values], dtype=object)
+    shown = np.array([measure.text(v) for v in stored], dtype=object)
     cell_px = _cell_px(len(rows))
     readable = len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and cell_px >= OVERVIEW_TEXT_MIN_PX
     fig = go.Figure()
@@ -299,7 +302,7 @@ def overview_sections(models: Sequence[ModelResult], metric: str, k: int, eps: f
     table = overview_tables.overview_table(models, metric, k, eps)
     if table.empty:
         return []
-    zmax = float(table["value"].max())
+    zmax = MEASURES[metric].shown(float(table["value"].max()))  # the colour axis is in the shown unit
     labels = tables.model_labels(models)
     everything = tables.identity_order(m for model in models for m in model.matrices)
     stacks = list(dict.fromkeys(m.stack for m in everything))

@@ -17,6 +17,7 @@ from analysis.results import MatrixResult, ModelResult
 from charts import rl_tables, series_tables
 from charts.series import group_looks, series_title
 from charts.style import PALETTE, chart_text, empty_figure, legend_name, log_axis, series_style
+from charts.table_words import MEASURES
 from charts.tables import model_labels
 
 #: Angles below this (degrees) are drawn at it on the log axis: float64 resolves a
@@ -82,8 +83,12 @@ def sparsity_figure(models: Sequence[ModelResult], base_label: str, k: int, eps:
 
 
 def measure_lines(models: Sequence[ModelResult], metric: str, k: int, eps: float) -> go.Figure:
-    """A measure per fine-tune over layers (mean of each layer's matrices): one line per fine-tune."""
+    """A measure per fine-tune over layers (mean of each layer's matrices): one line per fine-tune.
+
+    In the measure's one unit (:data:`charts.table_words.MEASURES`: a sparsity in %, as the grids above).
+    """
     name = rl_tables.RL_METRICS[metric]
+    measure = MEASURES[metric]
     fig = go.Figure()
     for index, (label, model) in enumerate(zip(model_labels(models), models, strict=True)):
         by_layer: dict[int, list[float]] = {}
@@ -91,7 +96,10 @@ def measure_lines(models: Sequence[ModelResult], metric: str, k: int, eps: float
             if m.layer is not None:
                 by_layer.setdefault(m.layer, []).append(rl_tables.rl_value(m, metric, k, eps))
         layers = sorted(by_layer)
-        means = [float(np.nanmean(by_layer[layer])) if np.isfinite(by_layer[layer]).any() else None for layer in layers]
+        means = [
+            measure.shown(float(np.nanmean(by_layer[layer]))) if np.isfinite(by_layer[layer]).any() else None
+            for layer in layers
+        ]
         style = series_style(index, model)
         fig.add_trace(
             go.Scatter(
@@ -101,13 +109,13 @@ def measure_lines(models: Sequence[ModelResult], metric: str, k: int, eps: float
                 name=legend_name(label, model),
                 line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
                 marker={"symbol": style["symbol"], "size": style["size"]},
-                hovertemplate=f"{chart_text(label)}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>",
+                hovertemplate=f"{chart_text(label)}<br>layer %{{x}}: %{{y:.4g}}{measure.suffix}<extra></extra>",
             )
         )
     fig.update_layout(
         title=f"{name} by layer<br><sup>mean over each layer's matrices</sup>",
         xaxis_title="layer",
-        yaxis_title=name,
+        yaxis_title=measure.title(),
         height=380,
         legend={"orientation": "h", "y": -0.3},
     )
@@ -137,26 +145,14 @@ def add_chance_band(fig: go.Figure, models: Sequence[ModelResult], cache: Spectr
     return fig
 
 
-#: Each measure's name over its panel of the series chart: short enough for half a phone's
-#: width (two panels a row on 390 px cut "Numerical rank of ΔW / min(m, n)").
-PANEL_TITLES: dict[str, str] = {
-    "update_sparsity": "Sparsity, Zhu Eq. 1",
-    "update_sparsity_absolute": "Sparsity, |ΔW| ≤ atol",
-    "principal_angle_max": "Largest angle (°)",
-    "spectral_shift": "Spectral shift",
-    "mask_overlap": "Mask overlap",
-    "update_rank_fraction": "Rank of ΔW / min(m,n)",
-    "intruder_energy_share": "Intruder energy share",
-}
-
-
 def series_rl_figure(table, by: str, label: str) -> go.Figure:
     """The RL-versus-SFT measures of a checkpoint series against training step, one line per group.
 
     ``table`` is :func:`charts.series_tables.series_table` (its measure columns come from
     :func:`charts.rl_tables.group_value`); one small panel per measure, two a row, each
-    named by :data:`PANEL_TITLES` (the full names in the hover). Every panel starts at 0
-    (a sparsity going from 0.21 to 0.12 is not drawn as from full to empty), writes its
+    named by its short words and unit (:data:`charts.table_words.MEASURES`, whose unit every value
+    is drawn in: a sparsity in %; the full names in the hover). Every panel starts at 0
+    (a sparsity going from 21 % to 12 % is not drawn as from full to empty), writes its
     ticks in plain decimals (a ratio of 2e-4 was "200µ"), and the lowest panel of
     each column has the step axis' ticks and title.
     """
@@ -173,18 +169,21 @@ def series_rl_figure(table, by: str, label: str) -> go.Figure:
         shared_xaxes=True,
         vertical_spacing=0.3 / rows + 0.04,
         horizontal_spacing=0.14,  # the right column's ticks ("0.00015") clear of the left column's lines
-        subplot_titles=[PANEL_TITLES[m] for m in names],
+        # Short enough for half a phone's width (two panels a row on 390 px cut
+        # "Numerical rank of ΔW / min(m, n)").
+        subplot_titles=[MEASURES[m].title(kind=False) for m in names],
     )
     for group, look in group_looks(table).items():  # the trends chart's colours and dashes
         part = table[table["group"] == group].sort_values("step")
         for i, metric in enumerate(names):
             fig.add_trace(
                 go.Scatter(
-                    x=part["step"], y=part[metric], mode="lines+markers", name=chart_text(group),
-                    legendgroup=str(group), showlegend=i == 0, line={"color": look["color"], "dash": look["dash"]},
+                    x=part["step"], y=MEASURES[metric].shown(part[metric]), mode="lines+markers",
+                    name=chart_text(group), legendgroup=str(group), showlegend=i == 0,
+                    line={"color": look["color"], "dash": look["dash"]},
                     marker={"color": look["color"], "symbol": look["symbol"]},
                     hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{rl_tables.RL_METRICS[metric]}: "
-                    "%{y:.4g}<extra></extra>",
+                    f"%{{y:.4g}}{MEASURES[metric].suffix}<extra></extra>",
                 ),
                 row=i // cols + 1, col=i % cols + 1,
             )  # fmt: skip

@@ -49,17 +49,6 @@ RL_MEANINGS: dict[str, str] = {
     "(this tool's measure: a count saturates, the share does not)",
 }
 
-#: How a grid cell writes each measure.
-RL_FORMATS: dict[str, str] = {
-    "update_sparsity": ".2f",
-    "update_sparsity_absolute": ".2f",
-    "principal_angle_max": ".2g",
-    "spectral_shift": ".1g",
-    "mask_overlap": ".2f",
-    "update_rank_fraction": ".2f",
-    "intruder_energy_share": ".2f",
-}
-
 
 def rl_value(matrix: MatrixResult, metric: str, k: int, eps: float) -> float:
     """One matrix's value of an :data:`RL_METRICS` measure (NaN where it is undefined or not computed)."""

@@ -18,7 +18,8 @@ from plotly.subplots import make_subplots
 
 from analysis.results import MatrixResult, ModelResult
 from charts import series_tables, tables
-from charts.colors import colorscale, count_ticks
+from charts.colors import cell_text, colorscale, count_ticks
+from charts.overview import OVERVIEW_TEXT_MAX_COLUMNS, cell_label
 from charts.style import (
     DASHES,
     PALETTE,
@@ -30,6 +31,7 @@ from charts.style import (
     rank_heatmap,
     reduce_heatmap,
 )
+from charts.table_words import MEASURES
 
 
 def _opening(steps: list[int], step: int | None) -> int:
@@ -124,6 +126,7 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
         subplot_titles=list(series_tables.SERIES_METRICS.values()),
     )
     looks = group_looks(table)
+    words = {metric: chart_text(name) for metric, name in series_tables.SERIES_METRICS.items()}
     for group, look in looks.items():
         rows = table[table["group"] == group].sort_values("step")
         for i, metric in enumerate(names):
@@ -137,7 +140,7 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
                     showlegend=i == 0,
                     line={"color": look["color"], "dash": look["dash"]},
                     marker={"color": look["color"], "symbol": look["symbol"]},
-                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{metric} = %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{words[metric]} = %{{y:.4g}}<extra></extra>",
                 ),
                 row=i // 2 + 1,
                 col=i % 2 + 1,
@@ -180,9 +183,18 @@ def _grid_shapes(table) -> dict[str, tuple[list[str], list[str]]]:
     return shapes
 
 
-def _grid_heatmaps(table, shapes: dict[str, tuple[list[str], list[str]]], metric: str, step: int) -> list[go.Heatmap]:
-    """One heatmap per grid of ``shapes`` holding ``metric`` at ``step``, each on its own axes."""
+def _grid_heatmaps(
+    table, shapes: dict[str, tuple[list[str], list[str]]], metric: str, step: int, zrange: tuple[float, float]
+) -> list[list[go.Heatmap | go.Scatter]]:
+    """Per grid of ``shapes``: a heatmap of ``metric`` at ``step``, and its values written in the cells.
+
+    The values are written where cells can hold them, as the overview writes them
+    (:func:`charts.overview.cell_label`), in the measure's one unit
+    (:data:`charts.table_words.MEASURES`); ``zrange`` is the colour axis' ends, for the
+    colour of each cell's text.
+    """
     now = table[table["step"] == step]
+    measure = MEASURES[metric]
     out = []
     for n, (section, (rows, columns)) in enumerate(shapes.items()):
         cells = now[now["section"] == section]
@@ -190,9 +202,10 @@ def _grid_heatmaps(table, shapes: dict[str, tuple[list[str], list[str]]], metric
         text = np.full(z.shape, "", dtype=object)
         ii = [rows.index(r) for r in cells["row"]]
         jj = [columns.index(c) for c in cells["column"]]
-        z[ii, jj] = cells[metric].to_numpy(dtype=float)
+        values = measure.shown(cells[metric].to_numpy(dtype=float))
+        z[ii, jj] = values
         text[ii, jj] = [chart_text(label) for label in cells["label"]]
-        out.append(
+        traces: list[go.Heatmap | go.Scatter] = [
             go.Heatmap(
                 z=z,
                 x=[chart_text(c) for c in columns],
@@ -203,9 +216,25 @@ def _grid_heatmaps(table, shapes: dict[str, tuple[list[str], list[str]]], metric
                 ygap=1,
                 xaxis=f"x{n + 1 if n else ''}",
                 yaxis=f"y{n + 1 if n else ''}",
-                hovertemplate=f"%{{customdata}}<br>{metric} = %{{z:.4g}}<extra>step {step}</extra>",
+                hovertemplate=f"%{{customdata}}<br>{chart_text(series_tables.SERIES_METRICS[metric])} = "
+                f"%{{z:{measure.digits}}}{measure.suffix}<extra>step {step}</extra>",
             )
-        )
+        ]
+        # Cells are 28 px high; a grid of more columns than the overview writes in (many
+        # experts) has cells too narrow for a number: its hover says it.
+        if len(columns) <= OVERVIEW_TEXT_MAX_COLUMNS and len(cells):
+            traces.append(
+                cell_text(
+                    [chart_text(columns[j]) for j in jj],
+                    [chart_text(rows[i]) for i in ii],
+                    [cell_label(v, metric) for v in values],
+                    values,
+                    metric_colorscale(metric),
+                    *zrange,
+                    size=10,
+                )
+            )
+        out.append(traces)
     return out
 
 
@@ -261,15 +290,16 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
     steps = sorted(table["step"].unique().tolist())
     shapes = _grid_shapes(table)
     sections = list(shapes)
-    values = table[metric].astype(float)
+    values = MEASURES[metric].shown(table[metric].astype(float))
     zmin, zmax = (
         (0.0, max(1.0, float(values.max()))) if metric == "intruders" else (float(values.min()), float(values.max()))
     )
     title = series_tables.SERIES_METRICS[metric]
     shown = steps[_opening(steps, step)]
     fig, plot_px = _grid_subplots(shapes)
-    for n, trace in enumerate(_grid_heatmaps(table, shapes, metric, shown)):
-        fig.add_trace(trace, row=n + 1, col=1)
+    for n, traces in enumerate(_grid_heatmaps(table, shapes, metric, shown, (zmin, zmax))):
+        for trace in traces:
+            fig.add_trace(trace, row=n + 1, col=1)
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
     fig.update_xaxes(type="category")
     for n, section in enumerate(sections):
@@ -280,7 +310,7 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
     fig.update_layout(
         title=series_title(label, f"{title} per layer and module at step {shown}"),
         coloraxis={"colorscale": metric_colorscale(metric), "cmin": zmin, "cmax": zmax,
-                   "colorbar": {"title": metric, **ticks}},
+                   "colorbar": {"title": {"text": MEASURES[metric].title(), "side": "right"}, **ticks}},
         margin={"t": 100, "b": 60},
         height=plot_px + 160,
     )  # fmt: skip

@@ -8,6 +8,80 @@ column is called by its words here, with the unit where there is one, and its he
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How one measure is shown wherever a user sees it: its unit, scale and digits.
+
+    The engine and the downloads (JSON, CSV) keep the measure as computed (a share as a
+    fraction 0-1); grids, lines, hovers and tables on screen show ``scale`` times it, in
+    ``unit``, so one measure reads in one unit everywhere (update sparsity in %, as Zhu et
+    al. 2025 Table 1 gives it and the RL vs SFT page's table has it).
+
+    Attributes
+    ----------
+    words : str
+        Short name: a colour bar's or a small panel's title (with :meth:`title`'s unit).
+    unit : str
+        Written after each value (``%``, ``°``); empty for a count or a ratio.
+    scale : float
+        Shown value = stored value x ``scale`` (100 for a share shown in %).
+    digits : str
+        Format of a shown value in a hover and a table (Python format spec).
+    kind : str
+        What a value without a unit is (``count``, ``share, 0-1``), for the title.
+    """
+
+    words: str
+    unit: str = ""
+    scale: float = 1.0
+    digits: str = ".4g"
+    kind: str = ""
+
+    def title(self, kind: bool = True) -> str:
+        """The measure and its unit, as a colour bar or an axis is titled: ``Sparsity, Zhu Eq. 1 (%)``.
+
+        ``kind``: also what a value without a unit is (``Mask overlap (share, 0–1)``); a small
+        panel's title leaves it out.
+        """
+        unit = self.unit or (self.kind if kind else "")
+        return f"{self.words} ({unit})" if unit else self.words
+
+    @property
+    def suffix(self) -> str:
+        """What follows a shown value: `` %`` (spaced), ``°`` (not), nothing for a count or a ratio."""
+        return f" {self.unit}" if self.unit == "%" else self.unit
+
+    def shown(self, value: float) -> float:
+        """``value`` (as stored) in the unit it is shown in."""
+        return value * self.scale
+
+    def text(self, value: float) -> str:
+        """``value`` (as stored) written as a hover writes it, with its unit: ``20.31 %``, ``0.21°``."""
+        if value is None or not math.isfinite(value):
+            return "–"
+        return f"{self.shown(value):{self.digits}}{self.suffix}"
+
+
+#: Every measure a grid, a line or a table shows, by its column name, in the one unit it is
+#: shown in (:class:`Measure`). The RL-versus-SFT measures' rules: docs/metrics.md.
+MEASURES: dict[str, Measure] = {
+    "intruders": Measure("Intruder dimensions", digits=".0f", kind="count"),
+    "effective_rank": Measure("Effective rank of ΔW", digits=".1f"),
+    "rank90": Measure("rank90 of ΔW", digits=".1f"),
+    "delta_fro": Measure("‖ΔW‖_F"),
+    "update_sparsity": Measure("Sparsity, Zhu Eq. 1", unit="%", scale=100.0, digits=".2f"),
+    "update_sparsity_absolute": Measure("Sparsity, |ΔW| ≤ atol", unit="%", scale=100.0, digits=".2f"),
+    "principal_angle_max": Measure("Largest angle", unit="°", digits=".2g"),
+    "spectral_shift": Measure("Spectral shift", digits=".1g", kind="ratio"),
+    "mask_overlap": Measure("Mask overlap", digits=".2f", kind="share, 0–1"),
+    "update_rank_fraction": Measure("Rank of ΔW / min(m,n)", digits=".2f"),
+    "intruder_energy_share": Measure("Intruder energy share", digits=".2f", kind="share, 0–1"),
+}
+
 #: What a table's column is called on screen, and its help: words, with the unit where there
 #: is one. The CSV keeps the short names (they are the download's stable format).
 COLUMN_WORDS: dict[str, tuple[str, str]] = {
@@ -71,26 +145,28 @@ COLUMN_WORDS: dict[str, tuple[str, str]] = {
     "median_update_rank_fraction": ("numerical rank of ΔW / min(m, n)", "Median over matrices."),
     "intruder_energy_share": ("intruder energy share", "Share of the top-k Σσ² of W₁ on intruder directions."),
     # The same measures of a group of matrices (charts.rl_tables.group_value): the Series page's trends.
+    # A sparsity is shown in % (MEASURES); the CSV keeps the share, 0-1, as the engine computes it.
     "update_sparsity": (
-        "update sparsity (Zhu Eq. 1)",
-        "Share (0-1) of the entries left unchanged, |w₁ − w₀| ≤ η·max(|w₀|, |w₁|), η = 1e-3; "
-        "the group's matrices taken together.",
+        "update sparsity, Zhu Eq. 1 (%)",
+        "Share of the entries left unchanged, |w₁ − w₀| ≤ η·max(|w₀|, |w₁|), η = 1e-3; the group's matrices "
+        "taken together. In % here; the CSV holds the share, 0-1.",
     ),
     "update_sparsity_absolute": (
-        "update sparsity (|ΔW| ≤ atol, bf16)",
-        "Share (0-1) of the entries with |ΔW| ≤ 1e-5 in bf16 (Mukherjee et al. 2025); the group's matrices together.",
+        "update sparsity, |ΔW| ≤ atol in bf16 (%)",
+        "Share of the entries with |ΔW| ≤ 1e-5 in bf16 (Mukherjee et al. 2025); the group's matrices together. "
+        "In % here; the CSV holds the share, 0-1.",
     ),
     "principal_angle_max": (
         "largest principal angle (°)",
         "Largest angle between the top-k singular subspaces of W₀ and W₁, over the group's matrices.",
     ),
-    "spectral_shift": ("spectral shift ‖Δs‖/‖s₀‖", "‖s(W₁) − s(W₀)‖₂ / ‖s(W₀)‖₂, mean over the group's matrices."),
+    "spectral_shift": ("mean spectral shift ‖Δs‖/‖s₀‖", "‖s(W₁) − s(W₀)‖₂ / ‖s(W₀)‖₂, mean over the group's matrices."),
     "mask_overlap": (
         "principal-mask overlap",
-        "Share of the changed entries inside the top-α principal mask of W₀; the group's matrices together.",
+        "Share (0-1) of the changed entries inside the top-α principal mask of W₀; the group's matrices together.",
     ),
     "update_rank_fraction": (
-        "numerical rank of ΔW / min(m, n)",
+        "mean numerical rank of ΔW / min(m, n)",
         "torch.linalg.matrix_rank of ΔW over min(m, n), mean over the group's matrices.",
     ),
     "i": ("i", "Principal angle index, ascending."),
@@ -101,4 +177,32 @@ COLUMN_WORDS: dict[str, tuple[str, str]] = {
     "median": ("median", ""),
     "p5": ("5th percentile", ""),
     "p95": ("95th percentile", ""),
+}
+
+#: A table whose rows are groups of matrices (a series' trends: the whole model, a layer, a
+#: module kind) aggregates the per-matrix measures: these words replace :data:`COLUMN_WORDS`'
+#: there, saying how (a sum, a mean, the matrices taken together).
+GROUP_COLUMN_WORDS: dict[str, tuple[str, str]] = {
+    "matrices": ("matrices", "How many weight matrices the group holds."),
+    "intruders": (
+        "intruder dimensions (sum)",
+        "Top-k tuned singular vectors whose best |cos| with every base one is below ε, summed over the group's "
+        "matrices.",
+    ),
+    "effective_rank": (
+        "mean effective rank of ΔW",
+        "exp of the entropy of ΔW's normalised singular values (Roy & Vetterli), mean over the group's matrices.",
+    ),
+    "rank90": (
+        "mean rank90 of ΔW",
+        "Fewest singular directions holding 90 % of ‖ΔW‖²_F (Biderman et al. 2024), mean over the group's matrices.",
+    ),
+    "delta_fro": (
+        "‖ΔW‖_F of the group",
+        "Frobenius norm of the group's updates taken together, √(Σ ‖ΔW‖²_F) over its matrices.",
+    ),
+    "intruder_energy_share": (
+        "intruder energy share",
+        "Share (0-1) of the top-k Σσ² of W₁ on intruder directions; the group's matrices taken together.",
+    ),
 }

@@ -12,7 +12,7 @@ import streamlit as st
 from analysis.errors import InputError
 from analysis.specs import DEMO_PREFIX
 from analysis.specs.series import SERIES_PREFIX, checkpoint_folders, demo_checkpoint_root, is_series_spec
-from charts import rl_measures, series, series_tables
+from charts import rl_measures, series, series_tables, table_words
 from hosting.jobs import JobState
 from ui import demo_build, runtime, state, views
 from ui.text import escape_markdown
@@ -101,7 +101,7 @@ by = state.widget(
 )
 trend = series_tables.series_table(models, k, eps, by)
 views.chart(series.series_trend_figure(trend, by, found.label), "series-trends")
-views.table(trend, "series-trends")
+views.table(trend, "series-trends", words=table_words.GROUP_COLUMN_WORDS)  # each row a group
 with st.expander("RL vs SFT measures against training step (update sparsity, rotation, mask overlap)"):
     views.chart(rl_measures.series_rl_figure(trend, by, found.label), "series-rl-measures")
 

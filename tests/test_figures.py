@@ -679,11 +679,14 @@ def test_series_grid_puts_every_matrix_in_its_own_cell(family: str, proto: Matri
     assert not table.duplicated(["step", "section", "row", "column"]).any()
     assert list(dict.fromkeys(table["section"])) == FAMILY_SECTIONS[family]
     fig = series.series_grid_figure(table, "intruders")
-    assert len(fig.data) == len(FAMILY_SECTIONS[family])
+    # One heatmap per grid (each with its values written on it where they fit: traces of text).
+    assert [t.type for t in fig.data].count("heatmap") == len(FAMILY_SECTIONS[family])
+    assert {t.type for t in fig.data} <= {"heatmap", "scatter"}
     assert not fig.frames and not fig.layout.sliders  # the page's step control is the only one
     for model in models:
         cells = {}
-        for trace in series.series_grid_figure(table, "intruders", step=model.step).data:
+        at_step = series.series_grid_figure(table, "intruders", step=model.step)
+        for trace in [t for t in at_step.data if t.type == "heatmap"]:
             z, names = np.asarray(trace.z, dtype=float), np.asarray(trace.customdata, dtype=object)
             for i, j in zip(*np.nonzero(~np.isnan(z)), strict=True):
                 cells[names[i, j]] = z[i, j]

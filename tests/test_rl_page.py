@@ -42,7 +42,9 @@ def test_rl_page_shows_the_engines_measures(cache_dir: Path, tiny_bert: Path, ti
     figs = figures(at)
     grid = next(f for f in figs if f.data and f.data[0].type == "heatmap")
     values = np.asarray(grid.data[0].z, dtype=float)
-    assert np.nanmax(values) == pytest.approx(max(m.rl.sparsity() for m in engine.matrices))
+    # In % as the table above gives it (QA 2026-12-07: the grid said 0.20 under a table saying 54.63).
+    assert np.nanmax(values) == pytest.approx(100 * max(m.rl.sparsity() for m in engine.matrices))
+    assert grid.layout.coloraxis.colorbar.title.text == "Sparsity, Zhu Eq. 1 (%)"
     rotation = next(f for f in figs if "rotation" in (f.layout.title.text or ""))
     first = identity_order(engine.matrices)[0]  # the matrix picker's first choice
     shown = np.asarray(rotation.data[0].customdata, dtype=float)

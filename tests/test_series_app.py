@@ -6,12 +6,14 @@ checked against the engine run directly on the same folders.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from analysis.compare import compare
+from charts.rl_tables import group_value
 from tests.app_fixtures import shown
 from tests.test_app import APP, figures, wait_for_jobs
 from tests.test_series import make_full_series
@@ -61,6 +63,12 @@ def test_series_page_shows_every_checkpoint(cache_dir: Path, tiny_bert: Path, ru
     assert list(intruders.y) == [m.total_intruders(10, 0.5) for m in engine]
     table = at.dataframe[0].value
     assert table["step"].tolist() == [5, 10, 20]
+    # Each row is a group: a header says how it aggregates, a sparsity is in % (the CSV keeps the share).
+    words = {column: config.get("label") for column, config in json.loads(at.dataframe[0].proto.columns).items()}
+    assert words["effective_rank"] == "mean effective rank of ΔW" and words["rank90"] == "mean rank90 of ΔW"
+    assert words["update_sparsity"] == "update sparsity, Zhu Eq. 1 (%)"
+    pooled = [group_value(m.matrices, "update_sparsity", 10, 0.5) for m in engine]
+    assert table["update_sparsity"].tolist() == pytest.approx([100 * v for v in pooled])
     assert table["delta_fro"].tolist() == pytest.approx(
         [sum(x.delta_fro**2 for x in m.matrices) ** 0.5 for m in engine], rel=1e-6
     )

@@ -223,20 +223,31 @@ def dark_page() -> bool:
     return getattr(theme, "type", None) == "dark"
 
 
-def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index: bool = False, **kwargs) -> None:
-    """A table and its CSV download (exactly the numbers shown; ``index`` for matrices).
+def table(
+    frame: pd.DataFrame,
+    name: str,
+    *,
+    label: str = "Download CSV",
+    index: bool = False,
+    words: dict[str, tuple[str, str]] | None = None,
+    **kwargs,
+) -> None:
+    """A table and its CSV download (exactly the numbers computed; ``index`` for matrices).
 
     On screen (:func:`display_table`): columns no row fills are left out (``stack`` of a
     one-stack model, ``expert`` of a dense one, ``method`` where every name says it), the rest
-    are named in words (:data:`charts.tables.COLUMN_WORDS`), and a value that does not exist
-    (the amplification factor of a zero update, the λ of the base model) is a dash
-    (Streamlit's ``placeholder``), not a grey "None". The CSV keeps every column under its
-    short name, so its columns are always the same, and leaves missing values empty.
+    are named in words (:data:`charts.table_words.COLUMN_WORDS`, with ``words`` replacing
+    some: :data:`charts.table_words.GROUP_COLUMN_WORDS` for a table of groups), a measure is
+    in its one unit (:data:`charts.table_words.MEASURES`: a sparsity in %), and a value that
+    does not exist (the amplification factor of a zero update, the λ of the base model) is a
+    dash (Streamlit's ``placeholder``), not a grey "None". The CSV keeps every column under
+    its short name and as computed (a sparsity as a share, 0-1), so its columns are always
+    the same, and leaves missing values empty.
     """
     display = display_table(frame)
     config = {
-        column: st.column_config.Column(words, help=help_text or None)
-        for column, (words, help_text) in table_words.COLUMN_WORDS.items()
+        column: _column(column, heading, help_text)
+        for column, (heading, help_text) in {**table_words.COLUMN_WORDS, **(words or {})}.items()
         if column in display.columns
     }
     st.dataframe(display, hide_index=not index, placeholder="—", column_config=config, **kwargs)
@@ -245,9 +256,23 @@ def table(frame: pd.DataFrame, name: str, *, label: str = "Download CSV", index:
     )
 
 
+def _column(column: str, words: str, help_text: str):
+    """A column's on-screen config: its words, help and, for a measure shown scaled (%), its digits."""
+    measure = table_words.MEASURES.get(column)
+    if measure is not None and measure.scale != 1:
+        return st.column_config.NumberColumn(words, help=help_text or None, format=f"%{measure.digits}")
+    return st.column_config.Column(words, help=help_text or None)
+
+
 def display_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` as the page shows it: the method only where a name does not say it, no empty column."""
+    """``frame`` as the page shows it: the method only where a name does not say it, no empty column,
+    each measure in its one unit (:data:`charts.table_words.MEASURES`: a sparsity's share in %)."""
     display = frame
+    scaled = [c for c in frame.columns if c in table_words.MEASURES and table_words.MEASURES[c].scale != 1]
+    if scaled:
+        display = display.copy()
+        for column in scaled:
+            display[column] = table_words.MEASURES[column].shown(pd.to_numeric(display[column], errors="coerce"))
     if {"model", "method"} <= set(frame.columns):
         # The method only where the label does not already say it (the demo's "LoRA r=8").
         said = [tables.names_method(str(m), str(t)) for m, t in zip(frame["model"], frame["method"], strict=True)]
