@@ -16,7 +16,7 @@ from analysis.specs.series import (
 )
 from charts import tables
 from hosting.jobs import JobState
-from ui import demo_build, runtime, state, views
+from ui import demo_build, runtime, state, upload_memory, views
 from ui.text import escape_markdown
 
 state.ensure_app_navigation()
@@ -204,11 +204,25 @@ with st.expander("Add a checkpoint series (one fine-tune at several training ste
             key="uploads_as_series",
         )
 
+
+def note_dropped() -> bool:
+    """Whether this tab was disconnected long enough for the server to let go of its chosen
+    files (upload_memory.drop_abandoned_uploads): the uploader is renewed and says so once."""
+    if not upload_memory.uploads_dropped():
+        return False
+    st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
+    st.session_state.wse_upload_dropped = True
+    return True
+
+
+note_dropped()
 uploader_key = f"uploader_{st.session_state.get('wse_uploader_n', 0)}"
 
 
 def add_upload() -> None:
-    files = st.session_state.get(uploader_key) or []
+    if note_dropped():
+        return
+    files = upload_memory.chosen_files(st.session_state.get(uploader_key))
     if not files:  # files refused as they were chosen (check_pending) keep saying why
         st.session_state.setdefault("wse_upload_error", "Choose the files to upload first.")
         return
@@ -223,7 +237,7 @@ def add_upload() -> None:
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
         return
     finally:  # stored on disk or refused: the server's copies in memory go now
-        runtime.release_uploads(files)
+        upload_memory.release_uploads(files)
     runtime.upload_quota(size, count=True)
     if stored.spec not in uploads:
         uploads.append(stored.spec)
@@ -236,7 +250,7 @@ def add_upload() -> None:
 def check_pending() -> None:
     """Files wait in server memory until "Add": more than this visitor may still upload
     are dropped at once (the uploader is cleared), not held."""
-    files = st.session_state.get(uploader_key) or []
+    files = upload_memory.chosen_files(st.session_state.get(uploader_key))
     try:
         if len(files) > resolver.uploads.max_files:
             raise InputError("your files", f"{len(files)} at once; at most {resolver.uploads.max_files} are accepted")
@@ -244,7 +258,7 @@ def check_pending() -> None:
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1
-        runtime.release_uploads(files)
+        upload_memory.release_uploads(files)
     else:
         st.session_state.pop("wse_upload_error", None)
 
@@ -258,9 +272,15 @@ with st.container(border=True):
         on_change=check_pending,
         help="Pickle-based files (.bin, .pt) are refused: uploads are never unpickled.",
     )
+    # Let go of if this tab closes without adding them. The values in session state, not the
+    # widget's return value: Streamlit returns a deep copy of them (a private copy of every
+    # file's bytes, freed as soon as it is dropped; kept, it would hold each file twice).
+    upload_memory.hold_uploads(st.session_state.get(uploader_key))
     st.button("Add the upload as a fine-tune", on_click=add_upload, key="add_upload")
     if "wse_upload_error" in st.session_state:
         st.error(f"Upload refused: {escape_markdown(st.session_state.wse_upload_error)}")
+    if st.session_state.pop("wse_upload_dropped", False):
+        st.warning("This tab was disconnected and the server let go of the files chosen in it: choose them again.")
     if ok := st.session_state.pop("wse_upload_ok", None):
         st.success(ok)
 

@@ -302,34 +302,6 @@ def upload_quota(size: int, *, count: bool = False, pending: int = 0) -> None:
         raise InputError("your uploads", f"one visitor may upload at most {megabytes:g} MB in all{held}")
 
 
-def release_uploads(files) -> None:
-    """Let go of uploaded files at once, once they are stored or refused.
-
-    Streamlit keeps every uploaded file whole in server memory (its
-    ``MemoryUploadedFileManager``) until the browser deletes it or the session ends,
-    minutes after the tab closed; the widget's own values wrap the same bytes. Removing
-    them from the manager, closing the values and collecting frees them now (a large
-    ``bytes`` is its own ``mmap``: freeing it returns the memory to the system).
-    """
-    import gc
-
-    from streamlit import runtime as streamlit_runtime
-
-    if streamlit_runtime.exists():
-        manager = streamlit_runtime.get_instance().uploaded_file_mgr
-        for f in files:
-            manager.remove_file(session_id(), f.file_id)
-    for f in files:
-        f.close()
-    gc.collect()
-    # What still holds them once this run is over (the widget's old values, an error's
-    # traceback in a reference cycle) goes with the collections after it.
-    for delay in (2.0, 10.0):
-        timer = threading.Timer(delay, gc.collect)
-        timer.daemon = True
-        timer.start()
-
-
 def _upload_limits() -> tuple[int, float]:
     """``WSE_UPLOADS_PER_VISITOR`` (uploads) and ``WSE_UPLOAD_MB_PER_VISITOR`` (megabytes)."""
     most = int(env_number("WSE_UPLOADS_PER_VISITOR", 10, minimum=1, integer=True))
