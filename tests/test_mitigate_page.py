@@ -29,10 +29,10 @@ def adapter(tiny_bert: Path, model_root: Path) -> Path:
     return factories.make_lora_adapter(tiny_bert, model_root / "page-lora", "mlp", r=4, factor_std=0.3)
 
 
-def _open(base: Path, tuned: Path, **params: str) -> AppTest:
+def _open(base: Path, *tuned: Path, **params: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.query_params["base"] = str(base)
-    at.query_params["tuned"] = [str(tuned)]
+    at.query_params["tuned"] = [str(t) for t in tuned]
     for key, value in params.items():
         at.query_params[key] = value
     at.switch_page(PAGE).run()
@@ -100,13 +100,7 @@ def test_the_page_opens_on_a_fine_tune_worth_mitigating_without_running_the_mode
 ) -> None:
     """Issue 25: with a full fine-tune first (no intruders to scale), the page opens on the
     LoRA, the trade-off curve off until asked for, and says why scaled intruders still count."""
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["base"] = str(tiny_bert)
-    at.query_params["tuned"] = [str(tiny_bert_full_ft), str(adapter)]
-    at.switch_page(PAGE).run()
-    wait_for_jobs()
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = _open(tiny_bert, tiny_bert_full_ft, adapter)
     assert at.selectbox(key="w_model").value == str(adapter)
     assert at.checkbox(key="w_curve").value is False
     from ui import runtime
@@ -201,13 +195,7 @@ def test_a_fresh_visitor_opening_the_link_sees_the_same_controls(cache_dir, tiny
 def test_the_link_names_the_fine_tune_the_page_opened_on(cache_dir, tiny_bert, tiny_bert_full_ft, adapter) -> None:
     """Opened with no fine-tune named, the page shows the LoRA (the one worth mitigating) but
     its address bar named the first fine-tune, the full one: the link opened another view."""
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.query_params["base"] = str(tiny_bert)
-    at.query_params["tuned"] = [str(tiny_bert_full_ft), str(adapter)]
-    at.switch_page(PAGE).run()
-    wait_for_jobs()
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = _open(tiny_bert, tiny_bert_full_ft, adapter)
     assert at.selectbox(key="w_model").value == str(adapter)
     assert at.query_params["model"] == str(adapter)
     again = AppTest.from_file(APP, default_timeout=60)

@@ -168,19 +168,11 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_mitigation_from_a_worker_exports_as_one_made_here(
-    manager: JobManager, tiny_bert: Path, tiny_bert_lora: Path, tmp_path: Path
-) -> None:
-    from analysis.mitigation import MitigationSettings, export_adapter
+def _mitigated_here(tmp_path: Path, base: str, tuned: str, settings):
+    """The same mitigation made in this process (the reference for a worker's): its resolver and job."""
     from hosting.jobs import server_resolver
-    from hosting.mitigation_jobs import mitigation_job, mitigation_work
+    from hosting.mitigation_jobs import mitigation_job
 
-    settings = MitigationSettings(eps=0.9)
-    base, tuned = str(tiny_bert), str(tiny_bert_lora)
-    work = mitigation_work(str(tmp_path / "w"), True, base, tuned, settings, tradeoff=False)
-    job = manager.submit("mitigate", work)
-    assert job.wait(240) and job.state is JobState.DONE, job.error
-    assert job.worker_pid != os.getpid()
     resolver = server_resolver(str(tmp_path / "here"), True)
     local = JobManager()
     try:
@@ -188,6 +180,22 @@ def test_a_mitigation_from_a_worker_exports_as_one_made_here(
         assert here.wait(240) and here.state is JobState.DONE, here.error
     finally:
         local.shutdown()
+    return resolver, here
+
+
+def test_a_mitigation_from_a_worker_exports_as_one_made_here(
+    manager: JobManager, tiny_bert: Path, tiny_bert_lora: Path, tmp_path: Path
+) -> None:
+    from analysis.mitigation import MitigationSettings, export_adapter
+    from hosting.mitigation_jobs import mitigation_work
+
+    settings = MitigationSettings(eps=0.9)
+    base, tuned = str(tiny_bert), str(tiny_bert_lora)
+    work = mitigation_work(str(tmp_path / "w"), True, base, tuned, settings, tradeoff=False)
+    job = manager.submit("mitigate", work)
+    assert job.wait(240) and job.state is JobState.DONE, job.error
+    assert job.worker_pid != os.getpid()
+    resolver, here = _mitigated_here(tmp_path, base, tuned, settings)
     assert job.result.mitigation.totals() == here.result.mitigation.totals()
     assert job.result.mitigation.totals()["intruders_scaled"] > 0
     for name, result in (("worker", job.result), ("here", here.result)):
@@ -205,21 +213,14 @@ def test_a_full_fine_tune_mitigation_comes_back_from_a_worker(
     (it failed with "Can't pickle local object 'WeightSource.__init__.<locals>.<lambda>'"
     on the Mitigate page for every full fine-tune). The merged export equals one made here."""
     from analysis.mitigation import MitigationSettings, export_merged
-    from hosting.jobs import server_resolver
-    from hosting.mitigation_jobs import mitigation_job, mitigation_work
+    from hosting.mitigation_jobs import mitigation_work
 
     settings = MitigationSettings(eps=0.9)
     base, tuned = str(tiny_bert), str(tiny_bert_full_ft)
     work = mitigation_work(str(tmp_path / "w"), True, base, tuned, settings, tradeoff=False)
     job = manager.submit("mitigate-full", work)  # not the adapter test's job
     assert job.wait(240) and job.state is JobState.DONE, job.error
-    resolver = server_resolver(str(tmp_path / "here"), True)
-    local = JobManager()
-    try:
-        here = local.submit("m", mitigation_job(resolver, base, tuned, settings, tradeoff=False))
-        assert here.wait(240) and here.state is JobState.DONE, here.error
-    finally:
-        local.shutdown()
+    resolver, here = _mitigated_here(tmp_path, base, tuned, settings)
     assert job.result.mitigation.kind == "full"
     assert job.result.mitigation.totals() == here.result.mitigation.totals()
     assert job.result.mitigation.totals()["intruders_scaled"] > 0
