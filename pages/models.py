@@ -254,7 +254,7 @@ def check_pending() -> None:
     try:
         if len(files) > resolver.uploads.max_files:
             raise InputError("your files", f"{len(files)} at once; at most {resolver.uploads.max_files} are accepted")
-        runtime.upload_quota(sum(f.size for f in files), pending=runtime.pending_elsewhere())
+        runtime.upload_quota(sum(f.size for f in files), pending=upload_memory.pending_elsewhere())
     except InputError as exc:
         st.session_state.wse_upload_error = runtime.friendly(str(exc))
         st.session_state.wse_uploader_n = st.session_state.get("wse_uploader_n", 0) + 1

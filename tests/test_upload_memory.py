@@ -20,11 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import CHROMIUM, need_browser, server_pid, streamlit_server
+from tests.servers import chromium, need_browser, server_pid, streamlit_server
 
 pytestmark = pytest.mark.browser
 
-sync_api = need_browser()
+need_browser()
 
 #: Size of each of the three files (``WSE_TEST_UPLOAD_MIB=450`` measures the issue's case).
 MIB = int(os.environ.get("WSE_TEST_UPLOAD_MIB", "80"))
@@ -42,6 +42,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     env = {"WSE_CACHE_DIR": str(root / "cache"), "WSE_ALLOW_LOCAL_PATHS": "0", "WSE_DEMO_AUTOBUILD": "0"}
     with streamlit_server(env, root / "streamlit.log") as url:
         yield url, root
+
+
+def _open_models(page, url: str) -> None:
+    """The Models page opened and settled (its uploader ready); the memory measured after it."""
+    page.set_default_timeout(120_000)
+    page.goto(f"{url}/models")
+    page.get_by_role("heading", name="Models").first.wait_for()
+    page.wait_for_timeout(2000)
 
 
 def _big_files(root: Path, valid: bool) -> list[Path]:
@@ -68,15 +76,9 @@ def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple
     url, root = server
     files = _big_files(root, valid)
     pid = server_pid(url)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking"]
-        )
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.set_default_timeout(120_000)
-        page.goto(f"{url}/models")
-        page.get_by_role("heading", name="Models").first.wait_for()
-        page.wait_for_timeout(2000)
+        _open_models(page, url)
         start = rss_mb(pid)
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in files])
         page.get_by_test_id("stFileChip").nth(2).wait_for()
@@ -93,7 +95,6 @@ def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple
         while after - start > ALLOWED_MB and time.monotonic() - answered < 30:
             time.sleep(1)
             after = rss_mb(pid)
-        browser.close()
     figures = {"files_mib": [MIB] * 3, "start_mb": start, "with_files_mb": held, "after_30s_mb": after,
                "allowed_mb": ALLOWED_MB, "load_1min": os.getloadavg()[0]}  # fmt: skip
     print(json.dumps({"refused" if not valid else "stored": figures}))
@@ -123,18 +124,12 @@ def test_files_chosen_in_a_closed_tab_leave_server_memory(server: tuple[str, Pat
         path.write_bytes(b"\x02" * (ABANDONED_MIB * 2**20))
         files.append(path)
     pid = server_pid(url)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking"]
-        )
+    with chromium() as browser:
         context = browser.new_context(viewport={"width": 1200, "height": 900})
         start = None
         for i, path in enumerate(files):
             page = context.new_page()
-            page.set_default_timeout(120_000)
-            page.goto(f"{url}/models")
-            page.get_by_role("heading", name="Models").first.wait_for()
-            page.wait_for_timeout(2000)
+            _open_models(page, url)
             if start is None:
                 start = rss_mb(pid)
             before = rss_mb(pid)
@@ -154,7 +149,6 @@ def test_files_chosen_in_a_closed_tab_leave_server_memory(server: tuple[str, Pat
             time.sleep(1)
             after = rss_mb(pid)
         released_s = time.monotonic() - closed
-        browser.close()
     chosen = ABANDONED_TABS * ABANDONED_MIB * 2**20 / 1e6
     figures = {"files_mib": [ABANDONED_MIB] * ABANDONED_TABS, "start_mb": start, "with_files_mb": held,
                "after_close_mb": after, "seconds": round(released_s, 1), "allowed_mb": allowed,
@@ -177,12 +171,8 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
     path = root / "reconnect.safetensors"
     path.write_bytes(b"\x03" * (100 * 2**20))
     pid = server_pid(url)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-background-networking"]
-        )
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.set_default_timeout(120_000)
         link = {"down": False, "open": []}
 
         def stream(ws) -> None:  # the page's connection to the server, cut on demand
@@ -192,9 +182,7 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
                 link["open"].append((ws, ws.connect_to_server()))
 
         page.route_web_socket("**/_stcore/stream", stream)
-        page.goto(f"{url}/models")
-        page.get_by_role("heading", name="Models").first.wait_for()
-        page.wait_for_timeout(2000)
+        _open_models(page, url)
         start = rss_mb(pid)
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(path)])
         page.get_by_test_id("stFileChip").first.wait_for()
@@ -223,7 +211,6 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
         page.get_by_role("button", name="Add the upload as a fine-tune").click()
         page.get_by_text("Upload refused").first.wait_for()  # not safetensors: refused, the usual way
         again = page.locator('[data-testid="stAlert"], [data-testid="stException"]').all_inner_texts()
-        browser.close()
     print(json.dumps({"reconnected": {"start_mb": start, "with_file_mb": held, "while_away_mb": away}}))
     assert not any("Error" in a for a in shown + again), shown + again
     assert not any("Added" in a for a in shown), shown

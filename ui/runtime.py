@@ -256,31 +256,12 @@ def visitor_sessions() -> set[str]:
         return set(sessions.get(visitor, ())) | {session_id()}
 
 
-def pending_elsewhere() -> int:
-    """Bytes of files this visitor chose in their other tabs and has not added (or had
-    refused) yet: Streamlit holds them in the server's memory while those tabs are open,
-    and minutes after they closed, so they count against the visitor's quota too."""
-    from streamlit import runtime as streamlit_runtime
-
-    if not streamlit_runtime.exists():
-        return 0
-    storage = getattr(streamlit_runtime.get_instance().uploaded_file_mgr, "file_storage", None)
-    if not isinstance(storage, dict):  # another upload manager: it holds nothing here
-        return 0
-    this = session_id()
-    return sum(
-        len(record.data)
-        for session in visitor_sessions() - {this}
-        for record in list(storage.get(session, {}).values())
-    )
-
-
 def upload_quota(size: int, *, count: bool = False, pending: int = 0) -> None:
     """Check (or, with ``count``, record) one upload of ``size`` bytes against this
     visitor's quota: ``WSE_UPLOADS_PER_VISITOR`` uploads (default 10) and
     ``WSE_UPLOAD_MB_PER_VISITOR`` megabytes (default 2000) per visitor (:func:`visitor_id`:
     per browser, however many tabs). ``pending``: bytes the visitor's other tabs hold, not
-    added yet (:func:`pending_elsewhere`), counted with what was stored."""
+    added yet (:func:`ui.upload_memory.pending_elsewhere`), counted with what was stored."""
     lock, _, quotas = _visitors()
     if browser_token():
         visitor = visitor_id()

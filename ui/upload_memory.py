@@ -8,6 +8,7 @@ uploader's values in session state wrap the same bytes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import weakref
 
 import streamlit as st
 
-from ui.runtime import REAP_SECONDS, session_id
+from ui.runtime import REAP_SECONDS, session_id, visitor_sessions
 
 
 def release_uploads(files) -> None:
@@ -27,8 +28,6 @@ def release_uploads(files) -> None:
     them from the manager, closing the values and collecting frees them now (a large
     ``bytes`` is its own ``mmap``: freeing it returns the memory to the system).
     """
-    import gc
-
     from streamlit import runtime as streamlit_runtime
 
     if streamlit_runtime.exists():
@@ -44,6 +43,30 @@ def release_uploads(files) -> None:
         timer = threading.Timer(delay, gc.collect)
         timer.daemon = True
         timer.start()
+
+
+def _held_files() -> dict:
+    """The files Streamlit holds in the server's memory, by session and file id: its
+    ``MemoryUploadedFileManager``'s store (empty for another upload manager, or outside a
+    server). The one place that reads that store, which has no public reader."""
+    from streamlit import runtime as streamlit_runtime
+
+    if not streamlit_runtime.exists():
+        return {}
+    storage = getattr(streamlit_runtime.get_instance().uploaded_file_mgr, "file_storage", None)
+    return storage if isinstance(storage, dict) else {}
+
+
+def pending_elsewhere() -> int:
+    """Bytes of files this visitor chose in their other tabs and has not added (or had
+    refused) yet: Streamlit holds them in the server's memory while those tabs are open,
+    so they count against the visitor's quota too (:func:`ui.runtime.upload_quota`)."""
+    storage = _held_files()
+    return sum(
+        len(record.data)
+        for session in visitor_sessions() - {session_id()}
+        for record in list(storage.get(session, {}).values())
+    )
 
 
 # -- files chosen in a tab that closed ------------------------------------------------------------
@@ -127,9 +150,8 @@ def drop_abandoned_uploads(now: float | None = None, grace: float = UPLOAD_GRACE
     now = time.monotonic() if now is None else now
     lock, chosen, dropped = _chosen()
     gone = _gone
-    storage = getattr(files, "file_storage", None)  # Streamlit's in-memory manager: who holds files
     with lock:
-        sessions = set(chosen) | (set(storage) if isinstance(storage, dict) else set())
+        sessions = set(chosen) | set(_held_files())
     released = []
     for session in sessions:
         if instance.is_active_session(session):
@@ -151,8 +173,6 @@ def drop_abandoned_uploads(now: float | None = None, grace: float = UPLOAD_GRACE
     for session in set(gone) - sessions:  # files added or removed meanwhile
         gone.pop(session, None)
     if released:
-        import gc
-
         gc.collect()  # the dropped session's state may sit in reference cycles (postScriptGC is off)
     return released
 
