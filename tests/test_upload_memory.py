@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import chromium, need_browser, server_pid, streamlit_server
+from tests.servers import PAGE_FINISHED, chromium, need_browser, server_pid, streamlit_server
 
 pytestmark = pytest.mark.browser
 
@@ -203,6 +203,9 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
         page.wait_for_timeout(8000)
         page.get_by_role("button", name="Add the upload as a fine-tune").click()
         page.get_by_text("choose them again").first.wait_for()
+        # The run that says so gives the uploader a new key: until it ends, the old (stale)
+        # uploader is still on the page beside the new one.
+        page.wait_for_function(PAGE_FINISHED)
         shown = page.locator('[data-testid="stAlert"], [data-testid="stException"]').all_inner_texts()
         chips = page.get_by_test_id("stFileChip").count()
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(path)])
