@@ -49,7 +49,7 @@ def _open_models(page, url: str) -> None:
     page.set_default_timeout(120_000)
     page.goto(f"{url}/models")
     page.get_by_role("heading", name="Models").first.wait_for()
-    page.wait_for_timeout(2000)
+    page.wait_for_function(PAGE_FINISHED)
 
 
 def _big_files(root: Path, valid: bool) -> list[Path]:
