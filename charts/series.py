@@ -140,7 +140,8 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
                     showlegend=i == 0,
                     line={"color": look["color"], "dash": look["dash"]},
                     marker={"color": look["color"], "symbol": look["symbol"]},
-                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{words[metric]} = %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{words[metric]} = "
+                    f"%{{y:{MEASURES[metric].digits}}}<extra></extra>",
                 ),
                 row=i // 2 + 1,
                 col=i % 2 + 1,
@@ -356,7 +357,8 @@ def series_similarity_figure(
             block,
             colorscale=colorscale("similarity"),
             colorbar={"title": "|cos|"},
-            hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
+            hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>"
+            f"|cos| = %{{z:{MEASURES['cosine'].digits}}}<extra></extra>",
         )
 
     shown, first = found[_opening(steps, step)]
