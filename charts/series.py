@@ -311,11 +311,42 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
     fig.update_layout(
         title=series_title(label, f"{title} per layer and module at step {shown}"),
         coloraxis={"colorscale": metric_colorscale(metric), "cmin": zmin, "cmax": zmax,
-                   "colorbar": {"title": {"text": MEASURES[metric].title(), "side": "right"}, **ticks}},
-        margin={"t": 100, "b": 60},
-        height=plot_px + 160,
+                   "colorbar": grid_colorbar(MEASURES[metric].title(), plot_px, **ticks)},
+        margin={"t": 100, "b": GRID_BAR_BELOW + GRID_BAR_PX, "r": 20},
+        height=100 + plot_px + GRID_BAR_BELOW + GRID_BAR_PX,
     )  # fmt: skip
     return fig
+
+
+#: Pixels from the series grids' bottom edge to their colour bar's title: room for the grids'
+#: module names (slanted on a phone) and an expert grid's axis title.
+GRID_BAR_BELOW = 64
+#: Pixels the colour bar takes under that: its title, the bar and its tick labels.
+GRID_BAR_PX = 56
+
+
+def grid_colorbar(title: str, plot_px: int, **ticks) -> dict:
+    """The series grids' colour bar: lying under the grids, its title above it, 240 px long.
+
+    Upright beside the grids (as it was), the bar is as tall as the grids and its title, turned
+    along it, was longer than a grid of few layers (the demo's 6 layers at 390 px wide: the
+    title ran past both ends of the bar), and on a phone it took the grid's width. Lying under
+    them (Plotly's ``orientation="h"``, title ``side="top"``, ``len`` in pixels, a thin
+    ``thickness``) its title has the figure's width, whatever the grids' height, as the
+    similarity chart's bar (:func:`charts.spectra.similarity_figure`) lies under its panels.
+    ``plot_px`` is the grids' height, ``ticks`` the bar's tick settings (a count's whole numbers).
+    """
+    return {
+        "title": {"text": title, "side": "top"},
+        "orientation": "h",
+        "y": -GRID_BAR_BELOW / plot_px,  # paper units: a fraction of the grids' height
+        "yanchor": "top",
+        "lenmode": "pixels",
+        "len": 240,
+        "thickness": 10,
+        "outlinewidth": 0,
+        **ticks,
+    }
 
 
 def series_similarity_figure(
