@@ -26,7 +26,10 @@ from charts.style import (
     title_margin,
     top_title,
 )
+from charts.table_words import MEASURES
 
+#: A trade-off point's digits in a hover, as its table gives them (:data:`charts.table_words.MEASURES`).
+LAM, LOSS, TASK = (MEASURES[m].digits for m in ("lambda", "loss", "task"))
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"
 BASE_COLOR = "#7f7f7f"
@@ -453,7 +456,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 customdata=[p["lam"] for p in mitigated],
                 name="mitigated",
                 line={"color": AFTER_COLOR},
-                hovertemplate="λ=%{customdata:g}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
+                hovertemplate=f"λ=%{{customdata:{LAM}}}<br>loss %{{x:{LOSS}}}<br>task %{{y:{TASK}}}<extra></extra>",
                 cliponaxis=False,  # a label at the axis end may reach into the margin (phones)
             )
         )
@@ -467,7 +470,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                     textposition="bottom center",
                     name=p["label"],
                     marker={"size": 12, "color": color, "symbol": "diamond"},
-                    hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
+                    hovertemplate=f"{p['label']}<br>loss %{{x:{LOSS}}}<br>task %{{y:{TASK}}}<extra></extra>",
                     cliponaxis=False,
                 )
             )

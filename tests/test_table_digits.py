@@ -225,3 +225,20 @@ def test_mitigation_table_keeps_its_numbers_whole_for_the_csv(tiny_bert: Path, m
         texts = shown(config, column, display[column])
         assert fmt_of(config, column) == table_format(column) is not None, column
         assert len({decimals(t) for t in texts}) == 1, (column, texts)
+
+
+def test_hovers_give_a_measure_with_its_tables_digits(lora_model: ModelResult) -> None:  # noqa: F811
+    """The series' trend lines and the similarity heatmaps wrote ``.4g`` and ``.3f`` beside tables
+    giving the same numbers with other digits; now a hover takes its measure's digits too."""
+    from charts import rl_measures, series, spectra
+
+    models = [replace(lora_model, source=f"s{step}", step=step) for step in (10, 20)]
+    table = series_tables.series_table(models, 10, 0.5)
+    trends = series.series_trend_figure(table, "model", "run")
+    for trace, metric in zip(trends.data, series_tables.SERIES_METRICS, strict=False):
+        assert f"%{{y:{MEASURES[metric].digits}}}" in trace.hovertemplate, (metric, trace.hovertemplate)
+    lines = rl_measures.measure_lines(models[:1], "mask_overlap", 10, 0.5)
+    assert f"%{{y:{MEASURES['mask_overlap'].digits}}}" in lines.data[0].hovertemplate
+    similarity = spectra.similarity_figure(lora_model.matrices[0], 10, 0.5)
+    cosine = MEASURES["cosine"].digits
+    assert f"|cos| = %{{z:{cosine}}}" in similarity.data[0].hovertemplate
