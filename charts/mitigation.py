@@ -26,7 +26,10 @@ from charts.style import (
     title_margin,
     top_title,
 )
+from charts.table_words import MEASURES
 
+#: A trade-off point's digits in a hover, as its table gives them (:data:`charts.table_words.MEASURES`).
+LAM, LOSS, TASK = (MEASURES[m].digits for m in ("lambda", "loss", "task"))
 BEFORE_COLOR = "#1f77b4"
 AFTER_COLOR = "#2ca02c"
 BASE_COLOR = "#7f7f7f"
@@ -66,11 +69,11 @@ def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame
                 "scaled": len(m.intruders),
                 f"intruders before (ε={eps:g})": b.intruder_counts(k, [eps])[0] if b else None,
                 f"after (ε={eps:g})": a.intruder_counts(k, [eps])[0] if a else None,
-                "‖ΔW‖ before": round(m.delta_fro_before, 6),
-                "‖ΔW‖ after": round(m.delta_fro_after, 6),
-                "‖ΔW‖ change %": round(100 * m.delta_change, 2),
+                "‖ΔW‖ before": m.delta_fro_before,
+                "‖ΔW‖ after": m.delta_fro_after,
+                "‖ΔW‖ change %": 100 * m.delta_change,
                 "rank": f"{m.rank} → {m.new_rank}" if m.rank is not None else "full",
-                "re-factorisation error %": round(100 * m.refactor_rel_error, 4),
+                "re-factorisation error %": 100 * m.refactor_rel_error,
                 "mitigated": m.mitigated,
                 "matrix": m.key,
             }
@@ -453,7 +456,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                 customdata=[p["lam"] for p in mitigated],
                 name="mitigated",
                 line={"color": AFTER_COLOR},
-                hovertemplate="λ=%{customdata:g}<br>loss %{x:.4f}<br>task %{y:.4f}<extra></extra>",
+                hovertemplate=f"λ=%{{customdata:{LAM}}}<br>loss %{{x:{LOSS}}}<br>task %{{y:{TASK}}}<extra></extra>",
                 cliponaxis=False,  # a label at the axis end may reach into the margin (phones)
             )
         )
@@ -467,7 +470,7 @@ def tradeoff_figure(result: MitigationResult) -> go.Figure:
                     textposition="bottom center",
                     name=p["label"],
                     marker={"size": 12, "color": color, "symbol": "diamond"},
-                    hovertemplate=f"{p['label']}<br>loss %{{x:.4f}}<br>task %{{y:.4f}}<extra></extra>",
+                    hovertemplate=f"{p['label']}<br>loss %{{x:{LOSS}}}<br>task %{{y:{TASK}}}<extra></extra>",
                     cliponaxis=False,
                 )
             )

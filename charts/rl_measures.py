@@ -109,7 +109,8 @@ def measure_lines(models: Sequence[ModelResult], metric: str, k: int, eps: float
                 name=legend_name(label, model),
                 line={"color": style["color"], "dash": style["dash"], "width": style["width"]},
                 marker={"symbol": style["symbol"], "size": style["size"]},
-                hovertemplate=f"{chart_text(label)}<br>layer %{{x}}: %{{y:.4g}}{measure.suffix}<extra></extra>",
+                hovertemplate=f"{chart_text(label)}<br>layer %{{x}}: %{{y:{measure.digits}}}{measure.suffix}"
+                "<extra></extra>",
             )
         )
     fig.update_layout(
@@ -183,7 +184,7 @@ def series_rl_figure(table, by: str, label: str) -> go.Figure:
                     line={"color": look["color"], "dash": look["dash"]},
                     marker={"color": look["color"], "symbol": look["symbol"]},
                     hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{rl_tables.RL_METRICS[metric]}: "
-                    f"%{{y:.4g}}{MEASURES[metric].suffix}<extra></extra>",
+                    f"%{{y:{MEASURES[metric].digits}}}{MEASURES[metric].suffix}<extra></extra>",
                 ),
                 row=i // cols + 1, col=i % cols + 1,
             )  # fmt: skip

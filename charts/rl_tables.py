@@ -109,7 +109,11 @@ def _energy(matrix: MatrixResult, k: int, eps: float) -> tuple[float, float]:
 
 
 def _percent(value: float | None) -> float | None:
-    return None if value is None else round(100.0 * value, 2)
+    """A share in %, as computed.
+
+    Not rounded: the CSV keeps it whole; a table shows it with :data:`charts.table_words.MEASURES`' digits.
+    """
+    return None if value is None else 100.0 * value
 
 
 def sparsity_table(models: Sequence[ModelResult], base_label: str, k: int, eps: float) -> pd.DataFrame:

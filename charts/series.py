@@ -140,7 +140,8 @@ def series_trend_figure(table, by: str = "model", label: str = "") -> go.Figure:
                     showlegend=i == 0,
                     line={"color": look["color"], "dash": look["dash"]},
                     marker={"color": look["color"], "symbol": look["symbol"]},
-                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{words[metric]} = %{{y:.4g}}<extra></extra>",
+                    hovertemplate=f"{chart_text(group)}<br>step %{{x}}<br>{words[metric]} = "
+                    f"%{{y:{MEASURES[metric].digits}}}<extra></extra>",
                 ),
                 row=i // 2 + 1,
                 col=i % 2 + 1,
@@ -301,20 +302,63 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
         for trace in traces:
             fig.add_trace(trace, row=n + 1, col=1)
     fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
-    fig.update_xaxes(type="category")
+    # Slanted module names (a phone) may reach past the grid's right edge: the margin grows for them.
+    fig.update_xaxes(type="category", automargin="height+right")
     for n, section in enumerate(sections):
         if section.endswith("layer × expert"):
             fig.update_xaxes(title_text="expert", title_standoff=4, row=n + 1, col=1)
     fig.update_annotations(font_size=12)
     ticks = count_ticks(zmax) if metric == "intruders" else {}
+    below = grid_bar_below(max((len(str(c)) for _, columns in shapes.values() for c in columns), default=1))
     fig.update_layout(
         title=series_title(label, f"{title} per layer and module at step {shown}"),
         coloraxis={"colorscale": metric_colorscale(metric), "cmin": zmin, "cmax": zmax,
-                   "colorbar": {"title": {"text": MEASURES[metric].title(), "side": "right"}, **ticks}},
-        margin={"t": 100, "b": 60},
-        height=plot_px + 160,
+                   "colorbar": grid_colorbar(MEASURES[metric].title(), plot_px, below, **ticks)},
+        margin={"t": 100, "b": below + GRID_BAR_PX, "r": 20},
+        height=100 + plot_px + below + GRID_BAR_PX,
     )  # fmt: skip
     return fig
+
+
+#: Least pixels from the series grids' bottom edge to their colour bar's title: room for the
+#: grids' module names (slanted on a phone) and an expert grid's axis title.
+GRID_BAR_BELOW = 64
+#: Pixels the colour bar takes under that: its title, the bar and its tick labels.
+GRID_BAR_PX = 56
+
+
+def grid_bar_below(longest: int) -> int:
+    """Pixels from the grids' bottom edge to the colour bar's title.
+
+    For column names of at most ``longest`` characters, slanted (as the overview's bottom
+    margin reckons them).
+    """
+    return max(GRID_BAR_BELOW, 24 + int(6.2 * longest * 0.71))
+
+
+def grid_colorbar(title: str, plot_px: int, below: int = GRID_BAR_BELOW, **ticks) -> dict:
+    """The series grids' colour bar: lying under the grids, its title above it, 240 px long.
+
+    Upright beside the grids (as it was), the bar is as tall as the grids and its title, turned
+    along it, was longer than a grid of few layers (the demo's 6 layers at 390 px wide: the
+    title ran past both ends of the bar), and on a phone it took the grid's width. Lying under
+    them (Plotly's ``orientation="h"``, title ``side="top"``, ``len`` in pixels, a thin
+    ``thickness``) its title has the figure's width, whatever the grids' height, as the
+    similarity chart's bar (:func:`charts.spectra.similarity_figure`) lies under its panels.
+    ``plot_px`` is the grids' height, ``below`` the pixels between them and the bar's title
+    (:func:`grid_bar_below`), ``ticks`` the bar's tick settings (a count's whole numbers).
+    """
+    return {
+        "title": {"text": title, "side": "top"},
+        "orientation": "h",
+        "y": -below / plot_px,  # paper units: a fraction of the grids' height
+        "yanchor": "top",
+        "lenmode": "pixels",
+        "len": 240,
+        "thickness": 10,
+        "outlinewidth": 0,
+        **ticks,
+    }
 
 
 def series_similarity_figure(
@@ -356,7 +400,8 @@ def series_similarity_figure(
             block,
             colorscale=colorscale("similarity"),
             colorbar={"title": "|cos|"},
-            hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:.3f}}<extra></extra>",
+            hovertemplate=f"step {step}<br>tuned rank %{{y}}<br>base rank %{{x}}<br>"
+            f"|cos| = %{{z:{MEASURES['cosine'].digits}}}<extra></extra>",
         )
 
     shown, first = found[_opening(steps, step)]

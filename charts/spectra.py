@@ -34,6 +34,10 @@ from charts.style import (
     title_margin,
     top_title,
 )
+from charts.table_words import MEASURES
+
+#: A |cosine|'s digits in a hover, as its tables give it.
+COS = MEASURES["cosine"].digits
 
 
 def _intruder_title(matrix: MatrixResult, label: str, n_intr: int, top: int, eps: float) -> str:
@@ -83,7 +87,7 @@ def _similarity_heatmap(z: np.ndarray, block: int) -> go.Heatmap:
             "len": 0.5,
             "thickness": 10,
         },
-        hovertemplate="tuned rank %{y}<br>base rank %{x}<br>|cos| = %{z:.3f}<extra></extra>",
+        hovertemplate=f"tuned rank %{{y}}<br>base rank %{{x}}<br>|cos| = %{{z:{COS}}}<extra></extra>",
     )
 
 
@@ -110,7 +114,7 @@ def _best_match_bars(intr, is_intruder: np.ndarray) -> go.Bar:
         marker_color=np.where(is_intruder, INTRUDER_COLOR, "#4c78a8").tolist(),
         customdata=intr["best_match_base_rank"],
         showlegend=False,
-        hovertemplate="tuned rank %{y}<br>best match %{x:.3f} (base rank %{customdata})<extra></extra>",
+        hovertemplate=f"tuned rank %{{y}}<br>best match %{{x:{COS}}} (base rank %{{customdata}})<extra></extra>",
     )
 
 
@@ -258,7 +262,7 @@ def spectrum_figure(matrix: MatrixResult, k: int, eps: float, label: str = "") -
                 text=texts,
                 textposition=positions,
                 customdata=np.stack([intruders["best_match_score"], intruders["best_match_base_rank"]], axis=1),
-                hovertemplate="intruder at tuned rank %{x}<br>σ = %{y:.4g}<br>best match %{customdata[0]:.3f} "
+                hovertemplate=f"intruder at tuned rank %{{x}}<br>σ = %{{y:.4g}}<br>best match %{{customdata[0]:{COS}}} "
                 "(base rank %{customdata[1]})<extra></extra>",
             )
         )
@@ -351,7 +355,8 @@ def subspace_figure(phi: np.ndarray, label_a: str, label_b: str, matrix_name: st
             block,
             colorscale=colorscale("measure"),
             colorbar={"title": "φ"},
-            hovertemplate=f"i = %{{y}} ({label_a})<br>j = %{{x}} ({label_b})<br>φ = %{{z:.3f}}<extra></extra>",
+            hovertemplate=f"i = %{{y}} ({label_a})<br>j = %{{x}} ({label_b})<br>"
+            f"φ = %{{z:{MEASURES['phi'].digits}}}<extra></extra>",
         )
     )
     title += "<br><sup>left singular vectors of ΔW</sup>"

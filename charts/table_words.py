@@ -30,7 +30,11 @@ class Measure:
     scale : float
         Shown value = stored value x ``scale`` (100 for a share shown in %).
     digits : str
-        Format of a shown value in a hover and a table (Python format spec).
+        Format of a shown value in a hover and a table: fixed decimals (``.2f``), or for a
+        measure that spans decades, scientific (``.2e``). These two read alike in a Python
+        format spec, Plotly's d3-format and a Streamlit column's printf format; a ``g``
+        format drops trailing zeros in the browser (0.5 beside 0.4873 in one column), so no
+        measure has one (:func:`table_format`).
     kind : str
         What a value without a unit is (``count``, ``share, 0-1``), for the title.
     """
@@ -38,7 +42,7 @@ class Measure:
     words: str
     unit: str = ""
     scale: float = 1.0
-    digits: str = ".4g"
+    digits: str = ".4f"
     kind: str = ""
 
     def title(self, kind: bool = True) -> str:
@@ -67,20 +71,95 @@ class Measure:
 
 
 #: Every measure a grid, a line or a table shows, by its column name, in the one unit it is
-#: shown in (:class:`Measure`). The RL-versus-SFT measures' rules: docs/metrics.md.
+#: shown in (:class:`Measure`), with the digits every table and hover gives it. The
+#: RL-versus-SFT measures' rules: docs/metrics.md.
 MEASURES: dict[str, Measure] = {
     "intruders": Measure("Intruder dimensions", digits=".0f", kind="count"),
     "effective_rank": Measure("Effective rank of ΔW", digits=".1f"),
     "rank90": Measure("rank90 of ΔW", digits=".1f"),
-    "delta_fro": Measure("‖ΔW‖_F"),
+    "stable_rank": Measure("Stable rank of ΔW", digits=".2f"),
+    "delta_fro": Measure("‖ΔW‖_F", digits=".4f"),
+    "amplification_factor": Measure("Amplification", digits=".4f", kind="ratio"),
     "update_sparsity": Measure("Sparsity, Zhu Eq. 1", unit="%", scale=100.0, digits=".2f"),
     "update_sparsity_absolute": Measure("Sparsity, |ΔW| ≤ atol", unit="%", scale=100.0, digits=".2f"),
-    "principal_angle_max": Measure("Largest angle", unit="°", digits=".2g"),
-    "spectral_shift": Measure("Spectral shift", digits=".1g", kind="ratio"),
-    "mask_overlap": Measure("Mask overlap", digits=".2f", kind="share, 0–1"),
-    "update_rank_fraction": Measure("Rank of ΔW / min(m,n)", digits=".2f"),
-    "intruder_energy_share": Measure("Intruder energy share", digits=".2f", kind="share, 0–1"),
+    "principal_angle_max": Measure("Largest angle", unit="°", digits=".3f"),
+    "spectral_shift": Measure("Spectral shift", digits=".2e", kind="ratio"),
+    "mask_overlap": Measure("Mask overlap", digits=".3f", kind="share, 0–1"),
+    "update_rank_fraction": Measure("Rank of ΔW / min(m,n)", digits=".4f"),
+    "intruder_energy_share": Measure("Intruder energy share", digits=".3f", kind="share, 0–1"),
+    # Measures only tables show (their columns: COLUMN_MEASURES).
+    "singular_value": Measure("Singular value σ"),
+    "cosine": Measure("|cos|", digits=".4f", kind="0–1"),
+    "phi": Measure("φ", digits=".3f", kind="0–1"),
+    "principal_angle": Measure("Principal angle", unit="°", digits=".3f"),
+    "epsilon": Measure("ε", digits=".2f"),
+    "lambda": Measure("λ", digits=".2f"),
+    "loss": Measure("Held-out loss", digits=".4f"),
+    "task": Measure("Task score", digits=".3f"),
+    "percent": Measure("Change", unit="%", digits=".2f"),
 }
+
+#: Table columns that hold a measure of :data:`MEASURES` under another name, already in the
+#: unit it is shown in (a sparsity in %, an angle in degrees): they take its digits, not its
+#: scale. (A column named as the measure itself holds it as computed, a share 0-1, and is
+#: scaled on screen.) The Mitigate page's columns are named in words (their CSV's format).
+COLUMN_MEASURES: dict[str, str] = {
+    "mean_effective_rank": "effective_rank",
+    "mean_rank90": "rank90",
+    "sparsity_pct": "update_sparsity",
+    "sparsity_abs_pct": "update_sparsity_absolute",
+    "median_spectral_shift": "spectral_shift",
+    "max_principal_angle_deg": "principal_angle_max",
+    "mean_mask_overlap": "mask_overlap",
+    "mask_alpha": "mask_overlap",
+    "median_update_rank_fraction": "update_rank_fraction",
+    "singular_value": "singular_value",
+    "base": "singular_value",
+    "tuned": "singular_value",
+    "update": "singular_value",
+    "best_match_score": "cosine",
+    "median": "cosine",
+    "p5": "cosine",
+    "p95": "cosine",
+    "left_deg": "principal_angle",
+    "right_deg": "principal_angle",
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "lambda": "lambda",
+    "held-out loss": "loss",
+    "task": "task",
+    "‖ΔW‖ before": "delta_fro",
+    "‖ΔW‖ after": "delta_fro",
+    "‖ΔW‖ change %": "percent",
+    "re-factorisation error %": "percent",
+}
+
+#: Columns numbered by a rank (``base_1 … base_n`` of a similarity matrix, ``j_1 … j_n`` of
+#: φ), by the prefix of their name.
+PREFIX_MEASURES: dict[str, str] = {"base_": "cosine", "j_": "phi"}
+
+
+def column_measure(column: object) -> Measure | None:
+    """The measure a table's ``column`` holds, or ``None`` for a column that is no measure (a name, a count).
+
+    By its name: :data:`MEASURES`, :data:`COLUMN_MEASURES`, :data:`PREFIX_MEASURES`.
+    """
+    name = str(column)
+    key = name if name in MEASURES else COLUMN_MEASURES.get(name)
+    if key is None:
+        key = next((m for prefix, m in PREFIX_MEASURES.items() if name.startswith(prefix)), None)
+    return MEASURES.get(key) if key is not None else None
+
+
+def table_format(column: object) -> str | None:
+    """The printf format (a Streamlit ``NumberColumn``'s) of a table column of float numbers.
+
+    Its measure's digits (``%.4f``), the same for every row and every page; ``None`` for a
+    column that is no measure.
+    """
+    measure = column_measure(column)
+    return None if measure is None else f"%{measure.digits}"
+
 
 #: What a table's column is called on screen, and its help: words, with the unit where there
 #: is one. The CSV keeps the short names (they are the download's stable format).

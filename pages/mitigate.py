@@ -13,6 +13,7 @@ import streamlit as st
 from analysis.mitigation import MitigationSettings
 from charts import mitigation as fm
 from charts import tables
+from charts.table_words import MEASURES
 from hosting.jobs import JobState
 from ui import mitigation, runtime, state, views
 from ui.text import escape_markdown
@@ -68,8 +69,9 @@ c1.metric("Intruders scaled", scaled_n, help=f"in {totals['matrices_with_intrude
 c2.metric(f"Intruders at ε = {eps:g}", after_n, delta=(after_n - before_n) or None,
           delta_color="inverse", help=f"before: {before_n} (top {k} of every matrix, summed)")  # fmt: skip
 change = totals["delta_fro_after"] / totals["delta_fro_before"] - 1 if totals["delta_fro_before"] else 0.0
-c3.metric("‖ΔW‖_F", f"{totals['delta_fro_after']:.4g}", delta=fm.change_text(change), delta_color="off",
-          help=f"before: {totals['delta_fro_before']:.4g} (root of the sum of squares over matrices)")  # fmt: skip
+fro = MEASURES["delta_fro"].text
+c3.metric("‖ΔW‖_F", fro(totals["delta_fro_after"]), delta=fm.change_text(change), delta_color="off",
+          help=f"before: {fro(totals['delta_fro_before'])} (root of the sum of squares over matrices)")  # fmt: skip
 refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
 c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
           help="‖exported ΔW − exact mitigated ΔW‖_F / ‖exact mitigated ΔW‖_F (rank-r truncation)")  # fmt: skip

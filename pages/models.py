@@ -15,6 +15,7 @@ from analysis.specs.series import (
     is_series_spec,
 )
 from charts import tables
+from charts.table_words import table_format
 from hosting.jobs import JobState
 from ui import demo_build, runtime, state, upload_memory, views
 from ui.text import escape_markdown
@@ -80,9 +81,13 @@ def demo_table(manifest) -> dict:
             help="AdamW's peak learning rate (linear warm-up, then linear decay).",
         ),
         "recall@1": st.column_config.NumberColumn(
-            "recall@1", format="%.3f", help="Share of held-out queries whose own docstring is retrieved first."
+            "recall@1",
+            format=table_format("task"),
+            help="Share of held-out queries whose own docstring is retrieved first.",
         ),
-        "MRR": st.column_config.NumberColumn("MRR", format="%.3f", help="Mean reciprocal rank on the held-out split."),
+        "MRR": st.column_config.NumberColumn(
+            "MRR", format=table_format("task"), help="Mean reciprocal rank on the held-out split."
+        ),
         "checkpoints": column("checkpoints", help="Saved while training: a series to watch on the Series page."),
     }
     return {"data": frame, "column_config": config}

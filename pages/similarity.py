@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from charts import matrix_tables, spectra, tables
+from charts.table_words import MEASURES
 from ui import views
 from ui.text import escape_markdown
 
@@ -33,7 +34,7 @@ views.chart(spectra.similarity_figure(matrix, k, eps, label=label), f"similarity
 intr = matrix_tables.intruder_table(matrix, k, eps)
 c1, c2, c3 = st.columns(3)
 c1.metric("Intruder dimensions", int(intr["intruder"].sum()), help=f"among the top {len(intr)} at ε = {eps:g}")
-c2.metric("Effective rank of ΔW", f"{matrix.effective_rank:.1f}")
+c2.metric("Effective rank of ΔW", MEASURES["effective_rank"].text(matrix.effective_rank))
 c3.metric("rank90 of ΔW", matrix.rank90)
 views.table(intr, f"intruders-{matrix.key}")
 with st.expander(f"Similarity matrix as numbers ({matrix.similarity.shape[0]} × {matrix.similarity.shape[1]})"):

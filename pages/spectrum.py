@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from charts import matrix_tables, spectra, tables
+from charts.table_words import MEASURES
 from ui import views
 from ui.text import escape_markdown
 
@@ -30,8 +31,8 @@ if matrix is None:
     st.stop()
 views.chart(spectra.spectrum_figure(matrix, k, eps, label=label), f"spectrum-{matrix.key}")
 c1, c2, c3, c4 = st.columns(4)
-c1.metric("‖ΔW‖_F", f"{matrix.delta_fro:.4g}")
-c2.metric("Stable rank of ΔW", f"{matrix.stable_rank:.2f}")
-c3.metric("Effective rank of ΔW", f"{matrix.effective_rank:.1f}")
+c1.metric("‖ΔW‖_F", MEASURES["delta_fro"].text(matrix.delta_fro))
+c2.metric("Stable rank of ΔW", MEASURES["stable_rank"].text(matrix.stable_rank))
+c3.metric("Effective rank of ΔW", MEASURES["effective_rank"].text(matrix.effective_rank))
 c4.metric("rank90 of ΔW", matrix.rank90)
 views.table(matrix_tables.spectrum_table(matrix), f"spectrum-{matrix.key}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from charts import comparison, matrix_tables, spectra, tables
+from charts.table_words import MEASURES
 from ui import state, views
 from ui.text import escape_markdown
 
@@ -44,8 +45,8 @@ else:
         views.chart(spectra.subspace_figure(phi, labels[first.source], labels[second.source], name), f"subspace-{name}")
         if phi.size:
             c1, c2 = st.columns(2)
-            c1.metric("φ(1, 1): top directions", f"{phi[0, 0]:.3f}")
-            c2.metric(f"φ({phi.shape[0]}, {phi.shape[1]})", f"{phi[-1, -1]:.3f}")
+            c1.metric("φ(1, 1): top directions", MEASURES["phi"].text(phi[0, 0]))
+            c2.metric(f"φ({phi.shape[0]}, {phi.shape[1]})", MEASURES["phi"].text(phi[-1, -1]))
         with st.expander("φ(i, j) as numbers"):
             views.table(matrix_tables.phi_table(phi), f"subspace-{name}", index=True)
 

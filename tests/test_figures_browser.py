@@ -96,3 +96,96 @@ def test_series_legend_stays_below_the_step_titles(lora_model: ModelResult, widt
         boxes = page.evaluate(LEGEND_AND_TITLES)
     assert len(boxes["titles"]) == 2, boxes
     assert boxes["legend"] >= max(boxes["titles"]), boxes
+
+
+#: The series grid's colour bar as drawn: its title, its bar, its tick labels; the plot area, the
+#: grid's module names and the figure, in page pixels.
+COLOUR_BAR = """() => {
+  const box = e => {
+    const b = e.getBoundingClientRect();
+    return {top: b.top, bottom: b.bottom, left: b.left, right: b.right};
+  };
+  const gd = document.querySelector('.js-plotly-plot'), at = gd.getBoundingClientRect(), s = gd._fullLayout._size;
+  return {
+    figure: box(gd),
+    plot: {top: at.top + s.t, bottom: at.top + s.t + s.h, left: at.left + s.l, right: at.left + s.l + s.w},
+    title: box(document.querySelector('.colorbar .cbtitle text')),
+    bar: box(document.querySelector('.colorbar .cbfill')),
+    ticks: [...document.querySelectorAll('.colorbar .cbaxis text')]
+      .map(box),
+    modules: [...document.querySelectorAll('.xtick text')].map(box),
+  };
+}"""
+
+
+def _apart(a: dict, b: dict) -> bool:
+    """Two boxes that do not overlap (touching edges allowed)."""
+    return (
+        a["right"] <= b["left"] + 0.5
+        or b["right"] <= a["left"] + 0.5
+        or (a["bottom"] <= b["top"] + 0.5 or b["bottom"] <= a["top"] + 0.5)
+    )
+
+
+#: Six module names as a Llama's: long, so a phone slants them under the grid.
+LONG_MODULES = (
+    ("self_attn.q_proj", "self_attn.v_proj"),
+    ("self_attn.k_proj", "self_attn.o_proj"),
+    ("mlp.gate_proj", "mlp.down_proj"),
+)
+
+
+@pytest.mark.parametrize(
+    ("layers", "template"),
+    [(6, "streamlit"), (2, "streamlit"), (1, "streamlit"), ("2, long module names", "streamlit"),
+     ("2, long module names", "plotly")],  # plotly's: larger tick labels
+)  # fmt: skip
+@pytest.mark.parametrize("width", [1400, 358])  # 358: the chart's width on a 390 px phone
+def test_series_grid_colour_bar_title_fits_its_bar(
+    lora_model: ModelResult,  # noqa: F811
+    layers: int | str,
+    template: str,
+    width: int,
+    tmp_path: Path,
+) -> None:
+    """QA 2026-12-07: upright beside a grid of few layers, the bar was shorter than its title
+    ("Intruder dimensions (count)", turned along it), which ran past both its ends (the demo's
+    6 layers at 390 px). Now the title is no longer than the bar along it, stays inside the
+    figure and off the grid, its module names (slanted ones too, none cut at the figure's
+    edge) and the bar's own tick labels."""
+    from streamlit.elements import plotly_chart  # noqa: F401 - registers the "streamlit" template
+
+    long = isinstance(layers, str)
+    first = [m for m in lora_model.matrices if m.layer == 0]  # query and value
+    renamed = [(m, names[i]) for names in LONG_MODULES for i, m in enumerate(first)] if long else None
+    matrices = [
+        replace(m, id=replace(m.id, layer=layer, name=m.name.replace(f".{m.layer}.", f".{layer}."), module=module))
+        for layer in range(2 if long else layers)
+        for m, module in (renamed or [(m, m.module) for m in first])
+    ]
+    models = [replace(lora_model, matrices=matrices, source=f"s{step}", step=step) for step in (10, 20)]
+    for metric in ("intruders", "delta_fro"):
+        fig = series.series_grid_figure(series_tables.series_grid_table(models, metric, 10, 0.5), metric, "LoRA run")
+        fig.update_layout(template=pio.templates[template])
+        html = tmp_path / f"grid-{metric}.html"
+        fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
+        with chromium("--disable-gpu") as browser:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(html.as_uri())
+            page.wait_for_function("() => document.querySelector('.colorbar .cbtitle text') !== null")
+            page.wait_for_timeout(300)
+            b = page.evaluate(COLOUR_BAR)
+        title, bar, figure = b["title"], b["bar"], b["figure"]
+        upright = bar["bottom"] - bar["top"] > bar["right"] - bar["left"]
+        along = (title["bottom"] - title["top"], bar["bottom"] - bar["top"]) if upright else (
+            title["right"] - title["left"], bar["right"] - bar["left"])  # fmt: skip
+        assert along[0] <= along[1] + 0.5, (metric, "title longer than its bar", along)
+        assert figure["left"] <= title["left"] and title["right"] <= figure["right"], (metric, title, figure)
+        assert figure["top"] <= title["top"] and title["bottom"] <= figure["bottom"], (metric, title, figure)
+        for other in [b["plot"], bar, *b["modules"], *b["ticks"]]:
+            assert _apart(title, other), (metric, title, other)
+        assert _apart(bar, b["plot"]) and all(_apart(bar, m) for m in b["modules"]), (metric, bar)
+        for name in b["modules"]:  # inside the figure, none cut at its edge
+            assert figure["left"] <= name["left"] and name["right"] <= figure["right"] + 0.5, (metric, name)
+        ticks = b["ticks"]
+        assert ticks and all(_apart(p, q) for i, p in enumerate(ticks) for q in ticks[i + 1 :]), (metric, ticks)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from charts import rl_measures, rl_tables
+from charts.table_words import table_format
 from charts.tables import identity_order
 from tests.test_app import figures, open_app, wait_for_jobs
 
@@ -34,9 +36,14 @@ def test_rl_page_shows_the_engines_measures(cache_dir: Path, tiny_bert: Path, ti
     # comparable parameter, the 1-D ones included, not only the analysed matrices'.
     whole = engine.summary["whole_model_sparsity"]
     assert whole["other_tensors"] > 0 and whole["parameters"] > sum(m.rl.counts.total for m in engine.matrices)
-    assert table["sparsity_pct"].iloc[0] == pytest.approx(round(100 * whole["sparsity_relative"], 2))
-    assert table["sparsity_abs_pct"].iloc[0] == pytest.approx(round(100 * whole["sparsity_absolute"], 2))
+    assert table["sparsity_pct"].iloc[0] == pytest.approx(100 * whole["sparsity_relative"], rel=1e-12)
+    assert table["sparsity_abs_pct"].iloc[0] == pytest.approx(100 * whole["sparsity_absolute"], rel=1e-12)
     assert table["counts"].iloc[0] == f"{whole['parameters']:,} parameters: every comparable one, 1-D included"
+    # On screen each measure with its one number of decimals (charts.table_words.MEASURES), not
+    # Streamlit's default (the CSV above keeps the whole number; tests/test_table_digits.py).
+    config = json.loads(at.dataframe[0].proto.columns)
+    for column in ("sparsity_pct", "max_principal_angle_deg", "median_update_rank_fraction"):
+        assert config[column]["type_config"]["format"] == table_format(column) is not None, column
     said = " ".join(c.value for c in at.caption)
     assert whole["counts"] in said  # which parameters, in the report's words
     figs = figures(at)

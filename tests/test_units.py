@@ -90,7 +90,8 @@ def test_every_measure_has_one_unit_in_its_words() -> None:
         for words in (COLUMN_WORDS, GROUP_COLUMN_WORDS):
             if measure.unit and metric in words:
                 assert f"({measure.unit})" in words[metric][0], (metric, words[metric])
-    assert MEASURES["principal_angle_max"].text(12.34) == "12°" and MEASURES["update_sparsity"].text(0.2) == "20.00 %"
+    assert MEASURES["principal_angle_max"].text(12.34) == "12.340°"
+    assert MEASURES["update_sparsity"].text(0.2) == "20.00 %"
     assert (
         MEASURES["intruders"].title() == "Intruder dimensions (count)" and MEASURES["mask_overlap"].text(np.nan) == "–"
     )

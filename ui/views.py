@@ -238,30 +238,37 @@ def table(
     one-stack model, ``expert`` of a dense one, ``method`` where every name says it), the rest
     are named in words (:data:`charts.table_words.COLUMN_WORDS`, with ``words`` replacing
     some: :data:`charts.table_words.GROUP_COLUMN_WORDS` for a table of groups), a measure is
-    in its one unit (:data:`charts.table_words.MEASURES`: a sparsity in %), and a value that
+    in its one unit and with its one number of decimals (:data:`charts.table_words.MEASURES`:
+    a sparsity in %, ``%.2f``; :func:`column_config`), and a value that
     does not exist (the amplification factor of a zero update, the λ of the base model) is a
     dash (Streamlit's ``placeholder``), not a grey "None". The CSV keeps every column under
     its short name and as computed (a sparsity as a share, 0-1), so its columns are always
     the same, and leaves missing values empty.
     """
     display = display_table(frame)
-    config = {
-        column: _column(column, heading, help_text)
-        for column, (heading, help_text) in {**table_words.COLUMN_WORDS, **(words or {})}.items()
-        if column in display.columns
-    }
-    st.dataframe(display, hide_index=not index, placeholder="—", column_config=config, **kwargs)
+    st.dataframe(display, hide_index=not index, placeholder="—", column_config=column_config(display, words), **kwargs)
     st.download_button(
         label, frame.to_csv(index=index), file_name=f"{name}.csv", mime="text/csv", key=f"csv_{name}", on_click="ignore"
     )
 
 
-def _column(column: str, words: str, help_text: str):
-    """A column's on-screen config: its words, help and, for a measure shown scaled (%), its digits."""
-    measure = table_words.MEASURES.get(column)
-    if measure is not None and measure.scale != 1:
-        return st.column_config.NumberColumn(words, help=help_text or None, format=f"%{measure.digits}")
-    return st.column_config.Column(words, help=help_text or None)
+def column_config(display: pd.DataFrame, words: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Streamlit's ``column_config`` of a :func:`display_table`: each column's words and help
+    (:data:`charts.table_words.COLUMN_WORDS`, ``words`` replacing some) and, for a column of
+    float numbers holding a measure, its measure's digits (:func:`charts.table_words.table_format`),
+    so one measure has one number of decimals in every row of every table (Streamlit's own
+    default writes up to 4 and drops trailing zeros: 0.5 beside 0.4873). A whole-number column
+    (a count, a rank) stays as it is."""
+    named = {**table_words.COLUMN_WORDS, **(words or {})}
+    config = {}
+    for column in display.columns:
+        heading, help_text = named.get(column, (None, ""))
+        number = table_words.table_format(column) if pd.api.types.is_float_dtype(display[column]) else None
+        if number is not None:
+            config[column] = st.column_config.NumberColumn(heading, help=help_text or None, format=number)
+        elif heading is not None:
+            config[column] = st.column_config.Column(heading, help=help_text or None)
+    return config
 
 
 def display_table(frame: pd.DataFrame) -> pd.DataFrame:
