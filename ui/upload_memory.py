@@ -126,8 +126,11 @@ def drop_abandoned_uploads(now: float | None = None, grace: float = UPLOAD_GRACE
     Streamlit keeps a closed tab's session, and with it the files chosen in its uploader, for
     ``server.disconnectedSessionTTL`` (120 s) and then until some other session writes to its
     session storage (measured: 3 x 450 MiB held 150-180 s; after that the dropped session's
-    state sat in reference cycles that only a full ``gc`` frees, and one file's state stayed
-    reachable from a thread still carrying the closed session's ``ScriptRunContext``). Two
+    state sat in reference cycles that only a full ``gc`` frees: Streamlit's ``ScriptRunner``
+    keeps its finished script thread, which carries the run's ``ScriptRunContext``, which holds
+    the session state and a method of the runner; and Streamlit's runtime loop keeps the last
+    session it flushed until another session's messages go out; docs/hosting.md, "Closed
+    sessions"). Two
     things hold each file's bytes: the upload manager's record (removed with
     ``remove_session_files``, the method of Streamlit's ``UploadedFileManager`` interface
     that a session's shutdown calls) and the uploader's ``UploadedFile`` values in the
