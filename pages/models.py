@@ -255,6 +255,10 @@ def add_upload() -> None:
 def check_pending() -> None:
     """Files wait in server memory until "Add": more than this visitor may still upload
     are dropped at once (the uploader is cleared), not held."""
+    # Noted here, where this run first reads them: a tab closed now gets this run stopped at
+    # its next step (Streamlit's request_script_stop), before the body's hold_uploads, and
+    # unnoted the values read would keep the bytes after the reaper let go of the records.
+    upload_memory.hold_uploads(st.session_state.get(uploader_key))
     files = upload_memory.chosen_files(st.session_state.get(uploader_key))
     try:
         if len(files) > resolver.uploads.max_files:

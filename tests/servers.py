@@ -109,3 +109,77 @@ def chromium(*extra_args: str) -> Iterator:
         )
         yield instance
         instance.close()
+
+
+class ScriptRuns:
+    """The script runs of one page as its server reports them, read off the page's websocket.
+
+    ``PAGE_FINISHED`` alone cannot tell that the run an action asked for is over: a click,
+    a choice or an upload only *sends* a rerun request, and until the server's answer comes
+    back the page still carries the last run's ``notRunning`` state and its elements (after a
+    choice in the uploader nothing else changes at all). Here the page's own messages say it:
+    the full (not fragment) rerun requests it sent (``BackMsg.rerun_script``), the full runs
+    the server started (``new_session``) and the ones that ended (``script_finished``,
+    matched by script run id). :meth:`wait` is over once a run that started after a request
+    sent after :meth:`mark` has finished, and the page is finished too.
+
+    Take :meth:`mark` on a settled page, just before the action: a run asked for earlier and
+    not yet started would count as the action's. ``timeout_ms``: how long :meth:`wait` waits
+    for the run, then for the finished page (each).
+    """
+
+    def __init__(self, timeout_ms: float = 120_000) -> None:
+        self.timeout_ms = timeout_ms
+        self.requested = 0  # full rerun requests sent by the page
+        self.started: list[tuple[int, str]] = []  # (requests sent by then, script run id) of full runs
+        self.finished: set[str] = set()  # script run ids of runs that ended (not cut short by a rerun)
+
+    def watch(self, page) -> ScriptRuns:
+        """Follow ``page``'s connection to the server (for a page whose websocket is not routed)."""
+
+        def socket(ws) -> None:
+            if ws.url.endswith("/_stcore/stream"):
+                ws.on("framesent", self.sent)
+                ws.on("framereceived", self.received)
+
+        page.on("websocket", socket)
+        return self
+
+    def sent(self, payload: bytes | str) -> None:
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+
+        if isinstance(payload, bytes):
+            msg = BackMsg.FromString(payload)
+            if msg.WhichOneof("type") == "rerun_script" and not msg.rerun_script.fragment_id:
+                self.requested += 1
+
+    def received(self, payload: bytes | str) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        if not isinstance(payload, bytes):
+            return
+        msg = ForwardMsg.FromString(payload)
+        kind = msg.WhichOneof("type")
+        run = msg.metadata.run
+        if run.fragment_ids:
+            return
+        if kind == "new_session":
+            self.started.append((self.requested, run.script_run_id))
+        elif kind == "script_finished" and msg.script_finished != ForwardMsg.FINISHED_EARLY_FOR_RERUN:
+            self.finished.add(run.script_run_id)
+
+    def mark(self) -> int:
+        return self.requested
+
+    def over(self, mark: int) -> bool:
+        """Whether a full run started after a request sent after ``mark`` has ended."""
+        return any(sent > mark and run in self.finished for sent, run in self.started)
+
+    def wait(self, page, mark: int) -> None:
+        """Until the run asked for after ``mark`` is over and the page is finished (``PAGE_FINISHED``)."""
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while not self.over(mark):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no script run asked for after request {mark} ended: {self.started}")
+            page.wait_for_timeout(50)  # lets Playwright deliver the page's websocket frames
+        page.wait_for_function(PAGE_FINISHED, timeout=self.timeout_ms)

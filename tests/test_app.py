@@ -289,6 +289,37 @@ def test_upload_an_adapter_then_a_corrupt_file(cache_dir: Path, tiny_bert: Path,
     assert "upload adapter.zip" in figures(at)[0].layout.title.text
 
 
+def test_files_read_by_a_run_cut_short_are_noted_for_the_reaper(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tab closed during the run that follows choosing a file: Streamlit stops that run at
+    its next step (``request_script_stop`` on disconnect), after the uploader's ``on_change``
+    (check_pending) has read the files into session state and before the page body notes
+    them (``upload_memory.hold_uploads``). Unnoted, the reaper let go of the upload manager's
+    records but not of those values, which share the bytes: measured in a real server, a
+    150 MiB file stayed in its memory 45 s after its tab closed (issue 26, item 3). The stop
+    is stood in for by the first call of the body after the navigation (the demo's state)
+    raising Streamlit's StopException."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    from ui import demo_build, upload_memory
+
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.switch_page(PAGES["models"]).run()
+    at.file_uploader[0].set_value([("chosen-then-closed.safetensors", b"\1" * 1000, "")])
+
+    def stopped():
+        raise StopException
+
+    monkeypatch.setattr(demo_build, "demo_state", stopped)
+    at.run()
+    read = upload_memory.chosen_files(at.session_state["uploader_0"])
+    assert [f.name for f in read] == ["chosen-then-closed.safetensors"]  # the callback read it
+    _, chosen, _ = upload_memory._chosen()
+    noted = [f for values in chosen.values() for f in values if f.name == "chosen-then-closed.safetensors"]
+    assert noted and all(any(f is n for n in noted) for f in read), "the values the run read are not noted"
+
+
 def test_pickles_are_refused_in_the_page(cache_dir: Path) -> None:
     at = AppTest.from_file(APP, default_timeout=30)
     at.switch_page(PAGES["models"]).run()

@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from tests.servers import PAGE_FINISHED, REPO, chromium, need_browser, streamlit_server
+from tests.servers import PAGE_FINISHED, REPO, ScriptRuns, chromium, need_browser, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -76,12 +76,18 @@ def browser() -> Iterator:
         yield instance
 
 
+#: The script runs of each page the ``page`` fixture opened (:class:`tests.servers.ScriptRuns`).
+RUNS: dict = {}
+
+
 @pytest.fixture
 def page(browser) -> Iterator:
     context = browser.new_context(viewport={"width": 1400, "height": 1300}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    RUNS[page] = ScriptRuns(TIMEOUT_MS).watch(page)
     yield page
+    RUNS.pop(page)
     context.close()
 
 
@@ -133,17 +139,17 @@ def upload(page, paths: list[Path]) -> None:
 
     The names must show inside the uploader itself (the page may name the same files
     elsewhere), and the rerun that hands the files to the script must be over, before a
-    button may use them.
+    button may use them. The names show as soon as the files are chosen, before they are
+    uploaded, and nothing on the page changes when that rerun ends: its end is read off
+    the page's websocket (:class:`tests.servers.ScriptRuns`).
     """
+    runs = RUNS[page]
+    chosen = runs.mark()
     uploader = page.get_by_test_id("stFileUploader")
     uploader.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(p) for p in paths])
     for path in paths:
         uploader.get_by_text(path.name).first.wait_for()
-    while True:
-        page.wait_for_function(SCRIPT_DONE)
-        page.wait_for_timeout(400)
-        if page.evaluate(SCRIPT_DONE):
-            return
+    runs.wait(page, chosen)
 
 
 def chart_titles(page) -> list[str]:
@@ -162,11 +168,15 @@ def all_chart_text(page) -> str:
 
 
 def choose(page, label: str, option: str) -> None:
-    """Pick ``option`` in the sidebar selectbox called ``label``."""
+    """Pick ``option`` in the sidebar selectbox called ``label``; return once the run it
+    asks for is over (until the server answers, the page is still the last run's, finished)."""
+    runs = RUNS[page]
+    chosen = runs.mark()
     box = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text=label)
     box.get_by_role("combobox").click()
     page.keyboard.type(option)  # long lists are virtualised: filter down to the option
     page.get_by_role("option", name=option, exact=True).click()
+    runs.wait(page, chosen)
 
 
 PAGES = [
@@ -284,9 +294,13 @@ def test_shared_url_reproduces_the_view_in_a_fresh_browser(server: str, page, br
     wait_idle(page)
     thumb = page.get_by_test_id("stSidebar").get_by_role("slider").first
     for k in (9, 8, 7):
+        moved = RUNS[page].mark()
         thumb.focus()
         thumb.press("ArrowLeft")
+        # The address changes as the run sets it, which may be before the page shows that
+        # run as running: its end is the run's own.
         page.wait_for_function(f"() => window.location.search.includes('k={k}&')")
+        RUNS[page].wait(page, moved)
         wait_idle(page)
     wait_idle(page)
     title = chart_titles(page)[0]
@@ -369,7 +383,9 @@ def test_cancel_stops_an_analysis_and_a_rerun_finishes_it(server: str, page, fil
     wait_page(page, "Models", charts=False)
     page.get_by_text(re.compile(r"28 matrices matched")).wait_for()
     page.get_by_role("button", name="Analyse").click()
-    page.get_by_text(re.compile(r"tuned-llama: \d+ of 28 matrices")).wait_for()
+    # At least one matrix done: the job shows "0 of 28" as it starts (hosting.jobs reports
+    # Progress(0, total) before the first matrix), and Cancel then leaves nothing cached.
+    page.get_by_text(re.compile(r"tuned-llama: [1-9]\d* of 28 matrices")).wait_for()
     shot(page, "17-analysis-running")
     page.get_by_role("button", name="Cancel").click()
     page.get_by_text(re.compile(r"tuned-llama: cancelled\.")).wait_for()
@@ -390,6 +406,7 @@ def test_cancel_stops_an_analysis_and_a_rerun_finishes_it(server: str, page, fil
 def page_options(page, label: str) -> list[str]:
     box = page.get_by_test_id("stSidebar").get_by_test_id("stSelectbox").filter(has_text=label)
     box.get_by_role("combobox").click()
+    page.get_by_role("option").first.wait_for()  # the list is open (all_inner_texts does not wait)
     options = page.get_by_role("option").all_inner_texts()
     page.keyboard.press("Escape")
     return options

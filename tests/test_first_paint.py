@@ -36,7 +36,12 @@ new MutationObserver(() => {
   if (p.titleAt === null && document.querySelector('[data-testid="stMain"] h1')) p.titleAt = performance.now() - p.t0;
 }).observe(document, {subtree: true, childList: true, characterData: true});
 """
-SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')"""
+#: The page's own run (through app.py: the one that titles the page) is over. Not the
+#: script state alone: a deep link's first run on a cold server goes through Streamlit's old
+#: multipage path and reruns at once (ui.state.ensure_app_navigation), and between the two
+#: runs the page reads "notRunning" with nothing drawn yet.
+SCRIPT_DONE = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+                     && document.querySelector('[data-testid="stMain"] h1') !== null"""
 TITLES = ["Overview", "Singular-vector similarity", "Intruders vs ε", "Effective rank", "Spectrum",
           "Subspace similarity", "Checkpoint series", "RL vs SFT", "Mitigate", "Models"]  # fmt: skip
 

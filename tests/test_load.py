@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 
 from analysis.results import DEFAULT_EPSILON, DEFAULT_TOP_K
-from tests.servers import CHROMIUM, REPO, need_browser, streamlit_server
+from tests.servers import CHROMIUM, PAGE_FINISHED, REPO, need_browser, streamlit_server
 
 pytestmark = pytest.mark.browser
 
@@ -112,8 +112,9 @@ def test_eight_visitors_on_a_cold_server_keep_their_own_settings(server: str, mo
         for page, (path, query, k, eps) in zip(pages, links, strict=True):
             if pages.index(page) not in drawn_at:
                 continue
-            page.wait_for_timeout(500)
-            page.wait_for_function(SCRIPT_DONE, timeout=TIMEOUT_MS)
+            # Drawn is not done: a page draws its first results while the second analysis is
+            # queued or starting (no progress bar, a Cancel button) and reruns when it ends.
+            page.wait_for_function(PAGE_FINISHED, timeout=TIMEOUT_MS)
             assert not page.get_by_test_id("stException").count(), path
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / f"visitor-{pages.index(page)}-{path}.png"))

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.servers import REPO, chromium, need_browser, streamlit_server
+from tests.servers import PAGE_FINISHED, REPO, chromium, need_browser, streamlit_server
 from ui.text import WORD_JOINER
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
@@ -80,10 +80,10 @@ def browser() -> Iterator:
         yield instance
 
 
-#: The run is over and nothing is computing, and the page says what failed.
-SETTLED = """() => document.querySelector('[data-testid="stApp"][data-test-script-state="notRunning"]')
-                  && !document.querySelector('[data-testid="stStatusWidget"]')
-                  && !document.querySelector('[data-testid="stProgress"]')
+#: The run is over and nothing is computing (PAGE_FINISHED: nor queued, which shows no
+#: progress bar but a Cancel button or a "Starting the analysis" line), and the page says
+#: what failed.
+SETTLED = f"""() => {PAGE_FINISHED}
                   && [...document.querySelectorAll('[data-testid="stAlert"]')]
                        .some(a => a.innerText.includes('expired'))"""
 

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.servers import CHROMIUM, need_browser, streamlit_server
+from tests.servers import CHROMIUM, PAGE_FINISHED, need_browser, streamlit_server
 from tests.test_browser import ARTIFACTS, TIMEOUT_MS, chart_titles, shot, wait_page
 from tests.test_series import make_full_series, make_lora_series
 
@@ -45,6 +45,9 @@ def test_series_page_in_a_browser(series_server, width: int, height: int) -> Non
         wait_page(page, "Checkpoint series")
         try:
             page.get_by_text("4 of 4 checkpoints analysed").wait_for(timeout=120_000)
+            # The run that says so is not over yet: below the line, the charts of the run
+            # before ("at step 3") stand until it sends its own.
+            page.wait_for_function(PAGE_FINISHED)
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot .gtitle').length >= 3")
         except Exception:
             shot(page, f"series-{width}x{height}-failed")

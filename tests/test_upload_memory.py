@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import PAGE_FINISHED, chromium, need_browser, server_pid, streamlit_server
+from tests.servers import PAGE_FINISHED, ScriptRuns, chromium, need_browser, server_pid, streamlit_server
 
 pytestmark = pytest.mark.browser
 
@@ -44,12 +44,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         yield url, root
 
 
-def _open_models(page, url: str) -> None:
-    """The Models page opened and settled (its uploader ready); the memory measured after it."""
+def _open_models(page, url: str, runs: ScriptRuns | None = None) -> ScriptRuns:
+    """The Models page opened and settled (its uploader ready); the memory measured after it.
+    Its script runs (:class:`tests.servers.ScriptRuns`) are followed from here on, through
+    ``runs`` where given (a page whose websocket the test routes feeds it)."""
     page.set_default_timeout(120_000)
+    if runs is None:
+        runs = ScriptRuns().watch(page)
     page.goto(f"{url}/models")
     page.get_by_role("heading", name="Models").first.wait_for()
     page.wait_for_function(PAGE_FINISHED)
+    return runs
 
 
 def _big_files(root: Path, valid: bool) -> list[Path]:
@@ -78,15 +83,18 @@ def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple
     pid = server_pid(url)
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        _open_models(page, url)
+        runs = _open_models(page, url)
         start = rss_mb(pid)
+        chosen = runs.mark()
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(f) for f in files])
         page.get_by_test_id("stFileChip").nth(2).wait_for()
         uploaded = 3 * MIB * 2**20 / 1e6
         deadline = time.monotonic() + 60
         while (held := rss_mb(pid)) - start < 0.8 * uploaded and time.monotonic() < deadline:
             time.sleep(0.5)  # until the three requests are in
-        page.wait_for_timeout(1000)
+        # The browser hands the files to the script (a rerun) only once all three uploads are
+        # answered; *Add* before that run is over would find no files in session state.
+        runs.wait(page, chosen)
         page.get_by_role("button", name="Add the upload as a fine-tune").click()
         outcome = page.get_by_text("Upload refused" if not valid else "as a fine-tune.", exact=False)
         outcome.first.wait_for()
@@ -103,6 +111,10 @@ def test_uploaded_files_leave_server_memory_once_refused_or_stored(server: tuple
         f"server RSS {start:.0f} MB before, {held:.0f} MB with the files, {after:.0f} MB 30 s after they were "
         f"{'stored' if valid else 'refused'}"
     )
+
+
+#: The page's connection to its server is up (Streamlit's own end-to-end tests read this attribute).
+CONNECTED = '[data-testid="stApp"][data-test-connection-state="CONNECTED"]'
 
 
 #: Size of each file chosen in a tab that is then closed without *Add* (two tabs);
@@ -129,16 +141,17 @@ def test_files_chosen_in_a_closed_tab_leave_server_memory(server: tuple[str, Pat
         start = None
         for i, path in enumerate(files):
             page = context.new_page()
-            _open_models(page, url)
+            runs = _open_models(page, url)
             if start is None:
                 start = rss_mb(pid)
             before = rss_mb(pid)
+            chosen = runs.mark()
             page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(path)])
             page.get_by_test_id("stFileChip").first.wait_for()
             deadline = time.monotonic() + 60
             while rss_mb(pid) - before < 0.8 * ABANDONED_MIB * 2**20 / 1e6 and time.monotonic() < deadline:
                 time.sleep(0.5)  # until the request is in
-            page.wait_for_timeout(2000)  # the uploader's own script run
+            runs.wait(page, chosen)  # the uploader's own script run (check_pending), over
             assert not page.get_by_text("Upload refused").count(), f"file {i} was refused as it was chosen"
         held = rss_mb(pid)
         context.close()  # the tabs close; nothing was added
@@ -174,19 +187,24 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         link = {"down": False, "open": []}
+        runs = ScriptRuns()  # a routed websocket: its frames are handed over here
 
         def stream(ws) -> None:  # the page's connection to the server, cut on demand
             if link["down"]:
                 ws.close()
-            else:
-                link["open"].append((ws, ws.connect_to_server()))
+                return
+            upstream = ws.connect_to_server()
+            ws.on_message(lambda message: (runs.sent(message), upstream.send(message)))
+            upstream.on_message(lambda message: (runs.received(message), ws.send(message)))
+            link["open"].append((ws, upstream))
 
         page.route_web_socket("**/_stcore/stream", stream)
-        _open_models(page, url)
+        _open_models(page, url, runs)
         start = rss_mb(pid)
+        chosen = runs.mark()
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(path)])
         page.get_by_test_id("stFileChip").first.wait_for()
-        page.wait_for_timeout(3000)
+        runs.wait(page, chosen)  # uploaded, and the run that hands the file to the script over
         held = rss_mb(pid)
         link["down"] = True
         for ws, upstream in link["open"]:
@@ -199,8 +217,10 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
             away = rss_mb(pid)
         assert held - start > 80, f"the file was not in server memory ({start:.0f} -> {held:.0f} MB)"
         assert away - start <= 40, f"{start:.0f} MB before, {held:.0f} MB with the file, {away:.0f} MB 30 s after"
+        page.wait_for_function(f"!document.querySelector('{CONNECTED}')")  # the page knows it is cut off
         link["down"] = False  # the page reconnects to its session (within Streamlit's 120 s)
-        page.wait_for_timeout(8000)
+        page.wait_for_function(f"document.querySelector('{CONNECTED}') !== null")
+        page.wait_for_function(PAGE_FINISHED)
         page.get_by_role("button", name="Add the upload as a fine-tune").click()
         page.get_by_text("choose them again").first.wait_for()
         # The run that says so gives the uploader a new key: until it ends, the old (stale)
@@ -208,11 +228,13 @@ def test_a_tab_that_reconnects_after_its_files_were_let_go(server: tuple[str, Pa
         page.wait_for_function(PAGE_FINISHED)
         shown = page.locator('[data-testid="stAlert"], [data-testid="stException"]').all_inner_texts()
         chips = page.get_by_test_id("stFileChip").count()
+        chosen = runs.mark()
         page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(path)])
         page.get_by_test_id("stFileChip").first.wait_for()
-        page.wait_for_timeout(2000)
+        runs.wait(page, chosen)  # *Add* before this would find no file: "Choose the files to upload first"
         page.get_by_role("button", name="Add the upload as a fine-tune").click()
         page.get_by_text("Upload refused").first.wait_for()  # not safetensors: refused, the usual way
+        page.wait_for_function(PAGE_FINISHED)  # the stale alerts of the run before are gone
         again = page.locator('[data-testid="stAlert"], [data-testid="stException"]').all_inner_texts()
     print(json.dumps({"reconnected": {"start_mb": start, "with_file_mb": held, "while_away_mb": away}}))
     assert not any("Error" in a for a in shown + again), shown + again

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import PAGE_FINISHED, chromium, need_browser, streamlit_server
+from tests.servers import PAGE_FINISHED, ScriptRuns, chromium, need_browser, streamlit_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -34,15 +34,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _choose(page, url: str, name: str) -> list[str]:
-    """Open the Models page, choose a 2 MB file (not added); the page's errors once it settled."""
+    """Open the Models page, choose a 2 MB file (not added); the page's errors once the run
+    that checks the chosen file (pages/models.py check_pending) is over."""
+    runs = ScriptRuns().watch(page)
     page.goto(f"{url}/models")
+    page.get_by_role("heading", name="Models").first.wait_for()  # shown by the page's own run
     page.wait_for_function(PAGE_FINISHED)
+    chosen = runs.mark()
     page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(
         [{"name": name, "mimeType": "application/octet-stream", "buffer": b"\1" * (2 * MB)}]
     )
     page.get_by_test_id("stFileChip").first.wait_for()
-    page.wait_for_timeout(1500)
-    page.wait_for_function(PAGE_FINISHED)
+    runs.wait(page, chosen)
     return page.locator('[data-testid="stAlert"]').all_inner_texts()
 
 
