@@ -5,7 +5,8 @@ Every heatmap and grid of :mod:`charts` takes its colour scale from :func:`color
 :func:`themed`, which swaps every such scale for its dark twin when the visitor's page is
 dark and recolours the words written on cells; the one-file HTML report carries the same
 swap as a patch (:func:`dark_patch`) that its own script applies when the reader's scheme
-is dark. Pure functions (no Streamlit, no I/O).
+is dark. A layer grid's colour bar lies under it, laid out once (:func:`grid_colorbar`).
+Pure functions (no Streamlit, no I/O).
 """
 
 from __future__ import annotations
@@ -74,6 +75,58 @@ def count_ticks(top: float, most: int = 5) -> dict:
         ``tickmode``, ``tick0``, ``dtick`` and an integer ``tickformat``.
     """
     return {"tickmode": "linear", "tick0": 0, "dtick": whole_step(max(top, 1), most), "tickformat": "d"}
+
+
+#: Least pixels from a grid's bottom edge to its colour bar's title: room for the grid's
+#: column names (slanted on a phone) and an expert grid's axis title.
+GRID_BAR_BELOW = 64
+#: Pixels a grid's colour bar takes under that: its title, the bar and its tick labels.
+GRID_BAR_PX = 56
+#: A grid's colour bar's length in pixels: as long as the longest measure's title
+#: ("Intruder energy share (share, 0–1)", 183 px at 12 px), shorter than a phone's plot.
+GRID_BAR_LEN = 240
+
+
+def grid_bar_below(longest: int) -> int:
+    """Pixels from a grid's bottom edge to its colour bar's title.
+
+    For column names of at most ``longest`` characters, slanted (as the overview's bottom
+    margin reckons them).
+    """
+    return max(GRID_BAR_BELOW, 24 + int(6.2 * longest * 0.71))
+
+
+def grid_colorbar(title: str, plot_px: int, below: int = GRID_BAR_BELOW, font_size: int | None = None, **ticks) -> dict:
+    """A layer grid's colour bar: lying under the grid, its title above it, :data:`GRID_BAR_LEN` px long.
+
+    One layout for every layer grid: the series page's, the overview's and the RL-versus-SFT
+    page's panels (:func:`charts.overview.overview_sections`).
+
+    Upright beside a grid (as it was), the bar is as tall as the grid and its title, turned
+    along it, was longer than a grid of few layers (the demo's 6 layers on the series page at
+    390 px wide; 2-3 layers on an overview panel: a 122 px title beside an 88 px bar), and on a
+    phone it took the grid's width. Lying under it (Plotly's ``orientation="h"``, title
+    ``side="top"``, ``len`` in pixels, a thin ``thickness``) its title has the figure's width,
+    whatever the grid's height, as the similarity chart's bar
+    (:func:`charts.spectra.similarity_figure`) lies under its panels. ``plot_px`` is the
+    grid's height (the plot area's), ``below`` the pixels between it and the bar's title
+    (:func:`grid_bar_below`); the figure's bottom margin is ``below + GRID_BAR_PX``.
+    ``font_size`` sets the title's size (the tick labels one less; the template's when
+    ``None``), ``ticks`` the bar's tick settings (a count's whole numbers).
+    """
+    fonts = {} if font_size is None else {"tickfont": {"size": font_size - 1}}
+    return {
+        "title": {"text": title, "side": "top", **({} if font_size is None else {"font": {"size": font_size}})},
+        "orientation": "h",
+        "y": -below / plot_px,  # paper units: a fraction of the grid's height
+        "yanchor": "top",
+        "lenmode": "pixels",
+        "len": GRID_BAR_LEN,
+        "thickness": 10,
+        "outlinewidth": 0,
+        **fonts,
+        **ticks,
+    }
 
 
 def whole_step(top: float, most: int) -> int:

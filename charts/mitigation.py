@@ -26,7 +26,7 @@ from charts.style import (
     title_margin,
     top_title,
 )
-from charts.table_words import MEASURES
+from charts.table_words import COLUMN_MEASURES, MEASURES
 
 #: A trade-off point's digits in a hover, as its table gives them (:data:`charts.table_words.MEASURES`).
 LAM, LOSS, TASK = (MEASURES[m].digits for m in ("lambda", "loss", "task"))
@@ -73,7 +73,7 @@ def matrices_table(result: MitigationResult, k: int, eps: float) -> pd.DataFrame
                 "‖ΔW‖ after": m.delta_fro_after,
                 "‖ΔW‖ change %": 100 * m.delta_change,
                 "rank": f"{m.rank} → {m.new_rank}" if m.rank is not None else "full",
-                "re-factorisation error %": 100 * m.refactor_rel_error,
+                REFACTOR_COLUMN: 100 * m.refactor_rel_error,
                 "mitigated": m.mitigated,
                 "matrix": m.key,
             }
@@ -205,6 +205,23 @@ def change_text(fraction: float) -> str | None:
     if not np.isfinite(fraction) or abs(100 * fraction) < 0.05:
         return None
     return f"{100 * fraction:+.1f} %"
+
+
+#: The per-matrix table's column of the re-factorisation error, in % (its digits:
+#: :data:`charts.table_words.COLUMN_MEASURES`).
+REFACTOR_COLUMN = "re-factorisation error %"
+
+
+def refactor_text(totals: dict) -> str:
+    """The model's re-factorisation error as its card writes it: ``0.12 %``.
+
+    ``‖exported ΔW − exact mitigated ΔW‖_F / ‖exact mitigated ΔW‖_F`` over every matrix
+    (``totals`` is :meth:`analysis.mitigation.MitigationResult.totals`; 0 where the exact
+    update is 0), in % with the digits of the per-matrix table's column (the card wrote
+    ``%.3g``, "0.123 %", beside "0.12" in the table).
+    """
+    share = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
+    return MEASURES[COLUMN_MEASURES[REFACTOR_COLUMN]].text(100 * share)
 
 
 #: The spectra chart opens on the top ranks around the scaled components, at least this many.

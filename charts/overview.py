@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 
 from analysis.results import ModelResult
 from charts import overview_tables, rl_tables, tables
-from charts.colors import cell_text, count_ticks
+from charts.colors import GRID_BAR_PX, cell_text, count_ticks, grid_colorbar
 from charts.style import (
     chart_text,
     empty_figure,
@@ -201,7 +201,8 @@ def _panel_layout(
 ) -> None:
     """Title, colour scale, size and click behaviour of a panel ``height`` pixels of grid high."""
     longest = max((len(c) for c in columns), default=1)
-    bottom = 36 + (int(6.2 * longest * 0.71) if not experts else 0)
+    # Under the grid: its slanted module names, or an expert grid's numbers and axis title; then the colour bar.
+    below = 36 + (int(6.2 * longest * 0.71) if not experts else 14)
     fig.update_layout(
         title={
             "text": title,
@@ -218,17 +219,16 @@ def _panel_layout(
             "colorscale": metric_colorscale(metric),
             "cmin": 0,
             "cmax": color_top(metric, zmax),
-            "colorbar": {
-                "title": {"text": MEASURES[metric].title(), "side": "right", "font": {"size": 10}},
-                "thickness": 10,
-                "len": 0.9,
-                "outlinewidth": 0,
-                "tickfont": {"size": 9},
+            "colorbar": grid_colorbar(
+                MEASURES[metric].title(),
+                height,
+                below,
+                font_size=10,
                 **(count_ticks(max(zmax, 1)) if metric == "intruders" else {}),
-            },
+            ),
         },
-        height=height + 50 + bottom + (14 if experts else 0),
-        margin={"t": 50, "b": bottom + (14 if experts else 0), "l": 48, "r": 8},
+        height=height + 50 + below + GRID_BAR_PX,
+        margin={"t": 50, "b": below + GRID_BAR_PX, "l": 48, "r": 8},
         hovermode="closest",
         hoverdistance=-1,
         clickmode="event+select",

@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from analysis.results import MatrixResult, ModelResult
 from charts import series_tables, tables
-from charts.colors import cell_text, colorscale, count_ticks
+from charts.colors import GRID_BAR_PX, cell_text, colorscale, count_ticks, grid_bar_below, grid_colorbar
 from charts.overview import OVERVIEW_TEXT_MAX_COLUMNS, cell_label
 from charts.style import (
     DASHES,
@@ -318,47 +318,6 @@ def series_grid_figure(table, metric: str, label: str = "", step: int | None = N
         height=100 + plot_px + below + GRID_BAR_PX,
     )  # fmt: skip
     return fig
-
-
-#: Least pixels from the series grids' bottom edge to their colour bar's title: room for the
-#: grids' module names (slanted on a phone) and an expert grid's axis title.
-GRID_BAR_BELOW = 64
-#: Pixels the colour bar takes under that: its title, the bar and its tick labels.
-GRID_BAR_PX = 56
-
-
-def grid_bar_below(longest: int) -> int:
-    """Pixels from the grids' bottom edge to the colour bar's title.
-
-    For column names of at most ``longest`` characters, slanted (as the overview's bottom
-    margin reckons them).
-    """
-    return max(GRID_BAR_BELOW, 24 + int(6.2 * longest * 0.71))
-
-
-def grid_colorbar(title: str, plot_px: int, below: int = GRID_BAR_BELOW, **ticks) -> dict:
-    """The series grids' colour bar: lying under the grids, its title above it, 240 px long.
-
-    Upright beside the grids (as it was), the bar is as tall as the grids and its title, turned
-    along it, was longer than a grid of few layers (the demo's 6 layers at 390 px wide: the
-    title ran past both ends of the bar), and on a phone it took the grid's width. Lying under
-    them (Plotly's ``orientation="h"``, title ``side="top"``, ``len`` in pixels, a thin
-    ``thickness``) its title has the figure's width, whatever the grids' height, as the
-    similarity chart's bar (:func:`charts.spectra.similarity_figure`) lies under its panels.
-    ``plot_px`` is the grids' height, ``below`` the pixels between them and the bar's title
-    (:func:`grid_bar_below`), ``ticks`` the bar's tick settings (a count's whole numbers).
-    """
-    return {
-        "title": {"text": title, "side": "top"},
-        "orientation": "h",
-        "y": -below / plot_px,  # paper units: a fraction of the grids' height
-        "yanchor": "top",
-        "lenmode": "pixels",
-        "len": 240,
-        "thickness": 10,
-        "outlinewidth": 0,
-        **ticks,
-    }
 
 
 def series_similarity_figure(

@@ -72,8 +72,7 @@ change = totals["delta_fro_after"] / totals["delta_fro_before"] - 1 if totals["d
 fro = MEASURES["delta_fro"].text
 c3.metric("‖ΔW‖_F", fro(totals["delta_fro_after"]), delta=fm.change_text(change), delta_color="off",
           help=f"before: {fro(totals['delta_fro_before'])} (root of the sum of squares over matrices)")  # fmt: skip
-refactor = totals["refactor_error"] / totals["delta_fro_exact"] if totals["delta_fro_exact"] else 0.0
-c4.metric("Re-factorisation error", f"{100 * refactor:.3g} %",
+c4.metric("Re-factorisation error", fm.refactor_text(totals),
           help="‖exported ΔW − exact mitigated ΔW‖_F / ‖exact mitigated ΔW‖_F (rank-r truncation)")  # fmt: skip
 
 if scaled_n == 0:

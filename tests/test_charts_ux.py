@@ -29,6 +29,7 @@ from charts import (
     spectra,
     style,
 )
+from charts.table_words import MEASURES
 from tests.test_figures import full_model, lora_model  # noqa: F401 (fixtures)
 
 
@@ -283,6 +284,10 @@ def test_series_rl_panels_are_labelled_on_a_phone(lora_model: ModelResult) -> No
 def test_mitigation_words_and_window() -> None:
     assert mitigation.change_text(0.0) is None and mitigation.change_text(0.0004) is None  # not "up +0.0 %"
     assert mitigation.change_text(-0.1234) == "-12.3 %" and mitigation.change_text(0.002) == "+0.2 %"
+    # The re-factorisation error card has its table column's digits (it wrote "%.3g": "0.123 %").
+    totals = {"refactor_error": 0.0012345, "delta_fro_exact": 1.0}
+    assert mitigation.refactor_text(totals) == "0.12 %" == MEASURES["percent"].text(0.12345)
+    assert mitigation.refactor_text({"refactor_error": 0.0, "delta_fro_exact": 0.0}) == "0.00 %"
     # The spectra open on the top ranks around the scaled components.
     assert mitigation.spectra_window(384, [0, 3]) == mitigation.SPECTRA_WINDOW
     assert mitigation.spectra_window(384, [40]) == 82 and mitigation.spectra_window(10, [2]) == 10

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
 from analysis.results import ModelResult
-from charts import series, series_tables, spectra
+from charts import overview, series, series_tables, spectra
 from tests.servers import chromium, need_browser
 from tests.test_figures import lora_model  # noqa: F401 (fixture)
 
@@ -135,14 +136,52 @@ LONG_MODULES = (
 )
 
 
+def _grid_models(model: ModelResult, layers: int | str) -> list[ModelResult]:
+    """Two checkpoints (or fine-tunes) of ``layers`` layers of the fixture's query and value
+    (``"2, long module names"``: two layers of six modules named as a Llama's)."""
+    long = isinstance(layers, str)
+    first = [m for m in model.matrices if m.layer == 0]  # query and value
+    renamed = [(m, names[i]) for names in LONG_MODULES for i, m in enumerate(first)] if long else None
+    matrices = [
+        replace(m, id=replace(m.id, layer=layer, name=m.name.replace(f".{m.layer}.", f".{layer}."), module=module))
+        for layer in range(2 if long else layers)
+        for m, module in (renamed or [(m, m.module) for m in first])
+    ]
+    return [replace(model, matrices=matrices, source=f"s{step}", step=step) for step in (10, 20)]
+
+
+def _series_grids(models: list[ModelResult]) -> list[tuple[str, go.Figure]]:
+    """The series page's grids (:func:`charts.series.series_grid_figure`), one figure per metric."""
+    return [
+        (
+            metric,
+            series.series_grid_figure(series_tables.series_grid_table(models, metric, 10, 0.5), metric, "LoRA run"),
+        )
+        for metric in ("intruders", "delta_fro")
+    ]
+
+
+def _overview_grids(models: list[ModelResult]) -> list[tuple[str, go.Figure]]:
+    """The overview's and the RL-versus-SFT page's grids (:func:`charts.overview.overview_sections`):
+    the first fine-tune's panel, for a count, the overview's rank and the RL page's measures
+    (the longest title: "Intruder energy share (share, 0–1)")."""
+    return [
+        (metric, overview.overview_sections(models, metric, 10, 0.5)[0].panels[0])
+        for metric in ("intruders", "rank90", "intruder_energy_share")
+    ]
+
+
+@pytest.mark.parametrize("grids", [_series_grids, _overview_grids], ids=["series", "overview"])
 @pytest.mark.parametrize(
     ("layers", "template"),
-    [(6, "streamlit"), (2, "streamlit"), (1, "streamlit"), ("2, long module names", "streamlit"),
+    [(6, "streamlit"), (3, "streamlit"), (2, "streamlit"), (1, "streamlit"), ("2, long module names", "streamlit"),
      ("2, long module names", "plotly")],  # plotly's: larger tick labels
 )  # fmt: skip
-@pytest.mark.parametrize("width", [1400, 358])  # 358: the chart's width on a 390 px phone
-def test_series_grid_colour_bar_title_fits_its_bar(
+# 358: the chart's width on a 390 px phone; 300: an overview panel's, three side by side at 1400 px
+@pytest.mark.parametrize("width", [1400, 358, 300])
+def test_grid_colour_bar_title_fits_its_bar(
     lora_model: ModelResult,  # noqa: F811
+    grids,
     layers: int | str,
     template: str,
     width: int,
@@ -150,22 +189,14 @@ def test_series_grid_colour_bar_title_fits_its_bar(
 ) -> None:
     """QA 2026-12-07: upright beside a grid of few layers, the bar was shorter than its title
     ("Intruder dimensions (count)", turned along it), which ran past both its ends (the demo's
-    6 layers at 390 px). Now the title is no longer than the bar along it, stays inside the
-    figure and off the grid, its module names (slanted ones too, none cut at the figure's
-    edge) and the bar's own tick labels."""
+    6 layers at 390 px on the series page; 2-3 layers on the overview and RL pages, where a
+    358 px panel drew a 122 px title beside an 88 px bar). Now the title is no longer than the
+    bar along it, stays inside the figure and off the grid, its module names (slanted ones
+    too, none cut at the figure's edge) and the bar's own tick labels; the bar stays inside
+    the figure."""
     from streamlit.elements import plotly_chart  # noqa: F401 - registers the "streamlit" template
 
-    long = isinstance(layers, str)
-    first = [m for m in lora_model.matrices if m.layer == 0]  # query and value
-    renamed = [(m, names[i]) for names in LONG_MODULES for i, m in enumerate(first)] if long else None
-    matrices = [
-        replace(m, id=replace(m.id, layer=layer, name=m.name.replace(f".{m.layer}.", f".{layer}."), module=module))
-        for layer in range(2 if long else layers)
-        for m, module in (renamed or [(m, m.module) for m in first])
-    ]
-    models = [replace(lora_model, matrices=matrices, source=f"s{step}", step=step) for step in (10, 20)]
-    for metric in ("intruders", "delta_fro"):
-        fig = series.series_grid_figure(series_tables.series_grid_table(models, metric, 10, 0.5), metric, "LoRA run")
+    for metric, fig in grids(_grid_models(lora_model, layers)):
         fig.update_layout(template=pio.templates[template])
         html = tmp_path / f"grid-{metric}.html"
         fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
@@ -179,9 +210,12 @@ def test_series_grid_colour_bar_title_fits_its_bar(
         upright = bar["bottom"] - bar["top"] > bar["right"] - bar["left"]
         along = (title["bottom"] - title["top"], bar["bottom"] - bar["top"]) if upright else (
             title["right"] - title["left"], bar["right"] - bar["left"])  # fmt: skip
+        print(grids.__name__, layers, template, width, metric, "title", round(along[0], 1), "bar", round(along[1], 1))
         assert along[0] <= along[1] + 0.5, (metric, "title longer than its bar", along)
         assert figure["left"] <= title["left"] and title["right"] <= figure["right"], (metric, title, figure)
         assert figure["top"] <= title["top"] and title["bottom"] <= figure["bottom"], (metric, title, figure)
+        assert figure["left"] <= bar["left"] and bar["right"] <= figure["right"], (metric, bar, figure)
+        assert figure["top"] <= bar["top"] and bar["bottom"] <= figure["bottom"], (metric, bar, figure)
         for other in [b["plot"], bar, *b["modules"], *b["ticks"]]:
             assert _apart(title, other), (metric, title, other)
         assert _apart(bar, b["plot"]) and all(_apart(bar, m) for m in b["modules"]), (metric, bar)

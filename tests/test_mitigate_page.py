@@ -55,6 +55,8 @@ def test_page_shows_the_engines_numbers_and_keeps_the_view_in_the_url(cache_dir,
     assert shown["Intruders scaled"] == str(expected.mitigation.totals()["intruders_scaled"])
     counts = expected.counts([0.5], 10)
     assert shown["Intruders at ε = 0.5"] == str(counts["after"][0])
+    # The card's error has the per-matrix table column's digits ("0.00 %", not "%.3g")
+    assert shown["Re-factorisation error"] == fm.refactor_text(expected.mitigation.totals())
     sweep, spectra = figures(at)[:2]
     assert list(sweep.data[0].y) == expected.counts()["before"]
     assert list(sweep.data[1].y) == expected.counts()["after"]
