@@ -21,6 +21,15 @@ need_browser()
 
 pytestmark = pytest.mark.browser
 
+
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for the module's figures (each test opens its own page): a launch per
+    figure was most of these tests' time."""
+    with chromium("--disable-gpu") as instance:
+        yield instance
+
+
 #: The spectrum drawn: both intruder labels (the plot area comes from plotly.js's own layout,
 #: which every template has; the plot's background rectangle is not drawn under every one).
 DRAWN = "() => document.querySelectorAll('.scatterlayer .textpoint text').length >= 2"
@@ -43,6 +52,7 @@ def test_spectrum_intruder_labels_are_inside_the_plot(
     width: int,
     template: str,
     tmp_path: Path,
+    browser,
 ) -> None:
     """Under plotly's template and Streamlit's (the dashboard's; importing Streamlit's chart
     element makes it the default, so the suite's order decided which one a run drew)."""
@@ -53,11 +63,11 @@ def test_spectrum_intruder_labels_are_inside_the_plot(
     fig.update_layout(template=pio.templates[template])
     html = tmp_path / "spectrum.html"
     fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
-    with chromium("--disable-gpu") as browser:
-        page = browser.new_page(viewport={"width": width, "height": 900})
-        page.goto(html.as_uri())
-        page.wait_for_function(DRAWN)
-        boxes = page.evaluate(BOXES)
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.goto(html.as_uri())
+    page.wait_for_function(DRAWN)
+    boxes = page.evaluate(BOXES)
+    page.close()
     plot, labels = boxes["plot"], boxes["labels"]
     assert sorted(label["text"] for label in labels) == ["#1", "#2"]  # the two planted intruders
     for label in labels:
@@ -74,7 +84,12 @@ LEGEND_AND_TITLES = """() => ({
 
 
 @pytest.mark.parametrize("width", [1400, 358])  # 358: the chart's width on a 390 px phone
-def test_series_legend_stays_below_the_step_titles(lora_model: ModelResult, width: int, tmp_path: Path) -> None:  # noqa: F811
+def test_series_legend_stays_below_the_step_titles(
+    lora_model: ModelResult,  # noqa: F811
+    width: int,
+    tmp_path: Path,
+    browser,
+) -> None:
     """Per matrix the legend is long; at 15 % of the plot below it, it sat on the "training
     step" titles once it had shrunk the plot (a phone)."""
     six = [  # six layers of the fixture's matrices: 24 lines, as long a legend as a small model's
@@ -87,14 +102,14 @@ def test_series_legend_stays_below_the_step_titles(lora_model: ModelResult, widt
     fig = series.series_trend_figure(series_tables.series_table(models, 10, 0.5, "matrix"), "matrix", "LoRA run")
     html = tmp_path / "series.html"
     fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
-    with chromium("--disable-gpu") as browser:
-        page = browser.new_page(viewport={"width": width, "height": 900})
-        page.goto(html.as_uri())
-        page.wait_for_function(  # drawn in full (plotly.js draws in steps)
-            "() => document.querySelector('.legend') && "
-            "[...document.querySelectorAll('text')].filter(t => t.textContent === 'training step').length >= 2"
-        )
-        boxes = page.evaluate(LEGEND_AND_TITLES)
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.goto(html.as_uri())
+    page.wait_for_function(  # drawn in full (plotly.js draws in steps)
+        "() => document.querySelector('.legend') && "
+        "[...document.querySelectorAll('text')].filter(t => t.textContent === 'training step').length >= 2"
+    )
+    boxes = page.evaluate(LEGEND_AND_TITLES)
+    page.close()
     assert len(boxes["titles"]) == 2, boxes
     assert boxes["legend"] >= max(boxes["titles"]), boxes
 
@@ -186,6 +201,7 @@ def test_grid_colour_bar_title_fits_its_bar(
     template: str,
     width: int,
     tmp_path: Path,
+    browser,
 ) -> None:
     """QA 2026-12-07: upright beside a grid of few layers, the bar was shorter than its title
     ("Intruder dimensions (count)", turned along it), which ran past both its ends (the demo's
@@ -200,12 +216,12 @@ def test_grid_colour_bar_title_fits_its_bar(
         fig.update_layout(template=pio.templates[template])
         html = tmp_path / f"grid-{metric}.html"
         fig.write_html(html, include_plotlyjs=True, full_html=True, default_width="100%")
-        with chromium("--disable-gpu") as browser:
-            page = browser.new_page(viewport={"width": width, "height": 900})
-            page.goto(html.as_uri())
-            page.wait_for_function("() => document.querySelector('.colorbar .cbtitle text') !== null")
-            page.wait_for_timeout(300)
-            b = page.evaluate(COLOUR_BAR)
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(html.as_uri())
+        page.wait_for_function("() => document.querySelector('.colorbar .cbtitle text') !== null")
+        page.wait_for_timeout(300)
+        b = page.evaluate(COLOUR_BAR)
+        page.close()
         title, bar, figure = b["title"], b["bar"], b["figure"]
         upright = bar["bottom"] - bar["top"] > bar["right"] - bar["left"]
         along = (title["bottom"] - title["top"], bar["bottom"] - bar["top"]) if upright else (
