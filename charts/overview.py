@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 
 from analysis.results import ModelResult
 from charts import overview_tables, rl_tables, tables
-from charts.colors import GRID_BAR_PX, cell_text, count_ticks, grid_colorbar
+from charts.colors import GRID_BAR_PX, cell_text, count_ticks, grid_colorbar, slanted_px
 from charts.style import (
     chart_text,
     empty_figure,
@@ -202,7 +202,7 @@ def _panel_layout(
     """Title, colour scale, size and click behaviour of a panel ``height`` pixels of grid high."""
     longest = max((len(c) for c in columns), default=1)
     # Under the grid: its slanted module names, or an expert grid's numbers and axis title; then the colour bar.
-    below = 36 + (int(6.2 * longest * 0.71) if not experts else 14)
+    below = 36 + (slanted_px(longest) if not experts else 14)
     fig.update_layout(
         title={
             "text": title,
